@@ -1,0 +1,41 @@
+# The two commands of the README, over the CMake presets:
+#   make demo   installs what is missing, builds and runs the gateway demo
+#   make test   installs what is missing, builds and runs every test: g++ and
+#               clang++ release builds, ASan+UBSan, TSan, and the format check
+# CI=true (as CI sets it) turns warnings into errors.
+
+ifneq ($(filter true 1 yes,$(CI)),)
+export RATEKEEPER_WERROR := ON
+else
+export RATEKEEPER_WERROR ?= OFF
+endif
+
+PRESETS := release clang asan tsan
+FORMAT_FILES = $(shell find include tests examples benchmarks \( -name '*.hpp' -o -name '*.cpp' \) 2>/dev/null)
+
+.PHONY: demo test deps deps-test format format-check $(addprefix test-,$(PRESETS))
+
+demo: deps
+	cmake --preset release
+	cmake --build --preset release --target gateway_demo
+	./build/release/examples/gateway_demo
+
+test: deps-test format-check $(addprefix test-,$(PRESETS))
+	@echo "ratekeeper: all presets passed: $(PRESETS)"
+
+$(addprefix test-,$(PRESETS)): test-%: deps-test
+	cmake --preset $*
+	cmake --build --preset $*
+	ctest --preset $*
+
+deps:
+	@scripts/install-deps.sh
+
+deps-test:
+	@scripts/install-deps.sh --test
+
+format:
+	clang-format-14 -i $(FORMAT_FILES)
+
+format-check: deps-test
+	clang-format-14 --dry-run --Werror $(FORMAT_FILES)

@@ -1,0 +1,89 @@
+// ratekeeper/detail/math.hpp: exact integer helpers shared by the policies.
+//
+// Internal. 128-bit intermediates, floor and ceiling division, saturating
+// conversions. Every policy computes with these and nothing else, so that no
+// product overflows and no quotient rounds the wrong way.
+#ifndef RATEKEEPER_DETAIL_MATH_HPP_
+#define RATEKEEPER_DETAIL_MATH_HPP_
+
+#include <cstdint>
+#include <limits>
+
+#include "ratekeeper/config.hpp"
+
+namespace ratekeeper::detail {
+
+// GCC and Clang provide __int128 on every 64-bit target ratekeeper supports;
+// __extension__ keeps -Wpedantic quiet about it.
+__extension__ using i128 = __int128;
+__extension__ using u128 = unsigned __int128;
+
+inline constexpr std::int64_t kI64Max =
+    std::numeric_limits<std::int64_t>::max();
+inline constexpr std::int64_t kI64Min =
+    std::numeric_limits<std::int64_t>::min();
+inline constexpr std::uint64_t kU64Max =
+    std::numeric_limits<std::uint64_t>::max();
+
+// floor_div
+//
+// Floor of a / b for b > 0, also for negative a (C++ division truncates).
+constexpr i128 floor_div(i128 a, i128 b) noexcept {
+  RATEKEEPER_ASSERT(b > 0, "floor_div needs a positive divisor");
+  i128 q = a / b;
+  if (a % b != 0 && a < 0) --q;
+  return q;
+}
+
+// ceil_div
+//
+// Ceiling of a / b for b > 0, also for negative a.
+constexpr i128 ceil_div(i128 a, i128 b) noexcept {
+  RATEKEEPER_ASSERT(b > 0, "ceil_div needs a positive divisor");
+  i128 q = a / b;
+  if (a % b != 0 && a > 0) ++q;
+  return q;
+}
+
+// floor_mod
+//
+// a - b * floor_div(a, b): always in [0, b).
+constexpr i128 floor_mod(i128 a, i128 b) noexcept {
+  return a - b * floor_div(a, b);
+}
+
+// clamp_i64 / clamp_u64
+//
+// The value saturated into the target's range.
+constexpr std::int64_t clamp_i64(i128 v) noexcept {
+  if (v > kI64Max) return kI64Max;
+  if (v < kI64Min) return kI64Min;
+  return static_cast<std::int64_t>(v);
+}
+
+constexpr std::uint64_t clamp_u64(i128 v) noexcept {
+  if (v < 0) return 0;
+  if (v > static_cast<i128>(kU64Max)) return kU64Max;
+  return static_cast<std::uint64_t>(v);
+}
+
+// sat_add
+//
+// a + b, saturated at UINT64_MAX instead of wrapping.
+constexpr std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) noexcept {
+  return b > kU64Max - a ? kU64Max : a + b;
+}
+
+// gcd of two positive numbers.
+constexpr std::uint64_t gcd(std::uint64_t a, std::uint64_t b) noexcept {
+  while (b != 0) {
+    const std::uint64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+}  // namespace ratekeeper::detail
+
+#endif  // RATEKEEPER_DETAIL_MATH_HPP_

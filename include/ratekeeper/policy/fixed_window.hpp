@@ -1,0 +1,123 @@
+// ratekeeper/policy/fixed_window.hpp: a count per clock-aligned window.
+//
+// Defines FixedWindow: at most `rate.count` units in each window
+// [k * period, (k + 1) * period) of the clock, the count starting again at 0
+// at each boundary.
+//
+// Prefer FixedWindow when the limit is stated per calendar-like window ("100
+// per minute, resetting on the minute") and callers expect resets at
+// predictable instants. Its known weakness: up to 2 * count can pass in a
+// short span straddling a boundary. Prefer TokenBucket when that matters.
+#ifndef RATEKEEPER_POLICY_FIXED_WINDOW_HPP_
+#define RATEKEEPER_POLICY_FIXED_WINDOW_HPP_
+
+#include <algorithm>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/math.hpp"
+#include "ratekeeper/policy/policy.hpp"
+
+namespace ratekeeper {
+
+class FixedWindow {
+ public:
+  // State: the window index floor(now / period) and the units counted in it.
+  // Zeroed: window 0 with nothing counted, which is "never seen" at any time.
+  struct State {
+    std::int64_t window = 0;
+    std::uint64_t count = 0;
+    friend constexpr bool operator==(const State&, const State&) = default;
+  };
+
+  // create
+  //
+  // `rate.count` units per window of `rate.period`. kInvalidArgument when the
+  // count is zero or the period is not positive.
+  static absl::StatusOr<FixedWindow> create(Rate rate) {
+    if (rate.count == 0) {
+      return absl::InvalidArgumentError(
+          "FixedWindow: count per window must be positive");
+    }
+    if (rate.period.count() <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("FixedWindow: window must be positive, got ",
+                       rate.period.count(), " ns"));
+    }
+    return FixedWindow(rate);
+  }
+
+  // step
+  //
+  // Counts `cost` in now's window if it fits. When the clock is behind the
+  // state's window (it stepped back), the state's window stays current: its
+  // count is kept, so a backward step never frees capacity. Pure.
+  Step<State> step(const State& s, Nanos now, Cost cost) const noexcept {
+    const std::int64_t w = window_of(now);
+    State cur = s;
+    if (w > s.window) cur = State{w, 0};
+    const Nanos until_end = window_end(cur.window, now);
+    const Nanos reset = cur.count == 0 ? Nanos{0} : until_end;
+    if (cost > limit_) {
+      return {s, Decision{false, limit_, limit_ - cur.count, kNever, reset}};
+    }
+    if (cost <= limit_ - cur.count) {
+      cur.count += cost;
+      // A zero cost changes nothing: the state stays as it was.
+      return {cost == 0 ? s : cur,
+              Decision{true, limit_, limit_ - cur.count, Nanos{0},
+                       cur.count == 0 ? Nanos{0} : until_end}};
+    }
+    // The next window starts empty and cost <= limit fits there.
+    return {s, Decision{false, limit_, limit_ - cur.count, until_end, reset}};
+  }
+
+  // refund
+  //
+  // Takes `cost` (at most what is counted) off the window that holds
+  // `charged_at`, if that window is still the state's window. A refund for
+  // a window already closed is dropped: that window is over. Pure.
+  State refund(const State& s, Nanos /*now*/, Cost cost,
+               Nanos charged_at) const noexcept {
+    if (window_of(charged_at) != s.window) return s;
+    return State{s.window, s.count - std::min(cost, s.count)};
+  }
+
+  // idle
+  //
+  // Nothing is counted in now's window.
+  bool idle(const State& s, Nanos now) const noexcept {
+    return s.count == 0 || window_of(now) > s.window;
+  }
+
+  std::uint64_t limit() const noexcept { return limit_; }
+  Rate rate() const noexcept { return rate_; }
+
+ private:
+  explicit FixedWindow(Rate rate) noexcept
+      : rate_(rate), limit_(rate.count), period_(rate.period.count()) {}
+
+  std::int64_t window_of(Nanos t) const noexcept {
+    return static_cast<std::int64_t>(detail::floor_div(t.count(), period_));
+  }
+
+  // Time from `now` to the end of window `w`, saturated.
+  Nanos window_end(std::int64_t w, Nanos now) const noexcept {
+    const detail::i128 end = (static_cast<detail::i128>(w) + 1) * period_;
+    return Nanos{detail::clamp_i64(end - now.count())};
+  }
+
+  Rate rate_;
+  std::uint64_t limit_;
+  std::int64_t period_;
+};
+
+static_assert(Policy<FixedWindow>);
+static_assert(sizeof(FixedWindow::State) == 16);
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_POLICY_FIXED_WINDOW_HPP_

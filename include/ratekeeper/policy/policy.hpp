@@ -1,0 +1,58 @@
+// ratekeeper/policy/policy.hpp: the contract every rate-limiting policy meets.
+//
+// Defines the Policy concept and Step<State>, the result of one pure step.
+// The three policies (TokenBucket, FixedWindow, SlidingWindow) meet it; a
+// policy of your own that meets it runs on every store.
+#ifndef RATEKEEPER_POLICY_POLICY_HPP_
+#define RATEKEEPER_POLICY_POLICY_HPP_
+
+#include <concepts>
+#include <cstdint>
+#include <type_traits>
+
+#include "ratekeeper/decision.hpp"
+
+namespace ratekeeper {
+
+// Step: what one step of a policy produces. `next` is the key's new state,
+// to be published only if `decision.allowed` or the policy changed it.
+template <class State>
+struct Step {
+  State next;
+  Decision decision;
+};
+
+// Policy: a limit as a pure state machine over a small per-key State.
+//
+// Requires:
+//   - State is trivially copyable, at most 16 bytes, equality-comparable, and
+//     a value-initialised (all-zero) State means "never seen": a store hands
+//     out zeroed slots and may reclaim any state for which idle() is true.
+//   - step(s, now, cost) is pure: no allocation, no clock read, no floating
+//     point, no side effect. A store may run it several times for one call
+//     (a lost compare-and-swap re-runs it) and keep only the last result.
+//   - refund(s, now, cost, charged_at) returns `cost` units charged at time
+//     `charged_at` to the state, never more than was taken; pure.
+//   - idle(s, now): the state is now equivalent to a zeroed one.
+//   - limit(): the capacity reported in every Decision.
+// Thread safety: a Policy is immutable after construction; all members are
+// safe to call concurrently.
+template <class P>
+concept Policy = requires(const P& p, const typename P::State& s, Nanos now,
+                          Cost cost) {
+  requires std::is_trivially_copyable_v<typename P::State>;
+  requires sizeof(typename P::State) <= 16;
+  requires std::equality_comparable<typename P::State>;
+  { p.step(s, now, cost) }
+  noexcept->std::same_as<Step<typename P::State>>;
+  { p.refund(s, now, cost, now) }
+  noexcept->std::same_as<typename P::State>;
+  { p.idle(s, now) }
+  noexcept->std::same_as<bool>;
+  { p.limit() }
+  noexcept->std::same_as<std::uint64_t>;
+};
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_POLICY_POLICY_HPP_

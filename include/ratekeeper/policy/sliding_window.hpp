@@ -1,0 +1,224 @@
+// ratekeeper/policy/sliding_window.hpp: the two-window weighted counter.
+//
+// Defines SlidingWindow: an estimate of the units taken in the last `period`,
+// kept at most `rate.count`. The estimate is the count of the current aligned
+// window plus the previous window's count weighted by the share of the
+// previous window that the sliding window still covers:
+//
+//   estimate(now) = prev * (period - e) / period + cur,  e = now - window start
+//
+// A call of cost c is admitted when estimate + c <= limit, computed exactly in
+// integers (no rounding). Guarantees, each tested:
+//   - at most `limit` units in every aligned window;
+//   - at most 2 * limit - 1 units in any sliding window of length `period`:
+//     the weighting assumes the previous window's units were spread evenly, and
+//     a burst at the very end of one window followed by one in the next is the
+//     worst case (limit at the end, then limit - 1 before e reaches period).
+//
+// Prefer SlidingWindow for "N per rolling minute" without FixedWindow's reset
+// cliff and in 16 bytes per key. Prefer TokenBucket when the bound must hold
+// in every interval exactly. Limits are at most 2^32 - 1 per window (two
+// 32-bit counts share the state with a 64-bit window index).
+#ifndef RATEKEEPER_POLICY_SLIDING_WINDOW_HPP_
+#define RATEKEEPER_POLICY_SLIDING_WINDOW_HPP_
+
+#include <algorithm>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/math.hpp"
+#include "ratekeeper/policy/policy.hpp"
+
+namespace ratekeeper {
+
+class SlidingWindow {
+ public:
+  // State: the current aligned window's index, the previous window's count
+  // and the current one's. Zeroed: nothing counted, "never seen".
+  struct State {
+    std::int64_t window = 0;
+    std::uint32_t prev = 0;
+    std::uint32_t cur = 0;
+    friend constexpr bool operator==(const State&, const State&) = default;
+  };
+
+  static constexpr std::uint64_t kMaxLimit = 0xFFFF'FFFFu;
+
+  // create
+  //
+  // At most `rate.count` units per sliding `rate.period`. kInvalidArgument
+  // when the count is zero or above kMaxLimit, or the period is not positive.
+  static absl::StatusOr<SlidingWindow> create(Rate rate) {
+    if (rate.count == 0) {
+      return absl::InvalidArgumentError(
+          "SlidingWindow: count per window must be positive");
+    }
+    if (rate.count > kMaxLimit) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "SlidingWindow: count per window must be at most 2^32 - 1, got ",
+          rate.count, " (use TokenBucket or FixedWindow for larger counts)"));
+    }
+    if (rate.period.count() <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("SlidingWindow: window must be positive, got ",
+                       rate.period.count(), " ns"));
+    }
+    return SlidingWindow(rate);
+  }
+
+  // step
+  //
+  // Counts `cost` in the current window if the estimate allows it. When the
+  // clock is behind the state's window (it stepped back), time is taken as
+  // the start of the state's window, where the estimate is highest: a
+  // backward step never frees capacity. Pure.
+  Step<State> step(const State& s, Nanos now, Cost cost) const noexcept {
+    const View v = view(s, now);
+    const Nanos reset = reset_after(v, now);
+    const std::uint64_t rem = remaining(v);
+    if (cost > limit_) {
+      return {s, Decision{false, limit_, rem, kNever, reset}};
+    }
+    if (cost <= rem) {
+      View after = v;
+      after.st.cur = static_cast<std::uint32_t>(v.st.cur + cost);
+      // A zero cost changes nothing: the state stays as it was.
+      return {cost == 0 ? s : after.st,
+              Decision{true, limit_, remaining(after), Nanos{0},
+                       reset_after(after, now)}};
+    }
+    return {s, Decision{false, limit_, rem, retry_after(v, now, cost), reset}};
+  }
+
+  // refund
+  //
+  // Takes `cost` (at most what is counted) off the count of the window that
+  // holds `charged_at`, if that is the state's current or previous window;
+  // otherwise the refund is dropped, as it is while the clock is behind the
+  // state's window (the charge cannot then be placed with certainty).
+  // Never gives back more than was counted. Pure.
+  State refund(const State& s, Nanos now, Cost cost,
+               Nanos charged_at) const noexcept {
+    const View v = view(s, now);
+    if (v.behind) return s;
+    State out = v.st;
+    const std::int64_t wc = window_of(charged_at);
+    if (wc == out.window) {
+      out.cur -= static_cast<std::uint32_t>(std::min<Cost>(cost, out.cur));
+    } else if (static_cast<i128>(wc) == static_cast<i128>(out.window) - 1) {
+      out.prev -= static_cast<std::uint32_t>(std::min<Cost>(cost, out.prev));
+    }
+    return out;
+  }
+
+  // idle
+  //
+  // The estimate is zero at `now` and stays zero.
+  bool idle(const State& s, Nanos now) const noexcept {
+    const View v = view(s, now);
+    return v.st.prev == 0 && v.st.cur == 0;
+  }
+
+  std::uint64_t limit() const noexcept { return limit_; }
+  Rate rate() const noexcept { return rate_; }
+
+ private:
+  using i128 = detail::i128;
+
+  // The state rolled forward to now's window, and now's offset in it.
+  struct View {
+    State st;
+    i128 start;   // start of st.window, ns
+    i128 e;       // now - start, clamped to 0 when the clock is behind
+    bool behind;  // the clock is before st.window
+  };
+
+  explicit SlidingWindow(Rate rate) noexcept
+      : rate_(rate), limit_(rate.count), period_(rate.period.count()) {}
+
+  std::int64_t window_of(Nanos t) const noexcept {
+    return static_cast<std::int64_t>(detail::floor_div(t.count(), period_));
+  }
+
+  View view(const State& s, Nanos now) const noexcept {
+    const std::int64_t w = window_of(now);
+    View v{s, 0, 0, false};
+    if (w > s.window) {
+      // w - s.window computed in 128 bits: the difference of two int64
+      // window indices can overflow 64.
+      const i128 gap = static_cast<i128>(w) - s.window;
+      v.st = State{w, gap == 1 ? s.cur : 0u, 0u};
+    }
+    v.start = static_cast<i128>(v.st.window) * period_;
+    const i128 e = static_cast<i128>(now.count()) - v.start;
+    v.behind = e < 0;
+    v.e = v.behind ? 0 : e;
+    return v;
+  }
+
+  // limit * period - prev * (period - e) - cur * period, scaled by period.
+  i128 room(const View& v) const noexcept {
+    return static_cast<i128>(limit_) * period_ -
+           static_cast<i128>(v.st.prev) * (period_ - v.e) -
+           static_cast<i128>(v.st.cur) * period_;
+  }
+
+  std::uint64_t remaining(const View& v) const noexcept {
+    const i128 r = room(v);
+    return r <= 0 ? 0 : detail::clamp_u64(r / period_);
+  }
+
+  Nanos reset_after(const View& v, Nanos now) const noexcept {
+    i128 until = 0;
+    if (v.st.cur != 0) {
+      until = v.start + 2 * static_cast<i128>(period_);
+    } else if (v.st.prev != 0) {
+      until = v.start + period_;
+    } else {
+      return Nanos{0};
+    }
+    return Nanos{detail::clamp_i64(until - now.count())};
+  }
+
+  // The exact wait until `cost` (<= limit) fits, nothing else happening.
+  Nanos retry_after(const View& v, Nanos now, Cost cost) const noexcept {
+    const i128 p = period_;
+    const i128 prev = v.st.prev;
+    const i128 cur = v.st.cur;
+    const i128 c = static_cast<i128>(cost);
+    const i128 l = static_cast<i128>(limit_);
+    i128 at = 0;  // absolute time, ns
+    bool found = false;
+    // In this window: prev * (p - e') <= (l - cur - c) * p.
+    const i128 r = l - cur - c;
+    if (r >= 0 && prev > 0) {
+      const i128 e_min = p - detail::floor_div(r * p, prev);
+      if (e_min <= p - 1) {
+        at = v.start + std::max(e_min, v.e);
+        found = true;
+      }
+    }
+    if (!found) {
+      // Next window: prev' = cur, cur' = 0: cur * (p - e') <= (l - c) * p.
+      i128 e_next = 0;
+      if (cur > 0)
+        e_next = std::max<i128>(0, p - detail::floor_div((l - c) * p, cur));
+      at = v.start + p + e_next;
+    }
+    return Nanos{detail::clamp_i64(at - now.count())};
+  }
+
+  Rate rate_;
+  std::uint64_t limit_;
+  std::int64_t period_;
+};
+
+static_assert(Policy<SlidingWindow>);
+static_assert(sizeof(SlidingWindow::State) == 16);
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_POLICY_SLIDING_WINDOW_HPP_

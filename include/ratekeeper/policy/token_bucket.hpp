@@ -1,0 +1,194 @@
+// ratekeeper/policy/token_bucket.hpp: the token bucket, as exact GCRA.
+//
+// Defines TokenBucket: `rate.count` tokens refill every `rate.period`, up to
+// `burst` tokens. A call of cost c takes c tokens or is denied.
+//
+// Prefer TokenBucket unless you need counts that reset at clock-aligned
+// boundaries (FixedWindow) or a smoother "last N seconds" count
+// (SlidingWindow). It is the only policy with no boundary burst: in any
+// interval of length t it admits at most burst + rate * t, exactly.
+//
+// Implemented as the generic cell rate algorithm (GCRA): the state is one
+// "theoretical arrival time" (TAT), the instant at which the bucket will be
+// full again. The emission interval period/count is kept as an exact
+// fraction, so the TAT is an integer nanosecond plus a remainder in units of
+// 1/den ns. That remainder is why the state is 16 bytes and not 8: a bucket
+// at 7/s or 999/s refilled for a year has not drifted by a single token.
+#ifndef RATEKEEPER_POLICY_TOKEN_BUCKET_HPP_
+#define RATEKEEPER_POLICY_TOKEN_BUCKET_HPP_
+
+#include <algorithm>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/math.hpp"
+#include "ratekeeper/policy/policy.hpp"
+
+namespace ratekeeper {
+
+class TokenBucket {
+ public:
+  // State: the TAT as tat_biased - 2^63 whole nanoseconds plus tat_frac / den
+  // of a nanosecond. The bias makes the zeroed state the far past (INT64_MIN
+  // ns): a bucket that is full at any time, i.e. "never seen".
+  struct State {
+    std::uint64_t tat_biased = 0;
+    std::uint64_t tat_frac = 0;  // in [0, den)
+    friend constexpr bool operator==(const State&, const State&) = default;
+  };
+
+  // Largest rate.count and burst accepted: 2^62 keeps every product of the
+  // exact arithmetic inside 127 bits.
+  static constexpr std::uint64_t kMaxCount = std::uint64_t{1} << 62;
+
+  // create
+  //
+  // A bucket of `burst` tokens refilled at `rate`. kInvalidArgument when the
+  // rate's count or the burst is zero or above kMaxCount, when the period is
+  // not positive, or when refilling a whole burst would take longer than
+  // INT64_MAX ns (292 years).
+  static absl::StatusOr<TokenBucket> create(Rate rate, std::uint64_t burst) {
+    if (rate.count == 0) {
+      return absl::InvalidArgumentError(
+          "TokenBucket: rate count must be positive");
+    }
+    if (rate.period.count() <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("TokenBucket: rate period must be positive, got ",
+                       rate.period.count(), " ns"));
+    }
+    if (burst == 0) {
+      return absl::InvalidArgumentError("TokenBucket: burst must be positive");
+    }
+    if (rate.count > kMaxCount || burst > kMaxCount) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("TokenBucket: rate count and burst must be at most "
+                       "2^62, got ",
+                       rate.count, " and ", burst));
+    }
+    const auto period = static_cast<std::uint64_t>(rate.period.count());
+    const std::uint64_t g = detail::gcd(period, rate.count);
+    const std::uint64_t num = period / g;
+    const std::uint64_t den = rate.count / g;
+    // burst * (num / den) ns must fit in int64 ns.
+    if (static_cast<detail::u128>(burst) * num >
+        static_cast<detail::u128>(detail::kI64Max) * den) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("TokenBucket: refilling a burst of ", burst,
+                       " takes longer than 292 years at ", rate.count, " per ",
+                       rate.period.count(), " ns"));
+    }
+    return TokenBucket(rate, burst, num, den);
+  }
+
+  // step
+  //
+  // Takes `cost` tokens at `now` if the bucket holds them. Pure.
+  Step<State> step(const State& s, Nanos now, Cost cost) const noexcept {
+    const i128 now_s = static_cast<i128>(now.count()) * den_;
+    const i128 base = std::max(decode(s), now_s);
+    if (cost > burst_) {
+      return {s, Decision{false, burst_, remaining_at(base, now_s), kNever,
+                          ceil_ns(base - now_s)}};
+    }
+    const i128 next = base + static_cast<i128>(cost) * num_;
+    if (next - now_s <= span_) {
+      // A zero cost changes nothing: the state stays as it was (a store then
+      // has nothing to write, and a fresh key nothing to insert).
+      return {cost == 0 ? s : encode(next),
+              Decision{true, burst_, remaining_at(next, now_s), Nanos{0},
+                       ceil_ns(next - now_s)}};
+    }
+    // Allowed once now' * den >= base_tat - (span - cost * num), with the
+    // TAT unchanged (it is > now, since the bucket is short).
+    const i128 allowed_at_s = base - (span_ - static_cast<i128>(cost) * num_);
+    const i128 allowed_at = detail::ceil_div(allowed_at_s, den_);
+    return {s, Decision{false, burst_, remaining_at(base, now_s),
+                        Nanos{detail::clamp_i64(allowed_at - now.count())},
+                        ceil_ns(base - now_s)}};
+  }
+
+  // refund
+  //
+  // Puts back `cost` tokens (at most a full bucket); the TAT never moves
+  // before `now`, so a refund cannot overfill. `charged_at` is not needed by
+  // GCRA: a token given back is a token wherever it was taken. Pure.
+  State refund(const State& s, Nanos now, Cost cost,
+               Nanos /*charged_at*/) const noexcept {
+    const i128 now_s = static_cast<i128>(now.count()) * den_;
+    const i128 tat = decode(s);
+    if (tat <= now_s) return s;
+    const i128 back = static_cast<i128>(std::min<Cost>(cost, burst_)) * num_;
+    return encode(std::max(tat - back, now_s));
+  }
+
+  // idle
+  //
+  // The bucket is full at `now`, as good as never seen.
+  bool idle(const State& s, Nanos now) const noexcept {
+    return decode(s) <= static_cast<i128>(now.count()) * den_;
+  }
+
+  std::uint64_t limit() const noexcept { return burst_; }
+  Rate rate() const noexcept { return rate_; }
+  std::uint64_t burst() const noexcept { return burst_; }
+
+ private:
+  using i128 = detail::i128;
+
+  TokenBucket(Rate rate, std::uint64_t burst, std::uint64_t num,
+              std::uint64_t den) noexcept
+      : rate_(rate),
+        burst_(burst),
+        num_(static_cast<i128>(num)),
+        den_(static_cast<i128>(den)),
+        span_(static_cast<i128>(burst) * static_cast<i128>(num)) {}
+
+  // The TAT in units of 1/den ns.
+  i128 decode(const State& s) const noexcept {
+    const auto whole =
+        static_cast<i128>(s.tat_biased) + static_cast<i128>(detail::kI64Min);
+    return whole * den_ + static_cast<i128>(s.tat_frac);
+  }
+
+  // Saturates past INT64_MAX ns (the bucket then stays empty until the end of
+  // the clock's range: the conservative side).
+  State encode(i128 tat) const noexcept {
+    i128 whole = detail::floor_div(tat, den_);
+    i128 frac = tat - whole * den_;
+    if (whole > detail::kI64Max) {
+      whole = detail::kI64Max;
+      frac = den_ - 1;
+    }
+    return State{static_cast<std::uint64_t>(whole - detail::kI64Min),
+                 static_cast<std::uint64_t>(frac)};
+  }
+
+  // Whole tokens in the bucket when the TAT is `tat` (both scaled).
+  std::uint64_t remaining_at(i128 tat, i128 now_s) const noexcept {
+    const i128 room = span_ - (tat - now_s);
+    if (room <= 0) return 0;
+    return detail::clamp_u64(room / num_);
+  }
+
+  Nanos ceil_ns(i128 scaled) const noexcept {
+    if (scaled <= 0) return Nanos{0};
+    return Nanos{detail::clamp_i64(detail::ceil_div(scaled, den_))};
+  }
+
+  Rate rate_;
+  std::uint64_t burst_;
+  i128 num_;  // emission interval = num_ / den_ ns, in lowest terms
+  i128 den_;
+  i128 span_;  // burst * num_: a full bucket's TAT lead, scaled by den_
+};
+
+static_assert(Policy<TokenBucket>);
+static_assert(sizeof(TokenBucket::State) == 16);
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_POLICY_TOKEN_BUCKET_HPP_

@@ -1,0 +1,167 @@
+// ratekeeper/store/in_memory.hpp: the simple, exact reference store.
+//
+// Defines InMemoryStore<State>: an absl::flat_hash_map from key bytes to
+// State under one absl::Mutex. Every call takes the lock once.
+//
+// Prefer the sharded store for throughput on many cores (one lock serialises
+// every key here). InMemoryStore is the reference that other stores are
+// tested against, and the right choice when simplicity and exact
+// introspection (size(), stats()) matter more than speed.
+//
+// Memory is bounded: at most `max_keys` states are held. When a new key
+// arrives at capacity, states that are idle (equivalent to never seen) are
+// reclaimed first, in a sweep whose O(max_keys) cost is amortised over at
+// least max(1, max_keys / 16) calls; when nothing can be reclaimed the
+// caller's WhenFull choice decides. Each held key costs its bytes plus the
+// map's slot (about 48 bytes with a 16-byte state).
+#ifndef RATEKEEPER_STORE_IN_MEMORY_HPP_
+#define RATEKEEPER_STORE_IN_MEMORY_HPP_
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "ratekeeper/decision.hpp"
+#include "ratekeeper/store/store.hpp"
+
+namespace ratekeeper {
+
+// InMemoryOptions: the knobs of an InMemoryStore.
+struct InMemoryOptions {
+  // Most states held at once. Raise it when legitimate keys are being denied
+  // (stats().denied_full grows while traffic is normal).
+  std::size_t max_keys = 1'000'000;
+  // What happens to a new key when full and nothing idle can be reclaimed.
+  WhenFull when_full = WhenFull::kDenyNew;
+  // retry_after of a call denied because the store is full.
+  Nanos full_retry_after = std::chrono::seconds(1);
+};
+
+template <class StateT>
+class InMemoryStore {
+ public:
+  using State = StateT;
+  using Options = InMemoryOptions;
+
+  explicit InMemoryStore(Options options = {}) : options_(options) {}
+
+  InMemoryStore(const InMemoryStore&) = delete;
+  InMemoryStore& operator=(const InMemoryStore&) = delete;
+
+  // apply
+  //
+  // Runs `op` on `key`'s state under the lock and stores the result.
+  // Thread-safe.
+  template <StoreOp<State> Op>
+  Decision apply(std::string_view key, const Op& op) {
+    absl::MutexLock lock(&mu_);
+    if (auto it = map_.find(to_absl(key)); it != map_.end()) {
+      Step<State> r = op(it->second);
+      it->second = r.next;
+      return r.decision;
+    }
+    Step<State> r = op(State{});
+    // Nothing to remember (a deny of a fresh key, a zero cost): no slot.
+    if (r.next == State{}) return r.decision;
+    if (!make_room(op)) return when_full(r.decision);
+    map_.emplace(std::string(key), r.next);
+    ++stats_.inserts;
+    ++since_sweep_;
+    return r.decision;
+  }
+
+  // peek
+  //
+  // `op`'s decision on `key`'s current state; changes nothing. A key not held
+  // is decided as fresh, even when the store is full. Thread-safe.
+  template <StoreOp<State> Op>
+  Decision peek(std::string_view key, const Op& op) const {
+    absl::MutexLock lock(&mu_);
+    const auto it = map_.find(to_absl(key));
+    return op(it == map_.end() ? State{} : it->second).decision;
+  }
+
+  // update
+  //
+  // As apply() for a key held; a key not held stays absent. Thread-safe.
+  template <StoreOp<State> Op>
+  Decision update(std::string_view key, const Op& op) {
+    absl::MutexLock lock(&mu_);
+    const auto it = map_.find(to_absl(key));
+    if (it == map_.end()) return op(State{}).decision;
+    Step<State> r = op(it->second);
+    it->second = r.next;
+    return r.decision;
+  }
+
+  // Thread-safe; may be stale on return.
+  StoreStats stats() const {
+    absl::MutexLock lock(&mu_);
+    StoreStats s = stats_;
+    s.keys = map_.size();
+    return s;
+  }
+
+  // Thread-safe; may be stale on return.
+  std::size_t size() const {
+    absl::MutexLock lock(&mu_);
+    return map_.size();
+  }
+
+  const Options& options() const noexcept { return options_; }
+
+ private:
+  // Debian's abseil has its own absl::string_view (not std::string_view).
+  static absl::string_view to_absl(std::string_view key) noexcept {
+    return absl::string_view(key.data(), key.size());
+  }
+
+  // True when a new key may be inserted, after reclaiming idle states if the
+  // store is full and a sweep is due.
+  template <class Op>
+  bool make_room(const Op& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (map_.size() < options_.max_keys) return true;
+    ++since_sweep_;
+    const std::size_t due = std::max<std::size_t>(1, options_.max_keys / 16);
+    if (since_sweep_ < due) return false;
+    since_sweep_ = 0;
+    ++stats_.sweeps;
+    const std::size_t before = map_.size();
+    absl::erase_if(map_, [&](const auto& kv) { return op.idle(kv.second); });
+    stats_.reclaimed += before - map_.size();
+    return map_.size() < options_.max_keys;
+  }
+
+  Decision when_full(Decision fresh) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (options_.when_full == WhenFull::kAdmitUncounted) {
+      ++stats_.admitted_uncounted;
+      return fresh;
+    }
+    ++stats_.denied_full;
+    Decision d = fresh;
+    d.allowed = false;
+    d.remaining = 0;
+    if (!d.never()) d.retry_after = options_.full_retry_after;
+    return d;
+  }
+
+  const Options options_;
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, State> map_ ABSL_GUARDED_BY(mu_);
+  StoreStats stats_ ABSL_GUARDED_BY(mu_);
+  // Calls that found the store full, plus inserts, since the last sweep: a
+  // sweep runs when this reaches max(1, max_keys / 16), so its cost is
+  // amortised over the calls that made it due. Starts due.
+  std::size_t since_sweep_ ABSL_GUARDED_BY(mu_) = ~std::size_t{0} / 2;
+};
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_STORE_IN_MEMORY_HPP_

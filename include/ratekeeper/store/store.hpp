@@ -1,0 +1,93 @@
+// ratekeeper/store/store.hpp: the contract every state store meets.
+//
+// Defines the Store concept, the StoreOp a limiter hands to a store, WhenFull
+// (what a store at capacity does with a new key) and StoreStats.
+//
+// A store keeps one policy State per key and applies a pure step to it
+// atomically. It knows nothing of policies: the step arrives as a StoreOp.
+#ifndef RATEKEEPER_STORE_STORE_HPP_
+#define RATEKEEPER_STORE_STORE_HPP_
+
+#include <concepts>
+#include <cstdint>
+#include <string_view>
+
+#include "ratekeeper/decision.hpp"
+#include "ratekeeper/policy/policy.hpp"
+
+namespace ratekeeper {
+
+// WhenFull: what a store at its key capacity does with a key it does not
+// hold, once reclaiming idle states has freed nothing.
+enum class WhenFull {
+  // Deny the call (fail closed). Safe against a flood of new keys; a
+  // legitimate new user waits until states go idle.
+  kDenyNew,
+  // Decide as for a fresh key and forget it (fail open): the call is admitted
+  // when its cost fits a full limit, and is not counted. Availability first.
+  kAdmitUncounted,
+};
+
+// StoreStats: counters since construction. A snapshot; thread-safe to take.
+struct StoreStats {
+  std::uint64_t keys = 0;                // states held now
+  std::uint64_t inserts = 0;             // keys added
+  std::uint64_t reclaimed = 0;           // idle states dropped to make room
+  std::uint64_t sweeps = 0;              // reclaim passes run
+  std::uint64_t denied_full = 0;         // new keys denied (kDenyNew)
+  std::uint64_t admitted_uncounted = 0;  // new keys decided uncounted
+
+  friend constexpr bool operator==(const StoreStats&,
+                                   const StoreStats&) = default;
+};
+
+// StoreOp: one limiter call, as a store sees it.
+//
+// Requires: op(s) -> Step<State> is pure and may run several times for one
+// call (a store that retries a lost compare-and-swap re-runs it, and keeps
+// only the last result), so it has no side effects. op.idle(s) says whether a
+// state is equivalent to a zeroed one at the op's time, so that the store may
+// drop it.
+template <class Op, class State>
+concept StoreOp = requires(const Op& op, const State& s) {
+  { op(s) } -> std::same_as<Step<State>>;
+  { op.idle(s) } -> std::same_as<bool>;
+};
+
+namespace detail {
+// The least StoreOp, for checking stores against the concept.
+template <class State>
+struct ArchetypeOp {
+  Step<State> operator()(const State& s) const { return {s, Decision{}}; }
+  bool idle(const State&) const { return true; }
+};
+}  // namespace detail
+
+// Store: applies a pure step to one key's state atomically.
+//
+// Requires, for a key of arbitrary bytes (NUL, ':', '{' included):
+//   apply(key, op)   runs op against the key's state (a zeroed State for a
+//                    key not held), publishes op's next state atomically with
+//                    respect to every other call on that key, and returns op's
+//                    decision. A new key may be refused or left uncounted when
+//                    the store is full (WhenFull).
+//   peek(key, op)    op's decision on the current state; publishes nothing and
+//                    inserts nothing.
+//   update(key, op)  as apply, but for keys already held only: a key not held
+//                    is left absent (a refund to a forgotten key is a no-op).
+//   stats()          a StoreStats snapshot.
+// Thread safety: all members, concurrently.
+template <class S>
+concept Store = requires(S& s, const S& cs, std::string_view key,
+                         const detail::ArchetypeOp<typename S::State>& op) {
+  typename S::State;
+  typename S::Options;
+  { s.apply(key, op) } -> std::same_as<Decision>;
+  { cs.peek(key, op) } -> std::same_as<Decision>;
+  { s.update(key, op) } -> std::same_as<Decision>;
+  { cs.stats() } -> std::same_as<StoreStats>;
+};
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_STORE_STORE_HPP_

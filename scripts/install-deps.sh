@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what building and testing ratekeeper needs on Debian 12, if missing.
+# As root it uses apt-get; otherwise sudo; otherwise it says what to install.
+#
+#   scripts/install-deps.sh            everything for `make demo`
+#   scripts/install-deps.sh --test     plus what `make test` needs (clang 14,
+#                                      its sanitizer runtimes, clang-format 14)
+set -euo pipefail
+
+packages=(cmake ninja-build g++ make libabsl-dev libfmt-dev)
+if [[ "${1:-}" == "--test" ]]; then
+  packages+=(catch2 clang-14 libclang-rt-14-dev clang-format-14)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+echo "ratekeeper: installing missing packages: ${missing[*]}"
+if [[ $(id -u) -eq 0 ]]; then
+  sudo=()
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+  sudo=(sudo)
+elif command -v sudo >/dev/null 2>&1 && [[ -t 0 ]]; then
+  sudo=(sudo)  # sudo will ask for a password on this terminal
+else
+  echo "ratekeeper: cannot install packages: not root and no usable sudo." >&2
+  echo "Ask an administrator to run:" >&2
+  echo "  apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"

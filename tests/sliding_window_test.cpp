@@ -1,0 +1,125 @@
+// Exact semantics of SlidingWindow (two-window weighted counter).
+#include "ratekeeper/policy/sliding_window.hpp"
+
+#include <limits>
+
+#include "test_util.hpp"
+
+using namespace ratekeeper;
+using rk_test::drive;
+using rk_test::kMs;
+using rk_test::kSec;
+
+namespace {
+SlidingWindow make(Rate r) {
+  auto w = SlidingWindow::create(r);
+  REQUIRE(w.ok());
+  return *w;
+}
+}  // namespace
+
+TEST_CASE("bad configuration is kInvalidArgument", "[policy][sliding]") {
+  CHECK(SlidingWindow::create(per_minute(0)).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(SlidingWindow::create(Rate{5, Nanos{0}}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(SlidingWindow::create(per_second(SlidingWindow::kMaxLimit + 1))
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+  CHECK(SlidingWindow::create(per_second(SlidingWindow::kMaxLimit)).ok());
+}
+
+TEST_CASE("the previous window weighs by the share still covered",
+          "[policy][sliding]") {
+  auto d = drive(make(per_second(10)));
+  REQUIRE(d.at(500 * kMs, 10).allowed);  // window 0 full
+  CHECK_FALSE(d.at(900 * kMs).allowed);
+  // At 1.25 s the previous window weighs 0.75: estimate 7.5, room 2.5 -> 2.
+  const auto r = d.at(1250 * kMs, 0);
+  CHECK(r.remaining == 2);
+  CHECK(d.at(1250 * kMs, 2).allowed);
+  // Estimate now 7.5 + 2 = 9.5: one more needs prev weight <= 0.7, i.e.
+  // e >= 300 ms.
+  const auto denied = d.at(1250 * kMs);
+  CHECK_FALSE(denied.allowed);
+  CHECK(denied.retry_after == Nanos{50 * kMs});
+  CHECK_FALSE(d.at(1300 * kMs - 1).allowed);
+  CHECK(d.at(1300 * kMs).allowed);
+  // reset_after: the current window's units are forgotten at the end of the
+  // next window.
+  CHECK(d.peek(1300 * kMs, 0).reset_after == Nanos{1700 * kMs});
+}
+
+TEST_CASE("retry_after into the next window", "[policy][sliding]") {
+  auto d = drive(make(per_second(10)));
+  REQUIRE(d.at(0, 4).allowed);
+  REQUIRE(d.at(900 * kMs, 6).allowed);  // cur = 10 in window 0
+  // cost 8: the next window needs 10 * (1 - e) + 8 <= 10 -> e >= 0.8 s.
+  const auto r = d.at(950 * kMs, 8);
+  CHECK_FALSE(r.allowed);
+  CHECK(r.retry_after == Nanos{850 * kMs});
+  CHECK_FALSE(d.at(1800 * kMs - 1, 8).allowed);
+  CHECK(d.at(1800 * kMs, 8).allowed);
+}
+
+TEST_CASE("retry_after when the wait ends exactly at the boundary",
+          "[policy][sliding]") {
+  auto d = drive(make(per_second(10)));
+  REQUIRE(d.at(100 * kMs, 10).allowed);
+  const auto r = d.at(200 * kMs, 10);  // needs prev == 0: window 2
+  CHECK(r.retry_after == Nanos{1800 * kMs});
+  CHECK_FALSE(d.at(2 * kSec - 1, 10).allowed);
+  CHECK(d.at(2 * kSec, 10).allowed);
+}
+
+TEST_CASE("the worst case is 2L-1 in a sliding window", "[policy][sliding]") {
+  const std::uint64_t limit = 10;
+  auto d = drive(make(per_second(limit)));
+  // L at the very end of window 0, then greedy through window 1.
+  REQUIRE(d.at(kSec - 1, limit).allowed);
+  std::uint64_t second = 0;
+  for (std::int64_t t = kSec; t < 2 * kSec - 1; t += kMs) {
+    while (d.at(t).allowed) ++second;
+  }
+  // Within (kSec - 1, 2 kSec - 1): one sliding window of length 1 s.
+  CHECK(limit + second == 2 * limit - 1);
+}
+
+TEST_CASE("refund goes to the window that was charged", "[policy][sliding]") {
+  auto d = drive(make(per_second(10)));
+  REQUIRE(d.at(800 * kMs, 6).allowed);
+  REQUIRE(d.at(1100 * kMs, 3).allowed);
+  // Refund 2 charged in window 0 (now the previous window).
+  d.refund(1100 * kMs, 2, 800 * kMs);
+  CHECK(d.state.prev == 4);
+  CHECK(d.state.cur == 3);
+  d.refund(1100 * kMs, 9, 1100 * kMs);  // capped at what is counted
+  CHECK(d.state.cur == 0);
+  // Charged two windows ago: dropped.
+  d.refund(1100 * kMs, 4, -500 * kMs);
+  CHECK(d.state.prev == 4);
+}
+
+TEST_CASE("idle and the zeroed state", "[policy][sliding]") {
+  auto d = drive(make(per_second(3)));
+  CHECK(d.policy.idle(SlidingWindow::State{}, Nanos{0}));
+  CHECK(d.peek(-7 * kSec, 3).allowed);
+  REQUIRE(d.at(500 * kMs).allowed);
+  CHECK_FALSE(d.policy.idle(d.state, Nanos{2 * kSec - 1}));
+  CHECK(d.policy.idle(d.state, Nanos{2 * kSec}));
+}
+
+TEST_CASE("a clock stepping back is read at the start of the state's window",
+          "[policy][sliding]") {
+  auto d = drive(make(per_second(10)));
+  REQUIRE(d.at(500 * kMs, 10).allowed);
+  REQUIRE(d.at(1500 * kMs, 5).allowed);  // estimate at 1.5 s: 5 + 5 = 10
+  const auto fwd = d.peek(1500 * kMs, 0).remaining;
+  const auto back = d.peek(800 * kMs, 0).remaining;  // behind window 1
+  CHECK(back <= fwd);
+  CHECK(back == 0);
+  // While behind, refunds are dropped: the charge cannot be placed.
+  const auto before = d.state;
+  d.refund(800 * kMs, 5, 800 * kMs);
+  CHECK(d.state == before);
+}
