@@ -2,14 +2,15 @@
 # Installs what building and testing ratekeeper needs on Debian 12, if missing.
 # As root it uses apt-get; otherwise sudo; otherwise it says what to install.
 #
-#   scripts/install-deps.sh            everything for `make demo`
+#   scripts/install-deps.sh            everything for `make demo` (and the
+#                                      release preset, tests included)
 #   scripts/install-deps.sh --test     plus what `make test` needs (clang 14,
 #                                      its sanitizer runtimes, clang-format 14)
 set -euo pipefail
 
-packages=(cmake ninja-build g++ make libabsl-dev libfmt-dev)
+packages=(cmake ninja-build g++ make libabsl-dev libfmt-dev catch2)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(catch2 clang-14 libclang-rt-14-dev clang-format-14)
+  packages+=(clang-14 libclang-rt-14-dev clang-format-14)
 fi
 
 missing=()

@@ -27,7 +27,9 @@ TEST_CASE("bad configuration is kInvalidArgument", "[policy][fixed]") {
         absl::StatusCode::kInvalidArgument);
   CHECK(FixedWindow::create(
             Rate{std::numeric_limits<std::uint64_t>::max(), Nanos{1}})
-            .ok());
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+  CHECK(FixedWindow::create(Rate{FixedWindow::kMaxLimit, Nanos{1}}).ok());
 }
 
 TEST_CASE("windows are clock-aligned and reset at the boundary",

@@ -176,6 +176,7 @@ TEST_CASE(
       check_exactness(p, s, t, c, out.decision);
       if (out.decision.allowed && c > 0) admitted.push_back({t, c});
       s = out.next;
+      REQUIRE_FALSE(s == detail::kReservedState<TokenBucket::State>);
     }
     // Every interval [t_i, t_j]: sum * period <= b * period + r * (t_j - t_i).
     i128 best = std::numeric_limits<i128>::min();
@@ -249,6 +250,7 @@ void run_window_scenarios(bool sliding, std::uint64_t seed) {
       check_exactness(p, s, t, c, out.decision);
       if (out.decision.allowed && c > 0) admitted.push_back({t, c});
       s = out.next;
+      REQUIRE_FALSE(s == detail::kReservedState<typename P::State>);
     }
     // At most `limit` per aligned window.
     std::map<i128, i128> per_window;
@@ -352,7 +354,7 @@ void run_clock_anomalies(const P& p, std::uint64_t seed) {
 TEST_CASE("T1c: clock steps back and jumps forward", "[T1c][property]") {
   const std::uint64_t seed = rk_test::seed_or(0x71C);
   CAPTURE(seed);
-  for (int i = 0; i < 20; ++i) {
+  for (std::uint64_t i = 0; i < 20; ++i) {
     CAPTURE(i);
     run_clock_anomalies(TokenBucket::create(per_second(10), 20).value(),
                         seed + i);
@@ -396,7 +398,9 @@ void hammer_edges(const P& p) {
         if (r.decision.allowed) REQUIRE(r.decision.retry_after == Nanos{0});
         if (c > p.limit()) REQUIRE(r.decision.never());
         s = r.next;
+        REQUIRE_FALSE(s == detail::kReservedState<typename P::State>);
         s = p.refund(s, Nanos{t2}, c, Nanos{t});
+        REQUIRE_FALSE(s == detail::kReservedState<typename P::State>);
         static_cast<void>(p.idle(s, Nanos{t2}));
       }
     }
@@ -421,7 +425,8 @@ TEST_CASE("T1d: 0, 1, INT64_MAX and UINT64_MAX for every parameter",
     for (const auto period : periods) {
       const Rate rate{count, Nanos{period}};
       auto f = FixedWindow::create(rate);
-      REQUIRE(f.ok() == (count > 0 && period > 0));
+      REQUIRE(f.ok() ==
+              (count > 0 && period > 0 && count <= FixedWindow::kMaxLimit));
       if (f.ok()) {
         ++fixed;
         hammer_edges(*f);

@@ -33,14 +33,23 @@ class FixedWindow {
     friend constexpr bool operator==(const State&, const State&) = default;
   };
 
+  // Largest count per window: 2^62, so that a count never has all bits set
+  // (the all-ones State is reserved for stores, see policy.hpp).
+  static constexpr std::uint64_t kMaxLimit = std::uint64_t{1} << 62;
+
   // create
   //
   // `rate.count` units per window of `rate.period`. kInvalidArgument when the
-  // count is zero or the period is not positive.
+  // count is zero or above kMaxLimit, or the period is not positive.
   static absl::StatusOr<FixedWindow> create(Rate rate) {
     if (rate.count == 0) {
       return absl::InvalidArgumentError(
           "FixedWindow: count per window must be positive");
+    }
+    if (rate.count > kMaxLimit) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "FixedWindow: count per window must be at most 2^62, got ",
+          rate.count));
     }
     if (rate.period.count() <= 0) {
       return absl::InvalidArgumentError(

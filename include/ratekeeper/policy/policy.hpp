@@ -6,6 +6,7 @@
 #ifndef RATEKEEPER_POLICY_POLICY_HPP_
 #define RATEKEEPER_POLICY_POLICY_HPP_
 
+#include <bit>
 #include <concepts>
 #include <cstdint>
 #include <type_traits>
@@ -22,12 +23,28 @@ struct Step {
   Decision decision;
 };
 
+namespace detail {
+// A State whose bytes are all 0xFF: reserved for stores (see Policy).
+template <class State>
+struct AllOnes {
+  unsigned char bytes[sizeof(State)];
+  constexpr AllOnes() : bytes{} {
+    for (auto& b : bytes) b = 0xFF;
+  }
+};
+template <class State>
+inline constexpr State kReservedState = std::bit_cast<State>(AllOnes<State>{});
+}  // namespace detail
+
 // Policy: a limit as a pure state machine over a small per-key State.
 //
 // Requires:
 //   - State is trivially copyable, at most 16 bytes, equality-comparable, and
 //     a value-initialised (all-zero) State means "never seen": a store hands
 //     out zeroed slots and may reclaim any state for which idle() is true.
+//   - The State with every byte 0xFF is never produced by step() or refund():
+//     stores reserve it (a lock-free store marks a slot being reclaimed with
+//     it). detail::kReservedState<State> is that value.
 //   - step(s, now, cost) is pure: no allocation, no clock read, no floating
 //     point, no side effect. A store may run it several times for one call
 //     (a lost compare-and-swap re-runs it) and keep only the last result.

@@ -17,7 +17,7 @@
 //
 // Prefer SlidingWindow for "N per rolling minute" without FixedWindow's reset
 // cliff and in 16 bytes per key. Prefer TokenBucket when the bound must hold
-// in every interval exactly. Limits are at most 2^32 - 1 per window (two
+// in every interval exactly. Limits are at most 2^32 - 2 per window (two
 // 32-bit counts share the state with a 64-bit window index).
 #ifndef RATEKEEPER_POLICY_SLIDING_WINDOW_HPP_
 #define RATEKEEPER_POLICY_SLIDING_WINDOW_HPP_
@@ -45,7 +45,10 @@ class SlidingWindow {
     friend constexpr bool operator==(const State&, const State&) = default;
   };
 
-  static constexpr std::uint64_t kMaxLimit = 0xFFFF'FFFFu;
+  // Largest count per window: 2^32 - 2, so that it fits a 32-bit count that
+  // never has all bits set (the all-ones State is reserved for stores, see
+  // policy.hpp).
+  static constexpr std::uint64_t kMaxLimit = 0xFFFF'FFFEu;
 
   // create
   //
@@ -58,7 +61,7 @@ class SlidingWindow {
     }
     if (rate.count > kMaxLimit) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "SlidingWindow: count per window must be at most 2^32 - 1, got ",
+          "SlidingWindow: count per window must be at most 2^32 - 2, got ",
           rate.count, " (use TokenBucket or FixedWindow for larger counts)"));
     }
     if (rate.period.count() <= 0) {
