@@ -27,8 +27,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/mutex.hpp"
 #include "ratekeeper/store/store.hpp"
 
 namespace ratekeeper {
@@ -61,7 +61,7 @@ class InMemoryStore {
   // Thread-safe.
   template <StoreOp<State> Op>
   Decision apply(std::string_view key, const Op& op) {
-    absl::MutexLock lock(&mu_);
+    detail::MutexLock lock(&mu_);
     if (auto it = map_.find(to_absl(key)); it != map_.end()) {
       Step<State> r = op(it->second);
       it->second = r.next;
@@ -83,7 +83,7 @@ class InMemoryStore {
   // is decided as fresh, even when the store is full. Thread-safe.
   template <StoreOp<State> Op>
   Decision peek(std::string_view key, const Op& op) const {
-    absl::MutexLock lock(&mu_);
+    detail::MutexLock lock(&mu_);
     const auto it = map_.find(to_absl(key));
     return op(it == map_.end() ? State{} : it->second).decision;
   }
@@ -93,7 +93,7 @@ class InMemoryStore {
   // As apply() for a key held; a key not held stays absent. Thread-safe.
   template <StoreOp<State> Op>
   Decision update(std::string_view key, const Op& op) {
-    absl::MutexLock lock(&mu_);
+    detail::MutexLock lock(&mu_);
     const auto it = map_.find(to_absl(key));
     if (it == map_.end()) return op(State{}).decision;
     Step<State> r = op(it->second);
@@ -103,7 +103,7 @@ class InMemoryStore {
 
   // Thread-safe; may be stale on return.
   StoreStats stats() const {
-    absl::MutexLock lock(&mu_);
+    detail::MutexLock lock(&mu_);
     StoreStats s = stats_;
     s.keys = map_.size();
     return s;
@@ -111,7 +111,7 @@ class InMemoryStore {
 
   // Thread-safe; may be stale on return.
   std::size_t size() const {
-    absl::MutexLock lock(&mu_);
+    detail::MutexLock lock(&mu_);
     return map_.size();
   }
 
@@ -153,7 +153,7 @@ class InMemoryStore {
   }
 
   const Options options_;
-  mutable absl::Mutex mu_;
+  mutable detail::Mutex mu_;  // absl::Mutex, annotated for TSan
   absl::flat_hash_map<std::string, State> map_ ABSL_GUARDED_BY(mu_);
   StoreStats stats_ ABSL_GUARDED_BY(mu_);
   // Calls that found the store full, plus inserts, since the last sweep: a
