@@ -17,12 +17,21 @@
 #include "ratekeeper/policy/sliding_window.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
 #include "ratekeeper/store/in_memory.hpp"
+#include "ratekeeper/store/sharded.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
 using rk_test::kMs;
 
 namespace {
+
+// A policy and a store, as one test type.
+template <class P, template <class> class S>
+struct Combo {
+  using Policy = P;
+  template <class State>
+  using Store = S<State>;
+};
 
 constexpr int kThreads = 8;
 constexpr int kZipfKeys = 1000;
@@ -82,11 +91,11 @@ std::uint64_t attempt_seed(std::uint64_t base, int step, int worker) {
 // a seeded set of cost-1 calls at that instant. At one instant the number a
 // key admits is min(calls, capacity) whatever the order, so the total per key
 // must equal a sequential replay of the same calls exactly.
-template <class P>
+template <class P, template <class> class S>
 void driven_clock_run(std::uint64_t seed, double seconds) {
   const KeyPicker keys;
   ManualClock clock(std::chrono::seconds(1));
-  Limiter<P, InMemoryStore, ManualClock> lim(make_policy<P>(), clock);
+  Limiter<P, S, ManualClock> lim(make_policy<P>(), clock);
   constexpr int kCallsPerStep = 150;
   std::vector<std::int64_t> deltas;
   std::vector<std::vector<std::uint64_t>> admitted(
@@ -183,11 +192,11 @@ std::uint64_t bound(const W& p, std::int64_t start, std::int64_t end) {
 
 // T2a, real clock: 8 threads on SteadyClock, keys from the same mix; no key
 // may admit more than its policy allows over the run's wall-clock span.
-template <class P>
+template <class P, template <class> class S>
 void real_clock_run(std::uint64_t seed, double seconds) {
   const KeyPicker keys;
   const P policy = make_policy<P>();
-  Limiter<P> lim(policy);
+  Limiter<P, S> lim(policy);
   std::vector<std::vector<std::uint64_t>> admitted(
       kThreads, std::vector<std::uint64_t>(kZipfKeys + 1, 0));
   const std::int64_t start = SteadyClock{}.now().count();
@@ -224,10 +233,10 @@ void real_clock_run(std::uint64_t seed, double seconds) {
 }
 
 // T2c: 8 threads released together on a key nobody has touched.
-template <class P>
+template <class P, template <class> class S>
 void first_touch_run(int rounds) {
   ManualClock clock(std::chrono::seconds(5));
-  Limiter<P, InMemoryStore, ManualClock> lim(make_policy<P>(), clock);
+  Limiter<P, S, ManualClock> lim(make_policy<P>(), clock);
   const std::uint64_t capacity = lim.policy().limit();
   std::string key;
   std::barrier sync(kThreads + 1);
@@ -255,32 +264,38 @@ void first_touch_run(int rounds) {
   CHECK(lim.stats().keys == static_cast<std::uint64_t>(rounds));
 }
 
+// 10 s per policy and store, half on the driven clock, half on the real.
 double t2a_seconds() { return 10.0 * rk_test::scale(); }
 
 }  // namespace
 
-TEMPLATE_TEST_CASE(
-    "T2a: 8 threads on a driven clock admit exactly the "
-    "sequential result (in-memory store)",
-    "[T2a][T2b][concurrency]", TokenBucket, FixedWindow, SlidingWindow) {
-  const std::uint64_t seed = rk_test::seed_or(0x72A);
-  CAPTURE(seed);
-  driven_clock_run<TestType>(seed, t2a_seconds() / 2);
-}
+#define RK_COMBOS                                                             \
+  (Combo<TokenBucket, InMemoryStore>), (Combo<FixedWindow, InMemoryStore>),   \
+      (Combo<SlidingWindow, InMemoryStore>),                                  \
+      (Combo<TokenBucket, ShardedStore>), (Combo<FixedWindow, ShardedStore>), \
+      (Combo<SlidingWindow, ShardedStore>)
 
 TEMPLATE_TEST_CASE(
-    "T2a: 8 threads on the real clock never over-admit a key "
-    "(in-memory store)",
-    "[T2a][T2b][concurrency]", TokenBucket, FixedWindow, SlidingWindow) {
+    "T2a: 8 threads on a driven clock admit exactly the "
+    "sequential result",
+    "[T2a][T2b][concurrency]", RK_COMBOS) {
+  const std::uint64_t seed = rk_test::seed_or(0x72A);
+  CAPTURE(seed);
+  driven_clock_run<typename TestType::Policy, TestType::template Store>(
+      seed, t2a_seconds() / 2);
+}
+
+TEMPLATE_TEST_CASE("T2a: 8 threads on the real clock never over-admit a key",
+                   "[T2a][T2b][concurrency]", RK_COMBOS) {
   const std::uint64_t seed = rk_test::seed_or(0x72B);
   CAPTURE(seed);
-  real_clock_run<TestType>(seed, t2a_seconds() / 2);
+  real_clock_run<typename TestType::Policy, TestType::template Store>(
+      seed, t2a_seconds() / 2);
 }
 
 TEMPLATE_TEST_CASE("T2c: 8 threads first touching a key leave capacity - 8",
-                   "[T2c][T2b][concurrency]", TokenBucket, FixedWindow,
-                   SlidingWindow) {
+                   "[T2c][T2b][concurrency]", RK_COMBOS) {
   const int rounds =
       std::max(100, static_cast<int>(10'000 * std::min(1.0, rk_test::scale())));
-  first_touch_run<TestType>(rounds);
+  first_touch_run<typename TestType::Policy, TestType::template Store>(rounds);
 }

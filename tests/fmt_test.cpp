@@ -25,6 +25,6 @@ TEST_CASE("decisions and stats format", "[fmt]") {
   s.keys = 3;
   s.denied_full = 1;
   CHECK(fmt::format("{}", s) ==
-        "keys=3 inserts=0 reclaimed=0 sweeps=0 denied_full=1 "
-        "admitted_uncounted=0");
+        "keys=3 inserts=0 reclaimed=0 sweeps=0 evicted=0 denied_full=1 "
+        "admitted_uncounted=0 cas_retries=0");
 }

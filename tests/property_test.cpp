@@ -509,3 +509,69 @@ TEST_CASE("T1e: a year of refills is exact to the token", "[T1e][property]") {
   run_year(per(1, std::chrono::seconds(3600)), 10 * 3600 * kSec, seed + 2);
   run_year(per(1'000'000'000, std::chrono::seconds(10)), 3600 * kSec, seed + 3);
 }
+
+namespace {
+
+// States a random run leaves behind, for checking idle_at and merge.
+template <class P>
+std::vector<typename P::State> random_states(const P& p, Rng& rng,
+                                             std::int64_t& t) {
+  std::vector<typename P::State> out;
+  typename P::State s{};
+  for (int i = 0; i < 30; ++i) {
+    t += static_cast<std::int64_t>(uniform(rng, 0, 200'000'000));
+    s = p.step(s, Nanos{t}, uniform(rng, 0, p.limit())).next;
+    out.push_back(s);
+  }
+  return out;
+}
+
+template <class P>
+void check_idle_at_and_merge(const P& p, std::uint64_t seed) {
+  Rng rng(seed);
+  std::int64_t t = 1000 * kSec;
+  const auto a = random_states(p, rng, t);
+  const auto b = random_states(p, rng, t);
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    for (const auto& s : {a[i], b[i]}) {
+      const Nanos at = p.idle_at(s);
+      if (at == Nanos::min()) {
+        REQUIRE(p.idle(s, Nanos{0}));
+        continue;
+      }
+      REQUIRE(p.idle(s, at));
+      REQUIRE_FALSE(p.idle(s, at - Nanos{1}));
+    }
+    const auto m = p.merge(a[i], b[i]);
+    REQUIRE(p.idle_at(m) >= std::max(p.idle_at(a[i]), p.idle_at(b[i])));
+    // From now on (later than both states' windows), the merge is at least
+    // as restrictive as each.
+    for (const std::int64_t dt :
+         {std::int64_t{0}, std::int64_t{1}, kSec / 3, kSec, 5 * kSec}) {
+      const Nanos at{t + dt};
+      const auto rm = p.step(m, at, 0).decision.remaining;
+      REQUIRE(rm <= p.step(a[i], at, 0).decision.remaining);
+      REQUIRE(rm <= p.step(b[i], at, 0).decision.remaining);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE(
+    "idle_at is the first idle instant; merge is at least as "
+    "restrictive as both",
+    "[property][policy]") {
+  const std::uint64_t seed = rk_test::seed_or(0x1D1E);
+  CAPTURE(seed);
+  for (std::uint64_t i = 0; i < 200; ++i) {
+    CAPTURE(i);
+    check_idle_at_and_merge(TokenBucket::create(per_second(7), 13).value(),
+                            seed + i);
+    check_idle_at_and_merge(FixedWindow::create(per_second(20)).value(),
+                            seed + i);
+    check_idle_at_and_merge(
+        SlidingWindow::create(per(20, std::chrono::milliseconds(700))).value(),
+        seed + i);
+  }
+}

@@ -70,9 +70,10 @@ struct fmt::formatter<ratekeeper::StoreStats>
       -> decltype(ctx.out()) {
     return fmt::format_to(ctx.out(),
                           "keys={} inserts={} reclaimed={} sweeps={} "
-                          "denied_full={} admitted_uncounted={}",
-                          s.keys, s.inserts, s.reclaimed, s.sweeps,
-                          s.denied_full, s.admitted_uncounted);
+                          "evicted={} denied_full={} admitted_uncounted={} "
+                          "cas_retries={}",
+                          s.keys, s.inserts, s.reclaimed, s.sweeps, s.evicted,
+                          s.denied_full, s.admitted_uncounted, s.cas_retries);
   }
 };
 

@@ -23,6 +23,7 @@
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/policy/policy.hpp"
 #include "ratekeeper/store/in_memory.hpp"
+#include "ratekeeper/store/sharded.hpp"
 #include "ratekeeper/store/store.hpp"
 
 namespace ratekeeper {
@@ -39,6 +40,11 @@ struct AcquireOp {
     return policy->step(s, now, cost);
   }
   bool idle(const typename P::State& s) const { return policy->idle(s, now); }
+  Nanos idle_at(const typename P::State& s) const { return policy->idle_at(s); }
+  typename P::State merge(const typename P::State& a,
+                          const typename P::State& b) const {
+    return policy->merge(a, b);
+  }
 };
 
 // A refund as a StoreOp: the new state, and the decision a zero-cost call
@@ -54,6 +60,11 @@ struct RefundOp {
     return {next, policy->step(next, now, 0).decision};
   }
   bool idle(const typename P::State& s) const { return policy->idle(s, now); }
+  Nanos idle_at(const typename P::State& s) const { return policy->idle_at(s); }
+  typename P::State merge(const typename P::State& a,
+                          const typename P::State& b) const {
+    return policy->merge(a, b);
+  }
 };
 
 }  // namespace detail
@@ -63,13 +74,14 @@ struct RefundOp {
 // Template parameters:
 //   P       a Policy (TokenBucket, FixedWindow, SlidingWindow, or your own).
 //   StoreT  a class template of one State parameter meeting Store; default
-//           InMemoryStore.
+//           ShardedStore (lock-free), or InMemoryStore (one mutex, exact
+//           introspection).
 //   C       a Clock; default SteadyClock. A ManualClock copy shares its time
 //           with the caller's, so tests move the limiter's time.
 //
 // Thread safety: all members, concurrently. Not copyable or movable (the
 // store holds a lock); hold it by reference or in a std::unique_ptr.
-template <Policy P, template <class> class StoreT = InMemoryStore,
+template <Policy P, template <class> class StoreT = ShardedStore,
           Clock C = SteadyClock>
 class Limiter {
  public:

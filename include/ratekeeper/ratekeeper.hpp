@@ -15,6 +15,7 @@
 #include "ratekeeper/policy/sliding_window.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
 #include "ratekeeper/store/in_memory.hpp"
+#include "ratekeeper/store/sharded.hpp"
 #include "ratekeeper/store/store.hpp"
 
 #endif  // RATEKEEPER_RATEKEEPER_HPP_

@@ -102,6 +102,24 @@ class FixedWindow {
     return s.count == 0 || window_of(now) > s.window;
   }
 
+  // idle_at
+  //
+  // The end of the state's window, or never-busy (Nanos::min()) when nothing
+  // is counted.
+  Nanos idle_at(const State& s) const noexcept {
+    if (s.count == 0) return Nanos::min();
+    return Nanos{
+        detail::clamp_i64((static_cast<detail::i128>(s.window) + 1) * period_)};
+  }
+
+  // merge
+  //
+  // The later window's state; in the same window, the larger count.
+  State merge(const State& a, const State& b) const noexcept {
+    if (a.window != b.window) return a.window > b.window ? a : b;
+    return a.count >= b.count ? a : b;
+  }
+
   std::uint64_t limit() const noexcept { return limit_; }
   Rate rate() const noexcept { return rate_; }
 

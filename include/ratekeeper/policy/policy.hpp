@@ -51,6 +51,13 @@ inline constexpr State kReservedState = std::bit_cast<State>(AllOnes<State>{});
 //   - refund(s, now, cost, charged_at) returns `cost` units charged at time
 //     `charged_at` to the state, never more than was taken; pure.
 //   - idle(s, now): the state is now equivalent to a zeroed one.
+//   - idle_at(s): the first time at which idle(s, t) holds (Nanos::min() for
+//     a state idle at every time). Stores evict the state that becomes idle
+//     soonest, the stalest.
+//   - merge(a, b): a state at least as restrictive as both a and b at any
+//     time from the later of their windows on: a store keeps the merge of
+//     evicted states, so that an evicted key that returns is never admitted
+//     more than its old state allowed.
 //   - limit(): the capacity reported in every Decision.
 // Thread safety: a Policy is immutable after construction; all members are
 // safe to call concurrently.

@@ -125,6 +125,27 @@ class SlidingWindow {
     return v.st.prev == 0 && v.st.cur == 0;
   }
 
+  // idle_at
+  //
+  // The end of the next window when the current one counts anything, the end
+  // of the current one when only the previous does, else Nanos::min().
+  Nanos idle_at(const State& s) const noexcept {
+    const i128 start = static_cast<i128>(s.window) * period_;
+    if (s.cur != 0) return Nanos{detail::clamp_i64(start + 2 * i128{period_})};
+    if (s.prev != 0) return Nanos{detail::clamp_i64(start + period_)};
+    return Nanos::min();
+  }
+
+  // merge
+  //
+  // Both states rolled to the later window, then the larger of each count.
+  State merge(const State& a, const State& b) const noexcept {
+    const std::int64_t w = std::max(a.window, b.window);
+    const State ra = roll_to(a, w);
+    const State rb = roll_to(b, w);
+    return State{w, std::max(ra.prev, rb.prev), std::max(ra.cur, rb.cur)};
+  }
+
   std::uint64_t limit() const noexcept { return limit_; }
   Rate rate() const noexcept { return rate_; }
 
@@ -146,15 +167,18 @@ class SlidingWindow {
     return static_cast<std::int64_t>(detail::floor_div(t.count(), period_));
   }
 
+  // `s` as seen from window `w` >= s.window. The gap is computed in 128
+  // bits: the difference of two int64 window indices can overflow 64.
+  static State roll_to(const State& s, std::int64_t w) noexcept {
+    const i128 gap = static_cast<i128>(w) - s.window;
+    if (gap == 0) return s;
+    return State{w, gap == 1 ? s.cur : 0u, 0u};
+  }
+
   View view(const State& s, Nanos now) const noexcept {
     const std::int64_t w = window_of(now);
     View v{s, 0, 0, false};
-    if (w > s.window) {
-      // w - s.window computed in 128 bits: the difference of two int64
-      // window indices can overflow 64.
-      const i128 gap = static_cast<i128>(w) - s.window;
-      v.st = State{w, gap == 1 ? s.cur : 0u, 0u};
-    }
+    if (w > s.window) v.st = roll_to(s, w);
     v.start = static_cast<i128>(v.st.window) * period_;
     const i128 e = static_cast<i128>(now.count()) - v.start;
     v.behind = e < 0;

@@ -132,6 +132,20 @@ class TokenBucket {
     return decode(s) <= static_cast<i128>(now.count()) * den_;
   }
 
+  // idle_at
+  //
+  // When the bucket is full again: the TAT, rounded up to the nanosecond.
+  Nanos idle_at(const State& s) const noexcept {
+    return Nanos{detail::clamp_i64(detail::ceil_div(decode(s), den_))};
+  }
+
+  // merge
+  //
+  // The emptier bucket: the later TAT.
+  State merge(const State& a, const State& b) const noexcept {
+    return decode(a) >= decode(b) ? a : b;
+  }
+
   std::uint64_t limit() const noexcept { return burst_; }
   Rate rate() const noexcept { return rate_; }
   std::uint64_t burst() const noexcept { return burst_; }

@@ -26,6 +26,14 @@ enum class WhenFull {
   // Decide as for a fresh key and forget it (fail open): the call is admitted
   // when its cost fits a full limit, and is not counted. Availability first.
   kAdmitUncounted,
+  // Evict the stalest state near the new key's slot (the one that becomes
+  // idle soonest) and keep it, merged with others, in a small summary that a
+  // returning key starts from: an evicted key that returns is never admitted
+  // more than its evicted state allowed. Availability for new keys, safety
+  // for old ones; the price is that keys sharing a summary cell share its
+  // restriction until it recovers. ShardedStore only; InMemoryStore treats
+  // it as kDenyNew.
+  kEvictStalest,
 };
 
 // StoreStats: counters since construction. A snapshot; thread-safe to take.
@@ -34,8 +42,10 @@ struct StoreStats {
   std::uint64_t inserts = 0;             // keys added
   std::uint64_t reclaimed = 0;           // idle states dropped to make room
   std::uint64_t sweeps = 0;              // reclaim passes run
+  std::uint64_t evicted = 0;             // non-idle states evicted
   std::uint64_t denied_full = 0;         // new keys denied (kDenyNew)
   std::uint64_t admitted_uncounted = 0;  // new keys decided uncounted
+  std::uint64_t cas_retries = 0;         // lost compare-and-swaps re-run
 
   friend constexpr bool operator==(const StoreStats&,
                                    const StoreStats&) = default;
@@ -47,11 +57,14 @@ struct StoreStats {
 // call (a store that retries a lost compare-and-swap re-runs it, and keeps
 // only the last result), so it has no side effects. op.idle(s) says whether a
 // state is equivalent to a zeroed one at the op's time, so that the store may
-// drop it.
+// drop it; op.idle_at(s) and op.merge(a, b) are the policy's (see Policy),
+// for stores that evict.
 template <class Op, class State>
 concept StoreOp = requires(const Op& op, const State& s) {
   { op(s) } -> std::same_as<Step<State>>;
   { op.idle(s) } -> std::same_as<bool>;
+  { op.idle_at(s) } -> std::same_as<Nanos>;
+  { op.merge(s, s) } -> std::same_as<State>;
 };
 
 namespace detail {
@@ -60,6 +73,8 @@ template <class State>
 struct ArchetypeOp {
   Step<State> operator()(const State& s) const { return {s, Decision{}}; }
   bool idle(const State&) const { return true; }
+  Nanos idle_at(const State&) const { return Nanos::min(); }
+  State merge(const State& a, const State&) const { return a; }
 };
 }  // namespace detail
 

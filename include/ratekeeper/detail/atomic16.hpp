@@ -1,0 +1,159 @@
+// ratekeeper/detail/atomic16.hpp: a 16-byte compare-and-swap, lock-free on
+// x86-64.
+//
+// Internal. Defines detail::Atomic16, 16 aligned bytes with load() and
+// compare_exchange(), the one atomic the sharded store's hot path uses.
+//
+// How the 16-byte CAS is had, by platform:
+//   - x86-64: `lock cmpxchg16b`, written as inline assembly, so that it is
+//     lock-free whatever flags the user compiles with (no -mcx16, no
+//     libatomic: GCC routes 16-byte __atomic builtins to libatomic, which
+//     reports them as not lock-free). Every x86-64 CPU since 2006 has it.
+//   - x86-64 under ThreadSanitizer (clang): __sync_val_compare_and_swap on
+//     unsigned __int128, which TSan's runtime implements and understands;
+//     inline assembly would be invisible to it.
+//   - elsewhere: a lock striped by address (kLockStripes spinlocks). Correct
+//     and portable, not lock-free; kLockFree says which one you have.
+//
+// load() is two 8-byte relaxed loads on x86-64 and may tear: callers only
+// use what it returns as the `expected` value of a compare_exchange, which
+// fails on a torn value (then returns the true one), so a torn read can cost
+// a retry but never a wrong write. compare_exchange() is sequentially
+// consistent (a locked instruction is a full barrier on x86-64).
+#ifndef RATEKEEPER_DETAIL_ATOMIC16_HPP_
+#define RATEKEEPER_DETAIL_ATOMIC16_HPP_
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "ratekeeper/detail/math.hpp"
+#include "ratekeeper/detail/mutex.hpp"
+
+namespace ratekeeper::detail {
+
+#if defined(__x86_64__) && defined(RATEKEEPER_TSAN) && defined(__clang__)
+#  define RATEKEEPER_ATOMIC16_SYNC 1
+#elif defined(__x86_64__) && !defined(RATEKEEPER_TSAN)
+#  define RATEKEEPER_ATOMIC16_ASM 1
+#endif
+
+class alignas(16) Atomic16 {
+ public:
+#if defined(RATEKEEPER_ATOMIC16_ASM) || defined(RATEKEEPER_ATOMIC16_SYNC)
+  static constexpr bool kLockFree = true;
+#else
+  static constexpr bool kLockFree = false;
+#endif
+
+  Atomic16() = default;
+  Atomic16(const Atomic16&) = delete;
+  Atomic16& operator=(const Atomic16&) = delete;
+
+  // load
+  //
+  // The value, possibly torn on x86-64 (see the file comment): use it only
+  // as the expected value of compare_exchange(). Thread-safe.
+  u128 load() const noexcept {
+#if defined(RATEKEEPER_ATOMIC16_ASM)
+    // Relaxed: the compare_exchange that consumes this value validates it.
+    const std::uint64_t lo = __atomic_load_n(&w_[0], __ATOMIC_RELAXED);
+    const std::uint64_t hi = __atomic_load_n(&w_[1], __ATOMIC_RELAXED);
+    return (static_cast<u128>(hi) << 64) | lo;
+#elif defined(RATEKEEPER_ATOMIC16_SYNC)
+    return __sync_val_compare_and_swap(const_cast<u128*>(word()), u128{0},
+                                       u128{0});
+#else
+    SpinGuard g(stripe(this));
+    return *word();
+#endif
+  }
+
+  // compare_exchange
+  //
+  // If the value equals `expected`, writes `desired` and returns true;
+  // otherwise stores the current value in `expected` and returns false.
+  // Sequentially consistent. Thread-safe.
+  bool compare_exchange(u128& expected, u128 desired) noexcept {
+#if defined(RATEKEEPER_ATOMIC16_ASM)
+    std::uint64_t lo = static_cast<std::uint64_t>(expected);
+    std::uint64_t hi = static_cast<std::uint64_t>(expected >> 64);
+    bool ok = false;
+    __asm__ __volatile__("lock cmpxchg16b %1"
+                         : "=@ccz"(ok), "+m"(*word()), "+a"(lo), "+d"(hi)
+                         : "b"(static_cast<std::uint64_t>(desired)),
+                           "c"(static_cast<std::uint64_t>(desired >> 64))
+                         : "memory");
+    if (!ok) expected = (static_cast<u128>(hi) << 64) | lo;
+    return ok;
+#elif defined(RATEKEEPER_ATOMIC16_SYNC)
+    const u128 prev = __sync_val_compare_and_swap(word(), expected, desired);
+    if (prev == expected) return true;
+    expected = prev;
+    return false;
+#else
+    SpinGuard g(stripe(this));
+    if (*word() == expected) {
+      *word() = desired;
+      return true;
+    }
+    expected = *word();
+    return false;
+#endif
+  }
+
+ private:
+#if !defined(RATEKEEPER_ATOMIC16_ASM) && !defined(RATEKEEPER_ATOMIC16_SYNC)
+  static constexpr std::size_t kLockStripes = 256;
+  struct alignas(64) Spin {
+    std::atomic<bool> locked{false};
+  };
+  static Spin& stripe(const void* p) noexcept {
+    static Spin stripes[kLockStripes];
+    return stripes[(reinterpret_cast<std::uintptr_t>(p) >> 4) % kLockStripes];
+  }
+  struct SpinGuard {
+    explicit SpinGuard(Spin& s) noexcept : s_(s) {
+      // Acquire pairs with the release in the destructor of the last holder.
+      while (s_.locked.exchange(true, std::memory_order_acquire)) {
+      }
+    }
+    ~SpinGuard() { s_.locked.store(false, std::memory_order_release); }
+    Spin& s_;
+  };
+#endif
+
+  // The 16 bytes as two words (low word first: x86-64 is little-endian);
+  // word() views them as one 128-bit value for the locked instructions.
+  alignas(16) std::uint64_t w_[2] = {0, 0};
+  u128* word() noexcept { return reinterpret_cast<u128*>(w_); }
+  const u128* word() const noexcept {
+    return reinterpret_cast<const u128*>(w_);
+  }
+};
+
+static_assert(sizeof(Atomic16) == 16 && alignof(Atomic16) == 16);
+
+// A State (at most 16 bytes, trivially copyable) as 128 bits, zero-padded.
+template <class State>
+inline u128 to_u128(const State& s) noexcept {
+  static_assert(std::is_trivially_copyable_v<State> && sizeof(State) <= 16);
+  u128 v = 0;
+  std::memcpy(&v, &s, sizeof(State));
+  return v;
+}
+
+template <class State>
+inline State from_u128(u128 v) noexcept {
+  State s{};
+  // Through void*: State may have default member initialisers, which makes
+  // it non-trivial to construct but still trivially copyable.
+  std::memcpy(static_cast<void*>(&s), &v, sizeof(State));
+  return s;
+}
+
+}  // namespace ratekeeper::detail
+
+#endif  // RATEKEEPER_DETAIL_ATOMIC16_HPP_

@@ -1,0 +1,580 @@
+// ratekeeper/store/sharded.hpp: the lock-free sharded store, the default.
+//
+// Defines ShardedStore<State> and ShardedOptions.
+//
+// Prefer ShardedStore (the default store of Limiter) unless you need the
+// exact introspection of InMemoryStore. An existing key costs one seeded
+// hash, a scan of one or two cache lines of key words and one 16-byte
+// compare-and-swap: no lock, no allocation. All memory is allocated once, at
+// construction, from `capacity`; nothing grows afterwards, whatever keys
+// clients send.
+//
+// Layout. `shards` independent tables of buckets. A bucket holds 8 slots:
+// 8 key words on one cache line, then their 8 States (192 bytes in all). A
+// key word is the 48-bit fingerprint of the key's 64-bit seeded hash and a
+// 16-bit incarnation; a slot is 24 bytes. Each key has two candidate buckets
+// in its shard (two-choice hashing): a lookup reads the first bucket's keys
+// and, if the key is not there, the second's. A new key goes to the emptier
+// of the two, which keeps both short without ever moving a key, so readers
+// never need a lock. Tables are sized for 7/8 load: about 27.5 bytes per key
+// of capacity.
+//
+// Keys. Only the hash is kept. Two keys share a state only when their hashes
+// agree on the shard, on the 48 fingerprint bits and on a candidate bucket:
+// at 10M keys, about one chance in two million that any two live keys do
+// (docs/stores.md). Sharing is conservative: both keys count against one
+// limit, so it can deny early but never over-admit. The hash is absl's,
+// keyed with a per-store random seed (or ShardedOptions::seed), so keys
+// crafted to collide cannot be made without the seed.
+//
+// New keys take a short path of their own: under the shard's mutex (one per
+// shard, on its own cache line) the key is looked for again, a free slot is
+// claimed and its key word published; the call then proceeds lock-free like
+// any other. When both buckets or the shard are full, idle states (equivalent
+// to never seen) are reclaimed first, then the caller's WhenFull applies;
+// with kEvictStalest the state of the two buckets that becomes idle soonest
+// is evicted into a per-shard summary (merged, most restrictive) from which a
+// returning key starts, so an evicted key is never over-admitted.
+//
+// Slot reuse. A reclaim marks the state with the reserved all-ones value
+// (no policy produces it), bumps the key word's incarnation, then zeroes the
+// state. A thread that read the old key word re-checks it after its
+// compare-and-swap and redoes the call if the slot changed hands, so its
+// decision always comes from its own key's state. (Its write can only have
+// landed if the slot's new state was bit-identical to the old one it read:
+// the step it applied then counts against the new owner, who is charged, not
+// credited, except for a refund in that exact coincidence.)
+#ifndef RATEKEEPER_STORE_SHARDED_HPP_
+#define RATEKEEPER_STORE_SHARDED_HPP_
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <optional>
+#include <random>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/hash/hash.h"
+#include "absl/strings/string_view.h"
+#include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/atomic16.hpp"
+#include "ratekeeper/detail/mutex.hpp"
+#include "ratekeeper/policy/policy.hpp"
+#include "ratekeeper/store/store.hpp"
+
+namespace ratekeeper {
+
+// ShardedOptions: the knobs of a ShardedStore.
+struct ShardedOptions {
+  // Most keys held at once, enforced per shard (capacity / shards each).
+  // Memory is about 27.5 bytes per key of capacity, allocated up front.
+  std::size_t capacity = std::size_t{1} << 20;
+  // Independent tables, each with its own insert mutex. 0: a power of two
+  // >= 4 x hardware threads (at least 16), fewer for small capacities. Raise
+  // it when many threads insert new keys at once.
+  std::size_t shards = 0;
+  // What a new key gets when its shard is full and nothing idle is left.
+  WhenFull when_full = WhenFull::kEvictStalest;
+  // retry_after of a call denied because the store is full (kDenyNew).
+  Nanos full_retry_after = std::chrono::seconds(1);
+  // Hash seed. 0: a random seed per store. Fix it only to reproduce a run.
+  std::uint64_t seed = 0;
+};
+
+template <class StateT>
+class ShardedStore {
+ public:
+  using State = StateT;
+  using Options = ShardedOptions;
+
+  static_assert(std::is_trivially_copyable_v<State> && sizeof(State) <= 16,
+                "ShardedStore keeps states inline: at most 16 trivially "
+                "copyable bytes (see Policy)");
+
+  static constexpr std::size_t kSlotsPerBucket = 8;
+  static constexpr bool kLockFree = detail::Atomic16::kLockFree;
+
+  explicit ShardedStore(Options options = {})
+      : options_(options),
+        seed_(options.seed != 0 ? options.seed : random_seed()) {
+    const std::size_t cap = std::max<std::size_t>(options_.capacity, 1);
+    std::size_t shards = options_.shards;
+    if (shards == 0) {
+      const std::size_t hw =
+          std::max<std::size_t>(1, std::thread::hardware_concurrency());
+      shards = std::bit_ceil(std::max<std::size_t>(16, 4 * hw));
+      // At least 64 keys per shard, so that small stores stay one table.
+      shards = std::max<std::size_t>(
+          1,
+          std::min(shards, std::bit_floor(std::max<std::size_t>(1, cap / 64))));
+    }
+    shard_cap_ = (cap + shards - 1) / shards;
+    // 7/8 load at capacity; at least two buckets, so a key has two choices.
+    buckets_per_shard_ = std::max<std::size_t>(
+        2, (shard_cap_ * 8 / 7 + kSlotsPerBucket - 1) / kSlotsPerBucket);
+    summary_size_ = std::max<std::size_t>(16, shard_cap_ / 16);
+    buckets_ = std::make_unique<Bucket[]>(shards * buckets_per_shard_);
+    shards_ = std::make_unique<Shard[]>(shards);
+    n_shards_ = shards;
+    for (std::size_t i = 0; i < shards; ++i) {
+      Shard& s = shards_[i];
+      s.buckets = &buckets_[i * buckets_per_shard_];
+      detail::MutexLock lock(&s.mu);
+      s.summary.assign(summary_size_, State{});
+    }
+  }
+
+  ShardedStore(const ShardedStore&) = delete;
+  ShardedStore& operator=(const ShardedStore&) = delete;
+
+  // apply
+  //
+  // Runs `op` on `key`'s state and publishes the result with one
+  // compare-and-swap (a lost one re-runs `op`). A new key first takes the
+  // shard's insert path. Thread-safe; lock-free for keys already held.
+  template <StoreOp<State> Op>
+  Decision apply(std::string_view key, const Op& op) {
+    const Hashed h = hash(key);
+    Shard& shard = shards_[h.shard];
+    for (;;) {
+      std::optional<SlotRef> slot = find(shard, h);
+      if (!slot) {
+        InsertResult ins = insert(shard, h, op);
+        if (ins.decided) return *ins.decided;
+        slot = ins.slot;
+      }
+      if (auto d = apply_at(shard, *slot, op, /*write=*/true)) return *d;
+    }
+  }
+
+  // peek
+  //
+  // `op`'s decision on `key`'s state; publishes and inserts nothing. A key
+  // not held is decided on the state it would start from. Thread-safe.
+  template <StoreOp<State> Op>
+  Decision peek(std::string_view key, const Op& op) const {
+    auto* self = const_cast<ShardedStore*>(this);
+    const Hashed h = hash(key);
+    Shard& shard = self->shards_[h.shard];
+    for (;;) {
+      std::optional<SlotRef> slot = self->find(shard, h);
+      if (!slot) {
+        detail::MutexLock lock(&shard.mu);
+        return op(self->initial_state(shard, h, op)).decision;
+      }
+      if (auto d = self->apply_at(shard, *slot, op, /*write=*/false)) {
+        return *d;
+      }
+    }
+  }
+
+  // update
+  //
+  // As apply() for a key held; a key not held stays absent. Thread-safe.
+  template <StoreOp<State> Op>
+  Decision update(std::string_view key, const Op& op) {
+    const Hashed h = hash(key);
+    Shard& shard = shards_[h.shard];
+    for (;;) {
+      std::optional<SlotRef> slot = find(shard, h);
+      if (!slot) return op(State{}).decision;
+      if (auto d = apply_at(shard, *slot, op, /*write=*/true)) return *d;
+    }
+  }
+
+  // Thread-safe; a sum of per-shard counters, each read relaxed: a snapshot
+  // that may be stale on return and is not taken at one instant.
+  StoreStats stats() const {
+    StoreStats st;
+    for (std::size_t i = 0; i < n_shards_; ++i) {
+      const Shard& s = shards_[i];
+      st.keys += s.live.load(std::memory_order_relaxed);
+      st.inserts += s.inserts.load(std::memory_order_relaxed);
+      st.reclaimed += s.reclaimed.load(std::memory_order_relaxed);
+      st.sweeps += s.sweeps.load(std::memory_order_relaxed);
+      st.evicted += s.evicted.load(std::memory_order_relaxed);
+      st.denied_full += s.denied_full.load(std::memory_order_relaxed);
+      st.admitted_uncounted +=
+          s.admitted_uncounted.load(std::memory_order_relaxed);
+      st.cas_retries += s.cas_retries.load(std::memory_order_relaxed);
+    }
+    return st;
+  }
+
+  // Thread-safe; may be stale on return.
+  std::size_t size() const { return static_cast<std::size_t>(stats().keys); }
+
+  const Options& options() const noexcept { return options_; }
+  std::size_t shard_count() const noexcept { return n_shards_; }
+  std::size_t capacity_per_shard() const noexcept { return shard_cap_; }
+  // Bytes allocated for slots, shards and summaries: the whole footprint.
+  std::size_t allocated_bytes() const noexcept {
+    return n_shards_ * (buckets_per_shard_ * sizeof(Bucket) + sizeof(Shard) +
+                        summary_size_ * sizeof(State));
+  }
+
+  // probe_distance
+  //
+  // Which of its two candidate buckets holds `key` (0: the first, read
+  // first; 1: the second, read after the first), or nullopt when not held.
+  // For tests of hash quality (TESTPLAN T9c). Thread-safe; may be stale.
+  std::optional<std::size_t> probe_distance(std::string_view key) const {
+    const Hashed h = hash(key);
+    auto* self = const_cast<ShardedStore*>(this);
+    const auto slot = self->find(self->shards_[h.shard], h);
+    if (!slot) return std::nullopt;
+    return slot->choice;
+  }
+
+ private:
+  using u128 = detail::u128;
+
+  static constexpr std::uint64_t kFpBits = 48;
+  static constexpr std::uint64_t kFpMask = (std::uint64_t{1} << kFpBits) - 1;
+  static constexpr u128 kTomb = ~u128{0};  // the reserved all-ones state
+
+  // Key word: fingerprint in the low 48 bits (0: no key), incarnation above.
+  static std::uint64_t fp_of(std::uint64_t w) noexcept { return w & kFpMask; }
+  static std::uint64_t inc_of(std::uint64_t w) noexcept { return w >> kFpBits; }
+  static std::uint64_t make_word(std::uint64_t fp, std::uint64_t inc) noexcept {
+    return (inc << kFpBits) | fp;
+  }
+  // Incarnations run 1..65535 and wrap to 1, never 0: a key word of 0 means
+  // "never used", which ends a probe.
+  static std::uint64_t next_inc(std::uint64_t inc) noexcept {
+    return inc % 0xFFFF + 1;
+  }
+
+  struct alignas(64) Bucket {
+    // keys[i]: the slot's key word, all 8 on one cache line. Stored with
+    // release under the shard mutex (publishing a slot, or retiring it);
+    // loaded with acquire by every lookup, so a thread that sees a key word
+    // also sees the state written before it was published.
+    std::atomic<std::uint64_t> keys[kSlotsPerBucket] = {};
+    // states[i]: the slot's State, changed only by compare-and-swap
+    // (sequentially consistent; see atomic16.hpp).
+    detail::Atomic16 states[kSlotsPerBucket];
+  };
+  static_assert(sizeof(Bucket) == 192, "8 key words + 8 states");
+
+  // One shard: its insert mutex, counters and summary on cache lines of their
+  // own (alignas(64) pads the struct), so that two cores working in two
+  // shards never share a line. Counters are relaxed: they order nothing.
+  struct alignas(64) Shard {
+    Bucket* buckets = nullptr;
+    mutable detail::Mutex mu;
+    std::vector<State> summary ABSL_GUARDED_BY(mu);
+    std::size_t since_sweep ABSL_GUARDED_BY(mu) = 0;
+    std::atomic<std::uint64_t> live{0};
+    std::atomic<std::uint64_t> inserts{0};
+    std::atomic<std::uint64_t> reclaimed{0};
+    std::atomic<std::uint64_t> sweeps{0};
+    std::atomic<std::uint64_t> evicted{0};
+    std::atomic<std::uint64_t> denied_full{0};
+    std::atomic<std::uint64_t> admitted_uncounted{0};
+    alignas(64) std::atomic<std::uint64_t> cas_retries{0};
+  };
+
+  struct Hashed {
+    std::uint64_t fp;  // 1..2^48-1
+    std::size_t shard;
+    std::size_t first;  // candidate buckets within the shard
+    std::size_t second;
+  };
+
+  struct SlotRef {
+    Bucket* bucket;
+    std::size_t index;
+    std::uint64_t word;  // the key word as found
+    std::size_t choice;  // 0: first candidate bucket, 1: second
+  };
+
+  // What the insert path did: a slot to run the call on, or the call's
+  // decision when it was decided there (store full, or nothing to store).
+  struct InsertResult {
+    std::optional<SlotRef> slot;
+    std::optional<Decision> decided;
+  };
+
+  static std::uint64_t random_seed() {
+    std::random_device rd;
+    const std::uint64_t s =
+        (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^
+        static_cast<std::uint64_t>(
+            std::chrono::steady_clock::now().time_since_epoch().count());
+    return s == 0 ? 1 : s;
+  }
+
+  Hashed hash(std::string_view key) const noexcept {
+    const std::uint64_t h =
+        absl::HashOf(seed_, absl::string_view(key.data(), key.size()));
+    Hashed out;
+    // Fingerprint: the low 48 bits. Shard: the top bits, by multiply-shift
+    // (no power-of-two sizes needed). Buckets: from a remix of all 64 bits
+    // (murmur3's finaliser), so they are independent of the fingerprint.
+    out.fp = h & kFpMask;
+    if (out.fp == 0) out.fp = 1;
+    out.shard = static_cast<std::size_t>(((h >> 32) * n_shards_) >> 32);
+    std::uint64_t m = h;
+    m ^= m >> 33;
+    m *= 0xff51afd7ed558ccdULL;
+    m ^= m >> 33;
+    m *= 0xc4ceb9fe1a85ec53ULL;
+    m ^= m >> 33;
+    out.first = static_cast<std::size_t>(
+        ((m & 0xFFFF'FFFFu) * buckets_per_shard_) >> 32);
+    out.second =
+        static_cast<std::size_t>(((m >> 32) * buckets_per_shard_) >> 32);
+    if (out.second == out.first) {
+      out.second = out.first + 1 == buckets_per_shard_ ? 0 : out.first + 1;
+    }
+    return out;
+  }
+
+  Bucket& bucket(Shard& shard, const Hashed& h, std::size_t choice) noexcept {
+    return shard.buckets[choice == 0 ? h.first : h.second];
+  }
+
+  // The slot holding h.fp in either candidate bucket.
+  std::optional<SlotRef> find(Shard& shard, const Hashed& h) noexcept {
+    for (std::size_t c = 0; c < 2; ++c) {
+      Bucket& b = bucket(shard, h, c);
+      for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
+        const std::uint64_t w = b.keys[i].load(std::memory_order_acquire);
+        if (fp_of(w) == h.fp) return SlotRef{&b, i, w, c};
+      }
+    }
+    return std::nullopt;
+  }
+
+  // Runs op on the slot. nullopt: the slot is being reclaimed or changed
+  // hands during the call; the caller looks the key up again.
+  template <class Op>
+  std::optional<Decision> apply_at(Shard& shard, const SlotRef& slot,
+                                   const Op& op, bool write) {
+    detail::Atomic16& cell = slot.bucket->states[slot.index];
+    u128 cur = cell.load();
+    for (;;) {
+      if (cur == kTomb) {
+        yield_briefly();
+        return std::nullopt;
+      }
+      const Step<State> r = op(detail::from_u128<State>(cur));
+      // Denials, peeks and unchanged states still go through the CAS (as
+      // cur -> cur): it is what proves `cur` was a real, untorn snapshot.
+      const u128 next = write ? detail::to_u128(r.next) : cur;
+      if (cell.compare_exchange(cur, next)) {
+        // Acquire: ordered after the CAS, so a reclaim that retired the key
+        // word before our CAS is seen here.
+        if (slot.bucket->keys[slot.index].load(std::memory_order_acquire) !=
+            slot.word) {
+          return std::nullopt;
+        }
+        return r.decision;
+      }
+      shard.cas_retries.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+
+  static void yield_briefly() noexcept { std::this_thread::yield(); }
+
+  // The state a new key starts from: its summary cell, unless that has gone
+  // idle (then zero, as in every other store).
+  template <class Op>
+  State initial_state(Shard& shard, const Hashed& h, const Op& op)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    const State& s = shard.summary[h.fp % summary_size_];
+    return op.idle(s) ? State{} : s;
+  }
+
+  // Under the mutex: marks slot (bucket g, index i) as being retired if its
+  // state satisfies `pred`, then frees it. Returns the retired state.
+  template <class Pred>
+  std::optional<State> retire(Shard& shard, Bucket& g, std::size_t i, Pred pred)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    const std::uint64_t w = g.keys[i].load(std::memory_order_acquire);
+    if (fp_of(w) == 0) return std::nullopt;
+    u128 cur = g.states[i].load();
+    for (;;) {
+      if (cur == kTomb) return std::nullopt;
+      const State s = detail::from_u128<State>(cur);
+      if (!pred(s)) return std::nullopt;
+      if (g.states[i].compare_exchange(cur, kTomb)) {
+        // Release: a lookup that sees the retired word (a new incarnation,
+        // no fingerprint) sees the tombstone before it.
+        g.keys[i].store(make_word(0, next_inc(inc_of(w))),
+                        std::memory_order_release);
+        u128 t = kTomb;
+        while (!g.states[i].compare_exchange(t, u128{0})) {
+          t = kTomb;  // only this thread writes over a tombstone
+        }
+        shard.live.fetch_sub(1, std::memory_order_relaxed);
+        return s;
+      }
+    }
+  }
+
+  template <class Op>
+  void reclaim_buckets(Shard& shard, const Hashed& h, const Op& op)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    for (std::size_t c = 0; c < 2; ++c) {
+      Bucket& b = bucket(shard, h, c);
+      for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
+        if (retire(shard, b, i, [&](const State& s) { return op.idle(s); })) {
+          shard.reclaimed.fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+    }
+  }
+
+  // A sweep of the whole shard, at most once per shard_cap / 16 inserts or
+  // full calls: O(shard) amortised to O(16) per call.
+  template <class Op>
+  void maybe_sweep(Shard& shard, const Op& op)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    const std::size_t due = std::max<std::size_t>(1, shard_cap_ / 16);
+    if (shard.since_sweep < due) return;
+    shard.since_sweep = 0;
+    shard.sweeps.fetch_add(1, std::memory_order_relaxed);
+    for (std::size_t bi = 0; bi < buckets_per_shard_; ++bi) {
+      Bucket& g = shard.buckets[bi];
+      for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
+        if (retire(shard, g, i, [&](const State& s) { return op.idle(s); })) {
+          shard.reclaimed.fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+    }
+  }
+
+  // A free slot (a key word without fingerprint) in the emptier candidate
+  // bucket, the first on a tie.
+  std::optional<SlotRef> free_slot(Shard& shard, const Hashed& h) noexcept {
+    std::optional<SlotRef> pick[2];
+    std::size_t used[2] = {0, 0};
+    for (std::size_t c = 0; c < 2; ++c) {
+      Bucket& b = bucket(shard, h, c);
+      for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
+        const std::uint64_t w = b.keys[i].load(std::memory_order_acquire);
+        if (fp_of(w) != 0) {
+          ++used[c];
+        } else if (!pick[c]) {
+          pick[c] = SlotRef{&b, i, w, c};
+        }
+      }
+    }
+    if (pick[0] && (!pick[1] || used[0] <= used[1])) return pick[0];
+    return pick[1];
+  }
+
+  // kEvictStalest: the slot of the two buckets whose state goes idle soonest
+  // is retired into the summary. Returns whether one was.
+  template <class Op>
+  bool evict_stalest(Shard& shard, const Hashed& h, const Op& op)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    Bucket* best_g = nullptr;
+    std::size_t best_i = 0;
+    Nanos best_at = Nanos::max();
+    for (std::size_t c = 0; c < 2; ++c) {
+      Bucket& g = bucket(shard, h, c);
+      for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
+        if (fp_of(g.keys[i].load(std::memory_order_acquire)) == 0) continue;
+        const u128 v = g.states[i].load();  // a hint; retire() validates
+        if (v == kTomb) continue;
+        const Nanos at = op.idle_at(detail::from_u128<State>(v));
+        if (best_g == nullptr || at < best_at) {
+          best_g = &g;
+          best_i = i;
+          best_at = at;
+        }
+      }
+    }
+    if (best_g == nullptr) return false;
+    const std::uint64_t w =
+        best_g->keys[best_i].load(std::memory_order_acquire);
+    const auto s =
+        retire(shard, *best_g, best_i, [](const State&) { return true; });
+    if (!s) return false;
+    State& cell = shard.summary[fp_of(w) % summary_size_];
+    cell = op.idle(cell) ? *s : op.merge(cell, *s);
+    shard.evicted.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+
+  template <class Op>
+  InsertResult insert(Shard& shard, const Hashed& h, const Op& op) {
+    detail::MutexLock lock(&shard.mu);
+    if (auto s = find(shard, h)) return {s, std::nullopt};  // raced: it is in
+    ++shard.since_sweep;
+    const State start = initial_state(shard, h, op);
+    const Step<State> first = op(start);
+    // Nothing to remember (a denied fresh key, a zero cost): no slot. The
+    // state it would start from stays where it is (zero, or the summary).
+    if (detail::to_u128(first.next) == detail::to_u128(start)) {
+      return {std::nullopt, first.decision};
+    }
+    std::optional<SlotRef> slot;
+    const bool shard_full =
+        shard.live.load(std::memory_order_relaxed) >= shard_cap_;
+    if (!shard_full) slot = free_slot(shard, h);
+    if (!slot) {
+      reclaim_buckets(shard, h, op);
+      if (shard.live.load(std::memory_order_relaxed) >= shard_cap_) {
+        maybe_sweep(shard, op);
+      }
+      if (shard.live.load(std::memory_order_relaxed) < shard_cap_) {
+        slot = free_slot(shard, h);
+      }
+    }
+    if (!slot && options_.when_full == WhenFull::kEvictStalest &&
+        evict_stalest(shard, h, op)) {
+      slot = free_slot(shard, h);
+    }
+    if (!slot) return {std::nullopt, when_full(shard, first.decision)};
+    // Claim: the state first (it is zero in a free slot), then publish the
+    // key word with release, so a reader that finds the key sees the state.
+    Bucket& g = *slot->bucket;
+    u128 cur = g.states[slot->index].load();
+    while (
+        !g.states[slot->index].compare_exchange(cur, detail::to_u128(start))) {
+    }
+    const std::uint64_t word = make_word(h.fp, inc_of(slot->word));
+    g.keys[slot->index].store(word, std::memory_order_release);
+    shard.live.fetch_add(1, std::memory_order_relaxed);
+    shard.inserts.fetch_add(1, std::memory_order_relaxed);
+    return {SlotRef{&g, slot->index, word, slot->choice}, std::nullopt};
+  }
+
+  Decision when_full(Shard& shard, Decision fresh) {
+    if (options_.when_full == WhenFull::kAdmitUncounted) {
+      shard.admitted_uncounted.fetch_add(1, std::memory_order_relaxed);
+      return fresh;
+    }
+    shard.denied_full.fetch_add(1, std::memory_order_relaxed);
+    Decision d = fresh;
+    d.allowed = false;
+    d.remaining = 0;
+    if (!d.never()) d.retry_after = options_.full_retry_after;
+    return d;
+  }
+
+  const Options options_;
+  const std::uint64_t seed_;
+  std::size_t n_shards_ = 0;
+  std::size_t shard_cap_ = 0;
+  std::size_t buckets_per_shard_ = 0;
+  std::size_t summary_size_ = 0;
+  std::unique_ptr<Bucket[]> buckets_;
+  std::unique_ptr<Shard[]> shards_;
+};
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_STORE_SHARDED_HPP_
