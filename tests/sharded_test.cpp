@@ -251,6 +251,24 @@ TEST_CASE("capacity is configuration and memory is allocated once",
   CHECK(store.capacity_per_shard() * store.shard_count() >= 1'000'000);
 }
 
+TEST_CASE("any `capacity` keys fit", "[store][sharded]") {
+  for (const std::uint64_t seed : {1u, 2u, 3u}) {
+    ShardedOptions o;
+    o.capacity = 100'000;
+    o.when_full = WhenFull::kDenyNew;
+    o.seed = seed;
+    ManualClock clock;
+    Sharded<TokenBucket> lim(bucket(1, 1), o, clock);
+    std::uint64_t admitted = 0;
+    for (int i = 0; i < 100'000; ++i) {
+      admitted += lim.acquire("user:" + std::to_string(i)).allowed;
+    }
+    CAPTURE(seed);
+    CHECK(admitted == 100'000);
+    CHECK(lim.stats().denied_full == 0);
+  }
+}
+
 TEST_CASE("refunds and peeks on the sharded store", "[store][sharded]") {
   ManualClock clock(std::chrono::seconds(10));
   Sharded<SlidingWindow> lim(SlidingWindow::create(per_second(10)).value(),

@@ -51,6 +51,7 @@
 #include <atomic>
 #include <bit>
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -74,8 +75,10 @@ namespace ratekeeper {
 
 // ShardedOptions: the knobs of a ShardedStore.
 struct ShardedOptions {
-  // Most keys held at once, enforced per shard (capacity / shards each).
-  // Memory is about 27.5 bytes per key of capacity, allocated up front.
+  // Keys the store must be able to hold at once. Enforced per shard, with
+  // headroom for uneven hashing: any `capacity` keys fit, and at most
+  // shards x (capacity / shards + 4 sqrt(capacity / shards) + 8) are held.
+  // Memory is about 28 bytes per key of capacity, allocated up front.
   std::size_t capacity = std::size_t{1} << 20;
   // Independent tables, each with its own insert mutex. 0: a power of two
   // >= 4 x hardware threads (at least 16), fewer for small capacities. Raise
@@ -116,7 +119,17 @@ class ShardedStore {
           1,
           std::min(shards, std::bit_floor(std::max<std::size_t>(1, cap / 64))));
     }
-    shard_cap_ = (cap + shards - 1) / shards;
+    // Hashing spreads keys unevenly over shards (binomially): each shard
+    // gets 4 standard deviations of headroom, so that any `capacity` keys
+    // fit, and the store holds at most shards x shard_cap_ keys.
+    // (One shard needs none: it holds exactly `capacity`.)
+    const std::size_t even = (cap + shards - 1) / shards;
+    shard_cap_ = shards == 1
+                     ? cap
+                     : even +
+                           static_cast<std::size_t>(
+                               4.0 * std::sqrt(static_cast<double>(even))) +
+                           8;
     // 7/8 load at capacity; at least two buckets, so a key has two choices.
     buckets_per_shard_ = std::max<std::size_t>(
         2, (shard_cap_ * 8 / 7 + kSlotsPerBucket - 1) / kSlotsPerBucket);
@@ -237,20 +250,23 @@ class ShardedStore {
  private:
   using u128 = detail::u128;
 
-  static constexpr std::uint64_t kFpBits = 48;
+  static constexpr std::uint64_t kFpBits = 56;
   static constexpr std::uint64_t kFpMask = (std::uint64_t{1} << kFpBits) - 1;
   static constexpr u128 kTomb = ~u128{0};  // the reserved all-ones state
 
-  // Key word: fingerprint in the low 48 bits (0: no key), incarnation above.
+  // Key word: fingerprint in the low 56 bits (0: no key), incarnation in the
+  // top 8.
   static std::uint64_t fp_of(std::uint64_t w) noexcept { return w & kFpMask; }
   static std::uint64_t inc_of(std::uint64_t w) noexcept { return w >> kFpBits; }
   static std::uint64_t make_word(std::uint64_t fp, std::uint64_t inc) noexcept {
     return (inc << kFpBits) | fp;
   }
-  // Incarnations run 1..65535 and wrap to 1, never 0: a key word of 0 means
-  // "never used", which ends a probe.
+  // Incarnations run 1..255 and wrap to 1 (0 is a slot never used): a
+  // thread that read a key word notices when its slot changed hands, unless
+  // it changed hands exactly 255 times while that thread was between two
+  // instructions.
   static std::uint64_t next_inc(std::uint64_t inc) noexcept {
-    return inc % 0xFFFF + 1;
+    return inc % 0xFF + 1;
   }
 
   struct alignas(64) Bucket {
@@ -313,30 +329,46 @@ class ShardedStore {
     return s == 0 ? 1 : s;
   }
 
-  Hashed hash(std::string_view key) const noexcept {
-    const std::uint64_t h =
-        absl::HashOf(seed_, absl::string_view(key.data(), key.size()));
-    Hashed out;
-    // Fingerprint: the low 48 bits. Shard: the top bits, by multiply-shift
-    // (no power-of-two sizes needed). Buckets: from a remix of all 64 bits
-    // (murmur3's finaliser), so they are independent of the fingerprint.
-    out.fp = h & kFpMask;
-    if (out.fp == 0) out.fp = 1;
-    out.shard = static_cast<std::size_t>(((h >> 32) * n_shards_) >> 32);
-    std::uint64_t m = h;
+  static std::uint64_t mix(std::uint64_t m) noexcept {  // murmur3 finaliser
     m ^= m >> 33;
     m *= 0xff51afd7ed558ccdULL;
     m ^= m >> 33;
     m *= 0xc4ceb9fe1a85ec53ULL;
     m ^= m >> 33;
-    out.first = static_cast<std::size_t>(
-        ((m & 0xFFFF'FFFFu) * buckets_per_shard_) >> 32);
-    out.second =
-        static_cast<std::size_t>(((m >> 32) * buckets_per_shard_) >> 32);
-    if (out.second == out.first) {
-      out.second = out.first + 1 == buckets_per_shard_ ? 0 : out.first + 1;
-    }
+    return m;
+  }
+
+  Hashed hash(std::string_view key) const noexcept {
+    const std::uint64_t h =
+        absl::HashOf(seed_, absl::string_view(key.data(), key.size()));
+    Hashed out;
+    // Fingerprint: the low 56 bits. Shard: a remix of all 64, by
+    // multiply-shift (no power-of-two sizes needed).
+    out.fp = h & kFpMask;
+    if (out.fp == 0) out.fp = 1;
+    out.shard = static_cast<std::size_t>(((mix(h) >> 32) * n_shards_) >> 32);
+    buckets_of(out.fp, out.first, out.second);
     return out;
+  }
+
+  // A key's two candidate buckets, from its fingerprint alone, so that the
+  // insert path can move a resident key to its other bucket (cuckoo) knowing
+  // only its key word.
+  void buckets_of(std::uint64_t fp, std::size_t& first,
+                  std::size_t& second) const noexcept {
+    const std::uint64_t m = mix(fp);
+    first = static_cast<std::size_t>(
+        ((m & 0xFFFF'FFFFu) * buckets_per_shard_) >> 32);
+    second = static_cast<std::size_t>(((m >> 32) * buckets_per_shard_) >> 32);
+    if (second == first)
+      second = first + 1 == buckets_per_shard_ ? 0 : first + 1;
+  }
+
+  std::size_t other_bucket(std::uint64_t fp,
+                           std::size_t current) const noexcept {
+    std::size_t first = 0, second = 0;
+    buckets_of(fp, first, second);
+    return current == first ? second : first;
   }
 
   Bucket& bucket(Shard& shard, const Hashed& h, std::size_t choice) noexcept {
@@ -531,6 +563,7 @@ class ShardedStore {
       }
       if (shard.live.load(std::memory_order_relaxed) < shard_cap_) {
         slot = free_slot(shard, h);
+        if (!slot) slot = cuckoo(shard, h);
       }
     }
     if (!slot && options_.when_full == WhenFull::kEvictStalest &&
@@ -550,6 +583,85 @@ class ShardedStore {
     shard.live.fetch_add(1, std::memory_order_relaxed);
     shard.inserts.fetch_add(1, std::memory_order_relaxed);
     return {SlotRef{&g, slot->index, word, slot->choice}, std::nullopt};
+  }
+
+  // The first free slot of bucket b, if any.
+  static std::optional<std::size_t> free_index(const Bucket& b) noexcept {
+    for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
+      if (fp_of(b.keys[i].load(std::memory_order_acquire)) == 0) return i;
+    }
+    return std::nullopt;
+  }
+
+  // Moves the key in slot (src, i) to the free slot (dst, j), under the
+  // mutex. Writers of the old slot are fenced out by the tombstone (their
+  // compare-and-swap fails; they look the key up again); the new slot is
+  // published before the old one is retired, so a lookup that misses both
+  // can only happen while the mutex is held, and the insert path it falls
+  // into waits for it, then finds the key in its new place.
+  void move(Shard& shard, Bucket& src, std::size_t i, Bucket& dst,
+            std::size_t j) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    const std::uint64_t w = src.keys[i].load(std::memory_order_acquire);
+    u128 v = src.states[i].load();
+    while (!src.states[i].compare_exchange(v, kTomb)) {
+    }
+    u128 cur = dst.states[j].load();
+    while (!dst.states[j].compare_exchange(cur, v)) {
+    }
+    const std::uint64_t dw = dst.keys[j].load(std::memory_order_relaxed);
+    dst.keys[j].store(make_word(fp_of(w), inc_of(dw)),
+                      std::memory_order_release);
+    src.keys[i].store(make_word(0, next_inc(inc_of(w))),
+                      std::memory_order_release);
+    u128 t = kTomb;
+    while (!src.states[i].compare_exchange(t, u128{0})) {
+      t = kTomb;
+    }
+  }
+
+  // When both of a new key's buckets are full: frees a slot in one of them
+  // by moving a resident key to its other bucket, looking two moves deep
+  // (16 keys, then the 8 x 16 behind them). Cuckoo hashing without the
+  // unbounded walk: it lifts the usable load well past what two choices
+  // alone give, and a lookup still reads at most two buckets.
+  std::optional<SlotRef> cuckoo(Shard& shard, const Hashed& h)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    for (std::size_t depth = 1; depth <= 2; ++depth) {
+      for (std::size_t c = 0; c < 2; ++c) {
+        const std::size_t bi = c == 0 ? h.first : h.second;
+        Bucket& b = shard.buckets[bi];
+        for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
+          const std::uint64_t fp =
+              fp_of(b.keys[i].load(std::memory_order_acquire));
+          if (fp == 0) continue;
+          const std::size_t ai = other_bucket(fp, bi);
+          Bucket& a = shard.buckets[ai];
+          if (depth == 1) {
+            if (const auto j = free_index(a)) {
+              move(shard, b, i, a, *j);
+              return SlotRef{&b, i, b.keys[i].load(std::memory_order_relaxed),
+                             c};
+            }
+            continue;
+          }
+          for (std::size_t j = 0; j < kSlotsPerBucket; ++j) {
+            const std::uint64_t fp2 =
+                fp_of(a.keys[j].load(std::memory_order_acquire));
+            if (fp2 == 0) continue;
+            const std::size_t a2i = other_bucket(fp2, ai);
+            if (a2i == bi) continue;
+            Bucket& a2 = shard.buckets[a2i];
+            if (const auto k = free_index(a2)) {
+              move(shard, a, j, a2, *k);
+              move(shard, b, i, a, j);
+              return SlotRef{&b, i, b.keys[i].load(std::memory_order_relaxed),
+                             c};
+            }
+          }
+        }
+      }
+    }
+    return std::nullopt;
   }
 
   Decision when_full(Shard& shard, Decision fresh) {
