@@ -5,8 +5,13 @@
 //   ManualClock  a time you set and advance by hand, for tests and simulations
 //                (a day of traffic runs in a second of CPU).
 //
+//   CachedClock  SteadyClock read by a ticker thread every `resolution`; a
+//                check reads one atomic (about 1 ns instead of 20-45 ns).
+//
 // Prefer SteadyClock unless time is an argument of what you are doing (tests,
-// simulations, replays): then use ManualClock. A wall clock (system_clock) is
+// simulations, replays): then use ManualClock. Use CachedClock when the clock
+// read dominates the cost of a check and decisions may lag real time by one
+// resolution (see its comment). A wall clock (system_clock) is
 // a poor choice: it steps when NTP corrects it. The policies survive a clock
 // that steps back (capacity never grows on a backward step) but a monotonic
 // clock gives exact answers.
@@ -16,8 +21,11 @@
 #include <atomic>
 #include <chrono>
 #include <concepts>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <thread>
 
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/math.hpp"
@@ -93,8 +101,65 @@ class ManualClock {
   std::shared_ptr<std::atomic<std::int64_t>> ns_;
 };
 
+// CachedClock: SteadyClock's time as of the last tick of a ticker thread.
+//
+// now() is one relaxed atomic load. The time it returns lags
+// SteadyClock::now() by at most `resolution` plus the ticker's scheduling
+// delay, and never goes backwards (steady_clock does not). Effect on
+// exactness: every decision is exact for the time it was given, which is up
+// to one resolution late. A late time means less refill, so nothing is ever
+// admitted early; a caller who waits exactly retry_after in real time may be
+// denied once more, until the next tick. Keep `resolution` well below the
+// shortest emission interval or window you configure.
+//
+// The ticker is one thread per CachedClock and its copies (they share it),
+// stopped when the last copy is destroyed. Thread safety: all members,
+// concurrently. Memory ordering: the ticker's store and now()'s load are
+// relaxed; the time is the only thing published.
+class CachedClock {
+ public:
+  explicit CachedClock(Nanos resolution = std::chrono::microseconds(100))
+      : state_(std::make_shared<State>(resolution)) {}
+
+  // Thread-safe.
+  Nanos now() const noexcept {
+    return Nanos{state_->ns.load(std::memory_order_relaxed)};
+  }
+
+  Nanos resolution() const noexcept { return state_->resolution; }
+
+ private:
+  struct State {
+    explicit State(Nanos res)
+        : resolution(res > Nanos{0} ? res : Nanos{1}),
+          ns(SteadyClock{}.now().count()),
+          ticker([this](std::stop_token stop) { run(stop); }) {}
+    ~State() {
+      ticker.request_stop();
+      cv.notify_all();
+    }
+
+    void run(std::stop_token stop) {
+      std::unique_lock lock(mu);
+      while (!stop.stop_requested()) {
+        ns.store(SteadyClock{}.now().count(), std::memory_order_relaxed);
+        cv.wait_for(lock, stop, resolution, [] { return false; });
+      }
+    }
+
+    const Nanos resolution;
+    std::atomic<std::int64_t> ns;
+    std::mutex mu;
+    std::condition_variable_any cv;
+    std::jthread ticker;  // last: started after the fields it reads
+  };
+
+  std::shared_ptr<State> state_;
+};
+
 static_assert(Clock<SteadyClock>);
 static_assert(Clock<ManualClock>);
+static_assert(Clock<CachedClock>);
 
 }  // namespace ratekeeper
 

@@ -45,6 +45,29 @@ constexpr i128 ceil_div(i128 a, i128 b) noexcept {
   return q;
 }
 
+// floor_div_i64
+//
+// floor_div for 64-bit operands, b > 0: one 64-bit division.
+constexpr std::int64_t floor_div_i64(std::int64_t a, std::int64_t b) noexcept {
+  RATEKEEPER_ASSERT(b > 0, "floor_div_i64 needs a positive divisor");
+  std::int64_t q = a / b;
+  if (a % b != 0 && a < 0) --q;
+  return q;
+}
+
+// div_pos
+//
+// a / b for a >= 0, b > 0, with one 64-bit division when both fit (the
+// usual case), instead of the 128-bit library call.
+constexpr i128 div_pos(i128 a, i128 b) noexcept {
+  RATEKEEPER_ASSERT(a >= 0 && b > 0, "div_pos needs a >= 0 and b > 0");
+  if (((a | b) >> 64) == 0) {
+    return static_cast<i128>(static_cast<std::uint64_t>(a) /
+                             static_cast<std::uint64_t>(b));
+  }
+  return a / b;
+}
+
 // floor_mod
 //
 // a - b * floor_div(a, b): always in [0, b).

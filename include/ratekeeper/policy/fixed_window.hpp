@@ -128,7 +128,7 @@ class FixedWindow {
       : rate_(rate), limit_(rate.count), period_(rate.period.count()) {}
 
   std::int64_t window_of(Nanos t) const noexcept {
-    return static_cast<std::int64_t>(detail::floor_div(t.count(), period_));
+    return detail::floor_div_i64(t.count(), period_);
   }
 
   // Time from `now` to the end of window `w`, saturated.

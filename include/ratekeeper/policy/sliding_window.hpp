@@ -164,7 +164,7 @@ class SlidingWindow {
       : rate_(rate), limit_(rate.count), period_(rate.period.count()) {}
 
   std::int64_t window_of(Nanos t) const noexcept {
-    return static_cast<std::int64_t>(detail::floor_div(t.count(), period_));
+    return detail::floor_div_i64(t.count(), period_);
   }
 
   // `s` as seen from window `w` >= s.window. The gap is computed in 128
@@ -195,7 +195,7 @@ class SlidingWindow {
 
   std::uint64_t remaining(const View& v) const noexcept {
     const i128 r = room(v);
-    return r <= 0 ? 0 : detail::clamp_u64(r / period_);
+    return r <= 0 ? 0 : detail::clamp_u64(detail::div_pos(r, period_));
   }
 
   Nanos reset_after(const View& v, Nanos now) const noexcept {

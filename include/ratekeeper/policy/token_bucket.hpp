@@ -171,8 +171,9 @@ class TokenBucket {
   // Saturates past INT64_MAX ns (the bucket then stays empty until the end of
   // the clock's range: the conservative side).
   State encode(i128 tat) const noexcept {
-    i128 whole = detail::floor_div(tat, den_);
-    i128 frac = tat - whole * den_;
+    // den == 1 (a whole number of ns per token, the common case): no division.
+    i128 whole = den_ == 1 ? tat : detail::floor_div(tat, den_);
+    i128 frac = den_ == 1 ? 0 : tat - whole * den_;
     if (whole > detail::kI64Max) {
       whole = detail::kI64Max;
       frac = den_ - 1;
@@ -185,11 +186,12 @@ class TokenBucket {
   std::uint64_t remaining_at(i128 tat, i128 now_s) const noexcept {
     const i128 room = span_ - (tat - now_s);
     if (room <= 0) return 0;
-    return detail::clamp_u64(room / num_);
+    return detail::clamp_u64(detail::div_pos(room, num_));
   }
 
   Nanos ceil_ns(i128 scaled) const noexcept {
     if (scaled <= 0) return Nanos{0};
+    if (den_ == 1) return Nanos{detail::clamp_i64(scaled)};
     return Nanos{detail::clamp_i64(detail::ceil_div(scaled, den_))};
   }
 

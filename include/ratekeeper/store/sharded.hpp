@@ -599,8 +599,9 @@ class ShardedStore {
   // published before the old one is retired, so a lookup that misses both
   // can only happen while the mutex is held, and the insert path it falls
   // into waits for it, then finds the key in its new place.
-  void move(Shard& shard, Bucket& src, std::size_t i, Bucket& dst,
-            std::size_t j) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+  void move([[maybe_unused]] Shard& shard, Bucket& src, std::size_t i,
+            Bucket& dst, std::size_t j)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
     const std::uint64_t w = src.keys[i].load(std::memory_order_acquire);
     u128 v = src.states[i].load();
     while (!src.states[i].compare_exchange(v, kTomb)) {

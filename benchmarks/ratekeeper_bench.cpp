@@ -1,0 +1,283 @@
+// ratekeeper_bench: the cost of a check, beside its physical floor.
+//
+// Run with `make bench` (JSON + Markdown into build/bench/). Compare within
+// one run only: the floor (one clock read, one compare-and-swap) is measured
+// in the same binary, so ratios hold on a noisy machine.
+#include <benchmark/benchmark.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdint>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ratekeeper/ratekeeper.hpp"
+
+namespace rk = ratekeeper;
+
+namespace {
+
+// ---------------------------------------------------------------- floor --
+
+void BM_Floor_ClockRead(benchmark::State& state) {
+  rk::SteadyClock clock;
+  for (auto _ : state) benchmark::DoNotOptimize(clock.now());
+}
+BENCHMARK(BM_Floor_ClockRead);
+
+void BM_Floor_Cas(benchmark::State& state) {
+  std::atomic<std::uint64_t> word{0};
+  std::uint64_t v = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(word.compare_exchange_strong(v, v + 1));
+  }
+}
+BENCHMARK(BM_Floor_Cas);
+
+void BM_Floor_Cas16(benchmark::State& state) {
+  rk::detail::Atomic16 cell;
+  rk::detail::u128 v = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(cell.compare_exchange(v, v + 1));
+  }
+}
+BENCHMARK(BM_Floor_Cas16);
+
+void BM_Floor_ClockPlusCas(benchmark::State& state) {
+  rk::SteadyClock clock;
+  std::atomic<std::uint64_t> word{0};
+  std::uint64_t v = 0;
+  for (auto _ : state) {
+    const auto t = static_cast<std::uint64_t>(clock.now().count());
+    benchmark::DoNotOptimize(word.compare_exchange_strong(v, t));
+  }
+}
+BENCHMARK(BM_Floor_ClockPlusCas);
+
+void BM_Floor_CachedClockRead(benchmark::State& state) {
+  rk::CachedClock clock;
+  for (auto _ : state) benchmark::DoNotOptimize(clock.now());
+}
+BENCHMARK(BM_Floor_CachedClockRead);
+
+// Two threads CAS two counters: on one cache line, then 64 bytes apart.
+// Why ShardedStore pads each shard's counters and mutex to a line of its own.
+struct TwoCounters {
+  alignas(128) std::atomic<std::uint64_t> a{0};
+  std::atomic<std::uint64_t> b{0};               // same line as a
+  alignas(128) std::atomic<std::uint64_t> c{0};  // a line of its own
+};
+TwoCounters g_counters;
+
+void BM_Floor_Cas_SharedLine(benchmark::State& state) {
+  auto& w = state.thread_index() == 0 ? g_counters.a : g_counters.b;
+  for (auto _ : state) w.fetch_add(1, std::memory_order_relaxed);
+}
+BENCHMARK(BM_Floor_Cas_SharedLine)->Threads(2)->UseRealTime();
+
+void BM_Floor_Cas_PaddedLine(benchmark::State& state) {
+  auto& w = state.thread_index() == 0 ? g_counters.a : g_counters.c;
+  for (auto _ : state) w.fetch_add(1, std::memory_order_relaxed);
+}
+BENCHMARK(BM_Floor_Cas_PaddedLine)->Threads(2)->UseRealTime();
+
+// ------------------------------------------------------------ one key --
+
+template <class P>
+P allow_all();
+template <>
+rk::TokenBucket allow_all<rk::TokenBucket>() {
+  return rk::TokenBucket::create(rk::per_second(1'000'000'000), 1'000'000'000)
+      .value();
+}
+template <>
+rk::FixedWindow allow_all<rk::FixedWindow>() {
+  return rk::FixedWindow::create(rk::per_second(1'000'000'000'000)).value();
+}
+template <>
+rk::SlidingWindow allow_all<rk::SlidingWindow>() {
+  return rk::SlidingWindow::create(rk::per_second(4'000'000'000)).value();
+}
+
+template <class P>
+P deny_all() {
+  return P::create(rk::per_day(1)).value();
+}
+template <>
+rk::TokenBucket deny_all<rk::TokenBucket>() {
+  return rk::TokenBucket::create(rk::per_day(1), 1).value();
+}
+
+template <class P, template <class> class S, class C = rk::SteadyClock>
+void one_key(benchmark::State& state, P policy, C clock = C{}) {
+  rk::Limiter<P, S, C> lim(std::move(policy), clock);
+  static_cast<void>(lim.acquire("user:42"));
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += lim.acquire("user:42").allowed;
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+}
+
+#define RK_ONE_KEY(Policy, S)                                                \
+  void BM_Acquire_##Policy##_##S##_OneKey_Allowed(benchmark::State& state) { \
+    one_key<rk::Policy, rk::S##Store>(state, allow_all<rk::Policy>());       \
+  }                                                                          \
+  BENCHMARK(BM_Acquire_##Policy##_##S##_OneKey_Allowed);                     \
+  void BM_Acquire_##Policy##_##S##_OneKey_Denied(benchmark::State& state) {  \
+    one_key<rk::Policy, rk::S##Store>(state, deny_all<rk::Policy>());        \
+  }                                                                          \
+  BENCHMARK(BM_Acquire_##Policy##_##S##_OneKey_Denied);
+
+RK_ONE_KEY(TokenBucket, InMemory)
+RK_ONE_KEY(TokenBucket, Sharded)
+RK_ONE_KEY(FixedWindow, InMemory)
+RK_ONE_KEY(FixedWindow, Sharded)
+RK_ONE_KEY(SlidingWindow, InMemory)
+RK_ONE_KEY(SlidingWindow, Sharded)
+
+void BM_Acquire_TokenBucket_Sharded_OneKey_Allowed_FastClock(
+    benchmark::State& state) {
+  one_key<rk::TokenBucket, rk::ShardedStore, rk::CachedClock>(
+      state, allow_all<rk::TokenBucket>(), rk::CachedClock{});
+}
+BENCHMARK(BM_Acquire_TokenBucket_Sharded_OneKey_Allowed_FastClock);
+
+// ----------------------------------------------------------- many keys --
+
+std::int64_t rss_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  std::int64_t pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return resident * static_cast<std::int64_t>(sysconf(_SC_PAGESIZE));
+}
+
+std::vector<std::string> make_keys(std::size_t n) {
+  std::vector<std::string> keys;
+  keys.reserve(n);
+  for (std::size_t i = 0; i < n; ++i)
+    keys.push_back("user:" + std::to_string(i));
+  return keys;
+}
+
+// N keys touched in a scrambled order; bytes_per_key is the resident memory
+// the store added for them (its capacity is N).
+void BM_Acquire_TokenBucket_Sharded_Keys(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  const auto keys = make_keys(n);
+  const std::int64_t before = rss_bytes();
+  rk::ShardedOptions o;
+  o.capacity = n;
+  rk::Limiter<rk::TokenBucket> lim(allow_all<rk::TokenBucket>(), o);
+  for (const auto& k : keys) static_cast<void>(lim.acquire(k));
+  const std::int64_t after = rss_bytes();
+  std::size_t i = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(lim.acquire(keys[i]));
+    i += 7919;
+    if (i >= n) i -= n;
+  }
+  state.counters["bytes_per_key"] =
+      static_cast<double>(after - before) / static_cast<double>(n);
+  state.counters["keys"] = static_cast<double>(lim.stats().keys);
+}
+BENCHMARK(BM_Acquire_TokenBucket_Sharded_Keys)
+    ->Arg(1'000)
+    ->Arg(100'000)
+    ->Arg(1'000'000);
+
+void BM_Acquire_TokenBucket_InMemory_Keys(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  const auto keys = make_keys(n);
+  const std::int64_t before = rss_bytes();
+  rk::InMemoryOptions o;
+  o.max_keys = n;
+  rk::Limiter<rk::TokenBucket, rk::InMemoryStore> lim(
+      allow_all<rk::TokenBucket>(), o);
+  for (const auto& k : keys) static_cast<void>(lim.acquire(k));
+  const std::int64_t after = rss_bytes();
+  std::size_t i = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(lim.acquire(keys[i]));
+    i += 7919;
+    if (i >= n) i -= n;
+  }
+  state.counters["bytes_per_key"] =
+      static_cast<double>(after - before) / static_cast<double>(n);
+}
+BENCHMARK(BM_Acquire_TokenBucket_InMemory_Keys)
+    ->Arg(1'000)
+    ->Arg(100'000)
+    ->Arg(1'000'000);
+
+// ------------------------------------------------------------- threads --
+
+// One limiter shared by all threads of a benchmark run: created by thread 0
+// in the setup, before any thread times anything.
+template <template <class> class S>
+struct Shared {
+  static inline std::unique_ptr<rk::Limiter<rk::TokenBucket, S>> lim;
+  static inline std::vector<std::string> keys;
+  static void setup(const benchmark::State&) {
+    lim = std::make_unique<rk::Limiter<rk::TokenBucket, S>>(
+        allow_all<rk::TokenBucket>());
+    keys = make_keys(1 << 16);
+    for (const auto& k : keys) static_cast<void>(lim->acquire(k));
+  }
+  static void teardown(const benchmark::State&) { lim.reset(); }
+};
+
+template <template <class> class S>
+void distinct_keys(benchmark::State& state) {
+  auto& lim = *Shared<S>::lim;
+  const auto& keys = Shared<S>::keys;
+  // Each thread works its own slice of keys.
+  const std::size_t slice =
+      keys.size() / static_cast<std::size_t>(state.threads());
+  const std::size_t base =
+      slice * static_cast<std::size_t>(state.thread_index());
+  std::size_t i = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(lim.acquire(keys[base + i]));
+    if (++i == slice) i = 0;
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+
+template <template <class> class S>
+void hot_key(benchmark::State& state) {
+  auto& lim = *Shared<S>::lim;
+  for (auto _ : state) benchmark::DoNotOptimize(lim.acquire("hot"));
+  state.SetItemsProcessed(state.iterations());
+}
+
+void BM_Acquire_TokenBucket_Sharded_DistinctKeys(benchmark::State& state) {
+  distinct_keys<rk::ShardedStore>(state);
+}
+void BM_Acquire_TokenBucket_InMemory_DistinctKeys(benchmark::State& state) {
+  distinct_keys<rk::InMemoryStore>(state);
+}
+void BM_Acquire_TokenBucket_Sharded_HotKey(benchmark::State& state) {
+  hot_key<rk::ShardedStore>(state);
+}
+void BM_Acquire_TokenBucket_InMemory_HotKey(benchmark::State& state) {
+  hot_key<rk::InMemoryStore>(state);
+}
+
+#define RK_THREADED(fn, S)                                                     \
+  BENCHMARK(fn)                                                                \
+      ->Setup(Shared<rk::S>::setup)                                            \
+      ->Teardown(Shared<rk::S>::teardown)                                      \
+      ->ThreadRange(1, static_cast<int>(                                       \
+                           std::max(2u, std::thread::hardware_concurrency()))) \
+      ->UseRealTime()
+
+RK_THREADED(BM_Acquire_TokenBucket_Sharded_DistinctKeys, ShardedStore);
+RK_THREADED(BM_Acquire_TokenBucket_InMemory_DistinctKeys, InMemoryStore);
+RK_THREADED(BM_Acquire_TokenBucket_Sharded_HotKey, ShardedStore);
+RK_THREADED(BM_Acquire_TokenBucket_InMemory_HotKey, InMemoryStore);
+
+}  // namespace
+
+BENCHMARK_MAIN();
