@@ -13,7 +13,8 @@ endif
 PRESETS := release clang asan tsan
 FORMAT_FILES = $(shell find include tests examples benchmarks \( -name '*.hpp' -o -name '*.cpp' \) 2>/dev/null)
 
-.PHONY: demo test deps deps-test format format-check $(addprefix test-,$(PRESETS))
+.PHONY: demo test bench deps deps-test deps-bench format format-check \
+        $(addprefix test-,$(PRESETS))
 
 demo: deps
 	cmake --preset release
@@ -28,11 +29,24 @@ $(addprefix test-,$(PRESETS)): test-%: deps-test
 	cmake --build --preset $*
 	ctest --preset $*
 
+# Benchmarks: ratekeeper_bench into build/bench/results.{json,md}, bench.png.
+bench: deps-bench
+	cmake --preset bench
+	cmake --build --preset bench
+	./build/bench/benchmarks/ratekeeper_bench \
+	  --benchmark_out=build/bench/results.json --benchmark_out_format=json
+	python3 scripts/bench_report.py build/bench/results.json build/bench
+	gnuplot -e "dir='build/bench'" scripts/bench_plot.gp
+	@echo "ratekeeper: build/bench/results.md and build/bench/bench.png"
+
 deps:
 	@scripts/install-deps.sh
 
 deps-test:
 	@scripts/install-deps.sh --test
+
+deps-bench:
+	@scripts/install-deps.sh --bench
 
 format:
 	clang-format-14 -i $(FORMAT_FILES)

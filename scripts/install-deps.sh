@@ -6,11 +6,15 @@
 #                                      release preset, tests included)
 #   scripts/install-deps.sh --test     plus what `make test` needs (clang 14,
 #                                      its sanitizer runtimes, clang-format 14)
+#   scripts/install-deps.sh --bench    plus what `make bench` needs (Google
+#                                      Benchmark, python3, gnuplot)
 set -euo pipefail
 
 packages=(cmake ninja-build g++ make libabsl-dev libfmt-dev catch2)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(clang-14 libclang-rt-14-dev clang-format-14)
+elif [[ "${1:-}" == "--bench" ]]; then
+  packages+=(libbenchmark-dev python3 gnuplot-nox)
 fi
 
 missing=()

@@ -11,26 +11,27 @@
 //
 // Layout. `shards` independent tables of buckets. A bucket holds 8 slots:
 // 8 key words on one cache line, then their 8 States (192 bytes in all). A
-// key word is the 48-bit fingerprint of the key's 64-bit seeded hash and a
-// 16-bit incarnation; a slot is 24 bytes. Each key has two candidate buckets
-// in its shard (two-choice hashing): a lookup reads the first bucket's keys
-// and, if the key is not there, the second's. A new key goes to the emptier
-// of the two, which keeps both short without ever moving a key, so readers
-// never need a lock. Tables are sized for 7/8 load: about 27.5 bytes per key
-// of capacity.
+// key word is the 56-bit fingerprint of the key's 64-bit seeded hash and an
+// 8-bit incarnation; a slot is 24 bytes. Each key has two candidate buckets
+// in its shard, derived from its fingerprint: a lookup reads the first
+// bucket's key words and, if the key is not there, the second's. A new key
+// goes to the emptier of the two; when both are full, a resident key is moved
+// to its other bucket (cuckoo hashing, two moves deep). Tables are sized for
+// 7/8 load: about 28 bytes per key of capacity.
 //
 // Keys. Only the hash is kept. Two keys share a state only when their hashes
-// agree on the shard, on the 48 fingerprint bits and on a candidate bucket:
-// at 10M keys, about one chance in two million that any two live keys do
-// (docs/stores.md). Sharing is conservative: both keys count against one
-// limit, so it can deny early but never over-admit. The hash is absl's,
-// keyed with a per-store random seed (or ShardedOptions::seed), so keys
-// crafted to collide cannot be made without the seed.
+// agree on the shard and the 56 fingerprint bits: among 10M live keys, about
+// 4e-5 expected such pairs with 16 shards (docs/stores.md). Sharing is
+// conservative: both keys count against one limit, so it can deny early but
+// never over-admit. The hash is absl's, keyed with a per-store random seed (or
+// ShardedOptions::seed), so keys crafted to collide cannot be made without the
+// seed.
 //
 // New keys take a short path of their own: under the shard's mutex (one per
 // shard, on its own cache line) the key is looked for again, a free slot is
 // claimed and its key word published; the call then proceeds lock-free like
-// any other. When both buckets or the shard are full, idle states (equivalent
+// any other. When both buckets (even after cuckoo moves) or the shard are
+// full, idle states (equivalent
 // to never seen) are reclaimed first, then the caller's WhenFull applies;
 // with kEvictStalest the state of the two buckets that becomes idle soonest
 // is evicted into a per-shard summary (merged, most restrictive) from which a
@@ -61,6 +62,10 @@
 #include <string_view>
 #include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#  include <sys/mman.h>
+#endif
 
 #include "absl/base/thread_annotations.h"
 #include "absl/hash/hash.h"
@@ -103,6 +108,7 @@ class ShardedStore {
                 "copyable bytes (see Policy)");
 
   static constexpr std::size_t kSlotsPerBucket = 8;
+  static constexpr int kCuckooDepth = 3;
   static constexpr bool kLockFree = detail::Atomic16::kLockFree;
 
   explicit ShardedStore(Options options = {})
@@ -134,7 +140,7 @@ class ShardedStore {
     buckets_per_shard_ = std::max<std::size_t>(
         2, (shard_cap_ * 8 / 7 + kSlotsPerBucket - 1) / kSlotsPerBucket);
     summary_size_ = std::max<std::size_t>(16, shard_cap_ / 16);
-    buckets_ = std::make_unique<Bucket[]>(shards * buckets_per_shard_);
+    buckets_ = BucketArray(shards * buckets_per_shard_);
     shards_ = std::make_unique<Shard[]>(shards);
     n_shards_ = shards;
     for (std::size_t i = 0; i < shards; ++i) {
@@ -281,6 +287,46 @@ class ShardedStore {
   };
   static_assert(sizeof(Bucket) == 192, "8 key words + 8 states");
 
+  // The table's memory: one allocation aligned to 2 MiB and, on Linux,
+  // advised for transparent huge pages, so that a lookup in a large table
+  // costs a cache miss and not also a page walk. Every bucket is constructed
+  // (zeroed) here: all of it is resident from the start.
+  class BucketArray {
+   public:
+    BucketArray() = default;
+    explicit BucketArray(std::size_t n) : n_(n) {
+      static constexpr std::size_t kHuge = std::size_t{2} << 20;
+      const std::size_t bytes =
+          (n * sizeof(Bucket) + kHuge - 1) / kHuge * kHuge;
+      void* p = ::operator new (bytes, std::align_val_t{kHuge});
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      ::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
+      b_ = static_cast<Bucket*>(p);
+      for (std::size_t i = 0; i < n; ++i) new (&b_[i]) Bucket();
+    }
+    BucketArray(BucketArray&& o) noexcept : b_(o.b_), n_(o.n_) {
+      o.b_ = nullptr;
+      o.n_ = 0;
+    }
+    BucketArray& operator=(BucketArray&& o) noexcept {
+      std::swap(b_, o.b_);
+      std::swap(n_, o.n_);
+      return *this;
+    }
+    ~BucketArray() {
+      if (b_ == nullptr) return;
+      for (std::size_t i = 0; i < n_; ++i) b_[i].~Bucket();
+      ::operator delete (b_, std::align_val_t{std::size_t{2} << 20});
+    }
+    Bucket& operator[](std::size_t i) noexcept { return b_[i]; }
+    const Bucket& operator[](std::size_t i) const noexcept { return b_[i]; }
+
+   private:
+    Bucket* b_ = nullptr;
+    std::size_t n_ = 0;
+  };
+
   // One shard: its insert mutex, counters and summary on cache lines of their
   // own (alignas(64) pads the struct), so that two cores working in two
   // shards never share a line. Counters are relaxed: they order nothing.
@@ -300,7 +346,7 @@ class ShardedStore {
   };
 
   struct Hashed {
-    std::uint64_t fp;  // 1..2^48-1
+    std::uint64_t fp;  // 1..2^56-1
     std::size_t shard;
     std::size_t first;  // candidate buckets within the shard
     std::size_t second;
@@ -375,8 +421,16 @@ class ShardedStore {
     return shard.buckets[choice == 0 ? h.first : h.second];
   }
 
-  // The slot holding h.fp in either candidate bucket.
+  // The slot holding h.fp in either candidate bucket. The first bucket's
+  // key line and both of its state lines are requested at once, so that in
+  // a table larger than the cache their misses overlap instead of following
+  // one another.
   std::optional<SlotRef> find(Shard& shard, const Hashed& h) noexcept {
+    const Bucket& first = shard.buckets[h.first];
+    __builtin_prefetch(&first.keys[0]);
+    __builtin_prefetch(&first.states[0]);
+    __builtin_prefetch(&first.states[4]);
+    __builtin_prefetch(&shard.buckets[h.second].keys[0]);
     for (std::size_t c = 0; c < 2; ++c) {
       Bucket& b = bucket(shard, h, c);
       for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
@@ -620,46 +674,41 @@ class ShardedStore {
     }
   }
 
+  // A free index in bucket `bi`, made by moving a resident key to its other
+  // bucket if need be, recursively up to `depth` moves (never back into
+  // `avoid`, the bucket this call is freeing space for).
+  std::optional<std::size_t> make_free(Shard& shard, std::size_t bi, int depth,
+                                       std::size_t avoid)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    Bucket& b = shard.buckets[bi];
+    if (const auto j = free_index(b)) return j;
+    if (depth == 0) return std::nullopt;
+    for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
+      const std::uint64_t fp = fp_of(b.keys[i].load(std::memory_order_acquire));
+      if (fp == 0) continue;
+      const std::size_t ai = other_bucket(fp, bi);
+      if (ai == avoid || ai == bi) continue;
+      if (const auto j = make_free(shard, ai, depth - 1, bi)) {
+        move(shard, b, i, shard.buckets[ai], *j);
+        return i;
+      }
+    }
+    return std::nullopt;
+  }
+
   // When both of a new key's buckets are full: frees a slot in one of them
-  // by moving a resident key to its other bucket, looking two moves deep
-  // (16 keys, then the 8 x 16 behind them). Cuckoo hashing without the
+  // by moving resident keys to their other buckets, up to kCuckooDepth moves
+  // deep (at most 8 + 64 + 512 buckets looked at). Cuckoo hashing without the
   // unbounded walk: it lifts the usable load well past what two choices
   // alone give, and a lookup still reads at most two buckets.
   std::optional<SlotRef> cuckoo(Shard& shard, const Hashed& h)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
-    for (std::size_t depth = 1; depth <= 2; ++depth) {
-      for (std::size_t c = 0; c < 2; ++c) {
-        const std::size_t bi = c == 0 ? h.first : h.second;
+    for (std::size_t c = 0; c < 2; ++c) {
+      const std::size_t bi = c == 0 ? h.first : h.second;
+      const std::size_t other = c == 0 ? h.second : h.first;
+      if (const auto i = make_free(shard, bi, kCuckooDepth, other)) {
         Bucket& b = shard.buckets[bi];
-        for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
-          const std::uint64_t fp =
-              fp_of(b.keys[i].load(std::memory_order_acquire));
-          if (fp == 0) continue;
-          const std::size_t ai = other_bucket(fp, bi);
-          Bucket& a = shard.buckets[ai];
-          if (depth == 1) {
-            if (const auto j = free_index(a)) {
-              move(shard, b, i, a, *j);
-              return SlotRef{&b, i, b.keys[i].load(std::memory_order_relaxed),
-                             c};
-            }
-            continue;
-          }
-          for (std::size_t j = 0; j < kSlotsPerBucket; ++j) {
-            const std::uint64_t fp2 =
-                fp_of(a.keys[j].load(std::memory_order_acquire));
-            if (fp2 == 0) continue;
-            const std::size_t a2i = other_bucket(fp2, ai);
-            if (a2i == bi) continue;
-            Bucket& a2 = shard.buckets[a2i];
-            if (const auto k = free_index(a2)) {
-              move(shard, a, j, a2, *k);
-              move(shard, b, i, a, j);
-              return SlotRef{&b, i, b.keys[i].load(std::memory_order_relaxed),
-                             c};
-            }
-          }
-        }
+        return SlotRef{&b, *i, b.keys[*i].load(std::memory_order_relaxed), c};
       }
     }
     return std::nullopt;
@@ -684,7 +733,7 @@ class ShardedStore {
   std::size_t shard_cap_ = 0;
   std::size_t buckets_per_shard_ = 0;
   std::size_t summary_size_ = 0;
-  std::unique_ptr<Bucket[]> buckets_;
+  BucketArray buckets_;
   std::unique_ptr<Shard[]> shards_;
 };
 
