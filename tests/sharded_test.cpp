@@ -108,7 +108,9 @@ void differential_script(const P& policy, std::uint64_t seed) {
   const std::uint64_t limit = policy.limit();
   for (int op = 0; op < 40; ++op) {
     const auto advance = static_cast<std::int64_t>(
-        rng() % 3 == 0 ? 0 : rng() % (policy.rate().period.count() / 2 + 1));
+        rng() % 3 == 0 ? 0
+                       : rng() % static_cast<std::uint64_t>(
+                                     policy.rate().period.count() / 2 + 1));
     a_clock.advance(Nanos{advance});
     b_clock.advance(Nanos{advance});
     const std::string& key = keys[rng() % std::size(keys)];

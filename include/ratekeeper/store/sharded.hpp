@@ -287,44 +287,52 @@ class ShardedStore {
   };
   static_assert(sizeof(Bucket) == 192, "8 key words + 8 states");
 
-  // The table's memory: one allocation aligned to 2 MiB and, on Linux,
-  // advised for transparent huge pages, so that a lookup in a large table
-  // costs a cache miss and not also a page walk. Every bucket is constructed
-  // (zeroed) here: all of it is resident from the start.
+  // The table's memory: one allocation; from 4 MiB on, aligned to 2 MiB and
+  // (on Linux) advised for transparent huge pages, so that a lookup in a
+  // large table costs a cache miss and not also a page walk. Every bucket is
+  // constructed (zeroed) here: all of it is resident from the start.
   class BucketArray {
    public:
     BucketArray() = default;
     explicit BucketArray(std::size_t n) : n_(n) {
-      static constexpr std::size_t kHuge = std::size_t{2} << 20;
-      const std::size_t bytes =
-          (n * sizeof(Bucket) + kHuge - 1) / kHuge * kHuge;
-      void* p = ::operator new (bytes, std::align_val_t{kHuge});
+      std::size_t bytes = n * sizeof(Bucket);
+      // Tables of 4 MiB and more get huge pages; smaller ones are not
+      // rounded up to them.
+      align_ = bytes >= 2 * kHuge ? kHuge : alignof(Bucket);
+      if (align_ == kHuge) bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+      void* p = ::operator new (bytes, std::align_val_t{align_});
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-      ::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: failure is harmless
+      if (align_ == kHuge) {
+        ::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: failure is harmless
+      }
 #endif
       b_ = static_cast<Bucket*>(p);
       for (std::size_t i = 0; i < n; ++i) new (&b_[i]) Bucket();
     }
-    BucketArray(BucketArray&& o) noexcept : b_(o.b_), n_(o.n_) {
+    BucketArray(BucketArray&& o) noexcept
+        : b_(o.b_), n_(o.n_), align_(o.align_) {
       o.b_ = nullptr;
       o.n_ = 0;
     }
     BucketArray& operator=(BucketArray&& o) noexcept {
       std::swap(b_, o.b_);
       std::swap(n_, o.n_);
+      std::swap(align_, o.align_);
       return *this;
     }
     ~BucketArray() {
       if (b_ == nullptr) return;
       for (std::size_t i = 0; i < n_; ++i) b_[i].~Bucket();
-      ::operator delete (b_, std::align_val_t{std::size_t{2} << 20});
+      ::operator delete (b_, std::align_val_t{align_});
     }
     Bucket& operator[](std::size_t i) noexcept { return b_[i]; }
     const Bucket& operator[](std::size_t i) const noexcept { return b_[i]; }
 
    private:
+    static constexpr std::size_t kHuge = std::size_t{2} << 20;
     Bucket* b_ = nullptr;
     std::size_t n_ = 0;
+    std::size_t align_ = alignof(Bucket);
   };
 
   // One shard: its insert mutex, counters and summary on cache lines of their
