@@ -283,8 +283,15 @@ void distinct_keys(benchmark::State& state) {
 template <template <class> class S>
 void hot_key(benchmark::State& state) {
   auto& lim = *Shared<S>::lim;
+  const auto before = lim.stats().cas_retries;
   for (auto _ : state) benchmark::DoNotOptimize(lim.acquire("hot"));
   state.SetItemsProcessed(state.iterations());
+  // Lost CASes per call, across threads (an estimate: threads end apart).
+  state.counters["cas_retries_per_call"] =
+      benchmark::Counter(static_cast<double>(lim.stats().cas_retries - before) /
+                             static_cast<double>(state.iterations()) /
+                             static_cast<double>(state.threads()),
+                         benchmark::Counter::kAvgThreads);
 }
 
 void BM_Acquire_TokenBucket_Sharded_DistinctKeys(benchmark::State& state) {

@@ -55,6 +55,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <new>
 #include <optional>
@@ -109,6 +110,7 @@ class ShardedStore {
 
   static constexpr std::size_t kSlotsPerBucket = 8;
   static constexpr int kCuckooDepth = 3;
+  static constexpr std::size_t kRetryStripes = 8;
   static constexpr bool kLockFree = detail::Atomic16::kLockFree;
 
   explicit ShardedStore(Options options = {})
@@ -223,7 +225,9 @@ class ShardedStore {
       st.denied_full += s.denied_full.load(std::memory_order_relaxed);
       st.admitted_uncounted +=
           s.admitted_uncounted.load(std::memory_order_relaxed);
-      st.cas_retries += s.cas_retries.load(std::memory_order_relaxed);
+      for (const auto& r : s.cas_retries) {
+        st.cas_retries += r.n.load(std::memory_order_relaxed);
+      }
     }
     return st;
   }
@@ -350,7 +354,13 @@ class ShardedStore {
     std::atomic<std::uint64_t> evicted{0};
     std::atomic<std::uint64_t> denied_full{0};
     std::atomic<std::uint64_t> admitted_uncounted{0};
-    alignas(64) std::atomic<std::uint64_t> cas_retries{0};
+    // Lost compare-and-swaps, counted on the contended path itself: striped
+    // by thread over lines of their own, so that counting a retry does not
+    // add a second contended line to the one being fought over.
+    struct alignas(64) Stripe {
+      std::atomic<std::uint64_t> n{0};
+    };
+    Stripe cas_retries[kRetryStripes];
   };
 
   struct Hashed {
@@ -436,8 +446,8 @@ class ShardedStore {
   std::optional<SlotRef> find(Shard& shard, const Hashed& h) noexcept {
     const Bucket& first = shard.buckets[h.first];
     __builtin_prefetch(&first.keys[0]);
-    __builtin_prefetch(&first.states[0]);
-    __builtin_prefetch(&first.states[4]);
+    prefetch_for_write(&first.states[0]);
+    prefetch_for_write(&first.states[4]);
     __builtin_prefetch(&shard.buckets[h.second].keys[0]);
     for (std::size_t c = 0; c < 2; ++c) {
       Bucket& b = bucket(shard, h, c);
@@ -474,11 +484,40 @@ class ShardedStore {
         }
         return r.decision;
       }
-      shard.cas_retries.fetch_add(1, std::memory_order_relaxed);
+      shard.cas_retries[retry_stripe()].n.fetch_add(1,
+                                                    std::memory_order_relaxed);
+      cpu_relax();
     }
   }
 
   static void yield_briefly() noexcept { std::this_thread::yield(); }
+
+  // Asks for a state's cache line in the exclusive state (PREFETCHW), so
+  // that reading the state and then swapping it costs one transfer of a
+  // contended line between cores, not two (shared, then exclusive). On x86
+  // CPUs without the instruction it is a no-op; elsewhere a plain prefetch.
+  static void prefetch_for_write(const void* p) noexcept {
+#if defined(__x86_64__)
+    __asm__ __volatile__("prefetchw %0" : : "m"(*static_cast<const char*>(p)));
+#else
+    __builtin_prefetch(p, 1);
+#endif
+  }
+
+  // After a lost compare-and-swap: a pause lets the winner finish with the
+  // cache line before this thread asks for it again.
+  static void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  static std::size_t retry_stripe() noexcept {
+    thread_local const std::size_t stripe =
+        std::hash<std::thread::id>{}(std::this_thread::get_id()) %
+        kRetryStripes;
+    return stripe;
+  }
 
   // The state a new key starts from: its summary cell, unless that has gone
   // idle (then zero, as in every other store).
