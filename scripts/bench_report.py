@@ -29,7 +29,7 @@ def main() -> None:
     for b in rows:
         ns = b["real_time"]
         notes = []
-        for key in ("bytes_per_key", "allowed_ratio"):
+        for key in ("bytes_per_key", "allowed_ratio", "cas_retries_per_call"):
             if key in b:
                 notes.append(f"{key}={b[key]:.3g}")
         if "items_per_second" in b:
