@@ -15,9 +15,11 @@
 // 8-bit incarnation; a slot is 24 bytes. Each key has two candidate buckets
 // in its shard, derived from its fingerprint: a lookup reads the first
 // bucket's key words and, if the key is not there, the second's. A new key
-// goes to the emptier of the two; when both are full, a resident key is moved
-// to its other bucket (cuckoo hashing, two moves deep). Tables are sized for
-// 7/8 load: about 28 bytes per key of capacity.
+// goes to the emptier of the two; when both are full, resident keys are moved
+// to their other buckets (cuckoo hashing, up to three moves deep). Tables are
+// sized for 7/8 load: about 28 bytes per key of capacity. Both candidate
+// buckets are prefetched at once, so that in a table larger than the cache
+// their misses overlap.
 //
 // Keys. Only the hash is kept. Two keys share a state only when their hashes
 // agree on the shard and the 56 fingerprint bits: among 10M live keys, about
@@ -31,8 +33,8 @@
 // shard, on its own cache line) the key is looked for again, a free slot is
 // claimed and its key word published; the call then proceeds lock-free like
 // any other. When both buckets (even after cuckoo moves) or the shard are
-// full, idle states (equivalent
-// to never seen) are reclaimed first, then the caller's WhenFull applies;
+// full, idle states (equivalent to never seen) are reclaimed first, then the
+// caller's WhenFull applies;
 // with kEvictStalest the state of the two buckets that becomes idle soonest
 // is evicted into a per-shard summary (merged, most restrictive) from which a
 // returning key starts, so an evicted key is never over-admitted.
@@ -654,6 +656,7 @@ class ShardedStore {
       return {std::nullopt, first.decision};
     }
     std::optional<SlotRef> slot;
+    // `live` changes only under the mutex, which we hold: relaxed reads.
     const bool shard_full =
         shard.live.load(std::memory_order_relaxed) >= shard_cap_;
     if (!shard_full) slot = free_slot(shard, h);
@@ -710,6 +713,7 @@ class ShardedStore {
     u128 cur = dst.states[j].load();
     while (!dst.states[j].compare_exchange(cur, v)) {
     }
+    // Relaxed: key words are written only under the mutex, which we hold.
     const std::uint64_t dw = dst.keys[j].load(std::memory_order_relaxed);
     dst.keys[j].store(make_word(fp_of(w), inc_of(dw)),
                       std::memory_order_release);
@@ -755,6 +759,7 @@ class ShardedStore {
       const std::size_t other = c == 0 ? h.second : h.first;
       if (const auto i = make_free(shard, bi, kCuckooDepth, other)) {
         Bucket& b = shard.buckets[bi];
+        // Relaxed: key words change only under the mutex, which we hold.
         return SlotRef{&b, *i, b.keys[*i].load(std::memory_order_relaxed), c};
       }
     }
