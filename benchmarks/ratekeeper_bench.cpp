@@ -200,13 +200,13 @@ std::vector<std::string> make_keys(std::size_t n) {
 // N keys, each touched in turn: the key strings are read in order (the CPU
 // prefetches them), the table in hash order (it cannot). bytes_per_key is
 // what the store allocated for them, its capacity being N.
-void BM_Acquire_TokenBucket_Sharded_Keys(benchmark::State& state) {
+template <template <class> class S>
+void many_keys(benchmark::State& state,
+               typename S<rk::TokenBucket::State>::Options options) {
   const auto n = static_cast<std::size_t>(state.range(0));
   const auto keys = make_keys(n);
   const std::int64_t before = allocated_bytes();
-  rk::ShardedOptions o;
-  o.capacity = n;
-  rk::Limiter<rk::TokenBucket> lim(allow_all<rk::TokenBucket>(), o);
+  rk::Limiter<rk::TokenBucket, S> lim(allow_all<rk::TokenBucket>(), options);
   for (const auto& k : keys) static_cast<void>(lim.acquire(k));
   const std::int64_t after = allocated_bytes();
   std::size_t i = 0;
@@ -218,28 +218,21 @@ void BM_Acquire_TokenBucket_Sharded_Keys(benchmark::State& state) {
       static_cast<double>(after - before) / static_cast<double>(n);
   state.counters["keys"] = static_cast<double>(lim.stats().keys);
 }
+
+void BM_Acquire_TokenBucket_Sharded_Keys(benchmark::State& state) {
+  rk::ShardedOptions o;
+  o.capacity = static_cast<std::size_t>(state.range(0));
+  many_keys<rk::ShardedStore>(state, o);
+}
 BENCHMARK(BM_Acquire_TokenBucket_Sharded_Keys)
     ->Arg(1'000)
     ->Arg(100'000)
     ->Arg(1'000'000);
 
 void BM_Acquire_TokenBucket_InMemory_Keys(benchmark::State& state) {
-  const auto n = static_cast<std::size_t>(state.range(0));
-  const auto keys = make_keys(n);
-  const std::int64_t before = allocated_bytes();
   rk::InMemoryOptions o;
-  o.max_keys = n;
-  rk::Limiter<rk::TokenBucket, rk::InMemoryStore> lim(
-      allow_all<rk::TokenBucket>(), o);
-  for (const auto& k : keys) static_cast<void>(lim.acquire(k));
-  const std::int64_t after = allocated_bytes();
-  std::size_t i = 0;
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(lim.acquire(keys[i]));
-    if (++i == n) i = 0;
-  }
-  state.counters["bytes_per_key"] =
-      static_cast<double>(after - before) / static_cast<double>(n);
+  o.max_keys = static_cast<std::size_t>(state.range(0));
+  many_keys<rk::InMemoryStore>(state, o);
 }
 BENCHMARK(BM_Acquire_TokenBucket_InMemory_Keys)
     ->Arg(1'000)

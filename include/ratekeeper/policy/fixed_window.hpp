@@ -16,9 +16,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/str_cat.h"
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/math.hpp"
+#include "ratekeeper/detail/validate.hpp"
 #include "ratekeeper/policy/policy.hpp"
 
 namespace ratekeeper {
@@ -42,19 +42,10 @@ class FixedWindow {
   // `rate.count` units per window of `rate.period`. kInvalidArgument when the
   // count is zero or above kMaxLimit, or the period is not positive.
   static absl::StatusOr<FixedWindow> create(Rate rate) {
-    if (rate.count == 0) {
-      return absl::InvalidArgumentError(
-          "FixedWindow: count per window must be positive");
-    }
-    if (rate.count > kMaxLimit) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "FixedWindow: count per window must be at most 2^62, got ",
-          rate.count));
-    }
-    if (rate.period.count() <= 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("FixedWindow: window must be positive, got ",
-                       rate.period.count(), " ns"));
+    if (absl::Status st =
+            detail::check_window_rate("FixedWindow", rate, kMaxLimit, "2^62");
+        !st.ok()) {
+      return st;
     }
     return FixedWindow(rate);
   }

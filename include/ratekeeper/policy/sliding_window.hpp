@@ -27,9 +27,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/str_cat.h"
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/math.hpp"
+#include "ratekeeper/detail/validate.hpp"
 #include "ratekeeper/policy/policy.hpp"
 
 namespace ratekeeper {
@@ -55,19 +55,11 @@ class SlidingWindow {
   // At most `rate.count` units per sliding `rate.period`. kInvalidArgument
   // when the count is zero or above kMaxLimit, or the period is not positive.
   static absl::StatusOr<SlidingWindow> create(Rate rate) {
-    if (rate.count == 0) {
-      return absl::InvalidArgumentError(
-          "SlidingWindow: count per window must be positive");
-    }
-    if (rate.count > kMaxLimit) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "SlidingWindow: count per window must be at most 2^32 - 2, got ",
-          rate.count, " (use TokenBucket or FixedWindow for larger counts)"));
-    }
-    if (rate.period.count() <= 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("SlidingWindow: window must be positive, got ",
-                       rate.period.count(), " ns"));
+    if (absl::Status st = detail::check_window_rate(
+            "SlidingWindow", rate, kMaxLimit, "2^32 - 2",
+            " (use TokenBucket or FixedWindow for larger counts)");
+        !st.ok()) {
+      return st;
     }
     return SlidingWindow(rate);
   }

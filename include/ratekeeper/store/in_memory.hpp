@@ -145,11 +145,7 @@ class InMemoryStore {
       return fresh;
     }
     ++stats_.denied_full;
-    Decision d = fresh;
-    d.allowed = false;
-    d.remaining = 0;
-    if (!d.never()) d.retry_after = options_.full_retry_after;
-    return d;
+    return detail::denied_full(fresh, options_.full_retry_after);
   }
 
   const Options options_;

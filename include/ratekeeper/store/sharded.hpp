@@ -772,11 +772,7 @@ class ShardedStore {
       return fresh;
     }
     shard.denied_full.fetch_add(1, std::memory_order_relaxed);
-    Decision d = fresh;
-    d.allowed = false;
-    d.remaining = 0;
-    if (!d.never()) d.retry_after = options_.full_retry_after;
-    return d;
+    return detail::denied_full(fresh, options_.full_retry_after);
   }
 
   const Options options_;

@@ -68,6 +68,18 @@ concept StoreOp = requires(const Op& op, const State& s) {
 };
 
 namespace detail {
+// denied_full
+//
+// The decision for a new key refused because its store is full: what the
+// key would have got as fresh, turned into a denial that says when to try
+// again (unless no wait could ever admit it: then it stays kNever).
+constexpr Decision denied_full(Decision fresh, Nanos retry_after) noexcept {
+  fresh.allowed = false;
+  fresh.remaining = 0;
+  if (!fresh.never()) fresh.retry_after = retry_after;
+  return fresh;
+}
+
 // The least StoreOp, for checking stores against the concept.
 template <class State>
 struct ArchetypeOp {
