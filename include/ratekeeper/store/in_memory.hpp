@@ -12,7 +12,8 @@
 // arrives at capacity, states that are idle (equivalent to never seen) are
 // reclaimed first, in a sweep whose O(max_keys) cost is amortised over at
 // least max(1, max_keys / 16) calls; when nothing can be reclaimed the
-// caller's WhenFull choice decides. Each held key costs its bytes plus the
+// caller's WhenFull choice decides (kEvictStalest acts as kDenyNew here:
+// eviction is ShardedStore's). Each held key costs its bytes plus the
 // map's slot (about 48 bytes with a 16-byte state).
 #ifndef RATEKEEPER_STORE_IN_MEMORY_HPP_
 #define RATEKEEPER_STORE_IN_MEMORY_HPP_
