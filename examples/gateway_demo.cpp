@@ -62,7 +62,7 @@ struct TierLimits {
   UserLimiter<rk::TokenBucket> tpm;
   std::optional<UserLimiter<rk::FixedWindow>> rpd;
 
-  // Each store sized for this demo's users: its memory (about 28 bytes per
+  // Each store sized for this demo's users: its memory (about 30 bytes per
   // key of capacity) is allocated up front.
   static rk::ShardedOptions sized() {
     rk::ShardedOptions o;

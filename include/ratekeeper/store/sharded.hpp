@@ -17,7 +17,7 @@
 // bucket's key words and, if the key is not there, the second's. A new key
 // goes to the emptier of the two; when both are full, resident keys are moved
 // to their other buckets (cuckoo hashing, up to three moves deep). Tables are
-// sized for 7/8 load: about 28 bytes per key of capacity. Both candidate
+// sized for 7/8 load: about 30 bytes per key of capacity in all. Both candidate
 // buckets are prefetched at once, so that in a table larger than the cache
 // their misses overlap.
 //
@@ -86,7 +86,7 @@ struct ShardedOptions {
   // Keys the store must be able to hold at once. Enforced per shard, with
   // headroom for uneven hashing: any `capacity` keys fit, and at most
   // shards x (capacity / shards + 4 sqrt(capacity / shards) + 8) are held.
-  // Memory is about 28 bytes per key of capacity, allocated up front.
+  // Memory is about 30 bytes per key of capacity, allocated up front.
   std::size_t capacity = std::size_t{1} << 20;
   // Independent tables, each with its own insert mutex. 0: a power of two
   // >= 4 x hardware threads (at least 16), fewer for small capacities. Raise
