@@ -68,13 +68,6 @@ constexpr i128 div_pos(i128 a, i128 b) noexcept {
   return a / b;
 }
 
-// floor_mod
-//
-// a - b * floor_div(a, b): always in [0, b).
-constexpr i128 floor_mod(i128 a, i128 b) noexcept {
-  return a - b * floor_div(a, b);
-}
-
 // clamp_i64 / clamp_u64
 //
 // The value saturated into the target's range.
@@ -88,13 +81,6 @@ constexpr std::uint64_t clamp_u64(i128 v) noexcept {
   if (v < 0) return 0;
   if (v > static_cast<i128>(kU64Max)) return kU64Max;
   return static_cast<std::uint64_t>(v);
-}
-
-// sat_add
-//
-// a + b, saturated at UINT64_MAX instead of wrapping.
-constexpr std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) noexcept {
-  return b > kU64Max - a ? kU64Max : a + b;
 }
 
 // gcd of two positive numbers.

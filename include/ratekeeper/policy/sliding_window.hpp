@@ -72,10 +72,9 @@ class SlidingWindow {
   // backward step never frees capacity. Pure.
   Step<State> step(const State& s, Nanos now, Cost cost) const noexcept {
     const View v = view(s, now);
-    const Nanos reset = reset_after(v, now);
     const std::uint64_t rem = remaining(v);
     if (cost > limit_) {
-      return {s, Decision{false, limit_, rem, kNever, reset}};
+      return {s, Decision{false, limit_, rem, kNever, reset_after(v, now)}};
     }
     if (cost <= rem) {
       View after = v;
@@ -85,7 +84,8 @@ class SlidingWindow {
               Decision{true, limit_, remaining(after), Nanos{0},
                        reset_after(after, now)}};
     }
-    return {s, Decision{false, limit_, rem, retry_after(v, now, cost), reset}};
+    return {s, Decision{false, limit_, rem, retry_after(v, now, cost),
+                        reset_after(v, now)}};
   }
 
   // refund

@@ -165,17 +165,7 @@ class ShardedStore {
   // shard's insert path. Thread-safe; lock-free for keys already held.
   template <StoreOp<State> Op>
   Decision apply(std::string_view key, const Op& op) {
-    const Hashed h = hash(key);
-    Shard& shard = shards_[h.shard];
-    for (;;) {
-      std::optional<SlotRef> slot = find(shard, h);
-      if (!slot) {
-        InsertResult ins = insert(shard, h, op);
-        if (ins.decided) return *ins.decided;
-        slot = ins.slot;
-      }
-      if (auto d = apply_at(shard, *slot, op, /*write=*/true)) return *d;
-    }
+    return run(key, op, /*insert_missing=*/true);
   }
 
   // peek
@@ -204,13 +194,7 @@ class ShardedStore {
   // As apply() for a key held; a key not held stays absent. Thread-safe.
   template <StoreOp<State> Op>
   Decision update(std::string_view key, const Op& op) {
-    const Hashed h = hash(key);
-    Shard& shard = shards_[h.shard];
-    for (;;) {
-      std::optional<SlotRef> slot = find(shard, h);
-      if (!slot) return op(State{}).decision;
-      if (auto d = apply_at(shard, *slot, op, /*write=*/true)) return *d;
-    }
+    return run(key, op, /*insert_missing=*/false);
   }
 
   // Thread-safe; a sum of per-shard counters, each read relaxed: a snapshot
@@ -459,6 +443,25 @@ class ShardedStore {
       }
     }
     return std::nullopt;
+  }
+
+  // apply() and update(): op on the key's slot, which a key not held gets
+  // from the insert path when `insert_missing`; otherwise it stays absent
+  // and op is decided on a zeroed state.
+  template <class Op>
+  Decision run(std::string_view key, const Op& op, bool insert_missing) {
+    const Hashed h = hash(key);
+    Shard& shard = shards_[h.shard];
+    for (;;) {
+      std::optional<SlotRef> slot = find(shard, h);
+      if (!slot) {
+        if (!insert_missing) return op(State{}).decision;
+        InsertResult ins = insert(shard, h, op);
+        if (ins.decided) return *ins.decided;
+        slot = ins.slot;
+      }
+      if (auto d = apply_at(shard, *slot, op, /*write=*/true)) return *d;
+    }
   }
 
   // Runs op on the slot. nullopt: the slot is being reclaimed or changed
