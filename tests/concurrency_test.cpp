@@ -2,16 +2,24 @@
 // that threads are preempted between reading and writing a state. Built alone
 // in the TSan preset (T2b) and with everything else under ASan+UBSan.
 //
+// Chains get the same treatment: 8 threads on three limits at once must
+// never over-admit any of them, and roll-backs must give back exactly what
+// they took.
+//
 // RATEKEEPER_TEST_SCALE scales the run time (1.0: 10 s per policy in T2a).
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "ratekeeper/chain.hpp"
 #include "ratekeeper/limiter.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
 #include "ratekeeper/policy/sliding_window.hpp"
@@ -298,4 +306,209 @@ TEMPLATE_TEST_CASE("T2c: 8 threads first touching a key leave capacity - 8",
   const int rounds =
       std::max(100, static_cast<int>(10'000 * std::min(1.0, rk_test::scale())));
   first_touch_run<typename TestType::Policy, TestType::template Store>(rounds);
+}
+
+// Chains: requests per user (sliding), tokens per user (bucket), tokens per
+// team (fixed), acquired together by 8 threads on 8 users in 2 teams.
+namespace {
+
+constexpr int kChainUsers = 8;
+
+struct ChainRig {
+  SlidingWindow rpm_policy =
+      SlidingWindow::create(per(30, std::chrono::milliseconds(10))).value();
+  TokenBucket tpm_policy =
+      TokenBucket::create(per(400, std::chrono::milliseconds(10)), 300).value();
+  FixedWindow tpd_policy =
+      FixedWindow::create(per(1500, std::chrono::milliseconds(20))).value();
+  std::vector<std::string> users, teams;
+  ChainRig() {
+    for (int u = 0; u < kChainUsers; ++u)
+      users.push_back("u" + std::to_string(u));
+    teams = {"t0", "t1"};
+  }
+  const std::string& team_of(int u) const {
+    return teams[static_cast<std::size_t>(u % 2)];
+  }
+};
+
+template <template <class> class S>
+struct ChainLimits {
+  std::unique_ptr<PolicyLimit<SlidingWindow, S>> rpm;
+  std::unique_ptr<PolicyLimit<TokenBucket, S>> tpm;
+  std::unique_ptr<PolicyLimit<FixedWindow, S>> tpd;
+  explicit ChainLimits(const ChainRig& rig)
+      : rpm(make_limit<S>({.name = "rpm"}, rig.rpm_policy).value()),
+        tpm(make_limit<S>({.name = "tpm", .unit = Unit::kTokens},
+                          rig.tpm_policy)
+                .value()),
+        tpd(make_limit<S>({.name = "tpd", .unit = Unit::kTokens},
+                          rig.tpd_policy)
+                .value()) {}
+};
+
+// Per thread: what its admitted chains took, per user and per team.
+struct ChainTally {
+  std::vector<std::uint64_t> user_calls =
+      std::vector<std::uint64_t>(kChainUsers, 0);
+  std::vector<std::uint64_t> user_tokens =
+      std::vector<std::uint64_t>(kChainUsers, 0);
+  std::vector<std::uint64_t> team_tokens = std::vector<std::uint64_t>(2, 0);
+  std::uint64_t refused = 0;
+};
+
+template <template <class> class S, class C>
+void chain_call(Chain<C>& chain, ChainLimits<S>& l, const ChainRig& rig,
+                std::mt19937_64& rng, ChainTally& t, Nanos now) {
+  const int u = static_cast<int>(rng() % kChainUsers);
+  const Cost tokens = 1 + rng() % 60;
+  const std::string& user = rig.users[static_cast<std::size_t>(u)];
+  const std::string& team = rig.team_of(u);
+  // The order varies so that every limit refuses first some of the time.
+  ChainItem items[3] = {{l.rpm.get(), user, 1},
+                        {l.tpm.get(), user, tokens},
+                        {l.tpd.get(), team, tokens}};
+  std::shuffle(std::begin(items), std::end(items), rng);
+  const ChainDecision d = chain.acquire_at(items, now);
+  if (d.allowed) {
+    ++t.user_calls[static_cast<std::size_t>(u)];
+    t.user_tokens[static_cast<std::size_t>(u)] += tokens;
+    t.team_tokens[static_cast<std::size_t>(u % 2)] += tokens;
+  } else {
+    ++t.refused;
+  }
+}
+
+// Real clock: no user or team ever gets more than its limit allows over the
+// run's span, on any of the three limits.
+template <template <class> class S>
+void chain_real_clock_run(std::uint64_t seed, double seconds) {
+  const ChainRig rig;
+  ChainLimits<S> l(rig);
+  Chain<> chain;
+  std::vector<ChainTally> tallies(kThreads);
+  const std::int64_t start = SteadyClock{}.now().count();
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  std::vector<std::thread> workers;
+  for (int w = 0; w < kThreads; ++w) {
+    workers.emplace_back([&, w] {
+      std::mt19937_64 rng(attempt_seed(seed, 1, w));
+      while (std::chrono::steady_clock::now() < deadline) {
+        for (int i = 0; i < 64; ++i) {
+          chain_call(chain, l, rig, rng, tallies[static_cast<std::size_t>(w)],
+                     chain.now());
+        }
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+  const std::int64_t end = SteadyClock{}.now().count();
+  std::uint64_t admitted = 0, refused = 0;
+  for (int u = 0; u < kChainUsers; ++u) {
+    std::uint64_t calls = 0, tokens = 0;
+    for (const ChainTally& t : tallies) {
+      calls += t.user_calls[static_cast<std::size_t>(u)];
+      tokens += t.user_tokens[static_cast<std::size_t>(u)];
+    }
+    CAPTURE(u, calls, tokens);
+    REQUIRE(calls <= bound(rig.rpm_policy, start, end));
+    REQUIRE(tokens <= bound(rig.tpm_policy, start, end));
+    admitted += calls;
+  }
+  for (int t = 0; t < 2; ++t) {
+    std::uint64_t tokens = 0;
+    for (const ChainTally& tl : tallies) {
+      tokens += tl.team_tokens[static_cast<std::size_t>(t)];
+    }
+    CAPTURE(t, tokens);
+    REQUIRE(tokens <= bound(rig.tpd_policy, start, end));
+  }
+  for (const ChainTally& t : tallies) refused += t.refused;
+  CHECK(admitted > 0);
+  CHECK(refused > 0);
+  // Every admitted chain is counted as allowed by all three limits.
+  CHECK(l.rpm->counts().allowed == admitted);
+  CHECK(l.tpm->counts().allowed == admitted);
+  CHECK(l.tpd->counts().allowed == admitted);
+}
+
+// Frozen clock: at one instant nothing refills, so once the threads are
+// done every key's remaining must be exactly its capacity minus what the
+// admitted chains took: a roll-back that leaked or gave back twice shows.
+template <template <class> class S>
+void chain_frozen_clock_run(std::uint64_t seed, int rounds) {
+  const ChainRig rig;
+  ChainLimits<S> l(rig);
+  ManualClock clock(std::chrono::hours(1));
+  Chain<ManualClock> chain(clock);
+  std::uint64_t vetoed_before = 0;
+  for (int r = 0; r < rounds; ++r) {
+    clock.advance(std::chrono::hours(1));  // every state starts afresh
+    std::vector<ChainTally> tallies(kThreads);
+    std::barrier go(kThreads);
+    std::vector<std::thread> workers;
+    for (int w = 0; w < kThreads; ++w) {
+      workers.emplace_back([&, w] {
+        std::mt19937_64 rng(attempt_seed(seed, r, w));
+        go.arrive_and_wait();
+        for (int i = 0; i < 40; ++i) {
+          chain_call(chain, l, rig, rng, tallies[static_cast<std::size_t>(w)],
+                     clock.now());
+        }
+      });
+    }
+    for (auto& t : workers) t.join();
+    const Nanos now = clock.now();
+    for (int u = 0; u < kChainUsers; ++u) {
+      std::uint64_t calls = 0, tokens = 0;
+      for (const ChainTally& t : tallies) {
+        calls += t.user_calls[static_cast<std::size_t>(u)];
+        tokens += t.user_tokens[static_cast<std::size_t>(u)];
+      }
+      const std::string& user = rig.users[static_cast<std::size_t>(u)];
+      CAPTURE(r, u, calls, tokens);
+      REQUIRE(calls <= rig.rpm_policy.limit());
+      REQUIRE(tokens <= rig.tpm_policy.limit());
+      REQUIRE(l.rpm->peek(user, 0, now).remaining ==
+              rig.rpm_policy.limit() - calls);
+      REQUIRE(l.tpm->peek(user, 0, now).remaining ==
+              rig.tpm_policy.limit() - tokens);
+    }
+    for (int t = 0; t < 2; ++t) {
+      std::uint64_t tokens = 0;
+      for (const ChainTally& tl : tallies) {
+        tokens += tl.team_tokens[static_cast<std::size_t>(t)];
+      }
+      CAPTURE(r, t, tokens);
+      REQUIRE(tokens <= rig.tpd_policy.limit());
+      REQUIRE(l.tpd->peek(rig.teams[static_cast<std::size_t>(t)], 0, now)
+                  .remaining == rig.tpd_policy.limit() - tokens);
+    }
+  }
+  // Roll-backs happened: the test exercised them.
+  vetoed_before =
+      l.rpm->counts().vetoed + l.tpm->counts().vetoed + l.tpd->counts().vetoed;
+  CHECK(vetoed_before > 0);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("T2a: a chain of 3 limits on 8 threads never over-admits",
+                   "[T2a][T2b][chain][concurrency]",
+                   (Combo<TokenBucket, InMemoryStore>),
+                   (Combo<TokenBucket, ShardedStore>)) {
+  const std::uint64_t seed = rk_test::seed_or(0xC4A1);
+  CAPTURE(seed);
+  chain_real_clock_run<TestType::template Store>(seed, t2a_seconds() / 4);
+}
+
+TEMPLATE_TEST_CASE(
+    "T2a: chain roll-backs give back exactly what they took, 8 threads",
+    "[T2a][T2b][chain][concurrency]", (Combo<TokenBucket, InMemoryStore>),
+    (Combo<TokenBucket, ShardedStore>)) {
+  const std::uint64_t seed = rk_test::seed_or(0xC4A2);
+  CAPTURE(seed);
+  chain_frozen_clock_run<TestType::template Store>(
+      seed, std::max(20, static_cast<int>(300 * rk_test::scale())));
 }

@@ -70,6 +70,30 @@ struct RefundOp {
   }
 };
 
+// A counted attempt as a StoreOp: the policy's step, and when it denies, the
+// policy's charge() instead (the attempt is counted all the same). The
+// decision stays a denial, with the wait the charge left.
+template <ChargingPolicy P>
+struct ChargeOp {
+  const P* policy;
+  Nanos now;
+  Cost cost;
+  Step<typename P::State> operator()(const typename P::State& s) const {
+    Step<typename P::State> st = policy->step(s, now, cost);
+    if (st.decision.allowed) return st;
+    const typename P::State next = policy->charge(s, now, cost);
+    Decision d = policy->step(next, now, cost).decision;
+    d.allowed = false;
+    return {next, d};
+  }
+  bool idle(const typename P::State& s) const { return policy->idle(s, now); }
+  Nanos idle_at(const typename P::State& s) const { return policy->idle_at(s); }
+  typename P::State merge(const typename P::State& a,
+                          const typename P::State& b) const {
+    return policy->merge(a, b);
+  }
+};
+
 }  // namespace detail
 
 // Limiter: decides and counts calls against one limit, per key.

@@ -1,15 +1,20 @@
 // ratekeeper/ratekeeper.hpp: the umbrella header.
 //
 // Includes every header that needs nothing beyond abseil: clocks, decisions,
-// the three policies, the in-memory store and the limiter. Opt-in headers
-// with further dependencies (ratekeeper/fmt.hpp for {fmt}) are not included.
+// the three policies, the stores, the limiter, chains, identities, client
+// addresses and tiers. Opt-in headers that need {fmt} (ratekeeper/fmt.hpp,
+// errors.hpp, prometheus.hpp, http/headers.hpp) are not included.
 #ifndef RATEKEEPER_RATEKEEPER_HPP_
 #define RATEKEEPER_RATEKEEPER_HPP_
 
+#include "ratekeeper/chain.hpp"
 #include "ratekeeper/clock.hpp"
 #include "ratekeeper/config.hpp"
 #include "ratekeeper/decision.hpp"
+#include "ratekeeper/identity.hpp"
+#include "ratekeeper/ip.hpp"
 #include "ratekeeper/limiter.hpp"
+#include "ratekeeper/metrics.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
 #include "ratekeeper/policy/policy.hpp"
 #include "ratekeeper/policy/sliding_window.hpp"
@@ -17,5 +22,6 @@
 #include "ratekeeper/store/in_memory.hpp"
 #include "ratekeeper/store/sharded.hpp"
 #include "ratekeeper/store/store.hpp"
+#include "ratekeeper/tiers.hpp"
 
 #endif  // RATEKEEPER_RATEKEEPER_HPP_

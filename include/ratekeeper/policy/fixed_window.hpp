@@ -41,6 +41,10 @@ class FixedWindow {
   //
   // `rate.count` units per window of `rate.period`. kInvalidArgument when the
   // count is zero or above kMaxLimit, or the period is not positive.
+  // Windows are aligned to the clock: a key's state names a window index,
+  // so a limit's period cannot change under existing states.
+  static constexpr bool kWindowAligned = true;
+
   static absl::StatusOr<FixedWindow> create(Rate rate) {
     if (absl::Status st =
             detail::check_window_rate("FixedWindow", rate, kMaxLimit, "2^62");
@@ -61,18 +65,35 @@ class FixedWindow {
     if (w > s.window) cur = State{w, 0};
     const Nanos until_end = window_end(cur.window, now);
     const Nanos reset = cur.count == 0 ? Nanos{0} : until_end;
+    // The count can exceed the limit: after a charged rejection (charge()),
+    // or a limit lowered at run time (docs/chains.md).
+    const std::uint64_t room = cur.count >= limit_ ? 0 : limit_ - cur.count;
     if (cost > limit_) {
-      return {s, Decision{false, limit_, limit_ - cur.count, kNever, reset}};
+      return {s, Decision{false, limit_, room, kNever, reset}};
     }
-    if (cost <= limit_ - cur.count) {
+    if (cost <= room) {
       cur.count += cost;
       // A zero cost changes nothing: the state stays as it was.
       return {cost == 0 ? s : cur,
-              Decision{true, limit_, limit_ - cur.count, Nanos{0},
+              Decision{true, limit_, room - cost, Nanos{0},
                        cur.count == 0 ? Nanos{0} : until_end}};
     }
     // The next window starts empty and cost <= limit fits there.
-    return {s, Decision{false, limit_, limit_ - cur.count, until_end, reset}};
+    return {s, Decision{false, limit_, room, until_end, reset}};
+  }
+
+  // charge
+  //
+  // Counts `cost` in now's window whether or not it fits (a denied attempt
+  // that an anti-abuse limit counts), saturating at kMaxLimit. The excess
+  // lasts until the window ends: a key hammering a full window stays denied
+  // until then, and no longer. Pure.
+  State charge(const State& s, Nanos now, Cost cost) const noexcept {
+    const std::int64_t w = window_of(now);
+    State cur = s;
+    if (w > s.window) cur = State{w, 0};
+    cur.count = cost >= kMaxLimit - cur.count ? kMaxLimit : cur.count + cost;
+    return cur;
   }
 
   // refund
@@ -134,6 +155,7 @@ class FixedWindow {
 };
 
 static_assert(Policy<FixedWindow>);
+static_assert(ChargingPolicy<FixedWindow>);
 static_assert(sizeof(FixedWindow::State) == 16);
 
 }  // namespace ratekeeper

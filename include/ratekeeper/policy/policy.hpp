@@ -77,6 +77,19 @@ concept Policy = requires(const P& p, const typename P::State& s, Nanos now,
   noexcept->std::same_as<std::uint64_t>;
 };
 
+// ChargingPolicy: a Policy that can also count a call it denies.
+//
+// Requires: charge(s, now, cost) returns the state with `cost` counted at
+// `now` whether or not it fits (an anti-abuse limit counts denied attempts),
+// saturating, and with a bounded excess: a key that stops calling is
+// admitted again after a bounded time, stated by each policy. Pure.
+template <class P>
+concept ChargingPolicy = Policy<P> &&
+    requires(const P& p, const typename P::State& s, Nanos now, Cost cost) {
+  { p.charge(s, now, cost) }
+  noexcept->std::same_as<typename P::State>;
+};
+
 }  // namespace ratekeeper
 
 #endif  // RATEKEEPER_POLICY_POLICY_HPP_

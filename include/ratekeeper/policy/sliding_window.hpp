@@ -54,6 +54,10 @@ class SlidingWindow {
   //
   // At most `rate.count` units per sliding `rate.period`. kInvalidArgument
   // when the count is zero or above kMaxLimit, or the period is not positive.
+  // Windows are aligned to the clock: a key's state names a window index,
+  // so a limit's period cannot change under existing states.
+  static constexpr bool kWindowAligned = true;
+
   static absl::StatusOr<SlidingWindow> create(Rate rate) {
     if (absl::Status st = detail::check_window_rate(
             "SlidingWindow", rate, kMaxLimit, "2^32 - 2",
@@ -106,6 +110,22 @@ class SlidingWindow {
     } else if (static_cast<i128>(wc) == static_cast<i128>(out.window) - 1) {
       out.prev -= static_cast<std::uint32_t>(std::min<Cost>(cost, out.prev));
     }
+    return out;
+  }
+
+  // charge
+  //
+  // Counts `cost` in now's window whether or not it fits (a denied attempt
+  // that an anti-abuse limit counts), saturating at kMaxLimit. The excess
+  // weighs on the estimate for at most the next window: a key hammering a
+  // full limit stays denied while it hammers, and for at most two windows
+  // after. Pure.
+  State charge(const State& s, Nanos now, Cost cost) const noexcept {
+    const View v = view(s, now);
+    State out = v.st;
+    const std::uint64_t cur = out.cur;
+    out.cur = static_cast<std::uint32_t>(cost >= kMaxLimit - cur ? kMaxLimit
+                                                                 : cur + cost);
     return out;
   }
 
@@ -236,6 +256,7 @@ class SlidingWindow {
 };
 
 static_assert(Policy<SlidingWindow>);
+static_assert(ChargingPolicy<SlidingWindow>);
 static_assert(sizeof(SlidingWindow::State) == 16);
 
 }  // namespace ratekeeper

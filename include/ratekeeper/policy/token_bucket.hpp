@@ -125,6 +125,20 @@ class TokenBucket {
     return encode(std::max(tat - back, now_s));
   }
 
+  // charge
+  //
+  // Takes `cost` tokens whether or not the bucket holds them (a denied
+  // attempt that an anti-abuse limit counts): the bucket goes into debt, at
+  // most one more full burst, so a key that stops hammering is admitted
+  // again within 2 * burst / rate. Pure.
+  State charge(const State& s, Nanos now, Cost cost) const noexcept {
+    const i128 now_s = static_cast<i128>(now.count()) * den_;
+    const i128 base = std::max(decode(s), now_s);
+    const i128 debt =
+        static_cast<i128>(std::min<Cost>(cost, 2 * burst_)) * num_;
+    return encode(std::min(base + debt, now_s + 2 * span_));
+  }
+
   // idle
   //
   // The bucket is full at `now`, as good as never seen.
@@ -165,7 +179,10 @@ class TokenBucket {
   i128 decode(const State& s) const noexcept {
     const auto whole =
         static_cast<i128>(s.tat_biased) + static_cast<i128>(detail::kI64Min);
-    return whole * den_ + static_cast<i128>(s.tat_frac);
+    // The remainder is below den_ for every state this bucket wrote; one
+    // written before reconfigure() under another den is clamped (< 1 ns).
+    const i128 frac = std::min(static_cast<i128>(s.tat_frac), den_ - 1);
+    return whole * den_ + frac;
   }
 
   // Saturates past INT64_MAX ns (the bucket then stays empty until the end of
@@ -203,6 +220,7 @@ class TokenBucket {
 };
 
 static_assert(Policy<TokenBucket>);
+static_assert(ChargingPolicy<TokenBucket>);
 static_assert(sizeof(TokenBucket::State) == 16);
 
 }  // namespace ratekeeper

@@ -1,0 +1,549 @@
+// ratekeeper/chain.hpp: several limits on one call, all or nothing.
+//
+// Defines:
+//   Unit          what a limit counts: requests or tokens (for the headers).
+//   LimitOptions  a limit's name, unit, charge-on-reject, shadow mode and
+//                 near-limit threshold.
+//   Limit         one named limit, any policy on any store, behind one
+//                 interface: what a chain and a tier table hold.
+//   PolicyLimit   the Limit of a Policy on a Store; reconfigure() changes its
+//                 policy at run time and keeps every key's state.
+//   make_limit    builds a PolicyLimit, validating its options.
+//   Chain         acquires a list of (limit, key, cost) all or nothing.
+//   ChainDecision what a chain decided: the binding limit, the largest
+//                 retry_after, and every limit's own decision.
+//
+//   auto rpm = ratekeeper::make_limit(
+//       {.name = "rpm"},
+//       ratekeeper::SlidingWindow::create(per_minute(60)).value()) .value();
+//   auto tpm = ratekeeper::make_limit(
+//       {.name = "tpm", .unit = ratekeeper::Unit::kTokens},
+//       ratekeeper::TokenBucket::create(per_minute(90'000), 90'000).value())
+//       .value();
+//   ratekeeper::Chain<> chain;
+//   auto d = chain.acquire({{rpm.get(), user, 1}, {tpm.get(), user, tokens}});
+//   if (!d) reply_429(d.retry_after);
+//
+// All or nothing: the chain acquires its limits in order; when one refuses,
+// it gives back what the earlier ones took (and takes nothing from the later
+// ones, which it only peeks, to report their remaining). Between the take
+// and the give-back (a few hundred nanoseconds on the in-process stores)
+// that capacity is unavailable to other calls: a concurrent call can be
+// refused that a moment later would pass. The chain can under-admit in that
+// window; it never over-admits on any limit (docs/chains.md).
+#ifndef RATEKEEPER_CHAIN_HPP_
+#define RATEKEEPER_CHAIN_HPP_
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <initializer_list>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "absl/container/inlined_vector.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "ratekeeper/clock.hpp"
+#include "ratekeeper/config.hpp"
+#include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/math.hpp"
+#include "ratekeeper/detail/mutex.hpp"
+#include "ratekeeper/limiter.hpp"
+#include "ratekeeper/metrics.hpp"
+#include "ratekeeper/policy/policy.hpp"
+#include "ratekeeper/store/sharded.hpp"
+#include "ratekeeper/store/store.hpp"
+
+namespace ratekeeper {
+
+// Unit: what a limit's costs count. The HTTP headers report request limits
+// and token limits apart (x-ratelimit-*-requests, x-ratelimit-*-tokens).
+enum class Unit : std::uint8_t { kRequests, kTokens };
+
+// LimitOptions: how a limit behaves in a chain.
+//
+//   name              [A-Za-z0-9_.:-], 1 to 64 characters: it appears in
+//                     headers and metric labels as it is.
+//   unit              requests or tokens.
+//   charge_on_reject  count denied attempts too (anti-abuse: a client that
+//                     keeps hammering stays locked out). A refused call is
+//                     charged to this limit whichever limit refused it, and
+//                     never given back. Needs a ChargingPolicy.
+//   shadow            decide and count, never deny: a refusal is reported
+//                     (LimitResult::shadow_denied, the shadow_denied metric)
+//                     and the call goes ahead. For rolling out a new limit.
+//                     Can be switched at run time (Limit::set_shadow).
+//   near_limit_permille  an allowed call with remaining <= this many
+//                     thousandths of the limit counts as a near-limit event.
+struct LimitOptions {
+  std::string name;
+  Unit unit = Unit::kRequests;
+  bool charge_on_reject = false;
+  bool shadow = false;
+  std::uint32_t near_limit_permille = 100;
+};
+
+namespace detail {
+
+inline absl::Status check_limit_options(const LimitOptions& o) {
+  if (o.name.empty() || o.name.size() > 64) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "limit name must be 1 to 64 characters, got ", o.name.size()));
+  }
+  for (const char c : o.name) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                    (c >= '0' && c <= '9') || c == '_' || c == '.' ||
+                    c == ':' || c == '-';
+    if (!ok) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "limit name \"", absl::CEscape(o.name),
+          "\" may hold only letters, digits and _ . : - (it is written into "
+          "HTTP headers and metric labels as it is)"));
+    }
+  }
+  if (o.near_limit_permille > 1000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("limit \"", o.name,
+                     "\": near_limit_permille must be at most 1000, got ",
+                     o.near_limit_permille));
+  }
+  return absl::OkStatus();
+}
+
+// The length of time a policy's quota is stated over, for the headers: a
+// window policy's period, or the time a token bucket takes to refill a whole
+// burst (rounded up).
+template <class P>
+Nanos quota_window(const P& p) noexcept {
+  if constexpr (requires {
+                  p.burst();
+                  p.rate();
+                }) {
+    const Rate r = p.rate();
+    const i128 t = ceil_div(static_cast<i128>(p.burst()) * r.period.count(),
+                            static_cast<i128>(r.count));
+    return Nanos{clamp_i64(t)};
+  } else if constexpr (requires { p.rate(); }) {
+    return p.rate().period;
+  } else {
+    return Nanos{0};
+  }
+}
+
+}  // namespace detail
+
+// Limit: one named limit over keys, behind a virtual interface so that one
+// chain or tier mixes policies and stores. Every call takes `now` from the
+// caller: a chain reads its clock once for all its limits.
+//
+// Thread safety: all members, concurrently.
+class Limit {
+ public:
+  virtual ~Limit() = default;
+  Limit(const Limit&) = delete;
+  Limit& operator=(const Limit&) = delete;
+
+  // As Limiter::acquire, peek and refund, at time `now`.
+  virtual Decision acquire(std::string_view key, Cost cost, Nanos now) = 0;
+  virtual Decision peek(std::string_view key, Cost cost, Nanos now) const = 0;
+  // Gives back `cost` charged at `charged_at`; returns what a zero-cost call
+  // would now be told (what is left after the refund).
+  virtual Decision refund(std::string_view key, Cost cost, Nanos charged_at,
+                          Nanos now) = 0;
+  // Counts `cost` whether or not it fits (charge-on-reject); the decision is
+  // the step's, a denial when it did not fit.
+  virtual Decision charge(std::string_view key, Cost cost, Nanos now) = 0;
+
+  // The capacity (as in every Decision) and the time it is stated over.
+  virtual std::uint64_t limit() const noexcept = 0;
+  virtual Nanos window() const noexcept = 0;
+  virtual StoreStats store_stats() const = 0;
+
+  const std::string& name() const noexcept { return name_; }
+  Unit unit() const noexcept { return unit_; }
+  bool charge_on_reject() const noexcept { return charge_on_reject_; }
+  bool shadow() const noexcept {
+    return shadow_.load(std::memory_order_relaxed);
+  }
+  void set_shadow(bool on) noexcept {
+    shadow_.store(on, std::memory_order_relaxed);
+  }
+  std::uint32_t near_limit_permille() const noexcept { return near_permille_; }
+  LimitMetrics& metrics() noexcept { return metrics_; }
+  LimitCounts counts() const noexcept { return metrics_.snapshot(); }
+
+ protected:
+  explicit Limit(const LimitOptions& o)
+      : name_(o.name),
+        unit_(o.unit),
+        charge_on_reject_(o.charge_on_reject),
+        near_permille_(o.near_limit_permille),
+        shadow_(o.shadow) {}
+
+ private:
+  const std::string name_;
+  const Unit unit_;
+  const bool charge_on_reject_;
+  const std::uint32_t near_permille_;
+  std::atomic<bool> shadow_;
+  LimitMetrics metrics_;
+};
+
+// PolicyLimit: the Limit of policy P over store StoreT<P::State>.
+//
+// reconfigure() swaps the policy at run time; every key keeps its state,
+// read under the new policy (docs/chains.md, "Changing limits"): a window
+// policy keeps each key's count in the current window (a lowered limit can
+// leave it above the new limit: remaining 0 until the window turns), a
+// token bucket keeps the time until each key's bucket is full again. A
+// window policy's period cannot change (its window indices would mean other
+// instants): that needs a new limit, with fresh state.
+template <Policy P, template <class> class StoreT = ShardedStore>
+class PolicyLimit final : public Limit {
+ public:
+  using PolicyType = P;
+  using State = typename P::State;
+  using StoreType = StoreT<State>;
+
+  static_assert(Store<StoreType>, "StoreT<State> must meet ratekeeper::Store");
+
+  // Use make_limit(), which validates the options.
+  PolicyLimit(const LimitOptions& o, P policy,
+              typename StoreType::Options store_options)
+      : Limit(o), store_(store_options) {
+    versions_.push_back(std::move(policy));
+    current_.store(&versions_.back(), std::memory_order_release);
+  }
+
+  Decision acquire(std::string_view key, Cost cost, Nanos now) override {
+    return store_.apply(key, detail::AcquireOp<P>{policy_ptr(), now, cost});
+  }
+
+  Decision peek(std::string_view key, Cost cost, Nanos now) const override {
+    return store_.peek(key, detail::AcquireOp<P>{policy_ptr(), now, cost});
+  }
+
+  Decision refund(std::string_view key, Cost cost, Nanos charged_at,
+                  Nanos now) override {
+    return store_.update(
+        key, detail::RefundOp<P>{policy_ptr(), now, cost, charged_at});
+  }
+
+  Decision charge(std::string_view key, Cost cost, Nanos now) override {
+    if constexpr (ChargingPolicy<P>) {
+      return store_.apply(key, detail::ChargeOp<P>{policy_ptr(), now, cost});
+    } else {
+      // make_limit refuses charge_on_reject for such a policy; a caller
+      // reaching here directly gets the plain acquire.
+      return acquire(key, cost, now);
+    }
+  }
+
+  std::uint64_t limit() const noexcept override { return policy().limit(); }
+  Nanos window() const noexcept override {
+    return detail::quota_window(policy());
+  }
+  StoreStats store_stats() const override { return store_.stats(); }
+
+  // The policy in force now. The reference stays valid for the limit's life.
+  const P& policy() const noexcept { return *policy_ptr(); }
+
+  // reconfigure
+  //
+  // Puts `next` in force for every call that starts after it returns; keys
+  // keep their state (see the class comment). kFailedPrecondition when a
+  // window policy's period would change. Each past policy is kept until the
+  // limit is destroyed (calls in flight may still read it): a few dozen bytes
+  // per change. Thread-safe.
+  absl::Status reconfigure(P next) {
+    detail::MutexLock lock(&mu_);
+    if constexpr (requires { P::kWindowAligned; }) {
+      if (next.rate().period != versions_.back().rate().period) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "limit \"", name(),
+            "\": a window policy's period cannot change in place (its keys' "
+            "window indices would mean other instants); make a new limit"));
+      }
+    }
+    versions_.push_back(std::move(next));
+    current_.store(&versions_.back(), std::memory_order_release);
+    return absl::OkStatus();
+  }
+
+  StoreType& store() noexcept { return store_; }
+
+ private:
+  const P* policy_ptr() const noexcept {
+    return current_.load(std::memory_order_acquire);
+  }
+
+  StoreType store_;
+  std::atomic<const P*> current_{nullptr};
+  detail::Mutex mu_;
+  std::deque<P> versions_;  // stable addresses; guarded by mu_ after ctor
+};
+
+// make_limit
+//
+// A PolicyLimit of `policy` on StoreT (ShardedStore by default), or
+// kInvalidArgument for a bad name or threshold, or charge_on_reject with a
+// policy that cannot charge.
+template <template <class> class StoreT = ShardedStore, Policy P>
+absl::StatusOr<std::unique_ptr<PolicyLimit<P, StoreT>>> make_limit(
+    const LimitOptions& options, P policy,
+    typename StoreT<typename P::State>::Options store_options = {}) {
+  if (absl::Status st = detail::check_limit_options(options); !st.ok()) {
+    return st;
+  }
+  if (options.charge_on_reject && !ChargingPolicy<P>) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("limit \"", options.name,
+                     "\": charge_on_reject needs a policy with charge()"));
+  }
+  return std::make_unique<PolicyLimit<P, StoreT>>(options, std::move(policy),
+                                                  store_options);
+}
+
+// ChainItem: one limit of a chain, the key it is counted under, and the cost
+// of this call in the limit's unit. The key's bytes must outlive the call.
+struct ChainItem {
+  Limit* limit = nullptr;
+  std::string_view key;
+  Cost cost = 1;
+};
+
+// LimitResult: what one limit of a chain decided.
+//
+//   decision       the limit's own decision. For a limit that admitted but
+//                  was vetoed by another, `allowed` stays true and
+//                  `remaining` is what is left after the give-back.
+//   counted        the cost is held by this limit now (the chain went ahead,
+//                  or the limit charges on reject).
+//   shadow_denied  a shadow limit that would have refused.
+struct LimitResult {
+  Limit* limit = nullptr;
+  Cost cost = 0;
+  Decision decision;
+  bool counted = false;
+  bool shadow_denied = false;
+};
+
+// ChainDecision: the answer of a chain.
+//
+//   allowed      every enforced limit admitted, and all hold their cost.
+//   retry_after  0 when allowed; else the largest retry_after of the limits
+//                that refused (kNever when one can never admit the cost).
+//   at           the time the chain decided: pass it to Chain::refund as
+//                charged_at.
+//   binding      index in results of the limit that decided: when refused,
+//                the refusing limit with the longest wait; when allowed, the
+//                limit with the least remaining relative to its capacity
+//                (what the headers report). npos for an empty chain.
+//   results      one per item, in the order given.
+struct [[nodiscard]] ChainDecision {
+  static constexpr std::size_t npos = static_cast<std::size_t>(-1);
+
+  bool allowed = true;
+  Nanos retry_after{0};
+  Nanos at{0};
+  std::size_t binding = npos;
+  absl::InlinedVector<LimitResult, 4> results;
+
+  constexpr explicit operator bool() const noexcept { return allowed; }
+
+  // The binding limit's result, or nullptr for an empty chain.
+  const LimitResult* binding_result() const noexcept {
+    return binding == npos ? nullptr : &results[binding];
+  }
+  // True when no wait can admit this call (a cost above some capacity).
+  bool never() const noexcept { return retry_after == kNever; }
+};
+
+// Chain: acquires several limits for one call, all or nothing, reading the
+// clock `C` once. Stateless apart from its clock: one Chain serves any
+// number of threads and limits. Thread-safe.
+template <Clock C = SteadyClock>
+class Chain {
+ public:
+  explicit Chain(C clock = C{}) : clock_(std::move(clock)) {}
+
+  // acquire
+  //
+  // Decides the call against every item in order. Allowed: each enforced
+  // limit admitted and holds its cost. Refused: nothing stays consumed,
+  // except on limits that charge on reject. A shadow limit's refusal is
+  // reported, never enforced.
+  ChainDecision acquire(std::span<const ChainItem> items) {
+    return acquire_at(items, clock_.now());
+  }
+  ChainDecision acquire(std::initializer_list<ChainItem> items) {
+    return acquire(std::span<const ChainItem>(items.begin(), items.size()));
+  }
+
+  // acquire_at
+  //
+  // As acquire, at a time the caller read (a ManualClock in tests, or one
+  // clock read shared with other work).
+  ChainDecision acquire_at(std::span<const ChainItem> items, Nanos now) {
+    ChainDecision out;
+    out.at = now;
+    out.results.resize(items.size());
+    bool refused = false;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      const ChainItem& it = items[i];
+      RATEKEEPER_ASSERT(it.limit != nullptr, "ChainItem without a limit");
+      LimitResult& r = out.results[i];
+      r.limit = it.limit;
+      r.cost = it.cost;
+      if (it.limit->charge_on_reject()) {
+        // Taken if it fits, charged if not: counted either way.
+        r.decision = it.limit->charge(it.key, it.cost, now);
+        r.counted = true;
+      } else if (!refused) {
+        r.decision = it.limit->acquire(it.key, it.cost, now);
+        r.counted = r.decision.allowed;
+      } else {
+        // Refused already: what this limit would say, without taking. An
+        // admission reports remaining and reset as they stand (the call
+        // took nothing), as a vetoed limit's do after its give-back.
+        r.decision = it.limit->peek(it.key, it.cost, now);
+        if (r.decision.allowed && it.cost != 0) {
+          const Decision now_left = it.limit->peek(it.key, 0, now);
+          r.decision.remaining = now_left.remaining;
+          r.decision.reset_after = now_left.reset_after;
+        }
+      }
+      if (!r.decision.allowed) {
+        if (it.limit->shadow()) {
+          r.shadow_denied = true;
+        } else {
+          refused = true;
+        }
+      }
+    }
+    out.allowed = !refused;
+    if (refused) roll_back(items, out, now);
+    finish(out);
+    return out;
+  }
+
+  // peek
+  //
+  // What acquire would decide now, counting nothing.
+  ChainDecision peek(std::span<const ChainItem> items) const {
+    const Nanos now = clock_.now();
+    ChainDecision out;
+    out.at = now;
+    out.results.resize(items.size());
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      LimitResult& r = out.results[i];
+      r.limit = items[i].limit;
+      r.cost = items[i].cost;
+      r.decision = items[i].limit->peek(items[i].key, items[i].cost, now);
+      if (!r.decision.allowed) {
+        if (r.limit->shadow()) {
+          r.shadow_denied = true;
+        } else {
+          out.allowed = false;
+        }
+      }
+    }
+    summarize(out);
+    return out;
+  }
+
+  // refund
+  //
+  // Gives back each item's cost, charged at `charged_at` (the `at` of the
+  // decision that took it): the unused part of a token estimate once the
+  // provider reported real usage, or a whole call that was cancelled.
+  void refund(std::span<const ChainItem> items, Nanos charged_at) {
+    const Nanos now = clock_.now();
+    for (const ChainItem& it : items) {
+      if (it.cost != 0) {
+        static_cast<void>(it.limit->refund(it.key, it.cost, charged_at, now));
+      }
+    }
+  }
+  void refund(std::initializer_list<ChainItem> items, Nanos charged_at) {
+    refund(std::span<const ChainItem>(items.begin(), items.size()), charged_at);
+  }
+
+  Nanos now() const noexcept { return clock_.now(); }
+
+ private:
+  // Gives back what limits that do not charge on reject took.
+  static void roll_back(std::span<const ChainItem> items, ChainDecision& out,
+                        Nanos now) {
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      LimitResult& r = out.results[i];
+      if (!r.counted || items[i].limit->charge_on_reject()) continue;
+      const Decision left =
+          items[i].limit->refund(items[i].key, items[i].cost, now, now);
+      r.counted = false;
+      r.decision.remaining = left.remaining;
+      r.decision.reset_after = left.reset_after;
+    }
+  }
+
+  // The binding limit and the wait, then the metrics.
+  static void finish(ChainDecision& out) {
+    summarize(out);
+    for (const LimitResult& r : out.results) {
+      LimitMetrics& m = r.limit->metrics();
+      if (r.shadow_denied) {
+        m.add(LimitMetrics::kShadowDenied);
+      } else if (!r.decision.allowed) {
+        m.add(LimitMetrics::kDenied);
+      } else if (!out.allowed) {
+        m.add(LimitMetrics::kVetoed);
+      } else {
+        m.add(LimitMetrics::kAllowed);
+        const detail::u128 lhs =
+            static_cast<detail::u128>(r.decision.remaining) * 1000;
+        const detail::u128 rhs = static_cast<detail::u128>(r.decision.limit) *
+                                 r.limit->near_limit_permille();
+        if (lhs <= rhs) m.add(LimitMetrics::kNearLimit);
+      }
+    }
+  }
+
+  static void summarize(ChainDecision& out) {
+    out.retry_after = Nanos{0};
+    out.binding = ChainDecision::npos;
+    for (std::size_t i = 0; i < out.results.size(); ++i) {
+      const LimitResult& r = out.results[i];
+      if (out.allowed) {
+        // The least remaining relative to capacity: remaining / limit.
+        if (out.binding == ChainDecision::npos ||
+            less_room(r.decision, out.results[out.binding].decision)) {
+          out.binding = i;
+        }
+      } else if (!r.decision.allowed && !r.shadow_denied &&
+                 (out.binding == ChainDecision::npos ||
+                  r.decision.retry_after > out.retry_after)) {
+        out.binding = i;
+        out.retry_after = r.decision.retry_after;
+      }
+    }
+  }
+
+  static bool less_room(const Decision& a, const Decision& b) noexcept {
+    return static_cast<detail::u128>(a.remaining) * b.limit <
+           static_cast<detail::u128>(b.remaining) * a.limit;
+  }
+
+  C clock_;
+};
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_CHAIN_HPP_

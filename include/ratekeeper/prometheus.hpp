@@ -1,0 +1,162 @@
+// ratekeeper/prometheus.hpp: limits' metrics as Prometheus text exposition.
+//
+// Defines prometheus_text(): for each limit, its outcomes (allowed, denied,
+// shadow_denied, vetoed), errors, near-limit events, its capacity and the
+// keys its store holds, in the text format (version 0.0.4) that a
+// /metrics endpoint serves:
+//
+//   # HELP ratekeeper_decisions_total Calls decided by each limit, by outcome.
+//   # TYPE ratekeeper_decisions_total counter
+//   ratekeeper_decisions_total{tier="free",limit="rpm",outcome="allowed"} 12
+//
+// Labeled by tier when given (TierTable::all_limits()).
+#ifndef RATEKEEPER_PROMETHEUS_HPP_
+#define RATEKEEPER_PROMETHEUS_HPP_
+
+#include <fmt/format.h>
+
+#include <cstdint>
+#include <iterator>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "ratekeeper/chain.hpp"
+
+namespace ratekeeper {
+
+// MetricSource: one limit and the tier it belongs to (empty: no tier label).
+struct MetricSource {
+  std::string_view tier;
+  const Limit* limit = nullptr;
+};
+
+namespace detail {
+
+// A label value, escaped as the text format requires (\\, \", \n).
+inline std::string prom_label(std::string_view v) {
+  std::string out;
+  out.reserve(v.size());
+  for (const char c : v) {
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '"') {
+      out += "\\\"";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+inline std::string prom_labels(const MetricSource& s) {
+  std::string out;
+  if (!s.tier.empty()) {
+    out = fmt::format("tier=\"{}\",", prom_label(s.tier));
+  }
+  fmt::format_to(std::back_inserter(out), "limit=\"{}\"",
+                 prom_label(s.limit->name()));
+  return out;
+}
+
+}  // namespace detail
+
+// prometheus_text
+//
+// The metrics of `sources`, grouped by metric family as the format asks.
+inline std::string prometheus_text(std::span<const MetricSource> sources) {
+  std::vector<std::string> labels;
+  std::vector<LimitCounts> counts;
+  for (const MetricSource& s : sources) {
+    labels.push_back(detail::prom_labels(s));
+    counts.push_back(s.limit->counts());
+  }
+  std::string out;
+  auto family = [&](std::string_view name, std::string_view type,
+                    std::string_view help) {
+    fmt::format_to(std::back_inserter(out), "# HELP {} {}\n# TYPE {} {}\n",
+                   name, help, name, type);
+  };
+  family("ratekeeper_decisions_total", "counter",
+         "Calls decided by each limit, by outcome.");
+  struct Outcome {
+    std::string_view name;
+    std::uint64_t LimitCounts::*field;
+  };
+  static constexpr Outcome kOutcomes[] = {
+      {"allowed", &LimitCounts::allowed},
+      {"denied", &LimitCounts::denied},
+      {"shadow_denied", &LimitCounts::shadow_denied},
+      {"vetoed", &LimitCounts::vetoed}};
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    for (const Outcome& o : kOutcomes) {
+      fmt::format_to(std::back_inserter(out),
+                     "ratekeeper_decisions_total{{{},outcome=\"{}\"}} {}\n",
+                     labels[i], o.name, counts[i].*(o.field));
+    }
+  }
+  family("ratekeeper_errors_total", "counter",
+         "Calls a limit could not decide (bad key, store failure).");
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    fmt::format_to(std::back_inserter(out),
+                   "ratekeeper_errors_total{{{}}} {}\n", labels[i],
+                   counts[i].errors);
+  }
+  family("ratekeeper_near_limit_total", "counter",
+         "Allowed calls that left a limit at or below its near-limit "
+         "threshold.");
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    fmt::format_to(std::back_inserter(out),
+                   "ratekeeper_near_limit_total{{{}}} {}\n", labels[i],
+                   counts[i].near_limit);
+  }
+  family("ratekeeper_limit_capacity", "gauge",
+         "Capacity of each limit, in its unit.");
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    const Limit& l = *sources[i].limit;
+    fmt::format_to(std::back_inserter(out),
+                   "ratekeeper_limit_capacity{{{},unit=\"{}\"}} {}\n",
+                   labels[i], l.unit() == Unit::kTokens ? "tokens" : "requests",
+                   l.limit());
+  }
+  family("ratekeeper_limit_shadow", "gauge",
+         "1 while a limit is in shadow mode (decides, never denies).");
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    fmt::format_to(std::back_inserter(out),
+                   "ratekeeper_limit_shadow{{{}}} {}\n", labels[i],
+                   sources[i].limit->shadow() ? 1 : 0);
+  }
+  family("ratekeeper_store_keys", "gauge", "Keys each limit's store holds.");
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    fmt::format_to(std::back_inserter(out), "ratekeeper_store_keys{{{}}} {}\n",
+                   labels[i], sources[i].limit->store_stats().keys);
+  }
+  return out;
+}
+
+// prometheus_text
+//
+// For limits with no tier label.
+inline std::string prometheus_text(std::span<const Limit* const> limits) {
+  std::vector<MetricSource> s;
+  for (const Limit* l : limits) s.push_back({{}, l});
+  return prometheus_text(std::span<const MetricSource>(s));
+}
+
+// prometheus_text
+//
+// For (tier, limit) pairs, as TierTable::all_limits() returns them.
+inline std::string prometheus_text(
+    const std::vector<std::pair<std::string, Limit*>>& limits) {
+  std::vector<MetricSource> s;
+  for (const auto& [tier, l] : limits) s.push_back({tier, l});
+  return prometheus_text(std::span<const MetricSource>(s));
+}
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_PROMETHEUS_HPP_

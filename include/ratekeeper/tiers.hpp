@@ -1,0 +1,363 @@
+// ratekeeper/tiers.hpp: plans (free, pro, enterprise...) as sets of limits.
+//
+// Defines LimitSpec (one limit of a tier, as data) and TierTable: tiers by
+// name, each a chain of limits scoped by the caller's identity, chosen per
+// call and changeable at run time.
+//
+//   ratekeeper::TierTable<> tiers;
+//   tiers.set_tier("free", {
+//       {{.name = "rpm"}, ratekeeper::Field::kUser,
+//        ratekeeper::PolicyKind::kSlidingWindow, ratekeeper::per_minute(20)},
+//       {{.name = "tpd", .unit = ratekeeper::Unit::kTokens},
+//        ratekeeper::Field::kTeam, ratekeeper::PolicyKind::kFixedWindow,
+//        ratekeeper::per_day(200'000)}}).IgnoreError();
+//   absl::StatusOr<ChainDecision> d =
+//       tiers.acquire("free", {.user = "u42", .team = "t7"}, /*tokens=*/1200);
+//
+// Changing a tier keeps state (set_tier on an existing tier): a limit that
+// keeps its name, policy kind, scope, unit and (for windows) period keeps
+// every key's state under its new numbers (PolicyLimit::reconfigure); any
+// other change starts that limit afresh. docs/chains.md has the rules.
+#ifndef RATEKEEPER_TIERS_HPP_
+#define RATEKEEPER_TIERS_HPP_
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/inlined_vector.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "ratekeeper/chain.hpp"
+#include "ratekeeper/clock.hpp"
+#include "ratekeeper/detail/mutex.hpp"
+#include "ratekeeper/detail/strings.hpp"
+#include "ratekeeper/identity.hpp"
+#include "ratekeeper/policy/fixed_window.hpp"
+#include "ratekeeper/policy/sliding_window.hpp"
+#include "ratekeeper/policy/token_bucket.hpp"
+#include "ratekeeper/store/sharded.hpp"
+
+namespace ratekeeper {
+
+enum class PolicyKind : std::uint8_t {
+  kTokenBucket,
+  kFixedWindow,
+  kSlidingWindow
+};
+
+// LimitSpec: one limit of a tier. `burst` is the token bucket's capacity
+// (0: rate.count); the window policies ignore it.
+struct LimitSpec {
+  LimitOptions options;
+  Scope scope;
+  PolicyKind kind = PolicyKind::kTokenBucket;
+  Rate rate;
+  std::uint64_t burst = 0;
+};
+
+// TierTable: tiers of limits, and the chain of a tier for one caller.
+//
+// Every limit has a ShardedStore of its own, built with `store` options.
+// Lookups on the call path take no lock: the table is an immutable snapshot
+// swapped by set_tier(). Limits and snapshots that set_tier() replaces are
+// kept until the table is destroyed (calls in flight may still use them),
+// so decisions, and the Limit pointers in them, stay valid as long as the
+// table. Thread-safe.
+template <Clock C = SteadyClock>
+class TierTable {
+ public:
+  explicit TierTable(ShardedOptions store = {}, C clock = C{})
+      : store_options_(store), chain_(std::move(clock)) {
+    snapshots_.push_back(std::make_unique<Snapshot>());
+    current_.store(snapshots_.back().get(), std::memory_order_release);
+  }
+
+  TierTable(const TierTable&) = delete;
+  TierTable& operator=(const TierTable&) = delete;
+
+  // set_tier
+  //
+  // Adds tier `name` or changes it to exactly `limits` (in chain order: put
+  // the limit most likely to refuse first). kInvalidArgument on a bad spec
+  // (names repeated or malformed, a rate a policy refuses), leaving the
+  // table as it was.
+  absl::Status set_tier(std::string_view name, std::vector<LimitSpec> limits) {
+    if (name.empty()) return absl::InvalidArgumentError("tier name is empty");
+    detail::MutexLock lock(&mu_);
+    const Snapshot& old = *current_.load(std::memory_order_acquire);
+    const auto prev_it = old.tiers.find(detail::av(name));
+    const Tier* prev = prev_it == old.tiers.end() ? nullptr : &prev_it->second;
+    Tier next;
+    // Build (or find) every limit first; publish nothing until all are good.
+    for (std::size_t i = 0; i < limits.size(); ++i) {
+      const LimitSpec& spec = limits[i];
+      for (std::size_t j = 0; j < i; ++j) {
+        if (limits[j].options.name == spec.options.name) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("tier \"", detail::av(name),
+                           "\": two limits named \"", spec.options.name, "\""));
+        }
+      }
+      const Entry* same = prev ? find_entry(*prev, spec.options.name) : nullptr;
+      absl::StatusOr<Entry> e = same ? reuse(*same, spec) : build(spec);
+      if (!e.ok()) {
+        return absl::Status(e.status().code(),
+                            absl::StrCat("tier \"", detail::av(name),
+                                         "\": ", e.status().message()));
+      }
+      next.push_back(*e);
+    }
+    // All built: apply the in-place changes, then publish.
+    for (std::size_t i = 0; i < limits.size(); ++i) {
+      if (next[i].reconfigure) {
+        if (absl::Status st = next[i].reconfigure(); !st.ok()) return st;
+        next[i].reconfigure = nullptr;
+      }
+      next[i].limit->set_shadow(limits[i].options.shadow);
+    }
+    auto snap = std::make_unique<Snapshot>(old);
+    snap->tiers[std::string(name)] = std::move(next);
+    current_.store(snap.get(), std::memory_order_release);
+    snapshots_.push_back(std::move(snap));
+    return absl::OkStatus();
+  }
+
+  // acquire
+  //
+  // The chain of tier `tier` for `who`, each limit costing 1 (requests) or
+  // `tokens` (tokens). kNotFound for an unknown tier; kInvalidArgument when
+  // `who` lacks a field a limit is scoped by (counted as an error on that
+  // limit). A refusal is a ChainDecision, not an error.
+  absl::StatusOr<ChainDecision> acquire(std::string_view tier,
+                                        const Subject& who, Cost tokens) {
+    const Tier* t = find_tier(tier);
+    if (t == nullptr) return unknown(tier);
+    thread_local std::string keys;
+    absl::InlinedVector<ChainItem, 4> items;
+    if (absl::Status st = make_items(*t, who, tokens, keys, items); !st.ok()) {
+      return st;
+    }
+    return chain_.acquire(std::span<const ChainItem>(items));
+  }
+
+  // peek
+  //
+  // What acquire would decide, counting nothing.
+  absl::StatusOr<ChainDecision> peek(std::string_view tier, const Subject& who,
+                                     Cost tokens) const {
+    const Tier* t = find_tier(tier);
+    if (t == nullptr) return unknown(tier);
+    thread_local std::string keys;
+    absl::InlinedVector<ChainItem, 4> items;
+    if (absl::Status st = make_items(*t, who, tokens, keys, items); !st.ok()) {
+      return st;
+    }
+    return chain_.peek(std::span<const ChainItem>(items));
+  }
+
+  // refund_tokens
+  //
+  // Gives back `tokens` to the tier's token limits for `who`, charged at
+  // `charged_at` (the decision's `at`): the part of an estimate the call did
+  // not use. Request limits are left alone.
+  absl::Status refund_tokens(std::string_view tier, const Subject& who,
+                             Cost tokens, Nanos charged_at) {
+    const Tier* t = find_tier(tier);
+    if (t == nullptr) return unknown(tier);
+    thread_local std::string keys;
+    absl::InlinedVector<ChainItem, 4> items;
+    if (absl::Status st = make_items(*t, who, tokens, keys, items); !st.ok()) {
+      return st;
+    }
+    absl::InlinedVector<ChainItem, 4> token_items;
+    for (const ChainItem& it : items) {
+      if (it.limit->unit() == Unit::kTokens) token_items.push_back(it);
+    }
+    chain_.refund(std::span<const ChainItem>(token_items), charged_at);
+    return absl::OkStatus();
+  }
+
+  // The limits of a tier in chain order (empty for an unknown tier).
+  std::vector<Limit*> limits(std::string_view tier) const {
+    std::vector<Limit*> out;
+    if (const Tier* t = find_tier(tier)) {
+      for (const Entry& e : *t) out.push_back(e.limit);
+    }
+    return out;
+  }
+
+  // Every limit of every tier now, tiers in name order: for metrics.
+  std::vector<std::pair<std::string, Limit*>> all_limits() const {
+    const Snapshot& s = *current_.load(std::memory_order_acquire);
+    std::vector<std::pair<std::string, Limit*>> out;
+    for (const auto& [name, tier] : s.tiers) {
+      for (const Entry& e : tier) out.emplace_back(name, e.limit);
+    }
+    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first < b.first
+                                : a.second->name() < b.second->name();
+    });
+    return out;
+  }
+
+  Chain<C>& chain() noexcept { return chain_; }
+
+ private:
+  struct Entry {
+    Limit* limit = nullptr;
+    Scope scope;
+    PolicyKind kind = PolicyKind::kTokenBucket;
+    Unit unit = Unit::kRequests;
+    bool charge_on_reject = false;
+    Nanos period{0};
+    // Set between validation and publication in set_tier only.
+    std::function<absl::Status()> reconfigure;
+  };
+  using Tier = std::vector<Entry>;
+  struct Snapshot {
+    absl::flat_hash_map<std::string, Tier> tiers;
+  };
+
+  static const Entry* find_entry(const Tier& t, std::string_view name) {
+    for (const Entry& e : t) {
+      if (e.limit->name() == name) return &e;
+    }
+    return nullptr;
+  }
+
+  const Tier* find_tier(std::string_view name) const {
+    const Snapshot& s = *current_.load(std::memory_order_acquire);
+    const auto it = s.tiers.find(detail::av(name));
+    return it == s.tiers.end() ? nullptr : &it->second;
+  }
+
+  static absl::Status unknown(std::string_view tier) {
+    return absl::NotFoundError(
+        absl::StrCat("no tier named \"", detail::av(tier), "\""));
+  }
+
+  absl::Status make_items(const Tier& t, const Subject& who, Cost tokens,
+                          std::string& keys,
+                          absl::InlinedVector<ChainItem, 4>& items) const {
+    keys.clear();
+    absl::InlinedVector<std::size_t, 5> ends;
+    for (const Entry& e : t) {
+      if (absl::Status st = append_subject_key(e.scope, who, keys); !st.ok()) {
+        e.limit->metrics().record_error();
+        return absl::InvalidArgumentError(
+            absl::StrCat("limit \"", e.limit->name(), "\": ", st.message()));
+      }
+      ends.push_back(keys.size());
+    }
+    std::size_t begin = 0;
+    for (std::size_t i = 0; i < t.size(); ++i) {
+      const std::string_view key(keys.data() + begin, ends[i] - begin);
+      items.push_back(ChainItem{t[i].limit, key,
+                                t[i].unit == Unit::kTokens ? tokens : Cost{1}});
+      begin = ends[i];
+    }
+    return absl::OkStatus();
+  }
+
+  template <class P>
+  static absl::StatusOr<P> make_policy(const LimitSpec& s) {
+    if constexpr (std::is_same_v<P, TokenBucket>) {
+      return TokenBucket::create(s.rate, s.burst == 0 ? s.rate.count : s.burst);
+    } else {
+      return P::create(s.rate);
+    }
+  }
+
+  // A new limit for `spec`, owned by the table.
+  absl::StatusOr<Entry> build(const LimitSpec& spec) {
+    switch (spec.kind) {
+      case PolicyKind::kTokenBucket:
+        return build_as<TokenBucket>(spec);
+      case PolicyKind::kFixedWindow:
+        return build_as<FixedWindow>(spec);
+      case PolicyKind::kSlidingWindow:
+        return build_as<SlidingWindow>(spec);
+    }
+    return absl::InvalidArgumentError("unknown PolicyKind");
+  }
+
+  template <class P>
+  absl::StatusOr<Entry> build_as(const LimitSpec& spec) {
+    absl::StatusOr<P> p = make_policy<P>(spec);
+    if (!p.ok()) return p.status();
+    auto l =
+        make_limit<ShardedStore>(spec.options, *std::move(p), store_options_);
+    if (!l.ok()) return l.status();
+    Entry e{l->get(),
+            spec.scope,
+            spec.kind,
+            spec.options.unit,
+            spec.options.charge_on_reject,
+            spec.rate.period,
+            nullptr};
+    owned_.push_back(*std::move(l));
+    return e;
+  }
+
+  // The existing limit changed in place when its state carries over, else
+  // a new one.
+  absl::StatusOr<Entry> reuse(const Entry& old, const LimitSpec& spec) {
+    const bool windowed = spec.kind != PolicyKind::kTokenBucket;
+    if (old.kind != spec.kind || !(old.scope == spec.scope) ||
+        old.unit != spec.options.unit ||
+        old.charge_on_reject != spec.options.charge_on_reject ||
+        (windowed && old.period != spec.rate.period) ||
+        spec.options.near_limit_permille != old.limit->near_limit_permille()) {
+      return build(spec);
+    }
+    if (absl::Status st = detail::check_limit_options(spec.options); !st.ok()) {
+      return st;
+    }
+    Entry e = old;
+    e.period = spec.rate.period;
+    switch (spec.kind) {
+      case PolicyKind::kTokenBucket:
+        return reuse_as<TokenBucket>(e, spec);
+      case PolicyKind::kFixedWindow:
+        return reuse_as<FixedWindow>(e, spec);
+      case PolicyKind::kSlidingWindow:
+        return reuse_as<SlidingWindow>(e, spec);
+    }
+    return absl::InvalidArgumentError("unknown PolicyKind");
+  }
+
+  template <class P>
+  static absl::StatusOr<Entry> reuse_as(Entry e, const LimitSpec& spec) {
+    absl::StatusOr<P> p = make_policy<P>(spec);
+    if (!p.ok()) return p.status();
+    auto* limit = static_cast<PolicyLimit<P, ShardedStore>*>(e.limit);
+    e.reconfigure = [limit, policy = *std::move(p)]() mutable {
+      return limit->reconfigure(std::move(policy));
+    };
+    return e;
+  }
+
+  const ShardedOptions store_options_;
+  Chain<C> chain_;
+  detail::Mutex mu_;
+  std::atomic<const Snapshot*> current_{nullptr};
+  std::deque<std::unique_ptr<Snapshot>> snapshots_;  // guarded by mu_
+  std::deque<std::unique_ptr<Limit>> owned_;         // guarded by mu_
+};
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_TIERS_HPP_
