@@ -10,7 +10,8 @@
 #                                      Benchmark, python3, gnuplot)
 set -euo pipefail
 
-packages=(cmake ninja-build g++ make libabsl-dev libfmt-dev catch2)
+packages=(cmake ninja-build g++ make pkg-config libabsl-dev libfmt-dev catch2
+          libcpp-httplib-dev nlohmann-json3-dev)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(clang-14 libclang-rt-14-dev clang-format-14)
 elif [[ "${1:-}" == "--bench" ]]; then

@@ -86,10 +86,10 @@ constexpr std::string_view error_code(Refusal r) noexcept {
 //   message      for people; never holds secrets (no API keys).
 struct Rejection {
   Refusal kind = Refusal::kRateLimited;
-  std::string limit;
+  std::string limit{};
   Nanos retry_after{0};
-  std::optional<std::chrono::system_clock::time_point> resets_at;
-  std::string message;
+  std::optional<std::chrono::system_clock::time_point> resets_at{};
+  std::string message{};
 
   int status() const noexcept { return http_status(kind); }
 

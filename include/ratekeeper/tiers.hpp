@@ -143,10 +143,21 @@ class TierTable {
   // limit). A refusal is a ChainDecision, not an error.
   absl::StatusOr<ChainDecision> acquire(std::string_view tier,
                                         const Subject& who, Cost tokens) {
+    return acquire(tier, who, tokens, {});
+  }
+
+  // acquire
+  //
+  // As above, with `first` (limits of your own: a per-IP limit shared by
+  // every tier, say) acquired ahead of the tier's limits, in the same all or
+  // nothing chain. Their results come first in the decision.
+  absl::StatusOr<ChainDecision> acquire(std::string_view tier,
+                                        const Subject& who, Cost tokens,
+                                        std::span<const ChainItem> first) {
     const Tier* t = find_tier(tier);
     if (t == nullptr) return unknown(tier);
     thread_local std::string keys;
-    absl::InlinedVector<ChainItem, 4> items;
+    absl::InlinedVector<ChainItem, 4> items(first.begin(), first.end());
     if (absl::Status st = make_items(*t, who, tokens, keys, items); !st.ok()) {
       return st;
     }
