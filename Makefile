@@ -1,7 +1,8 @@
 # The two commands of the README, over the CMake presets:
 #   make demo   installs what is missing, builds and runs the gateway demo
 #   make test   installs what is missing, builds and runs every test: g++ and
-#               clang++ release builds, ASan+UBSan, TSan, and the format check
+#               clang++ release builds, ASan+UBSan, TSan, 1M runs of each
+#               libFuzzer target, and the format check
 # CI=true (as CI sets it) turns warnings into errors.
 
 ifneq ($(filter true 1 yes,$(CI)),)
@@ -10,7 +11,7 @@ else
 export RATEKEEPER_WERROR ?= OFF
 endif
 
-PRESETS := release clang asan tsan
+PRESETS := release clang asan tsan fuzz
 FORMAT_FILES = $(shell find include tests examples benchmarks \( -name '*.hpp' -o -name '*.cpp' \) 2>/dev/null)
 
 .PHONY: demo test bench deps deps-test deps-bench format format-check \
