@@ -300,6 +300,100 @@ void BM_Acquire_TokenBucket_InMemory_HotKey(benchmark::State& state) {
   hot_key<rk::InMemoryStore>(state);
 }
 
+// -------------------------------------------------------------- chains --
+
+// Requests per minute per user (sliding), tokens per minute per user
+// (bucket), tokens per day per team (fixed): the three limits, set
+// so that every call is admitted (or, in _Denied, refused by the last).
+struct ChainRig {
+  std::unique_ptr<rk::PolicyLimit<rk::SlidingWindow>> rpm =
+      rk::make_limit({.name = "rpm"}, allow_all<rk::SlidingWindow>()).value();
+  std::unique_ptr<rk::PolicyLimit<rk::TokenBucket>> tpm =
+      rk::make_limit({.name = "tpm", .unit = rk::Unit::kTokens},
+                     rk::TokenBucket::create(rk::per_second(1'000'000'000),
+                                             1'000'000'000'000'000)
+                         .value())
+          .value();
+  std::unique_ptr<rk::PolicyLimit<rk::FixedWindow>> tpd;
+  explicit ChainRig(bool deny_last)
+      : tpd(rk::make_limit({.name = "tpd", .unit = rk::Unit::kTokens},
+                           deny_last
+                               ? rk::FixedWindow::create(rk::per_day(1)).value()
+                               : allow_all<rk::FixedWindow>())
+                .value()) {}
+};
+
+void chain_run(benchmark::State& state, bool deny_last) {
+  ChainRig rig(deny_last);
+  rk::Chain<> chain;
+  const rk::ChainItem items[] = {{rig.rpm.get(), "user:42", 1},
+                                 {rig.tpm.get(), "user:42", 100},
+                                 {rig.tpd.get(), "team:7", 100}};
+  static_cast<void>(chain.acquire(items));
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += chain.acquire(items).allowed;
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+}
+
+// One chain of three limits, all admitting: one clock read, three CASes.
+void BM_Chain_3Limits_Sharded(benchmark::State& state) {
+  chain_run(state, false);
+}
+BENCHMARK(BM_Chain_3Limits_Sharded);
+
+// The last limit refuses: two takes given back, one peek.
+void BM_Chain_3Limits_Sharded_Denied(benchmark::State& state) {
+  chain_run(state, true);
+}
+BENCHMARK(BM_Chain_3Limits_Sharded_Denied);
+
+// The same three limits as three Limiters acquired one after the other (no
+// roll-back, three clock reads): what callers do without chains.
+void BM_Chain_3SeparateAcquires_Sharded(benchmark::State& state) {
+  rk::Limiter<rk::SlidingWindow> rpm(allow_all<rk::SlidingWindow>());
+  rk::Limiter<rk::TokenBucket> tpm(
+      rk::TokenBucket::create(rk::per_second(1'000'000'000),
+                              1'000'000'000'000'000)
+          .value());
+  rk::Limiter<rk::FixedWindow> tpd(allow_all<rk::FixedWindow>());
+  std::uint64_t allowed = 0;
+  for (auto _ : state) {
+    allowed += rpm.acquire("user:42", 1).allowed &&
+               tpm.acquire("user:42", 100).allowed &&
+               tpd.acquire("team:7", 100).allowed;
+  }
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_Chain_3SeparateAcquires_Sharded);
+
+// A tier's chain from identities: three subject keys built per call.
+void BM_Tier_3Limits_Sharded(benchmark::State& state) {
+  rk::TierTable<> tiers;
+  tiers
+      .set_tier("pro", {{{.name = "rpm"},
+                         rk::Field::kUser,
+                         rk::PolicyKind::kSlidingWindow,
+                         rk::per_second(4'000'000'000)},
+                        {{.name = "tpm", .unit = rk::Unit::kTokens},
+                         rk::Field::kUser,
+                         rk::PolicyKind::kTokenBucket,
+                         rk::per_second(1'000'000'000),
+                         1'000'000'000'000'000},
+                        {{.name = "tpd", .unit = rk::Unit::kTokens},
+                         rk::Field::kTeam,
+                         rk::PolicyKind::kFixedWindow,
+                         rk::per_second(1'000'000'000'000)}})
+      .IgnoreError();
+  const rk::Subject who{.user = "user:42", .team = "team:7"};
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += tiers.acquire("pro", who, 100)->allowed;
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_Tier_3Limits_Sharded);
+
 #define RK_THREADED(fn, S)                                                     \
   BENCHMARK(fn)                                                                \
       ->Setup(Shared<rk::S>::setup)                                            \

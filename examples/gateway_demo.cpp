@@ -1,16 +1,18 @@
 // gateway_demo: a simulated day of LLM API traffic through ratekeeper.
 //
-// Users of three tiers (free, pro, enterprise) call a chat model all day;
-// each call carries a token estimate (prompt + max output). Every call is
-// checked against its tier's limits, per authenticated user:
-//   requests per minute   SlidingWindow
-//   tokens per minute     TokenBucket, weighted by the call's tokens
-//   requests per day      FixedWindow (free tier only)
-// A call must pass all of them; when a later limit denies, the earlier ones
-// are refunded, so a denied call consumes nothing.
+// Users of three tiers (free, pro, enterprise), in teams of five, call a chat
+// model all day; each call carries a token estimate (prompt + max output).
+// Every call goes through its tier's chain of limits, all or nothing:
+//   requests per minute per user   SlidingWindow
+//   tokens per minute per user     TokenBucket, weighted by the estimate
+//   tokens per day per team        FixedWindow, weighted by the estimate
+// When a later limit refuses, the earlier ones give back what they took, so
+// a refused call consumes nothing. After an admitted call the tokens it did
+// not use (the estimate minus the usage the provider reports) go back.
 //
 // Time is a ManualClock, so the day runs at full speed. At the end it prints
-// a table per tier and the measured cost of one check on the real clock.
+// a table per tier, the HTTP headers of the first refused call, and the
+// measured cost of a check on the real clock.
 //
 //   gateway_demo [--users N] [--seed S]
 #include <algorithm>
@@ -25,7 +27,9 @@
 #include <string>
 #include <vector>
 
+#include "ratekeeper/errors.hpp"
 #include "ratekeeper/fmt.hpp"
+#include "ratekeeper/http/headers.hpp"
 #include "ratekeeper/ratekeeper.hpp"
 
 namespace rk = ratekeeper;
@@ -37,59 +41,49 @@ namespace {
 
 struct TierSpec {
   const char* name;
-  std::uint64_t rpm;         // requests per minute
-  std::uint64_t tpm;         // tokens per minute
-  std::uint64_t rpd;         // requests per day, 0 = none
+  std::uint64_t rpm;         // requests per minute, per user
+  std::uint64_t tpm;         // tokens per minute, per user
+  std::uint64_t tpd;         // tokens per day, per team
   double share;              // share of users
   double calls_per_hour;     // an average user's appetite
   std::uint64_t max_output;  // max_tokens the tier's clients ask for
 };
 
 constexpr TierSpec kTiers[] = {
-    {"free", 10, 20'000, 200, 0.70, 25, 1'024},
-    {"pro", 60, 150'000, 0, 0.25, 90, 4'096},
-    {"enterprise", 600, 2'000'000, 0, 0.05, 900, 8'192},
+    {"free", 10, 20'000, 1'500'000, 0.70, 25, 1'024},
+    {"pro", 60, 150'000, 40'000'000, 0.25, 90, 4'096},
+    {"enterprise", 600, 2'000'000, 1'000'000'000, 0.05, 900, 8'192},
 };
 
 using Clock = rk::ManualClock;
-template <class P>
-using UserLimiter =
-    rk::Limiter<P, rk::ShardedStore, Clock>;  // the default store
 
-// The limits of one tier, each keyed by user.
-struct TierLimits {
-  UserLimiter<rk::SlidingWindow> rpm;
-  UserLimiter<rk::TokenBucket> tpm;
-  std::optional<UserLimiter<rk::FixedWindow>> rpd;
-
-  // Each store sized for this demo's users: its memory (about 30 bytes per
-  // key of capacity) is allocated up front.
-  static rk::ShardedOptions sized() {
-    rk::ShardedOptions o;
-    o.capacity = 16'384;
-    return o;
-  }
-
-  TierLimits(const TierSpec& t, const Clock& clock)
-      : rpm(rk::SlidingWindow::create(rk::per_minute(t.rpm)).value(), sized(),
-            clock),
-        tpm(rk::TokenBucket::create(rk::per_minute(t.tpm), t.tpm).value(),
-            sized(), clock) {
-    if (t.rpd != 0) {
-      rpd.emplace(rk::FixedWindow::create(rk::per_day(t.rpd)).value(), sized(),
-                  clock);
-    }
-  }
-};
+std::vector<rk::LimitSpec> chain_of(const TierSpec& t) {
+  return {
+      {{.name = "rpm"},
+       rk::Field::kUser,
+       rk::PolicyKind::kSlidingWindow,
+       rk::per_minute(t.rpm)},
+      {{.name = "tpm", .unit = rk::Unit::kTokens},
+       rk::Field::kUser,
+       rk::PolicyKind::kTokenBucket,
+       rk::per_minute(t.tpm),
+       t.tpm},
+      {{.name = "tpd", .unit = rk::Unit::kTokens},
+       rk::Field::kTeam,
+       rk::PolicyKind::kFixedWindow,
+       rk::per_day(t.tpd)},
+  };
+}
 
 struct TierStats {
   std::uint64_t users = 0, tried = 0, admitted = 0;
-  std::uint64_t denied_rpm = 0, denied_tpm = 0, denied_rpd = 0;
-  std::uint64_t tokens_admitted = 0, tokens_denied = 0;
+  std::uint64_t denied_rpm = 0, denied_tpm = 0, denied_tpd = 0;
+  std::uint64_t tokens_admitted = 0, tokens_used = 0, tokens_denied = 0;
 };
 
 struct User {
-  std::string key;  // "user:<id>": an authenticated subject, not an IP
+  std::string id;    // an authenticated subject, not an IP
+  std::string team;  // five users to a team
   int tier;
   double calls_per_hour;
   bool bursty;  // sends in bursts (a batch job or a retry loop)
@@ -150,6 +144,27 @@ void measure_check_cost() {
   const double s = ns_per_check(sharded, keys, kCalls);
   const double c = ns_per_check(cached, keys, kCalls);
   const double m = ns_per_check(in_memory, keys, kCalls);
+  // A chain of three limits over the same keys: one clock read, three CASes.
+  auto a = rk::make_limit({.name = "a"}, policy, small).value();
+  auto b = rk::make_limit({.name = "b"}, policy, small).value();
+  auto t = rk::make_limit({.name = "t"}, policy, small).value();
+  rk::Chain<> chain;
+  std::uint64_t allowed = 0;
+  const auto c0 = std::chrono::steady_clock::now();
+  std::size_t k = 0;
+  for (int i = 0; i < kCalls; ++i) {
+    allowed += chain
+                   .acquire({{a.get(), keys[k], 1},
+                             {b.get(), keys[k], 100},
+                             {t.get(), keys[k / 5], 100}})
+                   .allowed;
+    if (++k == keys.size()) k = 0;
+  }
+  const double chain_ns = std::chrono::duration<double, std::nano>(
+                              std::chrono::steady_clock::now() - c0)
+                              .count() /
+                          kCalls;
+  if (allowed != static_cast<std::uint64_t>(kCalls)) std::abort();
   std::int64_t sink = 0;
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < kCalls; ++i) sink += rk::SteadyClock{}.now().count() & 1;
@@ -162,8 +177,9 @@ void measure_check_cost() {
       "  ShardedStore + SteadyClock  {:6.1f} ns   (one clock read alone: "
       "{:.1f} ns{})\n"
       "  ShardedStore + CachedClock  {:6.1f} ns\n"
-      "  InMemoryStore + SteadyClock {:6.1f} ns\n",
-      s, clock_ns, sink < 0 ? "?" : "", c, m);
+      "  InMemoryStore + SteadyClock {:6.1f} ns\n"
+      "  Chain of 3 limits, sharded  {:6.1f} ns   ({:.2f}x one check)\n",
+      s, clock_ns, sink < 0 ? "?" : "", c, m, chain_ns, chain_ns / s);
 }
 
 }  // namespace
@@ -173,9 +189,16 @@ int main(int argc, char** argv) {
   const auto seed = arg_or(argc, argv, "--seed", 20261128);
   std::mt19937_64 rng(seed);
 
-  Clock clock;                    // the simulated day starts at midnight, t = 0
-  std::deque<TierLimits> limits;  // a Limiter does not move: no vector
-  for (const auto& t : kTiers) limits.emplace_back(t, clock);
+  Clock clock;  // the simulated day starts at midnight, t = 0
+  // Each limit's store sized for this demo's users: its memory (about 30
+  // bytes per key of capacity) is allocated up front.
+  rk::TierTable<Clock> tiers(rk::ShardedOptions{.capacity = 16'384}, clock);
+  for (const auto& t : kTiers) {
+    if (const absl::Status st = tiers.set_tier(t.name, chain_of(t)); !st.ok()) {
+      fmt::print(stderr, "gateway_demo: {}\n", st.ToString());
+      return 1;
+    }
+  }
   std::vector<TierStats> stats(std::size(kTiers));
 
   std::vector<User> users;
@@ -194,8 +217,9 @@ int main(int argc, char** argv) {
     // Appetites vary tenfold between users of one tier.
     const double appetite =
         kTiers[tier].calls_per_hour * std::exp(unit(rng) * 2.3 - 1.15);
-    users.push_back(
-        {"user:" + std::to_string(i), tier, appetite, unit(rng) < 0.1});
+    users.push_back({"user-" + std::to_string(i),
+                     fmt::format("{}-team-{}", kTiers[tier].name, i / 5), tier,
+                     appetite, unit(rng) < 0.1});
     ++stats[static_cast<std::size_t>(tier)].users;
   }
 
@@ -214,7 +238,8 @@ int main(int argc, char** argv) {
   for (std::size_t u = 0; u < users.size(); ++u) schedule(u, 0);
 
   std::lognormal_distribution<double> prompt_tokens(6.5, 1.0);  // ~665 median
-  std::optional<std::pair<rk::Decision, std::string>> sample_denial;
+  std::optional<rk::ChainDecision> first_denial;
+  std::string first_denial_who;
   std::uint64_t calls = 0;
   const auto wall0 = std::chrono::steady_clock::now();
   while (!queue.empty()) {
@@ -224,40 +249,44 @@ int main(int argc, char** argv) {
     clock.set(rk::Nanos{a.at_ns});
     const User& user = users[a.user];
     const auto tier = static_cast<std::size_t>(user.tier);
-    TierLimits& lim = limits[tier];
     TierStats& st = stats[tier];
     // Reserve the worst case: prompt estimate plus max output tokens.
-    const auto tokens =
-        std::min<std::uint64_t>(static_cast<std::uint64_t>(prompt_tokens(rng)),
-                                kTiers[tier].tpm / 2) +
-        kTiers[tier].max_output;
+    const auto prompt = std::min<std::uint64_t>(
+        static_cast<std::uint64_t>(prompt_tokens(rng)), kTiers[tier].tpm / 2);
+    const std::uint64_t estimate = prompt + kTiers[tier].max_output;
     ++st.tried;
     ++calls;
 
-    bool ok = true;
-    const rk::Decision r = lim.rpm.acquire(user.key);
-    if (!r) {
-      ++st.denied_rpm;
-      ok = false;
-      if (!sample_denial)
-        sample_denial.emplace(r, "requests/min of " + user.key);
-    } else if (const rk::Decision t = lim.tpm.acquire(user.key, tokens); !t) {
-      ++st.denied_tpm;
-      lim.rpm.refund(user.key, 1);  // all or nothing
-      ok = false;
-    } else if (lim.rpd) {
-      if (const rk::Decision d = lim.rpd->acquire(user.key); !d) {
-        ++st.denied_rpd;
-        lim.rpm.refund(user.key, 1);
-        lim.tpm.refund(user.key, tokens);
-        ok = false;
-      }
+    const rk::Subject who{.user = user.id, .team = user.team};
+    const absl::StatusOr<rk::ChainDecision> d =
+        tiers.acquire(kTiers[tier].name, who, estimate);
+    if (!d.ok()) {
+      fmt::print(stderr, "gateway_demo: {}\n", d.status().ToString());
+      return 1;
     }
-    if (ok) {
+    if (d->allowed) {
       ++st.admitted;
-      st.tokens_admitted += tokens;
+      st.tokens_admitted += estimate;
+      // The provider's usage: the prompt, and some of max_tokens.
+      const auto output = static_cast<std::uint64_t>(
+          unit(rng) * static_cast<double>(kTiers[tier].max_output));
+      st.tokens_used += prompt + output;
+      if (const absl::Status r = tiers.refund_tokens(
+              kTiers[tier].name, who, estimate - prompt - output, d->at);
+          !r.ok()) {
+        return 1;
+      }
     } else {
-      st.tokens_denied += tokens;
+      st.tokens_denied += estimate;
+      const std::string& by = d->binding_result()->limit->name();
+      if (by == "rpm") ++st.denied_rpm;
+      if (by == "tpm") ++st.denied_tpm;
+      if (by == "tpd") ++st.denied_tpd;
+      if (!first_denial) {
+        first_denial = *d;
+        first_denial_who = fmt::format("{} of {} ({} tier), {} tokens", user.id,
+                                       user.team, kTiers[tier].name, estimate);
+      }
     }
     schedule(a.user, a.at_ns);
   }
@@ -268,40 +297,61 @@ int main(int argc, char** argv) {
   fmt::print("ratekeeper gateway demo: one simulated day, {} users, seed {}\n",
              n_users, seed);
   fmt::print(
-      "{} calls checked in {:.2f} s of CPU ({:.0f} ns per call, "
-      "2-3 limits each)\n\n",
+      "{} calls checked in {:.2f} s of CPU ({:.0f} ns per call: a chain of 3 "
+      "limits, and a refund of unused tokens after each admitted call)\n\n",
       calls, wall_s,
       wall_s * 1e9 / static_cast<double>(std::max<std::uint64_t>(calls, 1)));
-  fmt::print("{:<11} {:>6} {:>10} {:>10} {:>9} {:>9} {:>9} {:>15} {:>15}\n",
-             "tier", "users", "tried", "admitted", "rpm-deny", "tpm-deny",
-             "rpd-deny", "tokens-admit", "tokens-denied");
+  fmt::print(
+      "{:<11} {:>6} {:>9} {:>9} {:>8} {:>8} {:>8} {:>13} {:>13} {:>13}\n",
+      "tier", "users", "tried", "admitted", "rpm-deny", "tpm-deny", "tpd-deny",
+      "tokens-held", "tokens-used", "tokens-denied");
   for (std::size_t t = 0; t < std::size(kTiers); ++t) {
     const TierStats& s = stats[t];
-    fmt::print("{:<11} {:>6} {:>10} {:>10} {:>9} {:>9} {:>9} {:>15} {:>15}\n",
-               kTiers[t].name, s.users, s.tried, s.admitted, s.denied_rpm,
-               s.denied_tpm, s.denied_rpd, s.tokens_admitted, s.tokens_denied);
+    fmt::print(
+        "{:<11} {:>6} {:>9} {:>9} {:>8} {:>8} {:>8} {:>13} {:>13} {:>13}\n",
+        kTiers[t].name, s.users, s.tried, s.admitted, s.denied_rpm,
+        s.denied_tpm, s.denied_tpd, s.tokens_admitted, s.tokens_used,
+        s.tokens_denied);
   }
-  fmt::print("\nLimits per user: ");
+  fmt::print("\nLimits: ");
   for (const auto& t : kTiers) {
-    fmt::print("{} {} req/min, {} tokens/min{}; ", t.name, t.rpm, t.tpm,
-               t.rpd ? fmt::format(", {} req/day", t.rpd) : "");
+    fmt::print(
+        "{} {} req/min and {} tokens/min per user, {} tokens/day per "
+        "team; ",
+        t.name, t.rpm, t.tpm, t.tpd);
   }
   fmt::print("\n");
-  if (sample_denial) {
-    fmt::print("First denial ({}): {}\n", sample_denial->second,
-               sample_denial->first);
+  if (first_denial) {
+    const rk::Rejection r = rk::Rejection::from(*first_denial);
+    fmt::print("\nThe first refused call ({}), as a server answers it:\n",
+               first_denial_who);
+    fmt::print("HTTP/1.1 {} {}\n", r.status(),
+               r.status() == 429 ? "Too Many Requests" : "Content Too Large");
+    for (const auto& h : rk::http::rate_limit_headers(*first_denial)) {
+      fmt::print("{}: {}\n", h.name, h.value);
+    }
+    fmt::print("\n{}\n", r.json_body());
   }
   std::uint64_t held = 0;
-  for (auto& l : limits) held += l.rpm.stats().keys + l.tpm.stats().keys;
-  fmt::print("States held at the end of the day: {}\n", held);
+  for (const auto& [tier, limit] : tiers.all_limits()) {
+    held += limit->store_stats().keys;
+  }
+  fmt::print("\nStates held at the end of the day: {}\n", held);
 
   measure_check_cost();
 
-  // The books must balance: every call is admitted or denied exactly once.
+  // The books must balance: every call is admitted or refused exactly once,
+  // and the limits counted as many admissions as the table.
+  std::uint64_t admitted = 0;
   for (const auto& s : stats) {
-    if (s.admitted + s.denied_rpm + s.denied_tpm + s.denied_rpd != s.tried) {
+    if (s.admitted + s.denied_rpm + s.denied_tpm + s.denied_tpd != s.tried) {
       return 1;
     }
+    admitted += s.admitted;
   }
-  return calls > 0 ? 0 : 1;
+  std::uint64_t counted = 0;
+  for (const auto& [tier, limit] : tiers.all_limits()) {
+    if (limit->name() == "rpm") counted += limit->counts().allowed;
+  }
+  return calls > 0 && counted == admitted ? 0 : 1;
 }

@@ -29,14 +29,14 @@ inline std::string format_nanos(Nanos d) {
   const std::uint64_t mag =
       n < 0 ? 0 - static_cast<std::uint64_t>(n) : static_cast<std::uint64_t>(n);
   const char* sign = n < 0 ? "-" : "";
-  struct Unit {
+  struct Step {
     std::uint64_t ns;
     int digits;
     const char* name;
   };
-  static constexpr Unit kUnits[] = {
+  static constexpr Step kUnits[] = {
       {1'000'000'000, 9, "s"}, {1'000'000, 6, "ms"}, {1'000, 3, "us"}};
-  for (const Unit& u : kUnits) {
+  for (const Step& u : kUnits) {
     if (mag < u.ns) continue;
     std::string frac = fmt::format("{:0{}}", mag % u.ns, u.digits);
     while (!frac.empty() && frac.back() == '0') frac.pop_back();
