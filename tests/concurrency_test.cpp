@@ -26,6 +26,7 @@
 #include "ratekeeper/policy/token_bucket.hpp"
 #include "ratekeeper/store/in_memory.hpp"
 #include "ratekeeper/store/sharded.hpp"
+#include "ratekeeper/tiers.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -511,4 +512,58 @@ TEMPLATE_TEST_CASE(
   CAPTURE(seed);
   chain_frozen_clock_run<TestType::template Store>(
       seed, std::max(20, static_cast<int>(300 * rk_test::scale())));
+}
+
+// Tiers changed while 4 threads acquire through them: the snapshot swap and
+// reconfigure() under TSan (T2b), and no call lost or failed meanwhile.
+TEST_CASE("set_tier while 4 threads acquire", "[tiers][T2b][concurrency]") {
+  auto spec = [](std::uint64_t rpm) {
+    return std::vector<LimitSpec>{{{.name = "rpm"},
+                                   Field::kUser,
+                                   PolicyKind::kFixedWindow,
+                                   per_minute(rpm)},
+                                  {{.name = "tpm", .unit = Unit::kTokens},
+                                   Field::kUser,
+                                   PolicyKind::kTokenBucket,
+                                   per_minute(1'000'000'000),
+                                   1'000'000'000},
+                                  {{.name = "tpd", .unit = Unit::kTokens},
+                                   Field::kTeam,
+                                   PolicyKind::kSlidingWindow,
+                                   per_day(1'000'000'000)}};
+  };
+  TierTable<> tiers(ShardedOptions{.capacity = 1024});
+  REQUIRE(tiers.set_tier("t", spec(1'000'000)).ok());
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> ok{0}, failed{0};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 4; ++w) {
+    threads.emplace_back([&, w] {
+      const std::string user = "u" + std::to_string(w);
+      while (!stop.load(std::memory_order_relaxed)) {
+        const auto d = tiers.acquire("t", {.user = user, .team = "x"}, 1);
+        if (d.ok() && d->allowed) {
+          ok.fetch_add(1, std::memory_order_relaxed);
+        } else {
+          failed.fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+    });
+  }
+  auto wait_for_calls = [&](std::uint64_t n) {
+    while (ok.load(std::memory_order_relaxed) < n) std::this_thread::yield();
+  };
+  wait_for_calls(100);
+  for (int i = 0; i < 200; ++i) {
+    const std::uint64_t before = ok.load(std::memory_order_relaxed);
+    REQUIRE(tiers.set_tier("t", spec(1'000'000 + static_cast<std::uint64_t>(i)))
+                .ok());
+    wait_for_calls(before + 4);  // calls go on between changes
+  }
+  stop.store(true);
+  for (auto& t : threads) t.join();
+  CHECK(failed.load() == 0);
+  CHECK(tiers.limits("t")[0]->limit() == 1'000'199);
+  // Reconfigured in place: one rpm limit all along, its count intact.
+  CHECK(tiers.limits("t")[0]->counts().allowed == ok.load());
 }

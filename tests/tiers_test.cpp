@@ -2,7 +2,6 @@
 #include "ratekeeper/tiers.hpp"
 
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "test_util.hpp"
@@ -158,32 +157,4 @@ TEST_CASE("changing a tier at run time keeps state where it can", "[tiers]") {
   }
   // Metrics list every limit of every tier.
   CHECK(rig.tiers.all_limits().size() == 3);
-}
-
-TEST_CASE("set_tier while 4 threads acquire", "[tiers]") {
-  TierTable<> tiers(ShardedOptions{.capacity = 1024});
-  REQUIRE(tiers.set_tier("t", free_tier(1'000'000, 1'000'000'000)).ok());
-  std::atomic<bool> stop{false};
-  std::vector<std::thread> threads;
-  std::atomic<std::uint64_t> ok{0};
-  for (int w = 0; w < 4; ++w) {
-    threads.emplace_back([&, w] {
-      const std::string user = "u" + std::to_string(w);
-      while (!stop.load(std::memory_order_relaxed)) {
-        const auto d = tiers.acquire("t", {.user = user, .team = "x"}, 1);
-        if (d.ok() && d->allowed) ok.fetch_add(1, std::memory_order_relaxed);
-      }
-    });
-  }
-  for (int i = 0; i < 200; ++i) {
-    REQUIRE(
-        tiers
-            .set_tier("t", free_tier(1'000'000 + static_cast<std::uint64_t>(i),
-                                     1'000'000'000))
-            .ok());
-  }
-  stop.store(true);
-  for (auto& t : threads) t.join();
-  CHECK(ok.load() > 0);
-  CHECK(tiers.limits("t")[0]->limit() == 1'000'199);
 }

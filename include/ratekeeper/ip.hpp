@@ -277,14 +277,16 @@ inline absl::StatusOr<IpAddress> parse_node(std::string_view s) {
   return IpAddress::parse(s);
 }
 
-// Splits one header line into its comma-separated elements, commas inside
-// quoted strings included in their element. False on an unterminated quote.
-inline bool split_elements(std::string_view line,
-                           absl::InlinedVector<std::string_view, 8>& out) {
+// Splits `s` on `delim` outside quoted strings (a comma-separated header
+// line into elements, an element into its ';' parameters). False on an
+// unterminated quote.
+inline bool split_outside_quotes(
+    std::string_view s, char delim,
+    absl::InlinedVector<std::string_view, 8>& out) {
   std::size_t start = 0;
   bool quoted = false;
-  for (std::size_t i = 0; i < line.size(); ++i) {
-    const char c = line[i];
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
     if (quoted) {
       if (c == '\\') {
         ++i;
@@ -293,41 +295,26 @@ inline bool split_elements(std::string_view line,
       }
     } else if (c == '"') {
       quoted = true;
-    } else if (c == ',') {
-      out.push_back(line.substr(start, i - start));
+    } else if (c == delim) {
+      out.push_back(s.substr(start, i - start));
       start = i + 1;
     }
   }
   if (quoted) return false;
-  out.push_back(line.substr(start));
+  out.push_back(s.substr(start));
   return true;
 }
 
 // The node of a Forwarded element's "for" parameter, unquoted.
 inline absl::StatusOr<std::string> forwarded_for(std::string_view element) {
-  std::size_t i = 0;
   std::string found;
   bool have = false;
-  while (i <= element.size()) {
-    std::size_t end = i;
-    bool quoted = false;
-    for (; end < element.size(); ++end) {
-      const char c = element[end];
-      if (quoted) {
-        if (c == '\\') {
-          ++end;
-        } else if (c == '"') {
-          quoted = false;
-        }
-      } else if (c == '"') {
-        quoted = true;
-      } else if (c == ';') {
-        break;
-      }
-    }
-    const std::string_view pair =
-        trim_ows(element.substr(i, std::min(end, element.size()) - i));
-    i = end + 1;
+  absl::InlinedVector<std::string_view, 8> pairs;
+  if (!split_outside_quotes(element, ';', pairs)) {
+    return absl::InvalidArgumentError("Forwarded: unterminated quote");
+  }
+  for (const std::string_view raw : pairs) {
+    const std::string_view pair = trim_ows(raw);
     if (pair.empty()) continue;
     const std::size_t eq = pair.find('=');
     if (eq == std::string_view::npos) {
@@ -461,7 +448,7 @@ class TrustedProxies {
     absl::InlinedVector<std::string_view, 8> elems;
     for (std::size_t l = lines.size(); l-- > 0;) {
       elems.clear();
-      if (!detail::split_elements(lines[l], elems)) {
+      if (!detail::split_outside_quotes(lines[l], ',', elems)) {
         return absl::InvalidArgumentError(
             absl::StrCat(detail::av(header), ": unterminated quoted string"));
       }

@@ -33,15 +33,12 @@ namespace ratekeeper {
 
 namespace detail {
 
-// One limiter call as a StoreOp: the policy's step at a fixed time and cost.
+// What every limiter StoreOp shares: the policy and the time, and the
+// policy's idle, idle_at and merge for the store.
 template <class P>
-struct AcquireOp {
+struct OpBase {
   const P* policy;
   Nanos now;
-  Cost cost;
-  Step<typename P::State> operator()(const typename P::State& s) const {
-    return policy->step(s, now, cost);
-  }
   bool idle(const typename P::State& s) const { return policy->idle(s, now); }
   Nanos idle_at(const typename P::State& s) const { return policy->idle_at(s); }
   typename P::State merge(const typename P::State& a,
@@ -50,23 +47,28 @@ struct AcquireOp {
   }
 };
 
+// One limiter call as a StoreOp: the policy's step at a fixed time and cost.
+template <class P>
+struct AcquireOp : OpBase<P> {
+  Cost cost;
+  AcquireOp(const P* p, Nanos t, Cost c) : OpBase<P>{p, t}, cost(c) {}
+  Step<typename P::State> operator()(const typename P::State& s) const {
+    return this->policy->step(s, this->now, cost);
+  }
+};
+
 // A refund as a StoreOp: the new state, and the decision a zero-cost call
 // would then get (what is left after the refund).
 template <class P>
-struct RefundOp {
-  const P* policy;
-  Nanos now;
+struct RefundOp : OpBase<P> {
   Cost cost;
   Nanos charged_at;
+  RefundOp(const P* p, Nanos t, Cost c, Nanos at)
+      : OpBase<P>{p, t}, cost(c), charged_at(at) {}
   Step<typename P::State> operator()(const typename P::State& s) const {
-    const typename P::State next = policy->refund(s, now, cost, charged_at);
-    return {next, policy->step(next, now, 0).decision};
-  }
-  bool idle(const typename P::State& s) const { return policy->idle(s, now); }
-  Nanos idle_at(const typename P::State& s) const { return policy->idle_at(s); }
-  typename P::State merge(const typename P::State& a,
-                          const typename P::State& b) const {
-    return policy->merge(a, b);
+    const typename P::State next =
+        this->policy->refund(s, this->now, cost, charged_at);
+    return {next, this->policy->step(next, this->now, 0).decision};
   }
 };
 
@@ -74,23 +76,16 @@ struct RefundOp {
 // policy's charge() instead (the attempt is counted all the same). The
 // decision stays a denial, with the wait the charge left.
 template <ChargingPolicy P>
-struct ChargeOp {
-  const P* policy;
-  Nanos now;
+struct ChargeOp : OpBase<P> {
   Cost cost;
+  ChargeOp(const P* p, Nanos t, Cost c) : OpBase<P>{p, t}, cost(c) {}
   Step<typename P::State> operator()(const typename P::State& s) const {
-    Step<typename P::State> st = policy->step(s, now, cost);
+    Step<typename P::State> st = this->policy->step(s, this->now, cost);
     if (st.decision.allowed) return st;
-    const typename P::State next = policy->charge(s, now, cost);
-    Decision d = policy->step(next, now, cost).decision;
+    const typename P::State next = this->policy->charge(s, this->now, cost);
+    Decision d = this->policy->step(next, this->now, cost).decision;
     d.allowed = false;
     return {next, d};
-  }
-  bool idle(const typename P::State& s) const { return policy->idle(s, now); }
-  Nanos idle_at(const typename P::State& s) const { return policy->idle_at(s); }
-  typename P::State merge(const typename P::State& a,
-                          const typename P::State& b) const {
-    return policy->merge(a, b);
   }
 };
 

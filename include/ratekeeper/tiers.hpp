@@ -154,11 +154,8 @@ class TierTable {
   absl::StatusOr<ChainDecision> acquire(std::string_view tier,
                                         const Subject& who, Cost tokens,
                                         std::span<const ChainItem> first) {
-    const Tier* t = find_tier(tier);
-    if (t == nullptr) return unknown(tier);
-    thread_local std::string keys;
     absl::InlinedVector<ChainItem, 4> items(first.begin(), first.end());
-    if (absl::Status st = make_items(*t, who, tokens, keys, items); !st.ok()) {
+    if (absl::Status st = items_for(tier, who, tokens, items); !st.ok()) {
       return st;
     }
     return chain_.acquire(std::span<const ChainItem>(items));
@@ -169,11 +166,8 @@ class TierTable {
   // What acquire would decide, counting nothing.
   absl::StatusOr<ChainDecision> peek(std::string_view tier, const Subject& who,
                                      Cost tokens) const {
-    const Tier* t = find_tier(tier);
-    if (t == nullptr) return unknown(tier);
-    thread_local std::string keys;
     absl::InlinedVector<ChainItem, 4> items;
-    if (absl::Status st = make_items(*t, who, tokens, keys, items); !st.ok()) {
+    if (absl::Status st = items_for(tier, who, tokens, items); !st.ok()) {
       return st;
     }
     return chain_.peek(std::span<const ChainItem>(items));
@@ -186,11 +180,8 @@ class TierTable {
   // not use. Request limits are left alone.
   absl::Status refund_tokens(std::string_view tier, const Subject& who,
                              Cost tokens, Nanos charged_at) {
-    const Tier* t = find_tier(tier);
-    if (t == nullptr) return unknown(tier);
-    thread_local std::string keys;
     absl::InlinedVector<ChainItem, 4> items;
-    if (absl::Status st = make_items(*t, who, tokens, keys, items); !st.ok()) {
+    if (absl::Status st = items_for(tier, who, tokens, items); !st.ok()) {
       return st;
     }
     absl::InlinedVector<ChainItem, 4> token_items;
@@ -260,9 +251,14 @@ class TierTable {
         absl::StrCat("no tier named \"", detail::av(tier), "\""));
   }
 
-  absl::Status make_items(const Tier& t, const Subject& who, Cost tokens,
-                          std::string& keys,
-                          absl::InlinedVector<ChainItem, 4>& items) const {
+  // Appends tier `tier`'s items for `who` to `items`. Their keys live in a
+  // buffer of this thread's, valid until its next call here.
+  absl::Status items_for(std::string_view tier, const Subject& who, Cost tokens,
+                         absl::InlinedVector<ChainItem, 4>& items) const {
+    const Tier* found = find_tier(tier);
+    if (found == nullptr) return unknown(tier);
+    const Tier& t = *found;
+    thread_local std::string keys;
     keys.clear();
     absl::InlinedVector<std::size_t, 5> ends;
     for (const Entry& e : t) {
