@@ -338,7 +338,7 @@ TEST_CASE("reconfigure keeps every key's state", "[chain]") {
   }
 }
 
-namespace {
+namespace chain_test {
 // A policy without charge(): charge_on_reject is refused for it.
 struct NoCharge {
   struct State {
@@ -356,7 +356,8 @@ struct NoCharge {
 };
 static_assert(Policy<NoCharge>);
 static_assert(!ChargingPolicy<NoCharge>);
-}  // namespace
+}  // namespace chain_test
+using chain_test::NoCharge;
 
 TEST_CASE("make_limit refuses bad options with a clear error", "[chain]") {
   const auto p = FixedWindow::create(per_minute(1)).value();

@@ -26,6 +26,7 @@
 #include <string_view>
 
 #include "ratekeeper/chain.hpp"
+#include "ratekeeper/config.hpp"
 #include "ratekeeper/decision.hpp"
 
 namespace ratekeeper {
@@ -96,6 +97,7 @@ struct Rejection {
   // The refusal of a chain that refused: kTooLarge when no wait admits the
   // call, else kRateLimited. Call only on a refused decision.
   static Rejection from(const ChainDecision& d) {
+    RATEKEEPER_ASSERT(!d.allowed, "Rejection::from an admitted call");
     Rejection r;
     const LimitResult* b = d.binding_result();
     r.limit = b == nullptr ? std::string() : b->limit->name();

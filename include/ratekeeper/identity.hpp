@@ -138,24 +138,22 @@ inline constexpr std::size_t kMaxFieldBytes = 4096;
 // left as it was.
 inline absl::Status append_subject_key(Scope scope, const Subject& who,
                                        std::string& out) {
-  for (const Field f : kAllFields) {
-    if (!scope.contains(f)) continue;
-    const std::string_view v = who.get(f);
-    if (v.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("the limit is counted per ", detail::av(field_name(f)),
-                       ", and the caller has no ", detail::av(field_name(f))));
-    }
-    if (v.size() > kMaxFieldBytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(detail::av(field_name(f)), " is ", v.size(),
-                       " bytes; at most ", kMaxFieldBytes, " are accepted"));
-    }
-  }
+  const std::size_t start = out.size();
   out.push_back(static_cast<char>(scope.bits()));
   for (const Field f : kAllFields) {
     if (!scope.contains(f)) continue;
     const std::string_view v = who.get(f);
+    if (v.empty() || v.size() > kMaxFieldBytes) {
+      out.resize(start);
+      if (v.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the limit is counted per ", detail::av(field_name(f)),
+            ", and the caller has no ", detail::av(field_name(f))));
+      }
+      return absl::InvalidArgumentError(
+          absl::StrCat(detail::av(field_name(f)), " is ", v.size(),
+                       " bytes; at most ", kMaxFieldBytes, " are accepted"));
+    }
     std::size_t n = v.size();
     do {
       const auto byte = static_cast<unsigned char>(n & 0x7F);

@@ -18,7 +18,8 @@
 namespace ratekeeper {
 
 // LimitCounts: a limit's outcomes since construction. Each call of a chain
-// adds one to exactly one of the first five for every limit it evaluates.
+// adds one to exactly one of the first four for every limit it evaluates;
+// errors and near-limit events are counted besides.
 struct LimitCounts {
   std::uint64_t allowed = 0;        // admitted, and the whole chain went ahead
   std::uint64_t denied = 0;         // refused by this limit (enforced)
