@@ -112,10 +112,8 @@ class IpAddress {
     for (std::size_t i = 0; i < 16; ++i) {
       const int keep = bits - static_cast<int>(i) * 8;
       if (keep >= 8) continue;
-      out.bytes_[i] =
-          keep <= 0
-              ? 0
-              : static_cast<std::uint8_t>(out.bytes_[i] & (0xFF << (8 - keep)));
+      out.bytes_[i] = static_cast<std::uint8_t>(
+          keep <= 0 ? 0 : out.bytes_[i] & (0xFF << (8 - keep)));
     }
     return out;
   }

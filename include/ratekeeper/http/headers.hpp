@@ -33,7 +33,6 @@
 #include <string_view>
 #include <vector>
 
-#include "absl/container/inlined_vector.h"
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/decision.hpp"
 
@@ -102,8 +101,8 @@ struct LimitView {
 
 namespace detail {
 
-inline void append_openai(const absl::InlinedVector<LimitView, 4>& views,
-                          Unit unit, std::string_view suffix, Headers& out) {
+inline void append_openai(const std::vector<LimitView>& views, Unit unit,
+                          std::string_view suffix, Headers& out) {
   const LimitView* pick = nullptr;
   for (const LimitView& v : views) {
     if (v.unit != unit) continue;
@@ -133,9 +132,9 @@ inline void append_openai(const absl::InlinedVector<LimitView, 4>& views,
                  go_duration(pick->decision.reset_after)});
 }
 
-inline void append_headers(const absl::InlinedVector<LimitView, 4>& views,
-                           bool refused, Nanos retry_after,
-                           const HeaderOptions& o, Headers& out) {
+inline void append_headers(const std::vector<LimitView>& views, bool refused,
+                           Nanos retry_after, const HeaderOptions& o,
+                           Headers& out) {
   if (o.retry_after && refused && retry_after != kNever) {
     out.push_back(
         {"Retry-After", fmt::format("{}", delta_seconds(retry_after))});
@@ -175,7 +174,7 @@ inline void append_headers(const absl::InlinedVector<LimitView, 4>& views,
 // no wait can admit the call (ChainDecision::never()).
 inline Headers rate_limit_headers(const ChainDecision& d,
                                   const HeaderOptions& o = {}) {
-  absl::InlinedVector<LimitView, 4> views;
+  std::vector<LimitView> views;
   for (const LimitResult& r : d.results) {
     if (r.limit->shadow() || r.shadow_denied) continue;
     views.push_back(
@@ -191,7 +190,7 @@ inline Headers rate_limit_headers(const ChainDecision& d,
 // The headers of one limit's decision (a Limiter's), described by `view`.
 inline Headers rate_limit_headers(const LimitView& view,
                                   const HeaderOptions& o = {}) {
-  absl::InlinedVector<LimitView, 4> views;
+  std::vector<LimitView> views;
   views.push_back(view);
   Headers out;
   detail::append_headers(views, !view.decision.allowed,
