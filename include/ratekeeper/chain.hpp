@@ -140,6 +140,15 @@ Nanos quota_window(const P& p) noexcept {
 
 }  // namespace detail
 
+namespace detail {
+// Whether `a` has less room than `b` relative to capacity
+// (a.remaining / a.limit < b.remaining / b.limit), exactly.
+inline bool less_room(const Decision& a, const Decision& b) noexcept {
+  return static_cast<u128>(a.remaining) * b.limit <
+         static_cast<u128>(b.remaining) * a.limit;
+}
+}  // namespace detail
+
 // Limit: one named limit over keys, behind a virtual interface so that one
 // chain or tier mixes policies and stores. Every call takes `now` from the
 // caller: a chain reads its clock once for all its limits.
@@ -524,7 +533,7 @@ class Chain {
       if (out.allowed) {
         // The least remaining relative to capacity: remaining / limit.
         if (out.binding == ChainDecision::npos ||
-            less_room(r.decision, out.results[out.binding].decision)) {
+            detail::less_room(r.decision, out.results[out.binding].decision)) {
           out.binding = i;
         }
       } else if (!r.decision.allowed && !r.shadow_denied &&
@@ -534,11 +543,6 @@ class Chain {
         out.retry_after = r.decision.retry_after;
       }
     }
-  }
-
-  static bool less_room(const Decision& a, const Decision& b) noexcept {
-    return static_cast<detail::u128>(a.remaining) * b.limit <
-           static_cast<detail::u128>(b.remaining) * a.limit;
   }
 
   C clock_;

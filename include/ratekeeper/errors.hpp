@@ -110,9 +110,8 @@ struct Rejection {
     } else {
       r.kind = Refusal::kRateLimited;
       r.retry_after = d.retry_after;
-      r.message =
-          fmt::format("rate limit \"{}\" reached; retry in {} ms", r.limit,
-                      (d.retry_after.count() + 999'999) / 1'000'000);
+      r.message = fmt::format("rate limit \"{}\" reached; retry in {} ms",
+                              r.limit, ceil_ms(d.retry_after));
     }
     return r;
   }
@@ -132,7 +131,7 @@ struct Rejection {
     }
     if (kind == Refusal::kRateLimited) {
       fmt::format_to(std::back_inserter(out), ",\"retry_after_ms\":{}",
-                     (retry_after.count() + 999'999) / 1'000'000);
+                     ceil_ms(retry_after));
     }
     if (resets_at) {
       const auto secs = std::chrono::duration_cast<std::chrono::seconds>(
@@ -142,6 +141,11 @@ struct Rejection {
     }
     out += "}}";
     return out;
+  }
+
+  // A wait in whole milliseconds, rounded up: never early.
+  static std::int64_t ceil_ms(Nanos d) noexcept {
+    return (d.count() + 999'999) / 1'000'000;
   }
 
   // Seconds since the Unix epoch as "2026-12-01T00:00:00Z".

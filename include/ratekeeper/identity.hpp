@@ -109,22 +109,27 @@ struct Subject {
   std::string_view model{};
   std::string_view ip{};
 
-  constexpr std::string_view get(Field f) const noexcept {
+  // The member holding field `f`: one mapping, for reading and writing.
+  static constexpr std::string_view Subject::*member(Field f) noexcept {
     switch (f) {
       case Field::kApiKey:
-        return api_key;
+        return &Subject::api_key;
       case Field::kUser:
-        return user;
+        return &Subject::user;
       case Field::kTeam:
-        return team;
+        return &Subject::team;
       case Field::kOrg:
-        return org;
+        return &Subject::org;
       case Field::kModel:
-        return model;
+        return &Subject::model;
       case Field::kIp:
-        return ip;
+        return &Subject::ip;
     }
-    return {};
+    return &Subject::api_key;  // unreachable: every Field is listed
+  }
+
+  constexpr std::string_view get(Field f) const noexcept {
+    return this->*member(f);
   }
 };
 
@@ -209,26 +214,7 @@ inline std::optional<std::pair<Scope, Subject>> parse_subject_key(
     }
     const std::string_view v = key.substr(i, n);
     i += n;
-    switch (f) {
-      case Field::kApiKey:
-        who.api_key = v;
-        break;
-      case Field::kUser:
-        who.user = v;
-        break;
-      case Field::kTeam:
-        who.team = v;
-        break;
-      case Field::kOrg:
-        who.org = v;
-        break;
-      case Field::kModel:
-        who.model = v;
-        break;
-      case Field::kIp:
-        who.ip = v;
-        break;
-    }
+    who.*Subject::member(f) = v;
   }
   if (i != key.size()) return std::nullopt;
   return std::make_pair(scope, who);

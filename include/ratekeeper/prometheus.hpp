@@ -99,21 +99,22 @@ inline std::string prometheus_text(std::span<const MetricSource> sources) {
                      labels[i], o.name, counts[i].*(o.field));
     }
   }
-  family("ratekeeper_errors_total", "counter",
-         "Calls a limit could not decide (bad key, store failure).");
-  for (std::size_t i = 0; i < sources.size(); ++i) {
-    fmt::format_to(std::back_inserter(out),
-                   "ratekeeper_errors_total{{{}}} {}\n", labels[i],
-                   counts[i].errors);
-  }
-  family("ratekeeper_near_limit_total", "counter",
-         "Allowed calls that left a limit at or below its near-limit "
-         "threshold.");
-  for (std::size_t i = 0; i < sources.size(); ++i) {
-    fmt::format_to(std::back_inserter(out),
-                   "ratekeeper_near_limit_total{{{}}} {}\n", labels[i],
-                   counts[i].near_limit);
-  }
+  // A family of one sample per limit, valued by `value(i)`.
+  auto per_limit = [&](std::string_view name, std::string_view type,
+                       std::string_view help, const auto& value) {
+    family(name, type, help);
+    for (std::size_t i = 0; i < sources.size(); ++i) {
+      fmt::format_to(std::back_inserter(out), "{}{{{}}} {}\n", name, labels[i],
+                     value(i));
+    }
+  };
+  per_limit("ratekeeper_errors_total", "counter",
+            "Calls a limit could not decide (bad key, store failure).",
+            [&](std::size_t i) { return counts[i].errors; });
+  per_limit("ratekeeper_near_limit_total", "counter",
+            "Allowed calls that left a limit at or below its near-limit "
+            "threshold.",
+            [&](std::size_t i) { return counts[i].near_limit; });
   family("ratekeeper_limit_capacity", "gauge",
          "Capacity of each limit, in its unit.");
   for (std::size_t i = 0; i < sources.size(); ++i) {
@@ -123,18 +124,12 @@ inline std::string prometheus_text(std::span<const MetricSource> sources) {
                    labels[i], l.unit() == Unit::kTokens ? "tokens" : "requests",
                    l.limit());
   }
-  family("ratekeeper_limit_shadow", "gauge",
-         "1 while a limit is in shadow mode (decides, never denies).");
-  for (std::size_t i = 0; i < sources.size(); ++i) {
-    fmt::format_to(std::back_inserter(out),
-                   "ratekeeper_limit_shadow{{{}}} {}\n", labels[i],
-                   sources[i].limit->shadow() ? 1 : 0);
-  }
-  family("ratekeeper_store_keys", "gauge", "Keys each limit's store holds.");
-  for (std::size_t i = 0; i < sources.size(); ++i) {
-    fmt::format_to(std::back_inserter(out), "ratekeeper_store_keys{{{}}} {}\n",
-                   labels[i], sources[i].limit->store_stats().keys);
-  }
+  per_limit("ratekeeper_limit_shadow", "gauge",
+            "1 while a limit is in shadow mode (decides, never denies).",
+            [&](std::size_t i) { return sources[i].limit->shadow() ? 1 : 0; });
+  per_limit(
+      "ratekeeper_store_keys", "gauge", "Keys each limit's store holds.",
+      [&](std::size_t i) { return sources[i].limit->store_stats().keys; });
   return out;
 }
 

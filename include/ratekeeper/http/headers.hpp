@@ -118,8 +118,7 @@ inline void append_openai(const std::vector<LimitView>& views, Unit unit,
       if (!a.allowed) pick = &v;
     } else if (!a.allowed) {
       if (a.retry_after > b.retry_after) pick = &v;
-    } else if (static_cast<ratekeeper::detail::u128>(a.remaining) * b.limit <
-               static_cast<ratekeeper::detail::u128>(b.remaining) * a.limit) {
+    } else if (ratekeeper::detail::less_room(a, b)) {
       pick = &v;
     }
   }

@@ -60,9 +60,7 @@ class FixedWindow {
   // state's window (it stepped back), the state's window stays current: its
   // count is kept, so a backward step never frees capacity. Pure.
   Step<State> step(const State& s, Nanos now, Cost cost) const noexcept {
-    const std::int64_t w = window_of(now);
-    State cur = s;
-    if (w > s.window) cur = State{w, 0};
+    State cur = current(s, now);
     const Nanos until_end = window_end(cur.window, now);
     const Nanos reset = cur.count == 0 ? Nanos{0} : until_end;
     // The count can exceed the limit: after a charged rejection (charge()),
@@ -89,9 +87,7 @@ class FixedWindow {
   // lasts until the window ends: a key hammering a full window stays denied
   // until then, and no longer. Pure.
   State charge(const State& s, Nanos now, Cost cost) const noexcept {
-    const std::int64_t w = window_of(now);
-    State cur = s;
-    if (w > s.window) cur = State{w, 0};
+    State cur = current(s, now);
     cur.count = cost >= kMaxLimit - cur.count ? kMaxLimit : cur.count + cost;
     return cur;
   }
@@ -138,6 +134,13 @@ class FixedWindow {
  private:
   explicit FixedWindow(Rate rate) noexcept
       : rate_(rate), limit_(rate.count), period_(rate.period.count()) {}
+
+  // `s` seen from now's window: empty when now is in a later window; kept
+  // when the clock is behind it (a backward step never frees capacity).
+  State current(const State& s, Nanos now) const noexcept {
+    const std::int64_t w = window_of(now);
+    return w > s.window ? State{w, 0} : s;
+  }
 
   std::int64_t window_of(Nanos t) const noexcept {
     return detail::floor_div_i64(t.count(), period_);
