@@ -1,0 +1,247 @@
+// ratekeeper/budget/period.hpp: budget periods, and a budget as a Policy.
+//
+// Defines:
+//   SystemClock   a Clock of Unix time (budgets reset on calendar dates, so
+//                 their clock is the wall clock; rate limits keep SteadyClock)
+//   Period        a calendar day, week (from Monday) or month in a time zone
+//                 (abseil's zones: DST-correct, a spring day is 23 hours), or
+//                 a rolling window of fixed length
+//   PeriodBudget  a Policy: at most `limit` units (nano-USD or tokens) per
+//                 period, reset at the period's start; charge() counts an
+//                 overage that settles above the limit
+//
+// A budget's state is a period index and what was spent in it, 16 bytes like
+// every state, so budgets live in any store (in-memory, sharded, Redis).
+#ifndef RATEKEEPER_BUDGET_PERIOD_HPP_
+#define RATEKEEPER_BUDGET_PERIOD_HPP_
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/civil_time.h"
+#include "absl/time/time.h"
+#include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/math.hpp"
+#include "ratekeeper/detail/strings.hpp"
+#include "ratekeeper/policy/policy.hpp"
+
+namespace ratekeeper {
+
+// SystemClock: nanoseconds since the Unix epoch.
+struct SystemClock {
+  Nanos now() const noexcept {
+    return std::chrono::duration_cast<Nanos>(
+        std::chrono::system_clock::now().time_since_epoch());
+  }
+};
+
+enum class PeriodKind : std::uint8_t { kDay, kWeek, kMonth, kRolling };
+
+// Period: how a budget's time is cut.
+class Period {
+ public:
+  // calendar
+  //
+  // Days, weeks (Monday to Sunday) or months in `time_zone` ("UTC",
+  // "Europe/Paris", "America/New_York"). kInvalidArgument for an unknown
+  // zone (tzdata must be installed) or kRolling.
+  static absl::StatusOr<Period> calendar(PeriodKind kind,
+                                         std::string_view time_zone = "UTC") {
+    if (kind == PeriodKind::kRolling) {
+      return absl::InvalidArgumentError(
+          "Period::calendar: use Period::rolling for a rolling window");
+    }
+    absl::TimeZone tz;
+    if (!absl::LoadTimeZone(std::string(time_zone), &tz)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown time zone \"", detail::av(time_zone),
+                       "\" (is tzdata installed?)"));
+    }
+    return Period(kind, tz, Nanos{0});
+  }
+
+  // rolling
+  //
+  // Consecutive windows of `length` from the Unix epoch: a "30 days"
+  // budget that does not follow the calendar. kInvalidArgument unless
+  // positive.
+  static absl::StatusOr<Period> rolling(Nanos length) {
+    if (length <= Nanos{0}) {
+      return absl::InvalidArgumentError(
+          "Period::rolling: the length must be positive");
+    }
+    return Period(PeriodKind::kRolling, absl::UTCTimeZone(), length);
+  }
+
+  // The index of the period holding Unix time `t`: consecutive periods have
+  // consecutive indices.
+  std::int64_t index_of(Nanos t) const noexcept {
+    if (kind_ == PeriodKind::kRolling) {
+      return detail::floor_div_i64(t.count(), length_.count());
+    }
+    const absl::CivilSecond cs =
+        absl::ToCivilSecond(absl::FromUnixNanos(t.count()), tz_);
+    const absl::CivilDay day(cs);
+    switch (kind_) {
+      case PeriodKind::kDay:
+        return day - absl::CivilDay(1970, 1, 1);
+      case PeriodKind::kWeek:
+        // 1970-01-05 was a Monday.
+        return detail::floor_div_i64(day - absl::CivilDay(1970, 1, 5), 7);
+      case PeriodKind::kMonth: {
+        const absl::CivilMonth m(cs);
+        return m - absl::CivilMonth(1970, 1);
+      }
+      case PeriodKind::kRolling:
+        break;
+    }
+    return 0;
+  }
+
+  // The Unix time at which period `index` starts (for a calendar period in
+  // a zone whose midnight is skipped by a DST jump, the first instant of
+  // that day).
+  Nanos start_of(std::int64_t index) const noexcept {
+    if (kind_ == PeriodKind::kRolling) {
+      return Nanos{detail::clamp_i64(static_cast<detail::i128>(index) *
+                                     length_.count())};
+    }
+    absl::CivilDay day;
+    switch (kind_) {
+      case PeriodKind::kDay:
+        day = absl::CivilDay(1970, 1, 1) + index;
+        break;
+      case PeriodKind::kWeek:
+        day = absl::CivilDay(1970, 1, 5) + index * 7;
+        break;
+      case PeriodKind::kMonth:
+        day = absl::CivilDay(absl::CivilMonth(1970, 1) + index);
+        break;
+      case PeriodKind::kRolling:
+        break;
+    }
+    // A midnight skipped by a DST jump starts the day at the jump; one that
+    // happens twice starts it at the first.
+    const absl::TimeZone::TimeInfo ti = tz_.At(absl::CivilSecond(day));
+    const absl::Time t =
+        ti.kind == absl::TimeZone::TimeInfo::SKIPPED ? ti.trans : ti.pre;
+    return Nanos{absl::ToUnixNanos(t)};
+  }
+
+  PeriodKind kind() const noexcept { return kind_; }
+  Nanos length() const noexcept { return length_; }
+  std::string time_zone() const { return tz_.name(); }
+
+ private:
+  Period(PeriodKind k, absl::TimeZone tz, Nanos length)
+      : kind_(k), tz_(tz), length_(length) {}
+
+  PeriodKind kind_;
+  absl::TimeZone tz_;
+  Nanos length_;
+};
+
+// PeriodBudget: at most `limit` units per period, the count starting again
+// at each period's start. A Policy (and a ChargingPolicy), so a budget runs
+// on any store and in any chain. retry_after of a refusal is the time to
+// the next period: a budget is not retryable before (errors.hpp:
+// kBudgetExhausted, 403).
+class PeriodBudget {
+ public:
+  struct State {
+    std::int64_t period = 0;
+    std::uint64_t spent = 0;
+    friend constexpr bool operator==(const State&, const State&) = default;
+  };
+
+  // Largest limit: 2^62 (nano-USD: 4.6e9 USD; or tokens).
+  static constexpr std::uint64_t kMaxLimit = std::uint64_t{1} << 62;
+
+  static absl::StatusOr<PeriodBudget> create(std::uint64_t limit,
+                                             Period period) {
+    if (limit == 0 || limit > kMaxLimit) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "PeriodBudget: the limit must be within 1..2^62, got ", limit));
+    }
+    return PeriodBudget(limit, period);
+  }
+
+  Step<State> step(const State& s, Nanos now, Cost cost) const noexcept {
+    const State cur = current(s, now);
+    const std::uint64_t room = cur.spent >= limit_ ? 0 : limit_ - cur.spent;
+    const Nanos until_next = next_start(cur.period) - now;
+    const Nanos reset = cur.spent == 0 ? Nanos{0} : until_next;
+    if (cost > limit_) return {s, Decision{false, limit_, room, kNever, reset}};
+    if (cost <= room) {
+      const State next{cur.period, cur.spent + cost};
+      return {cost == 0 ? s : next,
+              Decision{true, limit_, room - cost, Nanos{0},
+                       next.spent == 0 ? Nanos{0} : until_next}};
+    }
+    return {s, Decision{false, limit_, room, until_next, reset}};
+  }
+
+  // Gives back to the period that was charged, never below zero; a refund
+  // for a period that has ended is dropped.
+  State refund(const State& s, Nanos /*now*/, Cost cost,
+               Nanos charged_at) const noexcept {
+    if (period_.index_of(charged_at) != s.period) return s;
+    return State{s.period, s.spent - std::min(cost, s.spent)};
+  }
+
+  // Counts `cost` whether or not it fits: an overage settled after the call
+  // is charged, never lost (saturating at kMaxLimit).
+  State charge(const State& s, Nanos now, Cost cost) const noexcept {
+    State cur = current(s, now);
+    cur.spent = cost >= kMaxLimit - cur.spent ? kMaxLimit : cur.spent + cost;
+    return cur;
+  }
+
+  bool idle(const State& s, Nanos now) const noexcept {
+    return s.spent == 0 || period_.index_of(now) > s.period;
+  }
+  Nanos idle_at(const State& s) const noexcept {
+    if (s.spent == 0) return Nanos::min();
+    return next_start(s.period);
+  }
+  State merge(const State& a, const State& b) const noexcept {
+    if (a.period != b.period) return a.period > b.period ? a : b;
+    return a.spent >= b.spent ? a : b;
+  }
+  std::uint64_t limit() const noexcept { return limit_; }
+  const Period& period() const noexcept { return period_; }
+
+  // When the period holding `now` ends: a refusal's resets_at.
+  Nanos resets_at(Nanos now) const noexcept {
+    return next_start(period_.index_of(now));
+  }
+
+ private:
+  PeriodBudget(std::uint64_t limit, Period period)
+      : limit_(limit), period_(period) {}
+
+  // A state from a period before now's starts empty; a state from a later
+  // period (the clock stepped back) stays current: capacity never grows.
+  State current(const State& s, Nanos now) const noexcept {
+    const std::int64_t p = period_.index_of(now);
+    return p > s.period ? State{p, 0} : s;
+  }
+  Nanos next_start(std::int64_t period) const noexcept {
+    return period_.start_of(period == INT64_MAX ? period : period + 1);
+  }
+
+  std::uint64_t limit_;
+  Period period_;
+};
+
+static_assert(ChargingPolicy<PeriodBudget>);
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_BUDGET_PERIOD_HPP_
