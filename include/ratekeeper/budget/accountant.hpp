@@ -1,0 +1,502 @@
+// ratekeeper/budget/accountant.hpp: reserve before a call, settle after it.
+//
+// Defines BudgetSpec (a budget in money or tokens, per subject scope and
+// period, with soft thresholds), Estimate (the worst case of a call), and
+// Accountant, whose reserve() holds the worst case against every budget
+// (and any rate limits given) all or nothing and returns an RAII
+// Reservation; settle(usage) charges what was used, exactly once per
+// request id; a reservation dropped unsettled gives everything back.
+//
+//   Accountant<> acct(prices);
+//   acct.add_budget({.name = "team_month", .scope = Field::kTeam,
+//                    .unit = BudgetUnit::kNanoUsd, .limit = 100'000'000'000,
+//                    .period = Period::calendar(PeriodKind::kMonth).value(),
+//                    .soft_permille = {500, 800, 1000}});
+//   auto r = acct.reserve(who, "gpt-4o", {.prompt_tokens = 900,
+//                                         .max_output_tokens = 1000}, req_id);
+//   if (!r.ok()) return reply_500(r.status());
+//   if (!r->granted()) return reply(Rejection::budget(*r));
+//   ... call the provider ...
+//   r->settle(usage);  // or ~Reservation() releases it all
+#ifndef RATEKEEPER_BUDGET_ACCOUNTANT_HPP_
+#define RATEKEEPER_BUDGET_ACCOUNTANT_HPP_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/inlined_vector.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "ratekeeper/budget/money.hpp"
+#include "ratekeeper/budget/period.hpp"
+#include "ratekeeper/budget/prices.hpp"
+#include "ratekeeper/budget/usage.hpp"
+#include "ratekeeper/chain.hpp"
+#include "ratekeeper/detail/mutex.hpp"
+#include "ratekeeper/detail/strings.hpp"
+#include "ratekeeper/identity.hpp"
+#include "ratekeeper/store/sharded.hpp"
+
+namespace ratekeeper {
+
+enum class BudgetUnit : std::uint8_t { kNanoUsd, kTokens };
+
+// BudgetSpec: one budget, applied to every subject by its `scope`.
+//   soft_permille  thresholds in thousandths of the limit (500 = 50%); each
+//                  fires the accountant's callback once per key and period.
+struct BudgetSpec {
+  std::string name;
+  Scope scope;
+  BudgetUnit unit = BudgetUnit::kNanoUsd;
+  std::uint64_t limit = 0;
+  std::optional<Period> period;
+  std::vector<std::uint32_t> soft_permille{};
+};
+
+// Estimate: the worst case of a call before it is made.
+struct Estimate {
+  std::uint64_t prompt_tokens = 0;      // estimated input
+  std::uint64_t max_output_tokens = 0;  // the request's max_tokens
+};
+
+// Settlement: what a call was charged.
+struct Settlement {
+  Money cost;
+  std::uint64_t tokens = 0;
+  bool estimated = false;  // no usage from the provider: the counted estimate
+  friend bool operator==(const Settlement&, const Settlement&) = default;
+};
+
+// ThresholdEvent: a soft threshold crossed.
+struct ThresholdEvent {
+  std::string budget;
+  std::string key;  // the subject key (see identity.hpp)
+  std::uint32_t permille = 0;
+  std::uint64_t spent = 0;
+  std::uint64_t limit = 0;
+};
+
+template <Clock C>
+class Accountant;
+
+// Reservation: the worst case of one call, held against every budget and
+// limit. Move-only. settle() once; unsettled, the destructor releases it.
+template <Clock C = SystemClock>
+class Reservation {
+ public:
+  Reservation(Reservation&& o) noexcept { *this = std::move(o); }
+  Reservation& operator=(Reservation&& o) noexcept {
+    if (this != &o) {
+      release();
+      acct_ = std::exchange(o.acct_, nullptr);
+      decision_ = std::move(o.decision_);
+      request_id_ = std::move(o.request_id_);
+      model_ = std::move(o.model_);
+      estimate_ = o.estimate_;
+      items_ = std::move(o.items_);
+      reserved_money_ = o.reserved_money_;
+      reserved_tokens_ = o.reserved_tokens_;
+      done_ = o.done_;
+    }
+    return *this;
+  }
+  Reservation(const Reservation&) = delete;
+  Reservation& operator=(const Reservation&) = delete;
+  ~Reservation() { release(); }
+
+  bool granted() const noexcept { return decision_.allowed; }
+  const ChainDecision& decision() const noexcept { return decision_; }
+  const std::string& request_id() const noexcept { return request_id_; }
+  Money reserved_money() const noexcept { return reserved_money_; }
+  std::uint64_t reserved_tokens() const noexcept { return reserved_tokens_; }
+
+  // settle
+  //
+  // Charges `used` (priced at the reservation's time): what was held and
+  // not used goes back, an overage is charged (past the limit if need be:
+  // the provider billed it). Exactly once per request id: a second settle,
+  // here or through another Reservation of the same id, returns the first
+  // result and changes nothing. kFailedPrecondition on a refused or
+  // released reservation.
+  absl::StatusOr<Settlement> settle(const Usage& used) {
+    if (acct_ == nullptr || !granted()) {
+      return absl::FailedPreconditionError(
+          "settle: the reservation was not granted or was released");
+    }
+    return acct_->settle_reservation(*this, used);
+  }
+
+  // settle_without_usage
+  //
+  // A stream that ended without a usage object: charges the prompt estimate
+  // and the output tokens the caller counted, flagged estimated.
+  absl::StatusOr<Settlement> settle_without_usage(
+      std::uint64_t counted_output_tokens) {
+    Usage u;
+    u.input_uncached = estimate_.prompt_tokens;
+    u.output = counted_output_tokens;
+    u.source = UsageSource::kEstimated;
+    return settle(u);
+  }
+
+  // cancel_after_dispatch
+  //
+  // The call was sent and then cancelled: the provider bills the input it
+  // read, so at least the prompt is charged (and any output counted).
+  absl::StatusOr<Settlement> cancel_after_dispatch(
+      std::uint64_t counted_output_tokens = 0) {
+    return settle_without_usage(counted_output_tokens);
+  }
+
+  // next_chunk_fits
+  //
+  // Streaming: whether `next_tokens` more output, after `output_so_far`,
+  // still fits. Within the reservation it does; beyond, the reservation
+  // grows by the difference if every budget allows it (all or nothing),
+  // else false and the caller cuts the stream.
+  absl::StatusOr<bool> next_chunk_fits(std::uint64_t output_so_far,
+                                       std::uint64_t next_tokens) {
+    if (acct_ == nullptr || !granted() || done_) {
+      return absl::FailedPreconditionError(
+          "next_chunk_fits: the reservation is not live");
+    }
+    return acct_->extend(*this, output_so_far + next_tokens);
+  }
+
+  // release
+  //
+  // Gives back everything held (a call that failed before dispatch). Done
+  // by the destructor of an unsettled reservation.
+  void release() noexcept {
+    if (acct_ != nullptr && granted() && !done_)
+      acct_->release_reservation(*this);
+    acct_ = nullptr;
+  }
+
+ private:
+  friend class Accountant<C>;
+  struct Item {
+    Limit* limit;
+    std::string key;
+    Cost held;
+    bool money;  // a money budget (else tokens)
+  };
+
+  Reservation() = default;
+
+  Accountant<C>* acct_ = nullptr;
+  ChainDecision decision_;
+  std::string request_id_;
+  std::string model_;
+  Estimate estimate_;
+  std::vector<Item> items_;
+  Money reserved_money_;
+  std::uint64_t reserved_tokens_ = 0;
+  bool done_ = false;
+};
+
+// Accountant: budgets per subject and period, priced from a PriceTable.
+// Budget states live in ShardedStores (one per budget); decisions are
+// chains, so a reservation is all or nothing across budgets and limits.
+// Thread-safe: reserve, settle and release from any thread.
+template <Clock C = SystemClock>
+class Accountant {
+ public:
+  using ThresholdCallback = std::function<void(const ThresholdEvent&)>;
+
+  explicit Accountant(PriceTable prices, C clock = C{},
+                      ShardedOptions store = {})
+      : prices_(std::move(prices)),
+        chain_(clock),
+        clock_(clock),
+        store_(store) {}
+
+  Accountant(const Accountant&) = delete;
+  Accountant& operator=(const Accountant&) = delete;
+
+  // Called (from the thread that crossed it) once per threshold, key and
+  // period. Set before the first reserve.
+  void on_threshold(ThresholdCallback cb) { on_threshold_ = std::move(cb); }
+
+  // add_budget
+  //
+  // kInvalidArgument for a bad name, a zero limit, no period, or a
+  // threshold above 1000. Add budgets before the first reserve.
+  absl::Status add_budget(const BudgetSpec& spec) {
+    if (!spec.period) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("budget \"", spec.name, "\": no period"));
+    }
+    for (const std::uint32_t t : spec.soft_permille) {
+      if (t == 0 || t > 1000) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "budget \"", spec.name, "\": thresholds are 1..1000 permille"));
+      }
+    }
+    absl::StatusOr<PeriodBudget> policy =
+        PeriodBudget::create(spec.limit, *spec.period);
+    if (!policy.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "budget \"", spec.name, "\": ", policy.status().message()));
+    }
+    auto limit =
+        make_limit({.name = spec.name,
+                    .unit = spec.unit == BudgetUnit::kTokens ? Unit::kTokens
+                                                             : Unit::kRequests},
+                   *std::move(policy), store_);
+    if (!limit.ok()) return limit.status();
+    budgets_.push_back(Budget{spec, std::move(*limit)});
+    return absl::OkStatus();
+  }
+
+  // reserve
+  //
+  // Holds the worst case of a call (the estimate, priced for `model` now)
+  // against every budget of `who`, with `limits` (rate limits, acquired
+  // first) in the same all-or-nothing chain. A refusal is a Reservation
+  // that is not granted(); errors (unknown model, a subject lacking a
+  // budget's field) are statuses.
+  absl::StatusOr<Reservation<C>> reserve(
+      const Subject& who, std::string_view model, const Estimate& e,
+      std::string request_id, std::span<const ChainItem> limits = {}) {
+    const Nanos now = clock_.now();
+    Usage worst;
+    worst.input_uncached = e.prompt_tokens;
+    worst.output = e.max_output_tokens;
+    absl::StatusOr<Money> cost = prices_.cost(model, worst, to_sys(now));
+    if (!cost.ok()) return cost.status();
+    Reservation<C> r;
+    r.request_id_ = std::move(request_id);
+    r.model_ = std::string(model);
+    r.estimate_ = e;
+    r.reserved_money_ = *cost;
+    r.reserved_tokens_ = worst.total();
+    absl::InlinedVector<ChainItem, 8> items(limits.begin(), limits.end());
+    for (const Budget& b : budgets_) {
+      std::string key;
+      if (absl::Status st = append_subject_key(b.spec.scope, who, key);
+          !st.ok()) {
+        b.limit->metrics().record_error();
+        return absl::InvalidArgumentError(
+            absl::StrCat("budget \"", b.spec.name, "\": ", st.message()));
+      }
+      const bool money = b.spec.unit == BudgetUnit::kNanoUsd;
+      r.items_.push_back(
+          {b.limit.get(), std::move(key),
+           money ? static_cast<Cost>(cost->nanos) : r.reserved_tokens_, money});
+    }
+    for (const auto& it : r.items_) {
+      items.push_back({it.limit, it.key, it.held});
+    }
+    r.decision_ = chain_.acquire_at(std::span<const ChainItem>(items), now);
+    if (r.decision_.allowed) {
+      r.acct_ = this;
+      check_thresholds(r, now);
+    }
+    return r;
+  }
+
+  // max_output_that_fits
+  //
+  // The largest max_tokens a call of `prompt_tokens` on `model` could
+  // reserve now against every budget of `who` (0 when not even the prompt
+  // fits): lower max_tokens instead of refusing.
+  absl::StatusOr<std::uint64_t> max_output_that_fits(
+      const Subject& who, std::string_view model,
+      std::uint64_t prompt_tokens) const {
+    const Nanos now = clock_.now();
+    absl::StatusOr<Prices> p = prices_.prices(model, to_sys(now));
+    if (!p.ok()) return p.status();
+    std::uint64_t best = kMaxUsageTokens;
+    for (const Budget& b : budgets_) {
+      std::string key;
+      if (absl::Status st = append_subject_key(b.spec.scope, who, key);
+          !st.ok()) {
+        return st;
+      }
+      const std::uint64_t left = b.limit->peek(key, 0, now).remaining;
+      // The largest n with cost(prompt, n) <= left: cost grows with n.
+      auto fits = [&](std::uint64_t n) {
+        Usage u;
+        u.input_uncached = prompt_tokens;
+        u.output = n;
+        if (b.spec.unit == BudgetUnit::kTokens) return u.total() <= left;
+        const absl::StatusOr<Money> c = PriceTable::cost(*p, u);
+        return c.ok() && static_cast<std::uint64_t>(c->nanos) <= left;
+      };
+      if (!fits(0)) return std::uint64_t{0};
+      std::uint64_t lo = 0, hi = best;
+      while (lo < hi) {
+        const std::uint64_t mid = lo + (hi - lo + 1) / 2;
+        if (fits(mid)) {
+          lo = mid;
+        } else {
+          hi = mid - 1;
+        }
+      }
+      best = std::min(best, lo);
+    }
+    return best;
+  }
+
+  // The budgets, as limits (for metrics and peeks).
+  std::vector<Limit*> budgets() const {
+    std::vector<Limit*> out;
+    for (const Budget& b : budgets_) out.push_back(b.limit.get());
+    return out;
+  }
+
+  const PriceTable& prices() const noexcept { return prices_; }
+
+ private:
+  friend class Reservation<C>;
+
+  struct Budget {
+    BudgetSpec spec;
+    std::unique_ptr<PolicyLimit<PeriodBudget>> limit;
+  };
+
+  static SysTime to_sys(Nanos n) {
+    return SysTime(std::chrono::duration_cast<SysTime::duration>(n));
+  }
+
+  // What `used` costs, in each item's unit.
+  absl::StatusOr<Settlement> price(const Reservation<C>& r,
+                                   const Usage& used) const {
+    absl::StatusOr<Money> cost =
+        prices_.cost(r.model_, used, to_sys(r.decision_.at));
+    if (!cost.ok()) return cost.status();
+    return Settlement{*cost, used.total(),
+                      used.source == UsageSource::kEstimated};
+  }
+
+  absl::StatusOr<Settlement> settle_reservation(Reservation<C>& r,
+                                                const Usage& used) {
+    detail::MutexLock lock(&settle_mu_);
+    if (const auto it = settled_.find(r.request_id_); it != settled_.end()) {
+      r.done_ = true;
+      return it->second;
+    }
+    if (r.done_) {
+      return absl::FailedPreconditionError("settle: already released");
+    }
+    absl::StatusOr<Settlement> s = price(r, used);
+    if (!s.ok()) return s.status();
+    const Nanos now = clock_.now();
+    for (auto& it : r.items_) {
+      const Cost actual =
+          it.money ? static_cast<Cost>(s->cost.nanos) : s->tokens;
+      if (actual < it.held) {
+        static_cast<void>(
+            it.limit->refund(it.key, it.held - actual, r.decision_.at, now));
+      } else if (actual > it.held) {
+        static_cast<void>(it.limit->charge(it.key, actual - it.held, now));
+      }
+      it.held = actual;
+    }
+    r.done_ = true;
+    settled_.emplace(r.request_id_, *s);
+    return *s;
+  }
+
+  void release_reservation(Reservation<C>& r) noexcept {
+    detail::MutexLock lock(&settle_mu_);
+    if (r.done_ || settled_.contains(r.request_id_)) return;
+    const Nanos now = clock_.now();
+    for (const auto& it : r.items_) {
+      static_cast<void>(it.limit->refund(it.key, it.held, r.decision_.at, now));
+    }
+    r.done_ = true;
+  }
+
+  absl::StatusOr<bool> extend(Reservation<C>& r, std::uint64_t output) {
+    Usage u;
+    u.input_uncached = r.estimate_.prompt_tokens;
+    u.output = output;
+    absl::StatusOr<Settlement> s = price(r, u);
+    if (!s.ok()) return s.status();
+    absl::InlinedVector<ChainItem, 8> more;
+    absl::InlinedVector<Cost, 8> add;
+    for (const auto& it : r.items_) {
+      const Cost want = it.money ? static_cast<Cost>(s->cost.nanos) : s->tokens;
+      add.push_back(want > it.held ? want - it.held : 0);
+      if (add.back() != 0) more.push_back({it.limit, it.key, add.back()});
+    }
+    if (more.empty()) return true;
+    const ChainDecision d =
+        chain_.acquire_at(std::span<const ChainItem>(more), clock_.now());
+    if (!d.allowed) return false;
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      r.items_[i].held += add[i];
+    }
+    return true;
+  }
+
+  // Fires each soft threshold that this reservation's take crossed, once per
+  // budget, key and period.
+  void check_thresholds(const Reservation<C>& r, Nanos now) {
+    if (!on_threshold_) return;
+    const std::size_t first = r.decision_.results.size() - r.items_.size();
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      const Budget& b = budgets_[i];
+      if (b.spec.soft_permille.empty()) continue;
+      const Decision& d = r.decision_.results[first + i].decision;
+      const std::uint64_t after = d.limit - d.remaining;
+      const std::uint64_t before =
+          after >= r.items_[i].held ? after - r.items_[i].held : 0;
+      for (const std::uint32_t t : b.spec.soft_permille) {
+        const detail::u128 mark =
+            static_cast<detail::u128>(d.limit) * t;  // in thousandths
+        if (static_cast<detail::u128>(before) * 1000 >= mark ||
+            static_cast<detail::u128>(after) * 1000 < mark) {
+          continue;
+        }
+        const std::int64_t period = b.spec.period->index_of(now);
+        bool fire = false;
+        {
+          detail::MutexLock lock(&fired_mu_);
+          auto& f =
+              fired_[absl::StrCat(b.spec.name, "/", t, "/", r.items_[i].key)];
+          if (f.period != period || !f.fired) {
+            f = Fired{period, true};
+            fire = true;
+          }
+        }
+        if (fire) {
+          on_threshold_(
+              ThresholdEvent{b.spec.name, r.items_[i].key, t, after, d.limit});
+        }
+      }
+    }
+  }
+
+  struct Fired {
+    std::int64_t period = 0;
+    bool fired = false;
+  };
+
+  PriceTable prices_;
+  Chain<C> chain_;
+  C clock_;
+  ShardedOptions store_;
+  std::deque<Budget> budgets_;
+  ThresholdCallback on_threshold_;
+  detail::Mutex settle_mu_;
+  absl::flat_hash_map<std::string, Settlement> settled_;
+  detail::Mutex fired_mu_;
+  absl::flat_hash_map<std::string, Fired> fired_;
+};
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_BUDGET_ACCOUNTANT_HPP_

@@ -1,0 +1,264 @@
+// The accountant: reserve the worst case, settle what was used, exactly
+// once; TESTPLAN T6a-T6d.
+#include "ratekeeper/budget/accountant.hpp"
+
+#include <atomic>
+#include <barrier>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "test_util.hpp"
+
+using namespace ratekeeper;
+
+namespace {
+
+// One token of input or output costs exactly 1 micro-USD (1,000 nano-USD).
+PriceTable flat_prices() {
+  PriceTable t;
+  const TokenPrice p = TokenPrice::per_million_micros(1'000'000);
+  t.set("m", {.base = {.input = p, .output = p}}).IgnoreError();
+  return t;
+}
+
+const Nanos kT0{1'796'083'200LL * 1'000'000'000};  // 2026-12-01 UTC
+
+BudgetSpec money_budget(std::string name, Scope scope, std::uint64_t nanos,
+                        std::vector<std::uint32_t> soft = {}) {
+  return BudgetSpec{std::move(name),
+                    scope,
+                    BudgetUnit::kNanoUsd,
+                    nanos,
+                    Period::calendar(PeriodKind::kMonth).value(),
+                    std::move(soft)};
+}
+
+}  // namespace
+
+TEST_CASE("reserve holds the worst case; settle keeps what was used",
+          "[accountant]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 1'000'000)).ok());
+  const Subject who{.user = "u", .team = "t"};
+  auto r = acct.reserve(
+      who, "m", {.prompt_tokens = 100, .max_output_tokens = 400}, "req-1");
+  REQUIRE(r.ok());
+  REQUIRE(r->granted());
+  CHECK(r->reserved_money() == Money{500'000});
+  Limit* team = acct.budgets()[0];
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == 500'000);
+  Usage used;
+  used.input_uncached = 100;
+  used.output = 50;
+  const auto s = r->settle(used);
+  REQUIRE(s.ok());
+  CHECK(s->cost == Money{150'000});
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == 850'000);
+  // Settling again (this or another reservation of the id) changes nothing.
+  CHECK(r->settle(used).value() == *s);
+  // An overage is charged, never lost: past the limit if need be.
+  auto big = acct.reserve(
+      who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "req-2");
+  REQUIRE(big->granted());
+  used.output = 2'000;
+  CHECK(big->settle(used)->cost == Money{2'100'000});
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == 0);
+  auto refused = acct.reserve(who, "m", {.prompt_tokens = 1}, "req-3");
+  REQUIRE(refused.ok());
+  CHECK_FALSE(refused->granted());
+  CHECK(refused->settle(used).status().code() ==
+        absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_CASE("a dropped reservation gives everything back", "[accountant]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget(money_budget("user", Field::kUser, 1'000'000)).ok());
+  {
+    auto r =
+        acct.reserve({.user = "u"}, "m",
+                     {.prompt_tokens = 500, .max_output_tokens = 500}, "a");
+    REQUIRE(r->granted());
+    CHECK(acct.budgets()[0]->peek("\x02\x01u", 0, clock.now()).remaining == 0);
+  }
+  CHECK(acct.budgets()[0]->peek("\x02\x01u", 0, clock.now()).remaining ==
+        1'000'000);
+  // Thrown through: released as the stack unwinds.
+  try {
+    auto r = acct.reserve({.user = "u"}, "m", {.prompt_tokens = 1000}, "b");
+    REQUIRE(r->granted());
+    throw std::runtime_error("upstream failed");
+  } catch (const std::runtime_error&) {
+  }
+  CHECK(acct.budgets()[0]->peek("\x02\x01u", 0, clock.now()).remaining ==
+        1'000'000);
+  // Cancelled after dispatch: at least the input is charged.
+  auto c = acct.reserve({.user = "u"}, "m",
+                        {.prompt_tokens = 300, .max_output_tokens = 700}, "c");
+  const auto s = c->cancel_after_dispatch();
+  REQUIRE(s.ok());
+  CHECK(s->cost == Money{300'000});
+  CHECK(s->estimated);
+  // Unknown model, missing identity: errors, nothing held.
+  CHECK(acct.reserve({.user = "u"}, "nope", {}, "d").status().code() ==
+        absl::StatusCode::kNotFound);
+  CHECK(acct.reserve({.team = "t"}, "m", {}, "e").status().code() ==
+        absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("max_output_that_fits and streaming extension", "[accountant]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget(money_budget("user", Field::kUser, 1'000'000)).ok());
+  REQUIRE(acct.add_budget({"tokens", Field::kUser, BudgetUnit::kTokens, 800,
+                           Period::calendar(PeriodKind::kDay).value()})
+              .ok());
+  const Subject who{.user = "u"};
+  CHECK(acct.max_output_that_fits(who, "m", 100).value() == 700);
+  auto r = acct.reserve(who, "m",
+                        {.prompt_tokens = 100, .max_output_tokens = 100}, "s");
+  REQUIRE(r->granted());
+  CHECK(r->next_chunk_fits(0, 100).value());          // within the reservation
+  CHECK(r->next_chunk_fits(100, 500).value());        // grows to 700 output
+  CHECK_FALSE(r->next_chunk_fits(600, 200).value());  // 900 > 800 tokens
+  CHECK(acct.max_output_that_fits(who, "m", 100).value() == 0);
+  const auto s = r->settle_without_usage(650);
+  REQUIRE(s.ok());
+  CHECK(s->estimated);
+  CHECK(s->tokens == 750);
+  CHECK(s->cost == Money{750'000});
+}
+
+TEST_CASE("soft thresholds fire once per key and period", "[accountant]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  std::vector<std::uint32_t> fired;
+  acct.on_threshold(
+      [&](const ThresholdEvent& e) { fired.push_back(e.permille); });
+  REQUIRE(
+      acct.add_budget(money_budget("team", Field::kTeam, 1'000'000, {500, 800}))
+          .ok());
+  const Subject who{.team = "t"};
+  for (int i = 0; i < 10; ++i) {
+    auto r =
+        acct.reserve(who, "m", {.prompt_tokens = 100}, "r" + std::to_string(i));
+    REQUIRE(r->granted());
+    Usage u;
+    u.input_uncached = 100;
+    REQUIRE(r->settle(u).ok());
+  }
+  CHECK(fired == std::vector<std::uint32_t>{500, 800});
+  clock.set(kT0 + std::chrono::hours(24 * 31));  // January
+  auto r = acct.reserve(who, "m", {.prompt_tokens = 600}, "jan");
+  REQUIRE(r->granted());
+  CHECK(fired == std::vector<std::uint32_t>{500, 800, 500});
+}
+
+TEST_CASE("T6a: 64 reservations race for a budget of 10, 1,000 rounds",
+          "[accountant][T6a]") {
+  const int rounds =
+      std::max(50, static_cast<int>(1000 * std::min(1.0, rk_test::scale())));
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget({"calls", Field::kTeam, BudgetUnit::kTokens, 10,
+                           Period::rolling(std::chrono::hours(1)).value()})
+              .ok());
+  std::barrier sync(8);
+  std::vector<int> granted_per_round(static_cast<std::size_t>(rounds), 0);
+  std::atomic<int> granted{0};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 8; ++w) {
+    threads.emplace_back([&, w] {
+      for (int round = 0; round < rounds; ++round) {
+        const std::string team = "team-" + std::to_string(round);
+        sync.arrive_and_wait();
+        std::vector<Reservation<ManualClock>> held;
+        for (int i = 0; i < 8; ++i) {
+          auto r = acct.reserve({.team = team}, "m", {.prompt_tokens = 1},
+                                absl::StrCat(round, "/", w, "/", i));
+          if (r.ok() && r->granted()) {
+            granted.fetch_add(1);
+            Usage u;
+            u.input_uncached = 1;
+            if (r->settle(u).ok()) held.push_back(*std::move(r));
+          }
+        }
+        sync.arrive_and_wait();
+        if (w == 0) {
+          granted_per_round[static_cast<std::size_t>(round)] =
+              granted.exchange(0);
+        }
+        sync.arrive_and_wait();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int round = 0; round < rounds; ++round) {
+    CAPTURE(round);
+    REQUIRE(granted_per_round[static_cast<std::size_t>(round)] == 10);
+  }
+}
+
+TEST_CASE("T6b/T6d: 100,000 random lifecycles, settles replayed",
+          "[accountant][T6b][T6d]") {
+  const std::uint64_t seed = rk_test::seed_or(0x6B);
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget(
+                  money_budget("team", Field::kTeam, PeriodBudget::kMaxLimit))
+              .ok());
+  const int n = std::max(
+      5000, static_cast<int>(100'000 * std::min(1.0, rk_test::scale())));
+  std::int64_t charged = 0, actual = 0;
+  std::vector<Reservation<ManualClock>> open;
+  for (int i = 0; i < n; ++i) {
+    const Estimate e{.prompt_tokens = 1 + rng() % 1000,
+                     .max_output_tokens = rng() % 1000};
+    auto r = acct.reserve({.team = "t"}, "m", e, "id" + std::to_string(i));
+    REQUIRE(r.ok());
+    REQUIRE(r->granted());
+    switch (rng() % 5) {
+      case 0:    // used less than the estimate
+      case 1: {  // or more
+        Usage u;
+        u.input_uncached = e.prompt_tokens;
+        u.output = rng() % 2 ? e.max_output_tokens / 2
+                             : e.max_output_tokens + rng() % 500;
+        const auto s = r->settle(u);
+        REQUIRE(s.ok());
+        charged += s->cost.nanos;
+        actual += static_cast<std::int64_t>(u.total()) * 1000;
+        // T6d: replayed 1-3 times, through this reservation: no change.
+        for (std::uint64_t k = rng() % 3; k > 0; --k) {
+          REQUIRE(r->settle(u).value() == *s);
+        }
+        break;
+      }
+      case 2: {  // cancelled after dispatch: the prompt is charged
+        const auto s = r->cancel_after_dispatch();
+        REQUIRE(s.ok());
+        charged += s->cost.nanos;
+        actual += static_cast<std::int64_t>(e.prompt_tokens) * 1000;
+        break;
+      }
+      case 3:  // failed before dispatch: released
+        r->release();
+        break;
+      default:  // dropped, some later
+        open.push_back(*std::move(r));
+        if (open.size() > 16) open.erase(open.begin());
+        break;
+    }
+  }
+  open.clear();
+  CHECK(charged == actual);
+  const std::uint64_t spent =
+      PeriodBudget::kMaxLimit -
+      acct.budgets()[0]->peek("\x04\x01t", 0, clock.now()).remaining;
+  CHECK(spent == static_cast<std::uint64_t>(charged));  // zero lost refunds
+}
