@@ -37,6 +37,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "ratekeeper/budget/audit.hpp"
 #include "ratekeeper/budget/money.hpp"
 #include "ratekeeper/budget/period.hpp"
 #include "ratekeeper/budget/prices.hpp"
@@ -224,6 +225,12 @@ class Accountant {
   Accountant(const Accountant&) = delete;
   Accountant& operator=(const Accountant&) = delete;
 
+  // Every reserve, denial, extension, settle and release is appended to
+  // `sink` (a Ledger) before it is acknowledged: settle() returns only once
+  // its record is durable, and returns the sink's error otherwise, with
+  // nothing applied. Set before the first reserve; the sink outlives this.
+  void set_audit(AuditSink* sink) { audit_ = sink; }
+
   // Called (from the thread that crossed it) once per threshold, key and
   // period. Set before the first reserve.
   void on_threshold(ThresholdCallback cb) { on_threshold_ = std::move(cb); }
@@ -269,6 +276,10 @@ class Accountant {
   absl::StatusOr<Reservation<C>> reserve(
       const Subject& who, std::string_view model, const Estimate& e,
       std::string request_id, std::span<const ChainItem> limits = {}) {
+    if (absl::Status st = check_text("request id", request_id); !st.ok()) {
+      return st;
+    }
+    if (absl::Status st = check_text("model", model); !st.ok()) return st;
     const Nanos now = clock_.now();
     Usage worst;
     worst.input_uncached = e.prompt_tokens;
@@ -299,11 +310,98 @@ class Accountant {
       items.push_back({it.limit, it.key, it.held});
     }
     r.decision_ = chain_.acquire_at(std::span<const ChainItem>(items), now);
-    if (r.decision_.allowed) {
-      r.acct_ = this;
-      check_thresholds(r, now);
+    if (!r.decision_.allowed) {
+      if (audit_ != nullptr) {
+        const LimitResult* by = r.decision_.binding_result();
+        std::string f = record_head("deny", r);
+        f += ",\"binding\":";
+        detail::append_json_quoted(f, by == nullptr ? "" : by->limit->name());
+        if (auto st = audit_->append(f, now); !st.ok()) return st.status();
+      }
+      return r;
     }
+    if (audit_ != nullptr) {
+      std::string f = record_head("reserve", r);
+      absl::StrAppend(&f, ",\"at\":", now.count(),
+                      ",\"prompt\":", e.prompt_tokens,
+                      ",\"max_output\":", e.max_output_tokens);
+      append_items(f, r, [](const auto& it) { return it.held; });
+      if (auto st = audit_->append(f, now); !st.ok()) {
+        // Not recorded, not granted: give it all back.
+        for (const auto& it : r.items_) {
+          static_cast<void>(it.limit->refund(it.key, it.held, now, now));
+        }
+        return st.status();
+      }
+    }
+    r.acct_ = this;
+    check_thresholds(r, now);
     return r;
+  }
+
+  // replay
+  //
+  // Applies one ledger record (parsed JSON, from read_ledger) to this
+  // accountant's budgets: after replaying a whole ledger into an accountant
+  // with the same budgets, every budget holds exactly what it held when the
+  // ledger was written, and settled request ids stay settled. Reservations
+  // open at the end (a crash between reserve and settle) stay held, as in
+  // the process that wrote them. kInvalidArgument for a record it cannot
+  // read.
+  template <class Json>
+  absl::Status replay(const Json& j) {
+    const std::string event = j.value("event", "");
+    const std::string id = j.value("request", "");
+    if (event == "deny" || event.empty()) return absl::OkStatus();
+    if (!j.contains("items") || !j["items"].is_array()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ledger record ", event, " without items"));
+    }
+    std::vector<std::pair<std::string, Cost>> amounts;
+    for (const auto& it : j["items"]) {
+      amounts.emplace_back(unhex(it.value("key", "")),
+                           it.value("amount", Cost{0}));
+    }
+    const auto limit_of = [&](std::size_t i) -> Limit* {
+      const auto& it = j["items"][i];
+      const std::size_t b = it.value("b", std::size_t{0});
+      return b < budgets_.size() ? budgets_[b].limit.get() : nullptr;
+    };
+    const Nanos t{j.value("t", std::int64_t{0})};
+    auto& held = replay_held_[id];
+    if (event == "reserve" || event == "extend") {
+      const Nanos at{j.value("at", t.count())};
+      if (event == "reserve") replay_at_[id] = at;
+      held.resize(std::max(held.size(), amounts.size()));
+      for (std::size_t i = 0; i < amounts.size(); ++i) {
+        Limit* l = limit_of(i);
+        if (l == nullptr) return absl::InvalidArgumentError("unknown budget");
+        static_cast<void>(l->charge(amounts[i].first, amounts[i].second, t));
+        held[i] += amounts[i].second;
+      }
+      return absl::OkStatus();
+    }
+    const Nanos at = replay_at_[id];
+    held.resize(std::max(held.size(), amounts.size()));
+    for (std::size_t i = 0; i < amounts.size(); ++i) {
+      Limit* l = limit_of(i);
+      if (l == nullptr) return absl::InvalidArgumentError("unknown budget");
+      const Cost target = event == "settle" ? amounts[i].second : 0;
+      if (target < held[i]) {
+        static_cast<void>(l->refund(amounts[i].first, held[i] - target, at, t));
+      } else if (target > held[i]) {
+        static_cast<void>(l->charge(amounts[i].first, target - held[i], t));
+      }
+    }
+    if (event == "settle") {
+      detail::MutexLock lock(&settle_mu_);
+      settled_[id] = Settlement{Money{j.value("cost_nanos", std::int64_t{0})},
+                                j.value("tokens", std::uint64_t{0}),
+                                j.value("estimated", false)};
+    }
+    replay_held_.erase(id);
+    replay_at_.erase(id);
+    return absl::OkStatus();
   }
 
   // max_output_that_fits
@@ -393,6 +491,21 @@ class Accountant {
     absl::StatusOr<Settlement> s = price(r, used);
     if (!s.ok()) return s.status();
     const Nanos now = clock_.now();
+    if (audit_ != nullptr) {
+      std::string f = record_head("settle", r);
+      absl::StrAppend(
+          &f, ",\"cost_nanos\":", s->cost.nanos, ",\"tokens\":", s->tokens,
+          ",\"estimated\":", s->estimated ? "true" : "false",
+          ",\"input\":", used.input_uncached,
+          ",\"cache_read\":", used.cache_read,
+          ",\"cache_write\":", used.cache_write_5m + used.cache_write_1h,
+          ",\"output\":", used.output);
+      append_items(f, r, [&](const auto& it) {
+        return it.money ? static_cast<Cost>(s->cost.nanos) : s->tokens;
+      });
+      // Acknowledged only once recorded: on error nothing is applied.
+      if (auto st = audit_->append(f, now); !st.ok()) return st.status();
+    }
     for (auto& it : r.items_) {
       const Cost actual =
           it.money ? static_cast<Cost>(s->cost.nanos) : s->tokens;
@@ -413,6 +526,14 @@ class Accountant {
     detail::MutexLock lock(&settle_mu_);
     if (r.done_ || settled_.contains(r.request_id_)) return;
     const Nanos now = clock_.now();
+    if (audit_ != nullptr) {
+      std::string f = record_head("release", r);
+      append_items(f, r, [](const auto& it) { return it.held; });
+      // A release that cannot be recorded is still applied: holding the
+      // budget forever would be worse, and replay of a ledger without it
+      // keeps the reservation held (the conservative side).
+      static_cast<void>(audit_->append(f, now));
+    }
     for (const auto& it : r.items_) {
       static_cast<void>(it.limit->refund(it.key, it.held, r.decision_.at, now));
     }
@@ -433,13 +554,75 @@ class Accountant {
       if (add.back() != 0) more.push_back({it.limit, it.key, add.back()});
     }
     if (more.empty()) return true;
+    const Nanos now = clock_.now();
     const ChainDecision d =
-        chain_.acquire_at(std::span<const ChainItem>(more), clock_.now());
+        chain_.acquire_at(std::span<const ChainItem>(more), now);
     if (!d.allowed) return false;
+    if (audit_ != nullptr) {
+      std::string f = record_head("extend", r);
+      std::size_t i = 0;
+      append_items(f, r, [&](const auto&) { return add[i++]; });
+      if (auto st = audit_->append(f, now); !st.ok()) {
+        for (const ChainItem& it : more) {
+          static_cast<void>(it.limit->refund(it.key, it.cost, now, now));
+        }
+        return st.status();
+      }
+    }
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       r.items_[i].held += add[i];
     }
     return true;
+  }
+
+  static absl::Status check_text(const char* what, std::string_view v) {
+    if (v.empty() || v.size() > 256) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " must be 1 to 256 characters"));
+    }
+    for (const char c : v) {
+      if (c < 0x20 || c > 0x7E) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, " must be printable ASCII (it is written to the ledger)"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  static std::string record_head(const char* event, const Reservation<C>& r) {
+    std::string f = absl::StrCat("\"event\":\"", event, "\",\"request\":");
+    detail::append_json_quoted(f, r.request_id_);
+    f += ",\"model\":";
+    detail::append_json_quoted(f, r.model_);
+    return f;
+  }
+
+  // ,"items":[{"b":<budget index>,"key":"<hex>","amount":N},...]
+  template <class Amount>
+  void append_items(std::string& f, const Reservation<C>& r,
+                    const Amount& amount) const {
+    static constexpr char kHex[] = "0123456789abcdef";
+    f += ",\"items\":[";
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      const auto& it = r.items_[i];
+      absl::StrAppend(&f, i == 0 ? "" : ",", "{\"b\":", i, ",\"key\":\"");
+      for (const char c : it.key) {
+        const auto u = static_cast<unsigned char>(c);
+        f.push_back(kHex[u >> 4]);
+        f.push_back(kHex[u & 15]);
+      }
+      absl::StrAppend(&f, "\",\"amount\":", amount(it), "}");
+    }
+    f += "]";
+  }
+
+  static std::string unhex(std::string_view h) {
+    std::string out;
+    auto val = [](char c) { return c >= 'a' ? c - 'a' + 10 : c - '0'; };
+    for (std::size_t i = 0; i + 1 < h.size(); i += 2) {
+      out.push_back(static_cast<char>(val(h[i]) * 16 + val(h[i + 1])));
+    }
+    return out;
   }
 
   // Fires each soft threshold that this reservation's take crossed, once per
@@ -495,6 +678,11 @@ class Accountant {
   absl::flat_hash_map<std::string, Settlement> settled_;
   detail::Mutex fired_mu_;
   absl::flat_hash_map<std::string, Fired> fired_;
+  AuditSink* audit_ = nullptr;
+  // Replay only (single-threaded, before serving): what each open request
+  // holds per item, and when it reserved.
+  absl::flat_hash_map<std::string, std::vector<Cost>> replay_held_;
+  absl::flat_hash_map<std::string, Nanos> replay_at_;
 };
 
 }  // namespace ratekeeper

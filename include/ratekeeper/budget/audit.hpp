@@ -1,0 +1,53 @@
+// ratekeeper/budget/audit.hpp: where the accountant writes its records.
+//
+// Defines AuditSink, the one call the accountant needs from a ledger:
+// append a record and say when it is durable. Ledger (ledger.hpp) is the
+// file-backed, hash-chained one; a test or an embedder may supply another.
+// Kept apart so that the accountant needs neither OpenSSL nor nlohmann.
+#ifndef RATEKEEPER_BUDGET_AUDIT_HPP_
+#define RATEKEEPER_BUDGET_AUDIT_HPP_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "ratekeeper/decision.hpp"
+
+namespace ratekeeper {
+
+class AuditSink {
+ public:
+  virtual ~AuditSink() = default;
+  // Appends one record (`fields`: the inside of a JSON object) at time `t`;
+  // returns its sequence number once durable, or why it is not.
+  virtual absl::StatusOr<std::uint64_t> append(std::string_view fields,
+                                               Nanos t) = 0;
+};
+
+namespace detail {
+// `s` as a JSON string literal, quotes included; bytes outside printable
+// ASCII as \u00XX, so any key or id stays one valid line.
+inline void append_json_quoted(std::string& out, std::string_view s) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  out.push_back('"');
+  for (const char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(c);
+    } else if (u < 0x20 || u >= 0x7F) {
+      out += "\\u00";
+      out.push_back(kHex[u >> 4]);
+      out.push_back(kHex[u & 15]);
+    } else {
+      out.push_back(c);
+    }
+  }
+  out.push_back('"');
+}
+}  // namespace detail
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_BUDGET_AUDIT_HPP_
