@@ -463,3 +463,44 @@ TEST_CASE(
   CHECK(team == static_cast<std::uint64_t>(money));
   CHECK(tokens == settled_tokens + static_cast<std::uint64_t>(open_tokens));
 }
+
+TEST_CASE("T6d: settles stay exactly-once across a restart", "[ledger][T6d]") {
+  TempFile f("t6d.jsonl");
+  ManualClock clock(kT0);
+  Settlement first;
+  {
+    auto ledger = Ledger::open(f.path);
+    REQUIRE(ledger.ok());
+    Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+    REQUIRE(add_budgets(acct).ok());
+    acct.set_audit(ledger->get());
+    auto r = acct.reserve({.user = "u1", .team = "t"}, "m",
+                          {.prompt_tokens = 10, .max_output_tokens = 90}, "once");
+    Usage u;
+    u.input_uncached = 10;
+    u.output = 40;
+    first = r->settle(u).value();
+  }
+  Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+  REQUIRE(add_budgets(acct).ok());
+  REQUIRE(read_ledger(f.path, [&](const nlohmann::json& j) {
+            return acct.replay(j);
+          }).ok());
+  CHECK(acct.find_settlement("once") == first);
+  const std::uint64_t spent =
+      PeriodBudget::kMaxLimit -
+      acct.budgets()[0]->peek("\x04\x01t", 0, clock.now()).remaining;
+  CHECK(spent == 50'000);
+  // The client retries the whole call with the same id: the settle returns
+  // the first result and charges nothing more.
+  auto again = acct.reserve({.user = "u1", .team = "t"}, "m",
+                            {.prompt_tokens = 10, .max_output_tokens = 90},
+                            "once");
+  Usage u;
+  u.input_uncached = 10;
+  u.output = 80;
+  CHECK(again->settle(u).value() == first);
+  CHECK(PeriodBudget::kMaxLimit -
+            acct.budgets()[0]->peek("\x04\x01t", 0, clock.now()).remaining ==
+        50'000);
+}

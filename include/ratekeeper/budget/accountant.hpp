@@ -447,6 +447,17 @@ class Accountant {
     return best;
   }
 
+  // find_settlement
+  //
+  // The settlement recorded for `request_id` (settled here, or replayed
+  // from a ledger), if any.
+  std::optional<Settlement> find_settlement(std::string_view request_id) {
+    detail::MutexLock lock(&settle_mu_);
+    const auto it = settled_.find(detail::av(request_id));
+    if (it == settled_.end()) return std::nullopt;
+    return it->second;
+  }
+
   // The budgets, as limits (for metrics and peeks).
   std::vector<Limit*> budgets() const {
     std::vector<Limit*> out;
@@ -482,7 +493,9 @@ class Accountant {
                                                 const Usage& used) {
     detail::MutexLock lock(&settle_mu_);
     if (const auto it = settled_.find(r.request_id_); it != settled_.end()) {
-      r.done_ = true;
+      // Settled already (a retried call): this reservation's holds go back,
+      // the first settlement stands.
+      give_back(r);
       return it->second;
     }
     if (r.done_) {
@@ -524,7 +537,12 @@ class Accountant {
 
   void release_reservation(Reservation<C>& r) noexcept {
     detail::MutexLock lock(&settle_mu_);
-    if (r.done_ || settled_.contains(r.request_id_)) return;
+    give_back(r);
+  }
+
+  // Releases what `r` holds; settle_mu_ held.
+  void give_back(Reservation<C>& r) noexcept {
+    if (r.done_) return;
     const Nanos now = clock_.now();
     if (audit_ != nullptr) {
       std::string f = record_head("release", r);
