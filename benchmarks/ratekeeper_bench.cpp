@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/ratekeeper.hpp"
 
 namespace rk = ratekeeper;
@@ -393,6 +394,47 @@ void BM_Tier_3Limits_Sharded(benchmark::State& state) {
       static_cast<double>(allowed) / static_cast<double>(state.iterations());
 }
 BENCHMARK(BM_Tier_3Limits_Sharded);
+
+// ------------------------------------------------------------- budgets --
+
+// One call's reserve and settle against a monthly money budget per team and
+// a daily token budget per user: pricing, two subject keys, a two-limit
+// chain, a settle that refunds the unused part, exactly-once bookkeeping.
+void BM_Budget_ReserveSettle_Sharded(benchmark::State& state) {
+  rk::PriceTable prices;
+  const rk::TokenPrice p = rk::TokenPrice::per_million_micros(1'000'000);
+  prices.set("m", {.base = {.input = p, .output = p}}).IgnoreError();
+  rk::Accountant<> acct(std::move(prices), rk::SystemClock{},
+                        rk::ShardedOptions{.capacity = 4096});
+  acct.add_budget({"team_month", rk::Field::kTeam, rk::BudgetUnit::kNanoUsd,
+                   rk::PeriodBudget::kMaxLimit,
+                   rk::Period::calendar(rk::PeriodKind::kMonth).value()})
+      .IgnoreError();
+  acct.add_budget({"user_day", rk::Field::kUser, rk::BudgetUnit::kTokens,
+                   rk::PeriodBudget::kMaxLimit,
+                   rk::Period::calendar(rk::PeriodKind::kDay).value()})
+      .IgnoreError();
+  acct.set_idempotency_window(1 << 16);
+  const rk::Subject who{.user = "user:42", .team = "team:7"};
+  rk::Usage used;
+  used.input_uncached = 900;
+  used.output = 300;
+  std::uint64_t n = 0, granted = 0;
+  std::string id = "req-0000000000";
+  for (auto _ : state) {
+    // A distinct request id per call, written in place.
+    std::uint64_t v = n++;
+    for (std::size_t i = id.size(); i-- > 4; v /= 10) {
+      id[i] = static_cast<char>('0' + v % 10);
+    }
+    auto r = acct.reserve(
+        who, "m", {.prompt_tokens = 900, .max_output_tokens = 1000}, id);
+    if (r.ok() && r->granted() && r->settle(used).ok()) ++granted;
+  }
+  state.counters["allowed_ratio"] =
+      static_cast<double>(granted) / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_Budget_ReserveSettle_Sharded);
 
 #define RK_THREADED(fn, S)                                                     \
   BENCHMARK(fn)                                                                \

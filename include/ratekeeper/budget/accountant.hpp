@@ -395,9 +395,9 @@ class Accountant {
     }
     if (event == "settle") {
       detail::MutexLock lock(&settle_mu_);
-      settled_[id] = Settlement{Money{j.value("cost_nanos", std::int64_t{0})},
-                                j.value("tokens", std::uint64_t{0}),
-                                j.value("estimated", false)};
+      remember(id, Settlement{Money{j.value("cost_nanos", std::int64_t{0})},
+                              j.value("tokens", std::uint64_t{0}),
+                              j.value("estimated", false)});
     }
     replay_held_.erase(id);
     replay_at_.erase(id);
@@ -446,6 +446,13 @@ class Accountant {
     }
     return best;
   }
+
+  // set_idempotency_window
+  //
+  // How many settled request ids are remembered (default 2^20): a settle
+  // replayed after that many later settles is charged again. Memory is about
+  // 100 bytes per id. Set before the first reserve.
+  void set_idempotency_window(std::size_t ids) { window_ = ids == 0 ? 1 : ids; }
 
   // find_settlement
   //
@@ -531,7 +538,7 @@ class Accountant {
       it.held = actual;
     }
     r.done_ = true;
-    settled_.emplace(r.request_id_, *s);
+    remember(r.request_id_, *s);
     return *s;
   }
 
@@ -591,6 +598,17 @@ class Accountant {
       r.items_[i].held += add[i];
     }
     return true;
+  }
+
+  // Records a settlement; settle_mu_ held. The oldest id beyond the window
+  // is forgotten.
+  void remember(const std::string& id, const Settlement& s) {
+    if (!settled_.emplace(id, s).second) return;
+    order_.push_back(id);
+    while (order_.size() > window_) {
+      settled_.erase(order_.front());
+      order_.pop_front();
+    }
   }
 
   static absl::Status check_text(const char* what, std::string_view v) {
@@ -694,6 +712,8 @@ class Accountant {
   ThresholdCallback on_threshold_;
   detail::Mutex settle_mu_;
   absl::flat_hash_map<std::string, Settlement> settled_;
+  std::deque<std::string> order_;  // settled ids, oldest first
+  std::size_t window_ = std::size_t{1} << 20;
   detail::Mutex fired_mu_;
   absl::flat_hash_map<std::string, Fired> fired_;
   AuditSink* audit_ = nullptr;
