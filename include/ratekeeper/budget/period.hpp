@@ -16,8 +16,10 @@
 #define RATEKEEPER_BUDGET_PERIOD_HPP_
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -80,11 +82,38 @@ class Period {
   }
 
   // The index of the period holding Unix time `t`: consecutive periods have
-  // consecutive indices.
+  // consecutive indices. A calendar period answers from the bounds of the
+  // last period it computed (shared by copies) when `t` is inside them: a
+  // time-zone conversion only when a period turns.
   std::int64_t index_of(Nanos t) const noexcept {
     if (kind_ == PeriodKind::kRolling) {
       return detail::floor_div_i64(t.count(), length_.count());
     }
+    const std::uint64_t v1 = cache_->version.load(std::memory_order_acquire);
+    if ((v1 & 1) == 0) {
+      const std::int64_t start = cache_->start.load(std::memory_order_relaxed);
+      const std::int64_t end = cache_->end.load(std::memory_order_relaxed);
+      const std::int64_t index = cache_->index.load(std::memory_order_relaxed);
+      std::atomic_thread_fence(std::memory_order_acquire);
+      if (cache_->version.load(std::memory_order_relaxed) == v1 &&
+          start <= t.count() && t.count() < end) {
+        return index;
+      }
+    }
+    const std::int64_t index = index_slow(t);
+    std::uint64_t v = v1;
+    if ((v & 1) == 0 && cache_->version.compare_exchange_strong(
+                            v, v + 1, std::memory_order_acquire)) {
+      cache_->start.store(start_of(index).count(), std::memory_order_relaxed);
+      cache_->end.store(start_of(index + 1).count(), std::memory_order_relaxed);
+      cache_->index.store(index, std::memory_order_relaxed);
+      cache_->version.store(v + 2, std::memory_order_release);
+    }
+    return index;
+  }
+
+ private:
+  std::int64_t index_slow(Nanos t) const noexcept {
     const absl::CivilSecond cs =
         absl::ToCivilSecond(absl::FromUnixNanos(t.count()), tz_);
     const absl::CivilDay day(cs);
@@ -104,6 +133,7 @@ class Period {
     return 0;
   }
 
+ public:
   // The Unix time at which period `index` starts (for a calendar period in
   // a zone whose midnight is skipped by a DST jump, the first instant of
   // that day).
@@ -140,11 +170,21 @@ class Period {
 
  private:
   Period(PeriodKind k, absl::TimeZone tz, Nanos length)
-      : kind_(k), tz_(tz), length_(length) {}
+      : kind_(k), tz_(tz), length_(length), cache_(std::make_shared<Cache>()) {}
+
+  // The bounds of one period, published under a sequence count (odd while
+  // written); empty at first.
+  struct Cache {
+    std::atomic<std::uint64_t> version{0};
+    std::atomic<std::int64_t> start{1};
+    std::atomic<std::int64_t> end{0};
+    std::atomic<std::int64_t> index{0};
+  };
 
   PeriodKind kind_;
   absl::TimeZone tz_;
   Nanos length_;
+  std::shared_ptr<Cache> cache_;
 };
 
 // PeriodBudget: at most `limit` units per period, the count starting again
