@@ -1,7 +1,7 @@
 // ratekeeper/store/in_memory.hpp: the simple, exact reference store.
 //
 // Defines InMemoryStore<State>: an absl::flat_hash_map from key bytes to
-// State under one absl::Mutex. Every call takes the lock once.
+// State under one mutex. Every call takes the lock once.
 //
 // Prefer the sharded store for throughput on many cores (one lock serialises
 // every key here). InMemoryStore is the reference that other stores are
@@ -150,7 +150,7 @@ class InMemoryStore {
   }
 
   const Options options_;
-  mutable detail::Mutex mu_;  // absl::Mutex, annotated for TSan
+  mutable detail::Mutex mu_;
   absl::flat_hash_map<std::string, State> map_ ABSL_GUARDED_BY(mu_);
   StoreStats stats_ ABSL_GUARDED_BY(mu_);
   // Calls that found the store full, plus inserts, since the last sweep: a
