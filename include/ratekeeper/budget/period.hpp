@@ -81,13 +81,21 @@ class Period {
     return Period(PeriodKind::kRolling, absl::UTCTimeZone(), length);
   }
 
-  // The index of the period holding Unix time `t`: consecutive periods have
-  // consecutive indices. A calendar period answers from the bounds of the
-  // last period it computed (shared by copies) when `t` is inside them: a
-  // time-zone conversion only when a period turns.
-  std::int64_t index_of(Nanos t) const noexcept {
+  // Span: one period, [start, end) in Unix time.
+  struct Span {
+    std::int64_t index = 0;
+    Nanos start{0};
+    Nanos end{0};
+  };
+
+  // The period holding Unix time `t`: consecutive periods have consecutive
+  // indices. A calendar period answers from the bounds of the last period
+  // it computed (shared by copies) when `t` is inside them: a time-zone
+  // conversion only when a period turns.
+  Span span_of(Nanos t) const noexcept {
     if (kind_ == PeriodKind::kRolling) {
-      return detail::floor_div_i64(t.count(), length_.count());
+      const std::int64_t i = detail::floor_div_i64(t.count(), length_.count());
+      return Span{i, start_of(i), start_of(i == INT64_MAX ? i : i + 1)};
     }
     const std::uint64_t v1 = cache_->version.load(std::memory_order_acquire);
     if ((v1 & 1) == 0) {
@@ -97,19 +105,27 @@ class Period {
       std::atomic_thread_fence(std::memory_order_acquire);
       if (cache_->version.load(std::memory_order_relaxed) == v1 &&
           start <= t.count() && t.count() < end) {
-        return index;
+        return Span{index, Nanos{start}, Nanos{end}};
       }
     }
     const std::int64_t index = index_slow(t);
+    const Span span{index, start_of(index), start_of(index + 1)};
     std::uint64_t v = v1;
     if ((v & 1) == 0 && cache_->version.compare_exchange_strong(
                             v, v + 1, std::memory_order_acquire)) {
-      cache_->start.store(start_of(index).count(), std::memory_order_relaxed);
-      cache_->end.store(start_of(index + 1).count(), std::memory_order_relaxed);
+      cache_->start.store(span.start.count(), std::memory_order_relaxed);
+      cache_->end.store(span.end.count(), std::memory_order_relaxed);
       cache_->index.store(index, std::memory_order_relaxed);
       cache_->version.store(v + 2, std::memory_order_release);
     }
-    return index;
+    return span;
+  }
+
+  std::int64_t index_of(Nanos t) const noexcept {
+    if (kind_ == PeriodKind::kRolling) {
+      return detail::floor_div_i64(t.count(), length_.count());
+    }
+    return span_of(t).index;
   }
 
  private:
@@ -213,9 +229,11 @@ class PeriodBudget {
   }
 
   Step<State> step(const State& s, Nanos now, Cost cost) const noexcept {
-    const State cur = current(s, now);
+    const Period::Span span = period_.span_of(now);
+    const State cur = span.index > s.period ? State{span.index, 0} : s;
     const std::uint64_t room = cur.spent >= limit_ ? 0 : limit_ - cur.spent;
-    const Nanos until_next = next_start(cur.period) - now;
+    const Nanos until_next =
+        (cur.period == span.index ? span.end : next_start(cur.period)) - now;
     const Nanos reset = cur.spent == 0 ? Nanos{0} : until_next;
     if (cost > limit_) return {s, Decision{false, limit_, room, kNever, reset}};
     if (cost <= room) {
@@ -258,9 +276,7 @@ class PeriodBudget {
   const Period& period() const noexcept { return period_; }
 
   // When the period holding `now` ends: a refusal's resets_at.
-  Nanos resets_at(Nanos now) const noexcept {
-    return next_start(period_.index_of(now));
-  }
+  Nanos resets_at(Nanos now) const noexcept { return period_.span_of(now).end; }
 
  private:
   PeriodBudget(std::uint64_t limit, Period period)
