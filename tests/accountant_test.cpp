@@ -262,3 +262,75 @@ TEST_CASE("T6b/T6d: 100,000 random lifecycles, settles replayed",
       acct.budgets()[0]->peek("\x04\x01t", 0, clock.now()).remaining;
   CHECK(spent == static_cast<std::uint64_t>(charged));  // zero lost refunds
 }
+
+TEST_CASE("a call's spend belongs to the period it was reserved in",
+          "[accountant]") {
+  // Reserved at 23:59:59 on Nov 30; settled after midnight (December).
+  ManualClock clock(kT0 - Nanos{1'000'000'000});
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 1'000'000)).ok());
+  const Subject who{.user = "u", .team = "t"};
+  Limit* team = acct.budgets()[0];
+  auto over = acct.reserve(
+      who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "late-1");
+  auto under = acct.reserve(
+      who, "m", {.prompt_tokens = 10, .max_output_tokens = 500}, "late-2");
+  REQUIRE(over->granted());
+  REQUIRE(under->granted());
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == 470'000);
+  clock.advance(Nanos{2'000'000'000});
+  // December starts empty, whatever November's calls settle to: an overage
+  // lands in November, and a refund to November never inflates December.
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == 1'000'000);
+  Usage u;
+  u.input_uncached = 10;
+  u.output = 400;  // 390 more than held
+  CHECK(over->settle(u)->cost == Money{410'000});
+  u.output = 0;  // 500 less than held
+  CHECK(under->settle(u)->cost == Money{10'000});
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == 1'000'000);
+  auto dec = acct.reserve(
+      who, "m", {.prompt_tokens = 10, .max_output_tokens = 90}, "dec-1");
+  REQUIRE(dec->granted());
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == 900'000);
+}
+
+TEST_CASE("settled ids are remembered for the window, oldest forgotten first",
+          "[accountant]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(
+      acct.add_budget(money_budget("team", Field::kTeam, 1'000'000'000)).ok());
+  acct.set_idempotency_window(1'000);  // 63 per shard of 16: 1,008 in all
+  const Subject who{.user = "u", .team = "t"};
+  Usage u;
+  u.input_uncached = 1;
+  u.output = 1;
+  const auto settle = [&](const std::string& id) {
+    auto r = acct.reserve(who, "m",
+                          {.prompt_tokens = 1, .max_output_tokens = 1}, id);
+    REQUIRE(r->granted());
+    return r->settle(u).value();
+  };
+  for (int i = 0; i < 5'000; ++i) settle("id-" + std::to_string(i));
+  int remembered = 0;
+  for (int i = 0; i < 5'000; ++i) {
+    const auto s = acct.find_settlement("id-" + std::to_string(i));
+    if (s) {
+      ++remembered;
+      CHECK(*s == Settlement{Money{2'000}, 2, false});
+    }
+  }
+  CHECK(remembered >= 1'000);
+  CHECK(remembered <= 1'008);
+  // The latest ids are all there (each shard forgets its oldest first).
+  for (int i = 4'950; i < 5'000; ++i) {
+    CHECK(acct.find_settlement("id-" + std::to_string(i)).has_value());
+  }
+  // A replayed settle of a remembered id charges nothing more.
+  Limit* team = acct.budgets()[0];
+  const std::uint64_t before =
+      team->peek("\x04\x01t", 0, clock.now()).remaining;
+  settle("id-4999");
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == before);
+}

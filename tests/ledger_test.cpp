@@ -474,8 +474,9 @@ TEST_CASE("T6d: settles stay exactly-once across a restart", "[ledger][T6d]") {
     Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
     REQUIRE(add_budgets(acct).ok());
     acct.set_audit(ledger->get());
-    auto r = acct.reserve({.user = "u1", .team = "t"}, "m",
-                          {.prompt_tokens = 10, .max_output_tokens = 90}, "once");
+    auto r =
+        acct.reserve({.user = "u1", .team = "t"}, "m",
+                     {.prompt_tokens = 10, .max_output_tokens = 90}, "once");
     Usage u;
     u.input_uncached = 10;
     u.output = 40;
@@ -493,9 +494,9 @@ TEST_CASE("T6d: settles stay exactly-once across a restart", "[ledger][T6d]") {
   CHECK(spent == 50'000);
   // The client retries the whole call with the same id: the settle returns
   // the first result and charges nothing more.
-  auto again = acct.reserve({.user = "u1", .team = "t"}, "m",
-                            {.prompt_tokens = 10, .max_output_tokens = 90},
-                            "once");
+  auto again =
+      acct.reserve({.user = "u1", .team = "t"}, "m",
+                   {.prompt_tokens = 10, .max_output_tokens = 90}, "once");
   Usage u;
   u.input_uncached = 10;
   u.output = 80;

@@ -21,6 +21,7 @@
 #ifndef RATEKEEPER_BUDGET_ACCOUNTANT_HPP_
 #define RATEKEEPER_BUDGET_ACCOUNTANT_HPP_
 
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -33,7 +34,9 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/container/inlined_vector.h"
+#include "absl/hash/hash.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
@@ -87,6 +90,88 @@ struct ThresholdEvent {
   std::uint64_t limit = 0;
 };
 
+namespace detail {
+
+// SettledIds: the settlement of each of the last `window` settled request
+// ids, in shards by id with a mutex each, so that settles of different ids
+// rarely meet. A shard's deque owns its entries in settle order (a deque
+// never moves its elements); its hash set holds pointers to them (8 bytes a
+// slot) and compares through them, with each entry's hash kept beside it: an
+// id is hashed once per settle.
+class SettledIds {
+ public:
+  static constexpr std::size_t kShards = 16;
+
+  struct Key {
+    absl::string_view id;
+    std::size_t hash = 0;
+  };
+  struct Entry {
+    std::string id;
+    std::size_t hash = 0;
+    Settlement settlement;
+  };
+  struct EntryHash {
+    using is_transparent = void;
+    std::size_t operator()(const Entry* e) const noexcept { return e->hash; }
+    std::size_t operator()(const Key& k) const noexcept { return k.hash; }
+  };
+  struct EntryEq {
+    using is_transparent = void;
+    static absl::string_view id(const Entry* e) noexcept { return e->id; }
+    static absl::string_view id(const Key& k) noexcept { return k.id; }
+    template <class A, class B>
+    bool operator()(const A& a, const B& b) const noexcept {
+      return id(a) == id(b);
+    }
+  };
+
+  struct alignas(64) Shard {
+    Mutex mu;
+    absl::flat_hash_set<const Entry*, EntryHash, EntryEq> ids
+        ABSL_GUARDED_BY(mu);
+    std::deque<Entry> order ABSL_GUARDED_BY(mu);  // oldest first
+  };
+
+  static Key key(std::string_view id) {
+    return Key{av(id), absl::Hash<absl::string_view>{}(av(id))};
+  }
+  Shard& shard_of(const Key& k) { return shards_[(k.hash >> 40) % kShards]; }
+
+  // At least `ids` ids are remembered (rounded up to whole shards).
+  void set_window(std::size_t ids) {
+    per_shard_ = ids / kShards + (ids % kShards != 0 ? 1 : 0);
+    if (per_shard_ == 0) per_shard_ = 1;
+  }
+
+  static const Settlement* find(Shard& s, const Key& k)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    const auto it = s.ids.find(k);
+    return it == s.ids.end() ? nullptr : &(*it)->settlement;
+  }
+
+  // Records the settlement of `k` unless it has one; the shard's oldest id
+  // beyond the window is forgotten.
+  void remember(Shard& s, const Key& k, const Settlement& st)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    s.order.push_back(Entry{std::string(k.id), k.hash, st});
+    if (!s.ids.insert(&s.order.back()).second) {
+      s.order.pop_back();
+      return;
+    }
+    while (s.order.size() > per_shard_) {
+      s.ids.erase(&s.order.front());
+      s.order.pop_front();
+    }
+  }
+
+ private:
+  std::array<Shard, kShards> shards_;
+  std::size_t per_shard_ = (std::size_t{1} << 18) / kShards;
+};
+
+}  // namespace detail
+
 template <Clock C>
 class Accountant;
 
@@ -95,6 +180,13 @@ class Accountant;
 template <Clock C = SystemClock>
 class Reservation {
  public:
+  // Made by Accountant::reserve only (the key's constructor is private).
+  class Key {
+    friend class Accountant<C>;
+    Key() = default;
+  };
+  explicit Reservation(Key) {}
+
   Reservation(Reservation&& o) noexcept { *this = std::move(o); }
   Reservation& operator=(Reservation&& o) noexcept {
     if (this != &o) {
@@ -103,6 +195,7 @@ class Reservation {
       decision_ = std::move(o.decision_);
       request_id_ = std::move(o.request_id_);
       model_ = std::move(o.model_);
+      prices_ = o.prices_;
       estimate_ = o.estimate_;
       items_ = std::move(o.items_);
       reserved_money_ = o.reserved_money_;
@@ -193,14 +286,13 @@ class Reservation {
     bool money;  // a money budget (else tokens)
   };
 
-  Reservation() = default;
-
   Accountant<C>* acct_ = nullptr;
   ChainDecision decision_;
   std::string request_id_;
-  std::string model_;
+  std::string model_;  // for the ledger's records: kept with an audit sink
+  Prices prices_;      // the model's prices at the reservation's time
   Estimate estimate_;
-  std::vector<Item> items_;
+  absl::InlinedVector<Item, 4> items_;
   Money reserved_money_;
   std::uint64_t reserved_tokens_ = 0;
   bool done_ = false;
@@ -276,6 +368,22 @@ class Accountant {
   absl::StatusOr<Reservation<C>> reserve(
       const Subject& who, std::string_view model, const Estimate& e,
       std::string request_id, std::span<const ChainItem> limits = {}) {
+    // Built in place and returned as is (one object, no move).
+    absl::StatusOr<Reservation<C>> out(absl::in_place,
+                                       typename Reservation<C>::Key{});
+    if (absl::Status st =
+            reserve_into(*out, who, model, e, std::move(request_id), limits);
+        !st.ok()) {
+      out = std::move(st);
+    }
+    return out;
+  }
+
+ private:
+  absl::Status reserve_into(Reservation<C>& r, const Subject& who,
+                            std::string_view model, const Estimate& e,
+                            std::string request_id,
+                            std::span<const ChainItem> limits) {
     if (absl::Status st = check_text("request id", request_id); !st.ok()) {
       return st;
     }
@@ -284,11 +392,13 @@ class Accountant {
     Usage worst;
     worst.input_uncached = e.prompt_tokens;
     worst.output = e.max_output_tokens;
-    absl::StatusOr<Money> cost = prices_.cost(model, worst, to_sys(now));
+    absl::StatusOr<Prices> prices = prices_.prices(model, to_sys(now));
+    if (!prices.ok()) return prices.status();
+    absl::StatusOr<Money> cost = PriceTable::cost(*prices, worst);
     if (!cost.ok()) return cost.status();
-    Reservation<C> r;
     r.request_id_ = std::move(request_id);
-    r.model_ = std::string(model);
+    if (audit_ != nullptr) r.model_ = std::string(model);
+    r.prices_ = *prices;
     r.estimate_ = e;
     r.reserved_money_ = *cost;
     r.reserved_tokens_ = worst.total();
@@ -318,7 +428,7 @@ class Accountant {
         detail::append_json_quoted(f, by == nullptr ? "" : by->limit->name());
         if (auto st = audit_->append(f, now); !st.ok()) return st.status();
       }
-      return r;
+      return absl::OkStatus();
     }
     if (audit_ != nullptr) {
       std::string f = record_head("reserve", r);
@@ -336,9 +446,10 @@ class Accountant {
     }
     r.acct_ = this;
     check_thresholds(r, now);
-    return r;
+    return absl::OkStatus();
   }
 
+ public:
   // replay
   //
   // Applies one ledger record (parsed JSON, from read_ledger) to this
@@ -381,23 +492,30 @@ class Accountant {
       }
       return absl::OkStatus();
     }
-    const Nanos at = replay_at_[id];
+    // As settle() did: at the reservation's time.
+    const auto at_it = replay_at_.find(id);
+    const Nanos at = at_it == replay_at_.end() ? t : at_it->second;
     held.resize(std::max(held.size(), amounts.size()));
     for (std::size_t i = 0; i < amounts.size(); ++i) {
       Limit* l = limit_of(i);
       if (l == nullptr) return absl::InvalidArgumentError("unknown budget");
       const Cost target = event == "settle" ? amounts[i].second : 0;
       if (target < held[i]) {
-        static_cast<void>(l->refund(amounts[i].first, held[i] - target, at, t));
+        static_cast<void>(
+            l->refund(amounts[i].first, held[i] - target, at, at));
       } else if (target > held[i]) {
-        static_cast<void>(l->charge(amounts[i].first, target - held[i], t));
+        static_cast<void>(l->charge(amounts[i].first, target - held[i], at));
       }
     }
     if (event == "settle") {
-      detail::MutexLock lock(&settle_mu_);
-      remember(id, Settlement{Money{j.value("cost_nanos", std::int64_t{0})},
-                              j.value("tokens", std::uint64_t{0}),
-                              j.value("estimated", false)});
+      const auto key = detail::SettledIds::key(id);
+      auto& shard = settled_.shard_of(key);
+      detail::MutexLock lock(&shard.mu);
+      settled_.remember(
+          shard, key,
+          Settlement{Money{j.value("cost_nanos", std::int64_t{0})},
+                     j.value("tokens", std::uint64_t{0}),
+                     j.value("estimated", false)});
     }
     replay_held_.erase(id);
     replay_at_.erase(id);
@@ -449,20 +567,24 @@ class Accountant {
 
   // set_idempotency_window
   //
-  // How many settled request ids are remembered (default 2^20): a settle
-  // replayed after that many later settles is charged again. Memory is about
-  // 100 bytes per id. Set before the first reserve.
-  void set_idempotency_window(std::size_t ids) { window_ = ids == 0 ? 1 : ids; }
+  // How many settled request ids are remembered (default 2^18, about four
+  // minutes at 1,000 settles a second): a settle of an id forgotten since is
+  // charged again. Memory is about 90 bytes per id (ids of up to 15
+  // characters; a longer id adds its own allocation). Set before the first
+  // reserve.
+  void set_idempotency_window(std::size_t ids) { settled_.set_window(ids); }
 
   // find_settlement
   //
   // The settlement recorded for `request_id` (settled here, or replayed
   // from a ledger), if any.
   std::optional<Settlement> find_settlement(std::string_view request_id) {
-    detail::MutexLock lock(&settle_mu_);
-    const auto it = settled_.find(detail::av(request_id));
-    if (it == settled_.end()) return std::nullopt;
-    return it->second;
+    const auto key = detail::SettledIds::key(request_id);
+    auto& shard = settled_.shard_of(key);
+    detail::MutexLock lock(&shard.mu);
+    const Settlement* s = detail::SettledIds::find(shard, key);
+    if (s == nullptr) return std::nullopt;
+    return *s;
   }
 
   // The budgets, as limits (for metrics and peeks).
@@ -489,8 +611,7 @@ class Accountant {
   // What `used` costs, in each item's unit.
   absl::StatusOr<Settlement> price(const Reservation<C>& r,
                                    const Usage& used) const {
-    absl::StatusOr<Money> cost =
-        prices_.cost(r.model_, used, to_sys(r.decision_.at));
+    absl::StatusOr<Money> cost = PriceTable::cost(r.prices_, used);
     if (!cost.ok()) return cost.status();
     return Settlement{*cost, used.total(),
                       used.source == UsageSource::kEstimated};
@@ -498,20 +619,27 @@ class Accountant {
 
   absl::StatusOr<Settlement> settle_reservation(Reservation<C>& r,
                                                 const Usage& used) {
-    detail::MutexLock lock(&settle_mu_);
-    if (const auto it = settled_.find(r.request_id_); it != settled_.end()) {
+    const auto key = detail::SettledIds::key(r.request_id_);
+    auto& shard = settled_.shard_of(key);
+    detail::MutexLock lock(&shard.mu);
+    if (const Settlement* first = detail::SettledIds::find(shard, key);
+        first != nullptr) {
       // Settled already (a retried call): this reservation's holds go back,
       // the first settlement stands.
       give_back(r);
-      return it->second;
+      return *first;
     }
     if (r.done_) {
       return absl::FailedPreconditionError("settle: already released");
     }
     absl::StatusOr<Settlement> s = price(r, used);
     if (!s.ok()) return s.status();
-    const Nanos now = clock_.now();
+    // A call's spend belongs to the period it was reserved in: refunds and
+    // overages apply at the reservation's time (no clock read without a
+    // ledger, which stamps its record with the time of the settle).
+    const Nanos at = r.decision_.at;
     if (audit_ != nullptr) {
+      const Nanos now = clock_.now();
       std::string f = record_head("settle", r);
       absl::StrAppend(
           &f, ",\"cost_nanos\":", s->cost.nanos, ",\"tokens\":", s->tokens,
@@ -530,37 +658,38 @@ class Accountant {
       const Cost actual =
           it.money ? static_cast<Cost>(s->cost.nanos) : s->tokens;
       if (actual < it.held) {
-        static_cast<void>(
-            it.limit->refund(it.key, it.held - actual, r.decision_.at, now));
+        static_cast<void>(it.limit->refund(it.key, it.held - actual, at, at));
       } else if (actual > it.held) {
-        static_cast<void>(it.limit->charge(it.key, actual - it.held, now));
+        static_cast<void>(it.limit->charge(it.key, actual - it.held, at));
       }
       it.held = actual;
     }
     r.done_ = true;
-    remember(r.request_id_, *s);
+    settled_.remember(shard, key, *s);
     return *s;
   }
 
   void release_reservation(Reservation<C>& r) noexcept {
-    detail::MutexLock lock(&settle_mu_);
+    auto& shard = settled_.shard_of(detail::SettledIds::key(r.request_id_));
+    detail::MutexLock lock(&shard.mu);
     give_back(r);
   }
 
-  // Releases what `r` holds; settle_mu_ held.
+  // Releases what `r` holds; the shard of its id locked (a settle of the
+  // same id through another reservation waits).
   void give_back(Reservation<C>& r) noexcept {
     if (r.done_) return;
-    const Nanos now = clock_.now();
+    const Nanos at = r.decision_.at;
     if (audit_ != nullptr) {
       std::string f = record_head("release", r);
       append_items(f, r, [](const auto& it) { return it.held; });
       // A release that cannot be recorded is still applied: holding the
       // budget forever would be worse, and replay of a ledger without it
       // keeps the reservation held (the conservative side).
-      static_cast<void>(audit_->append(f, now));
+      static_cast<void>(audit_->append(f, clock_.now()));
     }
     for (const auto& it : r.items_) {
-      static_cast<void>(it.limit->refund(it.key, it.held, r.decision_.at, now));
+      static_cast<void>(it.limit->refund(it.key, it.held, at, at));
     }
     r.done_ = true;
   }
@@ -598,17 +727,6 @@ class Accountant {
       r.items_[i].held += add[i];
     }
     return true;
-  }
-
-  // Records a settlement; settle_mu_ held. The oldest id beyond the window
-  // is forgotten.
-  void remember(const std::string& id, const Settlement& s) {
-    if (!settled_.emplace(id, s).second) return;
-    order_.push_back(id);
-    while (order_.size() > window_) {
-      settled_.erase(order_.front());
-      order_.pop_front();
-    }
   }
 
   static absl::Status check_text(const char* what, std::string_view v) {
@@ -710,10 +828,7 @@ class Accountant {
   ShardedOptions store_;
   std::deque<Budget> budgets_;
   ThresholdCallback on_threshold_;
-  detail::Mutex settle_mu_;
-  absl::flat_hash_map<std::string, Settlement> settled_;
-  std::deque<std::string> order_;  // settled ids, oldest first
-  std::size_t window_ = std::size_t{1} << 20;
+  detail::SettledIds settled_;
   detail::Mutex fired_mu_;
   absl::flat_hash_map<std::string, Fired> fired_;
   AuditSink* audit_ = nullptr;
