@@ -11,7 +11,7 @@
 set -euo pipefail
 
 packages=(cmake ninja-build g++ make pkg-config libabsl-dev libfmt-dev catch2
-          libcpp-httplib-dev nlohmann-json3-dev)
+          libcpp-httplib-dev nlohmann-json3-dev libssl-dev tzdata)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(clang-14 libclang-rt-14-dev clang-format-14)
 elif [[ "${1:-}" == "--bench" ]]; then

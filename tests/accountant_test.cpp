@@ -9,6 +9,8 @@
 #include <thread>
 #include <vector>
 
+#include "ratekeeper/errors.hpp"
+#include "ratekeeper/policy/fixed_window.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -155,6 +157,43 @@ TEST_CASE("soft thresholds fire once per key and period", "[accountant]") {
   auto r = acct.reserve(who, "m", {.prompt_tokens = 600}, "jan");
   REQUIRE(r->granted());
   CHECK(fired == std::vector<std::uint32_t>{500, 800, 500});
+  // An overage settled past a threshold fires it too; so does a stream's
+  // extension.
+  Usage u;
+  u.input_uncached = 600;
+  u.output = 250;  // 850,000 of 1,000,000: past 80%
+  REQUIRE(r->settle(u).ok());
+  CHECK(fired == std::vector<std::uint32_t>{500, 800, 500, 800});
+  clock.set(kT0 + std::chrono::hours(24 * 62));  // February
+  auto s = acct.reserve(who, "m", {.prompt_tokens = 100}, "feb");
+  REQUIRE(s->granted());
+  REQUIRE(s->next_chunk_fits(0, 500).value());  // 600,000: past 50%
+  CHECK(fired == std::vector<std::uint32_t>{500, 800, 500, 800, 500});
+}
+
+TEST_CASE("fired thresholds of ended periods are forgotten", "[accountant]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  int fired = 0;
+  acct.on_threshold([&](const ThresholdEvent&) { ++fired; });
+  REQUIRE(acct.add_budget({"calls",
+                           Field::kUser,
+                           BudgetUnit::kTokens,
+                           1,
+                           Period::rolling(std::chrono::seconds(1)).value(),
+                           {1000}})
+              .ok());
+  // 20,000 users over 20 periods, each at 100% once: every one fires, and
+  // the memory of what fired stays bounded as periods end.
+  for (int i = 0; i < 20'000; ++i) {
+    if (i % 1'000 == 0) clock.advance(std::chrono::seconds(1));
+    const std::string user = "u" + std::to_string(i);
+    auto r = acct.reserve({.user = user}, "m", {.prompt_tokens = 1},
+                          "r" + std::to_string(i));
+    REQUIRE(r->granted());
+  }
+  CHECK(fired == 20'000);
+  CHECK(acct.threshold_memory() <= 8'192);
 }
 
 TEST_CASE("T6a: 64 reservations race for a budget of 10, 1,000 rounds",
@@ -333,4 +372,45 @@ TEST_CASE("settled ids are remembered for the window, oldest forgotten first",
       team->peek("\x04\x01t", 0, clock.now()).remaining;
   settle("id-4999");
   CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == before);
+}
+
+TEST_CASE("a refusal says whether a budget or a rate limit refused",
+          "[accountant]") {
+  ManualClock clock(kT0 + Nanos{3'600LL * 1'000'000'000});  // Dec 1, 01:00
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(
+      acct.add_budget(money_budget("team_month", Field::kTeam, 100'000)).ok());
+  auto rpm =
+      make_limit({.name = "rpm"}, FixedWindow::create(per_minute(1)).value())
+          .value();
+  const Subject who{.user = "u", .team = "t"};
+  const ChainItem limits[] = {{rpm.get(), "u", 1}};
+  auto ok = acct.reserve(
+      who, "m", {.prompt_tokens = 50, .max_output_tokens = 10}, "a", limits);
+  REQUIRE(ok->granted());
+  // The rate limit refuses: a 429 to retry.
+  auto rate = acct.reserve(who, "m", {.prompt_tokens = 1}, "b", limits);
+  REQUIRE_FALSE(rate->granted());
+  CHECK_FALSE(rate->refused_by_budget());
+  CHECK(Rejection::from(rate->decision()).status() == 429);
+  // The budget refuses: a 403 until December ends.
+  clock.advance(Nanos{61LL * 1'000'000'000});
+  auto spent = acct.reserve(who, "m", {.prompt_tokens = 50}, "c", limits);
+  REQUIRE_FALSE(spent->granted());
+  CHECK(spent->refused_by_budget());
+  const Rejection r = Rejection::budget(spent->decision());
+  CHECK(r.status() == 403);
+  CHECK(r.limit == "team_month");
+  CHECK(r.json_body() ==
+        "{\"error\":{\"message\":\"budget \\\"team_month\\\" is spent for this "
+        "period\",\"type\":\"budget_exhausted\",\"code\":\"budget_exhausted\","
+        "\"limit\":\"team_month\",\"resets_at\":\"2027-01-01T00:00:00Z\"}}");
+  // More than the whole budget: never fits, no reset to wait for.
+  clock.advance(Nanos{61LL * 1'000'000'000});
+  auto huge = acct.reserve(who, "m", {.prompt_tokens = 200}, "d", limits);
+  REQUIRE_FALSE(huge->granted());
+  CHECK(huge->refused_by_budget());
+  const Rejection h = Rejection::budget(huge->decision());
+  CHECK_FALSE(h.resets_at.has_value());
+  CHECK(h.message.find("lower max_tokens") != std::string::npos);
 }

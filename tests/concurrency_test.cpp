@@ -6,19 +6,28 @@
 // never over-admit any of them, and roll-backs must give back exactly what
 // they took.
 //
+// Budgets too: 8 threads reserve and settle through a group-commit ledger,
+// retrying each other's request ids, and period bounds are cached under
+// races (T6a, T6d, T7a under TSan).
+//
 // RATEKEEPER_TEST_SCALE scales the run time (1.0: 10 s per policy in T2a).
 #include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <iterator>
 #include <memory>
+#include <mutex>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "ratekeeper/budget/accountant.hpp"
+#include "ratekeeper/budget/ledger.hpp"
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/limiter.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
@@ -566,4 +575,194 @@ TEST_CASE("set_tier while 4 threads acquire", "[tiers][T2b][concurrency]") {
   CHECK(tiers.limits("t")[0]->limit() == 1'000'199);
   // Reconfigured in place: one rpm limit all along, its count intact.
   CHECK(tiers.limits("t")[0]->counts().allowed == ok.load());
+}
+
+namespace {
+
+// What request `n` uses: deterministic, so that every settle of one id
+// (first or retried) carries the same usage.
+Usage usage_of(std::uint64_t n) {
+  Usage u;
+  u.input_uncached = 1 + n % 97;
+  u.output = n % 301;
+  return u;
+}
+
+PriceTable one_micro_per_token() {
+  PriceTable t;
+  const TokenPrice p = TokenPrice::per_million_micros(1'000'000);
+  t.set("m", {.base = {.input = p, .output = p}}).IgnoreError();
+  return t;
+}
+
+absl::Status add_two_budgets(Accountant<ManualClock>& a) {
+  if (absl::Status st = a.add_budget(
+          {"team", Field::kTeam, BudgetUnit::kNanoUsd, PeriodBudget::kMaxLimit,
+           Period::calendar(PeriodKind::kMonth, "Europe/Paris").value()});
+      !st.ok()) {
+    return st;
+  }
+  return a.add_budget({"user", Field::kUser, BudgetUnit::kTokens,
+                       PeriodBudget::kMaxLimit,
+                       Period::calendar(PeriodKind::kDay).value()});
+}
+
+std::uint64_t spent(Limit* l, std::string_view key, Nanos now) {
+  return PeriodBudget::kMaxLimit - l->peek(key, 0, now).remaining;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "8 threads reserve and settle through a group-commit ledger, racing "
+    "retries of each other's ids: exactly once, and the ledger replays",
+    "[budget][T6a][T6d][T7a][concurrency]") {
+  namespace fs = std::filesystem;
+  const std::string path =
+      (fs::temp_directory_path() /
+       ("rk_conc_" + std::to_string(::getpid()) + "_ledger.jsonl"))
+          .string();
+  fs::remove(path);
+  const int per_thread =
+      std::max(300, static_cast<int>(3'000 * std::min(1.0, rk_test::scale())));
+  const Nanos t0{1'796'083'200LL * 1'000'000'000};  // 2026-12-01 UTC
+  ManualClock clock(t0);
+  std::atomic<std::uint64_t> next_id{0};
+  std::mutex settled_mu;
+  std::set<std::uint64_t> settled;  // ids settled at least once
+  std::atomic<int> mismatches{0};
+  {
+    Accountant<ManualClock> acct(one_micro_per_token(), clock,
+                                 ShardedOptions{.capacity = 4096});
+    REQUIRE(add_two_budgets(acct).ok());
+    auto ledger = Ledger::open(
+        path, {.durability = Durability::kGroupCommit,
+               .group_commit_interval = std::chrono::microseconds(200)});
+    REQUIRE(ledger.ok());
+    acct.set_audit(ledger->get());
+    std::vector<std::thread> threads;
+    for (int w = 0; w < kThreads; ++w) {
+      threads.emplace_back([&, w] {
+        std::mt19937_64 rng(rk_test::seed_or(0xB0D6E7) +
+                            static_cast<unsigned>(w));
+        for (int i = 0; i < per_thread; ++i) {
+          // One call in four retries an id another thread may be settling.
+          const std::uint64_t issued = next_id.load();
+          const std::uint64_t n = rng() % 4 == 0 && issued > 8
+                                      ? issued - 1 - rng() % 8
+                                      : next_id.fetch_add(1);
+          // Subject holds views: the strings outlive it.
+          const std::string user = absl::StrCat("u", n % 5);
+          const std::string team = absl::StrCat("t", n % 2);
+          const Subject who{.user = user, .team = team};
+          auto r = acct.reserve(
+              who, "m", {.prompt_tokens = 100, .max_output_tokens = 300},
+              absl::StrCat("req-", n));
+          if (!r.ok() || !r->granted()) {
+            mismatches.fetch_add(1);
+            continue;
+          }
+          if (rng() % 10 == 0) {
+            r->release();  // failed before dispatch
+            continue;
+          }
+          const Usage u = usage_of(n);
+          const absl::StatusOr<Settlement> s = r->settle(u);
+          if (!s.ok() ||
+              s->cost.nanos != static_cast<std::int64_t>(u.total()) * 1'000) {
+            mismatches.fetch_add(1);
+            continue;
+          }
+          std::lock_guard<std::mutex> lock(settled_mu);
+          settled.insert(n);
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(mismatches.load() == 0);
+    // Every budget holds exactly the sum over distinct settled ids.
+    std::uint64_t team_expect[2] = {0, 0}, user_expect[5] = {0, 0, 0, 0, 0};
+    for (const std::uint64_t n : settled) {
+      team_expect[n % 2] += usage_of(n).total() * 1'000;
+      user_expect[n % 5] += usage_of(n).total();
+    }
+    const std::vector<Limit*> b = acct.budgets();
+    for (int t = 0; t < 2; ++t) {
+      std::string key;
+      REQUIRE(
+          append_subject_key(Field::kTeam, {.team = absl::StrCat("t", t)}, key)
+              .ok());
+      CHECK(spent(b[0], key, clock.now()) == team_expect[t]);
+    }
+    for (int u = 0; u < 5; ++u) {
+      std::string key;
+      REQUIRE(
+          append_subject_key(Field::kUser, {.user = absl::StrCat("u", u)}, key)
+              .ok());
+      CHECK(spent(b[1], key, clock.now()) == user_expect[u]);
+    }
+  }
+  // The ledger written by 8 threads verifies, and replays to the same books.
+  const absl::StatusOr<std::string> text = read_file(path);
+  REQUIRE(text.ok());
+  const VerifyResult v = verify_ledger(*text);
+  CHECK(v.ok());
+  CHECK_FALSE(v.torn_tail);
+  Accountant<ManualClock> again(one_micro_per_token(), clock,
+                                ShardedOptions{.capacity = 4096});
+  REQUIRE(add_two_budgets(again).ok());
+  REQUIRE(read_ledger(path, [&](const nlohmann::json& j) {
+            return again.replay(j);
+          }).ok());
+  std::uint64_t total = 0;
+  for (const std::uint64_t n : settled) total += usage_of(n).total() * 1'000;
+  std::uint64_t replayed = 0;
+  for (int t = 0; t < 2; ++t) {
+    std::string key;
+    REQUIRE(
+        append_subject_key(Field::kTeam, {.team = absl::StrCat("t", t)}, key)
+            .ok());
+    replayed += spent(again.budgets()[0], key, clock.now());
+  }
+  CHECK(replayed == total);
+  for (const std::uint64_t n : settled) {
+    REQUIRE(again.find_settlement(absl::StrCat("req-", n)).has_value());
+  }
+  fs::remove(path);
+}
+
+TEST_CASE("4 threads read one calendar period's cached bounds as it turns",
+          "[budget][concurrency]") {
+  const Period shared =
+      Period::calendar(PeriodKind::kDay, "America/New_York").value();
+  const Nanos t0{1'772'928'000LL * 1'000'000'000};  // 2026-03-08 00:00 UTC
+  const std::int64_t hour = 3'600LL * 1'000'000'000;
+  const int rounds = std::max(
+      2'000, static_cast<int>(50'000 * std::min(1.0, rk_test::scale())));
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 4; ++w) {
+    threads.emplace_back([&, w] {
+      // A copy: copies share the cache. The reference has its own.
+      const Period mine = shared;
+      const Period reference =
+          Period::calendar(PeriodKind::kDay, "America/New_York").value();
+      std::mt19937_64 rng(static_cast<unsigned>(w) + 1);
+      for (int i = 0; i < rounds; ++i) {
+        // Two days around the spring DST jump: the cached day keeps turning.
+        const Nanos t{t0.count() +
+                      static_cast<std::int64_t>(rng() % 48) * hour +
+                      static_cast<std::int64_t>(rng() % hour)};
+        const Period::Span got = mine.span_of(t);
+        const std::int64_t want = reference.index_of(t);
+        if (got.index != want || got.start != reference.start_of(want) ||
+            got.end != reference.start_of(want + 1) || t < got.start ||
+            t >= got.end) {
+          wrong.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(wrong.load() == 0);
 }

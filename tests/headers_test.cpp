@@ -165,6 +165,23 @@ TEST_CASE("a call that can never pass gets no Retry-After", "[headers]") {
         std::string::npos);
 }
 
+TEST_CASE("a budget in money: IETF headers in nano-USD, no OpenAI header",
+          "[headers]") {
+  const Decision d{true, 5'000'000'000, 4'250'000'000, Nanos{0},
+                   Nanos{3'600 * kSec}};
+  const Headers h = http::rate_limit_headers({.name = "team_day",
+                                              .unit = Unit::kNanoUsd,
+                                              .decision = d,
+                                              .window = Nanos{86'400 * kSec}});
+  const Headers want = {
+      {"RateLimit-Policy",
+       "\"team_day\";q=5000000000;w=86400;qu=\"ratekeeper-nano-usd\""},
+      {"RateLimit", "\"team_day\";r=4250000000;t=3600"},
+  };
+  CHECK(h == want);
+  CHECK(unit_name(Unit::kNanoUsd) == "nano_usd");
+}
+
 TEST_CASE("one limiter's decision as headers", "[headers]") {
   const Decision d{false, 20, 0, Nanos{2500 * kMs}, Nanos{10 * kSec}};
   const Headers h = http::rate_limit_headers({.name = "api",

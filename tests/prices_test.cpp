@@ -217,3 +217,37 @@ TEST_CASE("the open catalogue's JSON shape", "[prices]") {
     CHECK(r.status().code() == absl::StatusCode::kInvalidArgument);
   }
 }
+
+TEST_CASE("max_output_within is the largest output a budget covers, exactly",
+          "[prices]") {
+  std::mt19937_64 rng(rk_test::seed_or(0x3A7));
+  for (int i = 0; i < 20'000; ++i) {
+    Prices p;
+    p.base.input.femtos = rng() % 20'000'000'000;
+    p.base.output.femtos = rng() % 4 == 0 ? 0 : rng() % 80'000'000'000;
+    p.base.cache_read.femtos = rng() % 2'000'000'000;
+    if (rng() % 3 == 0) {
+      p.cliff_above = 1 + rng() % 300'000;
+      p.cliff.input.femtos = rng() % 40'000'000'000;
+      p.cliff.output.femtos = 1 + rng() % 160'000'000'000;
+    }
+    Usage u;
+    u.input_uncached = rng() % 400'000;
+    u.cache_read = rng() % 4 == 0 ? rng() % 100'000 : 0;
+    const Money budget{static_cast<std::int64_t>(rng() % 5'000'000'000)};
+    const std::optional<std::uint64_t> n =
+        PriceTable::max_output_within(p, u, budget);
+    const auto cost_with = [&](std::uint64_t out) {
+      Usage v = u;
+      v.output = out;
+      return PriceTable::cost(p, v).value();
+    };
+    CAPTURE(i, budget.nanos, u.input_uncached, p.base.output.femtos);
+    if (!n) {
+      CHECK(cost_with(0) > budget);
+      continue;
+    }
+    CHECK(cost_with(*n) <= budget);
+    if (*n < kMaxUsageTokens) CHECK(cost_with(*n + 1) > budget);
+  }
+}

@@ -108,6 +108,30 @@ TEST_CASE("errors: unknown tier, missing identity, bad specs", "[tiers]") {
   CHECK(std::string(st.message()).find("tier \"pro\"") != std::string::npos);
   CHECK(rig.tiers.limits("pro").empty());  // nothing published
   CHECK_FALSE(rig.tiers.set_tier("", free_tier()).ok());
+  std::vector<LimitSpec> money = free_tier();
+  money[2].options.unit = Unit::kNanoUsd;
+  const absl::Status m = rig.tiers.set_tier("pro", money);
+  CHECK(m.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(m.message()).find("Accountant") != std::string::npos);
+}
+
+TEST_CASE("chain_items hands a tier's limits to another chain", "[tiers]") {
+  Rig rig;
+  REQUIRE(rig.tiers.set_tier("free", free_tier()).ok());
+  const Subject who{.user = "u", .team = "t"};
+  absl::InlinedVector<ChainItem, 4> items;
+  REQUIRE(rig.tiers.chain_items("free", who, 250, items).ok());
+  REQUIRE(items.size() == 3);
+  CHECK(items[0].limit->name() == "rpm");
+  CHECK(items[0].cost == 1);
+  CHECK(items[1].cost == 250);
+  CHECK(items[2].cost == 250);
+  // The same keys the table's own acquire uses.
+  Chain<ManualClock> other(rig.clock);
+  REQUIRE(other.acquire(std::span<const ChainItem>(items)).allowed);
+  CHECK(rig.tiers.peek("free", who, 0)->results[0].decision.remaining == 1);
+  CHECK(rig.tiers.chain_items("gold", who, 1, items).code() ==
+        absl::StatusCode::kNotFound);
 }
 
 TEST_CASE("changing a tier at run time keeps state where it can", "[tiers]") {

@@ -65,8 +65,22 @@
 namespace ratekeeper {
 
 // Unit: what a limit's costs count. The HTTP headers report request limits
-// and token limits apart (x-ratelimit-*-requests, x-ratelimit-*-tokens).
-enum class Unit : std::uint8_t { kRequests, kTokens };
+// and token limits apart (x-ratelimit-*-requests, x-ratelimit-*-tokens);
+// kNanoUsd is money, for budgets (budget/accountant.hpp).
+enum class Unit : std::uint8_t { kRequests, kTokens, kNanoUsd };
+
+// The unit's name in metric labels: "requests", "tokens", "nano_usd".
+constexpr std::string_view unit_name(Unit u) noexcept {
+  switch (u) {
+    case Unit::kRequests:
+      return "requests";
+    case Unit::kTokens:
+      return "tokens";
+    case Unit::kNanoUsd:
+      return "nano_usd";
+  }
+  return "requests";
+}
 
 // LimitOptions: how a limit behaves in a chain.
 //

@@ -116,6 +116,33 @@ struct Rejection {
     return r;
   }
 
+  // The refusal of a budget (Reservation::refused_by_budget()): 403 until
+  // the budget's period ends. `d.at` is Unix time (the accountant's
+  // SystemClock), so resets_at is a calendar instant.
+  static Rejection budget(const ChainDecision& d) {
+    RATEKEEPER_ASSERT(!d.allowed, "Rejection::budget of an admitted call");
+    Rejection r;
+    r.kind = Refusal::kBudgetExhausted;
+    const LimitResult* b = d.binding_result();
+    r.limit = b == nullptr ? std::string() : b->limit->name();
+    if (b != nullptr && b->decision.retry_after != kNever) {
+      r.resets_at = std::chrono::system_clock::time_point(
+          std::chrono::duration_cast<std::chrono::system_clock::duration>(
+              d.at + b->decision.retry_after));
+    }
+    if (d.never()) {
+      r.message = fmt::format(
+          "this call's worst case ({}) is more than budget \"{}\" allows in "
+          "a whole period ({}); lower max_tokens",
+          b == nullptr ? 0 : b->cost, r.limit,
+          b == nullptr ? 0 : b->decision.limit);
+    } else {
+      r.message =
+          fmt::format("budget \"{}\" is spent for this period", r.limit);
+    }
+    return r;
+  }
+
   // An OpenAI-compatible error body:
   // {"error":{"message":"...","type":"rate_limit_exceeded",
   //   "code":"rate_limit_exceeded","limit":"rpm","retry_after_ms":1500}}

@@ -101,6 +101,10 @@ constexpr Scope operator|(Field a, Field b) noexcept {
 // Subject: the values of a caller. Empty means "not known": a limit scoped
 // by a field the subject lacks is an error, never a bucket shared by every
 // caller without it. `ip` is the text of ip_key() (ratekeeper/ip.hpp).
+//
+// A Subject holds views, like std::string_view: the strings it names must
+// outlive it. `Subject{.user = absl::StrCat("u", n)}` names a temporary that
+// is gone at the end of the line; keep the string in a variable first.
 struct Subject {
   std::string_view api_key{};
   std::string_view user{};

@@ -121,8 +121,7 @@ inline std::string prometheus_text(std::span<const MetricSource> sources) {
     const Limit& l = *sources[i].limit;
     fmt::format_to(std::back_inserter(out),
                    "ratekeeper_limit_capacity{{{},unit=\"{}\"}} {}\n",
-                   labels[i], l.unit() == Unit::kTokens ? "tokens" : "requests",
-                   l.limit());
+                   labels[i], unit_name(l.unit()), l.limit());
   }
   per_limit("ratekeeper_limit_shadow", "gauge",
             "1 while a limit is in shadow mode (decides, never denies).",

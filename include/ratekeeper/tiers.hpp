@@ -104,6 +104,13 @@ class TierTable {
     // Build (or find) every limit first; publish nothing until all are good.
     for (std::size_t i = 0; i < limits.size(); ++i) {
       const LimitSpec& spec = limits[i];
+      if (spec.options.unit == Unit::kNanoUsd) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tier \"", detail::av(name), "\": limit \"", spec.options.name,
+            "\" counts money: budgets in money belong to an Accountant "
+            "(budget/accountant.hpp), whose reserve() takes a tier's "
+            "chain_items()"));
+      }
       for (std::size_t j = 0; j < i; ++j) {
         if (limits[j].options.name == spec.options.name) {
           return absl::InvalidArgumentError(
@@ -159,6 +166,19 @@ class TierTable {
       return st;
     }
     return chain_.acquire(std::span<const ChainItem>(items));
+  }
+
+  // chain_items
+  //
+  // The items acquire() would take, appended to `out`: to hand the tier's
+  // limits to another all-or-nothing chain (Accountant::reserve's `limits`,
+  // so that a call's rate limits and budgets are one decision). The keys
+  // live in a buffer of this thread's, valid until the thread's next call
+  // to a TierTable. Errors as acquire().
+  absl::Status chain_items(std::string_view tier, const Subject& who,
+                           Cost tokens,
+                           absl::InlinedVector<ChainItem, 4>& out) const {
+    return items_for(tier, who, tokens, out);
   }
 
   // peek

@@ -209,6 +209,18 @@ class Reservation {
   ~Reservation() { release(); }
 
   bool granted() const noexcept { return decision_.allowed; }
+  // Refused by one of the accountant's budgets (403, Rejection::budget),
+  // rather than by a rate limit passed to reserve() (429,
+  // Rejection::from).
+  bool refused_by_budget() const noexcept {
+    if (decision_.allowed) return false;
+    const LimitResult* by = decision_.binding_result();
+    if (by == nullptr) return false;
+    for (const Item& it : items_) {
+      if (it.limit == by->limit) return true;
+    }
+    return false;
+  }
   const ChainDecision& decision() const noexcept { return decision_; }
   const std::string& request_id() const noexcept { return request_id_; }
   Money reserved_money() const noexcept { return reserved_money_; }
@@ -351,7 +363,7 @@ class Accountant {
     auto limit =
         make_limit({.name = spec.name,
                     .unit = spec.unit == BudgetUnit::kTokens ? Unit::kTokens
-                                                             : Unit::kRequests},
+                                                             : Unit::kNanoUsd},
                    *std::move(policy), store_);
     if (!limit.ok()) return limit.status();
     budgets_.push_back(Budget{spec, std::move(*limit)});
@@ -480,21 +492,23 @@ class Accountant {
     };
     const Nanos t{j.value("t", std::int64_t{0})};
     auto& held = replay_held_[id];
+    // As reserve(), extend() and settle() did: at the reservation's time.
+    const auto at_it = replay_at_.find(id);
+    Nanos at = at_it == replay_at_.end() ? t : at_it->second;
     if (event == "reserve" || event == "extend") {
-      const Nanos at{j.value("at", t.count())};
-      if (event == "reserve") replay_at_[id] = at;
+      if (event == "reserve") {
+        at = Nanos{j.value("at", t.count())};
+        replay_at_[id] = at;
+      }
       held.resize(std::max(held.size(), amounts.size()));
       for (std::size_t i = 0; i < amounts.size(); ++i) {
         Limit* l = limit_of(i);
         if (l == nullptr) return absl::InvalidArgumentError("unknown budget");
-        static_cast<void>(l->charge(amounts[i].first, amounts[i].second, t));
+        static_cast<void>(l->charge(amounts[i].first, amounts[i].second, at));
         held[i] += amounts[i].second;
       }
       return absl::OkStatus();
     }
-    // As settle() did: at the reservation's time.
-    const auto at_it = replay_at_.find(id);
-    const Nanos at = at_it == replay_at_.end() ? t : at_it->second;
     held.resize(std::max(held.size(), amounts.size()));
     for (std::size_t i = 0; i < amounts.size(); ++i) {
       Limit* l = limit_of(i);
@@ -541,26 +555,19 @@ class Accountant {
         return st;
       }
       const std::uint64_t left = b.limit->peek(key, 0, now).remaining;
-      // The largest n with cost(prompt, n) <= left: cost grows with n.
-      auto fits = [&](std::uint64_t n) {
+      std::uint64_t n = 0;
+      if (b.spec.unit == BudgetUnit::kTokens) {
+        if (prompt_tokens > left) return std::uint64_t{0};
+        n = left - prompt_tokens;
+      } else {
         Usage u;
         u.input_uncached = prompt_tokens;
-        u.output = n;
-        if (b.spec.unit == BudgetUnit::kTokens) return u.total() <= left;
-        const absl::StatusOr<Money> c = PriceTable::cost(*p, u);
-        return c.ok() && static_cast<std::uint64_t>(c->nanos) <= left;
-      };
-      if (!fits(0)) return std::uint64_t{0};
-      std::uint64_t lo = 0, hi = best;
-      while (lo < hi) {
-        const std::uint64_t mid = lo + (hi - lo + 1) / 2;
-        if (fits(mid)) {
-          lo = mid;
-        } else {
-          hi = mid - 1;
-        }
+        const std::optional<std::uint64_t> m = PriceTable::max_output_within(
+            *p, u, Money{static_cast<std::int64_t>(left)});
+        if (!m) return std::uint64_t{0};
+        n = *m;
       }
-      best = std::min(best, lo);
+      best = std::min(best, n);
     }
     return best;
   }
@@ -585,6 +592,13 @@ class Accountant {
     const Settlement* s = detail::SettledIds::find(shard, key);
     if (s == nullptr) return std::nullopt;
     return *s;
+  }
+
+  // How many (budget, threshold, key) entries remember a fired threshold:
+  // those of ended periods are dropped whenever the count doubles.
+  std::size_t threshold_memory() const {
+    detail::MutexLock lock(&fired_mu_);
+    return fired_.size();
   }
 
   // The budgets, as limits (for metrics and peeks).
@@ -660,7 +674,13 @@ class Accountant {
       if (actual < it.held) {
         static_cast<void>(it.limit->refund(it.key, it.held - actual, at, at));
       } else if (actual > it.held) {
-        static_cast<void>(it.limit->charge(it.key, actual - it.held, at));
+        const Decision d = it.limit->charge(it.key, actual - it.held, at);
+        if (on_threshold_) {
+          const std::uint64_t after = d.limit - d.remaining;
+          const std::uint64_t extra = actual - it.held;
+          fire_crossed(static_cast<std::size_t>(&it - r.items_.data()), it.key,
+                       after >= extra ? after - extra : 0, after, d.limit, at);
+        }
       }
       it.held = actual;
     }
@@ -701,30 +721,45 @@ class Accountant {
     absl::StatusOr<Settlement> s = price(r, u);
     if (!s.ok()) return s.status();
     absl::InlinedVector<ChainItem, 8> more;
+    absl::InlinedVector<std::size_t, 8> which;  // r.items_ index of each
     absl::InlinedVector<Cost, 8> add;
-    for (const auto& it : r.items_) {
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      const auto& it = r.items_[i];
       const Cost want = it.money ? static_cast<Cost>(s->cost.nanos) : s->tokens;
       add.push_back(want > it.held ? want - it.held : 0);
-      if (add.back() != 0) more.push_back({it.limit, it.key, add.back()});
+      if (add.back() != 0) {
+        more.push_back({it.limit, it.key, add.back()});
+        which.push_back(i);
+      }
     }
     if (more.empty()) return true;
-    const Nanos now = clock_.now();
+    // Like settle: in the period of the reservation.
+    const Nanos at = r.decision_.at;
     const ChainDecision d =
-        chain_.acquire_at(std::span<const ChainItem>(more), now);
+        chain_.acquire_at(std::span<const ChainItem>(more), at);
     if (!d.allowed) return false;
     if (audit_ != nullptr) {
       std::string f = record_head("extend", r);
       std::size_t i = 0;
       append_items(f, r, [&](const auto&) { return add[i++]; });
-      if (auto st = audit_->append(f, now); !st.ok()) {
+      if (auto st = audit_->append(f, clock_.now()); !st.ok()) {
         for (const ChainItem& it : more) {
-          static_cast<void>(it.limit->refund(it.key, it.cost, now, now));
+          static_cast<void>(it.limit->refund(it.key, it.cost, at, at));
         }
         return st.status();
       }
     }
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       r.items_[i].held += add[i];
+    }
+    if (on_threshold_) {
+      for (std::size_t j = 0; j < more.size(); ++j) {
+        const Decision& dj = d.results[j].decision;
+        const std::uint64_t after = dj.limit - dj.remaining;
+        fire_crossed(which[j], more[j].key,
+                     after >= more[j].cost ? after - more[j].cost : 0, after,
+                     dj.limit, at);
+      }
     }
     return true;
   }
@@ -779,47 +814,63 @@ class Accountant {
     return out;
   }
 
-  // Fires each soft threshold that this reservation's take crossed, once per
-  // budget, key and period.
+  // Fires each soft threshold that this reservation's take crossed.
   void check_thresholds(const Reservation<C>& r, Nanos now) {
     if (!on_threshold_) return;
     const std::size_t first = r.decision_.results.size() - r.items_.size();
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
-      const Budget& b = budgets_[i];
-      if (b.spec.soft_permille.empty()) continue;
       const Decision& d = r.decision_.results[first + i].decision;
       const std::uint64_t after = d.limit - d.remaining;
-      const std::uint64_t before =
-          after >= r.items_[i].held ? after - r.items_[i].held : 0;
-      for (const std::uint32_t t : b.spec.soft_permille) {
-        const detail::u128 mark =
-            static_cast<detail::u128>(d.limit) * t;  // in thousandths
-        if (static_cast<detail::u128>(before) * 1000 >= mark ||
-            static_cast<detail::u128>(after) * 1000 < mark) {
-          continue;
+      fire_crossed(i, r.items_[i].key,
+                   after >= r.items_[i].held ? after - r.items_[i].held : 0,
+                   after, d.limit, now);
+    }
+  }
+
+  // Fires budget `b`'s thresholds that its spend crossed going from
+  // `before` to `after` (of `limit`) at `at`: once per key and period.
+  void fire_crossed(std::size_t b, std::string_view key, std::uint64_t before,
+                    std::uint64_t after, std::uint64_t limit, Nanos at) {
+    const BudgetSpec& spec = budgets_[b].spec;
+    for (const std::uint32_t t : spec.soft_permille) {
+      const detail::u128 mark =
+          static_cast<detail::u128>(limit) * t;  // in thousandths
+      if (static_cast<detail::u128>(before) * 1000 >= mark ||
+          static_cast<detail::u128>(after) * 1000 < mark) {
+        continue;
+      }
+      const std::int64_t period = spec.period->index_of(at);
+      bool fire = false;
+      {
+        detail::MutexLock lock(&fired_mu_);
+        auto [it, fresh] = fired_.try_emplace(
+            absl::StrCat(b, "/", t, "/", detail::av(key)), Fired{period, b});
+        if (fresh || it->second.period < period) {
+          it->second.period = period;
+          fire = true;
         }
-        const std::int64_t period = b.spec.period->index_of(now);
-        bool fire = false;
-        {
-          detail::MutexLock lock(&fired_mu_);
-          auto& f =
-              fired_[absl::StrCat(b.spec.name, "/", t, "/", r.items_[i].key)];
-          if (f.period != period || !f.fired) {
-            f = Fired{period, true};
-            fire = true;
-          }
-        }
-        if (fire) {
-          on_threshold_(
-              ThresholdEvent{b.spec.name, r.items_[i].key, t, after, d.limit});
-        }
+        if (fresh && fired_.size() >= prune_at_) prune_fired(at);
+      }
+      if (fire) {
+        on_threshold_(
+            ThresholdEvent{spec.name, std::string(key), t, after, limit});
       }
     }
   }
 
+  // Forgets the thresholds fired in periods that have ended; fired_mu_
+  // held. Amortised: the map is pruned when it doubles.
+  void prune_fired(Nanos now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(fired_mu_) {
+    absl::erase_if(fired_, [&](const auto& e) {
+      return e.second.period <
+             budgets_[e.second.budget].spec.period->index_of(now);
+    });
+    prune_at_ = std::max<std::size_t>(4096, 2 * fired_.size());
+  }
+
   struct Fired {
     std::int64_t period = 0;
-    bool fired = false;
+    std::size_t budget = 0;
   };
 
   PriceTable prices_;
@@ -829,8 +880,10 @@ class Accountant {
   std::deque<Budget> budgets_;
   ThresholdCallback on_threshold_;
   detail::SettledIds settled_;
-  detail::Mutex fired_mu_;
-  absl::flat_hash_map<std::string, Fired> fired_;
+  mutable detail::Mutex fired_mu_;
+  // "budget/permille/key" -> the period it last fired in.
+  absl::flat_hash_map<std::string, Fired> fired_ ABSL_GUARDED_BY(fired_mu_);
+  std::size_t prune_at_ ABSL_GUARDED_BY(fired_mu_) = 4096;
   AuditSink* audit_ = nullptr;
   // Replay only (single-threaded, before serving): what each open request
   // holds per item, and when it reserved.

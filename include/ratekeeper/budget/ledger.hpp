@@ -27,6 +27,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <chrono>
@@ -60,7 +61,10 @@ struct LedgerOptions {
 };
 
 // LedgerFile: where records go; PosixLedgerFile by default, another in
-// tests that inject write or sync failures.
+// tests that inject write or sync failures. Calls to write() come one at a
+// time; under group commit a sync() may run while a write() does (as
+// write(2) and fdatasync(2) may), and covers every write that returned
+// before it started.
 class LedgerFile {
  public:
   virtual ~LedgerFile() = default;
@@ -334,7 +338,7 @@ class Ledger final : public AuditSink {
         synced_ = seq;
         return seq;
       case Durability::kGroupCommit:
-        cv_.notify_all();
+        if (seq == synced_ + 1) cv_.notify_all();  // the syncer may be idle
         cv_.wait(lock, [&] { return synced_ >= seq || !failed_.ok(); });
         if (synced_ >= seq) return seq;
         return failed_;
@@ -360,18 +364,29 @@ class Ledger final : public AuditSink {
     }
   }
 
-  // Every interval, one sync for all records written since the last.
+  // At most one sync per interval, for every record written before it
+  // starts. The sync runs outside mu_: appends go on writing meanwhile, and
+  // the next sync covers them.
   void group_commit() {
     std::unique_lock<std::mutex> lock(mu_);
+    auto next = std::chrono::steady_clock::now();
     while (!stop_) {
-      cv_.wait_for(lock, options_.group_commit_interval);
-      if (seq_ == synced_ || !failed_.ok()) continue;
+      if (seq_ == synced_ || !failed_.ok() ||
+          std::chrono::steady_clock::now() < next) {
+        cv_.wait_until(lock, seq_ == synced_
+                                 ? std::chrono::steady_clock::now() +
+                                       options_.group_commit_interval
+                                 : next);
+        continue;
+      }
       const std::uint64_t upto = seq_;
-      // Writes are ordered by mu_; the sync covers everything written.
+      next = std::chrono::steady_clock::now() + options_.group_commit_interval;
+      lock.unlock();
       const absl::Status st = file_->sync();
+      lock.lock();
       if (st.ok()) {
-        synced_ = upto;
-      } else {
+        synced_ = std::max(synced_, upto);
+      } else if (failed_.ok()) {
         failed_ = st;
       }
       cv_.notify_all();

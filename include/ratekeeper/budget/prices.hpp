@@ -172,6 +172,36 @@ class PriceTable {
     return detail::cost_at(effective(cliff ? p.cliff : p.base), u);
   }
 
+  // max_output_within
+  //
+  // The largest n such that `u` with n more output tokens costs at most
+  // `budget` (exactly: the cost's rounding included), capped so that the
+  // output stays within kMaxUsageTokens; nullopt when `u` alone costs more.
+  // Output does not move a call across a cliff (cliffs count input), so the
+  // cost is linear in n and this is one division.
+  static std::optional<std::uint64_t> max_output_within(const Prices& p,
+                                                        const Usage& u,
+                                                        Money budget) {
+    const bool cliff = p.cliff_above != 0 && u.input_total() > p.cliff_above;
+    const TokenPrices t = effective(cliff ? p.cliff : p.base);
+    const detail::u128 spent =
+        static_cast<detail::u128>(u.input_uncached) * t.input.femtos +
+        static_cast<detail::u128>(u.cache_read) * t.cache_read.femtos +
+        static_cast<detail::u128>(u.cache_write_5m) * t.cache_write_5m.femtos +
+        static_cast<detail::u128>(u.cache_write_1h) * t.cache_write_1h.femtos +
+        static_cast<detail::u128>(u.output) * t.output.femtos;
+    if (budget.nanos < 0) return std::nullopt;
+    // cost = ceil(femtos / 10^6) <= budget  <=>  femtos <= budget * 10^6.
+    const detail::u128 cap =
+        static_cast<detail::u128>(budget.nanos) * 1'000'000;
+    if (spent > cap) return std::nullopt;
+    const std::uint64_t room =
+        u.output >= kMaxUsageTokens ? 0 : kMaxUsageTokens - u.output;
+    if (t.output.femtos == 0) return room;
+    const detail::u128 n = (cap - spent) / t.output.femtos;
+    return n > room ? room : static_cast<std::uint64_t>(n);
+  }
+
   // Cache prices left at zero bill as input (a provider without a cache
   // discount); a zero 1h write price bills as the 5m one.
   static TokenPrices effective(TokenPrices t) {

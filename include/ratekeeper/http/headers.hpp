@@ -20,7 +20,9 @@
 //
 // Shadow limits are left out: they do not bind the client. The IETF draft's
 // quota units are requests, content-bytes and concurrent-requests; tokens
-// need a vendor-prefixed unit ("ratekeeper-tokens" unless you name another).
+// need a vendor-prefixed unit ("ratekeeper-tokens" unless you name another),
+// and so do budgets in money ("ratekeeper-nano-usd"); OpenAI's headers have
+// no money dialect and leave budgets in money out.
 // A token bucket's window `w` is the time it takes to refill its burst.
 #ifndef RATEKEEPER_HTTP_HEADERS_HPP_
 #define RATEKEEPER_HTTP_HEADERS_HPP_
@@ -50,9 +52,11 @@ struct HeaderOptions {
   bool retry_after = true;
   bool openai = true;
   bool ietf = true;
-  // The IETF quota unit of token limits ("qu"); request limits use the
-  // draft's default unit and carry no "qu".
+  // The IETF quota units ("qu") of token limits and of money budgets
+  // (nano-USD); request limits use the draft's default unit and carry no
+  // "qu".
   std::string token_unit = "ratekeeper-tokens";
+  std::string money_unit = "ratekeeper-nano-usd";
 };
 
 // go_duration
@@ -153,8 +157,9 @@ inline void append_headers(const std::vector<LimitView>& views, bool refused,
       // Names are [A-Za-z0-9_.:-] (LimitOptions), valid in an sf-string.
       fmt::format_to(std::back_inserter(policy), "\"{}\";q={};w={}", v.name,
                      v.decision.limit, delta_seconds(v.window));
-      if (v.unit == Unit::kTokens) {
-        fmt::format_to(std::back_inserter(policy), ";qu=\"{}\"", o.token_unit);
+      if (v.unit != Unit::kRequests) {
+        fmt::format_to(std::back_inserter(policy), ";qu=\"{}\"",
+                       v.unit == Unit::kTokens ? o.token_unit : o.money_unit);
       }
       fmt::format_to(std::back_inserter(state), "\"{}\";r={};t={}", v.name,
                      v.decision.remaining,
