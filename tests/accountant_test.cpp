@@ -414,3 +414,60 @@ TEST_CASE("a refusal says whether a budget or a rate limit refused",
   CHECK_FALSE(h.resets_at.has_value());
   CHECK(h.message.find("lower max_tokens") != std::string::npos);
 }
+
+TEST_CASE("forecast: spend so far, the pace, and when it runs out",
+          "[accountant]") {
+  // Six hours into a UTC day, a team has spent 300,000 of 1,000,000.
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(
+      acct.add_budget({"team_day", Field::kTeam, BudgetUnit::kNanoUsd,
+                       1'000'000, Period::calendar(PeriodKind::kDay).value()})
+          .ok());
+  const Subject who{.team = "t"};
+  clock.advance(std::chrono::hours(6));
+  auto r = acct.reserve(who, "m", {.prompt_tokens = 300}, "a");
+  REQUIRE(r->granted());
+  const Forecast f = acct.forecast("team_day", who).value();
+  CHECK(f.spent == 300'000);
+  CHECK(f.limit == 1'000'000);
+  CHECK(f.period_start == kT0);
+  CHECK(f.period_end == kT0 + std::chrono::hours(24));
+  CHECK(f.projected == 1'200'000);  // 300k per 6 h, for 24 h
+  // 700,000 more at 50,000 an hour: 14 hours from now.
+  REQUIRE(f.exhausts_at.has_value());
+  CHECK(*f.exhausts_at == kT0 + std::chrono::hours(20));
+  CHECK(f.pace_per_hour == 38'888);  // 700,000 over 18 hours
+  // A team that has spent nothing lasts; an unknown budget is an error.
+  const Forecast idle = acct.forecast("team_day", {.team = "u"}).value();
+  CHECK(idle.spent == 0);
+  CHECK_FALSE(idle.exhausts_at.has_value());
+  CHECK(idle.pace_per_hour == 55'555);
+  CHECK(acct.forecast("nope", who).status().code() ==
+        absl::StatusCode::kNotFound);
+  CHECK(acct.forecast("team_day", {.user = "x"}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("an administrator resets a spend or changes a limit",
+          "[accountant]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 1'000'000)).ok());
+  const Subject who{.team = "t"};
+  auto r = acct.reserve(who, "m", {.prompt_tokens = 900}, "a");
+  REQUIRE(r->granted());
+  Usage u;
+  u.input_uncached = 900;
+  REQUIRE(r->settle(u).ok());
+  CHECK_FALSE(acct.reserve(who, "m", {.prompt_tokens = 200}, "b")->granted());
+  REQUIRE(acct.reset("team", who).ok());
+  CHECK(acct.forecast("team", who)->spent == 0);
+  CHECK(acct.reserve(who, "m", {.prompt_tokens = 200}, "c")->granted());
+  REQUIRE(acct.set_budget_limit("team", 100'000).ok());
+  CHECK(acct.forecast("team", who)->limit == 100'000);
+  CHECK_FALSE(acct.reserve(who, "m", {.prompt_tokens = 200}, "d")->granted());
+  CHECK(acct.set_budget_limit("team", 0).code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(acct.reset("nope", who).code() == absl::StatusCode::kNotFound);
+}

@@ -505,3 +505,41 @@ TEST_CASE("T6d: settles stay exactly-once across a restart", "[ledger][T6d]") {
             acct.budgets()[0]->peek("\x04\x01t", 0, clock.now()).remaining ==
         50'000);
 }
+
+TEST_CASE("resets and limit changes are records, and replay applies them",
+          "[ledger][accountant]") {
+  TempFile f("admin.jsonl");
+  ManualClock clock(kT0);
+  const Subject who{.user = "u", .team = "t"};
+  Usage u;
+  u.input_uncached = 100;
+  {
+    Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+    REQUIRE(add_budgets(acct).ok());
+    auto ledger = Ledger::open(f.path, {.durability = Durability::kNone});
+    REQUIRE(ledger.ok());
+    acct.set_audit(ledger->get());
+    auto a = acct.reserve(who, "m", {.prompt_tokens = 100}, "a");
+    REQUIRE(a->settle(u).ok());
+    clock.advance(std::chrono::minutes(1));
+    REQUIRE(acct.reset("team", who).ok());
+    REQUIRE(acct.set_budget_limit("user_tokens", 5'000).ok());
+    auto b = acct.reserve(who, "m", {.prompt_tokens = 100}, "b");
+    REQUIRE(b->settle(u).ok());
+    CHECK(acct.forecast("team", who)->spent == 100'000);
+    CHECK(acct.forecast("user_tokens", who)->spent == 200);
+    CHECK(acct.forecast("user_tokens", who)->limit == 5'000);
+  }
+  const std::string text = slurp(f.path);
+  CHECK(text.find("\"event\":\"reset\"") != std::string::npos);
+  CHECK(text.find("\"event\":\"limit\"") != std::string::npos);
+  CHECK(verify_ledger(text).ok());
+  Accountant<ManualClock> again(flat_prices(), clock, kSmall);
+  REQUIRE(add_budgets(again).ok());
+  REQUIRE(read_ledger(f.path, [&](const nlohmann::json& j) {
+            return again.replay(j);
+          }).ok());
+  CHECK(again.forecast("team", who)->spent == 100'000);
+  CHECK(again.forecast("user_tokens", who)->spent == 200);
+  CHECK(again.forecast("user_tokens", who)->limit == 5'000);
+}

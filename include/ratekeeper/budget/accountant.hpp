@@ -81,6 +81,29 @@ struct Settlement {
   friend bool operator==(const Settlement&, const Settlement&) = default;
 };
 
+// Forecast: where one subject's budget stands in its period, and where it
+// is heading at the pace of the period so far.
+//
+//   spent, limit       in the budget's unit (nano-USD or tokens), spent
+//                      counting what open reservations hold
+//   period_start/end   the period's bounds (Unix time)
+//   projected          spent + (spent per ns so far) x (time left): the
+//                      period's total at this pace (saturating)
+//   exhausts_at        when the budget runs out at this pace, if within the
+//                      period (nullopt: it lasts)
+//   pace_per_hour      what may be spent per hour from now on to last the
+//                      period: (limit - spent) / hours left
+struct Forecast {
+  std::uint64_t spent = 0;
+  std::uint64_t limit = 0;
+  Nanos now{0};
+  Nanos period_start{0};
+  Nanos period_end{0};
+  std::uint64_t projected = 0;
+  std::optional<Nanos> exhausts_at{};
+  std::uint64_t pace_per_hour = 0;
+};
+
 // ThresholdEvent: a soft threshold crossed.
 struct ThresholdEvent {
   std::string budget;
@@ -476,6 +499,16 @@ class Accountant {
     const std::string event = j.value("event", "");
     const std::string id = j.value("request", "");
     if (event == "deny" || event.empty()) return absl::OkStatus();
+    const Nanos t{j.value("t", std::int64_t{0})};
+    if (event == "limit") {
+      const std::size_t b = j.value("b", budgets_.size());
+      if (b >= budgets_.size())
+        return absl::InvalidArgumentError("unknown budget");
+      absl::StatusOr<PeriodBudget> next = PeriodBudget::create(
+          j.value("limit", std::uint64_t{0}), *budgets_[b].spec.period);
+      if (!next.ok()) return next.status();
+      return budgets_[b].limit->reconfigure(*std::move(next));
+    }
     if (!j.contains("items") || !j["items"].is_array()) {
       return absl::InvalidArgumentError(
           absl::StrCat("ledger record ", event, " without items"));
@@ -490,7 +523,15 @@ class Accountant {
       const std::size_t b = it.value("b", std::size_t{0});
       return b < budgets_.size() ? budgets_[b].limit.get() : nullptr;
     };
-    const Nanos t{j.value("t", std::int64_t{0})};
+    if (event == "reset") {
+      for (std::size_t i = 0; i < amounts.size(); ++i) {
+        Limit* l = limit_of(i);
+        if (l == nullptr) return absl::InvalidArgumentError("unknown budget");
+        static_cast<void>(
+            l->refund(amounts[i].first, PeriodBudget::kMaxLimit, t, t));
+      }
+      return absl::OkStatus();
+    }
     auto& held = replay_held_[id];
     // As reserve(), extend() and settle() did: at the reservation's time.
     const auto at_it = replay_at_.find(id);
@@ -592,6 +633,112 @@ class Accountant {
     const Settlement* s = detail::SettledIds::find(shard, key);
     if (s == nullptr) return std::nullopt;
     return *s;
+  }
+
+  // forecast
+  //
+  // Spend, projection and pacing of budget `name` for `who` now.
+  // kNotFound for an unknown budget; kInvalidArgument when `who` lacks the
+  // budget's field.
+  absl::StatusOr<Forecast> forecast(std::string_view name,
+                                    const Subject& who) const {
+    absl::StatusOr<std::size_t> b = budget_index(name);
+    if (!b.ok()) return b.status();
+    const Budget& budget = budgets_[*b];
+    std::string key;
+    if (absl::Status st = append_subject_key(budget.spec.scope, who, key);
+        !st.ok()) {
+      return st;
+    }
+    Forecast f;
+    f.now = clock_.now();
+    const Decision d = budget.limit->peek(key, 0, f.now);
+    f.limit = d.limit;
+    f.spent = d.limit - d.remaining;
+    const Period::Span span = budget.spec.period->span_of(f.now);
+    f.period_start = span.start;
+    f.period_end = span.end;
+    const auto elapsed = static_cast<detail::u128>(
+        std::max<std::int64_t>(1, (f.now - span.start).count()));
+    const auto left = static_cast<detail::u128>(
+        std::max<std::int64_t>(0, (span.end - f.now).count()));
+    const detail::u128 projected = f.spent + f.spent * left / elapsed;
+    f.projected = projected > ~std::uint64_t{0}
+                      ? ~std::uint64_t{0}
+                      : static_cast<std::uint64_t>(projected);
+    if (f.spent > 0 && f.spent < f.limit) {
+      // Time to spend what is left at spent/elapsed per ns.
+      const detail::u128 to_empty = (f.limit - f.spent) * elapsed / f.spent;
+      if (to_empty < left) {
+        f.exhausts_at = f.now + Nanos{static_cast<std::int64_t>(to_empty)};
+      }
+    } else if (f.spent >= f.limit) {
+      f.exhausts_at = f.now;
+    }
+    const detail::u128 hour = 3'600'000'000'000;
+    if (f.spent < f.limit) {
+      const detail::u128 per_hour =
+          left == 0 ? detail::u128{f.limit - f.spent}
+                    : detail::u128{f.limit - f.spent} * hour / left;
+      f.pace_per_hour = per_hour > ~std::uint64_t{0}
+                            ? ~std::uint64_t{0}
+                            : static_cast<std::uint64_t>(per_hour);
+    }
+    return f;
+  }
+
+  // reset
+  //
+  // An administrator's reset: `who`'s spend on budget `name` in the current
+  // period starts again from zero (recorded in the ledger as "reset").
+  // Reservations open at the reset are forgiven with it: their settlements
+  // can no longer take the count below zero. kNotFound for an unknown
+  // budget.
+  absl::Status reset(std::string_view name, const Subject& who) {
+    absl::StatusOr<std::size_t> b = budget_index(name);
+    if (!b.ok()) return b.status();
+    std::string key;
+    if (absl::Status st = append_subject_key(budgets_[*b].spec.scope, who, key);
+        !st.ok()) {
+      return st;
+    }
+    const Nanos now = clock_.now();
+    Limit* l = budgets_[*b].limit.get();
+    const Decision d = l->peek(key, 0, now);
+    const Cost cleared = d.limit - d.remaining;
+    if (audit_ != nullptr) {
+      std::string f = absl::StrCat("\"event\":\"reset\",\"budget\":");
+      detail::append_json_quoted(f, budgets_[*b].spec.name);
+      absl::StrAppend(&f, ",\"items\":[{\"b\":", *b, ",\"key\":\"", hex(key),
+                      "\",\"amount\":", cleared, "}]");
+      if (auto st = audit_->append(f, now); !st.ok()) return st.status();
+    }
+    // Clears everything counted now, whatever arrived since the peek too.
+    static_cast<void>(l->refund(key, PeriodBudget::kMaxLimit, now, now));
+    return absl::OkStatus();
+  }
+
+  // set_budget_limit
+  //
+  // An administrator's change of budget `name`'s limit, for every subject,
+  // from now on (recorded in the ledger as "limit"); what was spent stays
+  // spent. kNotFound for an unknown budget; kInvalidArgument for a limit
+  // outside 1..2^62.
+  absl::Status set_budget_limit(std::string_view name, std::uint64_t limit) {
+    absl::StatusOr<std::size_t> b = budget_index(name);
+    if (!b.ok()) return b.status();
+    absl::StatusOr<PeriodBudget> next =
+        PeriodBudget::create(limit, *budgets_[*b].spec.period);
+    if (!next.ok()) return next.status();
+    if (audit_ != nullptr) {
+      std::string f = absl::StrCat("\"event\":\"limit\",\"budget\":");
+      detail::append_json_quoted(f, budgets_[*b].spec.name);
+      absl::StrAppend(&f, ",\"b\":", *b, ",\"limit\":", limit);
+      if (auto st = audit_->append(f, clock_.now()); !st.ok()) {
+        return st.status();
+      }
+    }
+    return budgets_[*b].limit->reconfigure(*std::move(next));
   }
 
   // How many (budget, threshold, key) entries remember a fired threshold:
@@ -790,19 +937,33 @@ class Accountant {
   template <class Amount>
   void append_items(std::string& f, const Reservation<C>& r,
                     const Amount& amount) const {
-    static constexpr char kHex[] = "0123456789abcdef";
     f += ",\"items\":[";
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       const auto& it = r.items_[i];
-      absl::StrAppend(&f, i == 0 ? "" : ",", "{\"b\":", i, ",\"key\":\"");
-      for (const char c : it.key) {
-        const auto u = static_cast<unsigned char>(c);
-        f.push_back(kHex[u >> 4]);
-        f.push_back(kHex[u & 15]);
-      }
-      absl::StrAppend(&f, "\",\"amount\":", amount(it), "}");
+      absl::StrAppend(&f, i == 0 ? "" : ",", "{\"b\":", i, ",\"key\":\"",
+                      hex(it.key), "\",\"amount\":", amount(it), "}");
     }
     f += "]";
+  }
+
+  absl::StatusOr<std::size_t> budget_index(std::string_view name) const {
+    for (std::size_t i = 0; i < budgets_.size(); ++i) {
+      if (budgets_[i].spec.name == name) return i;
+    }
+    return absl::NotFoundError(
+        absl::StrCat("no budget named \"", detail::av(name), "\""));
+  }
+
+  static std::string hex(std::string_view bytes) {
+    static constexpr char kHex[] = "0123456789abcdef";
+    std::string out;
+    out.reserve(2 * bytes.size());
+    for (const char c : bytes) {
+      const auto u = static_cast<unsigned char>(c);
+      out.push_back(kHex[u >> 4]);
+      out.push_back(kHex[u & 15]);
+    }
+    return out;
   }
 
   static std::string unhex(std::string_view h) {
