@@ -314,10 +314,20 @@ void run_lifecycles(Accountant<ManualClock>& acct, std::mt19937_64& rng,
     if (!r.ok() || !r->granted()) std::abort();
     absl::StatusOr<Settlement> s;
     switch (rng() % 10) {
-      case 0:  // T6c: a stream that ended without usage
-        s = r->settle_without_usage(rng() % 1200);
-        if (estimated != nullptr && s.ok()) ++*estimated;
+      case 0: {  // T6c: a stream that ended without usage
+        const std::uint64_t counted = rng() % 1200;
+        s = r->settle_without_usage(counted);
+        // Charged the prompt estimate and every counted output token (at
+        // 1 micro-USD a token), flagged; never $0 with tokens > 0.
+        if (!s.ok() || !s->estimated ||
+            s->tokens != e.prompt_tokens + counted ||
+            s->cost.nanos != static_cast<std::int64_t>(
+                                 1'000 * (e.prompt_tokens + counted))) {
+          std::abort();
+        }
+        if (estimated != nullptr) ++*estimated;
         break;
+      }
       case 1:
         r->release();
         continue;
