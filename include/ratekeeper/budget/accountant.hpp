@@ -352,10 +352,11 @@ class Accountant {
   Accountant(const Accountant&) = delete;
   Accountant& operator=(const Accountant&) = delete;
 
-  // Every reserve, denial, extension, settle and release is appended to
-  // `sink` (a Ledger) before it is acknowledged: settle() returns only once
-  // its record is durable, and returns the sink's error otherwise, with
-  // nothing applied. Set before the first reserve; the sink outlives this.
+  // Every reserve, denial, extension, settle, release, reset and limit
+  // change is appended to `sink` (a Ledger) before it is acknowledged:
+  // settle() returns only once its record is durable, and returns the
+  // sink's error otherwise, with nothing applied. Set before the first
+  // reserve (nullptr: no records); the sink must outlive its use here.
   void set_audit(AuditSink* sink) { audit_ = sink; }
 
   // Called (from the thread that crossed it) once per threshold, key and
