@@ -109,6 +109,24 @@ TEST_CASE("a dropped reservation gives everything back", "[accountant]") {
         absl::StatusCode::kNotFound);
   CHECK(acct.reserve({.team = "t"}, "m", {}, "e").status().code() ==
         absl::StatusCode::kInvalidArgument);
+  // Estimates at the edges of 64 bits: an error, never a wrapped hold of 0.
+  for (const std::uint64_t big :
+       {kMaxUsageTokens + 1, std::uint64_t{1} << 63, ~std::uint64_t{0}}) {
+    CHECK(acct.reserve({.user = "u"}, "m", {.prompt_tokens = big}, "f")
+              .status()
+              .code() == absl::StatusCode::kInvalidArgument);
+    CHECK(acct.reserve({.user = "u"}, "m",
+                       {.prompt_tokens = big, .max_output_tokens = big}, "g")
+              .status()
+              .code() == absl::StatusCode::kInvalidArgument);
+  }
+  // Bad ids and models (they go into the ledger as they are).
+  CHECK_FALSE(acct.reserve({.user = "u"}, "m", {}, "").ok());
+  CHECK_FALSE(acct.reserve({.user = "u"}, "m", {}, "a\nb").ok());
+  CHECK_FALSE(acct.reserve({.user = "u"}, "m", {}, std::string(257, 'x')).ok());
+  CHECK_FALSE(acct.reserve({.user = "u"}, "", {}, "h").ok());
+  CHECK(acct.budgets()[0]->peek("\x02\x01u", 0, clock.now()).remaining ==
+        1'000'000 - 300'000);
 }
 
 TEST_CASE("max_output_that_fits and streaming extension", "[accountant]") {
@@ -126,6 +144,8 @@ TEST_CASE("max_output_that_fits and streaming extension", "[accountant]") {
   CHECK(r->next_chunk_fits(0, 100).value());          // within the reservation
   CHECK(r->next_chunk_fits(100, 500).value());        // grows to 700 output
   CHECK_FALSE(r->next_chunk_fits(600, 200).value());  // 900 > 800 tokens
+  CHECK(r->next_chunk_fits(~std::uint64_t{0}, 1).status().code() ==
+        absl::StatusCode::kInvalidArgument);  // never a wrapped sum
   CHECK(acct.max_output_that_fits(who, "m", 100).value() == 0);
   const auto s = r->settle_without_usage(650);
   REQUIRE(s.ok());

@@ -299,6 +299,10 @@ class Reservation {
       return absl::FailedPreconditionError(
           "next_chunk_fits: the reservation is not live");
     }
+    if (output_so_far > kMaxUsageTokens || next_tokens > kMaxUsageTokens) {
+      return absl::InvalidArgumentError(
+          "next_chunk_fits: token counts must be at most 2^48");
+    }
     return acct_->extend(*this, output_so_far + next_tokens);
   }
 
@@ -424,6 +428,12 @@ class Accountant {
       return st;
     }
     if (absl::Status st = check_text("model", model); !st.ok()) return st;
+    if (e.prompt_tokens > kMaxUsageTokens ||
+        e.max_output_tokens > kMaxUsageTokens) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "estimate of ", e.prompt_tokens, " prompt and ", e.max_output_tokens,
+          " output tokens: each must be at most 2^48"));
+    }
     const Nanos now = clock_.now();
     Usage worst;
     worst.input_uncached = e.prompt_tokens;
