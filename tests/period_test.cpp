@@ -13,7 +13,8 @@ using rk_test::kSec;
 namespace {
 // Unix nanoseconds of a UTC date and time.
 Nanos utc(int y, unsigned mo, unsigned d, int h = 0, int mi = 0) {
-  const std::chrono::sys_days day{std::chrono::year{y} / mo / d};
+  const std::chrono::sys_days day{std::chrono::year{y} /
+                                  std::chrono::month{mo} / std::chrono::day{d}};
   return std::chrono::duration_cast<Nanos>(
       (day + std::chrono::hours(h) + std::chrono::minutes(mi))
           .time_since_epoch());

@@ -14,7 +14,8 @@ using namespace ratekeeper;
 
 namespace {
 SysTime day(int y, unsigned m, unsigned d) {
-  return std::chrono::sys_days{std::chrono::year{y} / m / d};
+  return std::chrono::sys_days{std::chrono::year{y} / std::chrono::month{m} /
+                               std::chrono::day{d}};
 }
 TokenPrice per_m(std::uint64_t micro_usd) {
   return TokenPrice::per_million_micros(micro_usd);
