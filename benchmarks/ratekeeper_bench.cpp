@@ -11,9 +11,11 @@
 #include <cstdint>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/ratekeeper.hpp"
 
@@ -37,6 +39,27 @@ void BM_Floor_Cas(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_Floor_Cas);
+
+// One uncontended lock and unlock: std::mutex (detail::Mutex) against
+// Debian's prebuilt absl::Mutex, which runs its deadlock detector on every
+// Lock (why detail/mutex.hpp wraps std::mutex).
+void BM_Floor_Mutex_Std(benchmark::State& state) {
+  std::mutex mu;
+  for (auto _ : state) {
+    mu.lock();
+    mu.unlock();
+  }
+}
+BENCHMARK(BM_Floor_Mutex_Std);
+
+void BM_Floor_Mutex_Absl(benchmark::State& state) {
+  absl::Mutex mu;
+  for (auto _ : state) {
+    mu.Lock();
+    mu.Unlock();
+  }
+}
+BENCHMARK(BM_Floor_Mutex_Absl);
 
 void BM_Floor_Cas16(benchmark::State& state) {
   rk::detail::Atomic16 cell;

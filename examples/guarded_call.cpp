@@ -43,6 +43,30 @@ std::string call_provider(std::uint64_t prompt, std::uint64_t max_tokens) {
          std::to_string(prompt / 2) + "}}}";
 }
 
+// $50 a month per team (Paris months), 200k tokens a day per user; alerts
+// at 50%, 80% and 100% of the team's. The accountant rebuilt from the
+// ledger needs the same budgets.
+absl::Status add_budgets(rk::Accountant<>& acct) {
+  if (auto st = acct.add_budget(
+          {.name = "team_month",
+           .scope = rk::Field::kTeam,
+           .unit = rk::BudgetUnit::kNanoUsd,
+           .limit = static_cast<std::uint64_t>(rk::Money::usd(50).nanos),
+           .period =
+               rk::Period::calendar(rk::PeriodKind::kMonth, "Europe/Paris")
+                   .value(),
+           .soft_permille = {500, 800, 1000}});
+      !st.ok()) {
+    return st;
+  }
+  return acct.add_budget(
+      {.name = "user_day",
+       .scope = rk::Field::kUser,
+       .unit = rk::BudgetUnit::kTokens,
+       .limit = 200'000,
+       .period = rk::Period::calendar(rk::PeriodKind::kDay).value()});
+}
+
 int fail(const absl::Status& st) {
   std::fprintf(stderr, "guarded_call: %s\n", st.ToString().c_str());
   return 1;
@@ -61,31 +85,10 @@ int main(int argc, char** argv) {
   absl::StatusOr<rk::PriceTable> prices = rk::load_price_catalogue(kCatalogue);
   if (!prices.ok()) return fail(prices.status());
 
-  // 2. Budgets: $50 a month per team (Paris months), 200k tokens a day per
-  //    user; alerts at 50%, 80% and 100% of the team's.
+  // 2. Budgets (add_budgets above) and their alerts.
   const rk::ShardedOptions small{.capacity = 4096};  // states preallocated
   rk::Accountant<> acct(*prices, rk::SystemClock{}, small);
-  if (auto st = acct.add_budget(
-          {.name = "team_month",
-           .scope = rk::Field::kTeam,
-           .unit = rk::BudgetUnit::kNanoUsd,
-           .limit = static_cast<std::uint64_t>(rk::Money::usd(50).nanos),
-           .period =
-               rk::Period::calendar(rk::PeriodKind::kMonth, "Europe/Paris")
-                   .value(),
-           .soft_permille = {500, 800, 1000}});
-      !st.ok()) {
-    return fail(st);
-  }
-  if (auto st = acct.add_budget(
-          {.name = "user_day",
-           .scope = rk::Field::kUser,
-           .unit = rk::BudgetUnit::kTokens,
-           .limit = 200'000,
-           .period = rk::Period::calendar(rk::PeriodKind::kDay).value()});
-      !st.ok()) {
-    return fail(st);
-  }
+  if (auto st = add_budgets(acct); !st.ok()) return fail(st);
   acct.on_threshold([](const rk::ThresholdEvent& e) {
     std::printf("alert: %s at %u permille\n", e.budget.c_str(), e.permille);
   });
@@ -202,24 +205,7 @@ int main(int argc, char** argv) {
               static_cast<unsigned long long>(v.records),
               v.ok() ? "verified" : v.error.c_str());
   rk::Accountant<> again(*prices, rk::SystemClock{}, small);
-  again
-      .add_budget(
-          {.name = "team_month",
-           .scope = rk::Field::kTeam,
-           .unit = rk::BudgetUnit::kNanoUsd,
-           .limit = static_cast<std::uint64_t>(rk::Money::usd(50).nanos),
-           .period =
-               rk::Period::calendar(rk::PeriodKind::kMonth, "Europe/Paris")
-                   .value()})
-      .IgnoreError();
-  again
-      .add_budget(
-          {.name = "user_day",
-           .scope = rk::Field::kUser,
-           .unit = rk::BudgetUnit::kTokens,
-           .limit = 200'000,
-           .period = rk::Period::calendar(rk::PeriodKind::kDay).value()})
-      .IgnoreError();
+  if (auto st = add_budgets(again); !st.ok()) return fail(st);
   if (auto st = rk::read_ledger(
           path, [&](const nlohmann::json& j) { return again.replay(j); });
       !st.ok()) {

@@ -230,7 +230,7 @@ class PeriodBudget {
 
   Step<State> step(const State& s, Nanos now, Cost cost) const noexcept {
     const Period::Span span = period_.span_of(now);
-    const State cur = span.index > s.period ? State{span.index, 0} : s;
+    const State cur = current(s, span.index);
     const std::uint64_t room = cur.spent >= limit_ ? 0 : limit_ - cur.spent;
     const Nanos until_next =
         (cur.period == span.index ? span.end : next_start(cur.period)) - now;
@@ -256,7 +256,7 @@ class PeriodBudget {
   // Counts `cost` whether or not it fits: an overage settled after the call
   // is charged, never lost (saturating at kMaxLimit).
   State charge(const State& s, Nanos now, Cost cost) const noexcept {
-    State cur = current(s, now);
+    State cur = current(s, period_.index_of(now));
     cur.spent = cost >= kMaxLimit - cur.spent ? kMaxLimit : cur.spent + cost;
     return cur;
   }
@@ -282,10 +282,10 @@ class PeriodBudget {
   PeriodBudget(std::uint64_t limit, Period period)
       : limit_(limit), period_(period) {}
 
-  // A state from a period before now's starts empty; a state from a later
-  // period (the clock stepped back) stays current: capacity never grows.
-  State current(const State& s, Nanos now) const noexcept {
-    const std::int64_t p = period_.index_of(now);
+  // `s` in period `p` (now's): a state from an earlier period starts
+  // empty; one from a later period (the clock stepped back) stays as it is:
+  // capacity never grows.
+  static State current(const State& s, std::int64_t p) noexcept {
     return p > s.period ? State{p, 0} : s;
   }
   Nanos next_start(std::int64_t period) const noexcept {
