@@ -11,7 +11,8 @@
 set -euo pipefail
 
 packages=(cmake ninja-build g++ make pkg-config libabsl-dev libfmt-dev catch2
-          libcpp-httplib-dev nlohmann-json3-dev libssl-dev tzdata)
+          libcpp-httplib-dev nlohmann-json3-dev libssl-dev tzdata libhiredis-dev
+          redis-server)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(clang-14 libclang-rt-14-dev clang-format-14)
 elif [[ "${1:-}" == "--bench" ]]; then

@@ -1,0 +1,578 @@
+// ratekeeper/store/redis.hpp: limits kept in Redis, shared by every instance.
+//
+// Defines:
+//   RedisOptions   where Redis is, the key prefix, timeouts, the pool size
+//   RedisClient    a pool of hiredis connections that runs the policies'
+//                  Lua twins by EVALSHA, loading a script again when Redis
+//                  answers NOSCRIPT (a restart, SCRIPT FLUSH)
+//   RedisLimit<P>  a Limit (chain.hpp) whose state lives in Redis: each
+//                  acquire, peek, refund or charge is one script, one round
+//                  trip, atomic on the server, timed by Redis's TIME so that
+//                  instances with skewed clocks share one clock
+//   FailMode       what a RedisLimit answers when Redis cannot: kOpen
+//                  (admit) or kClosed (refuse); every such answer counted
+//
+// Needs hiredis (libhiredis-dev); CMake target ratekeeper::redis.
+//
+//   auto redis = RedisClient::create({.host = "10.0.0.7", .port = 6379});
+//   auto rpm = RedisLimit<SlidingWindow>::create(
+//       {.name = "rpm"}, SlidingWindow::create(per_minute(60)).value(),
+//       *redis, {.fail = FailMode::kClosed});
+//   Decision d = (*rpm)->acquire(key, 1, SteadyClock{}.now());
+//
+// Exactness: a script computes in microseconds (TIME's unit) with Lua's
+// doubles, exact below 2^53. create() refuses a policy whose period is not a
+// whole number of microseconds or whose numbers could leave that range; then
+// every decision equals the C++ policy's step at the same time, with waits
+// rounded up to the microsecond (tests/redis_test.cpp runs shared vectors
+// through both).
+#ifndef RATEKEEPER_STORE_REDIS_HPP_
+#define RATEKEEPER_STORE_REDIS_HPP_
+
+#include <hiredis/hiredis.h>
+#include <sys/time.h>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "absl/container/inlined_vector.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "ratekeeper/chain.hpp"
+#include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/math.hpp"
+#include "ratekeeper/detail/mutex.hpp"
+#include "ratekeeper/detail/strings.hpp"
+#include "ratekeeper/policy/fixed_window.hpp"
+#include "ratekeeper/policy/sliding_window.hpp"
+#include "ratekeeper/policy/token_bucket.hpp"
+#include "ratekeeper/store/redis_lua.hpp"
+
+namespace ratekeeper {
+
+// RedisOptions: one Redis server.
+//   prefix           put before every key ratekeeper writes
+//   connect_timeout  per connection attempt
+//   command_timeout  per round trip; a call that times out is not retried
+//                    (Redis may have run it), its connection is dropped
+//   pool_size        connections kept open for reuse (more are opened while
+//                    more calls are in flight, and closed after)
+struct RedisOptions {
+  std::string host = "127.0.0.1";
+  int port = 6379;
+  std::string prefix = "rk:";
+  Nanos connect_timeout = std::chrono::milliseconds(250);
+  Nanos command_timeout = std::chrono::milliseconds(100);
+  std::size_t pool_size = 8;
+};
+
+// A script: its source, and the SHA1 Redis gave it once loaded.
+class RedisScript {
+ public:
+  explicit RedisScript(std::string source) : source_(std::move(source)) {}
+  const std::string& source() const noexcept { return source_; }
+
+ private:
+  friend class RedisClient;
+  std::string source_;
+  mutable detail::Mutex mu_;
+  mutable std::string sha_ ABSL_GUARDED_BY(mu_);
+};
+
+namespace detail {
+
+struct ReplyDeleter {
+  void operator()(redisReply* r) const noexcept { freeReplyObject(r); }
+};
+using ReplyPtr = std::unique_ptr<redisReply, ReplyDeleter>;
+
+struct ContextDeleter {
+  void operator()(redisContext* c) const noexcept { redisFree(c); }
+};
+using ContextPtr = std::unique_ptr<redisContext, ContextDeleter>;
+
+inline timeval to_timeval(Nanos d) {
+  const auto us = std::max<std::int64_t>(1, d.count() / 1000);
+  return timeval{static_cast<time_t>(us / 1'000'000),
+                 static_cast<suseconds_t>(us % 1'000'000)};
+}
+
+}  // namespace detail
+
+// RedisClient: a pool of connections to one Redis. Thread-safe; share it
+// (create() returns a shared_ptr) between every limit on that server.
+class RedisClient {
+ public:
+  // create
+  //
+  // Checks that Redis answers (one PING on a first connection).
+  // kUnavailable when it does not; kInvalidArgument for bad options.
+  static absl::StatusOr<std::shared_ptr<RedisClient>> create(
+      RedisOptions options) {
+    if (options.port <= 0 || options.port > 65535) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("RedisOptions: port ", options.port));
+    }
+    if (options.connect_timeout <= Nanos{0} ||
+        options.command_timeout <= Nanos{0}) {
+      return absl::InvalidArgumentError(
+          "RedisOptions: timeouts must be positive");
+    }
+    std::shared_ptr<RedisClient> c(new RedisClient(std::move(options)));
+    absl::StatusOr<detail::ContextPtr> conn = c->open();
+    if (!conn.ok()) return conn.status();
+    const std::string_view ping[] = {"PING"};
+    absl::StatusOr<detail::ReplyPtr> pong = c->roundtrip(**conn, ping);
+    if (!pong.ok()) return pong.status();
+    c->put_back(*std::move(conn));
+    return c;
+  }
+
+  const RedisOptions& options() const noexcept { return options_; }
+
+  // eval
+  //
+  // Runs `script` on `keys` and `args` by EVALSHA, loading the script
+  // first and again after NOSCRIPT. The reply, flattened to integers (the
+  // scripts here answer arrays of integers). kUnavailable when Redis cannot
+  // be reached or did not answer in time (the script may or may not have
+  // run: never retried); kInternal for an error reply.
+  absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> eval_ints(
+      const RedisScript& script, std::span<const std::string_view> keys,
+      std::span<const std::string_view> args) {
+    absl::StatusOr<detail::ContextPtr> conn = take();
+    if (!conn.ok()) return conn.status();
+    std::string sha = known_sha(script);
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      if (sha.empty()) {
+        absl::StatusOr<std::string> loaded = load(**conn, script);
+        if (!loaded.ok()) return loaded.status();
+        sha = *std::move(loaded);
+      }
+      absl::InlinedVector<std::string_view, 16> argv;
+      const std::string nkeys = std::to_string(keys.size());
+      argv.push_back("EVALSHA");
+      argv.push_back(sha);
+      argv.push_back(nkeys);
+      argv.insert(argv.end(), keys.begin(), keys.end());
+      argv.insert(argv.end(), args.begin(), args.end());
+      absl::StatusOr<detail::ReplyPtr> r = roundtrip(**conn, argv);
+      if (!r.ok()) return r.status();  // the connection is gone
+      const redisReply& reply = **r;
+      if (reply.type == REDIS_REPLY_ERROR) {
+        const std::string_view msg(reply.str, reply.len);
+        if (msg.substr(0, 8) == "NOSCRIPT" && attempt == 0) {
+          sha.clear();  // Redis lost its scripts: load and run once more
+          continue;
+        }
+        put_back(*std::move(conn));
+        return absl::InternalError(absl::StrCat("redis: ", detail::av(msg)));
+      }
+      absl::InlinedVector<std::int64_t, 8> out;
+      if (reply.type == REDIS_REPLY_INTEGER) {
+        out.push_back(reply.integer);
+      } else if (reply.type == REDIS_REPLY_ARRAY) {
+        for (std::size_t i = 0; i < reply.elements; ++i) {
+          if (reply.element[i]->type != REDIS_REPLY_INTEGER) {
+            put_back(*std::move(conn));
+            return absl::InternalError(
+                "redis: a script answered a non-integer");
+          }
+          out.push_back(reply.element[i]->integer);
+        }
+      } else {
+        put_back(*std::move(conn));
+        return absl::InternalError("redis: unexpected reply type");
+      }
+      put_back(*std::move(conn));
+      return out;
+    }
+    return absl::InternalError("redis: NOSCRIPT after loading the script");
+  }
+
+  // command
+  //
+  // One command (administration, tests): the reply as text (a status, a
+  // bulk string, an integer in decimal; arrays joined by newlines).
+  absl::StatusOr<std::string> command(std::span<const std::string_view> argv) {
+    absl::StatusOr<detail::ContextPtr> conn = take();
+    if (!conn.ok()) return conn.status();
+    absl::StatusOr<detail::ReplyPtr> r = roundtrip(**conn, argv);
+    if (!r.ok()) return r.status();
+    const redisReply& reply = **r;
+    std::string out;
+    if (reply.type == REDIS_REPLY_ERROR) {
+      out.assign(reply.str, reply.len);
+      put_back(*std::move(conn));
+      return absl::InternalError(absl::StrCat("redis: ", out));
+    }
+    append_text(reply, out);
+    put_back(*std::move(conn));
+    return out;
+  }
+  absl::StatusOr<std::string> command(
+      std::initializer_list<std::string_view> argv) {
+    return command(
+        std::span<const std::string_view>(argv.begin(), argv.size()));
+  }
+
+ private:
+  explicit RedisClient(RedisOptions o) : options_(std::move(o)) {}
+
+  static void append_text(const redisReply& r, std::string& out) {
+    switch (r.type) {
+      case REDIS_REPLY_INTEGER:
+        absl::StrAppend(&out, r.integer);
+        break;
+      case REDIS_REPLY_ARRAY:
+        for (std::size_t i = 0; i < r.elements; ++i) {
+          if (i != 0) out += '\n';
+          append_text(*r.element[i], out);
+        }
+        break;
+      case REDIS_REPLY_NIL:
+        break;
+      default:
+        out.append(r.str, r.len);
+    }
+  }
+
+  absl::StatusOr<detail::ContextPtr> open() const {
+    detail::ContextPtr c(
+        redisConnectWithTimeout(options_.host.c_str(), options_.port,
+                                detail::to_timeval(options_.connect_timeout)));
+    if (c == nullptr) {
+      return absl::ResourceExhaustedError("redis: cannot allocate a context");
+    }
+    if (c->err != 0) {
+      return absl::UnavailableError(absl::StrCat(
+          "redis ", options_.host, ":", options_.port, ": ", c->errstr));
+    }
+    if (redisSetTimeout(c.get(), detail::to_timeval(
+                                     options_.command_timeout)) != REDIS_OK) {
+      return absl::UnavailableError("redis: cannot set the command timeout");
+    }
+    return c;
+  }
+
+  absl::StatusOr<detail::ContextPtr> take() {
+    {
+      detail::MutexLock lock(&mu_);
+      if (!idle_.empty()) {
+        detail::ContextPtr c = std::move(idle_.back());
+        idle_.pop_back();
+        return c;
+      }
+    }
+    return open();
+  }
+
+  void put_back(detail::ContextPtr c) {
+    detail::MutexLock lock(&mu_);
+    if (idle_.size() < options_.pool_size) idle_.push_back(std::move(c));
+  }
+
+  // One command on `c`. A null reply (I/O error, timeout) leaves `c` in an
+  // unknown state: the caller drops it (by not putting it back).
+  absl::StatusOr<detail::ReplyPtr> roundtrip(
+      redisContext& c, std::span<const std::string_view> argv) const {
+    absl::InlinedVector<const char*, 16> ptrs;
+    absl::InlinedVector<std::size_t, 16> lens;
+    for (const std::string_view a : argv) {
+      ptrs.push_back(a.data());
+      lens.push_back(a.size());
+    }
+    detail::ReplyPtr r(static_cast<redisReply*>(redisCommandArgv(
+        &c, static_cast<int>(argv.size()), ptrs.data(), lens.data())));
+    if (r == nullptr) {
+      return absl::UnavailableError(
+          absl::StrCat("redis ", options_.host, ":", options_.port, ": ",
+                       c.err != 0 ? c.errstr : "no reply"));
+    }
+    return r;
+  }
+
+  static std::string known_sha(const RedisScript& s) {
+    detail::MutexLock lock(&s.mu_);
+    return s.sha_;
+  }
+
+  absl::StatusOr<std::string> load(redisContext& c, const RedisScript& s) {
+    const std::string_view argv[] = {"SCRIPT", "LOAD", s.source()};
+    absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv);
+    if (!r.ok()) return r.status();
+    if ((*r)->type != REDIS_REPLY_STRING) {
+      return absl::InternalError(absl::StrCat(
+          "redis: SCRIPT LOAD failed: ", (*r)->type == REDIS_REPLY_ERROR
+                                             ? std::string((*r)->str, (*r)->len)
+                                             : "unexpected reply"));
+    }
+    std::string sha((*r)->str, (*r)->len);
+    detail::MutexLock lock(&s.mu_);
+    s.sha_ = sha;
+    return sha;
+  }
+
+  const RedisOptions options_;
+  detail::Mutex mu_;
+  std::vector<detail::ContextPtr> idle_ ABSL_GUARDED_BY(mu_);
+};
+
+enum class FailMode : std::uint8_t {
+  kClosed,  // refuse while Redis cannot answer (retry_after: fail_retry)
+  kOpen,    // admit while Redis cannot answer
+};
+
+// RedisLimitOptions: how one Redis limit behaves.
+//   fail        the answer when Redis cannot give one (counted either way)
+//   fail_retry  the wait a kClosed refusal states
+//   test_time   run on the caller's `now` (whole microseconds) instead of
+//               Redis's TIME: for tests that compare with the C++ policy
+struct RedisLimitOptions {
+  FailMode fail = FailMode::kClosed;
+  Nanos fail_retry = std::chrono::seconds(1);
+  bool test_time = false;
+};
+
+namespace detail {
+
+// What a policy's Lua twin needs: its script and parameters, checked for
+// exactness in doubles.
+template <class P>
+struct RedisTwin;
+
+inline constexpr std::uint64_t kExact = std::uint64_t{1} << 53;
+
+inline absl::StatusOr<std::uint64_t> whole_micros(std::string_view policy,
+                                                  Nanos period) {
+  if (period.count() % 1000 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        detail::av(policy), " in Redis: the period (", period.count(),
+        " ns) must be a whole number of microseconds (Redis's TIME unit)"));
+  }
+  return static_cast<std::uint64_t>(period.count() / 1000);
+}
+
+inline std::string script_of(const char* body) {
+  return absl::StrCat(lua::kPrelude, body, lua::kOps);
+}
+
+template <>
+struct RedisTwin<TokenBucket> {
+  static const RedisScript& script() {
+    static const RedisScript s(script_of(lua::kTokenBucket));
+    return s;
+  }
+  static absl::StatusOr<std::vector<std::string>> params(const TokenBucket& p) {
+    absl::StatusOr<std::uint64_t> period =
+        whole_micros("TokenBucket", p.rate().period);
+    if (!period.ok()) return period.status();
+    const std::uint64_t g = gcd(*period, p.rate().count);
+    const std::uint64_t num = *period / g, den = p.rate().count / g;
+    if (static_cast<u128>(p.burst()) * num * 4 >= kExact || den >= kExact) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "TokenBucket in Redis: burst ", p.burst(), " at ", p.rate().count,
+          " per ", *period, " us needs more than 2^53 (Lua's exact integers)"));
+    }
+    return std::vector<std::string>{std::to_string(num), std::to_string(den),
+                                    std::to_string(p.burst())};
+  }
+};
+
+template <>
+struct RedisTwin<FixedWindow> {
+  static const RedisScript& script() {
+    static const RedisScript s(script_of(lua::kFixedWindow));
+    return s;
+  }
+  static absl::StatusOr<std::vector<std::string>> params(const FixedWindow& p) {
+    absl::StatusOr<std::uint64_t> period =
+        whole_micros("FixedWindow", p.rate().period);
+    if (!period.ok()) return period.status();
+    if (p.limit() >= kExact / 2) {
+      return absl::InvalidArgumentError(
+          "FixedWindow in Redis: the limit must be below 2^52");
+    }
+    return std::vector<std::string>{std::to_string(*period),
+                                    std::to_string(p.limit())};
+  }
+};
+
+template <>
+struct RedisTwin<SlidingWindow> {
+  static const RedisScript& script() {
+    static const RedisScript s(script_of(lua::kSlidingWindow));
+    return s;
+  }
+  static absl::StatusOr<std::vector<std::string>> params(
+      const SlidingWindow& p) {
+    absl::StatusOr<std::uint64_t> period =
+        whole_micros("SlidingWindow", p.rate().period);
+    if (!period.ok()) return period.status();
+    if (static_cast<u128>(p.limit()) * *period * 2 >= kExact) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("SlidingWindow in Redis: ", p.limit(), " per ", *period,
+                       " us needs more than 2^53 (Lua's exact integers)"));
+    }
+    return std::vector<std::string>{std::to_string(*period),
+                                    std::to_string(p.limit())};
+  }
+};
+
+inline void append_hex(std::string& out, std::string_view bytes) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  for (const char c : bytes) {
+    const auto u = static_cast<unsigned char>(c);
+    out.push_back(kHex[u >> 4]);
+    out.push_back(kHex[u & 15]);
+  }
+}
+
+}  // namespace detail
+
+// The Redis key of `key` under limit `name`: prefix, the name, then the key
+// in hex inside a hash tag ("rk:rpm:{75736572}"). Injective (hex has no ':'
+// and the name ends at the last ':'), safe for any bytes, and every key of
+// one limit and subject lands in one Cluster slot.
+inline std::string redis_key(std::string_view prefix, std::string_view name,
+                             std::string_view key) {
+  std::string out;
+  out.reserve(prefix.size() + name.size() + 3 + 2 * key.size());
+  out.append(prefix);
+  out.append(name);
+  out.append(":{");
+  detail::append_hex(out, key);
+  out.push_back('}');
+  return out;
+}
+
+// RedisLimit<P>: the Limit of policy P with its state in Redis.
+template <class P>
+class RedisLimit final : public Limit {
+ public:
+  // create
+  //
+  // kInvalidArgument for bad options (as make_limit) or a policy whose Lua
+  // twin could not be exact (see the file comment).
+  static absl::StatusOr<std::unique_ptr<RedisLimit>> create(
+      const LimitOptions& options, P policy,
+      std::shared_ptr<RedisClient> client, RedisLimitOptions redis = {}) {
+    if (client == nullptr) {
+      return absl::InvalidArgumentError("RedisLimit: no client");
+    }
+    if (absl::Status st = detail::check_limit_options(options); !st.ok()) {
+      return st;
+    }
+    absl::StatusOr<std::vector<std::string>> params =
+        detail::RedisTwin<P>::params(policy);
+    if (!params.ok()) return params.status();
+    return std::unique_ptr<RedisLimit>(
+        new RedisLimit(options, std::move(policy), std::move(client), redis,
+                       *std::move(params)));
+  }
+
+  Decision acquire(std::string_view key, Cost cost, Nanos now) override {
+    return run("acquire", key, cost, now, Nanos{0});
+  }
+  Decision peek(std::string_view key, Cost cost, Nanos now) const override {
+    return const_cast<RedisLimit*>(this)->run("peek", key, cost, now, Nanos{0});
+  }
+  Decision refund(std::string_view key, Cost cost, Nanos charged_at,
+                  Nanos now) override {
+    return run("refund", key, cost, now, charged_at);
+  }
+  Decision charge(std::string_view key, Cost cost, Nanos now) override {
+    return run("charge", key, cost, now, Nanos{0});
+  }
+
+  std::uint64_t limit() const noexcept override { return policy_.limit(); }
+  Nanos window() const noexcept override {
+    return detail::quota_window(policy_);
+  }
+  // Redis holds the states: key counts are Redis's (INFO keyspace).
+  StoreStats store_stats() const override { return StoreStats{}; }
+
+  const P& policy() const noexcept { return policy_; }
+  // Calls answered by the fail mode because Redis could not answer.
+  std::uint64_t fallbacks() const noexcept {
+    return fallbacks_.load(std::memory_order_relaxed);
+  }
+  // The last reason Redis could not answer (empty when it always could).
+  std::string last_error() const {
+    detail::MutexLock lock(&error_mu_);
+    return last_error_;
+  }
+
+ private:
+  RedisLimit(const LimitOptions& o, P policy,
+             std::shared_ptr<RedisClient> client, RedisLimitOptions redis,
+             std::vector<std::string> params)
+      : Limit(o),
+        policy_(std::move(policy)),
+        client_(std::move(client)),
+        redis_(redis),
+        params_(std::move(params)) {}
+
+  Decision run(std::string_view op, std::string_view key, Cost cost, Nanos now,
+               Nanos charged_at) {
+    const std::string k = redis_key(client_->options().prefix, name(), key);
+    // Costs at or above 2^53 exceed every limit a twin accepts: the same
+    // decisions as the exact cost, in Lua's exact range.
+    const std::string c = std::to_string(std::min<Cost>(cost, detail::kExact));
+    const std::string t =
+        redis_.test_time ? std::to_string(now.count() / 1000) : std::string();
+    const std::string at = std::to_string(charged_at.count() / 1000);
+    absl::InlinedVector<std::string_view, 8> args = {op, t, c, at};
+    for (const std::string& p : params_) args.push_back(p);
+    const std::string_view keys[] = {k};
+    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
+        client_->eval_ints(detail::RedisTwin<P>::script(), keys, args);
+    if (!r.ok() || r->size() != 6) {
+      return fail(r.ok() ? absl::InternalError("redis: malformed reply")
+                         : r.status());
+    }
+    const auto& v = *r;
+    const auto ns = [](std::int64_t us) {
+      return Nanos{detail::clamp_i64(static_cast<detail::i128>(us) * 1000)};
+    };
+    return Decision{v[0] == 1, static_cast<std::uint64_t>(v[1]),
+                    static_cast<std::uint64_t>(v[2]),
+                    v[3] < 0 ? kNever : ns(v[3]), ns(v[4])};
+  }
+
+  Decision fail(const absl::Status& why) {
+    fallbacks_.fetch_add(1, std::memory_order_relaxed);
+    metrics().record_error();
+    {
+      detail::MutexLock lock(&error_mu_);
+      last_error_ = std::string(why.message());
+    }
+    if (redis_.fail == FailMode::kOpen) {
+      return Decision{true, limit(), 0, Nanos{0}, Nanos{0}};
+    }
+    return Decision{false, limit(), 0, redis_.fail_retry, Nanos{0}};
+  }
+
+  const P policy_;
+  const std::shared_ptr<RedisClient> client_;
+  const RedisLimitOptions redis_;
+  const std::vector<std::string> params_;
+  std::atomic<std::uint64_t> fallbacks_{0};
+  mutable detail::Mutex error_mu_;
+  std::string last_error_ ABSL_GUARDED_BY(error_mu_);
+};
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_STORE_REDIS_HPP_

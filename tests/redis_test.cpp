@@ -1,0 +1,344 @@
+// RedisLimit: the policies' Lua twins against the C++ policies on shared
+// vectors, and a real redis-server under load; TESTPLAN T4a, T4c, T4e, and
+// the fail modes.
+#include "ratekeeper/store/redis.hpp"
+
+#include <atomic>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ratekeeper/store/in_memory.hpp"
+#include "redis_server.hpp"
+#include "test_util.hpp"
+
+using namespace ratekeeper;
+using rk_test::RedisServer;
+
+namespace {
+
+constexpr std::int64_t kUs = 1'000;
+
+std::shared_ptr<RedisClient> client_for(const RedisServer& s,
+                                        std::size_t pool = 8) {
+  auto c = RedisClient::create(
+      {.port = s.port(), .prefix = "rkt:", .pool_size = pool});
+  REQUIRE(c.ok());
+  return *c;
+}
+
+// A wait in nanoseconds rounded up to the microsecond: what Redis answers.
+Nanos ceil_us(Nanos d) {
+  if (d == kNever || d <= Nanos{0}) return d < Nanos{0} ? Nanos{0} : d;
+  return Nanos{(d.count() + kUs - 1) / kUs * kUs};
+}
+
+template <class P>
+void differential(RedisServer& server, const P& policy, std::uint64_t seed,
+                  Cost max_cost, std::int64_t max_step_us) {
+  auto client = client_for(server);
+  auto redis = RedisLimit<P>::create({.name = "diff"}, policy, client,
+                                     {.test_time = true})
+                   .value();
+  auto local = make_limit<InMemoryStore>({.name = "diff"}, policy).value();
+  std::mt19937_64 rng(seed);
+  std::int64_t t_us = 1'796'083'200LL * 1'000'000 +
+                      static_cast<std::int64_t>(rng() % 1'000'000);
+  std::vector<std::int64_t> charged;  // times of admitted acquires (us)
+  for (int i = 0; i < 4'000; ++i) {
+    const std::string key = "k" + std::to_string(rng() % 3);
+    t_us += static_cast<std::int64_t>(rng() %
+                                      static_cast<std::uint64_t>(max_step_us));
+    const Nanos now{t_us * kUs};
+    const Cost cost = rng() % (max_cost + 1);
+    const int op = static_cast<int>(rng() % 10);
+    Decision want, got;
+    const char* name = "";
+    if (op < 5) {
+      name = "acquire";
+      want = local->acquire(key, cost, now);
+      got = redis->acquire(key, cost, now);
+      if (want.allowed) charged.push_back(t_us);
+    } else if (op < 7) {
+      name = "peek";
+      want = local->peek(key, cost, now);
+      got = redis->peek(key, cost, now);
+    } else if (op < 9) {
+      name = "refund";
+      const std::int64_t at =
+          charged.empty() ? t_us : charged[rng() % charged.size()];
+      want = local->refund(key, cost, Nanos{at * kUs}, now);
+      got = redis->refund(key, cost, Nanos{at * kUs}, now);
+    } else {
+      name = "charge";
+      want = local->charge(key, cost, now);
+      got = redis->charge(key, cost, now);
+    }
+    CAPTURE(i, name, key, cost, t_us);
+    REQUIRE(got.allowed == want.allowed);
+    REQUIRE(got.limit == want.limit);
+    REQUIRE(got.remaining == want.remaining);
+    REQUIRE(got.retry_after == ceil_us(want.retry_after));
+    REQUIRE(got.reset_after == ceil_us(want.reset_after));
+  }
+  CHECK(redis->fallbacks() == 0);
+}
+
+}  // namespace
+
+TEST_CASE("the Lua twins decide as the C++ policies, to the microsecond",
+          "[redis]") {
+  RedisServer server;
+  const std::uint64_t seed = rk_test::seed_or(0x4ED15);
+  CAPTURE(seed);
+  SECTION("token bucket, whole interval") {
+    differential(server, TokenBucket::create(per_second(10), 20).value(), seed,
+                 8, 300'000);
+  }
+  SECTION("token bucket, 7 per second (a fractional interval)") {
+    differential(server, TokenBucket::create(per_second(7), 5).value(),
+                 seed + 1, 6, 500'000);
+  }
+  SECTION("token bucket, 1e6 per 3 s, burst 1e6") {
+    differential(
+        server,
+        TokenBucket::create(per(1'000'000, std::chrono::seconds(3)), 1'000'000)
+            .value(),
+        seed + 2, 400'000, 2'000'000);
+  }
+  SECTION("fixed window") {
+    differential(server, FixedWindow::create(per_second(12)).value(), seed + 3,
+                 5, 200'000);
+  }
+  SECTION("sliding window") {
+    differential(server, SlidingWindow::create(per_second(12)).value(),
+                 seed + 4, 5, 150'000);
+  }
+  SECTION("sliding window, 3,000 per 7 s") {
+    differential(
+        server,
+        SlidingWindow::create(per(3'000, std::chrono::seconds(7))).value(),
+        seed + 5, 900, 900'000);
+  }
+}
+
+TEST_CASE("policies a Lua twin cannot run exactly are refused", "[redis]") {
+  RedisServer server;
+  auto client = client_for(server);
+  // Not a whole number of microseconds.
+  CHECK(RedisLimit<FixedWindow>::create(
+            {.name = "x"}, FixedWindow::create(per(5, Nanos{1'500})).value(),
+            client)
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+  // Beyond 2^53 in the script's arithmetic.
+  CHECK(RedisLimit<TokenBucket>::create(
+            {.name = "x"},
+            TokenBucket::create(per_second(1), std::uint64_t{1} << 32).value(),
+            client)
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+  CHECK(RedisLimit<SlidingWindow>::create(
+            {.name = "x"},
+            SlidingWindow::create(per(4'000'000'000, std::chrono::hours(24)))
+                .value(),
+            client)
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+  CHECK(RedisLimit<FixedWindow>::create(
+            {.name = "bad name"}, FixedWindow::create(per_second(1)).value(),
+            client)
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+  CHECK(RedisLimit<FixedWindow>::create(
+            {.name = "x"}, FixedWindow::create(per_second(1)).value(), nullptr)
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("T4a: 16 connections on one key never over-admit by Redis time",
+          "[redis][T4a]") {
+  RedisServer server;
+  auto client = client_for(server, 16);
+  const std::uint64_t burst = 20;
+  const auto policy = TokenBucket::create(per_second(200), burst).value();
+  const double secs = std::max(1.0, 10.0 * std::min(1.0, rk_test::scale()));
+  const auto redis_time_us = [&] {
+    const std::string t = client->command({"TIME"}).value();
+    const auto nl = t.find('\n');
+    return std::stoll(t.substr(0, nl)) * 1'000'000 +
+           std::stoll(t.substr(nl + 1));
+  };
+  SECTION("Redis's clock") {
+    auto limit =
+        RedisLimit<TokenBucket>::create({.name = "hot"}, policy, client)
+            .value();
+    std::atomic<std::uint64_t> admitted{0}, calls{0};
+    std::atomic<bool> stop{false};
+    const std::int64_t t0 = redis_time_us();
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 16; ++i) {
+      threads.emplace_back([&] {
+        while (!stop.load()) {
+          calls.fetch_add(1);
+          if (limit->acquire("one-key", 1, Nanos{0}).allowed) {
+            admitted.fetch_add(1);
+          }
+        }
+      });
+    }
+    std::this_thread::sleep_for(
+        std::chrono::milliseconds(static_cast<int>(secs * 1000)));
+    stop = true;
+    for (auto& t : threads) t.join();
+    const std::int64_t t1 = redis_time_us();
+    // Every admission happened within [t0, t1] by Redis's clock: at most a
+    // burst plus 200 a second over that span.
+    const auto bound =
+        static_cast<std::uint64_t>(burst + (t1 - t0) * 200 / 1'000'000 + 1);
+    INFO("calls " << calls.load() << ", admitted " << admitted.load()
+                  << ", bound " << bound);
+    CHECK(admitted.load() <= bound);
+    CHECK(admitted.load() >= bound * 8 / 10);   // and it does admit
+    CHECK(calls.load() > 4 * admitted.load());  // contended
+    CHECK(limit->fallbacks() == 0);
+  }
+  SECTION("time passed in: exact") {
+    auto limit = RedisLimit<TokenBucket>::create({.name = "hot"}, policy,
+                                                 client, {.test_time = true})
+                     .value();
+    std::atomic<std::uint64_t> admitted{0};
+    std::vector<std::thread> threads;
+    const Nanos frozen{1'796'083'200'000'000'000};
+    for (int i = 0; i < 16; ++i) {
+      threads.emplace_back([&] {
+        for (int j = 0; j < 200; ++j) {
+          if (limit->acquire("exact", 1, frozen).allowed) admitted.fetch_add(1);
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(admitted.load() == burst);
+  }
+}
+
+TEST_CASE("T4c: keys of any bytes map one to one and all expire",
+          "[redis][T4c]") {
+  RedisServer server;
+  auto client = client_for(server);
+  auto limit = RedisLimit<FixedWindow>::create(
+                   {.name = "hyg:iene"},
+                   FixedWindow::create(per_minute(5)).value(), client)
+                   .value();
+  std::mt19937_64 rng(rk_test::seed_or(0x4C));
+  const std::string alphabet = std::string("{}:\n\0\xff\xfe ab", 11);
+  std::set<std::string> keys;
+  const int n = std::max(
+      1'000, static_cast<int>(10'000 * std::min(1.0, rk_test::scale())));
+  while (static_cast<int>(keys.size()) < n) {
+    std::string k;
+    const std::size_t len = rng() % 8 == 0 ? 1 + rng() % 4096 : rng() % 12;
+    for (std::size_t i = 0; i < len; ++i) {
+      k.push_back(rng() % 4 == 0 ? static_cast<char>(rng() % 256)
+                                 : alphabet[rng() % alphabet.size()]);
+    }
+    keys.insert(k);
+  }
+  std::set<std::string> redis_keys;
+  for (const std::string& k : keys) {
+    REQUIRE(limit->acquire(k, 1, Nanos{0}).allowed);
+    redis_keys.insert(redis_key("rkt:", "hyg:iene", k));
+  }
+  // Injective: as many Redis keys as keys, in Redis as in C++.
+  CHECK(redis_keys.size() == keys.size());
+  CHECK(client->command({"DBSIZE"}).value() == std::to_string(keys.size()));
+  // Every key has a TTL (PTTL -1 means none).
+  int without_ttl = 0;
+  for (const std::string& rk : redis_keys) {
+    const std::string ttl = client->command({"PTTL", rk}).value();
+    if (std::stoll(ttl) <= 0) ++without_ttl;
+  }
+  CHECK(without_ttl == 0);
+  // A second acquire of each counts on the same key (4 left of 5).
+  CHECK(limit->acquire(*keys.begin(), 1, Nanos{0}).remaining == 3);
+}
+
+TEST_CASE("T4e: SCRIPT FLUSH during a run costs no error and no double count",
+          "[redis][T4e]") {
+  RedisServer server;
+  auto client = client_for(server, 8);
+  const std::uint64_t burst = 5'000;
+  auto limit =
+      RedisLimit<TokenBucket>::create(
+          {.name = "flush"}, TokenBucket::create(per_second(1), burst).value(),
+          client, {.test_time = true})
+          .value();
+  const Nanos frozen{1'796'083'200'000'000'000};
+  std::atomic<std::uint64_t> admitted{0};
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&] {
+      while (!stop.load()) {
+        if (limit->acquire("k", 1, frozen).allowed) admitted.fetch_add(1);
+        if (admitted.load() >= burst) break;
+      }
+    });
+  }
+  for (int i = 0; i < 5; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    REQUIRE(client->command({"SCRIPT", "FLUSH"}).ok());
+  }
+  for (auto& t : threads) t.join();
+  stop = true;
+  CHECK(limit->fallbacks() == 0);
+  CHECK(limit->last_error().empty());
+  // Exactly the burst: no acquire ran twice or was lost.
+  CHECK(admitted.load() == burst);
+  CHECK(limit->peek("k", 1, frozen).remaining == 0);
+}
+
+TEST_CASE("fail modes: closed refuses, open admits, both counted; recovery",
+          "[redis]") {
+  RedisServer server;
+  auto client =
+      RedisClient::create({.port = server.port(),
+                           .prefix = "rkt:",
+                           .connect_timeout = std::chrono::milliseconds(100),
+                           .command_timeout = std::chrono::milliseconds(100)})
+          .value();
+  const auto policy = FixedWindow::create(per_minute(100)).value();
+  auto closed = RedisLimit<FixedWindow>::create(
+                    {.name = "closed"}, policy, client,
+                    {.fail = FailMode::kClosed,
+                     .fail_retry = std::chrono::milliseconds(250)})
+                    .value();
+  auto open = RedisLimit<FixedWindow>::create({.name = "open"}, policy, client,
+                                              {.fail = FailMode::kOpen})
+                  .value();
+  REQUIRE(closed->acquire("k", 1, Nanos{0}).allowed);
+  server.stop(SIGKILL);
+  const Decision c = closed->acquire("k", 1, Nanos{0});
+  CHECK_FALSE(c.allowed);
+  CHECK(c.retry_after == std::chrono::milliseconds(250));
+  CHECK(open->acquire("k", 1, Nanos{0}).allowed);
+  CHECK(closed->fallbacks() == 1);
+  CHECK(open->fallbacks() == 1);
+  CHECK(closed->counts().errors == 1);
+  CHECK_FALSE(closed->last_error().empty());
+  // A paused Redis: the call returns within the command timeout.
+  server.start();  // empty again
+  REQUIRE(closed->acquire("k", 1, Nanos{0}).allowed);
+  server.signal(SIGSTOP);
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK_FALSE(closed->acquire("k", 1, Nanos{0}).allowed);
+  const auto took = std::chrono::steady_clock::now() - t0;
+  CHECK(took < std::chrono::milliseconds(100 + 150));
+  server.signal(SIGCONT);
+  // Back: new connections, the script loaded again, counting resumes.
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(closed->acquire("k", 1, Nanos{0}).allowed);
+  CHECK(closed->fallbacks() == 2);
+}
