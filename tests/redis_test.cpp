@@ -249,7 +249,7 @@ TEST_CASE("T4c: keys of any bytes map one to one and all expire",
   std::set<std::string> redis_keys;
   for (const std::string& k : keys) {
     REQUIRE(limit->acquire(k, 1, Nanos{0}).allowed);
-    redis_keys.insert(redis_key("rkt:", "hyg:iene", k));
+    redis_keys.insert(redis_key("rkt:", "hyg:iene", "", k));
   }
   // Injective: as many Redis keys as keys, in Redis as in C++.
   CHECK(redis_keys.size() == keys.size());
@@ -341,4 +341,107 @@ TEST_CASE("fail modes: closed refuses, open admits, both counted; recovery",
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   CHECK(closed->acquire("k", 1, Nanos{0}).allowed);
   CHECK(closed->fallbacks() == 2);
+}
+
+TEST_CASE("a Redis chain decides as an in-process chain, in one round trip",
+          "[redis][chain]") {
+  RedisServer server;
+  auto client = client_for(server);
+  const auto tb = TokenBucket::create(per_second(7), 6).value();
+  const auto fw = FixedWindow::create(per_second(9)).value();
+  const auto sw = SlidingWindow::create(per_second(8)).value();
+  const std::uint64_t seed = rk_test::seed_or(0xC4A1);
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  for (int variant = 0; variant < 4; ++variant) {
+    // Variant 1: the window limit in shadow; 2: it charges on reject; 3: the
+    // same limit twice in one chain.
+    const LimitOptions fo{.name = "fw", .charge_on_reject = variant == 2};
+    auto r_tb = RedisLimit<TokenBucket>::create({.name = "tb"}, tb, client,
+                                                {.test_time = true})
+                    .value();
+    auto r_fw =
+        RedisLimit<FixedWindow>::create(fo, fw, client, {.test_time = true})
+            .value();
+    auto r_sw = RedisLimit<SlidingWindow>::create({.name = "sw"}, sw, client,
+                                                  {.test_time = true})
+                    .value();
+    auto l_tb = make_limit<InMemoryStore>({.name = "tb"}, tb).value();
+    auto l_fw = make_limit<InMemoryStore>(fo, fw).value();
+    auto l_sw = make_limit<InMemoryStore>({.name = "sw"}, sw).value();
+    if (variant == 1) {
+      r_fw->set_shadow(true);
+      l_fw->set_shadow(true);
+    }
+    RedisChain redis(client);
+    ManualClock lclock;
+    Chain<ManualClock> local{lclock};
+    std::int64_t t_us = 1'796'083'200LL * 1'000'000 + variant * 100'000'000;
+    for (int i = 0; i < 1'500; ++i) {
+      t_us += static_cast<std::int64_t>(rng() % 120'000);
+      const Nanos now{t_us * kUs};
+      lclock.set(now);  // Chain::refund reads its clock
+      const std::string tenant = "team" + std::to_string(rng() % 2);
+      const std::string user = "user" + std::to_string(rng() % 2);
+      const Cost c = 1 + rng() % 3;
+      std::vector<ChainItem> ri = {
+          {r_tb.get(), user, c}, {r_fw.get(), user, 1}, {r_sw.get(), user, c}};
+      // In process, the tenant is part of the key (ChainItem holds a view:
+      // the string must outlive the chain).
+      const std::string lkey = tenant + user;
+      std::vector<ChainItem> li = {
+          {l_tb.get(), lkey, c}, {l_fw.get(), lkey, 1}, {l_sw.get(), lkey, c}};
+      if (variant == 3) {
+        ri.push_back({r_tb.get(), user, 1});
+        li.push_back({l_tb.get(), lkey, 1});
+      }
+      const bool peek = rng() % 5 == 0;
+      const ChainDecision want =
+          peek ? ChainDecision{} : local.acquire_at(li, now);
+      const ChainDecision got =
+          peek ? redis.peek(tenant, ri, now) : redis.acquire(tenant, ri, now);
+      if (peek) continue;  // (compared below through the next acquires)
+      CAPTURE(variant, i, t_us);
+      REQUIRE(got.allowed == want.allowed);
+      for (std::size_t k = 0; k < ri.size(); ++k) {
+        CAPTURE(k);
+        const LimitResult& g = got.results[k];
+        const LimitResult& w = want.results[k];
+        CAPTURE(got.allowed, g.decision.allowed, w.decision.allowed,
+                g.decision.retry_after.count(), w.decision.retry_after.count(),
+                w.decision.reset_after.count(), g.decision.reset_after.count(),
+                c);
+        REQUIRE(g.decision.allowed == w.decision.allowed);
+        REQUIRE(g.decision.remaining == w.decision.remaining);
+        REQUIRE(g.decision.retry_after == ceil_us(w.decision.retry_after));
+        REQUIRE(g.decision.reset_after == ceil_us(w.decision.reset_after));
+        REQUIRE(g.counted == w.counted);
+        REQUIRE(g.shadow_denied == w.shadow_denied);
+      }
+      REQUIRE(got.binding == want.binding);
+      REQUIRE(got.retry_after == ceil_us(want.retry_after));
+      REQUIRE(got.at == now);
+      // Give back part of what an admitted chain took, both ways.
+      if (got.allowed && rng() % 3 == 0) {
+        std::vector<ChainItem> rb = {ri[0], ri[2]}, lb = {li[0], li[2]};
+        REQUIRE(redis.refund(tenant, rb, got.at, now));
+        local.refund(lb, want.at);
+      }
+    }
+    CHECK(r_tb->fallbacks() + r_fw->fallbacks() + r_sw->fallbacks() == 0);
+    CHECK(r_tb->counts().allowed == l_tb->counts().allowed);
+  }
+}
+
+TEST_CASE("a chain's keys share its tenant's hash tag", "[redis][chain]") {
+  const std::string a = redis_key("rk:", "rpm", "team:7", "user:1");
+  const std::string b = redis_key("rk:", "tpd", "team:7", "");
+  const auto tag = [](const std::string& k) {
+    const auto open = k.find('{');
+    return k.substr(open, k.find('}', open) - open + 1);
+  };
+  CHECK(tag(a) == tag(b));
+  CHECK(a == "rk:rpm:{7465616d3a37}757365723a31");
+  // Any bytes stay inside the braces' hex: no early '}' can cut the tag.
+  CHECK(redis_key("p:", "n", "}{", "}") == "p:n:{7d7b}7d");
 }

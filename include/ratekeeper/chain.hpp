@@ -390,6 +390,50 @@ struct [[nodiscard]] ChainDecision {
   bool never() const noexcept { return retry_after == kNever; }
 };
 
+namespace detail {
+
+// The binding limit and the wait of a chain's results; with `metrics`, each
+// limit's outcome counted too (a peek counts nothing). Shared by Chain and
+// RedisChain.
+inline void finish_chain(ChainDecision& out, bool metrics) {
+  out.retry_after = Nanos{0};
+  out.binding = ChainDecision::npos;
+  for (std::size_t i = 0; i < out.results.size(); ++i) {
+    const LimitResult& r = out.results[i];
+    if (out.allowed) {
+      // The least remaining relative to capacity: remaining / limit.
+      if (out.binding == ChainDecision::npos ||
+          less_room(r.decision, out.results[out.binding].decision)) {
+        out.binding = i;
+      }
+    } else if (!r.decision.allowed && !r.shadow_denied &&
+               (out.binding == ChainDecision::npos ||
+                r.decision.retry_after > out.retry_after)) {
+      out.binding = i;
+      out.retry_after = r.decision.retry_after;
+    }
+  }
+  if (!metrics) return;
+  for (const LimitResult& r : out.results) {
+    LimitMetrics& m = r.limit->metrics();
+    if (r.shadow_denied) {
+      m.add(LimitMetrics::kShadowDenied);
+    } else if (!r.decision.allowed) {
+      m.add(LimitMetrics::kDenied);
+    } else if (!out.allowed) {
+      m.add(LimitMetrics::kVetoed);
+    } else {
+      m.add(LimitMetrics::kAllowed);
+      const u128 lhs = static_cast<u128>(r.decision.remaining) * 1000;
+      const u128 rhs =
+          static_cast<u128>(r.decision.limit) * r.limit->near_limit_permille();
+      if (lhs <= rhs) m.add(LimitMetrics::kNearLimit);
+    }
+  }
+}
+
+}  // namespace detail
+
 // Chain: acquires several limits for one call, all or nothing, reading the
 // clock `C` once. Stateless apart from its clock: one Chain serves any
 // number of threads and limits. Thread-safe.
@@ -454,7 +498,7 @@ class Chain {
     }
     out.allowed = !refused;
     if (refused) roll_back(items, out, now);
-    finish(out);
+    detail::finish_chain(out, true);
     return out;
   }
 
@@ -479,7 +523,7 @@ class Chain {
         }
       }
     }
-    summarize(out);
+    detail::finish_chain(out, false);
     return out;
   }
 
@@ -514,48 +558,6 @@ class Chain {
       r.counted = false;
       r.decision.remaining = left.remaining;
       r.decision.reset_after = left.reset_after;
-    }
-  }
-
-  // The binding limit and the wait, then the metrics.
-  static void finish(ChainDecision& out) {
-    summarize(out);
-    for (const LimitResult& r : out.results) {
-      LimitMetrics& m = r.limit->metrics();
-      if (r.shadow_denied) {
-        m.add(LimitMetrics::kShadowDenied);
-      } else if (!r.decision.allowed) {
-        m.add(LimitMetrics::kDenied);
-      } else if (!out.allowed) {
-        m.add(LimitMetrics::kVetoed);
-      } else {
-        m.add(LimitMetrics::kAllowed);
-        const detail::u128 lhs =
-            static_cast<detail::u128>(r.decision.remaining) * 1000;
-        const detail::u128 rhs = static_cast<detail::u128>(r.decision.limit) *
-                                 r.limit->near_limit_permille();
-        if (lhs <= rhs) m.add(LimitMetrics::kNearLimit);
-      }
-    }
-  }
-
-  static void summarize(ChainDecision& out) {
-    out.retry_after = Nanos{0};
-    out.binding = ChainDecision::npos;
-    for (std::size_t i = 0; i < out.results.size(); ++i) {
-      const LimitResult& r = out.results[i];
-      if (out.allowed) {
-        // The least remaining relative to capacity: remaining / limit.
-        if (out.binding == ChainDecision::npos ||
-            detail::less_room(r.decision, out.results[out.binding].decision)) {
-          out.binding = i;
-        }
-      } else if (!r.decision.allowed && !r.shadow_denied &&
-                 (out.binding == ChainDecision::npos ||
-                  r.decision.retry_after > out.retry_after)) {
-        out.binding = i;
-        out.retry_after = r.decision.retry_after;
-      }
     }
   }
 

@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -364,17 +365,18 @@ inline absl::StatusOr<std::uint64_t> whole_micros(std::string_view policy,
   return static_cast<std::uint64_t>(period.count() / 1000);
 }
 
-inline std::string script_of(const char* body) {
-  return absl::StrCat(lua::kPrelude, body, lua::kOps);
+// The one script (every policy, single operations and chains).
+inline const RedisScript& redis_script() {
+  static const RedisScript s{std::string(lua::kScript)};
+  return s;
 }
+
+// A twin's arguments: its kind and three parameters.
+using TwinParams = std::array<std::string, 4>;
 
 template <>
 struct RedisTwin<TokenBucket> {
-  static const RedisScript& script() {
-    static const RedisScript s(script_of(lua::kTokenBucket));
-    return s;
-  }
-  static absl::StatusOr<std::vector<std::string>> params(const TokenBucket& p) {
+  static absl::StatusOr<TwinParams> params(const TokenBucket& p) {
     absl::StatusOr<std::uint64_t> period =
         whole_micros("TokenBucket", p.rate().period);
     if (!period.ok()) return period.status();
@@ -385,18 +387,14 @@ struct RedisTwin<TokenBucket> {
           "TokenBucket in Redis: burst ", p.burst(), " at ", p.rate().count,
           " per ", *period, " us needs more than 2^53 (Lua's exact integers)"));
     }
-    return std::vector<std::string>{std::to_string(num), std::to_string(den),
-                                    std::to_string(p.burst())};
+    return TwinParams{"tb", std::to_string(num), std::to_string(den),
+                      std::to_string(p.burst())};
   }
 };
 
 template <>
 struct RedisTwin<FixedWindow> {
-  static const RedisScript& script() {
-    static const RedisScript s(script_of(lua::kFixedWindow));
-    return s;
-  }
-  static absl::StatusOr<std::vector<std::string>> params(const FixedWindow& p) {
+  static absl::StatusOr<TwinParams> params(const FixedWindow& p) {
     absl::StatusOr<std::uint64_t> period =
         whole_micros("FixedWindow", p.rate().period);
     if (!period.ok()) return period.status();
@@ -404,19 +402,14 @@ struct RedisTwin<FixedWindow> {
       return absl::InvalidArgumentError(
           "FixedWindow in Redis: the limit must be below 2^52");
     }
-    return std::vector<std::string>{std::to_string(*period),
-                                    std::to_string(p.limit())};
+    return TwinParams{"fw", std::to_string(*period), std::to_string(p.limit()),
+                      "0"};
   }
 };
 
 template <>
 struct RedisTwin<SlidingWindow> {
-  static const RedisScript& script() {
-    static const RedisScript s(script_of(lua::kSlidingWindow));
-    return s;
-  }
-  static absl::StatusOr<std::vector<std::string>> params(
-      const SlidingWindow& p) {
+  static absl::StatusOr<TwinParams> params(const SlidingWindow& p) {
     absl::StatusOr<std::uint64_t> period =
         whole_micros("SlidingWindow", p.rate().period);
     if (!period.ok()) return period.status();
@@ -425,8 +418,8 @@ struct RedisTwin<SlidingWindow> {
           absl::StrCat("SlidingWindow in Redis: ", p.limit(), " per ", *period,
                        " us needs more than 2^53 (Lua's exact integers)"));
     }
-    return std::vector<std::string>{std::to_string(*period),
-                                    std::to_string(p.limit())};
+    return TwinParams{"sw", std::to_string(*period), std::to_string(p.limit()),
+                      "0"};
   }
 };
 
@@ -441,69 +434,27 @@ inline void append_hex(std::string& out, std::string_view bytes) {
 
 }  // namespace detail
 
-// The Redis key of `key` under limit `name`: prefix, the name, then the key
-// in hex inside a hash tag ("rk:rpm:{75736572}"). Injective (hex has no ':'
-// and the name ends at the last ':'), safe for any bytes, and every key of
-// one limit and subject lands in one Cluster slot.
+// The Redis key of `key` under limit `name`, in the hash slot of `tag`:
+// prefix, the name, the tag in hex inside braces, the key in hex
+// ("rk:rpm:{7465616d}75736572"). Injective (hex has neither ':' nor braces,
+// and the name ends at the last ':'), safe for any bytes, and every key
+// with one tag is in one Redis Cluster slot.
 inline std::string redis_key(std::string_view prefix, std::string_view name,
-                             std::string_view key) {
+                             std::string_view tag, std::string_view key) {
   std::string out;
-  out.reserve(prefix.size() + name.size() + 3 + 2 * key.size());
+  out.reserve(prefix.size() + name.size() + 3 + 2 * (tag.size() + key.size()));
   out.append(prefix);
   out.append(name);
   out.append(":{");
-  detail::append_hex(out, key);
+  detail::append_hex(out, tag);
   out.push_back('}');
+  detail::append_hex(out, key);
   return out;
 }
 
-// RedisLimit<P>: the Limit of policy P with its state in Redis.
-template <class P>
-class RedisLimit final : public Limit {
+// RedisLimitBase: what every RedisLimit<P> shares; RedisChain runs them.
+class RedisLimitBase : public Limit {
  public:
-  // create
-  //
-  // kInvalidArgument for bad options (as make_limit) or a policy whose Lua
-  // twin could not be exact (see the file comment).
-  static absl::StatusOr<std::unique_ptr<RedisLimit>> create(
-      const LimitOptions& options, P policy,
-      std::shared_ptr<RedisClient> client, RedisLimitOptions redis = {}) {
-    if (client == nullptr) {
-      return absl::InvalidArgumentError("RedisLimit: no client");
-    }
-    if (absl::Status st = detail::check_limit_options(options); !st.ok()) {
-      return st;
-    }
-    absl::StatusOr<std::vector<std::string>> params =
-        detail::RedisTwin<P>::params(policy);
-    if (!params.ok()) return params.status();
-    return std::unique_ptr<RedisLimit>(
-        new RedisLimit(options, std::move(policy), std::move(client), redis,
-                       *std::move(params)));
-  }
-
-  Decision acquire(std::string_view key, Cost cost, Nanos now) override {
-    return run("acquire", key, cost, now, Nanos{0});
-  }
-  Decision peek(std::string_view key, Cost cost, Nanos now) const override {
-    return const_cast<RedisLimit*>(this)->run("peek", key, cost, now, Nanos{0});
-  }
-  Decision refund(std::string_view key, Cost cost, Nanos charged_at,
-                  Nanos now) override {
-    return run("refund", key, cost, now, charged_at);
-  }
-  Decision charge(std::string_view key, Cost cost, Nanos now) override {
-    return run("charge", key, cost, now, Nanos{0});
-  }
-
-  std::uint64_t limit() const noexcept override { return policy_.limit(); }
-  Nanos window() const noexcept override {
-    return detail::quota_window(policy_);
-  }
-  // Redis holds the states: key counts are Redis's (INFO keyspace).
-  StoreStats store_stats() const override { return StoreStats{}; }
-
-  const P& policy() const noexcept { return policy_; }
   // Calls answered by the fail mode because Redis could not answer.
   std::uint64_t fallbacks() const noexcept {
     return fallbacks_.load(std::memory_order_relaxed);
@@ -513,44 +464,14 @@ class RedisLimit final : public Limit {
     detail::MutexLock lock(&error_mu_);
     return last_error_;
   }
-
- private:
-  RedisLimit(const LimitOptions& o, P policy,
-             std::shared_ptr<RedisClient> client, RedisLimitOptions redis,
-             std::vector<std::string> params)
-      : Limit(o),
-        policy_(std::move(policy)),
-        client_(std::move(client)),
-        redis_(redis),
-        params_(std::move(params)) {}
-
-  Decision run(std::string_view op, std::string_view key, Cost cost, Nanos now,
-               Nanos charged_at) {
-    const std::string k = redis_key(client_->options().prefix, name(), key);
-    // Costs at or above 2^53 exceed every limit a twin accepts: the same
-    // decisions as the exact cost, in Lua's exact range.
-    const std::string c = std::to_string(std::min<Cost>(cost, detail::kExact));
-    const std::string t =
-        redis_.test_time ? std::to_string(now.count() / 1000) : std::string();
-    const std::string at = std::to_string(charged_at.count() / 1000);
-    absl::InlinedVector<std::string_view, 8> args = {op, t, c, at};
-    for (const std::string& p : params_) args.push_back(p);
-    const std::string_view keys[] = {k};
-    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
-        client_->eval_ints(detail::RedisTwin<P>::script(), keys, args);
-    if (!r.ok() || r->size() != 6) {
-      return fail(r.ok() ? absl::InternalError("redis: malformed reply")
-                         : r.status());
-    }
-    const auto& v = *r;
-    const auto ns = [](std::int64_t us) {
-      return Nanos{detail::clamp_i64(static_cast<detail::i128>(us) * 1000)};
-    };
-    return Decision{v[0] == 1, static_cast<std::uint64_t>(v[1]),
-                    static_cast<std::uint64_t>(v[2]),
-                    v[3] < 0 ? kNever : ns(v[3]), ns(v[4])};
+  const std::shared_ptr<RedisClient>& client() const noexcept {
+    return client_;
   }
+  const RedisLimitOptions& redis_options() const noexcept { return redis_; }
+  // Its kind and parameters, as the script reads them.
+  const detail::TwinParams& twin() const noexcept { return params_; }
 
+  // A decision of the fail mode, counted, for a call Redis did not answer.
   Decision fail(const absl::Status& why) {
     fallbacks_.fetch_add(1, std::memory_order_relaxed);
     metrics().record_error();
@@ -564,13 +485,233 @@ class RedisLimit final : public Limit {
     return Decision{false, limit(), 0, redis_.fail_retry, Nanos{0}};
   }
 
-  const P policy_;
+ protected:
+  RedisLimitBase(const LimitOptions& o, std::shared_ptr<RedisClient> client,
+                 RedisLimitOptions redis, detail::TwinParams params)
+      : Limit(o),
+        client_(std::move(client)),
+        redis_(redis),
+        params_(std::move(params)) {}
+
+ private:
   const std::shared_ptr<RedisClient> client_;
   const RedisLimitOptions redis_;
-  const std::vector<std::string> params_;
+  const detail::TwinParams params_;
   std::atomic<std::uint64_t> fallbacks_{0};
   mutable detail::Mutex error_mu_;
   std::string last_error_ ABSL_GUARDED_BY(error_mu_);
+};
+
+namespace detail {
+
+// The script's arguments for one item (see redis_lua.hpp).
+inline void append_item(absl::InlinedVector<std::string, 24>& args,
+                        const RedisLimitBase& l, Cost cost, bool charge,
+                        Nanos at) {
+  for (const std::string& p : l.twin()) args.push_back(p);
+  // Costs at or above 2^53 exceed every limit a twin accepts: the same
+  // decisions as the exact cost, in Lua's exact range.
+  args.push_back(std::to_string(std::min<Cost>(cost, kExact)));
+  args.push_back(std::to_string((l.shadow() ? 1 : 0) |
+                                (charge || l.charge_on_reject() ? 2 : 0)));
+  args.push_back(std::to_string(at.count() / 1000));
+}
+
+inline Nanos from_us(std::int64_t us) {
+  return Nanos{clamp_i64(static_cast<i128>(us) * 1000)};
+}
+
+inline Decision decision_at(std::span<const std::int64_t> v, std::size_t i) {
+  const std::size_t b = 2 + 5 * i;
+  return Decision{v[b] == 1, static_cast<std::uint64_t>(v[b + 1]),
+                  static_cast<std::uint64_t>(v[b + 2]),
+                  v[b + 3] < 0 ? kNever : from_us(v[b + 3]), from_us(v[b + 4])};
+}
+
+}  // namespace detail
+
+// RedisLimit<P>: the Limit of policy P with its state in Redis. Its own
+// acquire, peek, refund and charge name a key's state with an empty tag
+// (Redis Cluster then hashes the whole key); in a RedisChain the chain's
+// tenant is the tag. Use a limit one way or the other.
+template <class P>
+class RedisLimit final : public RedisLimitBase {
+ public:
+  // create
+  //
+  // kInvalidArgument for bad options (as make_limit), no client, or a
+  // policy whose Lua twin could not be exact (see the file comment).
+  static absl::StatusOr<std::unique_ptr<RedisLimit>> create(
+      const LimitOptions& options, P policy,
+      std::shared_ptr<RedisClient> client, RedisLimitOptions redis = {}) {
+    if (client == nullptr) {
+      return absl::InvalidArgumentError("RedisLimit: no client");
+    }
+    if (absl::Status st = detail::check_limit_options(options); !st.ok()) {
+      return st;
+    }
+    absl::StatusOr<detail::TwinParams> params =
+        detail::RedisTwin<P>::params(policy);
+    if (!params.ok()) return params.status();
+    return std::unique_ptr<RedisLimit>(
+        new RedisLimit(options, std::move(policy), std::move(client), redis,
+                       *std::move(params)));
+  }
+
+  Decision acquire(std::string_view key, Cost cost, Nanos now) override {
+    return run("acquire", key, cost, false, now, Nanos{0});
+  }
+  Decision peek(std::string_view key, Cost cost, Nanos now) const override {
+    return const_cast<RedisLimit*>(this)->run("peek", key, cost, false, now,
+                                              Nanos{0});
+  }
+  Decision refund(std::string_view key, Cost cost, Nanos charged_at,
+                  Nanos now) override {
+    return run("refund", key, cost, false, now, charged_at);
+  }
+  Decision charge(std::string_view key, Cost cost, Nanos now) override {
+    return run("acquire", key, cost, true, now, Nanos{0});
+  }
+
+  std::uint64_t limit() const noexcept override { return policy_.limit(); }
+  Nanos window() const noexcept override {
+    return detail::quota_window(policy_);
+  }
+  // Redis holds the states: key counts are Redis's (INFO keyspace).
+  StoreStats store_stats() const override { return StoreStats{}; }
+
+  const P& policy() const noexcept { return policy_; }
+
+ private:
+  RedisLimit(const LimitOptions& o, P policy,
+             std::shared_ptr<RedisClient> client, RedisLimitOptions redis,
+             detail::TwinParams params)
+      : RedisLimitBase(o, std::move(client), redis, std::move(params)),
+        policy_(std::move(policy)) {}
+
+  Decision run(std::string_view op, std::string_view key, Cost cost,
+               bool charge, Nanos now, Nanos charged_at) {
+    const std::string k =
+        redis_key(client()->options().prefix, name(), {}, key);
+    absl::InlinedVector<std::string, 24> args;
+    args.push_back(redis_options().test_time
+                       ? std::to_string(now.count() / 1000)
+                       : std::string());
+    args.emplace_back(op);
+    detail::append_item(args, *this, cost, charge, charged_at);
+    absl::InlinedVector<std::string_view, 24> argv(args.begin(), args.end());
+    const std::string_view keys[] = {k};
+    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
+        client()->eval_ints(detail::redis_script(), keys, argv);
+    if (!r.ok() || r->size() != 7) {
+      return fail(r.ok() ? absl::InternalError("redis: malformed reply")
+                         : r.status());
+    }
+    return detail::decision_at(*r, 0);
+  }
+
+  const P policy_;
+};
+
+// RedisChain: several Redis limits for one call, decided by one script: one
+// round trip, atomic on the server, all or nothing as Chain (chain.hpp) with
+// one difference that only helps: a refused chain never took anything, so
+// there is no give-back and no window in which others see its take. Every
+// item's limit must be a RedisLimit on this chain's client. The tenant is
+// the hash tag of every key (one Redis Cluster slot per tenant): pass the
+// same tenant for a key every time. Thread-safe.
+class RedisChain {
+ public:
+  explicit RedisChain(std::shared_ptr<RedisClient> client)
+      : client_(std::move(client)) {}
+
+  // acquire
+  //
+  // ChainDecision as Chain::acquire; `at` is Redis's time of the decision
+  // (pass it to refund). When Redis cannot answer, each limit's fail mode
+  // answers (counted on each). `test_now` (tests): decide at that time
+  // instead of Redis's, for limits created with test_time.
+  ChainDecision acquire(std::string_view tenant,
+                        std::span<const ChainItem> items,
+                        std::optional<Nanos> test_now = std::nullopt) {
+    return run("acquire", tenant, items, Nanos{0}, test_now).decision;
+  }
+  ChainDecision peek(std::string_view tenant, std::span<const ChainItem> items,
+                     std::optional<Nanos> test_now = std::nullopt) {
+    return run("peek", tenant, items, Nanos{0}, test_now).decision;
+  }
+
+  // refund
+  //
+  // Gives back each item's cost, charged at `charged_at` (the `at` of the
+  // decision that took it), in one round trip. false when Redis could not
+  // be reached (nothing given back: the conservative side).
+  bool refund(std::string_view tenant, std::span<const ChainItem> items,
+              Nanos charged_at, std::optional<Nanos> test_now = std::nullopt) {
+    return run("refund", tenant, items, charged_at, test_now).reached;
+  }
+
+ private:
+  struct Outcome {
+    ChainDecision decision;
+    bool reached = false;  // Redis answered
+  };
+
+  Outcome run(std::string_view op, std::string_view tenant,
+              std::span<const ChainItem> items, Nanos charged_at,
+              std::optional<Nanos> test_now) {
+    Outcome result;
+    ChainDecision& out = result.decision;
+    out.results.resize(items.size());
+    absl::InlinedVector<std::string, 8> keys;
+    absl::InlinedVector<std::string, 24> args;
+    args.push_back(test_now ? std::to_string(test_now->count() / 1000)
+                            : std::string());
+    args.emplace_back(op);
+    absl::InlinedVector<RedisLimitBase*, 4> limits;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      auto* l = dynamic_cast<RedisLimitBase*>(items[i].limit);
+      RATEKEEPER_ASSERT(l != nullptr && l->client() == client_,
+                        "RedisChain: an item that is not a RedisLimit of "
+                        "this chain's client");
+      limits.push_back(l);
+      keys.push_back(redis_key(client_->options().prefix, l->name(), tenant,
+                               items[i].key));
+      detail::append_item(args, *l, items[i].cost, false, charged_at);
+      out.results[i].limit = l;
+      out.results[i].cost = items[i].cost;
+    }
+    absl::InlinedVector<std::string_view, 8> kv(keys.begin(), keys.end());
+    absl::InlinedVector<std::string_view, 24> av(args.begin(), args.end());
+    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
+        client_->eval_ints(detail::redis_script(), kv, av);
+    result.reached = r.ok() && r->size() == 2 + 5 * items.size();
+    if (!result.reached) {
+      const absl::Status why =
+          r.ok() ? absl::InternalError("redis: malformed reply") : r.status();
+      out.allowed = true;
+      for (std::size_t i = 0; i < items.size(); ++i) {
+        LimitResult& res = out.results[i];
+        res.decision = limits[i]->fail(why);
+        if (!res.decision.allowed && !limits[i]->shadow()) out.allowed = false;
+      }
+    } else {
+      out.allowed = (*r)[0] == 1;
+      out.at = detail::from_us((*r)[1]);
+      for (std::size_t i = 0; i < items.size(); ++i) {
+        LimitResult& res = out.results[i];
+        res.decision = detail::decision_at(*r, i);
+        res.shadow_denied = !res.decision.allowed && limits[i]->shadow();
+        res.counted =
+            op == "acquire" && (limits[i]->charge_on_reject() ||
+                                (out.allowed && res.decision.allowed));
+      }
+    }
+    if (op != "refund") detail::finish_chain(out, op == "acquire");
+    return result;
+  }
+
+  const std::shared_ptr<RedisClient> client_;
 };
 
 }  // namespace ratekeeper
