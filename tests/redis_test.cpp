@@ -445,3 +445,137 @@ TEST_CASE("a chain's keys share its tenant's hash tag", "[redis][chain]") {
   // Any bytes stay inside the braces' hex: no early '}' can cut the tag.
   CHECK(redis_key("p:", "n", "}{", "}") == "p:n:{7d7b}7d");
 }
+
+namespace {
+
+// One thread deciding as fast as it can on a limit that always admits when
+// Redis answers, recording the latency of each decision and how many were
+// the fail mode's answer.
+struct Hammer {
+  Limit* limit;
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> calls{0}, fail_answers{0}, real_answers{0};
+  std::atomic<std::int64_t> max_ns{0};
+  std::atomic<std::int64_t> last_real_ns{0};  // steady time of the last
+  std::thread thread;
+
+  explicit Hammer(Limit* l, bool fail_open) : limit(l) {
+    thread = std::thread([this, fail_open] {
+      while (!stop.load()) {
+        const auto t0 = std::chrono::steady_clock::now();
+        const Decision d = limit->acquire("k", 1, Nanos{0});
+        const auto t1 = std::chrono::steady_clock::now();
+        const std::int64_t ns = (t1 - t0).count();
+        if (ns > max_ns.load()) max_ns.store(ns);
+        calls.fetch_add(1);
+        // Redis's answers admit with room left; the fail mode's answers
+        // say 0 remaining (open) or refuse (closed).
+        if (d.remaining == 0 || !d.allowed) {
+          REQUIRE(d.allowed == fail_open);
+          fail_answers.fetch_add(1);
+        } else {
+          real_answers.fetch_add(1);
+          last_real_ns.store(t1.time_since_epoch().count());
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+    });
+  }
+  void finish() {
+    stop = true;
+    thread.join();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("T5b: a paused Redis costs one timeout, then the breaker answers",
+          "[redis][T5b]") {
+  RedisServer server;
+  const Nanos timeout = std::chrono::milliseconds(50);
+  auto client =
+      RedisClient::create({.port = server.port(),
+                           .prefix = "rkt:",
+                           .connect_timeout = timeout,
+                           .command_timeout = timeout,
+                           .breaker_failures = 2,
+                           .breaker_open = std::chrono::milliseconds(100),
+                           .breaker_max_open = std::chrono::milliseconds(300)})
+          .value();
+  auto limit =
+      RedisLimit<TokenBucket>::create(
+          {.name = "t5b"},
+          TokenBucket::create(per_second(1'000'000), 1'000'000).value(), client,
+          {.fail = FailMode::kClosed})
+          .value();
+  Hammer h(limit.get(), false);
+  std::uint64_t answered_after = 0;
+  for (int round = 0; round < 3; ++round) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    server.signal(SIGSTOP);
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    server.signal(SIGCONT);
+    const std::uint64_t before = h.real_answers.load();
+    std::this_thread::sleep_for(std::chrono::milliseconds(600));
+    answered_after += h.real_answers.load() > before ? 1 : 0;
+  }
+  h.finish();
+  const auto max_ms = static_cast<double>(h.max_ns.load()) / 1e6;
+  INFO("calls " << h.calls.load() << ", fail-mode answers "
+                << h.fail_answers.load() << ", slowest " << max_ms << " ms, "
+                << client->breaker_trips() << " breaker trips");
+  // Never more than one timeout (plus scheduling) for a decision.
+  CHECK(max_ms <= 50.0 + 10.0);
+  // The breaker opened in each pause and closed after each (a probe went
+  // through and Redis answered again).
+  CHECK(client->breaker_trips() >= 3);
+  CHECK(answered_after == 3);
+  CHECK(client->breaker_state() == detail::Breaker::State::kClosed);
+  // Every answer Redis did not give was the fail mode's, and counted.
+  CHECK(h.fail_answers.load() == limit->fallbacks());
+  CHECK(h.fail_answers.load() > 0);
+}
+
+TEST_CASE(
+    "T5a: Redis killed and restarted empty: no hang, fail mode, "
+    "recovery within a second",
+    "[redis][T5a]") {
+  RedisServer server;
+  auto client =
+      RedisClient::create({.port = server.port(),
+                           .prefix = "rkt:",
+                           .connect_timeout = std::chrono::milliseconds(50),
+                           .command_timeout = std::chrono::milliseconds(50),
+                           .breaker_open = std::chrono::milliseconds(100),
+                           .breaker_max_open = std::chrono::milliseconds(400)})
+          .value();
+  auto limit =
+      RedisLimit<FixedWindow>::create(
+          {.name = "t5a"}, FixedWindow::create(per_second(1'000'000)).value(),
+          client, {.fail = FailMode::kOpen})
+          .value();
+  Hammer h(limit.get(), true);
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  server.stop(SIGKILL);
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  server.start();  // empty, same port
+  const auto restarted = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1'500));
+  h.finish();
+  const auto recovery_ms =
+      static_cast<double>(h.last_real_ns.load() -
+                          restarted.time_since_epoch().count()) /
+      1e6;
+  INFO("calls " << h.calls.load() << ", fail-mode answers "
+                << h.fail_answers.load() << ", slowest "
+                << static_cast<double>(h.max_ns.load()) / 1e6 << " ms");
+  CHECK(h.fail_answers.load() == limit->fallbacks());
+  CHECK(h.fail_answers.load() > 0);
+  // Answering again after the restart, within a second of it (the last
+  // real answer is after it; the first was at most the breaker's open time
+  // after it, checked through the count of answers since).
+  CHECK(recovery_ms > 0);
+  CHECK(static_cast<double>(h.max_ns.load()) / 1e6 <= 50.0 + 10.0);
+  const std::string n = client->command({"DBSIZE"}).value();
+  CHECK(std::stoi(n) == 1);  // counting again, in the new, empty Redis
+}

@@ -30,12 +30,15 @@
 #define RATEKEEPER_STORE_REDIS_HPP_
 
 #include <hiredis/hiredis.h>
-#include <sys/time.h>
+#include <poll.h>
+#include <sys/socket.h>
 
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -69,6 +72,13 @@ namespace ratekeeper {
 //                    (Redis may have run it), its connection is dropped
 //   pool_size        connections kept open for reuse (more are opened while
 //                    more calls are in flight, and closed after)
+//   breaker_failures consecutive failures (no answer: refused, timed out,
+//                    cut) that open the circuit breaker: while open, calls
+//                    fail at once instead of each waiting for a timeout
+//   breaker_open     how long it stays open the first time; then one probe
+//                    call goes through (half-open): success closes it,
+//                    failure opens it again for twice as long, up to
+//                    breaker_max_open
 struct RedisOptions {
   std::string host = "127.0.0.1";
   int port = 6379;
@@ -76,6 +86,9 @@ struct RedisOptions {
   Nanos connect_timeout = std::chrono::milliseconds(250);
   Nanos command_timeout = std::chrono::milliseconds(100);
   std::size_t pool_size = 8;
+  int breaker_failures = 3;
+  Nanos breaker_open = std::chrono::milliseconds(250);
+  Nanos breaker_max_open = std::chrono::seconds(10);
 };
 
 // A script: its source, and the SHA1 Redis gave it once loaded.
@@ -93,6 +106,85 @@ class RedisScript {
 
 namespace detail {
 
+// Breaker: a circuit breaker over the calls to one Redis. Closed: calls go
+// through, failures are counted. Open: calls fail at once until the open
+// time ends. Then one call, the probe, goes through (half-open): its
+// success closes the breaker, its failure opens it again for twice as long.
+class Breaker {
+ public:
+  enum class State : std::uint8_t { kClosed, kOpen, kHalfOpen };
+
+  Breaker(int failures, Nanos first_open, Nanos max_open)
+      : failures_to_open_(failures < 1 ? 1 : failures),
+        first_open_(first_open),
+        max_open_(max_open < first_open ? first_open : max_open),
+        backoff_(first_open) {}
+
+  // Whether a call may go to Redis at `now`; `probe` says it is the probe.
+  bool admit(Nanos now, bool& probe) {
+    std::lock_guard<std::mutex> lock(mu_);
+    probe = false;
+    switch (state_) {
+      case State::kClosed:
+        return true;
+      case State::kOpen:
+        if (now < open_until_) return false;
+        state_ = State::kHalfOpen;
+        probe = true;
+        return true;
+      case State::kHalfOpen:
+        return false;  // the probe is out
+    }
+    return false;
+  }
+
+  void success() {
+    std::lock_guard<std::mutex> lock(mu_);
+    failures_ = 0;
+    state_ = State::kClosed;
+    backoff_ = first_open_;
+  }
+
+  void failure(Nanos now, bool probe) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (probe || state_ == State::kHalfOpen) {
+      open(now);
+      backoff_ = std::min(backoff_ * 2, max_open_);
+      return;
+    }
+    if (state_ == State::kClosed && ++failures_ >= failures_to_open_) {
+      open(now);
+    }
+  }
+
+  State state() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return state_;
+  }
+  std::uint64_t trips() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return trips_;
+  }
+
+ private:
+  void open(Nanos now) {
+    state_ = State::kOpen;
+    open_until_ = now + backoff_;
+    failures_ = 0;
+    ++trips_;
+  }
+
+  const int failures_to_open_;
+  const Nanos first_open_;
+  const Nanos max_open_;
+  mutable std::mutex mu_;
+  State state_ = State::kClosed;
+  int failures_ = 0;
+  Nanos backoff_;
+  Nanos open_until_{0};
+  std::uint64_t trips_ = 0;
+};
+
 struct ReplyDeleter {
   void operator()(redisReply* r) const noexcept { freeReplyObject(r); }
 };
@@ -103,10 +195,20 @@ struct ContextDeleter {
 };
 using ContextPtr = std::unique_ptr<redisContext, ContextDeleter>;
 
-inline timeval to_timeval(Nanos d) {
-  const auto us = std::max<std::int64_t>(1, d.count() / 1000);
-  return timeval{static_cast<time_t>(us / 1'000'000),
-                 static_cast<suseconds_t>(us % 1'000'000)};
+// Waits until `fd` is ready for `events` or `deadline` passes (false).
+inline bool wait_fd(int fd, short events,
+                    std::chrono::steady_clock::time_point deadline) {
+  for (;;) {
+    const auto left = deadline - std::chrono::steady_clock::now();
+    if (left <= std::chrono::steady_clock::duration::zero()) return false;
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left);
+    const timespec ts{static_cast<time_t>(ns.count() / 1'000'000'000),
+                      static_cast<long>(ns.count() % 1'000'000'000)};
+    pollfd p{fd, events, 0};
+    const int r = ppoll(&p, 1, &ts, nullptr);
+    if (r > 0) return true;  // ready, or an error the next call reports
+    if (r < 0 && errno != EINTR) return true;
+  }
 }
 
 }  // namespace detail
@@ -150,6 +252,59 @@ class RedisClient {
   // be reached or did not answer in time (the script may or may not have
   // run: never retried); kInternal for an error reply.
   absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> eval_ints(
+      const RedisScript& script, std::span<const std::string_view> keys,
+      std::span<const std::string_view> args) {
+    return guarded([&] { return eval_once(script, keys, args); });
+  }
+
+  // command
+  //
+  // One command (administration, tests): the reply as text (a status, a
+  // bulk string, an integer in decimal; arrays joined by newlines).
+  absl::StatusOr<std::string> command(std::span<const std::string_view> argv) {
+    return guarded([&] { return command_once(argv); });
+  }
+  absl::StatusOr<std::string> command(
+      std::initializer_list<std::string_view> argv) {
+    return command(
+        std::span<const std::string_view>(argv.begin(), argv.size()));
+  }
+
+  // The circuit breaker's state, and how often it has opened.
+  detail::Breaker::State breaker_state() const { return breaker_.state(); }
+  std::uint64_t breaker_trips() const { return breaker_.trips(); }
+
+ private:
+  explicit RedisClient(RedisOptions o)
+      : options_(std::move(o)),
+        breaker_(options_.breaker_failures, options_.breaker_open,
+                 options_.breaker_max_open) {}
+
+  // Runs `call` unless the breaker is open; a call Redis did not answer
+  // (kUnavailable) counts against it, any answer (errors included) for it.
+  template <class F>
+  auto guarded(F&& call) -> decltype(call()) {
+    const auto steady = [] {
+      return std::chrono::duration_cast<Nanos>(
+          std::chrono::steady_clock::now().time_since_epoch());
+    };
+    bool probe = false;
+    if (!breaker_.admit(steady(), probe)) {
+      return absl::UnavailableError(
+          absl::StrCat("redis ", options_.host, ":", options_.port,
+                       ": circuit open after repeated failures (not tried)"));
+    }
+    auto r = call();
+    if (!r.ok() && absl::IsUnavailable(r.status())) {
+      breaker_.failure(steady(), probe);
+      drop_idle();  // the others are likely as dead
+    } else {
+      breaker_.success();
+    }
+    return r;
+  }
+
+  absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> eval_once(
       const RedisScript& script, std::span<const std::string_view> keys,
       std::span<const std::string_view> args) {
     absl::StatusOr<detail::ContextPtr> conn = take();
@@ -202,11 +357,8 @@ class RedisClient {
     return absl::InternalError("redis: NOSCRIPT after loading the script");
   }
 
-  // command
-  //
-  // One command (administration, tests): the reply as text (a status, a
-  // bulk string, an integer in decimal; arrays joined by newlines).
-  absl::StatusOr<std::string> command(std::span<const std::string_view> argv) {
+  absl::StatusOr<std::string> command_once(
+      std::span<const std::string_view> argv) {
     absl::StatusOr<detail::ContextPtr> conn = take();
     if (!conn.ok()) return conn.status();
     absl::StatusOr<detail::ReplyPtr> r = roundtrip(**conn, argv);
@@ -222,14 +374,12 @@ class RedisClient {
     put_back(*std::move(conn));
     return out;
   }
-  absl::StatusOr<std::string> command(
-      std::initializer_list<std::string_view> argv) {
-    return command(
-        std::span<const std::string_view>(argv.begin(), argv.size()));
-  }
 
- private:
-  explicit RedisClient(RedisOptions o) : options_(std::move(o)) {}
+  void drop_idle() {
+    std::vector<detail::ContextPtr> dead;
+    detail::MutexLock lock(&mu_);
+    dead.swap(idle_);
+  }
 
   static void append_text(const redisReply& r, std::string& out) {
     switch (r.type) {
@@ -249,22 +399,33 @@ class RedisClient {
     }
   }
 
+  // A connection, non-blocking: every wait below is a ppoll() against a
+  // deadline, exact to the microsecond (socket timeouts would round up to
+  // the kernel's tick).
   absl::StatusOr<detail::ContextPtr> open() const {
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::duration_cast<std::chrono::nanoseconds>(
+                              options_.connect_timeout);
     detail::ContextPtr c(
-        redisConnectWithTimeout(options_.host.c_str(), options_.port,
-                                detail::to_timeval(options_.connect_timeout)));
+        redisConnectNonBlock(options_.host.c_str(), options_.port));
     if (c == nullptr) {
       return absl::ResourceExhaustedError("redis: cannot allocate a context");
     }
-    if (c->err != 0) {
-      return absl::UnavailableError(absl::StrCat(
-          "redis ", options_.host, ":", options_.port, ": ", c->errstr));
+    if (c->err != 0) return unavailable(c->errstr);
+    if (!detail::wait_fd(c->fd, POLLOUT, deadline)) {
+      return unavailable("connect timed out");
     }
-    if (redisSetTimeout(c.get(), detail::to_timeval(
-                                     options_.command_timeout)) != REDIS_OK) {
-      return absl::UnavailableError("redis: cannot set the command timeout");
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
+      return unavailable(std::strerror(err != 0 ? err : errno));
     }
     return c;
+  }
+
+  absl::Status unavailable(std::string_view why) const {
+    return absl::UnavailableError(absl::StrCat(
+        "redis ", options_.host, ":", options_.port, ": ", detail::av(why)));
   }
 
   absl::StatusOr<detail::ContextPtr> take() {
@@ -288,20 +449,38 @@ class RedisClient {
   // unknown state: the caller drops it (by not putting it back).
   absl::StatusOr<detail::ReplyPtr> roundtrip(
       redisContext& c, std::span<const std::string_view> argv) const {
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::duration_cast<std::chrono::nanoseconds>(
+                              options_.command_timeout);
     absl::InlinedVector<const char*, 16> ptrs;
     absl::InlinedVector<std::size_t, 16> lens;
     for (const std::string_view a : argv) {
       ptrs.push_back(a.data());
       lens.push_back(a.size());
     }
-    detail::ReplyPtr r(static_cast<redisReply*>(redisCommandArgv(
-        &c, static_cast<int>(argv.size()), ptrs.data(), lens.data())));
-    if (r == nullptr) {
-      return absl::UnavailableError(
-          absl::StrCat("redis ", options_.host, ":", options_.port, ": ",
-                       c.err != 0 ? c.errstr : "no reply"));
+    if (redisAppendCommandArgv(&c, static_cast<int>(argv.size()), ptrs.data(),
+                               lens.data()) != REDIS_OK) {
+      return unavailable(c.errstr);
     }
-    return r;
+    for (int done = 0; done == 0;) {
+      if (redisBufferWrite(&c, &done) != REDIS_OK) return unavailable(c.errstr);
+      if (done == 0 && !detail::wait_fd(c.fd, POLLOUT, deadline)) {
+        return unavailable("timed out writing");
+      }
+    }
+    for (;;) {
+      void* reply = nullptr;
+      if (redisGetReplyFromReader(&c, &reply) != REDIS_OK) {
+        return unavailable(c.errstr);
+      }
+      if (reply != nullptr) {
+        return detail::ReplyPtr(static_cast<redisReply*>(reply));
+      }
+      if (!detail::wait_fd(c.fd, POLLIN, deadline)) {
+        return unavailable("timed out waiting for the reply");
+      }
+      if (redisBufferRead(&c) != REDIS_OK) return unavailable(c.errstr);
+    }
   }
 
   static std::string known_sha(const RedisScript& s) {
@@ -326,6 +505,7 @@ class RedisClient {
   }
 
   const RedisOptions options_;
+  detail::Breaker breaker_;
   detail::Mutex mu_;
   std::vector<detail::ContextPtr> idle_ ABSL_GUARDED_BY(mu_);
 };
