@@ -18,6 +18,8 @@
 #include "absl/synchronization/mutex.h"
 #include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/ratekeeper.hpp"
+#include "ratekeeper/store/redis.hpp"
+#include "redis_server.hpp"  // tests/: a redis-server of our own
 
 namespace rk = ratekeeper;
 
@@ -492,6 +494,141 @@ void BM_Budget_ReserveSettle_Sharded(benchmark::State& state) {
       static_cast<double>(granted) / static_cast<double>(state.iterations());
 }
 BENCHMARK(BM_Budget_ReserveSettle_Sharded)->Arg(10)->Arg(18)->Arg(20);
+
+// --------------------------------------------------------------- redis --
+
+// One redis-server for every Redis benchmark, started on first use on a free
+// loopback port; null (and the benchmarks skipped, saying why) when none
+// can be started.
+struct RedisRig {
+  std::unique_ptr<rk_test::RedisServer> server;
+  std::shared_ptr<rk::RedisClient> client;
+  std::string error;
+
+  static RedisRig& get() {
+    static RedisRig rig;
+    return rig;
+  }
+
+  // Server-side microseconds per EVALSHA so far, and how many.
+  std::pair<double, double> evalsha_stats() {
+    const std::string info =
+        client->command({"INFO", "commandstats"}).value_or("");
+    const auto at = info.find("cmdstat_evalsha:calls=");
+    if (at == std::string::npos) return {0, 0};
+    const double calls = std::stod(info.substr(at + 22));
+    const auto u = info.find("usec=", at);
+    const double usec = std::stod(info.substr(u + 5));
+    return {calls, usec};
+  }
+
+ private:
+  RedisRig() {
+    try {
+      server = std::make_unique<rk_test::RedisServer>();
+      auto c = rk::RedisClient::create(
+          {.port = server->port(), .prefix = "bench:", .pool_size = 64});
+      if (c.ok()) {
+        client = *c;
+      } else {
+        error = std::string(c.status().message());
+      }
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+};
+
+// One decision per call, one connection, waiting for each reply: the
+// round trip, and the script's time inside Redis (server_us_per_call, from
+// INFO commandstats).
+void BM_Redis_TokenBucket_Sequential(benchmark::State& state) {
+  RedisRig& rig = RedisRig::get();
+  if (!rig.client) {
+    state.SkipWithError(("no redis-server: " + rig.error).c_str());
+    return;
+  }
+  auto limit =
+      rk::RedisLimit<rk::TokenBucket>::create(
+          {.name = "seq"},
+          rk::TokenBucket::create(rk::per_second(1'000'000'000), 1'000'000'000)
+              .value(),
+          rig.client)
+          .value();
+  static_cast<void>(limit->acquire("k", 1, rk::Nanos{0}));
+  const auto [c0, u0] = rig.evalsha_stats();
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += limit->acquire("k", 1, rk::Nanos{0}).allowed;
+  const auto [c1, u1] = rig.evalsha_stats();
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+  state.counters["server_us_per_call"] = c1 > c0 ? (u1 - u0) / (c1 - c0) : 0;
+  state.counters["decisions_per_s"] = benchmark::Counter(
+      static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["fallbacks"] = static_cast<double>(limit->fallbacks());
+}
+BENCHMARK(BM_Redis_TokenBucket_Sequential)->UseRealTime();
+
+// A chain of three limits (sliding, bucket, fixed) in one script.
+void BM_Redis_Chain_3Limits(benchmark::State& state) {
+  RedisRig& rig = RedisRig::get();
+  if (!rig.client) {
+    state.SkipWithError(("no redis-server: " + rig.error).c_str());
+    return;
+  }
+  auto rpm = rk::RedisLimit<rk::SlidingWindow>::create(
+                 {.name = "rpm"}, allow_all<rk::SlidingWindow>(), rig.client)
+                 .value();
+  auto tpm =
+      rk::RedisLimit<rk::TokenBucket>::create(
+          {.name = "tpm", .unit = rk::Unit::kTokens},
+          rk::TokenBucket::create(rk::per_second(1'000'000'000), 1'000'000'000)
+              .value(),
+          rig.client)
+          .value();
+  auto tpd = rk::RedisLimit<rk::FixedWindow>::create(
+                 {.name = "tpd", .unit = rk::Unit::kTokens},
+                 allow_all<rk::FixedWindow>(), rig.client)
+                 .value();
+  rk::RedisChain chain(rig.client);
+  const rk::ChainItem items[] = {{rpm.get(), "user:42", 1},
+                                 {tpm.get(), "user:42", 100},
+                                 {tpd.get(), "", 100}};
+  const auto [c0, u0] = rig.evalsha_stats();
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += chain.acquire("team:7", items).allowed;
+  const auto [c1, u1] = rig.evalsha_stats();
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+  state.counters["server_us_per_call"] = c1 > c0 ? (u1 - u0) / (c1 - c0) : 0;
+}
+BENCHMARK(BM_Redis_Chain_3Limits)->UseRealTime();
+
+// 50 decisions in flight (50 threads, a connection each, one key each):
+// throughput of all together.
+void BM_Redis_TokenBucket_50InFlight(benchmark::State& state) {
+  RedisRig& rig = RedisRig::get();
+  if (!rig.client) {
+    state.SkipWithError(("no redis-server: " + rig.error).c_str());
+    return;
+  }
+  static std::unique_ptr<rk::RedisLimit<rk::TokenBucket>> limit;
+  if (state.thread_index() == 0) {
+    limit = rk::RedisLimit<rk::TokenBucket>::create(
+                {.name = "fifty"},
+                rk::TokenBucket::create(rk::per_second(1'000'000'000),
+                                        1'000'000'000)
+                    .value(),
+                rig.client)
+                .value();
+  }
+  const std::string key = "k" + std::to_string(state.thread_index());
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += limit->acquire(key, 1, rk::Nanos{0}).allowed;
+  state.counters["decisions_per_s"] = benchmark::Counter(
+      static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_Redis_TokenBucket_50InFlight)->Threads(50)->UseRealTime();
 
 #define RK_THREADED(fn, S)                                                     \
   BENCHMARK(fn)                                                                \

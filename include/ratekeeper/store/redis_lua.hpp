@@ -42,6 +42,18 @@ local function idiv(a, b)
 end
 local function cdiv(a, b) return -idiv(-a, b) end
 
+-- The integers of a stored state ("a b [c]"), without patterns.
+local function fields(raw)
+  local i = string.find(raw, ' ', 1, true)
+  local j = string.find(raw, ' ', i + 1, true)
+  if j then
+    return tonumber(string.sub(raw, 1, i - 1)),
+           tonumber(string.sub(raw, i + 1, j - 1)),
+           tonumber(string.sub(raw, j + 1))
+  end
+  return tonumber(string.sub(raw, 1, i - 1)), tonumber(string.sub(raw, i + 1))
+end
+
 local test_time = ARGV[1] ~= ''
 local now
 if test_time then
@@ -74,8 +86,7 @@ local function token_bucket(key, num, den, burst)
   function m.load()
     local raw = redis.call('GET', key)
     if not raw then return 0 end
-    local w, f = string.match(raw, '^(%-?%d+) (%d+)$')
-    w, f = tonumber(w), tonumber(f)
+    local w, f = fields(raw)
     if w < now then return 0 end
     return (w - now) * den + f
   end
@@ -125,11 +136,11 @@ local function fixed_window(key, period, limit)
   function m.load()
     local raw = redis.call('GET', key)
     if not raw then return 0 end
-    local a, b = string.match(raw, '^(%-?%d+) (%d+)$')
-    stored = tonumber(a)
+    local a, b = fields(raw)
+    stored = a
     if w > stored then return 0 end
     sw = stored
-    return tonumber(b)
+    return b
   end
   local function until_end() return (sw + 1) * period - now end
   function m.save(c)
@@ -172,8 +183,7 @@ local function sliding_window(key, p, limit)
     local raw = redis.call('GET', key)
     if not raw then return {0, 0} end
     stored = true
-    local a, b, c = string.match(raw, '^(%-?%d+) (%d+) (%d+)$')
-    local s0, prev, cur = tonumber(a), tonumber(b), tonumber(c)
+    local s0, prev, cur = fields(raw)
     if w > s0 then
       if w - s0 == 1 then return {cur, 0} end
       return {0, 0}
