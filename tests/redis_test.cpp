@@ -579,3 +579,45 @@ TEST_CASE(
   const std::string n = client->command({"DBSIZE"}).value();
   CHECK(std::stoi(n) == 1);  // counting again, in the new, empty Redis
 }
+
+TEST_CASE("fail mode local: each instance decides at its share of the limit",
+          "[redis]") {
+  RedisServer server;
+  auto client =
+      RedisClient::create({.port = server.port(),
+                           .prefix = "rkt:",
+                           .connect_timeout = std::chrono::milliseconds(50),
+                           .command_timeout = std::chrono::milliseconds(50)})
+          .value();
+  auto rpm = RedisLimit<FixedWindow>::create(
+                 {.name = "rpm"}, FixedWindow::create(per_minute(10)).value(),
+                 client, {.fail = FailMode::kLocal, .instances = 2})
+                 .value();
+  auto tpm = RedisLimit<TokenBucket>::create(
+                 {.name = "tpm", .unit = Unit::kTokens},
+                 TokenBucket::create(per_minute(1'000), 1'000).value(), client,
+                 {.fail = FailMode::kLocal, .instances = 4})
+                 .value();
+  CHECK(RedisLimit<FixedWindow>::create(
+            {.name = "x"}, FixedWindow::create(per_minute(10)).value(), client,
+            {.fail = FailMode::kLocal, .instances = 0})
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+  REQUIRE(rpm->acquire("u", 1, Nanos{0}).remaining == 9);  // Redis answers
+  server.stop(SIGKILL);
+  const Nanos t{3'600'000'000'000};
+  int admitted = 0;
+  for (int i = 0; i < 10; ++i) admitted += rpm->acquire("u", 1, t).allowed;
+  CHECK(admitted == 5);  // 10 per minute over 2 instances
+  CHECK(rpm->fallbacks() == 10);
+  // A chain on local shares: all or nothing among them (tpm's share is 250
+  // tokens; the fifth call of 60 does not fit and takes nothing).
+  RedisChain chain(client);
+  int chains = 0;
+  for (int i = 0; i < 5; ++i) {
+    const ChainItem items[] = {{tpm.get(), "v", 60}};
+    chains += chain.acquire("team", items, t).allowed;
+  }
+  CHECK(chains == 4);
+  CHECK(tpm->fallbacks() == 5);
+}

@@ -513,16 +513,22 @@ class RedisClient {
 enum class FailMode : std::uint8_t {
   kClosed,  // refuse while Redis cannot answer (retry_after: fail_retry)
   kOpen,    // admit while Redis cannot answer
+  kLocal,   // decide in process, at the limit divided by `instances`
 };
 
 // RedisLimitOptions: how one Redis limit behaves.
 //   fail        the answer when Redis cannot give one (counted either way)
 //   fail_retry  the wait a kClosed refusal states
+//   instances   kLocal: how many instances share the limit; each then
+//               admits at most its share (the limit's count, or a bucket's
+//               burst and rate, divided by it, rounded down but at least 1)
+//               until Redis answers again
 //   test_time   run on the caller's `now` (whole microseconds) instead of
 //               Redis's TIME: for tests that compare with the C++ policy
 struct RedisLimitOptions {
   FailMode fail = FailMode::kClosed;
   Nanos fail_retry = std::chrono::seconds(1);
+  std::uint64_t instances = 1;
   bool test_time = false;
 };
 
@@ -603,6 +609,24 @@ struct RedisTwin<SlidingWindow> {
   }
 };
 
+// A policy's share for one of `n` instances (FailMode::kLocal).
+inline absl::StatusOr<TokenBucket> share_of(const TokenBucket& p,
+                                            std::uint64_t n) {
+  const std::uint64_t count = std::max<std::uint64_t>(1, p.rate().count / n);
+  return TokenBucket::create(Rate{count, p.rate().period},
+                             std::max<std::uint64_t>(1, p.burst() / n));
+}
+inline absl::StatusOr<FixedWindow> share_of(const FixedWindow& p,
+                                            std::uint64_t n) {
+  return FixedWindow::create(
+      Rate{std::max<std::uint64_t>(1, p.rate().count / n), p.rate().period});
+}
+inline absl::StatusOr<SlidingWindow> share_of(const SlidingWindow& p,
+                                              std::uint64_t n) {
+  return SlidingWindow::create(
+      Rate{std::max<std::uint64_t>(1, p.rate().count / n), p.rate().period});
+}
+
 inline void append_hex(std::string& out, std::string_view bytes) {
   static constexpr char kHex[] = "0123456789abcdef";
   for (const char c : bytes) {
@@ -652,18 +676,38 @@ class RedisLimitBase : public Limit {
   const detail::TwinParams& twin() const noexcept { return params_; }
 
   // A decision of the fail mode, counted, for a call Redis did not answer.
-  Decision fail(const absl::Status& why) {
-    fallbacks_.fetch_add(1, std::memory_order_relaxed);
-    metrics().record_error();
-    {
-      detail::MutexLock lock(&error_mu_);
-      last_error_ = std::string(why.message());
-    }
-    if (redis_.fail == FailMode::kOpen) {
-      return Decision{true, limit(), 0, Nanos{0}, Nanos{0}};
+  // A decision of the fail mode, counted, for a call Redis did not answer:
+  // `op` on `key` at the caller's `now` (kLocal decides it in process).
+  Decision fail(const absl::Status& why, std::string_view op,
+                std::string_view key, Cost cost, Nanos now, Nanos charged_at) {
+    note_fallback(why);
+    switch (redis_.fail) {
+      case FailMode::kOpen:
+        return Decision{true, limit(), 0, Nanos{0}, Nanos{0}};
+      case FailMode::kClosed:
+        return Decision{false, limit(), 0, redis_.fail_retry, Nanos{0}};
+      case FailMode::kLocal: {
+        Limit& l = *local_limit();
+        if (op == "peek") return l.peek(key, cost, now);
+        if (op == "refund") return l.refund(key, cost, charged_at, now);
+        if (op == "charge") return l.charge(key, cost, now);
+        return l.acquire(key, cost, now);
+      }
     }
     return Decision{false, limit(), 0, redis_.fail_retry, Nanos{0}};
   }
+
+  // Counts a call Redis did not answer, and why.
+  void note_fallback(const absl::Status& why) {
+    fallbacks_.fetch_add(1, std::memory_order_relaxed);
+    metrics().record_error();
+    detail::MutexLock lock(&error_mu_);
+    last_error_ = std::string(why.message());
+  }
+
+  // kLocal: the in-process limit at this instance's share (nullptr
+  // otherwise).
+  virtual Limit* local_limit() noexcept = 0;
 
  protected:
   RedisLimitBase(const LimitOptions& o, std::shared_ptr<RedisClient> client,
@@ -733,10 +777,27 @@ class RedisLimit final : public RedisLimitBase {
     absl::StatusOr<detail::TwinParams> params =
         detail::RedisTwin<P>::params(policy);
     if (!params.ok()) return params.status();
-    return std::unique_ptr<RedisLimit>(
+    std::unique_ptr<PolicyLimit<P>> local;
+    if (redis.fail == FailMode::kLocal) {
+      if (redis.instances == 0) {
+        return absl::InvalidArgumentError(
+            "RedisLimit: kLocal needs instances >= 1");
+      }
+      absl::StatusOr<P> share = detail::share_of(policy, redis.instances);
+      if (!share.ok()) return share.status();
+      auto made = make_limit(options, *std::move(share),
+                             ShardedOptions{.capacity = 1 << 14});
+      if (!made.ok()) return made.status();
+      local = *std::move(made);
+    }
+    auto out = std::unique_ptr<RedisLimit>(
         new RedisLimit(options, std::move(policy), std::move(client), redis,
                        *std::move(params)));
+    out->local_ = std::move(local);
+    return out;
   }
+
+  Limit* local_limit() noexcept override { return local_.get(); }
 
   Decision acquire(std::string_view key, Cost cost, Nanos now) override {
     return run("acquire", key, cost, false, now, Nanos{0});
@@ -784,13 +845,15 @@ class RedisLimit final : public RedisLimitBase {
     absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
         client()->eval_ints(detail::redis_script(), keys, argv);
     if (!r.ok() || r->size() != 7) {
-      return fail(r.ok() ? absl::InternalError("redis: malformed reply")
-                         : r.status());
+      return fail(
+          r.ok() ? absl::InternalError("redis: malformed reply") : r.status(),
+          charge ? "charge" : op, key, cost, now, charged_at);
     }
     return detail::decision_at(*r, 0);
   }
 
   const P policy_;
+  std::unique_ptr<PolicyLimit<P>> local_;  // kLocal only
 };
 
 // RedisChain: several Redis limits for one call, decided by one script: one
@@ -869,11 +932,41 @@ class RedisChain {
     if (!result.reached) {
       const absl::Status why =
           r.ok() ? absl::InternalError("redis: malformed reply") : r.status();
+      // Each limit's fail mode, in process: kLocal limits as an in-process
+      // chain of their shares (all or nothing among them, given back if a
+      // closed one refuses), the others answered as their mode says.
+      const Nanos now = test_now.value_or(std::chrono::duration_cast<Nanos>(
+          std::chrono::steady_clock::now().time_since_epoch()));
       out.allowed = true;
+      absl::InlinedVector<ChainItem, 4> local;
+      absl::InlinedVector<std::size_t, 4> local_at;
       for (std::size_t i = 0; i < items.size(); ++i) {
         LimitResult& res = out.results[i];
-        res.decision = limits[i]->fail(why);
+        if (limits[i]->local_limit() != nullptr) {
+          local.push_back(
+              {limits[i]->local_limit(), items[i].key, items[i].cost});
+          local_at.push_back(i);
+          limits[i]->note_fallback(why);
+          continue;
+        }
+        res.decision =
+            limits[i]->fail(why, op, items[i].key, items[i].cost, now, now);
         if (!res.decision.allowed && !limits[i]->shadow()) out.allowed = false;
+      }
+      if (!local.empty()) {
+        Chain<ManualClock> c{ManualClock(now)};
+        if (op == "refund") {
+          c.refund(std::span<const ChainItem>(local), charged_at);
+        } else {
+          const ChainDecision d =
+              op == "peek" || !out.allowed
+                  ? c.peek(std::span<const ChainItem>(local))
+                  : c.acquire_at(std::span<const ChainItem>(local), now);
+          for (std::size_t k = 0; k < local.size(); ++k) {
+            out.results[local_at[k]].decision = d.results[k].decision;
+          }
+          if (!d.allowed) out.allowed = false;
+        }
       }
     } else {
       out.allowed = (*r)[0] == 1;
