@@ -252,6 +252,29 @@ end
 local makers = {tb = token_bucket, fw = fixed_window, sw = sliding_window}
 local op = ARGV[2]
 local n = #KEYS
+
+-- One item, acquire or peek (most calls): the same steps as below, without
+-- the chain's bookkeeping.
+if n == 1 and op ~= 'refund' then
+  local m = makers[ARGV[3]](KEYS[1], tonumber(ARGV[4]), tonumber(ARGV[5]),
+                            tonumber(ARGV[6]))
+  local cost, flags = tonumber(ARGV[7]), tonumber(ARGV[8])
+  local s = m.load()
+  local d, nxt = m.decide(s, cost)
+  if op == 'acquire' then
+    if d[1] == 1 then
+      if cost > 0 then m.save(nxt) end
+    elseif math.floor(flags / 2) % 2 == 1 then
+      nxt = m.charge(s, cost)
+      m.save(nxt)
+      d = m.decide(nxt, cost)
+      d[1] = 0
+    end
+  end
+  local all = d[1]
+  if d[1] ~= 1 and flags % 2 == 1 then all = 1 end
+  return {all, now, d[1], d[2], d[3], d[4], d[5]}
+end
 -- Items on one key share one state (a limit twice in one chain sees its
 -- own first take, as in process).
 local mods, states, touched, order = {}, {}, {}, {}
