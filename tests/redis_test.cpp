@@ -621,3 +621,205 @@ TEST_CASE("fail mode local: each instance decides at its share of the limit",
   CHECK(chains == 4);
   CHECK(tpm->fallbacks() == 5);
 }
+
+TEST_CASE("T4b: 4 processes with clocks skewed by -5..+5 s share one bound",
+          "[redis][T4b]") {
+  RedisServer server;
+  auto client = client_for(server);
+  const auto redis_time_us = [&] {
+    const std::string t = client->command({"TIME"}).value();
+    const auto nl = t.find('\n');
+    return std::stoll(t.substr(0, nl)) * 1'000'000 +
+           std::stoll(t.substr(nl + 1));
+  };
+  const std::uint64_t burst = 10, per_s = 50;
+  const double secs = std::max(1.0, 4.0 * std::min(1.0, rk_test::scale()));
+  int fds[2];
+  REQUIRE(pipe(fds) == 0);
+  const std::int64_t t0 = redis_time_us();
+  std::vector<pid_t> kids;
+  const std::int64_t skews_s[] = {-5, -2, 2, 5};
+  for (const std::int64_t skew : skews_s) {
+    const pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      close(fds[0]);
+      auto c = RedisClient::create({.port = server.port(), .prefix = "rkt:"});
+      if (!c.ok()) _exit(3);
+      auto limit = RedisLimit<TokenBucket>::create(
+          {.name = "skew"},
+          TokenBucket::create(per_second(per_s), burst).value(), *c);
+      if (!limit.ok()) _exit(4);
+      // This process's clock, off by `skew`: Redis's TIME decides.
+      const auto deadline =
+          std::chrono::steady_clock::now() +
+          std::chrono::milliseconds(static_cast<int>(secs * 1000));
+      std::uint64_t admitted = 0;
+      while (std::chrono::steady_clock::now() < deadline) {
+        const Nanos mine = SteadyClock{}.now() + std::chrono::seconds(skew);
+        admitted += (*limit)->acquire("shared", 1, mine).allowed;
+        if ((*limit)->fallbacks() != 0) _exit(5);
+      }
+      if (write(fds[1], &admitted, sizeof(admitted)) != sizeof(admitted)) {
+        _exit(6);
+      }
+      _exit(0);
+    }
+    kids.push_back(pid);
+  }
+  close(fds[1]);
+  std::uint64_t total = 0;
+  for (const pid_t pid : kids) {
+    int status = 0;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+  }
+  std::uint64_t got = 0;
+  while (read(fds[0], &got, sizeof(got)) == sizeof(got)) total += got;
+  close(fds[0]);
+  const std::int64_t t1 = redis_time_us();
+  const auto bound = static_cast<std::uint64_t>(
+      burst + (t1 - t0) * static_cast<std::int64_t>(per_s) / 1'000'000 + 1);
+  INFO("admitted " << total << " of a bound of " << bound);
+  CHECK(total <= bound);
+  CHECK(total >= bound * 8 / 10);
+}
+
+namespace {
+
+// A TCP proxy in front of Redis that loses replies: with probability
+// `loss`, a chunk Redis sent is not forwarded and the client's connection
+// is cut (the command ran; its answer never arrives).
+class LossyProxy {
+ public:
+  LossyProxy(int redis_port, double loss)
+      : redis_port_(redis_port), loss_(loss) {
+    listener_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    const int one = 1;
+    setsockopt(listener_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(listener_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 ||
+        listen(listener_, 64) != 0 ||
+        getsockname(listener_, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+      throw std::runtime_error("proxy: cannot listen");
+    }
+    port_ = ntohs(a.sin_port);
+    accept_thread_ = std::thread([this] { accept_loop(); });
+  }
+  ~LossyProxy() {
+    stop_ = true;
+    shutdown(listener_, SHUT_RDWR);
+    close(listener_);
+    accept_thread_.join();
+    for (auto& t : pumps_) t.join();
+  }
+  int port() const { return port_; }
+  std::uint64_t cut() const { return cut_.load(); }
+
+ private:
+  void accept_loop() {
+    std::mt19937_64 rng(7);
+    while (!stop_) {
+      const int client = accept(listener_, nullptr, nullptr);
+      if (client < 0) return;
+      const int server = socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      a.sin_port = htons(static_cast<std::uint16_t>(redis_port_));
+      if (connect(server, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+        close(client);
+        close(server);
+        continue;
+      }
+      const std::uint64_t seed = rng();
+      pumps_.emplace_back(
+          [this, client, server, seed] { pump(client, server, seed); });
+    }
+  }
+  void pump(int client, int server, std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<double> u(0, 1);
+    char buf[16384];
+    pollfd p[2] = {{client, POLLIN, 0}, {server, POLLIN, 0}};
+    while (!stop_) {
+      if (poll(p, 2, 100) <= 0) continue;
+      if (p[0].revents != 0) {
+        const ssize_t n = read(client, buf, sizeof(buf));
+        if (n <= 0 || write(server, buf, static_cast<size_t>(n)) != n) break;
+      }
+      if (p[1].revents != 0) {
+        const ssize_t n = read(server, buf, sizeof(buf));
+        if (n <= 0) break;
+        if (u(rng) < loss_) {
+          cut_.fetch_add(1);
+          break;  // the reply is lost with the connection
+        }
+        if (write(client, buf, static_cast<size_t>(n)) != n) break;
+      }
+    }
+    close(client);
+    close(server);
+  }
+
+  int redis_port_;
+  double loss_;
+  int listener_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<std::uint64_t> cut_{0};
+  std::thread accept_thread_;
+  std::vector<std::thread> pumps_;
+};
+
+}  // namespace
+
+TEST_CASE("T5d: a lost reply is never replayed; what Redis ran is exact",
+          "[redis][T5d]") {
+  RedisServer server;
+  LossyProxy proxy(server.port(), 0.01);
+  auto client = RedisClient::create({.port = proxy.port(),
+                                     .prefix = "rkt:",
+                                     .breaker_failures = 1'000'000})
+                    .value();
+  auto direct = client_for(server);
+  auto limit =
+      RedisLimit<FixedWindow>::create(
+          {.name = "lossy"}, FixedWindow::create(per_minute(1'000'000)).value(),
+          client, {.fail = FailMode::kClosed, .test_time = true})
+          .value();
+  const Nanos frozen{1'796'083'200'000'000'000};
+  REQUIRE(limit->acquire("warm", 1, frozen).allowed);  // script loaded
+  REQUIRE(direct->command({"CONFIG", "RESETSTAT"}).ok());
+  const int calls = 3'000;
+  int answered = 0;
+  for (int i = 0; i < calls; ++i) {
+    answered += limit->acquire("k", 1, frozen).allowed;
+  }
+  // Every call Redis ran counted once; no call ran twice: Redis ran at most
+  // one script per call, and counted exactly what it ran.
+  const std::string stats = direct->command({"INFO", "commandstats"}).value();
+  const auto at = stats.find("cmdstat_evalsha:calls=");
+  REQUIRE(at != std::string::npos);
+  const int ran = std::stoi(stats.substr(at + 22));
+  auto peek =
+      RedisLimit<FixedWindow>::create(
+          {.name = "lossy"}, FixedWindow::create(per_minute(1'000'000)).value(),
+          direct, {.test_time = true})
+          .value();
+  const std::uint64_t counted =
+      1'000'000 - peek->peek("k", 0, frozen).remaining;
+  INFO("answered " << answered << ", ran " << ran << ", counted " << counted
+                   << ", replies lost " << proxy.cut() << ", fallbacks "
+                   << limit->fallbacks());
+  CHECK(proxy.cut() > 0);
+  CHECK(ran <= calls);                                // nothing replayed
+  CHECK(counted == static_cast<std::uint64_t>(ran));  // each run counted once
+  CHECK(static_cast<int>(counted) >= answered);
+  CHECK(answered + static_cast<int>(limit->fallbacks()) == calls);
+  CHECK(limit->fallbacks() >= proxy.cut());
+}
