@@ -10,11 +10,15 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
+#include <memory>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -27,7 +31,7 @@ class RedisServer {
   // Starts redis-server on a free port; throws std::runtime_error (with
   // what to install) when it cannot.
   explicit RedisServer(std::vector<std::string> extra = {})
-      : extra_(std::move(extra)), port_(free_port()) {
+      : extra_(std::move(extra)), port_(pick_port(extra_)) {
     start();
   }
   ~RedisServer() { stop(SIGTERM); }
@@ -95,16 +99,35 @@ class RedisServer {
   bool running() const { return pid_ > 0; }
 
  private:
-  static int free_port() {
+  // A free port; for a cluster node one whose bus port (+10000) is free
+  // and below 65536 too.
+  static int pick_port(const std::vector<std::string>& extra) {
+    bool cluster = false;
+    for (const auto& a : extra) cluster = cluster || a == "--cluster-enabled";
+    if (!cluster) return free_port();
+    std::mt19937 rng(
+        static_cast<unsigned>(getpid()) ^
+        static_cast<unsigned>(
+            std::chrono::steady_clock::now().time_since_epoch().count()));
+    for (int attempt = 0; attempt < 1000; ++attempt) {
+      const int p = 20000 + static_cast<int>(rng() % 30000);
+      if (free_port(p) == p && free_port(p + 10000) == p + 10000) return p;
+    }
+    throw std::runtime_error("no free loopback port pair for a cluster node");
+  }
+
+  // `want` if it is free (0: any free port); -1 if not.
+  static int free_port(int want = 0) {
     const int fd = socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = 0;
+    a.sin_port = htons(static_cast<std::uint16_t>(want));
     socklen_t len = sizeof(a);
     if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 ||
         getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
       if (fd >= 0) close(fd);
+      if (want != 0) return -1;
       throw std::runtime_error("no free loopback port");
     }
     close(fd);
@@ -127,6 +150,79 @@ class RedisServer {
   std::vector<std::string> extra_;
   int port_;
   pid_t pid_ = -1;
+};
+
+// A Redis Cluster of three masters on loopback, each in a directory of its
+// own, slots split in three; ready (cluster_state:ok on every node) when
+// the constructor returns.
+class RedisCluster {
+ public:
+  RedisCluster() {
+    char tmpl[] = "/tmp/rk_cluster_XXXXXX";
+    if (mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
+    dir_ = tmpl;
+    for (int i = 0; i < 3; ++i) {
+      const std::string d = dir_ + "/" + std::to_string(i);
+      mkdir(d.c_str(), 0755);
+      nodes_.push_back(std::make_unique<RedisServer>(std::vector<std::string>{
+          "--cluster-enabled", "yes", "--dir", d, "--cluster-config-file",
+          "nodes.conf", "--cluster-node-timeout", "3000"}));
+    }
+    const int ranges[3][2] = {{0, 5460}, {5461, 10922}, {10923, 16383}};
+    for (int i = 0; i < 3; ++i) {
+      command(i, "CLUSTER ADDSLOTSRANGE " + std::to_string(ranges[i][0]) + " " +
+                     std::to_string(ranges[i][1]));
+    }
+    for (int i = 1; i < 3; ++i) {
+      command(0, "CLUSTER MEET 127.0.0.1 " + std::to_string(port(i)));
+    }
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (std::chrono::steady_clock::now() < deadline) {
+      bool ok = true;
+      for (int i = 0; i < 3 && ok; ++i) {
+        ok = command(i, "CLUSTER INFO").find("cluster_state:ok") !=
+             std::string::npos;
+      }
+      if (ok) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    throw std::runtime_error("the test cluster did not become ready");
+  }
+  ~RedisCluster() {
+    nodes_.clear();
+    const std::string rm = "rm -rf " + dir_;
+    if (std::system(rm.c_str()) != 0) {
+      // a leftover temporary directory; nothing to do
+    }
+  }
+
+  int port(int i) const { return nodes_[static_cast<std::size_t>(i)]->port(); }
+
+  // One command to node `i` (space-separated words), its reply as text.
+  std::string command(int i, const std::string& line) const {
+    redisContext* c =
+        redisConnectWithTimeout("127.0.0.1", port(i), timeval{1, 0});
+    std::string out;
+    if (c != nullptr && c->err == 0) {
+      auto* r = static_cast<redisReply*>(redisCommand(c, line.c_str()));
+      if (r != nullptr) {
+        if (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS ||
+            r->type == REDIS_REPLY_ERROR) {
+          out.assign(r->str, r->len);
+        } else if (r->type == REDIS_REPLY_INTEGER) {
+          out = std::to_string(r->integer);
+        }
+        freeReplyObject(r);
+      }
+    }
+    if (c != nullptr) redisFree(c);
+    return out;
+  }
+
+ private:
+  std::string dir_;
+  std::vector<std::unique_ptr<RedisServer>> nodes_;
 };
 
 }  // namespace rk_test

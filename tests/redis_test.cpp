@@ -823,3 +823,70 @@ TEST_CASE("T5d: a lost reply is never replayed; what Redis ran is exact",
   CHECK(answered + static_cast<int>(limit->fallbacks()) == calls);
   CHECK(limit->fallbacks() >= proxy.cut());
 }
+
+TEST_CASE(
+    "T4d: a 3-master Redis Cluster: slots, MOVED, chains in one slot, "
+    "CROSSSLOT answered by the fail mode",
+    "[redis][T4d]") {
+  rk_test::RedisCluster cluster;
+  auto client =
+      RedisClient::create(
+          {.port = cluster.port(0), .prefix = "rkt:", .cluster = true})
+          .value();
+  // Our slot of a key is Redis's, hash tags included.
+  std::mt19937_64 rng(rk_test::seed_or(0x4D));
+  for (int i = 0; i < 200; ++i) {
+    std::string key;
+    for (std::size_t n = rng() % 12; n-- > 0;) {
+      key.push_back("ab{}:xyz019"[rng() % 11]);
+    }
+    if (key.empty() || key.find(' ') != std::string::npos) continue;
+    CAPTURE(key);
+    CHECK(std::to_string(detail::key_slot(key)) ==
+          cluster.command(0, "CLUSTER KEYSLOT " + key));
+  }
+  CHECK(detail::key_slot("123456789") == 0x31C3 % 16384);
+  const auto policy = TokenBucket::create(per_second(1'000), 1'000).value();
+  auto rpm = RedisLimit<TokenBucket>::create({.name = "rpm"}, policy, client,
+                                             {.fail = FailMode::kClosed})
+                 .value();
+  auto tpd =
+      RedisLimit<FixedWindow>::create(
+          {.name = "tpd"}, FixedWindow::create(per_day(1'000'000)).value(),
+          client, {.fail = FailMode::kClosed})
+          .value();
+  RedisChain chain(client);
+  std::set<std::string> nodes;
+  for (int t = 0; t < 60; ++t) {
+    const std::string tenant = "team:" + std::to_string(t);
+    const ChainItem items[] = {{rpm.get(), "user:1", 1},
+                               {rpm.get(), "user:2", 1},
+                               {tpd.get(), "", 100}};
+    const ChainDecision d = chain.acquire(tenant, items);
+    REQUIRE(d.allowed);
+    nodes.insert(client->node_of(redis_key("rkt:", "rpm", tenant, "user:1")));
+  }
+  CHECK(nodes.size() == 3);  // the tenants' chains ran on every master
+  CHECK(rpm->fallbacks() + tpd->fallbacks() == 0);  // zero CROSSSLOT
+  // A client that knows only one node follows MOVED to the others.
+  auto naive =
+      RedisClient::create({.port = cluster.port(0), .prefix = "rkt:"}).value();
+  auto naive_rpm =
+      RedisLimit<TokenBucket>::create({.name = "rpm2"}, policy, naive).value();
+  for (int k = 0; k < 60; ++k) {
+    REQUIRE(
+        naive_rpm->acquire("k" + std::to_string(k), 1, Nanos{0}).remaining ==
+        999);
+  }
+  CHECK(naive_rpm->fallbacks() == 0);
+  // Keys of no common tag in one script: Redis refuses (CROSSSLOT), and the
+  // limits' fail mode answers, counted: never a silent allow.
+  const ChainItem spread[] = {{rpm.get(), "a", 1},
+                              {rpm.get(), "b", 1},
+                              {rpm.get(), "c", 1},
+                              {rpm.get(), "d", 1}};
+  const ChainDecision bad = chain.acquire("", spread);
+  CHECK_FALSE(bad.allowed);
+  CHECK(rpm->fallbacks() == 4);
+  CHECK(rpm->last_error().find("CROSSSLOT") != std::string::npos);
+}

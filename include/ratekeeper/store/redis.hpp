@@ -52,6 +52,7 @@
 #include "absl/container/inlined_vector.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/decision.hpp"
@@ -89,6 +90,10 @@ struct RedisOptions {
   int breaker_failures = 3;
   Nanos breaker_open = std::chrono::milliseconds(250);
   Nanos breaker_max_open = std::chrono::seconds(10);
+  // A Redis Cluster: host:port is one node to learn the others from
+  // (CLUSTER SLOTS); each call goes to the node owning its keys' slot, and
+  // follows MOVED (the map is updated) and ASK (once) redirections.
+  bool cluster = false;
 };
 
 // A script: its source, and the SHA1 Redis gave it once loaded.
@@ -105,6 +110,32 @@ class RedisScript {
 };
 
 namespace detail {
+
+// The Redis Cluster slot of `key`: CRC16 (XMODEM) of the key, or of its
+// hash tag (the bytes between the first '{' and the next '}', if any), mod
+// 16384.
+inline std::uint16_t crc16(std::string_view s) noexcept {
+  std::uint16_t crc = 0;
+  for (const char ch : s) {
+    crc =
+        static_cast<std::uint16_t>(crc ^ (static_cast<unsigned char>(ch) << 8));
+    for (int i = 0; i < 8; ++i) {
+      crc = static_cast<std::uint16_t>((crc & 0x8000) != 0 ? (crc << 1) ^ 0x1021
+                                                           : crc << 1);
+    }
+  }
+  return crc;
+}
+inline std::uint16_t key_slot(std::string_view key) noexcept {
+  const std::size_t open = key.find('{');
+  if (open != std::string_view::npos) {
+    const std::size_t close = key.find('}', open + 1);
+    if (close != std::string_view::npos && close != open + 1) {
+      key = key.substr(open + 1, close - open - 1);
+    }
+  }
+  return static_cast<std::uint16_t>(crc16(key) % 16384);
+}
 
 // Breaker: a circuit breaker over the calls to one Redis. Closed: calls go
 // through, failures are counted. Open: calls fail at once until the open
@@ -233,13 +264,24 @@ class RedisClient {
           "RedisOptions: timeouts must be positive");
     }
     std::shared_ptr<RedisClient> c(new RedisClient(std::move(options)));
-    absl::StatusOr<detail::ContextPtr> conn = c->open();
+    Node* first = c->first_node();
+    absl::StatusOr<detail::ContextPtr> conn = c->open(*first);
     if (!conn.ok()) return conn.status();
     const std::string_view ping[] = {"PING"};
     absl::StatusOr<detail::ReplyPtr> pong = c->roundtrip(**conn, ping);
     if (!pong.ok()) return pong.status();
-    c->put_back(*std::move(conn));
+    if (c->options_.cluster) {
+      if (absl::Status st = c->learn_slots(**conn); !st.ok()) return st;
+    }
+    c->put_back(first, *std::move(conn));
     return c;
+  }
+
+  // The node a key's slot belongs to, as "host:port" (cluster; else the
+  // one server).
+  std::string node_of(std::string_view key) {
+    const Node* n = node_for(key);
+    return absl::StrCat(n->host, ":", n->port);
   }
 
   const RedisOptions& options() const noexcept { return options_; }
@@ -275,10 +317,21 @@ class RedisClient {
   std::uint64_t breaker_trips() const { return breaker_.trips(); }
 
  private:
+  // One server of a deployment, and its idle connections.
+  struct Node {
+    std::string host;
+    int port = 0;
+    std::vector<detail::ContextPtr> idle;
+  };
+
   explicit RedisClient(RedisOptions o)
       : options_(std::move(o)),
         breaker_(options_.breaker_failures, options_.breaker_open,
-                 options_.breaker_max_open) {}
+                 options_.breaker_max_open) {
+    detail::MutexLock lock(&mu_);
+    nodes_.push_back(
+        std::make_unique<Node>(Node{options_.host, options_.port, {}}));
+  }
 
   // Runs `call` unless the breaker is open; a call Redis did not answer
   // (kUnavailable) counts against it, any answer (errors included) for it.
@@ -304,17 +357,68 @@ class RedisClient {
     return r;
   }
 
+  // The node for `keys` (all of one slot by construction), following up
+  // to five MOVED or ASK redirections.
   absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> eval_once(
       const RedisScript& script, std::span<const std::string_view> keys,
       std::span<const std::string_view> args) {
-    absl::StatusOr<detail::ContextPtr> conn = take();
+    Node* node = keys.empty() ? first_node() : node_for(keys[0]);
+    bool asking = false;
+    for (int hop = 0; hop < 6; ++hop) {
+      absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
+          eval_on(*node, asking, script, keys, args);
+      if (r.ok() || !absl::IsInternal(r.status())) return r;
+      const absl::string_view am = r.status().message();
+      const std::string_view msg(am.data(), am.size());
+      const bool moved = msg.substr(0, 13) == "redis: MOVED ";
+      const bool ask = msg.substr(0, 11) == "redis: ASK ";
+      if (!moved && !ask) return r;
+      // "MOVED <slot> <host>:<port>" / "ASK <slot> <host>:<port>"
+      const std::string_view rest = msg.substr(moved ? 13 : 11);
+      const std::size_t sp = rest.find(' ');
+      const std::size_t colon = rest.rfind(':');
+      if (sp == std::string_view::npos || colon == std::string_view::npos ||
+          colon < sp) {
+        return r;
+      }
+      int slot = 0, port = 0;
+      if (!absl::SimpleAtoi(detail::av(rest.substr(0, sp)), &slot) ||
+          !absl::SimpleAtoi(detail::av(rest.substr(colon + 1)), &port) ||
+          slot < 0 || slot >= 16384) {
+        return r;
+      }
+      node = node_at(std::string(rest.substr(sp + 1, colon - sp - 1)), port);
+      if (moved) {
+        detail::MutexLock lock(&mu_);
+        slots_[static_cast<std::size_t>(slot)] = node;
+      }
+      asking = ask;
+    }
+    return absl::InternalError("redis: too many cluster redirections");
+  }
+
+  absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> eval_on(
+      Node& node, bool asking, const RedisScript& script,
+      std::span<const std::string_view> keys,
+      std::span<const std::string_view> args) {
+    absl::StatusOr<detail::ContextPtr> conn = take(node);
     if (!conn.ok()) return conn.status();
+    if (asking) {
+      const std::string_view a[] = {"ASKING"};
+      absl::StatusOr<detail::ReplyPtr> ok = roundtrip(**conn, a);
+      if (!ok.ok()) return ok.status();
+    }
     std::string sha = known_sha(script);
     for (int attempt = 0; attempt < 2; ++attempt) {
       if (sha.empty()) {
         absl::StatusOr<std::string> loaded = load(**conn, script);
         if (!loaded.ok()) return loaded.status();
         sha = *std::move(loaded);
+        if (asking) {  // ASKING holds for the next command only
+          const std::string_view a[] = {"ASKING"};
+          absl::StatusOr<detail::ReplyPtr> ok = roundtrip(**conn, a);
+          if (!ok.ok()) return ok.status();
+        }
       }
       absl::InlinedVector<std::string_view, 16> argv;
       const std::string nkeys = std::to_string(keys.size());
@@ -332,7 +436,7 @@ class RedisClient {
           sha.clear();  // Redis lost its scripts: load and run once more
           continue;
         }
-        put_back(*std::move(conn));
+        put_back(&node, *std::move(conn));
         return absl::InternalError(absl::StrCat("redis: ", detail::av(msg)));
       }
       absl::InlinedVector<std::int64_t, 8> out;
@@ -341,17 +445,17 @@ class RedisClient {
       } else if (reply.type == REDIS_REPLY_ARRAY) {
         for (std::size_t i = 0; i < reply.elements; ++i) {
           if (reply.element[i]->type != REDIS_REPLY_INTEGER) {
-            put_back(*std::move(conn));
+            put_back(&node, *std::move(conn));
             return absl::InternalError(
                 "redis: a script answered a non-integer");
           }
           out.push_back(reply.element[i]->integer);
         }
       } else {
-        put_back(*std::move(conn));
+        put_back(&node, *std::move(conn));
         return absl::InternalError("redis: unexpected reply type");
       }
-      put_back(*std::move(conn));
+      put_back(&node, *std::move(conn));
       return out;
     }
     return absl::InternalError("redis: NOSCRIPT after loading the script");
@@ -359,7 +463,8 @@ class RedisClient {
 
   absl::StatusOr<std::string> command_once(
       std::span<const std::string_view> argv) {
-    absl::StatusOr<detail::ContextPtr> conn = take();
+    Node* node = first_node();
+    absl::StatusOr<detail::ContextPtr> conn = take(*node);
     if (!conn.ok()) return conn.status();
     absl::StatusOr<detail::ReplyPtr> r = roundtrip(**conn, argv);
     if (!r.ok()) return r.status();
@@ -367,18 +472,71 @@ class RedisClient {
     std::string out;
     if (reply.type == REDIS_REPLY_ERROR) {
       out.assign(reply.str, reply.len);
-      put_back(*std::move(conn));
+      put_back(node, *std::move(conn));
       return absl::InternalError(absl::StrCat("redis: ", out));
     }
     append_text(reply, out);
-    put_back(*std::move(conn));
+    put_back(node, *std::move(conn));
     return out;
   }
 
   void drop_idle() {
     std::vector<detail::ContextPtr> dead;
     detail::MutexLock lock(&mu_);
-    dead.swap(idle_);
+    for (auto& n : nodes_) {
+      for (auto& c : n->idle) dead.push_back(std::move(c));
+      n->idle.clear();
+    }
+  }
+
+  Node* first_node() {
+    detail::MutexLock lock(&mu_);
+    return nodes_.front().get();
+  }
+  Node* node_for(std::string_view key) {
+    if (!options_.cluster) return first_node();
+    detail::MutexLock lock(&mu_);
+    Node* n = slots_[detail::key_slot(key)];
+    return n != nullptr ? n : nodes_.front().get();
+  }
+  Node* node_at(std::string host, int port) {
+    detail::MutexLock lock(&mu_);
+    for (auto& n : nodes_) {
+      if (n->port == port && n->host == host) return n.get();
+    }
+    nodes_.push_back(std::make_unique<Node>(Node{std::move(host), port, {}}));
+    return nodes_.back().get();
+  }
+
+  // The slot map, from CLUSTER SLOTS: [[start, end, [host, port, id],
+  // replicas...], ...].
+  absl::Status learn_slots(redisContext& c) {
+    const std::string_view argv[] = {"CLUSTER", "SLOTS"};
+    absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv);
+    if (!r.ok()) return r.status();
+    const redisReply& top = **r;
+    if (top.type != REDIS_REPLY_ARRAY) {
+      return absl::FailedPreconditionError(
+          "redis: CLUSTER SLOTS failed (is cluster mode enabled?)");
+    }
+    for (std::size_t i = 0; i < top.elements; ++i) {
+      const redisReply& range = *top.element[i];
+      if (range.type != REDIS_REPLY_ARRAY || range.elements < 3 ||
+          range.element[2]->type != REDIS_REPLY_ARRAY ||
+          range.element[2]->elements < 2) {
+        continue;
+      }
+      const redisReply& master = *range.element[2];
+      Node* n =
+          node_at(std::string(master.element[0]->str, master.element[0]->len),
+                  static_cast<int>(master.element[1]->integer));
+      detail::MutexLock lock(&mu_);
+      for (long long slot = range.element[0]->integer;
+           slot <= range.element[1]->integer && slot < 16384; ++slot) {
+        slots_[static_cast<std::size_t>(slot)] = n;
+      }
+    }
+    return absl::OkStatus();
   }
 
   static void append_text(const redisReply& r, std::string& out) {
@@ -402,12 +560,11 @@ class RedisClient {
   // A connection, non-blocking: every wait below is a ppoll() against a
   // deadline, exact to the microsecond (socket timeouts would round up to
   // the kernel's tick).
-  absl::StatusOr<detail::ContextPtr> open() const {
+  absl::StatusOr<detail::ContextPtr> open(const Node& node) const {
     const auto deadline = std::chrono::steady_clock::now() +
                           std::chrono::duration_cast<std::chrono::nanoseconds>(
                               options_.connect_timeout);
-    detail::ContextPtr c(
-        redisConnectNonBlock(options_.host.c_str(), options_.port));
+    detail::ContextPtr c(redisConnectNonBlock(node.host.c_str(), node.port));
     if (c == nullptr) {
       return absl::ResourceExhaustedError("redis: cannot allocate a context");
     }
@@ -428,21 +585,23 @@ class RedisClient {
         "redis ", options_.host, ":", options_.port, ": ", detail::av(why)));
   }
 
-  absl::StatusOr<detail::ContextPtr> take() {
+  absl::StatusOr<detail::ContextPtr> take(Node& node) {
     {
       detail::MutexLock lock(&mu_);
-      if (!idle_.empty()) {
-        detail::ContextPtr c = std::move(idle_.back());
-        idle_.pop_back();
+      if (!node.idle.empty()) {
+        detail::ContextPtr c = std::move(node.idle.back());
+        node.idle.pop_back();
         return c;
       }
     }
-    return open();
+    return open(node);
   }
 
-  void put_back(detail::ContextPtr c) {
+  void put_back(Node* node, detail::ContextPtr c) {
     detail::MutexLock lock(&mu_);
-    if (idle_.size() < options_.pool_size) idle_.push_back(std::move(c));
+    if (node->idle.size() < options_.pool_size) {
+      node->idle.push_back(std::move(c));
+    }
   }
 
   // One command on `c`. A null reply (I/O error, timeout) leaves `c` in an
@@ -507,7 +666,10 @@ class RedisClient {
   const RedisOptions options_;
   detail::Breaker breaker_;
   detail::Mutex mu_;
-  std::vector<detail::ContextPtr> idle_ ABSL_GUARDED_BY(mu_);
+  // nodes_[0] is the configured server; nodes are never removed, so Node
+  // pointers stay valid.
+  std::vector<std::unique_ptr<Node>> nodes_ ABSL_GUARDED_BY(mu_);
+  std::array<Node*, 16384> slots_ ABSL_GUARDED_BY(mu_){};
 };
 
 enum class FailMode : std::uint8_t {
