@@ -69,8 +69,10 @@ namespace ratekeeper {
 // RedisOptions: one Redis server.
 //   prefix           put before every key ratekeeper writes
 //   connect_timeout  per connection attempt
-//   command_timeout  per round trip; a call that times out is not retried
-//                    (Redis may have run it), its connection is dropped
+//   command_timeout  per call, all its round trips together (a script
+//                    load after NOSCRIPT included); a call that times out is
+//                    not retried (Redis may have run it), its connection is
+//                    dropped
 //   pool_size        connections kept open for reuse (more are opened while
 //                    more calls are in flight, and closed after)
 //   breaker_failures consecutive failures (no answer: refused, timed out,
@@ -403,20 +405,24 @@ class RedisClient {
       std::span<const std::string_view> args) {
     absl::StatusOr<detail::ContextPtr> conn = take(node);
     if (!conn.ok()) return conn.status();
+    // One deadline for every round trip of this call (ASKING, a script
+    // load after NOSCRIPT, the script): a decision waits at most
+    // command_timeout, plus connect_timeout when it opened a connection.
+    const Deadline deadline = command_deadline();
     if (asking) {
       const std::string_view a[] = {"ASKING"};
-      absl::StatusOr<detail::ReplyPtr> ok = roundtrip(**conn, a);
+      absl::StatusOr<detail::ReplyPtr> ok = roundtrip(**conn, a, deadline);
       if (!ok.ok()) return ok.status();
     }
     std::string sha = known_sha(script);
     for (int attempt = 0; attempt < 2; ++attempt) {
       if (sha.empty()) {
-        absl::StatusOr<std::string> loaded = load(**conn, script);
+        absl::StatusOr<std::string> loaded = load(**conn, script, deadline);
         if (!loaded.ok()) return loaded.status();
         sha = *std::move(loaded);
         if (asking) {  // ASKING holds for the next command only
           const std::string_view a[] = {"ASKING"};
-          absl::StatusOr<detail::ReplyPtr> ok = roundtrip(**conn, a);
+          absl::StatusOr<detail::ReplyPtr> ok = roundtrip(**conn, a, deadline);
           if (!ok.ok()) return ok.status();
         }
       }
@@ -427,7 +433,7 @@ class RedisClient {
       argv.push_back(nkeys);
       argv.insert(argv.end(), keys.begin(), keys.end());
       argv.insert(argv.end(), args.begin(), args.end());
-      absl::StatusOr<detail::ReplyPtr> r = roundtrip(**conn, argv);
+      absl::StatusOr<detail::ReplyPtr> r = roundtrip(**conn, argv, deadline);
       if (!r.ok()) return r.status();  // the connection is gone
       const redisReply& reply = **r;
       if (reply.type == REDIS_REPLY_ERROR) {
@@ -606,11 +612,20 @@ class RedisClient {
 
   // One command on `c`. A null reply (I/O error, timeout) leaves `c` in an
   // unknown state: the caller drops it (by not putting it back).
+  using Deadline = std::chrono::steady_clock::time_point;
+  Deadline command_deadline() const {
+    return std::chrono::steady_clock::now() +
+           std::chrono::duration_cast<std::chrono::nanoseconds>(
+               options_.command_timeout);
+  }
+
   absl::StatusOr<detail::ReplyPtr> roundtrip(
       redisContext& c, std::span<const std::string_view> argv) const {
-    const auto deadline = std::chrono::steady_clock::now() +
-                          std::chrono::duration_cast<std::chrono::nanoseconds>(
-                              options_.command_timeout);
+    return roundtrip(c, argv, command_deadline());
+  }
+  absl::StatusOr<detail::ReplyPtr> roundtrip(
+      redisContext& c, std::span<const std::string_view> argv,
+      Deadline deadline) const {
     absl::InlinedVector<const char*, 16> ptrs;
     absl::InlinedVector<std::size_t, 16> lens;
     for (const std::string_view a : argv) {
@@ -647,9 +662,10 @@ class RedisClient {
     return s.sha_;
   }
 
-  absl::StatusOr<std::string> load(redisContext& c, const RedisScript& s) {
+  absl::StatusOr<std::string> load(redisContext& c, const RedisScript& s,
+                                   Deadline deadline) {
     const std::string_view argv[] = {"SCRIPT", "LOAD", s.source()};
-    absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv);
+    absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv, deadline);
     if (!r.ok()) return r.status();
     if ((*r)->type != REDIS_REPLY_STRING) {
       return absl::InternalError(absl::StrCat(
