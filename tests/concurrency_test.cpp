@@ -34,8 +34,10 @@
 #include "ratekeeper/policy/sliding_window.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
 #include "ratekeeper/store/in_memory.hpp"
+#include "ratekeeper/store/redis.hpp"
 #include "ratekeeper/store/sharded.hpp"
 #include "ratekeeper/tiers.hpp"
+#include "redis_server.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -765,4 +767,58 @@ TEST_CASE("4 threads read one calendar period's cached bounds as it turns",
   }
   for (auto& t : threads) t.join();
   CHECK(wrong.load() == 0);
+}
+
+TEST_CASE(
+    "8 threads share one Redis client while its scripts are flushed and "
+    "Redis restarts: exact while it answers, fail mode while it does not",
+    "[redis][concurrency]") {
+  rk_test::RedisServer server;
+  auto client =
+      RedisClient::create({.port = server.port(),
+                           .prefix = "conc:",
+                           .connect_timeout = std::chrono::seconds(1),
+                           .command_timeout = std::chrono::seconds(2),
+                           .pool_size = 4,
+                           .breaker_open = std::chrono::milliseconds(50),
+                           .breaker_max_open = std::chrono::milliseconds(200)})
+          .value();
+  const std::uint64_t burst = 400;
+  auto limit =
+      RedisLimit<TokenBucket>::create(
+          {.name = "c"}, TokenBucket::create(per_hour(1), burst).value(),
+          client, {.fail = FailMode::kClosed, .test_time = true})
+          .value();
+  RedisChain chain(client);
+  const Nanos frozen{1'796'083'200'000'000'000};
+  std::atomic<std::uint64_t> admitted{0}, refused{0};
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      while (!stop.load()) {
+        const ChainItem items[] = {{limit.get(), "k", 1}};
+        const bool ok = t % 2 == 0 ? limit->acquire("k", 1, frozen).allowed
+                                   : chain.acquire("", items, frozen).allowed;
+        (ok ? admitted : refused).fetch_add(1);
+      }
+    });
+  }
+  for (int i = 0; i < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    static_cast<void>(client->command({"SCRIPT", "FLUSH"}));
+  }
+  const std::uint64_t before_restart = admitted.load();
+  server.stop(SIGKILL);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  server.start();  // empty: the bucket is full again
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  stop = true;
+  for (auto& th : threads) th.join();
+  // Before the restart, at most the burst; after it, at most one more: the
+  // new Redis starts empty. While it was away, only the fail mode answered.
+  CHECK(before_restart <= burst);
+  CHECK(admitted.load() <= 2 * burst);
+  CHECK(limit->fallbacks() > 0);
+  CHECK(refused.load() >= limit->fallbacks());
 }
