@@ -604,6 +604,34 @@ void BM_Redis_Chain_3Limits(benchmark::State& state) {
 }
 BENCHMARK(BM_Redis_Chain_3Limits)->UseRealTime();
 
+// Quota leasing: tokens taken from Redis 100 at a time and served in
+// process (against BM_Redis_TokenBucket_Sequential: the plain path).
+void BM_Redis_Lease_Batch100(benchmark::State& state) {
+  RedisRig& rig = RedisRig::get();
+  if (!rig.client) {
+    state.SkipWithError(("no redis-server: " + rig.error).c_str());
+    return;
+  }
+  auto limit =
+      rk::RedisLimit<rk::TokenBucket>::create(
+          {.name = "lease"},
+          rk::TokenBucket::create(rk::per_second(1'000'000'000), 1'000'000'000)
+              .value(),
+          rig.client)
+          .value();
+  rk::RedisLease lease(*limit, "k", 100);
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += lease.acquire(1).allowed;
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+  state.counters["calls_per_round_trip"] =
+      static_cast<double>(state.iterations()) /
+      static_cast<double>(std::max<std::uint64_t>(1, lease.round_trips()));
+  state.counters["decisions_per_s"] = benchmark::Counter(
+      static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_Redis_Lease_Batch100)->UseRealTime();
+
 // 50 decisions in flight (50 threads, a connection each, one key each):
 // throughput of all together.
 void BM_Redis_TokenBucket_50InFlight(benchmark::State& state) {

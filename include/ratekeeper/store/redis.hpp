@@ -1165,6 +1165,103 @@ class RedisChain {
   const std::shared_ptr<RedisClient> client_;
 };
 
+// RedisLease: quota leasing. Serves one key of a Redis limit in process
+// from tokens taken from Redis `batch` at a time (one round trip per batch
+// instead of per call), and gives back what it still holds when released
+// or destroyed. Tokens are taken before they are served, so the limit is
+// never exceeded across instances; the cost is fairness: tokens one
+// instance holds unused (at most `batch` per instance) are unavailable to
+// the others until it releases them. A batch Redis refuses is retried as
+// the exact cost, so a nearly spent limit still serves what fits.
+// Thread-safe.
+class RedisLease {
+ public:
+  RedisLease(RedisLimitBase& limit, std::string key, Cost batch)
+      : limit_(limit),
+        chain_(limit.client()),
+        key_(std::move(key)),
+        batch_(batch == 0 ? 1 : batch) {}
+  RedisLease(const RedisLease&) = delete;
+  RedisLease& operator=(const RedisLease&) = delete;
+  ~RedisLease() { release(); }
+
+  // acquire
+  //
+  // Served from the lease when it holds `cost`; else one round trip takes
+  // another batch (or the cost alone). A refusal is Redis's decision.
+  Decision acquire(Cost cost) {
+    detail::MutexLock lock(&mu_);
+    if (cost <= held_) {
+      held_ -= cost;
+      return Decision{true, limit_.limit(), held_, Nanos{0}, Nanos{0}};
+    }
+    // Refused a moment ago: the same answer, without asking Redis again
+    // before the wait it stated is over.
+    const auto steady_now = std::chrono::steady_clock::now();
+    if (steady_now < blocked_until_) {
+      return Decision{
+          false, limit_.limit(), held_,
+          std::chrono::duration_cast<Nanos>(blocked_until_ - steady_now),
+          Nanos{0}};
+    }
+    // Take what is missing, rounded up to a batch; or just that.
+    const Cost need = cost - held_;
+    const Cost want = std::max(batch_, need);
+    const Cost takes[2] = {want, need};
+    const int tries = want == need ? 1 : 2;
+    for (int i = 0; i < tries; ++i) {
+      const Cost take = takes[i];
+      const ChainItem items[] = {{&limit_, key_, take}};
+      const ChainDecision d = chain_.acquire("", items);
+      ++round_trips_;
+      if (d.allowed) {
+        at_ = d.at;
+        held_ += take - cost;
+        return Decision{true, limit_.limit(), held_, Nanos{0}, Nanos{0}};
+      }
+      if (i == tries - 1) {
+        const Decision refused = d.results[0].decision;
+        if (refused.retry_after != kNever) {
+          blocked_until_ =
+              steady_now +
+              std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                  refused.retry_after);
+        }
+        return refused;
+      }
+    }
+    return Decision{false, limit_.limit(), 0, kNever, Nanos{0}};
+  }
+
+  // Gives back what the lease holds (to the window it was taken in).
+  void release() {
+    detail::MutexLock lock(&mu_);
+    if (held_ == 0) return;
+    const ChainItem items[] = {{&limit_, key_, held_}};
+    if (chain_.refund("", items, at_)) held_ = 0;
+  }
+
+  Cost held() const {
+    detail::MutexLock lock(&mu_);
+    return held_;
+  }
+  std::uint64_t round_trips() const {
+    detail::MutexLock lock(&mu_);
+    return round_trips_;
+  }
+
+ private:
+  RedisLimitBase& limit_;
+  RedisChain chain_;
+  const std::string key_;
+  const Cost batch_;
+  mutable detail::Mutex mu_;
+  Cost held_ ABSL_GUARDED_BY(mu_) = 0;
+  Nanos at_ ABSL_GUARDED_BY(mu_){0};
+  std::uint64_t round_trips_ ABSL_GUARDED_BY(mu_) = 0;
+  std::chrono::steady_clock::time_point blocked_until_ ABSL_GUARDED_BY(mu_){};
+};
+
 }  // namespace ratekeeper
 
 #endif  // RATEKEEPER_STORE_REDIS_HPP_
