@@ -9,10 +9,18 @@
 //                  acquire, peek, refund or charge is one script, one round
 //                  trip, atomic on the server, timed by Redis's TIME so that
 //                  instances with skewed clocks share one clock
+//   RedisChain     several Redis limits for one call in one script, all or
+//                  nothing on the server
+//   RedisLease     quota leasing: a key's tokens taken a batch at a time,
+//                  served in process
 //   FailMode       what a RedisLimit answers when Redis cannot: kOpen
-//                  (admit) or kClosed (refuse); every such answer counted
+//                  (admit), kClosed (refuse) or kLocal (an in-process limit
+//                  at this instance's share); every such answer counted
 //
-// Needs hiredis (libhiredis-dev); CMake target ratekeeper::redis.
+// The client keeps a circuit breaker, waits on every socket against a
+// deadline, and speaks to a Redis Cluster (slot map, MOVED, ASK) when told
+// to. Needs hiredis (libhiredis-dev); CMake target ratekeeper::redis.
+// docs/redis.md has the design and the figures.
 //
 //   auto redis = RedisClient::create({.host = "10.0.0.7", .port = 6379});
 //   auto rpm = RedisLimit<SlidingWindow>::create(
@@ -426,10 +434,19 @@ class RedisClient {
           if (!ok.ok()) return ok.status();
         }
       }
+      if (attempt == 1 && asking) {  // spent on the EVALSHA
+        const std::string_view a[] = {"ASKING"};
+        absl::StatusOr<detail::ReplyPtr> ok = roundtrip(**conn, a, deadline);
+        if (!ok.ok()) return ok.status();
+      }
+      // After NOSCRIPT, EVAL with the source: it cannot answer NOSCRIPT
+      // (a flush between a SCRIPT LOAD and an EVALSHA could), and it caches
+      // the script again for the next EVALSHA.
       absl::InlinedVector<std::string_view, 16> argv;
       const std::string nkeys = std::to_string(keys.size());
-      argv.push_back("EVALSHA");
-      argv.push_back(sha);
+      argv.push_back(attempt == 0 ? "EVALSHA" : "EVAL");
+      argv.push_back(attempt == 0 ? std::string_view(sha)
+                                  : std::string_view(script.source()));
       argv.push_back(nkeys);
       argv.insert(argv.end(), keys.begin(), keys.end());
       argv.insert(argv.end(), args.begin(), args.end());
@@ -439,8 +456,7 @@ class RedisClient {
       if (reply.type == REDIS_REPLY_ERROR) {
         const std::string_view msg(reply.str, reply.len);
         if (msg.substr(0, 8) == "NOSCRIPT" && attempt == 0) {
-          sha.clear();  // Redis lost its scripts: load and run once more
-          continue;
+          continue;  // Redis lost its scripts: run the source once
         }
         put_back(&node, *std::move(conn));
         return absl::InternalError(absl::StrCat("redis: ", detail::av(msg)));
@@ -464,7 +480,7 @@ class RedisClient {
       put_back(&node, *std::move(conn));
       return out;
     }
-    return absl::InternalError("redis: NOSCRIPT after loading the script");
+    return absl::InternalError("redis: no answer to the script");
   }
 
   absl::StatusOr<std::string> command_once(
