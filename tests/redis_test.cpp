@@ -983,3 +983,25 @@ TEST_CASE(
   for (auto& l : leases) l->release();
   CHECK(limit->peek("tenant", 0, Nanos{0}).remaining == left_before + held);
 }
+
+TEST_CASE("a single acquire's Redis time takes its refund to the right window",
+          "[redis]") {
+  RedisServer server;
+  auto client = client_for(server);
+  auto limit =
+      RedisLimit<SlidingWindow>::create(
+          {.name = "sw"}, SlidingWindow::create(per_hour(10)).value(), client)
+          .value();
+  // The caller's clock is a day off: Redis's time is what the refund needs.
+  const Nanos skewed = SteadyClock{}.now() + std::chrono::hours(24);
+  const auto [d, at] = limit->acquire_timed("k", 4, skewed);
+  REQUIRE(d.allowed);
+  CHECK(d.remaining == 6);
+  CHECK(at != skewed);
+  const Decision back = limit->refund("k", 3, at, skewed);
+  CHECK(back.remaining == 9);
+  // With the caller's (wrong) time, the refund finds no charge in that
+  // window and gives nothing back: the conservative side.
+  const Decision wrong = limit->refund("k", 1, skewed, skewed);
+  CHECK(wrong.remaining == 9);
+}

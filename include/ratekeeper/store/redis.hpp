@@ -1008,6 +1008,20 @@ class RedisLimit final : public RedisLimitBase {
     return run("acquire", key, cost, true, now, Nanos{0});
   }
 
+  // acquire_timed
+  //
+  // acquire, and the time Redis decided it (Unix time; `now` when Redis
+  // could not answer): what refund() needs as `charged_at` for a window
+  // policy, whose refund goes to the window that was charged, by Redis's
+  // clock. (Limit::acquire has no room for it; a RedisChain's decision
+  // carries it as `at`.)
+  std::pair<Decision, Nanos> acquire_timed(std::string_view key, Cost cost,
+                                           Nanos now) {
+    Nanos at = now;
+    const Decision d = run("acquire", key, cost, false, now, Nanos{0}, &at);
+    return {d, at};
+  }
+
   std::uint64_t limit() const noexcept override { return policy_.limit(); }
   Nanos window() const noexcept override {
     return detail::quota_window(policy_);
@@ -1025,7 +1039,8 @@ class RedisLimit final : public RedisLimitBase {
         policy_(std::move(policy)) {}
 
   Decision run(std::string_view op, std::string_view key, Cost cost,
-               bool charge, Nanos now, Nanos charged_at) {
+               bool charge, Nanos now, Nanos charged_at,
+               Nanos* redis_now = nullptr) {
     const std::string k =
         redis_key(client()->options().prefix, name(), {}, key);
     absl::InlinedVector<std::string, 24> args;
@@ -1043,6 +1058,7 @@ class RedisLimit final : public RedisLimitBase {
           r.ok() ? absl::InternalError("redis: malformed reply") : r.status(),
           charge ? "charge" : op, key, cost, now, charged_at);
     }
+    if (redis_now != nullptr) *redis_now = detail::from_us((*r)[1]);
     return detail::decision_at(*r, 0);
   }
 
