@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "ratekeeper/budget/period.hpp"
 #include "ratekeeper/store/in_memory.hpp"
 #include "redis_server.hpp"
 #include "test_util.hpp"
@@ -128,6 +129,29 @@ TEST_CASE("the Lua twins decide as the C++ policies, to the microsecond",
         server,
         SlidingWindow::create(per(3'000, std::chrono::seconds(7))).value(),
         seed + 5, 900, 900'000);
+  }
+}
+
+TEST_CASE("a budget's Lua twin decides as PeriodBudget, across periods",
+          "[redis][budget]") {
+  RedisServer server;
+  const std::uint64_t seed = rk_test::seed_or(0xB06E7);
+  CAPTURE(seed);
+  SECTION("calendar days in New York (a DST day included)") {
+    differential(
+        server,
+        PeriodBudget::create(
+            5'000,
+            Period::calendar(PeriodKind::kDay, "America/New_York").value())
+            .value(),
+        seed, 900, 3LL * 3'600'000'000);
+  }
+  SECTION("rolling 90-minute windows") {
+    differential(server,
+                 PeriodBudget::create(
+                     700, Period::rolling(std::chrono::minutes(90)).value())
+                     .value(),
+                 seed + 1, 200, 20LL * 60'000'000);
   }
 }
 

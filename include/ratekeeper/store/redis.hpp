@@ -62,6 +62,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "ratekeeper/budget/period.hpp"
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/math.hpp"
@@ -751,8 +752,8 @@ inline const RedisScript& redis_script() {
   return s;
 }
 
-// A twin's arguments: its kind and three parameters.
-using TwinParams = std::array<std::string, 4>;
+// A twin's arguments: its kind and four parameters.
+using TwinParams = std::array<std::string, 5>;
 
 template <>
 struct RedisTwin<TokenBucket> {
@@ -768,7 +769,7 @@ struct RedisTwin<TokenBucket> {
           " per ", *period, " us needs more than 2^53 (Lua's exact integers)"));
     }
     return TwinParams{"tb", std::to_string(num), std::to_string(den),
-                      std::to_string(p.burst())};
+                      std::to_string(p.burst()), "0"};
   }
 };
 
@@ -783,7 +784,7 @@ struct RedisTwin<FixedWindow> {
           "FixedWindow in Redis: the limit must be below 2^52");
     }
     return TwinParams{"fw", std::to_string(*period), std::to_string(p.limit()),
-                      "0"};
+                      "0", "0"};
   }
 };
 
@@ -799,7 +800,28 @@ struct RedisTwin<SlidingWindow> {
                        " us needs more than 2^53 (Lua's exact integers)"));
     }
     return TwinParams{"sw", std::to_string(*period), std::to_string(p.limit()),
-                      "0"};
+                      "0", "0"};
+  }
+};
+
+// PeriodBudget: the limit here; the period's index and bounds per call
+// (RedisLimit asks the policy's calendar for the period of its time).
+template <>
+struct RedisTwin<PeriodBudget> {
+  static absl::StatusOr<TwinParams> params(const PeriodBudget& p) {
+    if (p.limit() >= kExact / 2) {
+      return absl::InvalidArgumentError(
+          "PeriodBudget in Redis: the limit must be below 2^52");
+    }
+    return TwinParams{"pb", std::to_string(p.limit()), "0", "0", "0"};
+  }
+  // The arguments for the period holding `t` (Unix time).
+  static TwinParams at(const PeriodBudget& p, Nanos t) {
+    const Period::Span span = p.period().span_of(t);
+    return TwinParams{"pb", std::to_string(p.limit()),
+                      std::to_string(span.index),
+                      std::to_string(span.start.count() / 1000),
+                      std::to_string((span.end.count() + 999) / 1000)};
   }
 };
 
@@ -819,6 +841,12 @@ inline absl::StatusOr<SlidingWindow> share_of(const SlidingWindow& p,
                                               std::uint64_t n) {
   return SlidingWindow::create(
       Rate{std::max<std::uint64_t>(1, p.rate().count / n), p.rate().period});
+}
+
+inline absl::StatusOr<PeriodBudget> share_of(const PeriodBudget& p,
+                                             std::uint64_t n) {
+  return PeriodBudget::create(std::max<std::uint64_t>(1, p.limit() / n),
+                              p.period());
 }
 
 inline void append_hex(std::string& out, std::string_view bytes) {
@@ -866,8 +894,14 @@ class RedisLimitBase : public Limit {
     return client_;
   }
   const RedisLimitOptions& redis_options() const noexcept { return redis_; }
-  // Its kind and parameters, as the script reads them.
-  const detail::TwinParams& twin() const noexcept { return params_; }
+  // Its kind and parameters, as the script reads them, for a call at `t`
+  // (a budget's period depends on it).
+  virtual detail::TwinParams twin_at(Nanos /*t*/) const { return params_; }
+  // A refund's `charged_at` as the script reads it: microseconds, or a
+  // budget's period index.
+  virtual std::string at_arg(Nanos at) const {
+    return std::to_string(at.count() / 1000);
+  }
 
   // A decision of the fail mode, counted, for a call Redis did not answer.
   // A decision of the fail mode, counted, for a call Redis did not answer:
@@ -925,14 +959,14 @@ namespace detail {
 // The script's arguments for one item (see redis_lua.hpp).
 inline void append_item(absl::InlinedVector<std::string, 24>& args,
                         const RedisLimitBase& l, Cost cost, bool charge,
-                        Nanos at) {
-  for (const std::string& p : l.twin()) args.push_back(p);
+                        Nanos at, Nanos t) {
+  for (std::string& p : l.twin_at(t)) args.push_back(std::move(p));
   // Costs at or above 2^53 exceed every limit a twin accepts: the same
   // decisions as the exact cost, in Lua's exact range.
   args.push_back(std::to_string(std::min<Cost>(cost, kExact)));
   args.push_back(std::to_string((l.shadow() ? 1 : 0) |
                                 (charge || l.charge_on_reject() ? 2 : 0)));
-  args.push_back(std::to_string(at.count() / 1000));
+  args.push_back(l.at_arg(at));
 }
 
 inline Nanos from_us(std::int64_t us) {
@@ -1031,6 +1065,21 @@ class RedisLimit final : public RedisLimitBase {
 
   const P& policy() const noexcept { return policy_; }
 
+  detail::TwinParams twin_at(Nanos t) const override {
+    if constexpr (std::is_same_v<P, PeriodBudget>) {
+      return detail::RedisTwin<PeriodBudget>::at(policy_, t);
+    } else {
+      return RedisLimitBase::twin_at(t);
+    }
+  }
+  std::string at_arg(Nanos at) const override {
+    if constexpr (std::is_same_v<P, PeriodBudget>) {
+      return std::to_string(policy_.period().index_of(at));
+    } else {
+      return RedisLimitBase::at_arg(at);
+    }
+  }
+
  private:
   RedisLimit(const LimitOptions& o, P policy,
              std::shared_ptr<RedisClient> client, RedisLimitOptions redis,
@@ -1043,16 +1092,22 @@ class RedisLimit final : public RedisLimitBase {
                Nanos* redis_now = nullptr) {
     const std::string k =
         redis_key(client()->options().prefix, name(), {}, key);
-    absl::InlinedVector<std::string, 24> args;
-    args.push_back(redis_options().test_time
-                       ? std::to_string(now.count() / 1000)
-                       : std::string());
-    args.emplace_back(op);
-    detail::append_item(args, *this, cost, charge, charged_at);
-    absl::InlinedVector<std::string_view, 24> argv(args.begin(), args.end());
     const std::string_view keys[] = {k};
-    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
-        client()->eval_ints(detail::redis_script(), keys, argv);
+    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
+    Nanos t = now;  // the time the parameters are for
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      absl::InlinedVector<std::string, 24> args;
+      args.push_back(redis_options().test_time
+                         ? std::to_string(now.count() / 1000)
+                         : std::string());
+      args.emplace_back(op);
+      detail::append_item(args, *this, cost, charge, charged_at, t);
+      absl::InlinedVector<std::string_view, 24> argv(args.begin(), args.end());
+      r = client()->eval_ints(detail::redis_script(), keys, argv);
+      // A budget's period other than Redis's: again, for Redis's time.
+      if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
+      t = detail::from_us((*r)[1]);
+    }
     if (!r.ok() || r->size() != 7) {
       return fail(
           r.ok() ? absl::InternalError("redis: malformed reply") : r.status(),
@@ -1117,10 +1172,6 @@ class RedisChain {
     ChainDecision& out = result.decision;
     out.results.resize(items.size());
     absl::InlinedVector<std::string, 8> keys;
-    absl::InlinedVector<std::string, 24> args;
-    args.push_back(test_now ? std::to_string(test_now->count() / 1000)
-                            : std::string());
-    args.emplace_back(op);
     absl::InlinedVector<RedisLimitBase*, 4> limits;
     for (std::size_t i = 0; i < items.size(); ++i) {
       auto* l = dynamic_cast<RedisLimitBase*>(items[i].limit);
@@ -1130,14 +1181,29 @@ class RedisChain {
       limits.push_back(l);
       keys.push_back(redis_key(client_->options().prefix, l->name(), tenant,
                                items[i].key));
-      detail::append_item(args, *l, items[i].cost, false, charged_at);
       out.results[i].limit = l;
       out.results[i].cost = items[i].cost;
     }
     absl::InlinedVector<std::string_view, 8> kv(keys.begin(), keys.end());
-    absl::InlinedVector<std::string_view, 24> av(args.begin(), args.end());
-    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
-        client_->eval_ints(detail::redis_script(), kv, av);
+    // Budgets' periods are for the caller's time first (Unix time: the
+    // test time, or the system clock), then for Redis's if it differs.
+    Nanos t = test_now.value_or(std::chrono::duration_cast<Nanos>(
+        std::chrono::system_clock::now().time_since_epoch()));
+    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      absl::InlinedVector<std::string, 24> args;
+      args.push_back(test_now ? std::to_string(test_now->count() / 1000)
+                              : std::string());
+      args.emplace_back(op);
+      for (std::size_t i = 0; i < items.size(); ++i) {
+        detail::append_item(args, *limits[i], items[i].cost, false, charged_at,
+                            t);
+      }
+      absl::InlinedVector<std::string_view, 24> av(args.begin(), args.end());
+      r = client_->eval_ints(detail::redis_script(), kv, av);
+      if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
+      t = detail::from_us((*r)[1]);
+    }
     result.reached = r.ok() && r->size() == 2 + 5 * items.size();
     if (!result.reached) {
       const absl::Status why =

@@ -12,8 +12,8 @@
 // single operation is a chain of one).
 //   ARGV[1]  now in microseconds, or "" for Redis's TIME (tests pass a time)
 //   ARGV[2]  op: "acquire", "peek" or "refund"
-//   then per item, 7 fields: kind ("tb", "fw", "sw"), three parameters, the
-//   cost, flags (1: shadow, 2: charge on reject) and, for refund, when the
+//   then per item, 8 fields: kind ("tb", "fw", "sw", "pb"), four parameters,
+//   the cost, flags (1: shadow, 2: charge on reject) and, for refund, when the
 //   refunded cost was charged (microseconds)
 // Reply: {allowed, now_us, then per item allowed, limit, remaining,
 //         retry_after_us (-1: never), reset_after_us}.
@@ -249,7 +249,51 @@ local function sliding_window(key, p, limit)
   return m
 end
 
-local makers = {tb = token_bucket, fw = fixed_window, sw = sliding_window}
+-- PeriodBudget: at most `limit` per period; the caller's calendar (abseil's
+-- time zones) gives the index and bounds of the period it believes holds
+-- now. A script whose now falls outside them answers {-2, now}: the caller
+-- asks again with the period of Redis's now. Stored: "period spent". A
+-- refund's `at` is the index of the period charged.
+local function period_budget(key, limit, index, pstart, pend)
+  if now < pstart or now >= pend then return nil end
+  local m = {}
+  function m.load()
+    local raw = redis.call('GET', key)
+    if not raw then return {index, 0} end
+    local p, spent = fields(raw)
+    if index > p then return {index, 0} end
+    return {p, spent}
+  end
+  function m.save(s)
+    if s[2] <= 0 then redis.call('DEL', key) return end
+    store(key, string.format('%d %d', s[1], s[2]), pend - now)
+  end
+  function m.decide(s, c)
+    local spent = s[2]
+    local room = 0
+    if spent < limit then room = limit - spent end
+    local until_next = pend - now
+    local reset = 0
+    if spent > 0 then reset = until_next end
+    if c > limit then return {0, limit, room, -1, reset}, s end
+    if c <= room then
+      local r = 0
+      if spent + c > 0 then r = until_next end
+      return {1, limit, room - c, 0, r}, {s[1], spent + c}
+    end
+    return {0, limit, room, until_next, reset}, s
+  end
+  function m.charge(s, c) return {s[1], math.min(s[2] + c, 4503599627370496)} end
+  function m.refund(s, c, at)
+    if at ~= s[1] then return s end
+    return {s[1], s[2] - math.min(c, s[2])}
+  end
+  function m.giveback(s, c) return {s[1], s[2] - math.min(c, s[2])} end
+  return m
+end
+
+local makers = {tb = token_bucket, fw = fixed_window, sw = sliding_window,
+                pb = period_budget}
 local op = ARGV[2]
 local n = #KEYS
 
@@ -257,8 +301,9 @@ local n = #KEYS
 -- the chain's bookkeeping.
 if n == 1 and op ~= 'refund' then
   local m = makers[ARGV[3]](KEYS[1], tonumber(ARGV[4]), tonumber(ARGV[5]),
-                            tonumber(ARGV[6]))
-  local cost, flags = tonumber(ARGV[7]), tonumber(ARGV[8])
+                            tonumber(ARGV[6]), tonumber(ARGV[7]))
+  if m == nil then return {-2, now} end
+  local cost, flags = tonumber(ARGV[8]), tonumber(ARGV[9])
   local s = m.load()
   local d, nxt = m.decide(s, cost)
   if op == 'acquire' then
@@ -280,16 +325,18 @@ end
 local mods, states, touched, order = {}, {}, {}, {}
 local items = {}
 for i = 1, n do
-  local b = 3 + (i - 1) * 7
+  local b = 3 + (i - 1) * 8
   local key = KEYS[i]
   if not mods[key] then
     mods[key] = makers[ARGV[b]](key, tonumber(ARGV[b + 1]),
-                                tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]))
+                                tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]),
+                                tonumber(ARGV[b + 4]))
+    if mods[key] == nil then return {-2, now} end
     states[key] = mods[key].load()
     order[#order + 1] = key
   end
-  items[i] = {key = key, cost = tonumber(ARGV[b + 4]),
-              flags = tonumber(ARGV[b + 5]), at = tonumber(ARGV[b + 6])}
+  items[i] = {key = key, cost = tonumber(ARGV[b + 5]),
+              flags = tonumber(ARGV[b + 6]), at = tonumber(ARGV[b + 7])}
 end
 
 local out = {1, now}
