@@ -1159,15 +1159,29 @@ class RedisChain {
     return run("refund", tenant, items, charged_at, test_now).reached;
   }
 
- private:
   struct Outcome {
     ChainDecision decision;
     bool reached = false;  // Redis answered
+    absl::Status error;    // why not
   };
 
+  // reserve (for RedisAccountant)
+  //
+  // acquire, and when the chain admits, `mark` (a key of the tenant's slot)
+  // is set for `ttl` in the same script: it says the holds are out. When
+  // Redis cannot answer, the fail modes decide (`reached` false), at the
+  // system clock's time.
+  Outcome reserve(std::string_view tenant, std::span<const ChainItem> items,
+                  std::string_view mark, Nanos ttl,
+                  std::optional<Nanos> test_now = std::nullopt) {
+    return run("reserve", tenant, items, Nanos{0}, test_now, mark, ttl);
+  }
+
+ private:
   Outcome run(std::string_view op, std::string_view tenant,
               std::span<const ChainItem> items, Nanos charged_at,
-              std::optional<Nanos> test_now) {
+              std::optional<Nanos> test_now, std::string_view mark = {},
+              Nanos mark_ttl = Nanos{0}) {
     Outcome result;
     ChainDecision& out = result.decision;
     out.results.resize(items.size());
@@ -1184,6 +1198,7 @@ class RedisChain {
       out.results[i].limit = l;
       out.results[i].cost = items[i].cost;
     }
+    if (!mark.empty()) keys.emplace_back(mark);
     absl::InlinedVector<std::string_view, 8> kv(keys.begin(), keys.end());
     // Budgets' periods are for the caller's time first (Unix time: the
     // test time, or the system clock), then for Redis's if it differs.
@@ -1199,6 +1214,10 @@ class RedisChain {
         detail::append_item(args, *limits[i], items[i].cost, false, charged_at,
                             t);
       }
+      if (!mark.empty()) {
+        args.push_back(std::to_string(
+            std::max<std::int64_t>(1, mark_ttl.count() / 1'000'000)));
+      }
       absl::InlinedVector<std::string_view, 24> av(args.begin(), args.end());
       r = client_->eval_ints(detail::redis_script(), kv, av);
       if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
@@ -1208,11 +1227,13 @@ class RedisChain {
     if (!result.reached) {
       const absl::Status why =
           r.ok() ? absl::InternalError("redis: malformed reply") : r.status();
+      result.error = why;
       // Each limit's fail mode, in process: kLocal limits as an in-process
       // chain of their shares (all or nothing among them, given back if a
-      // closed one refuses), the others answered as their mode says.
-      const Nanos now = test_now.value_or(std::chrono::duration_cast<Nanos>(
-          std::chrono::steady_clock::now().time_since_epoch()));
+      // closed one refuses), the others answered as their mode says. Unix
+      // time, as a budget's calendar needs.
+      const Nanos now = t;
+      out.at = now;
       out.allowed = true;
       absl::InlinedVector<ChainItem, 4> local;
       absl::InlinedVector<std::size_t, 4> local_at;
@@ -1238,6 +1259,7 @@ class RedisChain {
               op == "peek" || !out.allowed
                   ? c.peek(std::span<const ChainItem>(local))
                   : c.acquire_at(std::span<const ChainItem>(local), now);
+          out.at = now;
           for (std::size_t k = 0; k < local.size(); ++k) {
             out.results[local_at[k]].decision = d.results[k].decision;
           }
@@ -1251,12 +1273,14 @@ class RedisChain {
         LimitResult& res = out.results[i];
         res.decision = detail::decision_at(*r, i);
         res.shadow_denied = !res.decision.allowed && limits[i]->shadow();
-        res.counted =
-            op == "acquire" && (limits[i]->charge_on_reject() ||
-                                (out.allowed && res.decision.allowed));
+        res.counted = (op == "acquire" || op == "reserve") &&
+                      (limits[i]->charge_on_reject() ||
+                       (out.allowed && res.decision.allowed));
       }
     }
-    if (op != "refund") detail::finish_chain(out, op == "acquire");
+    if (op != "refund") {
+      detail::finish_chain(out, op == "acquire" || op == "reserve");
+    }
     return result;
   }
 

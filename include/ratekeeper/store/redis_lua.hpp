@@ -11,7 +11,9 @@
 // Calling convention: KEYS are the states' keys, one per item of a chain (a
 // single operation is a chain of one).
 //   ARGV[1]  now in microseconds, or "" for Redis's TIME (tests pass a time)
-//   ARGV[2]  op: "acquire", "peek" or "refund"
+//   ARGV[2]  op: "acquire", "peek", "refund", "reserve", "settle" or
+//            "release" (the last three for budgets, described where the
+//            script handles them)
 //   then per item, 8 fields: kind ("tb", "fw", "sw", "pb"), four parameters,
 //   the cost, flags (1: shadow, 2: charge on reject) and, for refund, when the
 //   refunded cost was charged (microseconds)
@@ -297,9 +299,99 @@ local makers = {tb = token_bucket, fw = fixed_window, sw = sliding_window,
 local op = ARGV[2]
 local n = #KEYS
 
+-- A budget's spend moved by `delta` in the period `index` (ending at `pend`)
+-- that a reservation was made in, as PeriodBudget's refund (delta < 0: only
+-- to that period) and charge (delta > 0: to that period, or to a later one
+-- stored since) do.
+local function budget_move(key, index, pend, delta)
+  local raw = redis.call('GET', key)
+  local p, spent = index, 0
+  if raw then p, spent = fields(raw) end
+  if delta < 0 then
+    if not raw or p ~= index then return end
+    spent = spent - math.min(-delta, spent)
+    if spent <= 0 then redis.call('DEL', key) return end
+    redis.call('SET', key, string.format('%d %d', p, spent), 'KEEPTTL')
+    return
+  end
+  if p < index then p, spent = index, 0 end
+  spent = math.min(spent + delta, 4503599627370496)
+  if p == index then
+    store(key, string.format('%d %d', p, spent), pend - now)
+  else
+    redis.call('SET', key, string.format('%d %d', p, spent), 'KEEPTTL')
+  end
+end
+
+-- Settle or release one reservation (RedisAccountant). KEYS: the budgets'
+-- states, the reservation's key (present while its holds are out), and for
+-- settle the request id's settlement. ARGV[3]: the budget count m; per
+-- budget 4 fields: period index, period end (us), held, actual; then for
+-- settle the settlement's TTL (ms), cost, tokens and estimated flag.
+-- Settle: when the id was settled before, the first settlement stands and
+-- this reservation's holds (if out) go back: {2, now, first settlement}.
+-- Else each budget moves by actual - held when the holds are out, by the
+-- whole actual when they are not (granted while Redis was away, or Redis
+-- lost them: a restart without persistence, an expired key): {1, now,
+-- settlement}. Release: {1 (given back) or 0 (nothing out), now}.
+if op == 'settle' or op == 'release' then
+  local m = tonumber(ARGV[3])
+  local out_held = redis.call('DEL', KEYS[m + 1]) == 1
+  local function each(f)
+    for i = 1, m do
+      local b = 4 + (i - 1) * 4
+      f(KEYS[i], tonumber(ARGV[b]), tonumber(ARGV[b + 1]),
+        tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]))
+    end
+  end
+  local function give_back()
+    each(function(key, index, pend, held)
+      if held > 0 then budget_move(key, index, pend, -held) end
+    end)
+  end
+  if op == 'release' then
+    if out_held then give_back() return {1, now} end
+    return {0, now}
+  end
+  local t = 4 + 4 * m
+  local first = redis.call('GET', KEYS[m + 2])
+  if first then
+    if out_held then give_back() end
+    local c, tk, e = fields(first)
+    return {2, now, c, tk, e}
+  end
+  each(function(key, index, pend, held, actual)
+    if not out_held then held = 0 end
+    if actual ~= held then budget_move(key, index, pend, actual - held) end
+  end)
+  local c, tk, e = tonumber(ARGV[t + 1]), tonumber(ARGV[t + 2]),
+                   tonumber(ARGV[t + 3])
+  redis.call('SET', KEYS[m + 2], string.format('%d %d %d', c, tk, e), 'PX',
+             tonumber(ARGV[t]))
+  return {1, now, c, tk, e}
+end
+
+-- "spent": a budget's spend in period ARGV[3] (0 when another is stored).
+if op == 'spent' then
+  local raw = redis.call('GET', KEYS[1])
+  if not raw then return {0, now} end
+  local p, spent = fields(raw)
+  if p ~= tonumber(ARGV[3]) then return {0, now} end
+  return {spent, now}
+end
+
+-- "reserve": an acquire whose admission also sets the reservation's key,
+-- the last of KEYS (ARGV after the items: its TTL in ms).
+local mark = nil
+if op == 'reserve' then
+  n = n - 1
+  mark = KEYS[#KEYS]
+  op = 'acquire'
+end
+
 -- One item, acquire or peek (most calls): the same steps as below, without
 -- the chain's bookkeeping.
-if n == 1 and op ~= 'refund' then
+if n == 1 and op ~= 'refund' and not mark then
   local m = makers[ARGV[3]](KEYS[1], tonumber(ARGV[4]), tonumber(ARGV[5]),
                             tonumber(ARGV[6]), tonumber(ARGV[7]))
   if m == nil then return {-2, now} end
@@ -416,6 +508,9 @@ if op == 'acquire' then
     if kept[key] or (touched[key] and not refused) then
       mods[key].save(states[key])
     end
+  end
+  if mark and not refused then
+    redis.call('SET', mark, '1', 'PX', tonumber(ARGV[3 + 8 * n]))
   end
 end
 return out

@@ -1,0 +1,853 @@
+// ratekeeper/budget/redis_accountant.hpp: budgets kept in Redis, shared by
+// every instance, with settles journaled while Redis is away.
+//
+// Defines:
+//   RedisAccountantOptions  the tenant (hash tag), TTLs, the journal's path,
+//                           a test clock
+//   RedisReservation        one call's worst case held in Redis (move-only,
+//                           released by its destructor unless settled)
+//   RedisAccountant         reserve / settle / release as one script each
+//
+// The budgets are those of Accountant (budget/accountant.hpp: BudgetSpec,
+// prices, exactly-once settles by request id), with their state in Redis:
+//
+//   - reserve: every budget of the subject, and any Redis rate limits passed
+//     along, in one script, all or nothing on the server; admitted, the
+//     reservation's key is set ("its holds are out").
+//   - settle: one script that, exactly once per request id across all
+//     instances, refunds what was held and not used or charges an overage,
+//     and records the settlement (a retry, here or on another instance,
+//     gets the first settlement and its own holds given back).
+//   - release: one script that gives the holds back if they are still out.
+//
+// Every key of one reservation carries the tenant's hash tag (the subject's
+// key under options.tenant, by default the org), so the scripts are atomic
+// on Redis Cluster. Budget periods come from the C++ calendar for the time
+// of the call and are checked against Redis's TIME (see store/redis.hpp).
+//
+// When Redis cannot answer:
+//   - reserve: each budget's FailMode (add_budget) decides: kClosed refuses,
+//     kOpen admits without holding, kLocal holds against an in-process
+//     budget at the instance's share. A reservation that may have run on
+//     the server (a time-out) is released there later through the journal.
+//   - settle and release: appended to the journal (fsync'd before settle
+//     returns) and replayed when Redis answers again. The scripts are
+//     idempotent (the reservation's key and the settlement's key say what
+//     already happened), so a replay, a replay cut short and replayed again,
+//     or a settle that timed out after it ran, all apply exactly once. A
+//     reservation whose holds are not in Redis (admitted while it was away,
+//     or lost by a restart without persistence) is settled by charging the
+//     whole actual cost. Without a journal (no path), a settle Redis cannot
+//     take returns kUnavailable and may be called again.
+//
+// Needs ratekeeper::redis (hiredis) and the budget headers.
+#ifndef RATEKEEPER_BUDGET_REDIS_ACCOUNTANT_HPP_
+#define RATEKEEPER_BUDGET_REDIS_ACCOUNTANT_HPP_
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <random>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/container/inlined_vector.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "ratekeeper/budget/accountant.hpp"
+#include "ratekeeper/budget/money.hpp"
+#include "ratekeeper/budget/period.hpp"
+#include "ratekeeper/budget/prices.hpp"
+#include "ratekeeper/budget/usage.hpp"
+#include "ratekeeper/chain.hpp"
+#include "ratekeeper/detail/mutex.hpp"
+#include "ratekeeper/detail/strings.hpp"
+#include "ratekeeper/identity.hpp"
+#include "ratekeeper/store/redis.hpp"
+
+namespace ratekeeper {
+
+// RedisAccountantOptions
+//   tenant           the subject fields whose key is every key's hash tag:
+//                    one tenant's budgets (and the rate limits reserved
+//                    with them) share one Redis Cluster slot. Every budget's
+//                    scope should contain it (a team budget under an org
+//                    tenant), and a subject must have its fields.
+//   reservation_ttl  how long a reservation's key ("its holds are out")
+//                    lives; a settle after it charges the whole actual cost
+//                    (the holds stay until their period ends): over-counts,
+//                    never loses a charge
+//   settled_ttl      how long a request id stays settled (exactly-once
+//                    window: a retry after it is charged again)
+//   journal_path     where settles and releases wait while Redis is away
+//                    (one file per instance; empty: no journal)
+//   test_clock       tests: run the scripts at this Unix time instead of
+//                    Redis's TIME (budgets created with test_time)
+struct RedisAccountantOptions {
+  Scope tenant = Scope(Field::kOrg);
+  Nanos reservation_ttl = std::chrono::hours(24);
+  Nanos settled_ttl = std::chrono::hours(24 * 7);
+  std::string journal_path{};
+  std::function<Nanos()> test_clock{};
+};
+
+namespace detail {
+
+// SettleJournal: scripts to run once Redis answers, one line each,
+// appended and fdatasync'd before the caller is answered. A line: "j",
+// the key count, each key and argument in hex, and an FNV-1a checksum of
+// what precedes it. A torn last line (a crash mid-append: never
+// acknowledged) is cut at open; any other damage is kDataLoss. Cleared once
+// every line has run.
+class SettleJournal {
+ public:
+  struct Entry {
+    std::vector<std::string> keys;
+    std::vector<std::string> args;
+  };
+
+  static absl::StatusOr<std::unique_ptr<SettleJournal>> open(
+      const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) return errno_status("open", path);
+    auto j = std::unique_ptr<SettleJournal>(new SettleJournal(fd, path));
+    std::string text;
+    char buf[1 << 16];
+    for (;;) {
+      const ssize_t got = ::read(fd, buf, sizeof buf);
+      if (got < 0) return errno_status("read", path);
+      if (got == 0) break;
+      text.append(buf, static_cast<std::size_t>(got));
+    }
+    std::size_t good = 0;
+    while (good < text.size()) {
+      const std::size_t nl = text.find('\n', good);
+      if (nl == std::string::npos) break;  // torn: cut below
+      absl::StatusOr<Entry> e =
+          parse(std::string_view(text).substr(good, nl - good));
+      if (!e.ok()) {
+        return absl::DataLossError(absl::StrCat("journal ", path,
+                                                ": damaged line at byte ", good,
+                                                ": ", e.status().message()));
+      }
+      j->pending_.push_back(*std::move(e));
+      good = nl + 1;
+    }
+    if (good != text.size()) {
+      if (::ftruncate(fd, static_cast<off_t>(good)) != 0 ||
+          ::fdatasync(fd) != 0) {
+        return errno_status("cut the torn tail of", path);
+      }
+    }
+    if (::lseek(fd, 0, SEEK_END) < 0) return errno_status("seek", path);
+    return j;
+  }
+
+  SettleJournal(const SettleJournal&) = delete;
+  SettleJournal& operator=(const SettleJournal&) = delete;
+  ~SettleJournal() { ::close(fd_); }
+
+  // Durable when it returns OK.
+  absl::Status append(Entry e) {
+    std::string line = "j ";
+    absl::StrAppend(&line, e.keys.size());
+    for (const auto* part : {&e.keys, &e.args}) {
+      for (const std::string& s : *part) {
+        line.push_back(' ');
+        line += s.empty() ? std::string("-") : hex(s);
+      }
+    }
+    absl::StrAppend(&line, " ", absl::Hex(fnv(line), absl::kZeroPad16), "\n");
+    std::string_view rest = line;
+    while (!rest.empty()) {
+      const ssize_t w = ::write(fd_, rest.data(), rest.size());
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        return errno_status("write", path_);
+      }
+      rest.remove_prefix(static_cast<std::size_t>(w));
+    }
+    if (::fdatasync(fd_) != 0) return errno_status("fdatasync", path_);
+    pending_.push_back(std::move(e));
+    return absl::OkStatus();
+  }
+
+  const std::vector<Entry>& pending() const noexcept { return pending_; }
+
+  // Every pending line has run: empty the file.
+  absl::Status clear() {
+    if (::ftruncate(fd_, 0) != 0 || ::fdatasync(fd_) != 0) {
+      return errno_status("clear", path_);
+    }
+    if (::lseek(fd_, 0, SEEK_SET) < 0) return errno_status("seek", path_);
+    pending_.clear();
+    return absl::OkStatus();
+  }
+
+ private:
+  SettleJournal(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+
+  static absl::Status errno_status(std::string_view what,
+                                   std::string_view path) {
+    const int e = errno;
+    return absl::UnavailableError(absl::StrCat("journal: ", detail::av(what),
+                                               " ", detail::av(path), ": ",
+                                               std::strerror(e)));
+  }
+
+  static std::uint64_t fnv(std::string_view s) {
+    std::uint64_t h = 1469598103934665603ull;
+    for (const char c : s) {
+      h ^= static_cast<unsigned char>(c);
+      h *= 1099511628211ull;
+    }
+    return h;
+  }
+
+  static std::string hex(std::string_view bytes) {
+    std::string out;
+    append_hex(out, bytes);
+    return out;
+  }
+
+  static std::optional<std::string> unhex(std::string_view h) {
+    if (h == "-") return std::string();
+    if (h.size() % 2 != 0) return std::nullopt;
+    std::string out;
+    auto val = [](char c) -> int {
+      if (c >= '0' && c <= '9') return c - '0';
+      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+      return -1;
+    };
+    for (std::size_t i = 0; i < h.size(); i += 2) {
+      const int hi = val(h[i]), lo = val(h[i + 1]);
+      if (hi < 0 || lo < 0) return std::nullopt;
+      out.push_back(static_cast<char>(hi * 16 + lo));
+    }
+    return out;
+  }
+
+  static absl::StatusOr<Entry> parse(std::string_view line) {
+    const std::size_t last = line.rfind(' ');
+    if (last == std::string_view::npos) {
+      return absl::DataLossError("no checksum");
+    }
+    std::uint64_t sum = 0;
+    if (!absl::SimpleHexAtoi(detail::av(line.substr(last + 1)), &sum) ||
+        sum != fnv(line.substr(0, last))) {
+      return absl::DataLossError("checksum mismatch");
+    }
+    const std::vector<absl::string_view> parts =
+        absl::StrSplit(detail::av(line.substr(0, last)), ' ');
+    std::size_t nkeys = 0;
+    if (parts.size() < 2 || parts[0] != "j" ||
+        !absl::SimpleAtoi(parts[1], &nkeys) || nkeys > parts.size() - 2) {
+      return absl::DataLossError("bad header");
+    }
+    Entry e;
+    for (std::size_t i = 2; i < parts.size(); ++i) {
+      std::optional<std::string> v =
+          unhex(std::string_view(parts[i].data(), parts[i].size()));
+      if (!v) return absl::DataLossError("bad hex");
+      (i - 2 < nkeys ? e.keys : e.args).push_back(*std::move(v));
+    }
+    return e;
+  }
+
+  const int fd_;
+  const std::string path_;
+  std::vector<Entry> pending_;
+};
+
+}  // namespace detail
+
+class RedisAccountant;
+
+// RedisReservation: the worst case of one call, held in Redis. Move-only.
+// settle() once; unsettled, the destructor releases it.
+class RedisReservation {
+ public:
+  RedisReservation() = default;
+  RedisReservation(RedisReservation&& o) noexcept { *this = std::move(o); }
+  RedisReservation& operator=(RedisReservation&& o) noexcept;
+  RedisReservation(const RedisReservation&) = delete;
+  RedisReservation& operator=(const RedisReservation&) = delete;
+  ~RedisReservation() { release(); }
+
+  bool granted() const noexcept { return decision_.allowed; }
+  // Refused by one of the budgets (403) rather than a rate limit (429).
+  bool refused_by_budget() const noexcept {
+    if (decision_.allowed) return false;
+    return decision_.binding != ChainDecision::npos &&
+           decision_.binding >= first_budget_;
+  }
+  // Redis decided it (false: the budgets' fail modes did, Redis being away).
+  bool backed() const noexcept { return backed_; }
+  const ChainDecision& decision() const noexcept { return decision_; }
+  const std::string& request_id() const noexcept { return request_id_; }
+  Money reserved_money() const noexcept { return reserved_money_; }
+  std::uint64_t reserved_tokens() const noexcept { return reserved_tokens_; }
+
+  // settle
+  //
+  // As Reservation::settle (accountant.hpp): the actual cost replaces the
+  // hold, exactly once per request id across every instance; a retry gets
+  // the first settlement. While Redis is away the settle is journaled and
+  // this instance's pricing returned (if the id turns out to be settled
+  // already when it replays, the first settlement stands). kUnavailable
+  // only without a journal (then it may be called again);
+  // kFailedPrecondition for a refused or released reservation.
+  absl::StatusOr<Settlement> settle(const Usage& used);
+
+  // A stream without a usage object: the prompt estimate and the counted
+  // output, flagged estimated.
+  absl::StatusOr<Settlement> settle_without_usage(
+      std::uint64_t counted_output_tokens) {
+    Usage u;
+    u.input_uncached = estimate_.prompt_tokens;
+    u.output = counted_output_tokens;
+    u.source = UsageSource::kEstimated;
+    return settle(u);
+  }
+  absl::StatusOr<Settlement> cancel_after_dispatch(
+      std::uint64_t counted_output_tokens = 0) {
+    return settle_without_usage(counted_output_tokens);
+  }
+
+  // Gives back everything held (journaled while Redis is away).
+  void release() noexcept;
+
+ private:
+  friend class RedisAccountant;
+  struct Item {
+    std::size_t budget;  // index in the accountant
+    std::string key;     // the subject's key under the budget's scope
+    Cost held;
+    bool money;
+  };
+
+  RedisAccountant* acct_ = nullptr;
+  ChainDecision decision_;
+  std::size_t first_budget_ = 0;  // decision_.results index of budget 0
+  std::string request_id_;
+  std::string tenant_;
+  std::string mark_;  // the reservation's key
+  Prices prices_;
+  Estimate estimate_;
+  absl::InlinedVector<Item, 4> items_;
+  Money reserved_money_;
+  std::uint64_t reserved_tokens_ = 0;
+  bool backed_ = false;
+  bool local_ = false;  // holds taken from kLocal shares (Redis away)
+  bool done_ = false;
+  std::optional<Settlement> settled_;
+};
+
+// RedisAccountant: budgets in Redis, priced from a PriceTable. Thread-safe.
+//
+//   auto redis = RedisClient::create({.host = "10.0.0.7"}).value();
+//   auto acct = RedisAccountant::create(prices, redis,
+//                   {.journal_path = "/var/lib/app/settles.journal"}).value();
+//   acct->add_budget({.name = "team_daily", .scope = Scope(Field::kTeam),
+//                     .limit = 50'000'000'000, .period = Period::day(tz)});
+//   auto r = acct->reserve(who, "gpt-4o", {prompt, max_tokens}, request_id);
+//   ... call the provider ...
+//   r->settle(normalize(response.usage).value());
+class RedisAccountant {
+ public:
+  // create
+  //
+  // kInvalidArgument without a client; the journal's error (kDataLoss for
+  // a damaged journal) when it cannot be opened. A journal left by a
+  // previous run is replayed when Redis first answers.
+  static absl::StatusOr<std::unique_ptr<RedisAccountant>> create(
+      PriceTable prices, std::shared_ptr<RedisClient> client,
+      RedisAccountantOptions options = {}) {
+    if (client == nullptr) {
+      return absl::InvalidArgumentError("RedisAccountant: no client");
+    }
+    auto a = std::unique_ptr<RedisAccountant>(new RedisAccountant(
+        std::move(prices), std::move(client), std::move(options)));
+    if (!a->options_.journal_path.empty()) {
+      auto j = detail::SettleJournal::open(a->options_.journal_path);
+      if (!j.ok()) return j.status();
+      a->journal_ = *std::move(j);
+      a->pending_.store(a->journal_->pending().size());
+    }
+    return a;
+  }
+
+  RedisAccountant(const RedisAccountant&) = delete;
+  RedisAccountant& operator=(const RedisAccountant&) = delete;
+
+  // add_budget
+  //
+  // As Accountant::add_budget, with the budget's behaviour when Redis
+  // cannot answer (`redis.fail`; kLocal with `redis.instances`). Before the
+  // first reserve.
+  absl::Status add_budget(const BudgetSpec& spec,
+                          RedisLimitOptions redis = {}) {
+    if (!spec.period) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("budget \"", spec.name, "\": no period"));
+    }
+    absl::StatusOr<PeriodBudget> policy =
+        PeriodBudget::create(spec.limit, *spec.period);
+    if (!policy.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "budget \"", spec.name, "\": ", policy.status().message()));
+    }
+    redis.test_time = static_cast<bool>(options_.test_clock);
+    auto limit = RedisLimit<PeriodBudget>::create(
+        {.name = spec.name,
+         .unit =
+             spec.unit == BudgetUnit::kTokens ? Unit::kTokens : Unit::kNanoUsd},
+        *std::move(policy), client_, redis);
+    if (!limit.ok()) return limit.status();
+    budgets_.push_back(Budget{spec, *std::move(limit)});
+    return absl::OkStatus();
+  }
+
+  // reserve
+  //
+  // Holds the worst case of the call against every budget of `who`, with
+  // `limits` (RedisLimits of this client, acquired first, keyed under the
+  // same tenant) in one script. A refusal is a reservation that is not
+  // granted(); errors (unknown model, a subject lacking a field, bad text)
+  // are statuses.
+  absl::StatusOr<RedisReservation> reserve(
+      const Subject& who, std::string_view model, const Estimate& e,
+      std::string request_id, std::span<const ChainItem> limits = {}) {
+    replay_if_due();
+    for (const auto& [what, v] :
+         {std::pair{"request id", std::string_view(request_id)},
+          std::pair{"model", model}}) {
+      if (v.empty() || v.size() > 256) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, " must be 1 to 256 characters"));
+      }
+    }
+    if (e.prompt_tokens > kMaxUsageTokens ||
+        e.max_output_tokens > kMaxUsageTokens) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "estimate of ", e.prompt_tokens, " prompt and ", e.max_output_tokens,
+          " output tokens: each must be at most 2^48"));
+    }
+    absl::StatusOr<std::string> tenant = subject_key(options_.tenant, who);
+    if (!tenant.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tenant: ", tenant.status().message()));
+    }
+    const Nanos now = unix_now();
+    Usage worst;
+    worst.input_uncached = e.prompt_tokens;
+    worst.output = e.max_output_tokens;
+    absl::StatusOr<Prices> prices = prices_.prices(model, to_sys(now));
+    if (!prices.ok()) return prices.status();
+    absl::StatusOr<Money> cost = PriceTable::cost(*prices, worst);
+    if (!cost.ok()) return cost.status();
+    if (cost->nanos < 0 ||
+        static_cast<std::uint64_t>(cost->nanos) >= detail::kExact / 2) {
+      return absl::InvalidArgumentError(
+          "reserve: a worst case above 2^52 nano-USD (Lua's exact range)");
+    }
+    RedisReservation r;
+    r.request_id_ = std::move(request_id);
+    r.tenant_ = *std::move(tenant);
+    r.prices_ = *prices;
+    r.estimate_ = e;
+    r.reserved_money_ = *cost;
+    r.reserved_tokens_ = worst.total();
+    absl::InlinedVector<ChainItem, 8> items(limits.begin(), limits.end());
+    r.first_budget_ = items.size();
+    for (std::size_t b = 0; b < budgets_.size(); ++b) {
+      std::string key;
+      if (absl::Status st =
+              append_subject_key(budgets_[b].spec.scope, who, key);
+          !st.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "budget \"", budgets_[b].spec.name, "\": ", st.message()));
+      }
+      const bool money = budgets_[b].spec.unit == BudgetUnit::kNanoUsd;
+      r.items_.push_back(
+          {b, std::move(key),
+           money ? static_cast<Cost>(cost->nanos) : r.reserved_tokens_, money});
+    }
+    for (const auto& it : r.items_) {
+      items.push_back({budgets_[it.budget].limit.get(), it.key, it.held});
+    }
+    r.mark_ = mark_key(r.tenant_);
+    RedisChain::Outcome o =
+        chain_.reserve(r.tenant_, std::span<const ChainItem>(items), r.mark_,
+                       options_.reservation_ttl, test_now());
+    r.decision_ = std::move(o.decision);
+    r.backed_ = o.reached;
+    if (!o.reached) {
+      fallback_reserves_.fetch_add(1, std::memory_order_relaxed);
+      for (const auto& it : r.items_) {
+        if (budgets_[it.budget].limit->local_limit() != nullptr)
+          r.local_ = true;
+      }
+      // Sent and not answered (a time-out): it may have run and set its
+      // key; a journaled release gives those holds back once Redis answers.
+      if (may_have_run(o.error) && journal_ != nullptr) {
+        static_cast<void>(journal_release(r));
+      }
+    }
+    if (r.decision_.allowed) r.acct_ = this;
+    return r;
+  }
+
+  // replay_journal
+  //
+  // Runs every journaled settle and release in order; the journal is
+  // emptied once all have run. Returns how many ran; kUnavailable (the rest
+  // kept) when Redis stops answering. Called by reserve and settle when due.
+  absl::StatusOr<std::size_t> replay_journal() {
+    if (journal_ == nullptr) return 0;
+    detail::MutexLock lock(&journal_mu_);
+    return replay_locked();
+  }
+
+  // Journaled calls not yet run in Redis.
+  std::size_t journal_pending() const noexcept {
+    return pending_.load(std::memory_order_relaxed);
+  }
+  // Reservations decided by the fail modes, and settles/releases journaled.
+  std::uint64_t fallback_reserves() const noexcept {
+    return fallback_reserves_.load(std::memory_order_relaxed);
+  }
+  std::uint64_t journaled() const noexcept {
+    return journaled_.load(std::memory_order_relaxed);
+  }
+
+  // spent
+  //
+  // What `who` has spent of budget `name` this period (reservations
+  // holding included), by Redis. kNotFound for an unknown budget,
+  // kUnavailable when Redis cannot answer.
+  absl::StatusOr<std::uint64_t> spent(std::string_view name,
+                                      const Subject& who) {
+    for (const Budget& b : budgets_) {
+      if (b.spec.name != name) continue;
+      absl::StatusOr<std::string> tenant = subject_key(options_.tenant, who);
+      if (!tenant.ok()) return tenant.status();
+      absl::StatusOr<std::string> key = subject_key(b.spec.scope, who);
+      if (!key.ok()) return key.status();
+      const std::string k =
+          redis_key(client_->options().prefix, b.spec.name, *tenant, *key);
+      const Nanos at = test_now().value_or(unix_now());
+      const std::string index =
+          std::to_string(b.limit->policy().period().index_of(at));
+      const std::string_view keys[] = {k};
+      const std::string now = now_arg();
+      const std::string_view args[] = {now, "spent", index};
+      auto r = client_->eval_ints(detail::redis_script(), keys, args);
+      if (!r.ok()) return r.status();
+      if (r->size() != 2) return absl::InternalError("redis: malformed reply");
+      return static_cast<std::uint64_t>((*r)[0]);
+    }
+    return absl::NotFoundError(
+        absl::StrCat("no budget named \"", detail::av(name), "\""));
+  }
+
+  std::vector<RedisLimitBase*> budgets() const {
+    std::vector<RedisLimitBase*> out;
+    for (const Budget& b : budgets_) out.push_back(b.limit.get());
+    return out;
+  }
+  const PriceTable& prices() const noexcept { return prices_; }
+  const std::shared_ptr<RedisClient>& client() const noexcept {
+    return client_;
+  }
+
+ private:
+  friend class RedisReservation;
+
+  struct Budget {
+    BudgetSpec spec;
+    std::unique_ptr<RedisLimit<PeriodBudget>> limit;
+  };
+
+  RedisAccountant(PriceTable prices, std::shared_ptr<RedisClient> client,
+                  RedisAccountantOptions options)
+      : prices_(std::move(prices)),
+        client_(std::move(client)),
+        chain_(client_),
+        options_(std::move(options)) {
+    std::random_device rd;
+    instance_ = (std::uint64_t{rd()} << 32) ^ rd();
+  }
+
+  static SysTime to_sys(Nanos n) {
+    return SysTime(std::chrono::duration_cast<SysTime::duration>(n));
+  }
+  Nanos unix_now() const {
+    if (options_.test_clock) return options_.test_clock();
+    return std::chrono::duration_cast<Nanos>(
+        std::chrono::system_clock::now().time_since_epoch());
+  }
+  std::optional<Nanos> test_now() const {
+    if (options_.test_clock) return options_.test_clock();
+    return std::nullopt;
+  }
+  std::string now_arg() const {
+    return options_.test_clock
+               ? std::to_string(options_.test_clock().count() / 1000)
+               : std::string();
+  }
+
+  // A key of the tenant's slot per reservation: the instance and a count,
+  // under a name no budget can have ('#').
+  std::string mark_key(std::string_view tenant) {
+    char id[16];
+    const std::uint64_t n =
+        instance_ + next_.fetch_add(1, std::memory_order_relaxed);
+    for (int i = 0; i < 8; ++i) {
+      id[i] = static_cast<char>(instance_ >> (8 * i));
+      id[8 + i] = static_cast<char>(n >> (8 * i));
+    }
+    return redis_key(client_->options().prefix, "#res", tenant,
+                     std::string_view(id, sizeof id));
+  }
+  std::string settled_key(const RedisReservation& r) const {
+    return redis_key(client_->options().prefix, "#settled", r.tenant_,
+                     r.request_id_);
+  }
+
+  static bool may_have_run(const absl::Status& st) {
+    return absl::IsUnavailable(st) &&
+           st.message().find("(not tried)") == std::string_view::npos &&
+           st.message().find("connect") == std::string_view::npos;
+  }
+
+  // The settle/release script's keys and arguments for `r`; `actual` per
+  // item for settle (empty for release).
+  detail::SettleJournal::Entry script_call(const RedisReservation& r,
+                                           std::string_view op,
+                                           std::span<const Cost> actual,
+                                           const Settlement* s) const {
+    detail::SettleJournal::Entry e;
+    for (const auto& it : r.items_) {
+      e.keys.push_back(redis_key(client_->options().prefix,
+                                 budgets_[it.budget].spec.name, r.tenant_,
+                                 it.key));
+    }
+    e.keys.push_back(r.mark_);
+    if (s != nullptr) e.keys.push_back(settled_key(r));
+    e.args.push_back(now_arg());
+    e.args.emplace_back(op);
+    e.args.push_back(std::to_string(r.items_.size()));
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      const auto& it = r.items_[i];
+      const detail::TwinParams p = detail::RedisTwin<PeriodBudget>::at(
+          budgets_[it.budget].limit->policy(), r.decision_.at);
+      e.args.push_back(p[2]);  // period index
+      e.args.push_back(p[4]);  // period end, us
+      e.args.push_back(std::to_string(std::min<Cost>(it.held, kCap)));
+      e.args.push_back(
+          std::to_string(actual.empty() ? 0 : std::min<Cost>(actual[i], kCap)));
+    }
+    if (s != nullptr) {
+      e.args.push_back(std::to_string(
+          std::max<std::int64_t>(1, options_.settled_ttl.count() / 1'000'000)));
+      e.args.push_back(std::to_string(std::min<std::int64_t>(
+          s->cost.nanos, static_cast<std::int64_t>(kCap))));
+      e.args.push_back(std::to_string(std::min<Cost>(s->tokens, kCap)));
+      e.args.emplace_back(s->estimated ? "1" : "0");
+    }
+    return e;
+  }
+
+  absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> run(
+      const detail::SettleJournal::Entry& e) {
+    absl::InlinedVector<std::string_view, 8> k(e.keys.begin(), e.keys.end());
+    absl::InlinedVector<std::string_view, 24> a(e.args.begin(), e.args.end());
+    return client_->eval_ints(detail::redis_script(), k, a);
+  }
+
+  absl::Status journal_entry(detail::SettleJournal::Entry e) {
+    if (journal_ == nullptr) {
+      return absl::UnavailableError("redis away and no journal configured");
+    }
+    detail::MutexLock lock(&journal_mu_);
+    if (absl::Status st = journal_->append(std::move(e)); !st.ok()) return st;
+    pending_.fetch_add(1, std::memory_order_relaxed);
+    journaled_.fetch_add(1, std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
+  absl::Status journal_release(const RedisReservation& r) {
+    return journal_entry(script_call(r, "release", {}, nullptr));
+  }
+
+  void replay_if_due() {
+    if (pending_.load(std::memory_order_relaxed) == 0) return;
+    if (client_->breaker_state() == detail::Breaker::State::kOpen) return;
+    if (!journal_mu_.try_lock()) return;
+    static_cast<void>(replay_locked());
+    journal_mu_.unlock();
+  }
+
+  absl::StatusOr<std::size_t> replay_locked()
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(journal_mu_) {
+    std::size_t ran = 0;
+    for (const auto& e : journal_->pending()) {
+      absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r = run(e);
+      if (!r.ok()) {
+        if (absl::IsUnavailable(r.status())) return r.status();
+        // An error reply (a key overwritten by something else): running it
+        // again cannot help; reported, and the rest still run.
+        replay_errors_.fetch_add(1, std::memory_order_relaxed);
+      }
+      ++ran;
+    }
+    if (absl::Status st = journal_->clear(); !st.ok()) return st;
+    pending_.store(0, std::memory_order_relaxed);
+    return ran;
+  }
+
+  absl::StatusOr<Settlement> settle_reservation(RedisReservation& r,
+                                                const Usage& used) {
+    replay_if_due();
+    absl::StatusOr<Money> cost = PriceTable::cost(r.prices_, used);
+    if (!cost.ok()) return cost.status();
+    const Settlement s{*cost, used.total(),
+                       used.source == UsageSource::kEstimated};
+    absl::InlinedVector<Cost, 4> actual;
+    for (const auto& it : r.items_) {
+      actual.push_back(
+          it.money ? static_cast<Cost>(std::max<std::int64_t>(0, s.cost.nanos))
+                   : s.tokens);
+    }
+    const auto e = script_call(r, "settle", actual, &s);
+    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> reply = run(e);
+    Settlement out = s;
+    if (reply.ok()) {
+      if (reply->size() != 5) {
+        return absl::InternalError("redis: malformed settle reply");
+      }
+      if ((*reply)[0] == 2) {
+        out = Settlement{Money{(*reply)[2]},
+                         static_cast<std::uint64_t>((*reply)[3]),
+                         (*reply)[4] != 0};
+      }
+    } else if (absl::IsUnavailable(reply.status())) {
+      if (absl::Status st = journal_entry(e); !st.ok()) {
+        // Not journaled: nothing happened that a later settle cannot do.
+        return st;
+      }
+    } else {
+      return reply.status();
+    }
+    settle_local(r, actual);
+    r.done_ = true;
+    r.settled_ = out;
+    return out;
+  }
+
+  // kLocal holds (taken while Redis was away) settle in process too, so the
+  // instance's share keeps counting what it admitted.
+  void settle_local(RedisReservation& r, std::span<const Cost> actual) {
+    if (!r.local_) return;
+    const Nanos at = r.decision_.at;
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      Limit* l = budgets_[r.items_[i].budget].limit->local_limit();
+      if (l == nullptr) continue;
+      const Cost held = r.items_[i].held;
+      const Cost want = actual.empty() ? 0 : actual[i];
+      if (want < held) {
+        static_cast<void>(l->refund(r.items_[i].key, held - want, at, at));
+      } else if (want > held) {
+        static_cast<void>(l->charge(r.items_[i].key, want - held, at));
+      }
+    }
+  }
+
+  void release_reservation(RedisReservation& r) noexcept {
+    if (r.done_) return;
+    r.done_ = true;
+    settle_local(r, {});
+    if (!r.backed_) return;  // nothing held in Redis
+    const auto e = script_call(r, "release", {}, nullptr);
+    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> reply = run(e);
+    if (!reply.ok() && absl::IsUnavailable(reply.status())) {
+      // Journaled, or (no journal) held until the period ends: the
+      // conservative side.
+      static_cast<void>(journal_entry(e));
+    }
+  }
+
+  static constexpr Cost kCap = detail::kExact / 2;
+
+  const PriceTable prices_;
+  const std::shared_ptr<RedisClient> client_;
+  RedisChain chain_;
+  const RedisAccountantOptions options_;
+  std::vector<Budget> budgets_;
+  std::uint64_t instance_ = 0;
+  std::atomic<std::uint64_t> next_{0};
+  detail::Mutex journal_mu_;
+  std::unique_ptr<detail::SettleJournal> journal_
+      ABSL_PT_GUARDED_BY(journal_mu_);
+  std::atomic<std::size_t> pending_{0};
+  std::atomic<std::uint64_t> fallback_reserves_{0};
+  std::atomic<std::uint64_t> journaled_{0};
+  std::atomic<std::uint64_t> replay_errors_{0};
+};
+
+inline RedisReservation& RedisReservation::operator=(
+    RedisReservation&& o) noexcept {
+  if (this != &o) {
+    release();
+    acct_ = std::exchange(o.acct_, nullptr);
+    decision_ = std::move(o.decision_);
+    first_budget_ = o.first_budget_;
+    request_id_ = std::move(o.request_id_);
+    tenant_ = std::move(o.tenant_);
+    mark_ = std::move(o.mark_);
+    prices_ = o.prices_;
+    estimate_ = o.estimate_;
+    items_ = std::move(o.items_);
+    reserved_money_ = o.reserved_money_;
+    reserved_tokens_ = o.reserved_tokens_;
+    backed_ = o.backed_;
+    local_ = o.local_;
+    done_ = o.done_;
+    settled_ = o.settled_;
+  }
+  return *this;
+}
+
+inline absl::StatusOr<Settlement> RedisReservation::settle(const Usage& used) {
+  if (settled_) return *settled_;
+  if (acct_ == nullptr || !granted() || done_) {
+    return absl::FailedPreconditionError(
+        "settle: the reservation was not granted or was released");
+  }
+  return acct_->settle_reservation(*this, used);
+}
+
+inline void RedisReservation::release() noexcept {
+  if (acct_ != nullptr && granted() && !done_)
+    acct_->release_reservation(*this);
+  acct_ = nullptr;
+}
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_BUDGET_REDIS_ACCOUNTANT_HPP_

@@ -1,0 +1,569 @@
+// RedisAccountant: budgets in Redis shared by instances, exactly-once
+// settles across them, the journal that keeps charges made while Redis is
+// away; TESTPLAN T5a (zero lost budget charges), T6a and T6d across
+// instances, and a Redis Cluster.
+#include "ratekeeper/budget/redis_accountant.hpp"
+
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "redis_server.hpp"
+#include "test_util.hpp"
+
+using namespace ratekeeper;
+using rk_test::RedisServer;
+
+namespace {
+
+// One token of input or output costs exactly 1 micro-USD (1,000 nano-USD).
+PriceTable flat_prices() {
+  PriceTable t;
+  const TokenPrice p = TokenPrice::per_million_micros(1'000'000);
+  t.set("m", {.base = {.input = p, .output = p}}).IgnoreError();
+  return t;
+}
+
+const Nanos kT0{1'796'083'200LL * 1'000'000'000};  // 2026-12-01 UTC
+
+BudgetSpec month_budget(std::string name, Scope scope, std::uint64_t nanos) {
+  return BudgetSpec{std::move(name),
+                    scope,
+                    BudgetUnit::kNanoUsd,
+                    nanos,
+                    Period::calendar(PeriodKind::kMonth).value(),
+                    {}};
+}
+
+std::shared_ptr<RedisClient> client_for(
+    int port, Nanos timeout = std::chrono::seconds(5)) {
+  auto c =
+      RedisClient::create({.port = port,
+                           .prefix = "rkt:",
+                           .connect_timeout = timeout,
+                           .command_timeout = timeout,
+                           .breaker_open = std::chrono::milliseconds(50),
+                           .breaker_max_open = std::chrono::milliseconds(200)});
+  REQUIRE(c.ok());
+  return *c;
+}
+
+struct TestClock {
+  std::shared_ptr<std::atomic<std::int64_t>> t =
+      std::make_shared<std::atomic<std::int64_t>>(kT0.count());
+  std::function<Nanos()> fn() const {
+    return [t = t] { return Nanos{t->load()}; };
+  }
+};
+
+Usage used_tokens(std::uint64_t in, std::uint64_t out) {
+  Usage u;
+  u.input_uncached = in;
+  u.output = out;
+  return u;
+}
+
+// Replays until Redis answers again (its breaker half-opens within 200 ms
+// here), at most 5 s.
+void replay_until_ok(RedisAccountant& a) {
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!a.replay_journal().ok() &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  REQUIRE(a.journal_pending() == 0);
+}
+
+std::string temp_path(const char* name) {
+  char tmpl[] = "/tmp/rk_journal_XXXXXX";
+  REQUIRE(mkdtemp(tmpl) != nullptr);
+  return std::string(tmpl) + "/" + name;
+}
+
+}  // namespace
+
+TEST_CASE("RedisAccountant: reserve holds in Redis, settle keeps what was used",
+          "[redis][budget]") {
+  RedisServer server;
+  TestClock clock;
+  auto acct = RedisAccountant::create(flat_prices(), client_for(server.port()),
+                                      {.test_clock = clock.fn()})
+                  .value();
+  REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000)).ok());
+  REQUIRE(acct->add_budget(month_budget("org", Field::kOrg, 10'000'000)).ok());
+  const Subject who{.user = "u", .team = "t", .org = "o"};
+  auto r = acct->reserve(
+      who, "m", {.prompt_tokens = 100, .max_output_tokens = 400}, "req-1");
+  REQUIRE(r.ok());
+  REQUIRE(r->granted());
+  CHECK(r->backed());
+  CHECK(r->reserved_money() == Money{500'000});
+  CHECK(acct->spent("team", who).value() == 500'000);
+  CHECK(acct->spent("org", who).value() == 500'000);
+  const auto s = r->settle(used_tokens(100, 50));
+  REQUIRE(s.ok());
+  CHECK(s->cost == Money{150'000});
+  CHECK(acct->spent("team", who).value() == 150'000);
+  CHECK(acct->spent("org", who).value() == 150'000);
+  // Again: the same answer, nothing moves.
+  CHECK(r->settle(used_tokens(100, 400)).value() == *s);
+  CHECK(acct->spent("team", who).value() == 150'000);
+
+  SECTION("a retried call's settle returns the first; its holds go back") {
+    auto again = acct->reserve(
+        who, "m", {.prompt_tokens = 100, .max_output_tokens = 400}, "req-1");
+    REQUIRE(again->granted());
+    CHECK(acct->spent("team", who).value() == 650'000);
+    CHECK(again->settle(used_tokens(100, 300)).value() == *s);
+    CHECK(acct->spent("team", who).value() == 150'000);
+  }
+  SECTION("an overage past the limit is charged; then 403") {
+    auto big = acct->reserve(
+        who, "m", {.prompt_tokens = 100, .max_output_tokens = 700}, "req-2");
+    REQUIRE(big->granted());
+    CHECK(big->settle(used_tokens(100, 1'000)).value().cost ==
+          Money{1'100'000});
+    CHECK(acct->spent("team", who).value() == 1'250'000);
+    auto refused = acct->reserve(
+        who, "m", {.prompt_tokens = 1, .max_output_tokens = 0}, "req-3");
+    REQUIRE(refused.ok());
+    CHECK_FALSE(refused->granted());
+    CHECK(refused->refused_by_budget());
+    CHECK(refused->settle(used_tokens(1, 0)).status().code() ==
+          absl::StatusCode::kFailedPrecondition);
+  }
+  SECTION("release, and the destructor, give everything back") {
+    {
+      auto held = acct->reserve(
+          who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "req-4");
+      REQUIRE(held->granted());
+      CHECK(acct->spent("team", who).value() == 170'000);
+    }
+    CHECK(acct->spent("team", who).value() == 150'000);
+    auto held = acct->reserve(
+        who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "req-5");
+    held->release();
+    CHECK(acct->spent("team", who).value() == 150'000);
+    CHECK(held->settle(used_tokens(1, 1)).status().code() ==
+          absl::StatusCode::kFailedPrecondition);
+  }
+  SECTION(
+      "a period turns: the new month starts empty, a late settle stays "
+      "in the month it was reserved in") {
+    auto late = acct->reserve(
+        who, "m", {.prompt_tokens = 100, .max_output_tokens = 100}, "req-6");
+    REQUIRE(late->granted());
+    clock.t->store((kT0 + std::chrono::hours(24 * 31)).count());
+    CHECK(acct->spent("team", who).value() == 0);
+    REQUIRE(late->settle(used_tokens(100, 0)).ok());
+    CHECK(acct->spent("team", who).value() == 0);
+  }
+  SECTION("bad input is a status, nothing held") {
+    CHECK(acct->reserve({.user = "u", .team = "t"}, "m", {1, 1}, "x")
+              .status()
+              .code() == absl::StatusCode::kInvalidArgument);  // no org
+    CHECK(acct->reserve(who, "nope", {1, 1}, "x").status().code() ==
+          absl::StatusCode::kNotFound);
+    CHECK(acct->reserve(who, "m", {1, 1}, "").status().code() ==
+          absl::StatusCode::kInvalidArgument);
+    CHECK(acct->spent("team", who).value() == 150'000);
+    CHECK(acct->spent("nope", who).status().code() ==
+          absl::StatusCode::kNotFound);
+  }
+}
+
+TEST_CASE(
+    "T6a across instances: 64 reservations from 2 accountants against "
+    "a budget for 10, exactly 10 every round",
+    "[redis][budget][T6a]") {
+  RedisServer server;
+  TestClock clock;
+  std::vector<std::unique_ptr<RedisAccountant>> instances;
+  for (int i = 0; i < 2; ++i) {
+    instances.push_back(RedisAccountant::create(flat_prices(),
+                                                client_for(server.port()),
+                                                {.test_clock = clock.fn()})
+                            .value());
+    REQUIRE(instances.back()
+                ->add_budget(month_budget("team", Field::kTeam, 10'000))
+                .ok());
+  }
+  const Subject who{.user = "u", .team = "t", .org = "o"};
+  const int rounds = 100;
+  for (int round = 0; round < rounds; ++round) {
+    std::atomic<int> granted{0};
+    std::vector<std::vector<RedisReservation>> held(8);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 8; ++t) {
+      threads.emplace_back([&, t] {
+        RedisAccountant& a = *instances[static_cast<std::size_t>(t % 2)];
+        for (int k = 0; k < 8; ++k) {
+          auto r = a.reserve(
+              who, "m", {.prompt_tokens = 1, .max_output_tokens = 0},
+              "r" + std::to_string(round) + "-" + std::to_string(t * 8 + k));
+          if (r.ok() && r->granted()) {
+            granted.fetch_add(1);
+            held[static_cast<std::size_t>(t)].push_back(*std::move(r));
+          }
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    REQUIRE(granted.load() == 10);
+    held.clear();  // released: the budget is whole for the next round
+    REQUIRE(instances[0]->spent("team", who).value() == 0);
+  }
+}
+
+TEST_CASE(
+    "T6d across instances: random lifecycles, settles retried on "
+    "other instances, Redis's books equal the oracle",
+    "[redis][budget][T6d]") {
+  RedisServer server;
+  TestClock clock;
+  std::vector<std::unique_ptr<RedisAccountant>> instances;
+  for (int i = 0; i < 3; ++i) {
+    instances.push_back(RedisAccountant::create(flat_prices(),
+                                                client_for(server.port()),
+                                                {.test_clock = clock.fn()})
+                            .value());
+    REQUIRE(instances.back()
+                ->add_budget(month_budget("team", Field::kTeam, 1'000'000'000))
+                .ok());
+  }
+  std::mt19937_64 rng(rk_test::seed_or(0x6D));
+  std::map<std::string, std::int64_t> oracle;  // team -> nano-USD
+  const int calls = 2'000;
+  for (int i = 0; i < calls; ++i) {
+    const std::string team = "t" + std::to_string(rng() % 4);
+    const Subject who{.team = team, .org = "o"};
+    const std::string id = "call-" + std::to_string(i);
+    const Estimate e{.prompt_tokens = rng() % 500,
+                     .max_output_tokens = rng() % 500};
+    auto r = instances[rng() % 3]->reserve(who, "m", e, id);
+    REQUIRE(r->granted());
+    const int what = static_cast<int>(rng() % 4);
+    if (what == 0) continue;  // dropped: released by the destructor
+    const Usage u = used_tokens(e.prompt_tokens, rng() % 800);  // above too
+    const auto first = r->settle(u);
+    REQUIRE(first.ok());
+    oracle[team] += first->cost.nanos;
+    // The whole call retried 0-2 times on other instances: the first
+    // settlement each time, nothing charged twice, holds given back.
+    for (int k = static_cast<int>(rng() % 3); k-- > 0;) {
+      auto retry = instances[rng() % 3]->reserve(who, "m", e, id);
+      REQUIRE(retry->granted());
+      CHECK(retry->settle(used_tokens(1, 1)).value() == *first);
+    }
+  }
+  for (const auto& [team, nanos] : oracle) {
+    CAPTURE(team);
+    CHECK(
+        static_cast<std::int64_t>(
+            instances[0]->spent("team", {.team = team, .org = "o"}).value()) ==
+        nanos);
+  }
+}
+
+TEST_CASE(
+    "journal: torn tail cut, damage refused, replayed by the next "
+    "process",
+    "[redis][budget][journal]") {
+  const std::string path = temp_path("settles.journal");
+  {
+    auto j = detail::SettleJournal::open(path).value();
+    REQUIRE(j->append({{"k1", "k 2"}, {"", "settle", std::string("\0\xff", 2)}})
+                .ok());
+    REQUIRE(j->append({{"a"}, {"b"}}).ok());
+  }
+  {
+    std::ofstream f(path, std::ios::app);
+    f << "j 1 6b";  // torn: no checksum, no newline
+  }
+  {
+    auto j = detail::SettleJournal::open(path).value();
+    REQUIRE(j->pending().size() == 2);
+    CHECK(j->pending()[0].keys[1] == "k 2");
+    CHECK(j->pending()[0].args[0].empty());
+    CHECK(j->pending()[0].args[2] == std::string("\0\xff", 2));
+    CHECK(j->pending()[1].args[0] == "b");
+  }
+  {
+    std::fstream f(path, std::ios::in | std::ios::out);
+    f.seekp(5);
+    f.put('0');  // a flipped digit in an acknowledged line
+  }
+  CHECK(detail::SettleJournal::open(path).status().code() ==
+        absl::StatusCode::kDataLoss);
+}
+
+TEST_CASE(
+    "T5a for budgets: Redis SIGKILLed mid-run and restarted: zero "
+    "lost budget charges",
+    "[redis][budget][T5a]") {
+  // Persistence as docs/redis.md recommends for budgets: what Redis
+  // acknowledged survives its restart; what it could not take waits in the
+  // journal. The books must equal every settle acknowledged, exactly.
+  char dir[] = "/tmp/rk_aof_XXXXXX";
+  REQUIRE(mkdtemp(dir) != nullptr);
+  RedisServer server(
+      {"--dir", dir, "--appendonly", "yes", "--appendfsync", "always"});
+  const std::string journal = std::string(dir) + "/settles.journal";
+  auto client = client_for(server.port(), std::chrono::milliseconds(50));
+  auto acct =
+      RedisAccountant::create(flat_prices(), client, {.journal_path = journal})
+          .value();
+  REQUIRE(acct->add_budget(
+                  month_budget("team", Field::kTeam, std::uint64_t{1} << 50),
+                  {.fail = FailMode::kOpen})
+              .ok());
+  std::atomic<bool> stop{false};
+  std::atomic<std::int64_t> acknowledged{0};
+  std::atomic<int> settles{0};
+  std::atomic<int> errors{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(static_cast<std::uint64_t>(t) + 1);
+      const std::string team = "t" + std::to_string(t % 2);
+      const Subject who{.team = team, .org = "o"};  // views: team outlives
+      for (int i = 0; !stop.load(); ++i) {
+        auto r = acct->reserve(
+            who, "m", {.prompt_tokens = 100, .max_output_tokens = 200},
+            "w" + std::to_string(t) + "-" + std::to_string(i));
+        if (!r.ok() || !r->granted()) {
+          errors.fetch_add(1);
+          continue;
+        }
+        const auto s = r->settle(used_tokens(100, rng() % 400));
+        if (!s.ok()) {
+          errors.fetch_add(1);
+          continue;
+        }
+        acknowledged.fetch_add(s->cost.nanos);
+        settles.fetch_add(1);
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  server.stop(SIGKILL);
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  const std::uint64_t journaled_while_down = acct->journaled();
+  server.start();  // the same directory: its AOF
+  std::this_thread::sleep_for(std::chrono::milliseconds(1'500));
+  stop = true;
+  for (auto& th : threads) th.join();
+  // Whatever is still journaled goes now.
+  const auto replay = acct->replay_journal();
+  REQUIRE(replay.ok());
+  CHECK(acct->journal_pending() == 0);
+  INFO("settles " << settles.load() << ", journaled while down "
+                  << journaled_while_down << ", reserves by the fail mode "
+                  << acct->fallback_reserves());
+  CHECK(errors.load() == 0);
+  CHECK(journaled_while_down > 0);
+  CHECK(acct->fallback_reserves() > 0);
+  const std::int64_t books = static_cast<std::int64_t>(
+      acct->spent("team", {.team = "t0", .org = "o"}).value() +
+      acct->spent("team", {.team = "t1", .org = "o"}).value());
+  CHECK(books == acknowledged.load());
+  const std::string rm = std::string("rm -rf ") + dir;
+  CHECK(std::system(rm.c_str()) == 0);
+}
+
+TEST_CASE(
+    "a journal left by a crashed process is replayed by the next one, "
+    "once",
+    "[redis][budget][journal]") {
+  RedisServer server;
+  const std::string journal = temp_path("settles.journal");
+  TestClock clock;
+  const Subject who{.team = "t", .org = "o"};
+  {
+    // Redis is away for this whole "process": reserved by the fail mode,
+    // settled into the journal.
+    auto acct = RedisAccountant::create(
+                    flat_prices(),
+                    client_for(server.port(), std::chrono::milliseconds(50)),
+                    {.journal_path = journal, .test_clock = clock.fn()})
+                    .value();
+    REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
+                             {.fail = FailMode::kOpen})
+                .ok());
+    server.stop(SIGKILL);
+    for (int i = 0; i < 5; ++i) {
+      auto r = acct->reserve(who, "m", {10, 10}, "c" + std::to_string(i));
+      REQUIRE(r->granted());
+      CHECK_FALSE(r->backed());
+      REQUIRE(r->settle(used_tokens(10, 5)).ok());
+    }
+    CHECK(acct->journaled() >= 5);  // the settles (and any release of a
+                                    // reserve that may have run)
+  }
+  server.start();
+  for (int run = 0; run < 2; ++run) {
+    // The next process: the journal replays on its first call (a second
+    // run of the same journal, as after a crash mid-replay, changes
+    // nothing).
+    auto acct = RedisAccountant::create(
+                    flat_prices(), client_for(server.port()),
+                    {.journal_path = journal, .test_clock = clock.fn()})
+                    .value();
+    REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
+                             {.fail = FailMode::kOpen})
+                .ok());
+    CHECK((acct->journal_pending() >= 5) == (run == 0));
+    auto r = acct->reserve(who, "m", {1, 0}, "probe" + std::to_string(run));
+    REQUIRE(r->granted());
+    r->release();
+    CHECK(acct->journal_pending() == 0);
+    CHECK(acct->spent("team", who).value() == 5 * 15'000);
+  }
+}
+
+TEST_CASE("a crash mid-replay: the same journal run twice applies once",
+          "[redis][budget][journal]") {
+  RedisServer server;
+  const std::string journal = temp_path("settles.journal");
+  TestClock clock;
+  const Subject who{.team = "t", .org = "o"};
+  {
+    auto acct = RedisAccountant::create(
+                    flat_prices(),
+                    client_for(server.port(), std::chrono::milliseconds(50)),
+                    {.journal_path = journal, .test_clock = clock.fn()})
+                    .value();
+    REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
+                             {.fail = FailMode::kOpen})
+                .ok());
+    server.stop(SIGKILL);
+    for (int i = 0; i < 3; ++i) {
+      auto r = acct->reserve(who, "m", {10, 10}, "c" + std::to_string(i));
+      REQUIRE(r->settle(used_tokens(10, 10)).ok());
+    }
+  }
+  server.start();
+  // Copy the journal, replay it, put the copy back: a crash after running
+  // the lines and before emptying the file.
+  const std::string copy = journal + ".copy";
+  REQUIRE(std::system(("cp " + journal + " " + copy).c_str()) == 0);
+  for (int run = 0; run < 2; ++run) {
+    auto acct = RedisAccountant::create(
+                    flat_prices(), client_for(server.port()),
+                    {.journal_path = journal, .test_clock = clock.fn()})
+                    .value();
+    REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
+                             {.fail = FailMode::kOpen})
+                .ok());
+    CHECK(acct->replay_journal().value() >= 3);
+    CHECK(acct->spent("team", who).value() == 3 * 20'000);
+    REQUIRE(std::system(("cp " + copy + " " + journal).c_str()) == 0);
+  }
+}
+
+TEST_CASE(
+    "fail modes for budgets: closed refuses, local holds at the "
+    "instance's share; both counted",
+    "[redis][budget]") {
+  RedisServer server;
+  const std::string journal = temp_path("settles.journal");
+  TestClock clock;
+  auto acct = RedisAccountant::create(
+                  flat_prices(),
+                  client_for(server.port(), std::chrono::milliseconds(50)),
+                  {.journal_path = journal, .test_clock = clock.fn()})
+                  .value();
+  REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 100'000),
+                           {.fail = FailMode::kLocal, .instances = 4})
+              .ok());
+  REQUIRE(acct->add_budget(month_budget("org", Field::kOrg, 1'000'000),
+                           {.fail = FailMode::kOpen})
+              .ok());
+  const Subject who{.team = "t", .org = "o"};
+  server.stop(SIGKILL);
+  // The team's share here: 25,000 nano-USD: two calls of 10,000 fit.
+  std::vector<RedisReservation> held;
+  for (int i = 0; i < 3; ++i) {
+    auto r = acct->reserve(who, "m", {5, 5}, "l" + std::to_string(i));
+    REQUIRE(r.ok());
+    CHECK_FALSE(r->backed());
+    CHECK(r->granted() == (i < 2));
+    held.push_back(*std::move(r));
+  }
+  CHECK(held[2].refused_by_budget());
+  REQUIRE(held[0].settle(used_tokens(5, 1)).ok());  // 6,000: journaled
+  REQUIRE(held[1].settle(used_tokens(5, 5)).ok());  // 10,000
+  CHECK(acct->journaled() >= 2);
+  CHECK(acct->budgets()[0]->fallbacks() == 3);
+  server.start();
+  replay_until_ok(*acct);
+  CHECK(acct->spent("team", who).value() == 16'000);
+  CHECK(acct->spent("org", who).value() == 16'000);
+
+  SECTION("closed") {
+    auto closed = RedisAccountant::create(
+                      flat_prices(),
+                      client_for(server.port(), std::chrono::milliseconds(50)),
+                      {.test_clock = clock.fn()})
+                      .value();
+    REQUIRE(
+        closed->add_budget(month_budget("team", Field::kTeam, 100'000)).ok());
+    server.stop(SIGKILL);
+    auto r = closed->reserve(who, "m", {5, 5}, "c1");
+    REQUIRE(r.ok());
+    CHECK_FALSE(r->granted());
+    CHECK(r->decision().retry_after == std::chrono::seconds(1));
+    CHECK(closed->fallback_reserves() == 1);
+  }
+}
+
+TEST_CASE(
+    "budgets on a 3-master Redis Cluster: one tenant's reservation in "
+    "one slot",
+    "[redis][budget][T4d]") {
+  rk_test::RedisCluster cluster;
+  auto client = RedisClient::create({.port = cluster.port(0),
+                                     .prefix = "rkt:",
+                                     .command_timeout = std::chrono::seconds(5),
+                                     .cluster = true})
+                    .value();
+  TestClock clock;
+  auto acct =
+      RedisAccountant::create(flat_prices(), client, {.test_clock = clock.fn()})
+          .value();
+  REQUIRE(acct->add_budget(month_budget("user", Field::kUser, 1'000'000)).ok());
+  REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000)).ok());
+  REQUIRE(acct->add_budget(month_budget("org", Field::kOrg, 10'000'000)).ok());
+  auto rpm = RedisLimit<FixedWindow>::create(
+                 {.name = "rpm"}, FixedWindow::create(per_minute(100)).value(),
+                 client, {.test_time = true})
+                 .value();
+  std::set<std::string> nodes;
+  for (int o = 0; o < 30; ++o) {
+    const std::string org = "org" + std::to_string(o);
+    const Subject who{.user = "u", .team = "t", .org = org};
+    const ChainItem limits[] = {{rpm.get(), "u", 1}};
+    auto r = acct->reserve(who, "m", {10, 10}, "id", limits);
+    REQUIRE(r.ok());
+    REQUIRE(r->granted());
+    REQUIRE(r->backed());
+    REQUIRE(r->settle(used_tokens(10, 0)).ok());
+    CHECK(acct->spent("org", who).value() == 10'000);
+    nodes.insert(client->node_of(redis_key(
+        "rkt:", "org", subject_key(Scope(Field::kOrg), who).value(), "")));
+  }
+  CHECK(nodes.size() == 3);
+  for (RedisLimitBase* b : acct->budgets()) CHECK(b->fallbacks() == 0);
+  CHECK(rpm->fallbacks() == 0);
+}
