@@ -14,13 +14,20 @@ endif
 PRESETS := release clang asan tsan fuzz
 FORMAT_FILES = $(shell find include tests examples benchmarks \( -name '*.hpp' -o -name '*.cpp' \) 2>/dev/null)
 
-.PHONY: demo test bench deps deps-test deps-bench format format-check \
+.PHONY: demo demo-redis test bench deps deps-test deps-bench format format-check \
         $(addprefix test-,$(PRESETS))
 
 demo: deps
 	cmake --preset release
 	cmake --build --preset release --target gateway_demo
 	./build/release/examples/gateway_demo
+
+# Two demo instances sharing limits and budgets in a redis-server of their
+# own (or: gateway_demo --redis host:port against yours).
+demo-redis: deps
+	cmake --preset release
+	cmake --build --preset release --target gateway_demo
+	sh scripts/demo-redis.sh ./build/release/examples/gateway_demo
 
 test: deps-test format-check $(addprefix test-,$(PRESETS))
 	@echo "ratekeeper: all presets passed: $(PRESETS)"

@@ -23,6 +23,8 @@
 // real clock.
 //
 //   gateway_demo [--users N] [--seed S]
+//   gateway_demo --redis host:port [--seconds S] [--users N]
+//       two instances sharing limits and budgets in Redis (demo_redis.cpp)
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -227,7 +229,25 @@ void measure_check_cost() {
 
 }  // namespace
 
+#if defined(RATEKEEPER_DEMO_REDIS)
+int run_redis_demo(const std::string& where, double seconds,
+                   std::size_t n_users);
+#endif
+
 int main(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::strcmp(argv[i], "--redis") == 0) {
+#if defined(RATEKEEPER_DEMO_REDIS)
+      return run_redis_demo(
+          argv[i + 1], static_cast<double>(arg_or(argc, argv, "--seconds", 8)),
+          static_cast<std::size_t>(arg_or(argc, argv, "--users", 40)));
+#else
+      fmt::print(stderr,
+                 "gateway_demo: built without hiredis (libhiredis-dev)\n");
+      return 2;
+#endif
+    }
+  }
   const auto n_users = arg_or(argc, argv, "--users", 2'000);
   const auto seed = arg_or(argc, argv, "--seed", 20261128);
   std::mt19937_64 rng(seed);
