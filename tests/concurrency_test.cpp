@@ -28,6 +28,7 @@
 
 #include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/budget/ledger.hpp"
+#include "ratekeeper/budget/redis_accountant.hpp"
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/limiter.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
@@ -821,4 +822,113 @@ TEST_CASE(
   CHECK(admitted.load() <= 2 * burst);
   CHECK(limit->fallbacks() > 0);
   CHECK(refused.load() >= limit->fallbacks());
+}
+
+TEST_CASE(
+    "8 threads on two Redis accountants race retries of each other's ids "
+    "while Redis is killed and restarted with its AOF: the books equal the "
+    "first settlement of every id",
+    "[redis][budget][concurrency]") {
+  char dir[] = "/tmp/rk_conc_aof_XXXXXX";
+  REQUIRE(mkdtemp(dir) != nullptr);
+  rk_test::RedisServer server(
+      {"--dir", dir, "--appendonly", "yes", "--appendfsync", "always"});
+  PriceTable prices;
+  const TokenPrice p = TokenPrice::per_million_micros(1'000'000);
+  REQUIRE(prices.set("m", {.base = {.input = p, .output = p}}).ok());
+  std::vector<std::unique_ptr<RedisAccountant>> accts;
+  for (int i = 0; i < 2; ++i) {
+    auto client = RedisClient::create(
+                      {.port = server.port(),
+                       .prefix = "conc:",
+                       .connect_timeout = std::chrono::milliseconds(200),
+                       .command_timeout = std::chrono::milliseconds(200),
+                       .breaker_open = std::chrono::milliseconds(50),
+                       .breaker_max_open = std::chrono::milliseconds(200)})
+                      .value();
+    accts.push_back(
+        RedisAccountant::create(
+            prices, client,
+            {.journal_path = std::string(dir) + "/j" + std::to_string(i)})
+            .value());
+    REQUIRE(accts.back()
+                ->add_budget(
+                    {.name = "team",
+                     .scope = Field::kTeam,
+                     .limit = std::uint64_t{1} << 50,
+                     .period = Period::calendar(PeriodKind::kMonth).value()},
+                    {.fail = FailMode::kOpen})
+                .ok());
+  }
+  // Ids 0..N-1, each settled by whichever thread gets there first with its
+  // own usage; the first settlement of each id is what must be charged.
+  constexpr int kIds = 400;
+  std::vector<std::atomic<std::int64_t>> first(kIds);
+  for (auto& f : first) f.store(-1);
+  std::atomic<int> next{0};
+  std::atomic<int> errors{0};
+  std::vector<std::thread> threads;
+  const Subject who{.team = "t", .org = "o"};
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(static_cast<std::uint64_t>(t) + 7);
+      for (;;) {
+        const int id = next.fetch_add(1) / 2;  // every id twice
+        if (id >= kIds) return;
+        RedisAccountant& a = *accts[static_cast<std::size_t>(t % 2)];
+        auto r = a.reserve(who, "m", {10, 90}, "id-" + std::to_string(id));
+        if (!r.ok() || !r->granted()) {
+          errors.fetch_add(1);
+          continue;
+        }
+        Usage u;
+        u.input_uncached = 10;
+        u.output = rng() % 100;
+        const auto s = r->settle(u);
+        if (!s.ok()) {
+          errors.fetch_add(1);
+          continue;
+        }
+        std::int64_t expected = -1;
+        // The first to record an id's settlement; a later one must agree
+        // unless Redis was away for one of them (then each got its own
+        // pricing, and Redis keeps whichever it applied first).
+        first[static_cast<std::size_t>(id)].compare_exchange_strong(
+            expected, s->cost.nanos);
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  server.stop(SIGKILL);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  server.start();  // its AOF: what Redis acknowledged survives
+  for (auto& th : threads) th.join();
+  for (auto& a : accts) {
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!a->replay_journal().ok() &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    REQUIRE(a->journal_pending() == 0);
+  }
+  CHECK(errors.load() == 0);
+  // Every id charged exactly once: the books are the sum, over ids, of the
+  // settlement Redis recorded for each (the first it applied).
+  std::uint64_t sum = 0;
+  std::size_t agreed = 0;
+  for (int id = 0; id < kIds; ++id) {
+    const auto s = accts[1]->find_settlement(who, "id-" + std::to_string(id));
+    REQUIRE(s.ok());
+    REQUIRE(s->has_value());
+    sum += static_cast<std::uint64_t>((*s)->cost.nanos);
+    agreed += (*s)->cost.nanos == first[static_cast<std::size_t>(id)].load();
+  }
+  const std::uint64_t books = accts[0]->spent("team", who).value();
+  INFO("journaled " << accts[0]->journaled() << " + " << accts[1]->journaled()
+                    << "; first answers agreeing with Redis: " << agreed);
+  CHECK(books == sum);
+  const std::string rm = std::string("rm -rf ") + dir;
+  CHECK(std::system(rm.c_str()) == 0);
 }

@@ -386,6 +386,7 @@ class RedisAccountant {
     if (!a->options_.journal_path.empty()) {
       auto j = detail::SettleJournal::open(a->options_.journal_path);
       if (!j.ok()) return j.status();
+      detail::MutexLock lock(&a->journal_mu_);
       a->journal_ = *std::move(j);
       a->pending_.store(a->journal_->pending().size());
     }
@@ -564,6 +565,28 @@ class RedisAccountant {
     }
     return absl::NotFoundError(
         absl::StrCat("no budget named \"", detail::av(name), "\""));
+  }
+
+  // find_settlement
+  //
+  // The settlement Redis holds for `request_id` of `who`'s tenant (nullopt:
+  // not settled, or settled longer than settled_ttl ago). kUnavailable when
+  // Redis cannot answer.
+  absl::StatusOr<std::optional<Settlement>> find_settlement(
+      const Subject& who, std::string_view request_id) {
+    absl::StatusOr<std::string> tenant = subject_key(options_.tenant, who);
+    if (!tenant.ok()) return tenant.status();
+    const std::string k =
+        redis_key(client_->options().prefix, "#settled", *tenant, request_id);
+    const std::string_view keys[] = {k};
+    const std::string now = now_arg();
+    const std::string_view args[] = {now, "settled"};
+    auto r = client_->eval_ints(detail::redis_script(), keys, args);
+    if (!r.ok()) return r.status();
+    if (r->size() == 2 && (*r)[0] == 0) return std::optional<Settlement>();
+    if (r->size() != 5) return absl::InternalError("redis: malformed reply");
+    return std::optional<Settlement>(Settlement{
+        Money{(*r)[2]}, static_cast<std::uint64_t>((*r)[3]), (*r)[4] != 0});
   }
 
   std::vector<RedisLimitBase*> budgets() const {

@@ -41,6 +41,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cerrno>
@@ -310,6 +311,67 @@ class RedisClient {
     return guarded([&] { return eval_once(script, keys, args); });
   }
 
+  // eval_pipelined
+  //
+  // Runs many calls of `script` with one write and one read per node (a
+  // pipeline: all in flight at once), each call's reply in its place as
+  // eval_ints would answer it. Calls Redis answers NOSCRIPT, MOVED or ASK
+  // run again one at a time. As with eval_ints, a call not answered is
+  // kUnavailable and never retried (it may have run).
+  struct EvalCall {
+    std::span<const std::string_view> keys;
+    std::span<const std::string_view> args;
+  };
+  using IntsOr = absl::StatusOr<absl::InlinedVector<std::int64_t, 8>>;
+  std::vector<IntsOr> eval_pipelined(const RedisScript& script,
+                                     std::span<const EvalCall> calls) {
+    std::vector<IntsOr> out(calls.size(),
+                            absl::InternalError("redis: not run"));
+    const auto steady = [] {
+      return std::chrono::duration_cast<Nanos>(
+          std::chrono::steady_clock::now().time_since_epoch());
+    };
+    bool probe = false;
+    if (!breaker_.admit(steady(), probe)) {
+      const absl::Status st = absl::UnavailableError(
+          absl::StrCat("redis ", options_.host, ":", options_.port,
+                       ": circuit open after repeated failures (not tried)"));
+      for (auto& o : out) o = st;
+      return out;
+    }
+    // Calls grouped by node, in order within each.
+    std::vector<std::pair<Node*, std::vector<std::size_t>>> groups;
+    for (std::size_t i = 0; i < calls.size(); ++i) {
+      Node* n =
+          calls[i].keys.empty() ? first_node() : node_for(calls[i].keys[0]);
+      auto g = std::find_if(groups.begin(), groups.end(),
+                            [n](const auto& p) { return p.first == n; });
+      if (g == groups.end()) {
+        groups.push_back({n, {}});
+        g = groups.end() - 1;
+      }
+      g->second.push_back(i);
+    }
+    std::vector<std::size_t> redo;
+    for (auto& [node, which] : groups) {
+      pipeline_on(*node, script, calls, which, std::span<IntsOr>(out), redo);
+    }
+    for (const std::size_t i : redo) {
+      out[i] = eval_once(script, calls[i].keys, calls[i].args);
+    }
+    bool reached = true;
+    for (const auto& o : out) {
+      if (!o.ok() && absl::IsUnavailable(o.status())) reached = false;
+    }
+    if (reached) {
+      breaker_.success();
+    } else {
+      breaker_.failure(steady(), probe);
+      drop_idle();
+    }
+    return out;
+  }
+
   // command
   //
   // One command (administration, tests): the reply as text (a status, a
@@ -462,26 +524,106 @@ class RedisClient {
         put_back(&node, *std::move(conn));
         return absl::InternalError(absl::StrCat("redis: ", detail::av(msg)));
       }
-      absl::InlinedVector<std::int64_t, 8> out;
-      if (reply.type == REDIS_REPLY_INTEGER) {
-        out.push_back(reply.integer);
-      } else if (reply.type == REDIS_REPLY_ARRAY) {
-        for (std::size_t i = 0; i < reply.elements; ++i) {
-          if (reply.element[i]->type != REDIS_REPLY_INTEGER) {
-            put_back(&node, *std::move(conn));
-            return absl::InternalError(
-                "redis: a script answered a non-integer");
-          }
-          out.push_back(reply.element[i]->integer);
-        }
-      } else {
-        put_back(&node, *std::move(conn));
-        return absl::InternalError("redis: unexpected reply type");
-      }
       put_back(&node, *std::move(conn));
-      return out;
+      return ints_of(reply);
     }
     return absl::InternalError("redis: no answer to the script");
+  }
+
+  // A script's reply: an integer or an array of integers.
+  static absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> ints_of(
+      const redisReply& reply) {
+    absl::InlinedVector<std::int64_t, 8> out;
+    if (reply.type == REDIS_REPLY_INTEGER) {
+      out.push_back(reply.integer);
+    } else if (reply.type == REDIS_REPLY_ARRAY) {
+      for (std::size_t i = 0; i < reply.elements; ++i) {
+        if (reply.element[i]->type != REDIS_REPLY_INTEGER) {
+          return absl::InternalError("redis: a script answered a non-integer");
+        }
+        out.push_back(reply.element[i]->integer);
+      }
+    } else if (reply.type == REDIS_REPLY_ERROR) {
+      return absl::InternalError(absl::StrCat(
+          "redis: ", detail::av(std::string_view(reply.str, reply.len))));
+    } else {
+      return absl::InternalError("redis: unexpected reply type");
+    }
+    return out;
+  }
+
+  // The calls of one node, pipelined on one connection: every EVALSHA
+  // written at once, the replies read in order, under one deadline. A call
+  // answered NOSCRIPT, MOVED or ASK is left for eval_once (`redo`); after
+  // an I/O failure the calls not answered are kUnavailable.
+  void pipeline_on(Node& node, const RedisScript& script,
+                   std::span<const EvalCall> calls,
+                   std::span<const std::size_t> which, std::span<IntsOr> out,
+                   std::vector<std::size_t>& redo) {
+    auto fail_from = [&](std::size_t k, const absl::Status& st) {
+      for (; k < which.size(); ++k) out[which[k]] = st;
+    };
+    absl::StatusOr<detail::ContextPtr> conn = take(node);
+    if (!conn.ok()) return fail_from(0, conn.status());
+    const Deadline deadline = command_deadline();
+    std::string sha = known_sha(script);
+    if (sha.empty()) {
+      absl::StatusOr<std::string> loaded = load(**conn, script, deadline);
+      if (!loaded.ok()) return fail_from(0, loaded.status());
+      sha = *std::move(loaded);
+    }
+    for (const std::size_t i : which) {
+      absl::InlinedVector<const char*, 24> ptrs;
+      absl::InlinedVector<std::size_t, 24> lens;
+      const std::string nkeys = std::to_string(calls[i].keys.size());
+      auto add = [&](std::string_view a) {
+        ptrs.push_back(a.data());
+        lens.push_back(a.size());
+      };
+      add("EVALSHA");
+      add(sha);
+      add(nkeys);
+      for (const std::string_view k : calls[i].keys) add(k);
+      for (const std::string_view a : calls[i].args) add(a);
+      if (redisAppendCommandArgv(&**conn, static_cast<int>(ptrs.size()),
+                                 ptrs.data(), lens.data()) != REDIS_OK) {
+        return fail_from(0, unavailable((*conn)->errstr));
+      }
+    }
+    for (int done = 0; done == 0;) {
+      if (redisBufferWrite(&**conn, &done) != REDIS_OK) {
+        return fail_from(0, unavailable((*conn)->errstr));
+      }
+      if (done == 0 && !detail::wait_fd((*conn)->fd, POLLOUT, deadline)) {
+        return fail_from(0, unavailable("timed out writing"));
+      }
+    }
+    for (std::size_t k = 0; k < which.size(); ++k) {
+      void* raw = nullptr;
+      for (;;) {
+        if (redisGetReplyFromReader(&**conn, &raw) != REDIS_OK) {
+          return fail_from(k, unavailable((*conn)->errstr));
+        }
+        if (raw != nullptr) break;
+        if (!detail::wait_fd((*conn)->fd, POLLIN, deadline)) {
+          return fail_from(k, unavailable("timed out waiting for the reply"));
+        }
+        if (redisBufferRead(&**conn) != REDIS_OK) {
+          return fail_from(k, unavailable((*conn)->errstr));
+        }
+      }
+      const detail::ReplyPtr reply(static_cast<redisReply*>(raw));
+      if (reply->type == REDIS_REPLY_ERROR) {
+        const std::string_view msg(reply->str, reply->len);
+        if (msg.substr(0, 8) == "NOSCRIPT" || msg.substr(0, 6) == "MOVED " ||
+            msg.substr(0, 4) == "ASK ") {
+          redo.push_back(which[k]);
+          continue;
+        }
+      }
+      out[which[k]] = ints_of(*reply);
+    }
+    put_back(&node, *std::move(conn));
   }
 
   absl::StatusOr<std::string> command_once(
@@ -749,6 +891,12 @@ inline absl::StatusOr<std::uint64_t> whole_micros(std::string_view policy,
 // The one script (every policy, single operations and chains).
 inline const RedisScript& redis_script() {
   static const RedisScript s{std::string(lua::kScript)};
+  return s;
+}
+
+// A TokenBucket's single acquire or peek (no charge-on-reject).
+inline const RedisScript& redis_tb_script() {
+  static const RedisScript s{std::string(lua::kTokenBucketScript)};
   return s;
 }
 
@@ -1056,6 +1204,65 @@ class RedisLimit final : public RedisLimitBase {
     return {d, at};
   }
 
+  // acquire_batch
+  //
+  // Many acquires, each of its own key and cost, pipelined: one write and
+  // one read for all of them (one per node on a Cluster), each decided by
+  // its own script on the server, in order. Each is atomic on its own; the
+  // batch is not all or nothing (a RedisChain is, for the limits of one
+  // call). For servers that gather the decisions of many requests (an event
+  // loop): the throughput of 50 calls in flight on one connection. A call
+  // Redis does not answer gets the fail mode's decision, counted.
+  struct Request {
+    std::string_view key;
+    Cost cost = 1;
+  };
+  std::vector<Decision> acquire_batch(std::span<const Request> requests,
+                                      Nanos now) {
+    const std::size_t n = requests.size();
+    std::vector<std::string> keys;
+    std::vector<absl::InlinedVector<std::string, 24>> args(n);
+    std::vector<absl::InlinedVector<std::string_view, 24>> argv(n);
+    std::vector<std::string_view> key_views;
+    keys.reserve(n);
+    key_views.reserve(n);
+    std::vector<RedisClient::EvalCall> calls;
+    calls.reserve(n);
+    const std::string time = redis_options().test_time
+                                 ? std::to_string(now.count() / 1000)
+                                 : std::string();
+    for (std::size_t i = 0; i < n; ++i) {
+      keys.push_back(
+          redis_key(client()->options().prefix, name(), {}, requests[i].key));
+      key_views.emplace_back(keys.back());
+      args[i].push_back(time);
+      args[i].emplace_back("acquire");
+      detail::append_item(args[i], *this, requests[i].cost, false, Nanos{0},
+                          now);
+      argv[i].assign(args[i].begin(), args[i].end());
+      calls.push_back({std::span<const std::string_view>(&key_views[i], 1),
+                       std::span<const std::string_view>(argv[i])});
+    }
+    std::vector<RedisClient::IntsOr> replies =
+        client()->eval_pipelined(script_for("acquire", false), calls);
+    std::vector<Decision> out;
+    out.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      const RedisClient::IntsOr& r = replies[i];
+      if (r.ok() && r->size() == 7) {
+        out.push_back(detail::decision_at(*r, 0));
+      } else if (r.ok() && r->size() == 2 && (*r)[0] == -2) {
+        // A budget's period other than Redis's: this one alone, again.
+        out.push_back(acquire(requests[i].key, requests[i].cost, now));
+      } else {
+        out.push_back(fail(
+            r.ok() ? absl::InternalError("redis: malformed reply") : r.status(),
+            "acquire", requests[i].key, requests[i].cost, now, Nanos{0}));
+      }
+    }
+    return out;
+  }
+
   std::uint64_t limit() const noexcept override { return policy_.limit(); }
   Nanos window() const noexcept override {
     return detail::quota_window(policy_);
@@ -1087,6 +1294,16 @@ class RedisLimit final : public RedisLimitBase {
       : RedisLimitBase(o, std::move(client), redis, std::move(params)),
         policy_(std::move(policy)) {}
 
+  // The lean script for what it covers, else the general one.
+  const RedisScript& script_for(std::string_view op, bool charge) const {
+    if constexpr (std::is_same_v<P, TokenBucket>) {
+      if ((op == "acquire" || op == "peek") && !charge && !charge_on_reject()) {
+        return detail::redis_tb_script();
+      }
+    }
+    return detail::redis_script();
+  }
+
   Decision run(std::string_view op, std::string_view key, Cost cost,
                bool charge, Nanos now, Nanos charged_at,
                Nanos* redis_now = nullptr) {
@@ -1103,7 +1320,7 @@ class RedisLimit final : public RedisLimitBase {
       args.emplace_back(op);
       detail::append_item(args, *this, cost, charge, charged_at, t);
       absl::InlinedVector<std::string_view, 24> argv(args.begin(), args.end());
-      r = client()->eval_ints(detail::redis_script(), keys, argv);
+      r = client()->eval_ints(script_for(op, charge), keys, argv);
       // A budget's period other than Redis's: again, for Redis's time.
       if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
       t = detail::from_us((*r)[1]);

@@ -371,6 +371,15 @@ if op == 'settle' or op == 'release' then
   return {1, now, c, tk, e}
 end
 
+-- "settled": a request id's settlement, {1, now, cost, tokens, estimated},
+-- or {0, now}.
+if op == 'settled' then
+  local raw = redis.call('GET', KEYS[1])
+  if not raw then return {0, now} end
+  local c, tk, e = fields(raw)
+  return {1, now, c, tk, e}
+end
+
 -- "spent": a budget's spend in period ARGV[3] (0 when another is stored).
 if op == 'spent' then
   local raw = redis.call('GET', KEYS[1])
@@ -514,6 +523,61 @@ if op == 'acquire' then
   end
 end
 return out
+)lua";
+
+// The single acquire or peek of a TokenBucket (the most common call), as
+// its own script: the same arguments, steps and reply as kScript's tb
+// module on one item without charge-on-reject, with no closures or tables
+// to build per call (about a fifth of the script's time in Redis).
+inline constexpr char kTokenBucketScript[] = R"lua(
+local now
+local test_time = ARGV[1] ~= ''
+if test_time then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
+  return q
+end
+local key = KEYS[1]
+local num, den, burst = tonumber(ARGV[4]), tonumber(ARGV[5]),
+                        tonumber(ARGV[6])
+local c = tonumber(ARGV[8])
+local span = burst * num
+local r = 0
+local raw = redis.call('GET', key)
+if raw then
+  local i = string.find(raw, ' ', 1, true)
+  local w = tonumber(string.sub(raw, 1, i - 1))
+  if w >= now then r = (w - now) * den + tonumber(string.sub(raw, i + 1)) end
+end
+local allowed, retry, after = 0, -1, r
+if c <= burst then
+  local nxt = r + c * num
+  if nxt <= span then
+    allowed, retry, after = 1, 0, nxt
+  else
+    retry = -idiv(span - c * num - r, den)
+  end
+end
+if allowed == 1 and c > 0 and ARGV[2] == 'acquire' then
+  local whole = idiv(after, den)
+  local ms = -idiv(idiv(-after, den), 1000) + 1
+  if test_time and ms < 600000 then ms = 600000 end
+  redis.call('SET', key,
+             string.format('%d %d', now + whole, after - whole * den),
+             'PX', ms)
+end
+local rem, reset = 0, 0
+if span - after > 0 then rem = idiv(span - after, num) end
+if after > 0 then reset = -idiv(-after, den) end
+local all = allowed
+if ARGV[9] == '1' then all = 1 end
+return {all, now, allowed, burst, rem, retry, reset}
 )lua";
 
 }  // namespace ratekeeper::detail::lua
