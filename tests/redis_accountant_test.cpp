@@ -567,3 +567,142 @@ TEST_CASE(
   for (RedisLimitBase* b : acct->budgets()) CHECK(b->fallbacks() == 0);
   CHECK(rpm->fallbacks() == 0);
 }
+
+TEST_CASE("soft thresholds fire once per key and period across instances",
+          "[redis][budget]") {
+  RedisServer server;
+  TestClock clock;
+  std::vector<std::unique_ptr<RedisAccountant>> instances;
+  std::vector<ThresholdEvent> fired;
+  std::mutex mu;
+  for (int i = 0; i < 2; ++i) {
+    instances.push_back(RedisAccountant::create(flat_prices(),
+                                                client_for(server.port()),
+                                                {.test_clock = clock.fn()})
+                            .value());
+    BudgetSpec spec = month_budget("team", Field::kTeam, 100'000);
+    spec.soft_permille = {500, 800};
+    REQUIRE(instances.back()->add_budget(spec).ok());
+    instances.back()->on_threshold([&](const ThresholdEvent& e) {
+      std::lock_guard<std::mutex> lock(mu);
+      fired.push_back(e);
+    });
+  }
+  CHECK(
+      instances[0]
+          ->add_budget({.name = "bad",
+                        .scope = Field::kTeam,
+                        .limit = 1,
+                        .period = Period::calendar(PeriodKind::kMonth).value(),
+                        .soft_permille = {0}})
+          .code() == absl::StatusCode::kInvalidArgument);
+  const Subject who{.team = "t", .org = "o"};
+  // 10,000 nano-USD a call; alternate instances: 50% at the 5th call, 80%
+  // at the 8th, each once.
+  for (int i = 0; i < 9; ++i) {
+    auto r = instances[static_cast<std::size_t>(i % 2)]->reserve(
+        who, "m", {5, 5}, "c" + std::to_string(i));
+    REQUIRE(r->granted());
+    REQUIRE(r->settle(used_tokens(5, 5)).ok());
+  }
+  REQUIRE(fired.size() == 2);
+  CHECK(fired[0].permille == 500);
+  CHECK(fired[0].spent == 50'000);
+  CHECK(fired[1].permille == 800);
+  CHECK(fired[1].limit == 100'000);
+  // The forecast reads Redis's books (both instances' spend).
+  clock.t->store((kT0 + std::chrono::hours(24)).count());
+  const Forecast f = instances[0]->forecast("team", who).value();
+  CHECK(f.spent == 90'000);
+  CHECK(f.limit == 100'000);
+  CHECK(f.period_start == kT0);
+  CHECK(f.period_end == kT0 + std::chrono::hours(24 * 31));
+  CHECK(f.projected == 90'000 * 31);
+  REQUIRE(f.exhausts_at.has_value());
+  CHECK(*f.exhausts_at > f.now);
+  CHECK(instances[0]->forecast("nope", who).status().code() ==
+        absl::StatusCode::kNotFound);
+  // An overage settled past the limit crosses nothing new (all fired); the
+  // next month fires again.
+  clock.t->store((kT0 + std::chrono::hours(24 * 31)).count());
+  auto r = instances[1]->reserve(who, "m", {5, 5}, "next-month");
+  REQUIRE(r->granted());
+  REQUIRE(r->settle(used_tokens(5, 80)).ok());  // 85,000: an overage
+  CHECK(fired.size() == 4);
+}
+
+TEST_CASE(
+    "streams: next_chunk_fits grows the reservation in Redis, all or "
+    "nothing; the settle is exact",
+    "[redis][budget]") {
+  RedisServer server;
+  TestClock clock;
+  const std::string journal = temp_path("settles.journal");
+  auto acct = RedisAccountant::create(
+                  flat_prices(),
+                  client_for(server.port(), std::chrono::milliseconds(50)),
+                  {.journal_path = journal, .test_clock = clock.fn()})
+                  .value();
+  REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 100'000),
+                           {.fail = FailMode::kOpen})
+              .ok());
+  REQUIRE(acct->add_budget(month_budget("org", Field::kOrg, 1'000'000),
+                           {.fail = FailMode::kClosed})
+              .ok());
+  const Subject who{.team = "t", .org = "o"};
+  auto r = acct->reserve(who, "m", {10, 10}, "stream");
+  REQUIRE(r->granted());
+  CHECK(r->next_chunk_fits(5, 5).value());  // within the 20 tokens held
+  CHECK(acct->spent("team", who).value() == 20'000);
+  CHECK(r->next_chunk_fits(10, 40).value());  // grows to 60 tokens
+  CHECK(acct->spent("team", who).value() == 60'000);
+  CHECK(acct->spent("org", who).value() == 60'000);
+  CHECK_FALSE(r->next_chunk_fits(50, 45).value());    // 105 > 100: cut
+  CHECK(acct->spent("team", who).value() == 60'000);  // nothing taken
+  CHECK(acct->spent("org", who).value() == 60'000);
+  REQUIRE(r->settle(used_tokens(10, 45)).value().cost == Money{55'000});
+  CHECK(acct->spent("team", who).value() == 55'000);
+  CHECK(r->next_chunk_fits(1, 1).status().code() ==
+        absl::StatusCode::kFailedPrecondition);
+
+  SECTION(
+      "Redis away mid-stream: the fail modes answer; the settle charges "
+      "what Redis did not hold") {
+    auto s = acct->reserve(who, "m", {5, 5}, "stream-2");
+    REQUIRE(s->granted());
+    CHECK(acct->spent("team", who).value() == 65'000);
+    server.stop(SIGKILL);
+    // The org budget fails closed: the stream is cut.
+    CHECK_FALSE(s->next_chunk_fits(5, 20).value());
+    server.start();  // empty: what Redis held is gone
+    replay_until_ok(*acct);
+    REQUIRE(s->settle(used_tokens(5, 5)).ok());
+    // Its holds went with Redis's memory: the whole actual is charged.
+    CHECK(acct->spent("team", who).value() == 10'000);
+  }
+  SECTION(
+      "kOpen grants an extension while Redis is away, charged in full "
+      "at the settle") {
+    auto open_acct =
+        RedisAccountant::create(
+            flat_prices(),
+            client_for(server.port(), std::chrono::milliseconds(50)),
+            {.journal_path = journal + "2", .test_clock = clock.fn()})
+            .value();
+    REQUIRE(open_acct
+                ->add_budget(month_budget("team", Field::kTeam, 100'000),
+                             {.fail = FailMode::kOpen})
+                .ok());
+    auto s = open_acct->reserve(who, "m", {5, 5}, "stream-3");
+    REQUIRE(s->granted());
+    CHECK(open_acct->spent("team", who).value() == 65'000);
+    server.stop(SIGKILL);
+    CHECK(s->next_chunk_fits(5, 20).value());  // 30 tokens, 20 unrecorded
+    server.start();
+    // Redis (restarted empty) gets the settle: the 25 tokens used, in full.
+    replay_until_ok(*open_acct);
+    REQUIRE(s->settle(used_tokens(5, 20)).ok());
+    replay_until_ok(*open_acct);
+    CHECK(open_acct->spent("team", who).value() == 25'000);
+  }
+}

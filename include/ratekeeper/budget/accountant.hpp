@@ -104,6 +104,48 @@ struct Forecast {
   std::uint64_t pace_per_hour = 0;
 };
 
+namespace detail {
+
+// Where a budget stands at `now` (see Forecast), from its spend, limit and
+// period; shared by Accountant and RedisAccountant.
+inline Forecast forecast_of(std::uint64_t spent, std::uint64_t limit,
+                            const Period::Span& span, Nanos now) {
+  Forecast f;
+  f.now = now;
+  f.limit = limit;
+  f.spent = spent;
+  f.period_start = span.start;
+  f.period_end = span.end;
+  const auto elapsed = static_cast<u128>(
+      std::max<std::int64_t>(1, (f.now - span.start).count()));
+  const auto left =
+      static_cast<u128>(std::max<std::int64_t>(0, (span.end - f.now).count()));
+  const u128 projected = f.spent + f.spent * left / elapsed;
+  f.projected = projected > ~std::uint64_t{0}
+                    ? ~std::uint64_t{0}
+                    : static_cast<std::uint64_t>(projected);
+  if (f.spent > 0 && f.spent < f.limit) {
+    // Time to spend what is left at spent/elapsed per ns.
+    const u128 to_empty = (f.limit - f.spent) * elapsed / f.spent;
+    if (to_empty < left) {
+      f.exhausts_at = f.now + Nanos{static_cast<std::int64_t>(to_empty)};
+    }
+  } else if (f.spent >= f.limit) {
+    f.exhausts_at = f.now;
+  }
+  const u128 hour = 3600000000000ULL;
+  if (f.spent < f.limit) {
+    const u128 per_hour = left == 0 ? u128{f.limit - f.spent}
+                                    : u128{f.limit - f.spent} * hour / left;
+    f.pace_per_hour = per_hour > ~std::uint64_t{0}
+                          ? ~std::uint64_t{0}
+                          : static_cast<std::uint64_t>(per_hour);
+  }
+  return f;
+}
+
+}  // namespace detail
+
 // ThresholdEvent: a soft threshold crossed.
 struct ThresholdEvent {
   std::string budget;
@@ -661,41 +703,10 @@ class Accountant {
         !st.ok()) {
       return st;
     }
-    Forecast f;
-    f.now = clock_.now();
-    const Decision d = budget.limit->peek(key, 0, f.now);
-    f.limit = d.limit;
-    f.spent = d.limit - d.remaining;
-    const Period::Span span = budget.spec.period->span_of(f.now);
-    f.period_start = span.start;
-    f.period_end = span.end;
-    const auto elapsed = static_cast<detail::u128>(
-        std::max<std::int64_t>(1, (f.now - span.start).count()));
-    const auto left = static_cast<detail::u128>(
-        std::max<std::int64_t>(0, (span.end - f.now).count()));
-    const detail::u128 projected = f.spent + f.spent * left / elapsed;
-    f.projected = projected > ~std::uint64_t{0}
-                      ? ~std::uint64_t{0}
-                      : static_cast<std::uint64_t>(projected);
-    if (f.spent > 0 && f.spent < f.limit) {
-      // Time to spend what is left at spent/elapsed per ns.
-      const detail::u128 to_empty = (f.limit - f.spent) * elapsed / f.spent;
-      if (to_empty < left) {
-        f.exhausts_at = f.now + Nanos{static_cast<std::int64_t>(to_empty)};
-      }
-    } else if (f.spent >= f.limit) {
-      f.exhausts_at = f.now;
-    }
-    const detail::u128 hour = 3'600'000'000'000;
-    if (f.spent < f.limit) {
-      const detail::u128 per_hour =
-          left == 0 ? detail::u128{f.limit - f.spent}
-                    : detail::u128{f.limit - f.spent} * hour / left;
-      f.pace_per_hour = per_hour > ~std::uint64_t{0}
-                            ? ~std::uint64_t{0}
-                            : static_cast<std::uint64_t>(per_hour);
-    }
-    return f;
+    const Nanos now = clock_.now();
+    const Decision d = budget.limit->peek(key, 0, now);
+    return detail::forecast_of(d.limit - d.remaining, d.limit,
+                               budget.spec.period->span_of(now), now);
   }
 
   // reset

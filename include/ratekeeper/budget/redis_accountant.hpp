@@ -329,6 +329,16 @@ class RedisReservation {
     return settle_without_usage(counted_output_tokens);
   }
 
+  // next_chunk_fits
+  //
+  // Streaming, as Reservation::next_chunk_fits: within the reservation the
+  // next chunk fits; beyond it, every budget grows by the difference (one
+  // script, all or nothing, in the reservation's period) or the answer is
+  // false and the caller cuts the stream. While Redis is away the budgets'
+  // fail modes answer (kClosed: false; kOpen: true; kLocal: the share).
+  absl::StatusOr<bool> next_chunk_fits(std::uint64_t output_so_far,
+                                       std::uint64_t next_tokens);
+
   // Gives back everything held (journaled while Redis is away).
   void release() noexcept;
 
@@ -339,6 +349,7 @@ class RedisReservation {
     std::string key;     // the subject's key under the budget's scope
     Cost held;
     bool money;
+    Cost unrecorded = 0;  // of `held`, granted while Redis was away
   };
 
   RedisAccountant* acct_ = nullptr;
@@ -396,6 +407,12 @@ class RedisAccountant {
   RedisAccountant(const RedisAccountant&) = delete;
   RedisAccountant& operator=(const RedisAccountant&) = delete;
 
+  // Called once per soft threshold, key and period across every instance
+  // (Redis remembers which fired), from the thread whose reserve, extension
+  // or settled overage crossed it. Set before the first reserve.
+  using ThresholdCallback = std::function<void(const ThresholdEvent&)>;
+  void on_threshold(ThresholdCallback cb) { on_threshold_ = std::move(cb); }
+
   // add_budget
   //
   // As Accountant::add_budget, with the budget's behaviour when Redis
@@ -406,6 +423,12 @@ class RedisAccountant {
     if (!spec.period) {
       return absl::InvalidArgumentError(
           absl::StrCat("budget \"", spec.name, "\": no period"));
+    }
+    for (const std::uint32_t t : spec.soft_permille) {
+      if (t == 0 || t > 1000) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "budget \"", spec.name, "\": thresholds are 1..1000 permille"));
+      }
     }
     absl::StatusOr<PeriodBudget> policy =
         PeriodBudget::create(spec.limit, *spec.period);
@@ -510,7 +533,18 @@ class RedisAccountant {
         static_cast<void>(journal_release(r));
       }
     }
-    if (r.decision_.allowed) r.acct_ = this;
+    if (r.decision_.allowed) {
+      r.acct_ = this;
+      if (r.backed_ && on_threshold_) {
+        for (std::size_t i = 0; i < r.items_.size(); ++i) {
+          const Decision& d = r.decision_.results[r.first_budget_ + i].decision;
+          const std::uint64_t after = d.limit - d.remaining;
+          fire_crossed(r, i,
+                       after >= r.items_[i].held ? after - r.items_[i].held : 0,
+                       after, d.limit);
+        }
+      }
+    }
     return r;
   }
 
@@ -565,6 +599,24 @@ class RedisAccountant {
     }
     return absl::NotFoundError(
         absl::StrCat("no budget named \"", detail::av(name), "\""));
+  }
+
+  // forecast
+  //
+  // As Accountant::forecast, from Redis's books: where `who`'s budget
+  // `name` stands this period and where it is heading at this period's
+  // pace. kNotFound for an unknown budget; kUnavailable when Redis cannot
+  // answer.
+  absl::StatusOr<Forecast> forecast(std::string_view name, const Subject& who) {
+    absl::StatusOr<std::uint64_t> s = spent(name, who);
+    if (!s.ok()) return s.status();
+    for (const Budget& b : budgets_) {
+      if (b.spec.name != name) continue;
+      const Nanos now = test_now().value_or(unix_now());
+      return detail::forecast_of(*s, b.limit->limit(),
+                                 b.spec.period->span_of(now), now);
+    }
+    return absl::NotFoundError(detail::av(name));
   }
 
   // find_settlement
@@ -682,7 +734,9 @@ class RedisAccountant {
           budgets_[it.budget].limit->policy(), r.decision_.at);
       e.args.push_back(p[2]);  // period index
       e.args.push_back(p[4]);  // period end, us
-      e.args.push_back(std::to_string(std::min<Cost>(it.held, kCap)));
+      // What Redis holds: extensions granted while it was away are not.
+      e.args.push_back(
+          std::to_string(std::min<Cost>(it.held - it.unrecorded, kCap)));
       e.args.push_back(
           std::to_string(actual.empty() ? 0 : std::min<Cost>(actual[i], kCap)));
     }
@@ -761,13 +815,24 @@ class RedisAccountant {
     absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> reply = run(e);
     Settlement out = s;
     if (reply.ok()) {
-      if (reply->size() != 5) {
+      if (reply->size() < 5) {
         return absl::InternalError("redis: malformed settle reply");
       }
       if ((*reply)[0] == 2) {
         out = Settlement{Money{(*reply)[2]},
                          static_cast<std::uint64_t>((*reply)[3]),
                          (*reply)[4] != 0};
+      } else if (on_threshold_ && reply->size() == 5 + r.items_.size()) {
+        // An overage crosses thresholds too.
+        for (std::size_t i = 0; i < r.items_.size(); ++i) {
+          const std::int64_t after = (*reply)[5 + i];
+          const Cost held = r.items_[i].held - r.items_[i].unrecorded;
+          if (after < 0 || actual[i] <= held) continue;
+          const auto a = static_cast<std::uint64_t>(after);
+          const Cost extra = actual[i] - held;
+          fire_crossed(r, i, a >= extra ? a - extra : 0, a,
+                       budgets_[r.items_[i].budget].limit->limit());
+        }
       }
     } else if (absl::IsUnavailable(reply.status())) {
       if (absl::Status st = journal_entry(e); !st.ok()) {
@@ -781,6 +846,124 @@ class RedisAccountant {
     r.done_ = true;
     r.settled_ = out;
     return out;
+  }
+
+  absl::StatusOr<bool> extend(RedisReservation& r, std::uint64_t output) {
+    Usage u;
+    u.input_uncached = r.estimate_.prompt_tokens;
+    u.output = output;
+    absl::StatusOr<Money> cost = PriceTable::cost(r.prices_, u);
+    if (!cost.ok()) return cost.status();
+    absl::InlinedVector<Cost, 4> add;
+    bool any = false;
+    for (const auto& it : r.items_) {
+      const Cost want =
+          it.money ? static_cast<Cost>(std::max<std::int64_t>(0, cost->nanos))
+                   : u.total();
+      add.push_back(want > it.held ? want - it.held : 0);
+      any = any || add.back() != 0;
+    }
+    if (!any) return true;
+    if (r.backed_) {
+      detail::SettleJournal::Entry e;
+      for (const auto& it : r.items_) {
+        e.keys.push_back(redis_key(client_->options().prefix,
+                                   budgets_[it.budget].spec.name, r.tenant_,
+                                   it.key));
+      }
+      e.keys.push_back(r.mark_);
+      e.args.push_back(now_arg());
+      e.args.emplace_back("extend");
+      e.args.push_back(std::to_string(r.items_.size()));
+      for (std::size_t i = 0; i < r.items_.size(); ++i) {
+        const auto& b = budgets_[r.items_[i].budget];
+        const detail::TwinParams p = detail::RedisTwin<PeriodBudget>::at(
+            b.limit->policy(), r.decision_.at);
+        e.args.push_back(p[2]);
+        e.args.push_back(p[4]);
+        e.args.push_back(std::to_string(b.limit->limit()));
+        e.args.push_back(std::to_string(std::min<Cost>(add[i], kCap)));
+      }
+      absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> reply = run(e);
+      if (reply.ok()) {
+        if (reply->size() == 2 && (*reply)[0] == -3) {
+          return absl::FailedPreconditionError(
+              "next_chunk_fits: the reservation's holds are gone (released, "
+              "or its key expired)");
+        }
+        if (reply->size() >= 2 && (*reply)[0] == 0) return false;
+        if (reply->size() != 2 + r.items_.size()) {
+          return absl::InternalError("redis: malformed extend reply");
+        }
+        for (std::size_t i = 0; i < r.items_.size(); ++i) {
+          r.items_[i].held += add[i];
+          if (on_threshold_ && add[i] > 0) {
+            const auto after = static_cast<std::uint64_t>((*reply)[2 + i]);
+            fire_crossed(r, i, after >= add[i] ? after - add[i] : 0, after,
+                         budgets_[r.items_[i].budget].limit->limit());
+          }
+        }
+        return true;
+      }
+      if (!absl::IsUnavailable(reply.status())) return reply.status();
+    }
+    // Redis away: each budget's fail mode; the extension is not in Redis
+    // (`unrecorded`), so a settle charges it there in full.
+    absl::InlinedVector<ChainItem, 4> local;
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      if (add[i] == 0) continue;
+      RedisLimit<PeriodBudget>& l = *budgets_[r.items_[i].budget].limit;
+      l.note_fallback(absl::UnavailableError("redis away: extension"));
+      if (l.redis_options().fail == FailMode::kClosed) return false;
+      if (l.local_limit() != nullptr) {
+        local.push_back({l.local_limit(), r.items_[i].key, add[i]});
+      }
+    }
+    if (!local.empty()) {
+      Chain<ManualClock> c{ManualClock(r.decision_.at)};
+      if (!c.acquire_at(std::span<const ChainItem>(local), r.decision_.at)
+               .allowed) {
+        return false;
+      }
+      r.local_ = true;
+    }
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      r.items_[i].held += add[i];
+      r.items_[i].unrecorded += add[i];
+    }
+    return true;
+  }
+
+  // Fires each soft threshold of item `i`'s budget that its spend crossed
+  // going from `before` to `after`, once per key and period across every
+  // instance (a key in Redis remembers it; Redis away: not fired).
+  void fire_crossed(const RedisReservation& r, std::size_t i,
+                    std::uint64_t before, std::uint64_t after,
+                    std::uint64_t limit) {
+    const Budget& b = budgets_[r.items_[i].budget];
+    for (const std::uint32_t t : b.spec.soft_permille) {
+      const detail::u128 mark = static_cast<detail::u128>(limit) * t;
+      if (static_cast<detail::u128>(before) * 1000 >= mark ||
+          static_cast<detail::u128>(after) * 1000 < mark) {
+        continue;
+      }
+      const Period::Span span = b.spec.period->span_of(r.decision_.at);
+      std::string what =
+          absl::StrCat(b.spec.name, "/", t, "/", span.index, "/");
+      what += r.items_[i].key;
+      const std::string k =
+          redis_key(client_->options().prefix, "#fired", r.tenant_, what);
+      const std::string_view keys[] = {k};
+      const std::string now = now_arg();
+      const std::string ttl = std::to_string(std::max<std::int64_t>(
+          1, (span.end - r.decision_.at).count() / 1'000'000 + 3'600'000));
+      const std::string_view args[] = {now, "fire", ttl};
+      auto fired = client_->eval_ints(detail::redis_script(), keys, args);
+      if (fired.ok() && fired->size() == 2 && (*fired)[0] == 1) {
+        on_threshold_(
+            ThresholdEvent{b.spec.name, r.items_[i].key, t, after, limit});
+      }
+    }
   }
 
   // kLocal holds (taken while Redis was away) settle in process too, so the
@@ -831,6 +1014,7 @@ class RedisAccountant {
   std::atomic<std::uint64_t> fallback_reserves_{0};
   std::atomic<std::uint64_t> journaled_{0};
   std::atomic<std::uint64_t> replay_errors_{0};
+  ThresholdCallback on_threshold_;
 };
 
 inline RedisReservation& RedisReservation::operator=(
@@ -863,6 +1047,19 @@ inline absl::StatusOr<Settlement> RedisReservation::settle(const Usage& used) {
         "settle: the reservation was not granted or was released");
   }
   return acct_->settle_reservation(*this, used);
+}
+
+inline absl::StatusOr<bool> RedisReservation::next_chunk_fits(
+    std::uint64_t output_so_far, std::uint64_t next_tokens) {
+  if (acct_ == nullptr || !granted() || done_) {
+    return absl::FailedPreconditionError(
+        "next_chunk_fits: the reservation is not live");
+  }
+  if (output_so_far > kMaxUsageTokens || next_tokens > kMaxUsageTokens) {
+    return absl::InvalidArgumentError(
+        "next_chunk_fits: token counts must be at most 2^48");
+  }
+  return acct_->extend(*this, output_so_far + next_tokens);
 }
 
 inline void RedisReservation::release() noexcept {

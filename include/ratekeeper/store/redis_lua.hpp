@@ -308,11 +308,11 @@ local function budget_move(key, index, pend, delta)
   local p, spent = index, 0
   if raw then p, spent = fields(raw) end
   if delta < 0 then
-    if not raw or p ~= index then return end
+    if not raw or p ~= index then return 0 end
     spent = spent - math.min(-delta, spent)
-    if spent <= 0 then redis.call('DEL', key) return end
+    if spent <= 0 then redis.call('DEL', key) return 0 end
     redis.call('SET', key, string.format('%d %d', p, spent), 'KEEPTTL')
-    return
+    return spent
   end
   if p < index then p, spent = index, 0 end
   spent = math.min(spent + delta, 4503599627370496)
@@ -321,13 +321,16 @@ local function budget_move(key, index, pend, delta)
   else
     redis.call('SET', key, string.format('%d %d', p, spent), 'KEEPTTL')
   end
+  return spent
 end
 
 -- Settle or release one reservation (RedisAccountant). KEYS: the budgets'
 -- states, the reservation's key (present while its holds are out), and for
 -- settle the request id's settlement. ARGV[3]: the budget count m; per
 -- budget 4 fields: period index, period end (us), held, actual; then for
--- settle the settlement's TTL (ms), cost, tokens and estimated flag.
+-- settle the settlement's TTL (ms), cost, tokens and estimated flag. A
+-- settle that applied also answers, per budget, its spend after (-1: not
+-- moved).
 -- Settle: when the id was settled before, the first settlement stands and
 -- this reservation's holds (if out) go back: {2, now, first settlement}.
 -- Else each budget moves by actual - held when the holds are out, by the
@@ -360,15 +363,65 @@ if op == 'settle' or op == 'release' then
     local c, tk, e = fields(first)
     return {2, now, c, tk, e}
   end
+  local after = {}
   each(function(key, index, pend, held, actual)
     if not out_held then held = 0 end
-    if actual ~= held then budget_move(key, index, pend, actual - held) end
+    local spent = -1
+    if actual ~= held then spent = budget_move(key, index, pend, actual - held) end
+    after[#after + 1] = spent
   end)
   local c, tk, e = tonumber(ARGV[t + 1]), tonumber(ARGV[t + 2]),
                    tonumber(ARGV[t + 3])
   redis.call('SET', KEYS[m + 2], string.format('%d %d %d', c, tk, e), 'PX',
              tonumber(ARGV[t]))
-  return {1, now, c, tk, e}
+  local out = {1, now, c, tk, e}
+  for i = 1, m do out[#out + 1] = after[i] end
+  return out
+end
+
+-- "extend" (a stream outgrowing its reservation): KEYS: the budgets'
+-- states and the reservation's key; ARGV[3] the budget count m, then per
+-- budget: period index, period end (us), limit, more. All or nothing, in
+-- the reservation's period, and only while its holds are out: {1, now,
+-- spent after per budget}, {0, now, the refusing budget's number}, or
+-- {-3, now} (no holds out). A period over since then takes nothing.
+if op == 'extend' then
+  local m = tonumber(ARGV[3])
+  if redis.call('EXISTS', KEYS[m + 1]) == 0 then return {-3, now} end
+  local states = {}
+  for i = 1, m do
+    local b = 4 + (i - 1) * 4
+    local index, limit, more = tonumber(ARGV[b]), tonumber(ARGV[b + 2]),
+                               tonumber(ARGV[b + 3])
+    local raw = redis.call('GET', KEYS[i])
+    local p, spent = index, 0
+    if raw then p, spent = fields(raw) end
+    if p < index then p, spent = index, 0 end
+    if p == index and more > 0 and spent + more > limit then
+      return {0, now, i}
+    end
+    states[i] = {p, spent}
+  end
+  local out = {1, now}
+  for i = 1, m do
+    local b = 4 + (i - 1) * 4
+    local index, pend, more = tonumber(ARGV[b]), tonumber(ARGV[b + 1]),
+                              tonumber(ARGV[b + 3])
+    local spent = states[i][2]
+    if states[i][1] == index and more > 0 then
+      spent = budget_move(KEYS[i], index, pend, more)
+    end
+    out[#out + 1] = spent
+  end
+  return out
+end
+
+-- "fire" (a soft threshold crossed): once per key, set for ARGV[3] ms.
+if op == 'fire' then
+  if redis.call('SET', KEYS[1], '1', 'NX', 'PX', tonumber(ARGV[3])) then
+    return {1, now}
+  end
+  return {0, now}
 end
 
 -- "settled": a request id's settlement, {1, now, cost, tokens, estimated},
