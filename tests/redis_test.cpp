@@ -228,7 +228,7 @@ TEST_CASE("T4a: 16 connections on one key never over-admit by Redis time",
     // Every admission happened within [t0, t1] by Redis's clock: at most a
     // burst plus 200 a second over that span.
     const auto bound =
-        static_cast<std::uint64_t>(burst + (t1 - t0) * 200 / 1'000'000 + 1);
+        burst + static_cast<std::uint64_t>((t1 - t0) * 200 / 1'000'000) + 1;
     INFO("calls " << calls.load() << ", admitted " << admitted.load()
                   << ", bound " << bound);
     CHECK(admitted.load() <= bound);
@@ -744,8 +744,11 @@ TEST_CASE("T4b: 4 processes with clocks skewed by -5..+5 s share one bound",
   while (read(fds[0], &got, sizeof(got)) == sizeof(got)) total += got;
   close(fds[0]);
   const std::int64_t t1 = redis_time_us();
-  const auto bound = static_cast<std::uint64_t>(
-      burst + (t1 - t0) * static_cast<std::int64_t>(per_s) / 1'000'000 + 1);
+  const auto bound =
+      burst +
+      static_cast<std::uint64_t>((t1 - t0) * static_cast<std::int64_t>(per_s) /
+                                 1'000'000) +
+      1;
   INFO("admitted " << total << " of a bound of " << bound);
   CHECK(total <= bound);
   CHECK(total >= bound * 8 / 10);
@@ -1055,7 +1058,7 @@ TEST_CASE(
     std::vector<RedisLimit<TokenBucket>::Request> reqs;
     for (int i = 0; i < 50; ++i)
       keys.push_back("k" + std::to_string(rng() % 7));
-    for (int i = 0; i < 50; ++i) reqs.push_back({keys[i], rng() % 6});
+    for (const std::string& k : keys) reqs.push_back({k, rng() % 6});
     const std::vector<Decision> got = batched->acquire_batch(reqs, now);
     REQUIRE(got.size() == reqs.size());
     for (std::size_t i = 0; i < reqs.size(); ++i) {
