@@ -551,8 +551,11 @@ class RedisAccountant {
   // replay_journal
   //
   // Runs every journaled settle and release in order; the journal is
-  // emptied once all have run. Returns how many ran; kUnavailable (the rest
-  // kept) when Redis stops answering. Called by reserve and settle when due.
+  // emptied once all have run. Returns how many ran, or the error that
+  // stopped it (kUnavailable: no answer; kInternal: an error reply such as
+  // Redis's OOM), the journal then kept whole to run again (its lines are
+  // idempotent). reserve and settle call it when lines wait, at most once
+  // a second after a failure.
   absl::StatusOr<std::size_t> replay_journal() {
     if (journal_ == nullptr) return 0;
     detail::MutexLock lock(&journal_mu_);
@@ -569,6 +572,10 @@ class RedisAccountant {
   }
   std::uint64_t journaled() const noexcept {
     return journaled_.load(std::memory_order_relaxed);
+  }
+  // Replays that stopped (no answer, or an error reply; the journal kept).
+  std::uint64_t replay_errors() const noexcept {
+    return replay_errors_.load(std::memory_order_relaxed);
   }
 
   // spent
@@ -708,6 +715,7 @@ class RedisAccountant {
   static bool may_have_run(const absl::Status& st) {
     return absl::IsUnavailable(st) &&
            st.message().find("(not tried)") == std::string_view::npos &&
+           st.message().find("(not run)") == std::string_view::npos &&
            st.message().find("connect") == std::string_view::npos;
   }
 
@@ -772,11 +780,22 @@ class RedisAccountant {
     return journal_entry(script_call(r, "release", {}, nullptr));
   }
 
+  // At most one try a second after a failed one, so that a journal Redis
+  // keeps refusing does not cost every call a round trip.
   void replay_if_due() {
     if (pending_.load(std::memory_order_relaxed) == 0) return;
     if (client_->breaker_state() == detail::Breaker::State::kOpen) return;
+    const std::int64_t now =
+        std::chrono::steady_clock::now().time_since_epoch().count();
+    if (now < next_replay_.load(std::memory_order_relaxed)) return;
     if (!journal_mu_.try_lock()) return;
-    static_cast<void>(replay_locked());
+    if (!replay_locked().ok()) {
+      next_replay_.store(
+          now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                    std::chrono::seconds(1))
+                    .count(),
+          std::memory_order_relaxed);
+    }
     journal_mu_.unlock();
   }
 
@@ -786,10 +805,11 @@ class RedisAccountant {
     for (const auto& e : journal_->pending()) {
       absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r = run(e);
       if (!r.ok()) {
-        if (absl::IsUnavailable(r.status())) return r.status();
-        // An error reply (a key overwritten by something else): running it
-        // again cannot help; reported, and the rest still run.
+        // No answer, or an error reply (Redis out of memory, a key of ours
+        // overwritten): the whole journal stays, to run again later (every
+        // line is idempotent), and the error is reported.
         replay_errors_.fetch_add(1, std::memory_order_relaxed);
+        return r.status();
       }
       ++ran;
     }
@@ -1014,6 +1034,7 @@ class RedisAccountant {
   std::atomic<std::uint64_t> fallback_reserves_{0};
   std::atomic<std::uint64_t> journaled_{0};
   std::atomic<std::uint64_t> replay_errors_{0};
+  std::atomic<std::int64_t> next_replay_{0};  // steady clock ticks
   ThresholdCallback on_threshold_;
 };
 

@@ -522,12 +522,29 @@ class RedisClient {
           continue;  // Redis lost its scripts: run the source once
         }
         put_back(&node, *std::move(conn));
-        return absl::InternalError(absl::StrCat("redis: ", detail::av(msg)));
+        return reply_error(msg);
       }
       put_back(&node, *std::move(conn));
       return ints_of(reply);
     }
     return absl::InternalError("redis: no answer to the script");
+  }
+
+  // An error reply as a status. Redis refuses some commands without running
+  // them while it cannot serve (loading its data after a restart, a script
+  // running too long, no master, out of memory): those are kUnavailable,
+  // like no answer (the fail mode answers; a settle is journaled), marked
+  // "(not run)"; any other error is kInternal.
+  static absl::Status reply_error(std::string_view msg) {
+    for (const std::string_view transient :
+         {"LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "OOM"}) {
+      if (msg.substr(0, transient.size()) == transient &&
+          (msg.size() == transient.size() || msg[transient.size()] == ' ')) {
+        return absl::UnavailableError(
+            absl::StrCat("redis: ", detail::av(msg), " (not run)"));
+      }
+    }
+    return absl::InternalError(absl::StrCat("redis: ", detail::av(msg)));
   }
 
   // A script's reply: an integer or an array of integers.
@@ -544,8 +561,7 @@ class RedisClient {
         out.push_back(reply.element[i]->integer);
       }
     } else if (reply.type == REDIS_REPLY_ERROR) {
-      return absl::InternalError(absl::StrCat(
-          "redis: ", detail::av(std::string_view(reply.str, reply.len))));
+      return reply_error(std::string_view(reply.str, reply.len));
     } else {
       return absl::InternalError("redis: unexpected reply type");
     }
