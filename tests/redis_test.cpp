@@ -1126,3 +1126,41 @@ TEST_CASE("acquire_batch on a 3-master Cluster: calls grouped by node",
   }
   CHECK(limit->fallbacks() == 0);
 }
+
+TEST_CASE(
+    "a client created while Redis is down: refused, or (with "
+    "start_unreachable) answering by the fail mode until Redis is up",
+    "[redis]") {
+  RedisServer server;
+  const int port = server.port();
+  server.stop(SIGKILL);
+  CHECK(RedisClient::create({.port = port}).status().code() ==
+        absl::StatusCode::kUnavailable);
+  auto client =
+      RedisClient::create({.port = port,
+                           .command_timeout = std::chrono::milliseconds(50),
+                           .breaker_open = std::chrono::milliseconds(20),
+                           .breaker_max_open = std::chrono::milliseconds(50),
+                           .start_unreachable = true})
+          .value();
+  auto limit = RedisLimit<FixedWindow>::create(
+                   {.name = "late"}, FixedWindow::create(per_minute(2)).value(),
+                   client, {.fail = FailMode::kClosed})
+                   .value();
+  CHECK_FALSE(limit->acquire("k", 1, Nanos{0}).allowed);
+  CHECK(limit->fallbacks() == 1);
+  server.start();
+  // Redis's own answers once the breaker lets a probe through: 2 of 3.
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (limit->peek("k", 1, Nanos{0}).retry_after == std::chrono::seconds(1) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const std::uint64_t before = limit->fallbacks();
+  int admitted = 0;
+  for (int i = 0; i < 3; ++i)
+    admitted += limit->acquire("k", 1, Nanos{0}).allowed;
+  CHECK(admitted == 2);
+  CHECK(limit->fallbacks() == before);
+}

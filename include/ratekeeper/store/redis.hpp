@@ -106,6 +106,12 @@ struct RedisOptions {
   // (CLUSTER SLOTS); each call goes to the node owning its keys' slot, and
   // follows MOVED (the map is updated) and ASK (once) redirections.
   bool cluster = false;
+  // create() answers kUnavailable when Redis does not answer its PING
+  // (a wrong address shows at once). With start_unreachable it returns the
+  // client anyway: a service can start while Redis is down, its limits
+  // answering by their fail modes until Redis answers (a Cluster's slot map
+  // is then learned from MOVED replies).
+  bool start_unreachable = false;
 };
 
 // A script: its source, and the SHA1 Redis gave it once loaded.
@@ -263,7 +269,8 @@ class RedisClient {
   // create
   //
   // Checks that Redis answers (one PING on a first connection).
-  // kUnavailable when it does not; kInvalidArgument for bad options.
+  // kUnavailable when it does not (unless options.start_unreachable);
+  // kInvalidArgument for bad options.
   static absl::StatusOr<std::shared_ptr<RedisClient>> create(
       RedisOptions options) {
     if (options.port <= 0 || options.port > 65535) {
@@ -276,14 +283,23 @@ class RedisClient {
           "RedisOptions: timeouts must be positive");
     }
     std::shared_ptr<RedisClient> c(new RedisClient(std::move(options)));
+    const bool lenient = c->options_.start_unreachable;
     Node* first = c->first_node();
     absl::StatusOr<detail::ContextPtr> conn = c->open(*first);
-    if (!conn.ok()) return conn.status();
+    if (!conn.ok()) {
+      if (lenient) return c;
+      return conn.status();
+    }
     const std::string_view ping[] = {"PING"};
     absl::StatusOr<detail::ReplyPtr> pong = c->roundtrip(**conn, ping);
-    if (!pong.ok()) return pong.status();
+    if (!pong.ok()) {
+      if (lenient) return c;
+      return pong.status();
+    }
     if (c->options_.cluster) {
-      if (absl::Status st = c->learn_slots(**conn); !st.ok()) return st;
+      if (absl::Status st = c->learn_slots(**conn); !st.ok() && !lenient) {
+        return st;
+      }
     }
     c->put_back(first, *std::move(conn));
     return c;
