@@ -207,10 +207,16 @@ TEST_CASE(
       }
     }
     close(fds[1]);
+    // Killed mid-run, after its first acknowledged record (a loaded
+    // machine, a sanitizer's start-up: a fixed delay could kill it before
+    // it wrote anything).
+    std::uint64_t seq = 0;
+    if (read(fds[0], &seq, sizeof(seq)) == sizeof(seq)) {
+      acknowledged = std::max(acknowledged, seq);
+    }
     std::this_thread::sleep_for(
         std::chrono::microseconds(2000 + rng() % 20000));
     kill(pid, SIGKILL);
-    std::uint64_t seq = 0;
     while (read(fds[0], &seq, sizeof(seq)) == sizeof(seq)) {
       acknowledged = std::max(acknowledged, seq);
     }
@@ -424,9 +430,14 @@ TEST_CASE(
       _exit(0);
     }
     close(fds[1]);
+    // Killed mid-run, after its first acknowledged settle (however long
+    // its replay of the growing ledger took on a loaded machine).
+    std::int64_t rec[2];
+    if (read(fds[0], rec, sizeof(rec)) == sizeof(rec)) {
+      acked.emplace_back(rec[0], rec[1]);
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(30 + rng() % 70));
     kill(pid, SIGKILL);
-    std::int64_t rec[2];
     while (read(fds[0], rec, sizeof(rec)) == sizeof(rec)) {
       acked.emplace_back(rec[0], rec[1]);
     }
@@ -459,7 +470,7 @@ TEST_CASE(
             }
             return absl::OkStatus();
           }).ok());
-  REQUIRE(acked.size() > 50);
+  REQUIRE(acked.size() >= static_cast<std::size_t>(kills));
   for (const auto& [i, cost] : acked) {
     const auto it = settled.find("req-" + std::to_string(i));
     REQUIRE(it != settled.end());  // zero acknowledged records lost
