@@ -539,22 +539,36 @@ struct RedisRig {
   }
 };
 
+// The rig, or nullptr with the benchmark skipped, saying why.
+RedisRig* redis_rig_or_skip(benchmark::State& state) {
+  RedisRig& rig = RedisRig::get();
+  if (!rig.client) {
+    state.SkipWithError(("no redis-server: " + rig.error).c_str());
+    return nullptr;
+  }
+  return &rig;
+}
+
+// A bucket in Redis that never refuses here (10^9 a second).
+std::unique_ptr<rk::RedisLimit<rk::TokenBucket>> open_bucket(RedisRig& rig,
+                                                             const char* name) {
+  return rk::RedisLimit<rk::TokenBucket>::create(
+             {.name = name},
+             rk::TokenBucket::create(rk::per_second(1'000'000'000),
+                                     1'000'000'000)
+                 .value(),
+             rig.client)
+      .value();
+}
+
 // One decision per call, one connection, waiting for each reply: the
 // round trip, and the script's time inside Redis (server_us_per_call, from
 // INFO commandstats).
 void BM_Redis_TokenBucket_Sequential(benchmark::State& state) {
-  RedisRig& rig = RedisRig::get();
-  if (!rig.client) {
-    state.SkipWithError(("no redis-server: " + rig.error).c_str());
-    return;
-  }
-  auto limit =
-      rk::RedisLimit<rk::TokenBucket>::create(
-          {.name = "seq"},
-          rk::TokenBucket::create(rk::per_second(1'000'000'000), 1'000'000'000)
-              .value(),
-          rig.client)
-          .value();
+  RedisRig* rigp = redis_rig_or_skip(state);
+  if (rigp == nullptr) return;
+  RedisRig& rig = *rigp;
+  auto limit = open_bucket(rig, "seq");
   static_cast<void>(limit->acquire("k", 1, rk::Nanos{0}));
   const auto [c0, u0] = rig.evalsha_stats();
   std::uint64_t allowed = 0;
@@ -571,11 +585,9 @@ BENCHMARK(BM_Redis_TokenBucket_Sequential)->UseRealTime();
 
 // A chain of three limits (sliding, bucket, fixed) in one script.
 void BM_Redis_Chain_3Limits(benchmark::State& state) {
-  RedisRig& rig = RedisRig::get();
-  if (!rig.client) {
-    state.SkipWithError(("no redis-server: " + rig.error).c_str());
-    return;
-  }
+  RedisRig* rigp = redis_rig_or_skip(state);
+  if (rigp == nullptr) return;
+  RedisRig& rig = *rigp;
   auto rpm = rk::RedisLimit<rk::SlidingWindow>::create(
                  {.name = "rpm"}, allow_all<rk::SlidingWindow>(), rig.client)
                  .value();
@@ -607,18 +619,10 @@ BENCHMARK(BM_Redis_Chain_3Limits)->UseRealTime();
 // Quota leasing: tokens taken from Redis 100 at a time and served in
 // process (against BM_Redis_TokenBucket_Sequential: the plain path).
 void BM_Redis_Lease_Batch100(benchmark::State& state) {
-  RedisRig& rig = RedisRig::get();
-  if (!rig.client) {
-    state.SkipWithError(("no redis-server: " + rig.error).c_str());
-    return;
-  }
-  auto limit =
-      rk::RedisLimit<rk::TokenBucket>::create(
-          {.name = "lease"},
-          rk::TokenBucket::create(rk::per_second(1'000'000'000), 1'000'000'000)
-              .value(),
-          rig.client)
-          .value();
+  RedisRig* rigp = redis_rig_or_skip(state);
+  if (rigp == nullptr) return;
+  RedisRig& rig = *rigp;
+  auto limit = open_bucket(rig, "lease");
   rk::RedisLease lease(*limit, "k", 100);
   std::uint64_t allowed = 0;
   for (auto _ : state) allowed += lease.acquire(1).allowed;
@@ -632,23 +636,13 @@ void BM_Redis_Lease_Batch100(benchmark::State& state) {
 }
 BENCHMARK(BM_Redis_Lease_Batch100)->UseRealTime();
 
-// 50 decisions in flight (50 threads, a connection each, one key each):
-// throughput of all together.
 // 50 decisions in flight on one connection (acquire_batch: one pipeline of
 // 50 scripts per iteration, one thread).
 void BM_Redis_TokenBucket_50InFlight(benchmark::State& state) {
-  RedisRig& rig = RedisRig::get();
-  if (!rig.client) {
-    state.SkipWithError(("no redis-server: " + rig.error).c_str());
-    return;
-  }
-  auto limit =
-      rk::RedisLimit<rk::TokenBucket>::create(
-          {.name = "fifty"},
-          rk::TokenBucket::create(rk::per_second(1'000'000'000), 1'000'000'000)
-              .value(),
-          rig.client)
-          .value();
+  RedisRig* rigp = redis_rig_or_skip(state);
+  if (rigp == nullptr) return;
+  RedisRig& rig = *rigp;
+  auto limit = open_bucket(rig, "fifty");
   std::vector<std::string> keys;
   for (int i = 0; i < 50; ++i) {
     keys.emplace_back(1, 'k');
@@ -674,20 +668,12 @@ BENCHMARK(BM_Redis_TokenBucket_50InFlight)->UseRealTime();
 // The same 50 in flight as 50 threads with a connection each (what a
 // thread-per-request server gets without batching).
 void BM_Redis_TokenBucket_50Threads(benchmark::State& state) {
-  RedisRig& rig = RedisRig::get();
-  if (!rig.client) {
-    state.SkipWithError(("no redis-server: " + rig.error).c_str());
-    return;
-  }
+  RedisRig* rigp = redis_rig_or_skip(state);
+  if (rigp == nullptr) return;
+  RedisRig& rig = *rigp;
   static std::unique_ptr<rk::RedisLimit<rk::TokenBucket>> limit;
   if (state.thread_index() == 0) {
-    limit = rk::RedisLimit<rk::TokenBucket>::create(
-                {.name = "fifty_threads"},
-                rk::TokenBucket::create(rk::per_second(1'000'000'000),
-                                        1'000'000'000)
-                    .value(),
-                rig.client)
-                .value();
+    limit = open_bucket(rig, "fifty_threads");
   }
   const std::string key = "k" + std::to_string(state.thread_index());
   std::uint64_t allowed = 0;

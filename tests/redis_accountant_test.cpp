@@ -67,6 +67,21 @@ struct TestClock {
   }
 };
 
+// An accountant with a journal and one team budget of 1,000,000 nano-USD
+// that admits while Redis is away (kOpen), on the test clock.
+std::unique_ptr<RedisAccountant> journaled_team(
+    std::shared_ptr<RedisClient> client, const std::string& journal,
+    const TestClock& clock) {
+  auto acct = RedisAccountant::create(
+                  flat_prices(), std::move(client),
+                  {.journal_path = journal, .test_clock = clock.fn()})
+                  .value();
+  REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
+                           {.fail = FailMode::kOpen})
+              .ok());
+  return acct;
+}
+
 Usage used_tokens(std::uint64_t in, std::uint64_t out) {
   Usage u;
   u.input_uncached = in;
@@ -394,14 +409,9 @@ TEST_CASE(
   {
     // Redis is away for this whole "process": reserved by the fail mode,
     // settled into the journal.
-    auto acct = RedisAccountant::create(
-                    flat_prices(),
-                    client_for(server.port(), std::chrono::milliseconds(50)),
-                    {.journal_path = journal, .test_clock = clock.fn()})
-                    .value();
-    REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
-                             {.fail = FailMode::kOpen})
-                .ok());
+    auto acct =
+        journaled_team(client_for(server.port(), std::chrono::milliseconds(50)),
+                       journal, clock);
     server.stop(SIGKILL);
     for (int i = 0; i < 5; ++i) {
       auto r = acct->reserve(who, "m", {10, 10}, "c" + std::to_string(i));
@@ -417,13 +427,7 @@ TEST_CASE(
     // The next process: the journal replays on its first call (a second
     // run of the same journal, as after a crash mid-replay, changes
     // nothing).
-    auto acct = RedisAccountant::create(
-                    flat_prices(), client_for(server.port()),
-                    {.journal_path = journal, .test_clock = clock.fn()})
-                    .value();
-    REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
-                             {.fail = FailMode::kOpen})
-                .ok());
+    auto acct = journaled_team(client_for(server.port()), journal, clock);
     CHECK((acct->journal_pending() >= 5) == (run == 0));
     auto r = acct->reserve(who, "m", {1, 0}, "probe" + std::to_string(run));
     REQUIRE(r->granted());
@@ -440,14 +444,9 @@ TEST_CASE("a crash mid-replay: the same journal run twice applies once",
   TestClock clock;
   const Subject who{.team = "t", .org = "o"};
   {
-    auto acct = RedisAccountant::create(
-                    flat_prices(),
-                    client_for(server.port(), std::chrono::milliseconds(50)),
-                    {.journal_path = journal, .test_clock = clock.fn()})
-                    .value();
-    REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
-                             {.fail = FailMode::kOpen})
-                .ok());
+    auto acct =
+        journaled_team(client_for(server.port(), std::chrono::milliseconds(50)),
+                       journal, clock);
     server.stop(SIGKILL);
     for (int i = 0; i < 3; ++i) {
       auto r = acct->reserve(who, "m", {10, 10}, "c" + std::to_string(i));
@@ -460,13 +459,7 @@ TEST_CASE("a crash mid-replay: the same journal run twice applies once",
   const std::string copy = journal + ".copy";
   REQUIRE(std::system(("cp " + journal + " " + copy).c_str()) == 0);
   for (int run = 0; run < 2; ++run) {
-    auto acct = RedisAccountant::create(
-                    flat_prices(), client_for(server.port()),
-                    {.journal_path = journal, .test_clock = clock.fn()})
-                    .value();
-    REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
-                             {.fail = FailMode::kOpen})
-                .ok());
+    auto acct = journaled_team(client_for(server.port()), journal, clock);
     CHECK(acct->replay_journal().value() >= 3);
     CHECK(acct->spent("team", who).value() == 3 * 20'000);
     REQUIRE(std::system(("cp " + copy + " " + journal).c_str()) == 0);
@@ -716,13 +709,7 @@ TEST_CASE(
   const std::string journal = temp_path("settles.journal");
   TestClock clock;
   auto client = client_for(server.port(), std::chrono::milliseconds(50));
-  auto acct = RedisAccountant::create(
-                  flat_prices(), client,
-                  {.journal_path = journal, .test_clock = clock.fn()})
-                  .value();
-  REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
-                           {.fail = FailMode::kOpen})
-              .ok());
+  auto acct = journaled_team(client, journal, clock);
   const Subject who{.team = "t", .org = "o"};
   server.stop(SIGKILL);
   for (int i = 0; i < 3; ++i) {

@@ -1149,6 +1149,8 @@ TEST_CASE(
                    .value();
   CHECK_FALSE(limit->acquire("k", 1, Nanos{0}).allowed);
   CHECK(limit->fallbacks() == 1);
+  // Never sent (no connection): certainly not run.
+  CHECK_FALSE(RedisClient::may_have_run(client->command({"PING"}).status()));
   server.start();
   // Redis's own answers once the breaker lets a probe through: 2 of 3.
   const auto deadline =
@@ -1163,4 +1165,10 @@ TEST_CASE(
     admitted += limit->acquire("k", 1, Nanos{0}).allowed;
   CHECK(admitted == 2);
   CHECK(limit->fallbacks() == before);
+  // Sent, and Redis paused past the timeout: it may have run.
+  server.signal(SIGSTOP);
+  const auto paused = client->command({"PING"});
+  server.signal(SIGCONT);
+  CHECK(absl::IsUnavailable(paused.status()));
+  CHECK(RedisClient::may_have_run(paused.status()));
 }

@@ -144,6 +144,31 @@ inline Forecast forecast_of(std::uint64_t spent, std::uint64_t limit,
   return f;
 }
 
+// Whether a spend going from `before` to `after` reaches `permille`
+// thousandths of `limit` (it was below, it is at or above).
+inline bool crosses(std::uint64_t before, std::uint64_t after,
+                    std::uint64_t limit, std::uint32_t permille) {
+  const u128 mark = static_cast<u128>(limit) * permille;
+  return static_cast<u128>(before) * 1000 < mark &&
+         static_cast<u128>(after) * 1000 >= mark;
+}
+
+// A settlement's amount in one budget's unit: nano-USD or tokens.
+inline Cost budget_amount(bool money, Money cost, std::uint64_t tokens) {
+  return money ? static_cast<Cost>(std::max<std::int64_t>(0, cost.nanos))
+               : tokens;
+}
+
+// What a call without a usage object is charged: the prompt estimate and
+// the output the caller counted, flagged estimated.
+inline Usage counted_usage(const Estimate& e, std::uint64_t output) {
+  Usage u;
+  u.input_uncached = e.prompt_tokens;
+  u.output = output;
+  u.source = UsageSource::kEstimated;
+  return u;
+}
+
 }  // namespace detail
 
 // ThresholdEvent: a soft threshold crossed.
@@ -313,11 +338,7 @@ class Reservation {
   // and the output tokens the caller counted, flagged estimated.
   absl::StatusOr<Settlement> settle_without_usage(
       std::uint64_t counted_output_tokens) {
-    Usage u;
-    u.input_uncached = estimate_.prompt_tokens;
-    u.output = counted_output_tokens;
-    u.source = UsageSource::kEstimated;
-    return settle(u);
+    return settle(detail::counted_usage(estimate_, counted_output_tokens));
   }
 
   // cancel_after_dispatch
@@ -832,14 +853,13 @@ class Accountant {
           ",\"cache_write\":", used.cache_write_5m + used.cache_write_1h,
           ",\"output\":", used.output);
       append_items(f, r, [&](const auto& it) {
-        return it.money ? static_cast<Cost>(s->cost.nanos) : s->tokens;
+        return detail::budget_amount(it.money, s->cost, s->tokens);
       });
       // Acknowledged only once recorded: on error nothing is applied.
       if (auto st = audit_->append(f, now); !st.ok()) return st.status();
     }
     for (auto& it : r.items_) {
-      const Cost actual =
-          it.money ? static_cast<Cost>(s->cost.nanos) : s->tokens;
+      const Cost actual = detail::budget_amount(it.money, s->cost, s->tokens);
       if (actual < it.held) {
         static_cast<void>(it.limit->refund(it.key, it.held - actual, at, at));
       } else if (actual > it.held) {
@@ -894,7 +914,7 @@ class Accountant {
     absl::InlinedVector<Cost, 8> add;
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       const auto& it = r.items_[i];
-      const Cost want = it.money ? static_cast<Cost>(s->cost.nanos) : s->tokens;
+      const Cost want = detail::budget_amount(it.money, s->cost, s->tokens);
       add.push_back(want > it.held ? want - it.held : 0);
       if (add.back() != 0) {
         more.push_back({it.limit, it.key, add.back()});
@@ -1016,12 +1036,7 @@ class Accountant {
                     std::uint64_t after, std::uint64_t limit, Nanos at) {
     const BudgetSpec& spec = budgets_[b].spec;
     for (const std::uint32_t t : spec.soft_permille) {
-      const detail::u128 mark =
-          static_cast<detail::u128>(limit) * t;  // in thousandths
-      if (static_cast<detail::u128>(before) * 1000 >= mark ||
-          static_cast<detail::u128>(after) * 1000 < mark) {
-        continue;
-      }
+      if (!detail::crosses(before, after, limit, t)) continue;
       const std::int64_t period = spec.period->index_of(at);
       bool fire = false;
       {

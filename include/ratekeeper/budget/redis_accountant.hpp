@@ -318,11 +318,7 @@ class RedisReservation {
   // output, flagged estimated.
   absl::StatusOr<Settlement> settle_without_usage(
       std::uint64_t counted_output_tokens) {
-    Usage u;
-    u.input_uncached = estimate_.prompt_tokens;
-    u.output = counted_output_tokens;
-    u.source = UsageSource::kEstimated;
-    return settle(u);
+    return settle(detail::counted_usage(estimate_, counted_output_tokens));
   }
   absl::StatusOr<Settlement> cancel_after_dispatch(
       std::uint64_t counted_output_tokens = 0) {
@@ -529,7 +525,7 @@ class RedisAccountant {
       }
       // Sent and not answered (a time-out): it may have run and set its
       // key; a journaled release gives those holds back once Redis answers.
-      if (may_have_run(o.error) && journal_ != nullptr) {
+      if (RedisClient::may_have_run(o.error) && journal_ != nullptr) {
         static_cast<void>(journal_release(r));
       }
     }
@@ -585,27 +581,23 @@ class RedisAccountant {
   // kUnavailable when Redis cannot answer.
   absl::StatusOr<std::uint64_t> spent(std::string_view name,
                                       const Subject& who) {
-    for (const Budget& b : budgets_) {
-      if (b.spec.name != name) continue;
-      absl::StatusOr<std::string> tenant = subject_key(options_.tenant, who);
-      if (!tenant.ok()) return tenant.status();
-      absl::StatusOr<std::string> key = subject_key(b.spec.scope, who);
-      if (!key.ok()) return key.status();
-      const std::string k =
-          redis_key(client_->options().prefix, b.spec.name, *tenant, *key);
-      const Nanos at = test_now().value_or(unix_now());
-      const std::string index =
-          std::to_string(b.limit->policy().period().index_of(at));
-      const std::string_view keys[] = {k};
-      const std::string now = now_arg();
-      const std::string_view args[] = {now, "spent", index};
-      auto r = client_->eval_ints(detail::redis_script(), keys, args);
-      if (!r.ok()) return r.status();
-      if (r->size() != 2) return absl::InternalError("redis: malformed reply");
-      return static_cast<std::uint64_t>((*r)[0]);
-    }
-    return absl::NotFoundError(
-        absl::StrCat("no budget named \"", detail::av(name), "\""));
+    absl::StatusOr<const Budget*> b = find_budget(name);
+    if (!b.ok()) return b.status();
+    absl::StatusOr<std::string> tenant = subject_key(options_.tenant, who);
+    if (!tenant.ok()) return tenant.status();
+    absl::StatusOr<std::string> key = subject_key((*b)->spec.scope, who);
+    if (!key.ok()) return key.status();
+    const std::string k =
+        redis_key(client_->options().prefix, (*b)->spec.name, *tenant, *key);
+    const Nanos at = test_now().value_or(unix_now());
+    const std::string index = std::to_string((*b)->spec.period->index_of(at));
+    const std::string_view keys[] = {k};
+    const std::string now = now_arg();
+    const std::string_view args[] = {now, "spent", index};
+    auto r = client_->eval_ints(detail::redis_script(), keys, args);
+    if (!r.ok()) return r.status();
+    if (r->size() != 2) return absl::InternalError("redis: malformed reply");
+    return static_cast<std::uint64_t>((*r)[0]);
   }
 
   // forecast
@@ -617,13 +609,10 @@ class RedisAccountant {
   absl::StatusOr<Forecast> forecast(std::string_view name, const Subject& who) {
     absl::StatusOr<std::uint64_t> s = spent(name, who);
     if (!s.ok()) return s.status();
-    for (const Budget& b : budgets_) {
-      if (b.spec.name != name) continue;
-      const Nanos now = test_now().value_or(unix_now());
-      return detail::forecast_of(*s, b.limit->limit(),
-                                 b.spec.period->span_of(now), now);
-    }
-    return absl::NotFoundError(detail::av(name));
+    const Budget& b = **find_budget(name);  // spent() found it
+    const Nanos now = test_now().value_or(unix_now());
+    return detail::forecast_of(*s, b.limit->limit(),
+                               b.spec.period->span_of(now), now);
   }
 
   // find_settlement
@@ -676,6 +665,14 @@ class RedisAccountant {
     instance_ = (std::uint64_t{rd()} << 32) ^ rd();
   }
 
+  absl::StatusOr<const Budget*> find_budget(std::string_view name) const {
+    for (const Budget& b : budgets_) {
+      if (b.spec.name == name) return &b;
+    }
+    return absl::NotFoundError(
+        absl::StrCat("no budget named \"", detail::av(name), "\""));
+  }
+
   static SysTime to_sys(Nanos n) {
     return SysTime(std::chrono::duration_cast<SysTime::duration>(n));
   }
@@ -712,11 +709,31 @@ class RedisAccountant {
                      r.request_id_);
   }
 
-  static bool may_have_run(const absl::Status& st) {
-    return absl::IsUnavailable(st) &&
-           st.message().find("(not tried)") == std::string_view::npos &&
-           st.message().find("(not run)") == std::string_view::npos &&
-           st.message().find("connect") == std::string_view::npos;
+  // What every script on a reservation starts with (redis_lua.hpp): KEYS
+  // the budgets' states and the reservation's key; ARGV now, `op` and the
+  // budget count.
+  detail::SettleJournal::Entry script_head(const RedisReservation& r,
+                                           std::string_view op) const {
+    detail::SettleJournal::Entry e;
+    for (const auto& it : r.items_) {
+      e.keys.push_back(redis_key(client_->options().prefix,
+                                 budgets_[it.budget].spec.name, r.tenant_,
+                                 it.key));
+    }
+    e.keys.push_back(r.mark_);
+    e.args.push_back(now_arg());
+    e.args.emplace_back(op);
+    e.args.push_back(std::to_string(r.items_.size()));
+    return e;
+  }
+
+  // Item `i`'s period, the reservation's: its index and end (us).
+  void append_period(const RedisReservation& r, std::size_t i,
+                     std::vector<std::string>& args) const {
+    detail::TwinParams p = detail::RedisTwin<PeriodBudget>::at(
+        budgets_[r.items_[i].budget].limit->policy(), r.decision_.at);
+    args.push_back(std::move(p[2]));
+    args.push_back(std::move(p[4]));
   }
 
   // The settle/release script's keys and arguments for `r`; `actual` per
@@ -725,23 +742,11 @@ class RedisAccountant {
                                            std::string_view op,
                                            std::span<const Cost> actual,
                                            const Settlement* s) const {
-    detail::SettleJournal::Entry e;
-    for (const auto& it : r.items_) {
-      e.keys.push_back(redis_key(client_->options().prefix,
-                                 budgets_[it.budget].spec.name, r.tenant_,
-                                 it.key));
-    }
-    e.keys.push_back(r.mark_);
+    detail::SettleJournal::Entry e = script_head(r, op);
     if (s != nullptr) e.keys.push_back(settled_key(r));
-    e.args.push_back(now_arg());
-    e.args.emplace_back(op);
-    e.args.push_back(std::to_string(r.items_.size()));
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       const auto& it = r.items_[i];
-      const detail::TwinParams p = detail::RedisTwin<PeriodBudget>::at(
-          budgets_[it.budget].limit->policy(), r.decision_.at);
-      e.args.push_back(p[2]);  // period index
-      e.args.push_back(p[4]);  // period end, us
+      append_period(r, i, e.args);
       // What Redis holds: extensions granted while it was away are not.
       e.args.push_back(
           std::to_string(std::min<Cost>(it.held - it.unrecorded, kCap)));
@@ -827,9 +832,7 @@ class RedisAccountant {
                        used.source == UsageSource::kEstimated};
     absl::InlinedVector<Cost, 4> actual;
     for (const auto& it : r.items_) {
-      actual.push_back(
-          it.money ? static_cast<Cost>(std::max<std::int64_t>(0, s.cost.nanos))
-                   : s.tokens);
+      actual.push_back(detail::budget_amount(it.money, s.cost, s.tokens));
     }
     const auto e = script_call(r, "settle", actual, &s);
     absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> reply = run(e);
@@ -877,31 +880,17 @@ class RedisAccountant {
     absl::InlinedVector<Cost, 4> add;
     bool any = false;
     for (const auto& it : r.items_) {
-      const Cost want =
-          it.money ? static_cast<Cost>(std::max<std::int64_t>(0, cost->nanos))
-                   : u.total();
+      const Cost want = detail::budget_amount(it.money, *cost, u.total());
       add.push_back(want > it.held ? want - it.held : 0);
       any = any || add.back() != 0;
     }
     if (!any) return true;
     if (r.backed_) {
-      detail::SettleJournal::Entry e;
-      for (const auto& it : r.items_) {
-        e.keys.push_back(redis_key(client_->options().prefix,
-                                   budgets_[it.budget].spec.name, r.tenant_,
-                                   it.key));
-      }
-      e.keys.push_back(r.mark_);
-      e.args.push_back(now_arg());
-      e.args.emplace_back("extend");
-      e.args.push_back(std::to_string(r.items_.size()));
+      detail::SettleJournal::Entry e = script_head(r, "extend");
       for (std::size_t i = 0; i < r.items_.size(); ++i) {
-        const auto& b = budgets_[r.items_[i].budget];
-        const detail::TwinParams p = detail::RedisTwin<PeriodBudget>::at(
-            b.limit->policy(), r.decision_.at);
-        e.args.push_back(p[2]);
-        e.args.push_back(p[4]);
-        e.args.push_back(std::to_string(b.limit->limit()));
+        append_period(r, i, e.args);
+        e.args.push_back(
+            std::to_string(budgets_[r.items_[i].budget].limit->limit()));
         e.args.push_back(std::to_string(std::min<Cost>(add[i], kCap)));
       }
       absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> reply = run(e);
@@ -962,11 +951,7 @@ class RedisAccountant {
                     std::uint64_t limit) {
     const Budget& b = budgets_[r.items_[i].budget];
     for (const std::uint32_t t : b.spec.soft_permille) {
-      const detail::u128 mark = static_cast<detail::u128>(limit) * t;
-      if (static_cast<detail::u128>(before) * 1000 >= mark ||
-          static_cast<detail::u128>(after) * 1000 < mark) {
-        continue;
-      }
+      if (!detail::crosses(before, after, limit, t)) continue;
       const Period::Span span = b.spec.period->span_of(r.decision_.at);
       std::string what =
           absl::StrCat(b.spec.name, "/", t, "/", span.index, "/");

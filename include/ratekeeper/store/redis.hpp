@@ -61,6 +61,7 @@
 #include "absl/container/inlined_vector.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "ratekeeper/budget/period.hpp"
@@ -349,9 +350,7 @@ class RedisClient {
     };
     bool probe = false;
     if (!breaker_.admit(steady(), probe)) {
-      const absl::Status st = absl::UnavailableError(
-          absl::StrCat("redis ", options_.host, ":", options_.port,
-                       ": circuit open after repeated failures (not tried)"));
+      const absl::Status st = breaker_open_status();
       for (auto& o : out) o = st;
       return out;
     }
@@ -401,6 +400,16 @@ class RedisClient {
         std::span<const std::string_view>(argv.begin(), argv.size()));
   }
 
+  // may_have_run
+  //
+  // Whether a call that failed may still have run in Redis: false for a
+  // call never sent (breaker open, no connection) and for an error reply
+  // that means Redis did not run it (LOADING, BUSY, OOM...); true for a
+  // time-out or a cut connection after sending.
+  static bool may_have_run(const absl::Status& st) {
+    return !st.ok() && !st.GetPayload(detail::av(kNotRunPayload)).has_value();
+  }
+
   // The circuit breaker's state, and how often it has opened.
   detail::Breaker::State breaker_state() const { return breaker_.state(); }
   std::uint64_t breaker_trips() const { return breaker_.trips(); }
@@ -432,9 +441,7 @@ class RedisClient {
     };
     bool probe = false;
     if (!breaker_.admit(steady(), probe)) {
-      return absl::UnavailableError(
-          absl::StrCat("redis ", options_.host, ":", options_.port,
-                       ": circuit open after repeated failures (not tried)"));
+      return breaker_open_status();
     }
     auto r = call();
     if (!r.ok() && absl::IsUnavailable(r.status())) {
@@ -556,8 +563,8 @@ class RedisClient {
          {"LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "OOM"}) {
       if (msg.substr(0, transient.size()) == transient &&
           (msg.size() == transient.size() || msg[transient.size()] == ' ')) {
-        return absl::UnavailableError(
-            absl::StrCat("redis: ", detail::av(msg), " (not run)"));
+        return not_run(absl::UnavailableError(
+            absl::StrCat("redis: ", detail::av(msg), " (not run)")));
       }
     }
     return absl::InternalError(absl::StrCat("redis: ", detail::av(msg)));
@@ -765,16 +772,28 @@ class RedisClient {
     if (c == nullptr) {
       return absl::ResourceExhaustedError("redis: cannot allocate a context");
     }
-    if (c->err != 0) return unavailable(c->errstr);
+    // Nothing is sent before a connection is open: not run.
+    if (c->err != 0) return not_run(unavailable(c->errstr));
     if (!detail::wait_fd(c->fd, POLLOUT, deadline)) {
-      return unavailable("connect timed out");
+      return not_run(unavailable("connect timed out"));
     }
     int err = 0;
     socklen_t len = sizeof(err);
     if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
-      return unavailable(std::strerror(err != 0 ? err : errno));
+      return not_run(unavailable(std::strerror(err != 0 ? err : errno)));
     }
     return c;
+  }
+
+  static constexpr std::string_view kNotRunPayload = "ratekeeper.redis/not-run";
+  static absl::Status not_run(absl::Status st) {
+    st.SetPayload(detail::av(kNotRunPayload), absl::Cord("1"));
+    return st;
+  }
+  absl::Status breaker_open_status() const {
+    return not_run(absl::UnavailableError(
+        absl::StrCat("redis ", options_.host, ":", options_.port,
+                     ": circuit open after repeated failures (not tried)")));
   }
 
   absl::Status unavailable(std::string_view why) const {
