@@ -39,6 +39,7 @@
 #include "ratekeeper/store/sharded.hpp"
 #include "ratekeeper/tiers.hpp"
 #include "redis_server.hpp"
+#include "redis_wait.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -842,11 +843,14 @@ TEST_CASE(
   REQUIRE(prices.set("m", {.base = {.input = p, .output = p}}).ok());
   std::vector<std::unique_ptr<RedisAccountant>> accts;
   for (int i = 0; i < 2; ++i) {
+    // Time-outs are not the subject (a killed Redis refuses at once):
+    // generous ones, so that slow fsyncs on a loaded machine do not reopen
+    // a breaker after the restart.
     auto client = RedisClient::create(
                       {.port = server.port(),
                        .prefix = "conc:",
-                       .connect_timeout = std::chrono::milliseconds(200),
-                       .command_timeout = std::chrono::milliseconds(200),
+                       .connect_timeout = std::chrono::seconds(2),
+                       .command_timeout = std::chrono::seconds(5),
                        .breaker_open = std::chrono::milliseconds(50),
                        .breaker_max_open = std::chrono::milliseconds(200)})
                       .value();
@@ -909,8 +913,11 @@ TEST_CASE(
   server.start();  // its AOF: what Redis acknowledged survives
   for (auto& th : threads) th.join();
   for (auto& a : accts) {
+    // Each client reaches Redis again once its breaker lets a probe
+    // through; then its journal runs.
+    rk_test::wait_answered(*a->client());
     const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::seconds(5);
+        std::chrono::steady_clock::now() + std::chrono::seconds(30);
     while (!a->replay_journal().ok() &&
            std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "redis_server.hpp"
+#include "redis_wait.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -91,9 +92,12 @@ Usage used_tokens(std::uint64_t in, std::uint64_t out) {
 
 // Replays until Redis answers again (its breaker half-opens within 200 ms
 // here), at most 5 s.
+// After Redis is back: waits (with a deadline) until the accountant's
+// client reaches it, then until its journal has run.
 void replay_until_ok(RedisAccountant& a) {
+  rk_test::wait_answered(*a.client());
   const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (!a.replay_journal().ok() &&
          std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -336,7 +340,10 @@ TEST_CASE(
   RedisServer server(
       {"--dir", dir, "--appendonly", "yes", "--appendfsync", "always"});
   const std::string journal = std::string(dir) + "/settles.journal";
-  auto client = client_for(server.port(), std::chrono::milliseconds(50));
+  // Time-outs are not this test's subject (a killed Redis refuses at once):
+  // the client's default generous ones, so that a loaded machine's slow
+  // fsyncs do not open the breaker after the restart.
+  auto client = client_for(server.port());
   auto acct =
       RedisAccountant::create(flat_prices(), client, {.journal_path = journal})
           .value();
@@ -380,7 +387,8 @@ TEST_CASE(
   std::this_thread::sleep_for(std::chrono::milliseconds(1'500));
   stop = true;
   for (auto& th : threads) th.join();
-  // Whatever is still journaled goes now.
+  // Whatever is still journaled goes now, once the client reaches Redis.
+  rk_test::wait_answered(*client);
   const auto replay = acct->replay_journal();
   REQUIRE(replay.ok());
   CHECK(acct->journal_pending() == 0);
@@ -409,9 +417,7 @@ TEST_CASE(
   {
     // Redis is away for this whole "process": reserved by the fail mode,
     // settled into the journal.
-    auto acct =
-        journaled_team(client_for(server.port(), std::chrono::milliseconds(50)),
-                       journal, clock);
+    auto acct = journaled_team(client_for(server.port()), journal, clock);
     server.stop(SIGKILL);
     for (int i = 0; i < 5; ++i) {
       auto r = acct->reserve(who, "m", {10, 10}, "c" + std::to_string(i));
@@ -444,9 +450,7 @@ TEST_CASE("a crash mid-replay: the same journal run twice applies once",
   TestClock clock;
   const Subject who{.team = "t", .org = "o"};
   {
-    auto acct =
-        journaled_team(client_for(server.port(), std::chrono::milliseconds(50)),
-                       journal, clock);
+    auto acct = journaled_team(client_for(server.port()), journal, clock);
     server.stop(SIGKILL);
     for (int i = 0; i < 3; ++i) {
       auto r = acct->reserve(who, "m", {10, 10}, "c" + std::to_string(i));
@@ -474,8 +478,7 @@ TEST_CASE(
   const std::string journal = temp_path("settles.journal");
   TestClock clock;
   auto acct = RedisAccountant::create(
-                  flat_prices(),
-                  client_for(server.port(), std::chrono::milliseconds(50)),
+                  flat_prices(), client_for(server.port()),
                   {.journal_path = journal, .test_clock = clock.fn()})
                   .value();
   REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 100'000),
@@ -506,11 +509,10 @@ TEST_CASE(
   CHECK(acct->spent("org", who).value() == 16'000);
 
   SECTION("closed") {
-    auto closed = RedisAccountant::create(
-                      flat_prices(),
-                      client_for(server.port(), std::chrono::milliseconds(50)),
-                      {.test_clock = clock.fn()})
-                      .value();
+    auto closed =
+        RedisAccountant::create(flat_prices(), client_for(server.port()),
+                                {.test_clock = clock.fn()})
+            .value();
     REQUIRE(
         closed->add_budget(month_budget("team", Field::kTeam, 100'000)).ok());
     server.stop(SIGKILL);
@@ -633,8 +635,7 @@ TEST_CASE(
   TestClock clock;
   const std::string journal = temp_path("settles.journal");
   auto acct = RedisAccountant::create(
-                  flat_prices(),
-                  client_for(server.port(), std::chrono::milliseconds(50)),
+                  flat_prices(), client_for(server.port()),
                   {.journal_path = journal, .test_clock = clock.fn()})
                   .value();
   REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 100'000),
@@ -679,8 +680,7 @@ TEST_CASE(
       "at the settle") {
     auto open_acct =
         RedisAccountant::create(
-            flat_prices(),
-            client_for(server.port(), std::chrono::milliseconds(50)),
+            flat_prices(), client_for(server.port()),
             {.journal_path = journal + "2", .test_clock = clock.fn()})
             .value();
     REQUIRE(open_acct
@@ -708,7 +708,7 @@ TEST_CASE(
   RedisServer server;
   const std::string journal = temp_path("settles.journal");
   TestClock clock;
-  auto client = client_for(server.port(), std::chrono::milliseconds(50));
+  auto client = client_for(server.port());
   auto acct = journaled_team(client, journal, clock);
   const Subject who{.team = "t", .org = "o"};
   server.stop(SIGKILL);
@@ -717,6 +717,13 @@ TEST_CASE(
     REQUIRE(r->settle(used_tokens(10, 0)).ok());
   }
   server.start();
+  // The outage opened the client's breaker; within its breaker_max_open
+  // (200 ms here) the client reaches Redis again. Only then can Redis
+  // refuse anything.
+  const auto back = std::chrono::steady_clock::now();
+  const auto waited = rk_test::answered_within_bound(*client, back);
+  INFO("the client reached Redis " << waited.count() / 1'000'000
+                                   << " ms after it was back");
   // The budget's key holds a hash now: its GET answers WRONGTYPE.
   const std::string key =
       redis_key("rkt:", "team", subject_key(Scope(Field::kOrg), who).value(),
@@ -743,7 +750,7 @@ TEST_CASE(
   // charged in full), must all be in the new Redis's books, exactly.
   RedisServer server;
   const std::string journal = temp_path("settles.journal");
-  auto client = client_for(server.port(), std::chrono::milliseconds(50));
+  auto client = client_for(server.port());
   auto acct =
       RedisAccountant::create(flat_prices(), client, {.journal_path = journal})
           .value();

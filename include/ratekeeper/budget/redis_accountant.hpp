@@ -789,7 +789,7 @@ class RedisAccountant {
   // keeps refusing does not cost every call a round trip.
   void replay_if_due() {
     if (pending_.load(std::memory_order_relaxed) == 0) return;
-    if (client_->breaker_state() == detail::Breaker::State::kOpen) return;
+    if (client_->breaker_refuses()) return;
     const std::int64_t now =
         std::chrono::steady_clock::now().time_since_epoch().count();
     if (now < next_replay_.load(std::memory_order_relaxed)) return;

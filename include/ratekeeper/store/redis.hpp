@@ -93,6 +93,13 @@ namespace ratekeeper {
 //                    call goes through (half-open): success closes it,
 //                    failure opens it again for twice as long, up to
 //                    breaker_max_open
+//   breaker_max_open the longest it stays open, and so the bound on
+//                    recovery: once Redis answers again, the first call
+//                    made breaker_max_open after that goes to it (and,
+//                    answered, closes the breaker); add one timeout if a
+//                    probe was already waiting when Redis came back.
+//                    create() refuses breaker_open <= 0 and
+//                    breaker_max_open < breaker_open
 struct RedisOptions {
   std::string host = "127.0.0.1";
   int port = 6379;
@@ -102,7 +109,7 @@ struct RedisOptions {
   std::size_t pool_size = 8;
   int breaker_failures = 3;
   Nanos breaker_open = std::chrono::milliseconds(250);
-  Nanos breaker_max_open = std::chrono::seconds(10);
+  Nanos breaker_max_open = std::chrono::seconds(1);
   // A Redis Cluster: host:port is one node to learn the others from
   // (CLUSTER SLOTS); each call goes to the node owning its keys' slot, and
   // follows MOVED (the map is updated) and ASK (once) redirections.
@@ -198,8 +205,8 @@ class Breaker {
   void failure(Nanos now, bool probe) {
     std::lock_guard<std::mutex> lock(mu_);
     if (probe || state_ == State::kHalfOpen) {
+      backoff_ = std::min(backoff_ * 2, max_open_);  // twice as long
       open(now);
-      backoff_ = std::min(backoff_ * 2, max_open_);
       return;
     }
     if (state_ == State::kClosed && ++failures_ >= failures_to_open_) {
@@ -210,6 +217,13 @@ class Breaker {
   State state() const {
     std::lock_guard<std::mutex> lock(mu_);
     return state_;
+  }
+  // Whether a call at `now` would be turned away without being tried:
+  // open with its open time not yet over, or half-open with the probe out.
+  bool refuses(Nanos now) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return (state_ == State::kOpen && now < open_until_) ||
+           state_ == State::kHalfOpen;
   }
   std::uint64_t trips() const {
     std::lock_guard<std::mutex> lock(mu_);
@@ -283,6 +297,12 @@ class RedisClient {
       return absl::InvalidArgumentError(
           "RedisOptions: timeouts must be positive");
     }
+    if (options.breaker_open <= Nanos{0} ||
+        options.breaker_max_open < options.breaker_open) {
+      return absl::InvalidArgumentError(
+          "RedisOptions: breaker_open must be positive and breaker_max_open "
+          "at least breaker_open");
+    }
     std::shared_ptr<RedisClient> c(new RedisClient(std::move(options)));
     const bool lenient = c->options_.start_unreachable;
     Node* first = c->first_node();
@@ -354,6 +374,7 @@ class RedisClient {
       for (auto& o : out) o = st;
       return out;
     }
+    if (probe) drop_idle();  // the probe asks a fresh connection
     // Calls grouped by node, in order within each.
     std::vector<std::pair<Node*, std::vector<std::size_t>>> groups;
     for (std::size_t i = 0; i < calls.size(); ++i) {
@@ -411,7 +432,13 @@ class RedisClient {
   }
 
   // The circuit breaker's state, and how often it has opened.
+  // breaker_refuses(): whether a call now would fail without being tried
+  // (open and its open time not over, or the probe out).
   detail::Breaker::State breaker_state() const { return breaker_.state(); }
+  bool breaker_refuses() const {
+    return breaker_.refuses(std::chrono::duration_cast<Nanos>(
+        std::chrono::steady_clock::now().time_since_epoch()));
+  }
   std::uint64_t breaker_trips() const { return breaker_.trips(); }
 
  private:
@@ -443,6 +470,7 @@ class RedisClient {
     if (!breaker_.admit(steady(), probe)) {
       return breaker_open_status();
     }
+    if (probe) drop_idle();  // the probe asks a fresh connection
     auto r = call();
     if (!r.ok() && absl::IsUnavailable(r.status())) {
       breaker_.failure(steady(), probe);
