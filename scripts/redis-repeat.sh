@@ -29,6 +29,19 @@ for t in redis_test redis_accountant_test concurrency_test; do
   fi
 done
 
+# The environment ctest's preset gives the sanitizer builds.
+case "$preset" in
+  asan)
+    export RATEKEEPER_TEST_SCALE=0.2
+    export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+    export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+    ;;
+  tsan)
+    export RATEKEEPER_TEST_SCALE=0.2
+    export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+    ;;
+esac
+
 stress_pid=""
 if [[ $stress -eq 1 ]]; then
   command -v stress-ng >/dev/null || {
