@@ -690,8 +690,23 @@ TEST_CASE(
   for (int i = 0; i < 3; ++i) b.failure(now, false);
   CHECK(b.refuses(now + milliseconds(249)));
   CHECK_FALSE(b.refuses(now + milliseconds(250)));
+  // Open times near Nanos::max() saturate: open "for ever", never a
+  // wrapped instant in the past (found by an examiner: with both at
+  // Nanos::max() the breaker let every call through).
+  detail::Breaker forever(1, Nanos::max(), Nanos::max());
+  forever.failure(milliseconds(5), false);
+  CHECK(forever.refuses(milliseconds(6)));
+  CHECK(forever.refuses(Nanos::max() - Nanos{1}));
+  CHECK_FALSE(forever.admit(std::chrono::hours(24 * 365), probe));
+  detail::Breaker doubling(1, Nanos::max() / 2 + Nanos{1}, Nanos::max());
+  doubling.failure(Nanos{0}, false);
+  REQUIRE(doubling.admit(Nanos::max() / 2 + Nanos{1}, probe));
+  doubling.failure(Nanos::max() / 2 + Nanos{1}, true);  // 2x would overflow
+  CHECK(doubling.refuses(Nanos::max() - Nanos{1}));
   // Options the breaker cannot honour are refused, not clamped.
   CHECK(RedisClient::create({.breaker_open = Nanos{0}}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(RedisClient::create({.breaker_failures = 0}).status().code() ==
         absl::StatusCode::kInvalidArgument);
   CHECK(RedisClient::create({.breaker_open = milliseconds(500),
                              .breaker_max_open = milliseconds(400)})
@@ -736,6 +751,48 @@ TEST_CASE(
                    .value();
   CHECK(limit->acquire("k", 1, Nanos{0}).remaining == 4);
   CHECK(limit->fallbacks() == 0);
+}
+
+TEST_CASE(
+    "an empty acquire_batch sends nothing: it neither takes the probe nor "
+    "counts as an answer",
+    "[redis][pipeline]") {
+  // Found by an examiner: an empty batch closed an open breaker (and reset
+  // its count of failures) while Redis was away, so every later call
+  // waited for a timeout again.
+  RedisServer server;
+  auto client =
+      RedisClient::create({.port = server.port(),
+                           .prefix = "rkt:",
+                           .breaker_failures = 3,
+                           .breaker_open = std::chrono::milliseconds(1),
+                           .breaker_max_open = std::chrono::milliseconds(1)})
+          .value();
+  auto limit =
+      RedisLimit<TokenBucket>::create(
+          {.name = "empty"}, TokenBucket::create(per_second(100), 100).value(),
+          client, {.fail = FailMode::kOpen})
+          .value();
+  const std::span<const RedisLimit<TokenBucket>::Request> none;
+  server.stop(SIGKILL);
+  // Failures with empty batches between them still add up to an open
+  // breaker.
+  for (int i = 0; i < 3; ++i) {
+    CHECK(limit->acquire("k", 1, Nanos{0}).allowed);  // the fail mode's
+    CHECK(limit->acquire_batch(none, Nanos{0}).empty());
+  }
+  CHECK(client->breaker_state() == detail::Breaker::State::kOpen);
+  CHECK(client->breaker_trips() == 1);
+  // Its open time over, an empty batch is no probe: still open, the probe
+  // left for a call that asks Redis something.
+  const auto until =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
+  while (std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK(limit->acquire_batch(none, Nanos{0}).empty());
+  CHECK(client->breaker_state() == detail::Breaker::State::kOpen);
+  CHECK(limit->fallbacks() == 3);
 }
 
 TEST_CASE("fail mode local: each instance decides at its share of the limit",

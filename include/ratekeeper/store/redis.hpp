@@ -98,8 +98,9 @@ namespace ratekeeper {
 //                    made breaker_max_open after that goes to it (and,
 //                    answered, closes the breaker); add one timeout if a
 //                    probe was already waiting when Redis came back.
-//                    create() refuses breaker_open <= 0 and
-//                    breaker_max_open < breaker_open
+//                    create() refuses breaker_failures < 1,
+//                    breaker_open <= 0 and breaker_max_open < breaker_open
+//                    (huge values saturate: open "for ever")
 struct RedisOptions {
   std::string host = "127.0.0.1";
   int port = 6379;
@@ -205,7 +206,8 @@ class Breaker {
   void failure(Nanos now, bool probe) {
     std::lock_guard<std::mutex> lock(mu_);
     if (probe || state_ == State::kHalfOpen) {
-      backoff_ = std::min(backoff_ * 2, max_open_);  // twice as long
+      // Twice as long, up to the cap (without overflowing near Nanos::max).
+      backoff_ = backoff_ > max_open_ / 2 ? max_open_ : backoff_ * 2;
       open(now);
       return;
     }
@@ -233,7 +235,7 @@ class Breaker {
  private:
   void open(Nanos now) {
     state_ = State::kOpen;
-    open_until_ = now + backoff_;
+    open_until_ = now > Nanos::max() - backoff_ ? Nanos::max() : now + backoff_;
     failures_ = 0;
     ++trips_;
   }
@@ -297,11 +299,11 @@ class RedisClient {
       return absl::InvalidArgumentError(
           "RedisOptions: timeouts must be positive");
     }
-    if (options.breaker_open <= Nanos{0} ||
+    if (options.breaker_failures < 1 || options.breaker_open <= Nanos{0} ||
         options.breaker_max_open < options.breaker_open) {
       return absl::InvalidArgumentError(
-          "RedisOptions: breaker_open must be positive and breaker_max_open "
-          "at least breaker_open");
+          "RedisOptions: breaker_failures must be at least 1, breaker_open "
+          "positive and breaker_max_open at least breaker_open");
     }
     std::shared_ptr<RedisClient> c(new RedisClient(std::move(options)));
     const bool lenient = c->options_.start_unreachable;
@@ -364,6 +366,10 @@ class RedisClient {
                                      std::span<const EvalCall> calls) {
     std::vector<IntsOr> out(calls.size(),
                             absl::InternalError("redis: not run"));
+    // Nothing to send: nothing learned of Redis, so the breaker is left as
+    // it is (an empty batch must not take the probe, nor count as an
+    // answer).
+    if (calls.empty()) return out;
     const auto steady = [] {
       return std::chrono::duration_cast<Nanos>(
           std::chrono::steady_clock::now().time_since_epoch());
