@@ -90,10 +90,9 @@ Usage used_tokens(std::uint64_t in, std::uint64_t out) {
   return u;
 }
 
-// Replays until Redis answers again (its breaker half-opens within 200 ms
-// here), at most 5 s.
 // After Redis is back: waits (with a deadline) until the accountant's
-// client reaches it, then until its journal has run.
+// client reaches it (its breaker half-opens within 200 ms here), then until
+// its journal has run.
 void replay_until_ok(RedisAccountant& a) {
   rk_test::wait_answered(*a.client());
   const auto deadline =
