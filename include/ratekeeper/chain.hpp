@@ -56,9 +56,11 @@
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/math.hpp"
 #include "ratekeeper/detail/mutex.hpp"
+#include "ratekeeper/detail/strings.hpp"
 #include "ratekeeper/limiter.hpp"
 #include "ratekeeper/metrics.hpp"
 #include "ratekeeper/policy/policy.hpp"
+#include "ratekeeper/receipt.hpp"
 #include "ratekeeper/store/sharded.hpp"
 #include "ratekeeper/store/store.hpp"
 
@@ -174,16 +176,23 @@ class Limit {
   Limit(const Limit&) = delete;
   Limit& operator=(const Limit&) = delete;
 
-  // As Limiter::acquire, peek and refund, at time `now`.
+  // As Limiter::acquire, peek and take, at time `now` (a limit kept in
+  // Redis decides by Redis's clock instead). take() fills `receipt` when it
+  // admits (an empty one when it refuses).
   virtual Decision acquire(std::string_view key, Cost cost, Nanos now) = 0;
   virtual Decision peek(std::string_view key, Cost cost, Nanos now) const = 0;
-  // Gives back `cost` charged at `charged_at`; returns what a zero-cost call
-  // would now be told (what is left after the refund).
-  virtual Decision refund(std::string_view key, Cost cost, Nanos charged_at,
-                          Nanos now) = 0;
+  virtual Decision take(std::string_view key, Cost cost, Nanos now,
+                        Receipt& receipt) = 0;
   // Counts `cost` whether or not it fits (charge-on-reject); the decision is
-  // the step's, a denial when it did not fit.
-  virtual Decision charge(std::string_view key, Cost cost, Nanos now) = 0;
+  // the step's, a denial when it did not fit. `receipt` as take(): filled
+  // only when the cost fitted (a counted refusal is never given back).
+  virtual Decision charge(std::string_view key, Cost cost, Nanos now,
+                          Receipt& receipt) = 0;
+  // As Limiter::settle, at time `now` (the limit's own clock for one kept
+  // in Redis): settles a receipt this limit issued to its actual cost, and
+  // returns what a zero-cost call would now be told.
+  virtual absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual,
+                                          Nanos now) = 0;
 
   // The capacity (as in every Decision) and the time it is stated over.
   virtual std::uint64_t limit() const noexcept = 0;
@@ -254,20 +263,33 @@ class PolicyLimit final : public Limit {
     return store_.peek(key, detail::AcquireOp<P>{policy_ptr(), now, cost});
   }
 
-  Decision refund(std::string_view key, Cost cost, Nanos charged_at,
-                  Nanos now) override {
-    return store_.update(
-        key, detail::RefundOp<P>{policy_ptr(), now, cost, charged_at});
+  Decision take(std::string_view key, Cost cost, Nanos now,
+                Receipt& receipt) override {
+    const P* p = policy_ptr();
+    return detail::take_on(store_, key, detail::AcquireOp<P>{p, now, cost}, *p,
+                           this, receipt);
   }
 
-  Decision charge(std::string_view key, Cost cost, Nanos now) override {
+  Decision charge(std::string_view key, Cost cost, Nanos now,
+                  Receipt& receipt) override {
     if constexpr (ChargingPolicy<P>) {
-      return store_.apply(key, detail::ChargeOp<P>{policy_ptr(), now, cost});
+      const P* p = policy_ptr();
+      return detail::take_on(store_, key, detail::ChargeOp<P>{p, now, cost}, *p,
+                             this, receipt);
     } else {
       // make_limit refuses charge_on_reject for such a policy; a caller
-      // reaching here directly gets the plain acquire.
-      return acquire(key, cost, now);
+      // reaching here directly gets the plain take.
+      return take(key, cost, now, receipt);
     }
+  }
+
+  // Settled under the policy in force now; the receipt's placement says
+  // what it took under the policy it was taken under (a token bucket's
+  // receipt keeps its rate), so a reconfigure() between take and settle
+  // gives back what was taken, never the same count at the new rate.
+  absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual,
+                                  Nanos now) override {
+    return detail::settle_on(store_, *policy_ptr(), this, receipt, actual, now);
   }
 
   std::uint64_t limit() const noexcept override { return policy().limit(); }
@@ -343,6 +365,57 @@ struct ChainItem {
   Cost cost = 1;
 };
 
+// ChainItems: chain items that own their keys' bytes, for items built from
+// keys made on the fly (TierTable::chain_items). items() views them; the
+// view is valid until the ChainItems is changed, moved or destroyed. Keys of
+// up to 256 bytes in all are kept inline. Not thread-safe.
+class ChainItems {
+ public:
+  ChainItems() = default;
+  ChainItems(const ChainItems& o) : buf_(o.buf_), parts_(o.parts_) {}
+  ChainItems& operator=(const ChainItems& o) {
+    buf_ = o.buf_;
+    parts_ = o.parts_;
+    return *this;
+  }
+
+  // Appends an item; its key's bytes are copied.
+  void add(Limit* limit, std::string_view key, Cost cost) {
+    parts_.push_back(Part{limit, buf_.size(), key.size(), cost});
+    buf_.insert(buf_.end(), key.begin(), key.end());
+  }
+  void add(const ChainItem& item) { add(item.limit, item.key, item.cost); }
+  void clear() {
+    buf_.clear();
+    parts_.clear();
+  }
+
+  std::size_t size() const noexcept { return parts_.size(); }
+  bool empty() const noexcept { return parts_.empty(); }
+
+  // The items, with keys viewing this object's bytes.
+  std::span<const ChainItem> items() const {
+    view_.clear();
+    for (const Part& p : parts_) {
+      view_.push_back(ChainItem{
+          p.limit, std::string_view(buf_.data() + p.offset, p.size), p.cost});
+    }
+    return std::span<const ChainItem>(view_.data(), view_.size());
+  }
+  operator std::span<const ChainItem>() const { return items(); }  // NOLINT
+
+ private:
+  struct Part {
+    Limit* limit;
+    std::size_t offset;
+    std::size_t size;
+    Cost cost;
+  };
+  absl::InlinedVector<char, 256> buf_;
+  absl::InlinedVector<Part, 4> parts_;
+  mutable absl::InlinedVector<ChainItem, 4> view_;
+};
+
 // LimitResult: what one limit of a chain decided.
 //
 //   decision       the limit's own decision. For a limit that admitted but
@@ -351,12 +424,17 @@ struct ChainItem {
 //   counted        the cost is held by this limit now (the chain went ahead,
 //                  or the limit charges on reject).
 //   shadow_denied  a shadow limit that would have refused.
+//   receipt        what this limit took, open while the chain holds it: the
+//                  chain's settle() and give_back() consume it. Empty for a
+//                  refused chain (everything was given back, apart from
+//                  charges on reject, which are never given back).
 struct LimitResult {
   Limit* limit = nullptr;
   Cost cost = 0;
   Decision decision;
   bool counted = false;
   bool shadow_denied = false;
+  Receipt receipt;
 };
 
 // ChainDecision: the answer of a chain.
@@ -364,8 +442,7 @@ struct LimitResult {
 //   allowed      every enforced limit admitted, and all hold their cost.
 //   retry_after  0 when allowed; else the largest retry_after of the limits
 //                that refused (kNever when one can never admit the cost).
-//   at           the time the chain decided: pass it to Chain::refund as
-//                charged_at.
+//   at           the time the chain decided (by the chain's clock).
 //   binding      index in results of the limit that decided: when refused,
 //                the refusing limit with the longest wait; when allowed, the
 //                limit with the least remaining relative to its capacity
@@ -472,10 +549,10 @@ class Chain {
       r.cost = it.cost;
       if (it.limit->charge_on_reject()) {
         // Taken if it fits, charged if not: counted either way.
-        r.decision = it.limit->charge(it.key, it.cost, now);
+        r.decision = it.limit->charge(it.key, it.cost, now, r.receipt);
         r.counted = true;
       } else if (!refused) {
-        r.decision = it.limit->acquire(it.key, it.cost, now);
+        r.decision = it.limit->take(it.key, it.cost, now, r.receipt);
         r.counted = r.decision.allowed;
       } else {
         // Refused already: what this limit would say, without taking. An
@@ -497,7 +574,7 @@ class Chain {
       }
     }
     out.allowed = !refused;
-    if (refused) roll_back(items, out, now);
+    if (refused) roll_back(out, now);
     detail::finish_chain(out, true);
     return out;
   }
@@ -527,37 +604,87 @@ class Chain {
     return out;
   }
 
-  // refund
+  // settle
   //
-  // Gives back each item's cost, charged at `charged_at` (the `at` of the
-  // decision that took it): the unused part of a token estimate once the
-  // provider reported real usage, or a whole call that was cancelled.
-  void refund(std::span<const ChainItem> items, Nanos charged_at) {
+  // Settles result `index` of an allowed chain to its actual cost (the
+  // tokens the provider counted, against the estimate taken): the unused
+  // part is given back, an excess is charged as a debt (see
+  // Limiter::settle). kOutOfRange for a bad index; kFailedPrecondition for
+  // a result already settled, or one that holds nothing (a refused chain).
+  absl::Status settle(ChainDecision& d, std::size_t index, Cost actual) {
+    if (index >= d.results.size()) {
+      return absl::OutOfRangeError(
+          absl::StrCat("chain result ", index, " of ", d.results.size()));
+    }
+    LimitResult& r = d.results[index];
+    absl::StatusOr<Decision> left =
+        r.limit->settle(r.receipt, actual, clock_.now());
+    if (!left.ok()) return left.status();
+    r.counted = actual != 0;
+    r.decision.remaining = left->remaining;
+    r.decision.reset_after = left->reset_after;
+    return absl::OkStatus();
+  }
+
+  // settle
+  //
+  // Settles every open result of `unit` (every token limit, say) to
+  // `actual`: what a call does once the provider reports its usage.
+  // kFailedPrecondition when none was open.
+  absl::Status settle(ChainDecision& d, Unit unit, Cost actual) {
+    bool any = false;
+    for (std::size_t i = 0; i < d.results.size(); ++i) {
+      if (d.results[i].limit->unit() != unit || !d.results[i].receipt) {
+        continue;
+      }
+      any = true;
+      if (absl::Status st = settle(d, i, actual); !st.ok()) return st;
+    }
+    if (!any) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "no open ", detail::av(unit_name(unit)), " receipt in the chain"));
+    }
+    return absl::OkStatus();
+  }
+
+  // give_back
+  //
+  // Gives back everything an allowed chain still holds (the call did not
+  // happen): each open result settled to 0. Charges on reject of a refused
+  // chain are never given back; a result settled already is left alone.
+  void give_back(ChainDecision& d) {
     const Nanos now = clock_.now();
-    for (const ChainItem& it : items) {
-      if (it.cost != 0) {
-        static_cast<void>(it.limit->refund(it.key, it.cost, charged_at, now));
+    for (LimitResult& r : d.results) {
+      if (!r.receipt) continue;
+      absl::StatusOr<Decision> left = r.limit->settle(r.receipt, 0, now);
+      if (left.ok()) {
+        r.counted = false;
+        r.decision.remaining = left->remaining;
+        r.decision.reset_after = left->reset_after;
       }
     }
-  }
-  void refund(std::initializer_list<ChainItem> items, Nanos charged_at) {
-    refund(std::span<const ChainItem>(items.begin(), items.size()), charged_at);
   }
 
   Nanos now() const noexcept { return clock_.now(); }
 
  private:
-  // Gives back what limits that do not charge on reject took.
-  static void roll_back(std::span<const ChainItem> items, ChainDecision& out,
-                        Nanos now) {
-    for (std::size_t i = 0; i < items.size(); ++i) {
-      LimitResult& r = out.results[i];
-      if (!r.counted || items[i].limit->charge_on_reject()) continue;
-      const Decision left =
-          items[i].limit->refund(items[i].key, items[i].cost, now, now);
+  // Gives back what limits that do not charge on reject took, each with
+  // its receipt (judged in that limit's own time); a charge on reject keeps
+  // its count and its receipt is dropped (a refused call's charge is never
+  // given back).
+  static void roll_back(ChainDecision& out, Nanos now) {
+    for (LimitResult& r : out.results) {
+      if (!r.counted) continue;
+      if (r.limit->charge_on_reject()) {
+        r.receipt = Receipt();
+        continue;
+      }
+      absl::StatusOr<Decision> left = r.limit->settle(r.receipt, 0, now);
       r.counted = false;
-      r.decision.remaining = left.remaining;
-      r.decision.reset_after = left.reset_after;
+      if (left.ok()) {
+        r.decision.remaining = left->remaining;
+        r.decision.reset_after = left->reset_after;
+      }
     }
   }
 

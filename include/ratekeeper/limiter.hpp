@@ -1,8 +1,9 @@
 // ratekeeper/limiter.hpp: a policy, a store and a clock, put together.
 //
 // Defines Limiter<Policy, Store, Clock>: acquire(key, cost) decides and
-// counts, peek(key, cost) decides without counting, refund(key, cost) gives
-// back what a call did not use. One clock read and one store apply per call.
+// counts, peek(key, cost) decides without counting, take(key, cost) decides
+// and counts and returns a Receipt, which settle(receipt, actual) settles to
+// the call's actual cost. One clock read and one store apply per call.
 //
 //   auto bucket = ratekeeper::TokenBucket::create(ratekeeper::per_second(10),
 //                                                 20).value();
@@ -22,28 +23,43 @@
 #include <string_view>
 #include <utility>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "ratekeeper/clock.hpp"
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/policy/policy.hpp"
+#include "ratekeeper/receipt.hpp"
 #include "ratekeeper/store/in_memory.hpp"
 #include "ratekeeper/store/sharded.hpp"
 #include "ratekeeper/store/store.hpp"
 
 namespace ratekeeper {
 
+// Taken: a decision, and the receipt of what it took (empty when refused).
+struct [[nodiscard]] Taken {
+  Decision decision;
+  Receipt receipt;
+  constexpr explicit operator bool() const noexcept { return decision.allowed; }
+};
+
 namespace detail {
 
 // What every limiter StoreOp shares: the policy and the time, and the
-// policy's idle, idle_at and merge for the store.
+// policy's idle, idle_at and merge for the store. `before` receives the state
+// a published run started from (StoreOp::published), for a receipt.
 template <class P>
 struct OpBase {
   const P* policy;
   Nanos now;
+  typename P::State* before = nullptr;
   bool idle(const typename P::State& s) const { return policy->idle(s, now); }
   Nanos idle_at(const typename P::State& s) const { return policy->idle_at(s); }
   typename P::State merge(const typename P::State& a,
                           const typename P::State& b) const {
     return policy->merge(a, b);
+  }
+  void published(const typename P::State& s) const {
+    if (before != nullptr) *before = s;
   }
 };
 
@@ -51,23 +67,26 @@ struct OpBase {
 template <class P>
 struct AcquireOp : OpBase<P> {
   Cost cost;
-  AcquireOp(const P* p, Nanos t, Cost c) : OpBase<P>{p, t}, cost(c) {}
+  AcquireOp(const P* p, Nanos t, Cost c, typename P::State* b = nullptr)
+      : OpBase<P>{p, t, b}, cost(c) {}
   Step<typename P::State> operator()(const typename P::State& s) const {
     return this->policy->step(s, this->now, cost);
   }
 };
 
-// A refund as a StoreOp: the new state, and the decision a zero-cost call
-// would then get (what is left after the refund).
+// A receipt's settlement as a StoreOp: the policy's settle(), and the
+// decision a zero-cost call would then get (what is left after it).
 template <class P>
-struct RefundOp : OpBase<P> {
-  Cost cost;
-  Nanos charged_at;
-  RefundOp(const P* p, Nanos t, Cost c, Nanos at)
-      : OpBase<P>{p, t}, cost(c), charged_at(at) {}
+struct SettleOp : OpBase<P> {
+  typename P::Placement place;
+  Cost taken;
+  Cost actual;
+  SettleOp(const P* p, Nanos t, const typename P::Placement& pl, Cost tk,
+           Cost ac)
+      : OpBase<P>{p, t}, place(pl), taken(tk), actual(ac) {}
   Step<typename P::State> operator()(const typename P::State& s) const {
     const typename P::State next =
-        this->policy->refund(s, this->now, cost, charged_at);
+        this->policy->settle(s, this->now, place, taken, actual);
     return {next, this->policy->step(next, this->now, 0).decision};
   }
 };
@@ -78,7 +97,8 @@ struct RefundOp : OpBase<P> {
 template <ChargingPolicy P>
 struct ChargeOp : OpBase<P> {
   Cost cost;
-  ChargeOp(const P* p, Nanos t, Cost c) : OpBase<P>{p, t}, cost(c) {}
+  ChargeOp(const P* p, Nanos t, Cost c, typename P::State* b = nullptr)
+      : OpBase<P>{p, t, b}, cost(c) {}
   Step<typename P::State> operator()(const typename P::State& s) const {
     Step<typename P::State> st = this->policy->step(s, this->now, cost);
     if (st.decision.allowed) return st;
@@ -88,6 +108,60 @@ struct ChargeOp : OpBase<P> {
     return {next, d};
   }
 };
+
+// take_on
+//
+// `op` (an AcquireOp or ChargeOp) on `store`, with a receipt from `issuer`
+// when the take was admitted and the store kept it.
+template <class P, class StoreT, class Op>
+Decision take_on(StoreT& store, std::string_view key, Op op, const P& policy,
+                 const void* issuer, Receipt& out) {
+  typename P::State before{};
+  bool kept = false;
+  struct Marked : Op {
+    bool* flag;
+    void published(const typename P::State& s) const {
+      Op::published(s);
+      *flag = true;
+    }
+  };
+  op.before = &before;
+  const Marked marked{op, &kept};
+  const Decision d = store.apply(key, marked);
+  if (d.allowed && kept) {
+    out = Receipt::issue(issuer, key, op.cost, op.now,
+                         policy.place(before, op.now, op.cost));
+  } else {
+    out = Receipt();
+  }
+  return d;
+}
+
+// settle_on
+//
+// Settles `r` (checked to come from `issuer`) on `store`: an update when it
+// gives back (a forgotten key stays forgotten), an apply when it charges a
+// debt (the debt is counted even on a key the store let go).
+template <class P, class StoreT>
+absl::StatusOr<Decision> settle_on(StoreT& store, const P& policy,
+                                   const void* issuer, Receipt& r, Cost actual,
+                                   Nanos now) {
+  if (!r.open()) {
+    return absl::FailedPreconditionError(
+        "receipt already settled, or empty (a refused call takes nothing)");
+  }
+  if (r.issuer() != issuer) {
+    return absl::InvalidArgumentError(
+        "receipt issued by another limit: a receipt is settled by the limit "
+        "that took it");
+  }
+  const SettleOp<P> op(&policy, now, r.placement<typename P::Placement>(),
+                       r.cost(), actual);
+  const Decision d =
+      actual > r.cost() ? store.apply(r.key(), op) : store.update(r.key(), op);
+  r.close();
+  return d;
+}
 
 }  // namespace detail
 
@@ -146,24 +220,40 @@ class Limiter {
     return store_.peek(key, detail::AcquireOp<P>{&policy_, clock_.now(), cost});
   }
 
-  // refund
+  // take
   //
-  // Gives back `cost` units of a call that was admitted at `charged_at` and
-  // did not use them (cancelled, or used fewer tokens than reserved). Never
-  // gives back more than is counted; a window policy drops a refund whose
-  // window has closed. A key not held is left alone. Thread-safe.
-  void refund(std::string_view key, Cost cost, Nanos charged_at) {
-    static_cast<void>(store_.update(
-        key, detail::RefundOp<P>{&policy_, clock_.now(), cost, charged_at}));
+  // As acquire(), with a Receipt of what was taken when admitted (an empty
+  // one when refused): settle it once the call's real cost is known, or
+  // give it back if the call did not happen. Thread-safe.
+  Taken take(std::string_view key, Cost cost) {
+    Taken t;
+    t.decision = detail::take_on(
+        store_, key, detail::AcquireOp<P>{&policy_, clock_.now(), cost},
+        policy_, this, t.receipt);
+    return t;
   }
 
-  // refund
+  // settle
   //
-  // As above, for a call charged just now (in the current window).
-  void refund(std::string_view key, Cost cost) {
-    const Nanos now = clock_.now();
-    static_cast<void>(
-        store_.update(key, detail::RefundOp<P>{&policy_, now, cost, now}));
+  // Settles a take to its actual cost, in both directions: below what was
+  // taken, the unused part is given back (never more than is still
+  // outstanding of that take now); above it, the excess is charged at once
+  // as a debt, whether or not it fits, so that later calls wait for it.
+  // Returns what a zero-cost call would now be told. The receipt is closed.
+  // kFailedPrecondition for a receipt already settled (or empty),
+  // kInvalidArgument for one from another limiter; either way nothing
+  // changes. Thread-safe.
+  absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual) {
+    return detail::settle_on(store_, policy_, this, receipt, actual,
+                             clock_.now());
+  }
+
+  // give_back
+  //
+  // settle(receipt, 0): the call did not happen (cancelled, failed before
+  // the provider counted anything).
+  absl::StatusOr<Decision> give_back(Receipt& receipt) {
+    return settle(receipt, 0);
   }
 
   // Thread-safe.

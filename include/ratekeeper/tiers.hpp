@@ -161,23 +161,22 @@ class TierTable {
   absl::StatusOr<ChainDecision> acquire(std::string_view tier,
                                         const Subject& who, Cost tokens,
                                         std::span<const ChainItem> first) {
-    absl::InlinedVector<ChainItem, 4> items(first.begin(), first.end());
+    ChainItems items;
+    for (const ChainItem& it : first) items.add(it);
     if (absl::Status st = items_for(tier, who, tokens, items); !st.ok()) {
       return st;
     }
-    return chain_.acquire(std::span<const ChainItem>(items));
+    return chain_.acquire(items.items());
   }
 
   // chain_items
   //
   // The items acquire() would take, appended to `out`: to hand the tier's
   // limits to another all-or-nothing chain (Accountant::reserve's `limits`,
-  // so that a call's rate limits and budgets are one decision). The keys
-  // live in a buffer of this thread's, valid until the thread's next call
-  // to a TierTable. Errors as acquire().
+  // so that a call's rate limits and budgets are one decision). `out` owns
+  // the keys' bytes. Errors as acquire().
   absl::Status chain_items(std::string_view tier, const Subject& who,
-                           Cost tokens,
-                           absl::InlinedVector<ChainItem, 4>& out) const {
+                           Cost tokens, ChainItems& out) const {
     return items_for(tier, who, tokens, out);
   }
 
@@ -186,31 +185,28 @@ class TierTable {
   // What acquire would decide, counting nothing.
   absl::StatusOr<ChainDecision> peek(std::string_view tier, const Subject& who,
                                      Cost tokens) const {
-    absl::InlinedVector<ChainItem, 4> items;
+    ChainItems items;
     if (absl::Status st = items_for(tier, who, tokens, items); !st.ok()) {
       return st;
     }
-    return chain_.peek(std::span<const ChainItem>(items));
+    return chain_.peek(items.items());
   }
 
-  // refund_tokens
+  // settle_tokens
   //
-  // Gives back `tokens` to the tier's token limits for `who`, charged at
-  // `charged_at` (the decision's `at`): the part of an estimate the call did
-  // not use. Request limits are left alone.
-  absl::Status refund_tokens(std::string_view tier, const Subject& who,
-                             Cost tokens, Nanos charged_at) {
-    absl::InlinedVector<ChainItem, 4> items;
-    if (absl::Status st = items_for(tier, who, tokens, items); !st.ok()) {
-      return st;
-    }
-    absl::InlinedVector<ChainItem, 4> token_items;
-    for (const ChainItem& it : items) {
-      if (it.limit->unit() == Unit::kTokens) token_items.push_back(it);
-    }
-    chain_.refund(std::span<const ChainItem>(token_items), charged_at);
-    return absl::OkStatus();
+  // Settles the token limits of a decision acquire() allowed to the tokens
+  // the provider counted (`used`): the unused part of the estimate is given
+  // back, an excess charged as a debt (Chain::settle); request limits are
+  // left alone. Errors as Chain::settle.
+  absl::Status settle_tokens(ChainDecision& d, Cost used) {
+    return chain_.settle(d, Unit::kTokens, used);
   }
+
+  // give_back
+  //
+  // Gives back everything an allowed decision holds (the call never
+  // happened).
+  void give_back(ChainDecision& d) { chain_.give_back(d); }
 
   // The limits of a tier in chain order (empty for an unknown tier).
   std::vector<Limit*> limits(std::string_view tier) const {
@@ -271,30 +267,21 @@ class TierTable {
         absl::StrCat("no tier named \"", detail::av(tier), "\""));
   }
 
-  // Appends tier `tier`'s items for `who` to `items`. Their keys live in a
-  // buffer of this thread's, valid until its next call here.
+  // Appends tier `tier`'s items for `who` to `items`, which owns their keys.
   absl::Status items_for(std::string_view tier, const Subject& who, Cost tokens,
-                         absl::InlinedVector<ChainItem, 4>& items) const {
+                         ChainItems& items) const {
     const Tier* found = find_tier(tier);
     if (found == nullptr) return unknown(tier);
     const Tier& t = *found;
-    thread_local std::string keys;
-    keys.clear();
-    absl::InlinedVector<std::size_t, 5> ends;
+    std::string key;
     for (const Entry& e : t) {
-      if (absl::Status st = append_subject_key(e.scope, who, keys); !st.ok()) {
+      key.clear();
+      if (absl::Status st = append_subject_key(e.scope, who, key); !st.ok()) {
         e.limit->metrics().record_error();
         return absl::InvalidArgumentError(
             absl::StrCat("limit \"", e.limit->name(), "\": ", st.message()));
       }
-      ends.push_back(keys.size());
-    }
-    std::size_t begin = 0;
-    for (std::size_t i = 0; i < t.size(); ++i) {
-      const std::string_view key(keys.data() + begin, ends[i] - begin);
-      items.push_back(ChainItem{t[i].limit, key,
-                                t[i].unit == Unit::kTokens ? tokens : Cost{1}});
-      begin = ends[i];
+      items.add(e.limit, key, e.unit == Unit::kTokens ? tokens : Cost{1});
     }
     return absl::OkStatus();
   }

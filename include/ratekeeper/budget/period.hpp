@@ -245,12 +245,37 @@ class PeriodBudget {
     return {s, Decision{false, limit_, room, until_next, reset}};
   }
 
-  // Gives back to the period that was charged, never below zero; a refund
-  // for a period that has ended is dropped.
-  State refund(const State& s, Nanos /*now*/, Cost cost,
-               Nanos charged_at) const noexcept {
-    if (period_.index_of(charged_at) != s.period) return s;
-    return State{s.period, s.spent - std::min(cost, s.spent)};
+  // Placement: the index of the period a take was counted in.
+  struct Placement {
+    std::int64_t period = 0;
+  };
+
+  Placement place(const State& before, Nanos now,
+                  Cost /*cost*/) const noexcept {
+    return Placement{current(before, period_.index_of(now)).period};
+  }
+
+  // settle
+  //
+  // A take's spend belongs to the period it was taken in, in both
+  // directions: below `taken`, the unused part is given back to that period
+  // (never below zero); above, the overage is charged to that period
+  // (saturating at kMaxLimit), even when it is settled after the period
+  // ended, as long as no later period has opened on this key. Once one has,
+  // the state holds only the new period and the old one's change is dropped
+  // from it: the new period is never charged for the old one's call (the
+  // accountant's books still record it, in the old period).
+  State settle(const State& s, Nanos /*now*/, const Placement& p, Cost taken,
+               Cost actual) const noexcept {
+    if (s.period > p.period) return s;
+    State cur = current(s, p.period);
+    if (actual > taken) {
+      const Cost over = actual - taken;
+      cur.spent = over >= kMaxLimit - cur.spent ? kMaxLimit : cur.spent + over;
+    } else {
+      cur.spent -= std::min(taken - actual, cur.spent);
+    }
+    return cur;
   }
 
   // Counts `cost` whether or not it fits: an overage settled after the call

@@ -92,15 +92,32 @@ class FixedWindow {
     return cur;
   }
 
-  // refund
+  // Placement: the index of the window a take was counted in.
+  struct Placement {
+    std::int64_t window = 0;
+  };
+
+  // place
   //
-  // Takes `cost` (at most what is counted) off the window that holds
-  // `charged_at`, if that window is still the state's window. A refund for
-  // a window already closed is dropped: that window is over. Pure.
-  State refund(const State& s, Nanos /*now*/, Cost cost,
-               Nanos charged_at) const noexcept {
-    if (window_of(charged_at) != s.window) return s;
-    return State{s.window, s.count - std::min(cost, s.count)};
+  // The window a take admitted at `now` from `before` counts in (the
+  // state's own when the clock is behind it). Pure.
+  Placement place(const State& before, Nanos now,
+                  Cost /*cost*/) const noexcept {
+    return Placement{current(before, now).window};
+  }
+
+  // settle
+  //
+  // Below `taken`: takes the unused units (at most what is counted) off the
+  // take's window, if that window is still the state's window; a window
+  // already closed is over, and its count is not given back. Above: the
+  // excess counts in now's window whether or not it fits (a debt until that
+  // window ends), saturating at kMaxLimit. Pure.
+  State settle(const State& s, Nanos now, const Placement& p, Cost taken,
+               Cost actual) const noexcept {
+    if (actual > taken) return charge(s, now, actual - taken);
+    if (p.window != s.window) return s;
+    return State{s.window, s.count - std::min(taken - actual, s.count)};
   }
 
   // idle

@@ -42,14 +42,23 @@ inline constexpr State kReservedState = std::bit_cast<State>(AllOnes<State>{});
 //   - State is trivially copyable, at most 16 bytes, equality-comparable, and
 //     a value-initialised (all-zero) State means "never seen": a store hands
 //     out zeroed slots and may reclaim any state for which idle() is true.
-//   - The State with every byte 0xFF is never produced by step() or refund():
+//   - The State with every byte 0xFF is never produced by step() or settle():
 //     stores reserve it (a lock-free store marks a slot being reclaimed with
 //     it). detail::kReservedState<State> is that value.
 //   - step(s, now, cost) is pure: no allocation, no clock read, no floating
 //     point, no side effect. A store may run it several times for one call
 //     (a lost compare-and-swap re-runs it) and keep only the last result.
-//   - refund(s, now, cost, charged_at) returns `cost` units charged at time
-//     `charged_at` to the state, never more than was taken; pure.
+//   - Placement is trivially copyable and at most 48 bytes: where one
+//     admitted take sits in the state (a token bucket's stretch of its
+//     timeline, a window's index), recorded in the take's Receipt.
+//   - place(before, now, cost) is the Placement of a take of `cost` admitted
+//     at `now` from state `before` (step(before, now, cost) allowed). Pure.
+//   - settle(s, now, placement, taken, actual) settles a take of `taken`
+//     units placed at `placement` to its actual cost: below `taken`, it
+//     gives back at most taken - actual, and never more than is still
+//     outstanding of that take at `now` (what time has already returned is
+//     not returned twice); above `taken`, it counts the excess whether or not
+//     it fits (a debt, stated by each policy). Pure.
 //   - idle(s, now): the state is now equivalent to a zeroed one.
 //   - idle_at(s): the first time at which idle(s, t) holds (Nanos::min() for
 //     a state idle at every time). Stores evict the state that becomes idle
@@ -69,7 +78,12 @@ concept Policy = requires(const P& p, const typename P::State& s, Nanos now,
   requires std::equality_comparable<typename P::State>;
   { p.step(s, now, cost) }
   noexcept->std::same_as<Step<typename P::State>>;
-  { p.refund(s, now, cost, now) }
+  typename P::Placement;
+  requires std::is_trivially_copyable_v<typename P::Placement>;
+  requires sizeof(typename P::Placement) <= 48;
+  { p.place(s, now, cost) }
+  noexcept->std::same_as<typename P::Placement>;
+  { p.settle(s, now, p.place(s, now, cost), cost, cost) }
   noexcept->std::same_as<typename P::State>;
   { p.idle(s, now) }
   noexcept->std::same_as<bool>;

@@ -92,23 +92,41 @@ class SlidingWindow {
                         reset_after(v, now)}};
   }
 
-  // refund
+  // Placement: the index of the aligned window a take was counted in.
+  struct Placement {
+    std::int64_t window = 0;
+  };
+
+  // place
   //
-  // Takes `cost` (at most what is counted) off the count of the window that
-  // holds `charged_at`, if that is the state's current or previous window;
-  // otherwise the refund is dropped, as it is while the clock is behind the
-  // state's window (the charge cannot then be placed with certainty).
-  // Never gives back more than was counted. Pure.
-  State refund(const State& s, Nanos now, Cost cost,
-               Nanos charged_at) const noexcept {
+  // The window a take admitted at `now` from `before` counts in (the
+  // state's own when the clock is behind it). Pure.
+  Placement place(const State& before, Nanos now,
+                  Cost /*cost*/) const noexcept {
+    return Placement{view(before, now).st.window};
+  }
+
+  // settle
+  //
+  // Below `taken`: takes the unused units (at most what is counted) off the
+  // count of the take's window if that is the state's current or previous
+  // window (the previous one's count still weighs on the estimate);
+  // otherwise nothing is given back, as while the clock is behind the
+  // state's window. Above: the excess counts in now's window whether or not
+  // it fits (a debt that weighs on the estimate for the next window too),
+  // saturating at kMaxLimit. Pure.
+  State settle(const State& s, Nanos now, const Placement& p, Cost taken,
+               Cost actual) const noexcept {
+    if (actual > taken) return charge(s, now, actual - taken);
     const View v = view(s, now);
     if (v.behind) return s;
     State out = v.st;
-    const std::int64_t wc = window_of(charged_at);
-    if (wc == out.window) {
-      out.cur -= static_cast<std::uint32_t>(std::min<Cost>(cost, out.cur));
-    } else if (static_cast<i128>(wc) == static_cast<i128>(out.window) - 1) {
-      out.prev -= static_cast<std::uint32_t>(std::min<Cost>(cost, out.prev));
+    const Cost back = taken - actual;
+    if (p.window == out.window) {
+      out.cur -= static_cast<std::uint32_t>(std::min<Cost>(back, out.cur));
+    } else if (static_cast<i128>(p.window) ==
+               static_cast<i128>(out.window) - 1) {
+      out.prev -= static_cast<std::uint32_t>(std::min<Cost>(back, out.prev));
     }
     return out;
   }

@@ -31,6 +31,8 @@ namespace ratekeeper {
 
 class TokenBucket {
  public:
+  using i128 = detail::i128;
+
   // State: the TAT as tat_biased - 2^63 whole nanoseconds plus tat_frac / den
   // of a nanosecond. The bias makes the zeroed state the far past (INT64_MIN
   // ns): a bucket that is full at any time, i.e. "never seen".
@@ -111,18 +113,64 @@ class TokenBucket {
                         ceil_ns(base - now_s)}};
   }
 
-  // refund
+  // Placement: the stretch [from, until) of the bucket's timeline that one
+  // take occupies, in units of 1/den ns of the configuration it was taken
+  // under (num/den ns per token, kept so that a receipt from before a
+  // reconfigure() is given back at the rate it was taken at).
+  struct Placement {
+    i128 from = 0;
+    i128 until = 0;
+    std::uint64_t num = 1;
+    std::uint64_t den = 1;
+  };
+
+  // place
   //
-  // Puts back `cost` tokens (at most a full bucket); the TAT never moves
-  // before `now`, so a refund cannot overfill. `charged_at` is not needed by
-  // GCRA: a token given back is a token wherever it was taken. Pure.
-  State refund(const State& s, Nanos now, Cost cost,
-               Nanos /*charged_at*/) const noexcept {
+  // Where a take of `cost` admitted at `now` from `before` sits: from the
+  // later of the TAT and now, for cost tokens' worth of time. Pure.
+  Placement place(const State& before, Nanos now, Cost cost) const noexcept {
+    const i128 now_s = static_cast<i128>(now.count()) * den_;
+    const i128 from = std::max(decode(before), now_s);
+    return Placement{from, from + static_cast<i128>(cost) * num_,
+                     static_cast<std::uint64_t>(num_),
+                     static_cast<std::uint64_t>(den_)};
+  }
+
+  // settle
+  //
+  // Settles a take of `taken` tokens placed at `p` to `actual`.
+  //
+  // Below: gives back the unused tokens' time, at the rate the take was made
+  // at, but only what of the take's stretch is still ahead of `now`: tokens
+  // that time has already refilled are not refilled twice. So a bucket of 10
+  // emptied at 0 and again at 10 s (full again by then) gets nothing back
+  // from the first take's receipt at 10 s. The TAT never moves before `now`.
+  //
+  // Above: the excess is a debt, charged at `now` whether or not it fits
+  // (the provider counted more than the estimate): the TAT moves later by
+  // exactly the excess's time, so later calls wait exactly that much longer.
+  // Saturates at the end of the clock's range. Pure.
+  State settle(const State& s, Nanos now, const Placement& p, Cost taken,
+               Cost actual) const noexcept {
     const i128 now_s = static_cast<i128>(now.count()) * den_;
     const i128 tat = decode(s);
-    if (tat <= now_s) return s;
-    const i128 back = static_cast<i128>(std::min<Cost>(cost, burst_)) * num_;
-    return encode(std::max(tat - back, now_s));
+    if (actual > taken) {
+      const i128 debt = static_cast<i128>(actual - taken) * num_;
+      return encode(std::max(tat, now_s) + debt);
+    }
+    if (actual == taken || tat <= now_s || p.den == 0) return s;
+    const i128 pden = static_cast<i128>(p.den);
+    const i128 start = std::max(p.from, static_cast<i128>(now.count()) * pden);
+    if (p.until <= start) return s;
+    const i128 back =
+        std::min(static_cast<i128>(taken - actual) * static_cast<i128>(p.num),
+                 p.until - start);
+    // `back` in this configuration's units, rounded down (give back less).
+    i128 back_s = back;
+    if (pden != den_) {
+      back_s = (back / pden) * den_ + (back % pden) * den_ / pden;
+    }
+    return encode(std::max(tat - back_s, now_s));
   }
 
   // charge
@@ -165,8 +213,6 @@ class TokenBucket {
   std::uint64_t burst() const noexcept { return burst_; }
 
  private:
-  using i128 = detail::i128;
-
   TokenBucket(Rate rate, std::uint64_t burst, std::uint64_t num,
               std::uint64_t den) noexcept
       : rate_(rate),

@@ -65,14 +65,19 @@ class InMemoryStore {
     detail::MutexLock lock(&mu_);
     if (auto it = map_.find(to_absl(key)); it != map_.end()) {
       Step<State> r = op(it->second);
+      op.published(it->second);
       it->second = r.next;
       return r.decision;
     }
     Step<State> r = op(State{});
     // Nothing to remember (a deny of a fresh key, a zero cost): no slot.
-    if (r.next == State{}) return r.decision;
+    if (r.next == State{}) {
+      op.published(State{});
+      return r.decision;
+    }
     if (!make_room(op)) return when_full(r.decision);
     map_.emplace(std::string(key), r.next);
+    op.published(State{});
     ++stats_.inserts;
     ++since_sweep_;
     return r.decision;
@@ -98,6 +103,7 @@ class InMemoryStore {
     const auto it = map_.find(to_absl(key));
     if (it == map_.end()) return op(State{}).decision;
     Step<State> r = op(it->second);
+    op.published(it->second);
     it->second = r.next;
     return r.decision;
   }

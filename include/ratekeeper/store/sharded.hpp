@@ -39,14 +39,17 @@
 // is evicted into a per-shard summary (merged, most restrictive) from which a
 // returning key starts, so an evicted key is never over-admitted.
 //
-// Slot reuse. A reclaim marks the state with the reserved all-ones value
-// (no policy produces it), bumps the key word's incarnation, then zeroes the
-// state. A thread that read the old key word re-checks it after its
-// compare-and-swap and redoes the call if the slot changed hands, so its
-// decision always comes from its own key's state. (Its write can only have
-// landed if the slot's new state was bit-identical to the old one it read:
-// the step it applied then counts against the new owner, who is charged, not
-// credited, except for a refund in that exact coincidence.)
+// Slot reuse. A reclaim, an eviction or a move marks the state with the
+// reserved all-ones value (no policy produces it) and bumps the key word's
+// incarnation; the tombstone stays until the slot is claimed again, so a
+// thread holding a stale snapshot can never swap it into a freed slot. A
+// thread re-checks the key word after a failed compare-and-swap, and after a
+// successful one: an op whose swap succeeded is never run again when its
+// slot was retired after it (the retirement carried its effect along). The
+// one case it cannot tell apart is a slot given to a new key whose state is
+// bit-identical to the snapshot it swapped; a take then counts again on its
+// own key (an over-count, never an over-admission). Give-backs (update())
+// run under the shard mutex and never meet it.
 #ifndef RATEKEEPER_STORE_SHARDED_HPP_
 #define RATEKEEPER_STORE_SHARDED_HPP_
 
@@ -165,7 +168,7 @@ class ShardedStore {
   // shard's insert path. Thread-safe; lock-free for keys already held.
   template <StoreOp<State> Op>
   Decision apply(std::string_view key, const Op& op) {
-    return run(key, op, /*insert_missing=*/true);
+    return run(key, op);
   }
 
   // peek
@@ -180,8 +183,12 @@ class ShardedStore {
     for (;;) {
       std::optional<SlotRef> slot = self->find(shard, h);
       if (!slot) {
+        // A lock-free lookup can miss a key that a move is carrying between
+        // its buckets; moves hold the mutex, so under it the key is found
+        // where it is (or it is truly not held).
         detail::MutexLock lock(&shard.mu);
-        return op(self->initial_state(shard, h, op)).decision;
+        slot = self->find(shard, h);
+        if (!slot) return op(self->initial_state(shard, h, op)).decision;
       }
       if (auto d = self->apply_at(shard, *slot, op, /*write=*/false)) {
         return *d;
@@ -191,10 +198,22 @@ class ShardedStore {
 
   // update
   //
-  // As apply() for a key held; a key not held stays absent. Thread-safe.
+  // As apply() for a key held; a key not held stays absent. Runs under the
+  // shard's mutex, so that no move, reclaim or eviction of the store's own
+  // can interleave with it: the op is applied exactly once, to this key's
+  // state (it is how receipts are given back, which must never land twice
+  // or on another key). Lock-free calls on the key go on meanwhile; their
+  // compare-and-swaps and this one's order them. Thread-safe.
   template <StoreOp<State> Op>
   Decision update(std::string_view key, const Op& op) {
-    return run(key, op, /*insert_missing=*/false);
+    const Hashed h = hash(key);
+    Shard& shard = shards_[h.shard];
+    detail::MutexLock lock(&shard.mu);
+    for (;;) {
+      std::optional<SlotRef> slot = find(shard, h);
+      if (!slot) return op(initial_state(shard, h, op)).decision;
+      if (auto d = apply_at(shard, *slot, op, /*write=*/true)) return *d;
+    }
   }
 
   // Thread-safe; a sum of per-shard counters, each read relaxed: a snapshot
@@ -445,17 +464,15 @@ class ShardedStore {
     return std::nullopt;
   }
 
-  // apply() and update(): op on the key's slot, which a key not held gets
-  // from the insert path when `insert_missing`; otherwise it stays absent
-  // and op is decided on a zeroed state.
+  // apply(): op on the key's slot, which a key not held gets from the
+  // insert path (where the op is decided and published under the mutex).
   template <class Op>
-  Decision run(std::string_view key, const Op& op, bool insert_missing) {
+  Decision run(std::string_view key, const Op& op) {
     const Hashed h = hash(key);
     Shard& shard = shards_[h.shard];
     for (;;) {
       std::optional<SlotRef> slot = find(shard, h);
       if (!slot) {
-        if (!insert_missing) return op(State{}).decision;
         InsertResult ins = insert(shard, h, op);
         if (ins.decided) return *ins.decided;
         slot = ins.slot;
@@ -465,11 +482,23 @@ class ShardedStore {
   }
 
   // Runs op on the slot. nullopt: the slot is being reclaimed or changed
-  // hands during the call; the caller looks the key up again.
+  // hands before op could be applied; the caller looks the key up again.
+  //
+  // An op whose compare-and-swap succeeded is applied: it is never run
+  // again, even when the slot's key word changed after it (a move or an
+  // eviction carried the state, with this op's effect, elsewhere; a reclaim
+  // found it idle). Only when the word shows the slot was given to another
+  // key since (a move or eviction followed by an insert into the freed
+  // slot) can this thread not tell whether its swap landed before the slot
+  // changed hands or, the new key's state being bit-identical to the one it
+  // read, after: then a take is counted again on its own key (an
+  // over-count, never an over-admission), and a give-back (update(), under
+  // the mutex) cannot meet the case at all.
   template <class Op>
   std::optional<Decision> apply_at(Shard& shard, const SlotRef& slot,
                                    const Op& op, bool write) {
     detail::Atomic16& cell = slot.bucket->states[slot.index];
+    std::atomic<std::uint64_t>& word = slot.bucket->keys[slot.index];
     u128 cur = cell.load();
     for (;;) {
       if (cur == kTomb) {
@@ -481,19 +510,81 @@ class ShardedStore {
       // cur -> cur): it is what proves `cur` was a real, untorn snapshot.
       const u128 next = write ? detail::to_u128(r.next) : cur;
       if (cell.compare_exchange(cur, next)) {
-        // Acquire: ordered after the CAS, so a reclaim that retired the key
-        // word before our CAS is seen here.
-        if (slot.bucket->keys[slot.index].load(std::memory_order_acquire) !=
-            slot.word) {
-          return std::nullopt;
+        run_after_swap_hook();
+        // Acquire: ordered after the CAS, so a reclaim or move that retired
+        // the key word before our CAS is seen here.
+        const std::uint64_t now_word = word.load(std::memory_order_acquire);
+        if (now_word == slot.word) {
+          if (write) op.published(detail::from_u128<State>(cur));
+          return r.decision;
         }
-        return r.decision;
+        if (!write) return std::nullopt;  // a peek of a slot in transit
+        if (now_word == make_word(0, next_inc(inc_of(slot.word)))) {
+          // Retired (moved, evicted or reclaimed) after our swap, and not
+          // given to another key: the swap was on this key's state.
+          op.published(detail::from_u128<State>(cur));
+          return r.decision;
+        }
+        after_ambiguous_swap();
+        return std::nullopt;
+      }
+      // The slot may have been retired (a tombstone stays in a freed slot,
+      // so a stale snapshot can never be swapped into it): look again.
+      if (word.load(std::memory_order_acquire) != slot.word) {
+        return std::nullopt;
       }
       shard.cas_retries[retry_stripe()].n.fetch_add(1,
                                                     std::memory_order_relaxed);
       cpu_relax();
     }
   }
+
+  // A test hook (RATEKEEPER_SHARDED_TEST_HOOKS): runs between a successful
+  // compare-and-swap and the check of the slot's key word.
+#if defined(RATEKEEPER_SHARDED_TEST_HOOKS)
+ public:
+  inline static thread_local void (*after_swap_hook)(void*) = nullptr;
+  inline static thread_local void* after_swap_arg = nullptr;
+  // Moves `key` to a free slot of its other bucket (false when it is not
+  // held or that bucket is full), or evicts it into its summary cell.
+  bool test_relocate(std::string_view key, bool evict) {
+    const Hashed h = hash(key);
+    Shard& shard = shards_[h.shard];
+    detail::MutexLock lock(&shard.mu);
+    const auto slot = find(shard, h);
+    if (!slot) return false;
+    if (evict) {
+      const auto st = retire(shard, *slot->bucket, slot->index,
+                             [](const State&) { return true; });
+      if (!st) return false;
+      State& cell = shard.summary[h.fp % summary_size_];
+      cell = *st;
+      shard.evicted.fetch_add(1, std::memory_order_relaxed);
+      return true;
+    }
+    Bucket& dst = bucket(shard, h, 1 - slot->choice);
+    const auto j = free_index(dst);
+    if (!j) return false;
+    move(shard, *slot->bucket, slot->index, dst, *j);
+    return true;
+  }
+  // Counts of ambiguous swaps (see apply_at), for tests.
+  std::uint64_t test_ambiguous() const noexcept {
+    return ambiguous_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  std::atomic<std::uint64_t> ambiguous_{0};
+  void run_after_swap_hook() {
+    if (after_swap_hook != nullptr) after_swap_hook(after_swap_arg);
+  }
+  void after_ambiguous_swap() {
+    ambiguous_.fetch_add(1, std::memory_order_relaxed);
+  }
+#else
+  static void run_after_swap_hook() noexcept {}
+  static void after_ambiguous_swap() noexcept {}
+#endif
 
   static void yield_briefly() noexcept { std::this_thread::yield(); }
 
@@ -547,13 +638,11 @@ class ShardedStore {
       if (!pred(s)) return std::nullopt;
       if (g.states[i].compare_exchange(cur, kTomb)) {
         // Release: a lookup that sees the retired word (a new incarnation,
-        // no fingerprint) sees the tombstone before it.
+        // no fingerprint) sees the tombstone before it. The tombstone stays
+        // until the slot is claimed again, so that a thread holding a stale
+        // snapshot of the old state can never swap it into a free slot.
         g.keys[i].store(make_word(0, next_inc(inc_of(w))),
                         std::memory_order_release);
-        u128 t = kTomb;
-        while (!g.states[i].compare_exchange(t, u128{0})) {
-          t = kTomb;  // only this thread writes over a tombstone
-        }
         shard.live.fetch_sub(1, std::memory_order_relaxed);
         return s;
       }
@@ -656,6 +745,7 @@ class ShardedStore {
     // Nothing to remember (a denied fresh key, a zero cost): no slot. The
     // state it would start from stays where it is (zero, or the summary).
     if (detail::to_u128(first.next) == detail::to_u128(start)) {
+      op.published(start);
       return {std::nullopt, first.decision};
     }
     std::optional<SlotRef> slot;
@@ -678,18 +768,21 @@ class ShardedStore {
       slot = free_slot(shard, h);
     }
     if (!slot) return {std::nullopt, when_full(shard, first.decision)};
-    // Claim: the state first (it is zero in a free slot), then publish the
-    // key word with release, so a reader that finds the key sees the state.
+    // Claim: the state first (zero, or a tombstone, in a free slot), then
+    // publish the key word with release, so a reader that finds the key sees
+    // the state. The state is the first call's result: that call is decided
+    // and published here, once, under the mutex.
     Bucket& g = *slot->bucket;
     u128 cur = g.states[slot->index].load();
-    while (
-        !g.states[slot->index].compare_exchange(cur, detail::to_u128(start))) {
+    while (!g.states[slot->index].compare_exchange(
+        cur, detail::to_u128(first.next))) {
     }
     const std::uint64_t word = make_word(h.fp, inc_of(slot->word));
     g.keys[slot->index].store(word, std::memory_order_release);
     shard.live.fetch_add(1, std::memory_order_relaxed);
     shard.inserts.fetch_add(1, std::memory_order_relaxed);
-    return {SlotRef{&g, slot->index, word, slot->choice}, std::nullopt};
+    op.published(start);
+    return {std::nullopt, first.decision};
   }
 
   // The first free slot of bucket b, if any.
@@ -722,10 +815,7 @@ class ShardedStore {
                       std::memory_order_release);
     src.keys[i].store(make_word(0, next_inc(inc_of(w))),
                       std::memory_order_release);
-    u128 t = kTomb;
-    while (!src.states[i].compare_exchange(t, u128{0})) {
-      t = kTomb;
-    }
+    // The tombstone stays in the freed slot until it is claimed (retire()).
   }
 
   // A free index in bucket `bi`, made by moving a resident key to its other

@@ -58,10 +58,16 @@ struct StoreStats {
 // only the last result), so it has no side effects. op.idle(s) says whether a
 // state is equivalent to a zeroed one at the op's time, so that the store may
 // drop it; op.idle_at(s) and op.merge(a, b) are the policy's (see Policy),
-// for stores that evict.
+// for stores that evict. op.published(before) is called exactly once when
+// the store keeps the result of op(before) as the key's state (or, for a key
+// it does not hold, when that result equals the state the key starts from):
+// never for a run whose result was discarded (a lost compare-and-swap, a
+// peek, a full store that denied the key or admitted it uncounted). It is
+// how a take learns what it took from, for its Receipt.
 template <class Op, class State>
 concept StoreOp = requires(const Op& op, const State& s) {
   { op(s) } -> std::same_as<Step<State>>;
+  op.published(s);
   { op.idle(s) } -> std::same_as<bool>;
   { op.idle_at(s) } -> std::same_as<Nanos>;
   { op.merge(s, s) } -> std::same_as<State>;
@@ -87,6 +93,7 @@ struct ArchetypeOp {
   bool idle(const State&) const { return true; }
   Nanos idle_at(const State&) const { return Nanos::min(); }
   State merge(const State& a, const State&) const { return a; }
+  void published(const State&) const {}
 };
 }  // namespace detail
 
@@ -101,7 +108,9 @@ struct ArchetypeOp {
 //   peek(key, op)    op's decision on the current state; publishes nothing and
 //                    inserts nothing.
 //   update(key, op)  as apply, but for keys already held only: a key not held
-//                    is left absent (a refund to a forgotten key is a no-op).
+//                    is left absent (a give-back to a forgotten key is a
+//                    no-op). Exact with respect to moves and reclaims of the
+//                    store's own: it is how receipts are given back.
 //   stats()          a StoreStats snapshot.
 // Thread safety: all members, concurrently.
 template <class S>
