@@ -133,14 +133,23 @@ TEMPLATE_TEST_CASE("a chain is all or nothing", "[chain]",
     CHECK(rig.call("b", 100).allowed);
   }
 
-  SECTION("refund gives back the unused part of an estimate") {
-    const ChainDecision d = rig.call("u", 80);
+  SECTION("settle gives back the unused part of an estimate") {
+    ChainDecision d = rig.call("u", 80);
     REQUIRE(d.allowed);
     rig.clock.advance(std::chrono::milliseconds(1));
-    rig.chain.refund({{rig.tpm.get(), "u", 50}}, d.at);
+    REQUIRE(rig.chain.settle(d, Unit::kTokens, 30).ok());
     // 20 + 50 back + 1 ms of refill (100 per minute: 0.0017 tokens).
     CHECK(rig.tpm_left("u") == 70);
     CHECK(rig.rpm_left("u") == 2);
+    CHECK(d.results[1].decision.remaining == 70);
+    // Once only.
+    CHECK(rig.chain.settle(d, 1, 0).code() ==
+          absl::StatusCode::kFailedPrecondition);
+    CHECK(rig.chain.settle(d, 7, 0).code() == absl::StatusCode::kOutOfRange);
+    // give_back returns what is still held: the request.
+    rig.chain.give_back(d);
+    CHECK(rig.rpm_left("u") == 3);
+    CHECK(rig.tpm_left("u") == 70);
   }
 
   SECTION("an empty chain admits and names no binding limit") {
@@ -348,7 +357,12 @@ struct NoCharge {
   Step<State> step(const State& s, Nanos, Cost c) const noexcept {
     return {State{s.n + c}, Decision{true, 10, 10, Nanos{0}, Nanos{0}}};
   }
-  State refund(const State& s, Nanos, Cost, Nanos) const noexcept { return s; }
+  struct Placement {};
+  Placement place(const State&, Nanos, Cost) const noexcept { return {}; }
+  State settle(const State& s, Nanos, const Placement&, Cost,
+               Cost) const noexcept {
+    return s;
+  }
   bool idle(const State& s, Nanos) const noexcept { return s.n == 0; }
   Nanos idle_at(const State&) const noexcept { return Nanos::min(); }
   State merge(const State& a, const State&) const noexcept { return a; }

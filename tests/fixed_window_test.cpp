@@ -71,19 +71,24 @@ TEST_CASE("weighted costs and the never case", "[policy][fixed]") {
   CHECK(fresh.reset_after == Nanos{0});
 }
 
-TEST_CASE("refund returns to the window it was charged in", "[policy][fixed]") {
+TEST_CASE("settle returns to the window it was charged in", "[policy][fixed]") {
   auto d = drive(make(per_second(10)));
   REQUIRE(d.at(100 * kMs, 8).allowed);
-  d.refund(200 * kMs, 5, 100 * kMs);
+  const auto take = d.last;
+  d.give_back(200 * kMs, take, 5);
   CHECK(d.peek(200 * kMs, 0).remaining == 7);
-  d.refund(200 * kMs, 50, 100 * kMs);  // capped at what is counted
+  d.give_back(200 * kMs, take, 50);  // capped at the take
   CHECK(d.peek(200 * kMs, 0).remaining == 10);
   REQUIRE(d.at(900 * kMs, 10).allowed);
+  const auto closing = d.last;
   REQUIRE(d.at(kSec + 1, 10).allowed);
   // Charged in the window that closed: dropped, the new window keeps its
   // count.
-  d.refund(kSec + 2, 10, 900 * kMs);
+  d.give_back(kSec + 2, closing, 10);
   CHECK(d.peek(kSec + 2, 0).remaining == 0);
+  // An excess is counted in now's window, whatever the take's.
+  d.settle(kSec + 3, closing, 12);
+  CHECK(d.state.count == 12);
 }
 
 TEST_CASE("idle and the zeroed state", "[policy][fixed]") {

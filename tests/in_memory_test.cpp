@@ -38,9 +38,11 @@ TEST_CASE("nothing is stored for a call that changes nothing",
   CHECK(lim.acquire("never", 2).never());  // cost above burst
   CHECK(lim.acquire("zero", 0).allowed);   // zero cost
   CHECK(lim.peek("peeked").allowed);
-  lim.refund("refunded", 1);
-  CHECK(lim.store().size() == 0);
-  CHECK(lim.stats().inserts == 0);
+  Taken t = lim.take("given back", 1);
+  clock.advance(std::chrono::seconds(5));
+  REQUIRE(lim.give_back(t.receipt).ok());
+  CHECK(lim.store().size() == 1);
+  CHECK(lim.stats().inserts == 1);
 }
 
 TEST_CASE("full store, deny new keys", "[store][in_memory]") {
@@ -109,7 +111,8 @@ TEST_CASE("memory is bounded whatever the number of keys",
 TEST_CASE("update leaves absent keys absent", "[store][in_memory]") {
   InMemoryStore<TokenBucket::State> store;
   const auto policy = one_per_second();
-  detail::RefundOp<TokenBucket> op{&policy, Nanos{0}, 1, Nanos{0}};
+  detail::SettleOp<TokenBucket> op{&policy, Nanos{0}, TokenBucket::Placement{},
+                                   1, 0};
   const auto d = store.update("ghost", op);
   CHECK(d.allowed);
   CHECK(store.size() == 0);

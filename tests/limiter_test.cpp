@@ -53,21 +53,41 @@ TEMPLATE_TEST_CASE("acquire counts, peek does not", "[limiter]", TokenBucket,
   CHECK(lim.acquire("k").allowed);
 }
 
-TEMPLATE_TEST_CASE("refund gives back what was not used", "[limiter]",
+TEMPLATE_TEST_CASE("settle gives back what was not used", "[limiter]",
                    TokenBucket, FixedWindow, SlidingWindow) {
   ManualClock clock(std::chrono::milliseconds(100));
   ManualLimiter<TestType> lim(make<TestType>(), clock);
-  const Nanos charged = lim.now();
-  REQUIRE(lim.acquire("k", 8).allowed);
+  Taken a = lim.take("k", 5);
+  Taken b = lim.take("k", 3);
+  REQUIRE(a);
+  REQUIRE(b);
+  CHECK(a.receipt.cost() == 5);
+  CHECK(a.receipt.key() == "k");
+  CHECK(a.receipt.at() == lim.now());
   clock.advance(Nanos{1});
-  lim.refund("k", 5, charged);
-  CHECK(lim.peek("k", 0).remaining == 7);
-  lim.refund("k", 3);
-  CHECK(lim.peek("k", 0).remaining == 10);
-  lim.refund("k", 100);  // never more than was counted
-  CHECK(lim.peek("k", 0).remaining == 10);
-  CHECK(lim.acquire("k", 10).allowed);
+  auto left = lim.settle(a.receipt, 2);  // used 2 of 5
+  REQUIRE(left.ok());
+  CHECK(left->remaining == 5);
+  CHECK(lim.peek("k", 0).remaining == 5);
+  CHECK_FALSE(a.receipt.open());
+  // Once only: the settled receipt is refused, and nothing changes.
+  CHECK(lim.settle(a.receipt, 0).status().code() ==
+        absl::StatusCode::kFailedPrecondition);
+  CHECK(lim.give_back(b.receipt).ok());  // never more than was taken
+  CHECK(lim.peek("k", 0).remaining == 8);
+  CHECK(lim.acquire("k", 8).allowed);
   CHECK_FALSE(lim.acquire("k", 1).allowed);
+  // A refusal has nothing to settle; a receipt of another limiter is
+  // refused.
+  Taken refused = lim.take("k", 1);
+  CHECK_FALSE(refused);
+  CHECK_FALSE(refused.receipt.open());
+  ManualLimiter<TestType> other(make<TestType>(), clock);
+  Taken o = other.take("k", 1);
+  REQUIRE(o);
+  CHECK(lim.settle(o.receipt, 0).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(o.receipt.open());
 }
 
 TEMPLATE_TEST_CASE("a cost above the limit is never admitted", "[limiter]",

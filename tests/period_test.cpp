@@ -78,22 +78,34 @@ TEST_CASE("a budget per period: hard stop, reset, refunds, overage",
   rk_test::Driver<PeriodBudget> drv{b};
   const std::int64_t t0 = utc(2026, 11, 28).count();
   CHECK(drv.at(t0, 600).allowed);
+  const auto take = drv.last;
   const Decision d = drv.at(t0, 500);
   CHECK_FALSE(d.allowed);
   CHECK(d.remaining == 400);
   CHECK(d.retry_after == utc(2026, 12, 1) - Nanos{t0});  // at month's end
   CHECK(b.resets_at(Nanos{t0}) == utc(2026, 12, 1));
-  drv.refund(t0 + kSec, 100, t0);
+  drv.give_back(t0 + kSec, take, 100);
   CHECK(drv.peek(t0, 0).remaining == 500);
-  // An overage settled after the call is charged, never lost.
-  drv.state = b.charge(drv.state, Nanos{t0}, 900);
+  // An overage settled after the call is charged, never lost: 400 held, the
+  // provider counted 900.
+  REQUIRE(drv.at(t0 + kSec, 400).allowed);
+  drv.settle(t0 + kSec, drv.last, 900);
   CHECK(drv.state.spent == 1'400);
   CHECK(drv.peek(t0, 0).remaining == 0);
-  // The next month starts empty; a refund to the last is dropped.
+  // Settled after the month ended, before another call opened the next
+  // month: still the old month's.
+  REQUIRE(drv.at(t0 + kSec, 0).allowed);
+  const auto zero = drv.last;
   const std::int64_t t1 = utc(2026, 12, 1).count();
+  drv.settle(t1 + kSec, zero, 50);
+  CHECK(drv.state.spent == 1'450);
+  CHECK(drv.state.period == b.period().index_of(Nanos{t0}));
+  // The next month starts empty; a change to the last is dropped.
   CHECK(drv.at(t1, 1'000).allowed);
-  drv.refund(t1, 500, t0);
+  drv.settle(t1 + 2 * kSec, zero, 500);
+  drv.give_back(t1 + 2 * kSec, take, 500);
   CHECK(drv.peek(t1, 0).remaining == 0);
+  CHECK(drv.state.spent == 1'000);
   CHECK(drv.at(t1, 1'001).never());
   CHECK_FALSE(PeriodBudget::create(0, month).ok());
 }

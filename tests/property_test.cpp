@@ -397,9 +397,14 @@ void hammer_edges(const P& p) {
         REQUIRE(r.decision.reset_after >= Nanos{0});
         if (r.decision.allowed) REQUIRE(r.decision.retry_after == Nanos{0});
         if (c > p.limit()) REQUIRE(r.decision.never());
+        const auto placed = p.place(s, Nanos{t}, c);
         s = r.next;
         REQUIRE_FALSE(s == detail::kReservedState<typename P::State>);
-        s = p.refund(s, Nanos{t2}, c, Nanos{t});
+        for (const Cost actual : {Cost{0}, c / 2, c, detail::kU64Max}) {
+          const auto settled = p.settle(s, Nanos{t2}, placed, c, actual);
+          REQUIRE_FALSE(settled == detail::kReservedState<typename P::State>);
+        }
+        s = p.settle(s, Nanos{t2}, placed, c, c / 2);
         REQUIRE_FALSE(s == detail::kReservedState<typename P::State>);
         static_cast<void>(p.idle(s, Nanos{t2}));
       }

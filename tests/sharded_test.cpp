@@ -83,7 +83,6 @@ TEST_CASE("nothing is stored for a call that changes nothing",
   CHECK(lim.acquire("never", 2).never());
   CHECK(lim.acquire("zero", 0).allowed);
   CHECK(lim.peek("peeked").allowed);
-  lim.refund("refunded", 1);
   CHECK(lim.stats().keys == 0);
   CHECK(lim.stats().inserts == 0);
 }
@@ -91,7 +90,7 @@ TEST_CASE("nothing is stored for a call that changes nothing",
 namespace {
 
 // One random script: a handful of keys, time moving by random steps (often
-// zero), acquire / peek / refund with random costs. Both stores must answer
+// zero), take / peek / settle with random costs. Both stores must answer
 // every call identically.
 template <class P>
 void differential_script(const P& policy, std::uint64_t seed) {
@@ -106,6 +105,8 @@ void differential_script(const P& policy, std::uint64_t seed) {
   const std::string keys[] = {"alice", "bob", std::string("c\0d", 3),
                               "{org}:team:7", ""};
   const std::uint64_t limit = policy.limit();
+  std::vector<Receipt> held[std::size(keys)];
+  std::vector<Receipt> held_b_all[std::size(keys)];
   for (int op = 0; op < 40; ++op) {
     const auto advance = static_cast<std::int64_t>(
         rng() % 3 == 0 ? 0
@@ -119,13 +120,32 @@ void differential_script(const P& policy, std::uint64_t seed) {
       case 0:
         REQUIRE(a.peek(key, cost) == b.peek(key, cost));
         break;
-      case 1:
-        a.refund(key, cost);
-        b.refund(key, cost);
+      case 1: {
+        // Settle a held take of this key to a random actual cost.
+        auto& held_a = held[&key - keys];
+        auto& held_b = held_b_all[&key - keys];
+        if (held_a.empty()) break;
+        const std::size_t i = rng() % held_a.size();
+        const Cost actual = rng() % 3 == 0 ? 0 : rng() % (limit + 2);
+        const auto da = a.settle(held_a[i], actual);
+        const auto db = b.settle(held_b[i], actual);
+        REQUIRE(da.ok() == db.ok());
+        if (da.ok()) REQUIRE(*da == *db);
+        held_a.erase(held_a.begin() + static_cast<std::ptrdiff_t>(i));
+        held_b.erase(held_b.begin() + static_cast<std::ptrdiff_t>(i));
         REQUIRE(a.peek(key, 0) == b.peek(key, 0));
         break;
-      default:
-        REQUIRE(a.acquire(key, cost) == b.acquire(key, cost));
+      }
+      default: {
+        Taken ta = a.take(key, cost);
+        Taken tb = b.take(key, cost);
+        REQUIRE(ta.decision == tb.decision);
+        if (ta.receipt) {
+          REQUIRE(tb.receipt);
+          held[&key - keys].push_back(std::move(ta.receipt));
+          held_b_all[&key - keys].push_back(std::move(tb.receipt));
+        }
+      }
     }
   }
 }
@@ -271,14 +291,15 @@ TEST_CASE("any `capacity` keys fit", "[store][sharded]") {
   }
 }
 
-TEST_CASE("refunds and peeks on the sharded store", "[store][sharded]") {
+TEST_CASE("settles and peeks on the sharded store", "[store][sharded]") {
   ManualClock clock(std::chrono::seconds(10));
   Sharded<SlidingWindow> lim(SlidingWindow::create(per_second(10)).value(),
                              clock);
-  REQUIRE(lim.acquire("k", 7).allowed);
+  Taken t = lim.take("k", 7);
+  REQUIRE(t);
   CHECK(lim.peek("k", 3).allowed);
   CHECK_FALSE(lim.peek("k", 4).allowed);
-  lim.refund("k", 5);
+  REQUIRE(lim.settle(t.receipt, 2).ok());
   CHECK(lim.peek("k", 0).remaining == 8);
   clock.advance(std::chrono::milliseconds(500));
   CHECK(lim.acquire("k", 8).allowed);

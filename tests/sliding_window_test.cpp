@@ -87,16 +87,20 @@ TEST_CASE("the worst case is 2L-1 in a sliding window", "[policy][sliding]") {
 
 TEST_CASE("refund goes to the window that was charged", "[policy][sliding]") {
   auto d = drive(make(per_second(10)));
-  REQUIRE(d.at(800 * kMs, 6).allowed);
-  REQUIRE(d.at(1100 * kMs, 3).allowed);
-  // Refund 2 charged in window 0 (now the previous window).
-  d.refund(1100 * kMs, 2, 800 * kMs);
+  REQUIRE(d.at(100 * kMs, 2).allowed);
+  const auto old = d.last;
+  REQUIRE(d.at(1800 * kMs, 6).allowed);
+  const auto in1 = d.last;
+  REQUIRE(d.at(2100 * kMs, 3).allowed);
+  const auto in2 = d.last;
+  // Give back 2 charged in window 1 (now the previous window).
+  d.give_back(2100 * kMs, in1, 2);
   CHECK(d.state.prev == 4);
   CHECK(d.state.cur == 3);
-  d.refund(1100 * kMs, 9, 1100 * kMs);  // capped at what is counted
+  d.give_back(2100 * kMs, in2, 9);  // capped at the take
   CHECK(d.state.cur == 0);
   // Charged two windows ago: dropped.
-  d.refund(1100 * kMs, 4, -500 * kMs);
+  d.give_back(2100 * kMs, old, 2);
   CHECK(d.state.prev == 4);
 }
 
@@ -118,8 +122,8 @@ TEST_CASE("a clock stepping back is read at the start of the state's window",
   const auto back = d.peek(800 * kMs, 0).remaining;  // behind window 1
   CHECK(back <= fwd);
   CHECK(back == 0);
-  // While behind, refunds are dropped: the charge cannot be placed.
+  // While behind, give-backs are dropped: the charge cannot be placed.
   const auto before = d.state;
-  d.refund(800 * kMs, 5, 800 * kMs);
+  d.give_back(800 * kMs, d.last, 5);
   CHECK(d.state == before);
 }

@@ -2,6 +2,7 @@
 #ifndef RATEKEEPER_TESTS_TEST_UTIL_HPP_
 #define RATEKEEPER_TESTS_TEST_UTIL_HPP_
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <cstdlib>
@@ -26,8 +27,19 @@ struct Driver {
   P policy;
   typename P::State state{};
 
+  // A take's record, as a Receipt keeps it: where it sits and its cost.
+  struct Held {
+    typename P::Placement place{};
+    Cost cost = 0;
+  };
+  // The last admitted take's record (see at()).
+  Held last{};
+
   Decision at(std::int64_t ns, Cost cost = 1) {
     auto r = policy.step(state, Nanos{ns}, cost);
+    if (r.decision.allowed) {
+      last = Held{policy.place(state, Nanos{ns}, cost), cost};
+    }
     state = r.next;
     return r.decision;
   }
@@ -35,10 +47,14 @@ struct Driver {
   Decision peek(std::int64_t ns, Cost cost = 1) const {
     return policy.step(state, Nanos{ns}, cost).decision;
   }
-  void refund(std::int64_t ns, Cost cost, std::int64_t charged_at) {
-    state = policy.refund(state, Nanos{ns}, cost, Nanos{charged_at});
+  // Settles take `h` to `actual` at `ns`.
+  void settle(std::int64_t ns, const Held& h, Cost actual) {
+    state = policy.settle(state, Nanos{ns}, h.place, h.cost, actual);
   }
-  void refund(std::int64_t ns, Cost cost) { refund(ns, cost, ns); }
+  // Gives back `amount` of take `h` (at most its cost) at `ns`.
+  void give_back(std::int64_t ns, const Held& h, Cost amount) {
+    settle(ns, h, h.cost - std::min(amount, h.cost));
+  }
 };
 
 template <class P>

@@ -64,14 +64,14 @@ TEST_CASE("a tier's chain: per user and per team", "[tiers]") {
   CHECK(b2->results[2].decision.remaining == 100);
 }
 
-TEST_CASE("refund_tokens gives back to token limits only", "[tiers]") {
+TEST_CASE("settle_tokens settles token limits only", "[tiers]") {
   Rig rig;
   REQUIRE(rig.tiers.set_tier("free", free_tier()).ok());
   const Subject who{.user = "u", .team = "t"};
-  const auto d = rig.tiers.acquire("free", who, 500);
+  auto d = rig.tiers.acquire("free", who, 500);
   REQUIRE(d.ok());
   REQUIRE(d->allowed);
-  REQUIRE(rig.tiers.refund_tokens("free", who, 400, d->at).ok());
+  REQUIRE(rig.tiers.settle_tokens(*d, 100).ok());
   const auto p = rig.tiers.peek("free", who, 0);
   REQUIRE(p.ok());
   // A peek reports what one more call would leave: rpm 3 - 1 - 1.
@@ -119,7 +119,7 @@ TEST_CASE("chain_items hands a tier's limits to another chain", "[tiers]") {
   Rig rig;
   REQUIRE(rig.tiers.set_tier("free", free_tier()).ok());
   const Subject who{.user = "u", .team = "t"};
-  absl::InlinedVector<ChainItem, 4> items;
+  ChainItems items;
   REQUIRE(rig.tiers.chain_items("free", who, 250, items).ok());
   REQUIRE(items.size() == 3);
   CHECK(items[0].limit->name() == "rpm");
@@ -128,7 +128,7 @@ TEST_CASE("chain_items hands a tier's limits to another chain", "[tiers]") {
   CHECK(items[2].cost == 250);
   // The same keys the table's own acquire uses.
   Chain<ManualClock> other(rig.clock);
-  REQUIRE(other.acquire(std::span<const ChainItem>(items)).allowed);
+  REQUIRE(other.acquire(items.items()).allowed);
   CHECK(rig.tiers.peek("free", who, 0)->results[0].decision.remaining == 1);
   CHECK(rig.tiers.chain_items("gold", who, 1, items).code() ==
         absl::StatusCode::kNotFound);

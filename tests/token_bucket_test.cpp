@@ -122,18 +122,39 @@ TEST_CASE("a cost above the burst is never admitted", "[policy][bucket]") {
   CHECK(d.at(0, 5).allowed);
 }
 
-TEST_CASE("refund gives back at most what fits", "[policy][bucket]") {
+TEST_CASE("settle gives back at most what was taken", "[policy][bucket]") {
   auto d = drive(make(per_second(1), 10));
-  REQUIRE(d.at(0, 8).allowed);
-  d.refund(0, 3);
+  REQUIRE(d.at(0, 5).allowed);
+  const auto first = d.last;
+  REQUIRE(d.at(0, 3).allowed);
+  const auto second = d.last;
+  d.give_back(0, second, 1000);  // more than was taken: only its 3 come back
   CHECK(d.peek(0, 0).remaining == 5);
-  d.refund(0, 1000);  // more than was taken: the bucket is simply full
-  CHECK(d.peek(0, 0).remaining == 10);
-  CHECK(d.policy.idle(d.state, Nanos{0}));
-  // A refund to a full bucket changes nothing.
-  const auto full = d.state;
-  d.refund(5 * kSec, 4);
-  CHECK(d.state == full);
+  d.settle(0, first, 2);  // used 2 of 5
+  CHECK(d.peek(0, 0).remaining == 8);
+  // A give-back to a full bucket changes nothing.
+  REQUIRE(d.at(0, 2).allowed);
+  const auto third = d.last;
+  const auto full_at = 4 * kSec;
+  const auto before = d.state;
+  d.give_back(full_at, third, 2);
+  CHECK(d.state == before);
+}
+
+TEST_CASE("settle above the take is a debt of exactly the excess",
+          "[policy][bucket][seams]") {
+  auto d = drive(make(per_second(1), 10));
+  REQUIRE(d.at(0, 4).allowed);
+  d.settle(0, d.last, 7);  // the provider counted 3 more than estimated
+  CHECK(d.peek(0, 0).remaining == 3);
+  // A debt past the burst: the key waits exactly the excess.
+  REQUIRE(d.at(0, 3).allowed);
+  d.settle(0, d.last, 8);  // 5 more than the bucket held
+  CHECK(d.peek(0, 0).remaining == 0);
+  const Decision w = d.peek(0, 1);
+  CHECK(w.retry_after == Nanos{6 * kSec});  // 5 s of debt, then 1 s a token
+  CHECK_FALSE(d.peek(6 * kSec - 1, 1).allowed);
+  CHECK(d.peek(6 * kSec, 1).allowed);
 }
 
 TEST_CASE("idle once full again; zero state is full at any time",

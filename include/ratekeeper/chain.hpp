@@ -392,6 +392,11 @@ class ChainItems {
 
   std::size_t size() const noexcept { return parts_.size(); }
   bool empty() const noexcept { return parts_.empty(); }
+  ChainItem operator[](std::size_t i) const {
+    const Part& p = parts_[i];
+    return ChainItem{p.limit, std::string_view(buf_.data() + p.offset, p.size),
+                     p.cost};
+  }
 
   // The items, with keys viewing this object's bytes.
   std::span<const ChainItem> items() const {

@@ -25,6 +25,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "ratekeeper/clock.hpp"
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/policy/policy.hpp"
@@ -52,6 +53,13 @@ struct OpBase {
   const P* policy;
   Nanos now;
   typename P::State* before = nullptr;
+  // Where a take records its key's give-back counter (see
+  // TokenBucket::kGiveBacksMoveLaterTakes); stores hand it over through
+  // aux_in() before they read the state.
+  std::uint64_t* mark = nullptr;
+  void aux_in(std::uint64_t aux) const {
+    if (mark != nullptr) *mark = aux;
+  }
   bool idle(const typename P::State& s) const { return policy->idle(s, now); }
   Nanos idle_at(const typename P::State& s) const { return policy->idle_at(s); }
   typename P::State merge(const typename P::State& a,
@@ -81,14 +89,34 @@ struct SettleOp : OpBase<P> {
   typename P::Placement place;
   Cost taken;
   Cost actual;
+  // The key's give-back counter, from the store (aux_in()).
+  mutable std::uint64_t aux = 0;
   SettleOp(const P* p, Nanos t, const typename P::Placement& pl, Cost tk,
            Cost ac)
       : OpBase<P>{p, t}, place(pl), taken(tk), actual(ac) {}
+  void aux_in(std::uint64_t a) const { aux = a; }
+  static constexpr bool kWantsAux = requires { P::kGiveBacksMoveLaterTakes; };
   Step<typename P::State> operator()(const typename P::State& s) const {
+    typename P::Placement p = place;
+    if constexpr (requires { P::kGiveBacksMoveLaterTakes; }) {
+      // What give-backs returned since the take moved its stretch earlier.
+      if (aux > p.mark) p = this->policy->shift(p, aux - p.mark);
+    }
     const typename P::State next =
-        this->policy->settle(s, this->now, place, taken, actual);
+        this->policy->settle(s, this->now, p, taken, actual);
     return {next, this->policy->step(next, this->now, 0).decision};
   }
+  // What the store adds to the key's give-back counter once it published.
+  std::uint64_t aux_add(const typename P::State& before,
+                        const typename P::State& after) const {
+    if constexpr (requires { P::kGiveBacksMoveLaterTakes; }) {
+      return this->policy->returned_ns(before, after);
+    } else {
+      return 0;
+    }
+  }
+  // A debt must be counted, on a key the store let go too.
+  bool forces_insert() const noexcept { return actual > taken; }
 };
 
 // A counted attempt as a StoreOp: the policy's step, and when it denies, the
@@ -109,6 +137,18 @@ struct ChargeOp : OpBase<P> {
   }
 };
 
+// A take that learns whether the store kept it, and (for a policy whose
+// give-backs move later takes) the key's give-back counter.
+template <class P, class Op>
+struct MarkedTake : Op {
+  static constexpr bool kWantsAux = requires { P::kGiveBacksMoveLaterTakes; };
+  bool* flag;
+  void published(const typename P::State& s) const {
+    Op::published(s);
+    *flag = true;
+  }
+};
+
 // take_on
 //
 // `op` (an AcquireOp or ChargeOp) on `store`, with a receipt from `issuer`
@@ -117,20 +157,18 @@ template <class P, class StoreT, class Op>
 Decision take_on(StoreT& store, std::string_view key, Op op, const P& policy,
                  const void* issuer, Receipt& out) {
   typename P::State before{};
+  std::uint64_t mark = 0;
   bool kept = false;
-  struct Marked : Op {
-    bool* flag;
-    void published(const typename P::State& s) const {
-      Op::published(s);
-      *flag = true;
-    }
-  };
   op.before = &before;
-  const Marked marked{op, &kept};
+  op.mark = &mark;
+  const MarkedTake<P, Op> marked{op, &kept};
   const Decision d = store.apply(key, marked);
   if (d.allowed && kept) {
-    out = Receipt::issue(issuer, key, op.cost, op.now,
-                         policy.place(before, op.now, op.cost));
+    typename P::Placement placed = policy.place(before, op.now, op.cost);
+    if constexpr (requires { P::kGiveBacksMoveLaterTakes; }) {
+      placed.mark = mark;
+    }
+    out = Receipt::issue(issuer, key, op.cost, op.now, placed);
   } else {
     out = Receipt();
   }
@@ -155,10 +193,32 @@ absl::StatusOr<Decision> settle_on(StoreT& store, const P& policy,
         "receipt issued by another limit: a receipt is settled by the limit "
         "that took it");
   }
-  const SettleOp<P> op(&policy, now, r.placement<typename P::Placement>(),
-                       r.cost(), actual);
-  const Decision d =
-      actual > r.cost() ? store.apply(r.key(), op) : store.update(r.key(), op);
+  if (actual <= r.cost()) {
+    const SettleOp<P> op(&policy, now, r.placement<typename P::Placement>(),
+                         r.cost(), actual);
+    const Decision d = store.update(r.key(), op);
+    r.close();
+    return d;
+  }
+  // A debt: counted on the key even if the store had let it go.
+  bool kept = false;
+  struct Marked : SettleOp<P> {
+    bool* flag;
+    void published(const typename P::State&) const { *flag = true; }
+  };
+  const Marked op{
+      SettleOp<P>(&policy, now, r.placement<typename P::Placement>(), r.cost(),
+                  actual),
+      &kept};
+  const Decision d = store.apply(r.key(), op);
+  if (!kept) {
+    // A full store that does not evict (WhenFull::kDenyNew,
+    // kAdmitUncounted) and had let the key go: the receipt stays open, so
+    // the caller may settle it again once the store has room.
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "store full: the excess of ", actual - r.cost(),
+        " over the take could not be counted; the receipt is still open"));
+  }
   r.close();
   return d;
 }

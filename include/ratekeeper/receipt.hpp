@@ -79,7 +79,7 @@ class Receipt {
                        Nanos at, const Placement& placement) {
     static_assert(std::is_trivially_copyable_v<Placement> &&
                       sizeof(Placement) <= kPlaceBytes,
-                  "a Placement is at most 48 trivially copyable bytes");
+                  "a Placement is at most 64 trivially copyable bytes");
     Receipt r;
     r.issuer_ = issuer;
     r.key_.assign(key.data(), key.size());
@@ -101,7 +101,7 @@ class Receipt {
     cost_ = 0;
   }
 
-  static constexpr std::size_t kPlaceBytes = 48;
+  static constexpr std::size_t kPlaceBytes = 64;
 
  private:
   const void* issuer_ = nullptr;

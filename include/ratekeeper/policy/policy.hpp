@@ -48,7 +48,7 @@ inline constexpr State kReservedState = std::bit_cast<State>(AllOnes<State>{});
 //   - step(s, now, cost) is pure: no allocation, no clock read, no floating
 //     point, no side effect. A store may run it several times for one call
 //     (a lost compare-and-swap re-runs it) and keep only the last result.
-//   - Placement is trivially copyable and at most 48 bytes: where one
+//   - Placement is trivially copyable and at most 64 bytes: where one
 //     admitted take sits in the state (a token bucket's stretch of its
 //     timeline, a window's index), recorded in the take's Receipt.
 //   - place(before, now, cost) is the Placement of a take of `cost` admitted
@@ -80,7 +80,7 @@ concept Policy = requires(const P& p, const typename P::State& s, Nanos now,
   noexcept->std::same_as<Step<typename P::State>>;
   typename P::Placement;
   requires std::is_trivially_copyable_v<typename P::Placement>;
-  requires sizeof(typename P::Placement) <= 48;
+  requires sizeof(typename P::Placement) <= 64;
   { p.place(s, now, cost) }
   noexcept->std::same_as<typename P::Placement>;
   { p.settle(s, now, p.place(s, now, cost), cost, cost) }

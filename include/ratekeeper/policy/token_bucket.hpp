@@ -116,13 +116,42 @@ class TokenBucket {
   // Placement: the stretch [from, until) of the bucket's timeline that one
   // take occupies, in units of 1/den ns of the configuration it was taken
   // under (num/den ns per token, kept so that a receipt from before a
-  // reconfigure() is given back at the rate it was taken at).
+  // reconfigure() is given back at the rate it was taken at), and `mark`:
+  // the key's give-back counter when it was taken (see shift()).
   struct Placement {
     i128 from = 0;
     i128 until = 0;
     std::uint64_t num = 1;
     std::uint64_t den = 1;
+    std::uint64_t mark = 0;
   };
+
+  // A give-back moves every later take's stretch earlier by the time it
+  // returns (the TAT is one number): a receipt's recorded stretch is then
+  // later than where its take now sits, and giving it back by the record
+  // would return time that later takes hold (or that time has already
+  // refilled, after a gap). So stores keep, per key, a counter of the time
+  // give-backs returned (returned_ns()), a receipt records it (`mark`), and
+  // shift() moves the record by what was returned since before it is
+  // settled: an over-estimate when the key's counter was merged or restarted
+  // (evicted, reclaimed), which gives back less, never more.
+  static constexpr bool kGiveBacksMoveLaterTakes = true;
+
+  // The time a give-back from `before` to `after` returned, in ns, rounded
+  // up. Pure.
+  std::uint64_t returned_ns(const State& before,
+                            const State& after) const noexcept {
+    const i128 d = decode(before) - decode(after);
+    if (d <= 0) return 0;
+    return detail::clamp_u64(detail::ceil_div(d, den_));
+  }
+
+  // The record `p` moved earlier by `ns` of give-backs since it was taken.
+  Placement shift(Placement p, std::uint64_t ns) const noexcept {
+    const i128 by = static_cast<i128>(ns) * static_cast<i128>(p.den);
+    p.until = by >= p.until - p.from ? p.from : p.until - by;
+    return p;
+  }
 
   // place
   //
@@ -133,7 +162,7 @@ class TokenBucket {
     const i128 from = std::max(decode(before), now_s);
     return Placement{from, from + static_cast<i128>(cost) * num_,
                      static_cast<std::uint64_t>(num_),
-                     static_cast<std::uint64_t>(den_)};
+                     static_cast<std::uint64_t>(den_), 0};
   }
 
   // settle

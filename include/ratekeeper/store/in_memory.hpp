@@ -64,19 +64,24 @@ class InMemoryStore {
   Decision apply(std::string_view key, const Op& op) {
     detail::MutexLock lock(&mu_);
     if (auto it = map_.find(to_absl(key)); it != map_.end()) {
-      Step<State> r = op(it->second);
-      op.published(it->second);
-      it->second = r.next;
-      return r.decision;
+      return run_on(it->second, op);
     }
+    detail::aux_in(op, aux_floor_);
     Step<State> r = op(State{});
     // Nothing to remember (a deny of a fresh key, a zero cost): no slot.
     if (r.next == State{}) {
       op.published(State{});
       return r.decision;
     }
-    if (!make_room(op)) return when_full(r.decision);
-    map_.emplace(std::string(key), r.next);
+    // A debt settled on a key the store let go is counted even when the
+    // store is full (it can only come from a receipt of an admitted call, so
+    // such keys are bounded by the calls in flight).
+    bool forced = false;
+    if constexpr (requires { op.forces_insert(); }) forced = op.forces_insert();
+    if (!make_room(op) && !forced) return when_full(r.decision);
+    map_.emplace(
+        std::string(key),
+        Slot{r.next, aux_floor_ + detail::aux_add(op, State{}, r.next)});
     op.published(State{});
     ++stats_.inserts;
     ++since_sweep_;
@@ -91,7 +96,8 @@ class InMemoryStore {
   Decision peek(std::string_view key, const Op& op) const {
     detail::MutexLock lock(&mu_);
     const auto it = map_.find(to_absl(key));
-    return op(it == map_.end() ? State{} : it->second).decision;
+    detail::aux_in(op, it == map_.end() ? aux_floor_ : it->second.aux);
+    return op(it == map_.end() ? State{} : it->second.state).decision;
   }
 
   // update
@@ -101,11 +107,11 @@ class InMemoryStore {
   Decision update(std::string_view key, const Op& op) {
     detail::MutexLock lock(&mu_);
     const auto it = map_.find(to_absl(key));
-    if (it == map_.end()) return op(State{}).decision;
-    Step<State> r = op(it->second);
-    op.published(it->second);
-    it->second = r.next;
-    return r.decision;
+    if (it == map_.end()) {
+      detail::aux_in(op, aux_floor_);
+      return op(State{}).decision;
+    }
+    return run_on(it->second, op);
   }
 
   // Thread-safe; may be stale on return.
@@ -141,7 +147,11 @@ class InMemoryStore {
     since_sweep_ = 0;
     ++stats_.sweeps;
     const std::size_t before = map_.size();
-    absl::erase_if(map_, [&](const auto& kv) { return op.idle(kv.second); });
+    absl::erase_if(map_, [&](const auto& kv) {
+      if (!op.idle(kv.second.state)) return false;
+      aux_floor_ = std::max(aux_floor_, kv.second.aux);
+      return true;
+    });
     stats_.reclaimed += before - map_.size();
     return map_.size() < options_.max_keys;
   }
@@ -157,7 +167,25 @@ class InMemoryStore {
 
   const Options options_;
   mutable detail::Mutex mu_;
-  absl::flat_hash_map<std::string, State> map_ ABSL_GUARDED_BY(mu_);
+  // A key's state and its give-back counter (store.hpp, detail::aux_in).
+  struct Slot {
+    State state;
+    std::uint64_t aux;
+  };
+
+  template <class Op>
+  Decision run_on(Slot& slot, const Op& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    detail::aux_in(op, slot.aux);
+    Step<State> r = op(slot.state);
+    op.published(slot.state);
+    slot.aux += detail::aux_add(op, slot.state, r.next);
+    slot.state = r.next;
+    return r.decision;
+  }
+
+  absl::flat_hash_map<std::string, Slot> map_ ABSL_GUARDED_BY(mu_);
+  // The counter new keys start from: at least that of every key dropped.
+  std::uint64_t aux_floor_ ABSL_GUARDED_BY(mu_) = 0;
   StoreStats stats_ ABSL_GUARDED_BY(mu_);
   // Calls that found the store full, plus inserts, since the last sweep: a
   // sweep runs when this reaches max(1, max_keys / 16), so its cost is

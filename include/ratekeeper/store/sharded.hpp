@@ -188,7 +188,10 @@ class ShardedStore {
         // where it is (or it is truly not held).
         detail::MutexLock lock(&shard.mu);
         slot = self->find(shard, h);
-        if (!slot) return op(self->initial_state(shard, h, op)).decision;
+        if (!slot) {
+          detail::aux_in(op, shard.aux_floor);
+          return op(self->initial_state(shard, h, op)).decision;
+        }
       }
       if (auto d = self->apply_at(shard, *slot, op, /*write=*/false)) {
         return *d;
@@ -211,8 +214,14 @@ class ShardedStore {
     detail::MutexLock lock(&shard.mu);
     for (;;) {
       std::optional<SlotRef> slot = find(shard, h);
-      if (!slot) return op(initial_state(shard, h, op)).decision;
-      if (auto d = apply_at(shard, *slot, op, /*write=*/true)) return *d;
+      if (!slot) {
+        detail::aux_in(op, shard.aux_floor);
+        return op(initial_state(shard, h, op)).decision;
+      }
+      if (auto d = apply_at(shard, *slot, op, /*write=*/true,
+                            /*add_aux=*/true)) {
+        return *d;
+      }
     }
   }
 
@@ -293,8 +302,12 @@ class ShardedStore {
     // states[i]: the slot's State, changed only by compare-and-swap
     // (sequentially consistent; see atomic16.hpp).
     detail::Atomic16 states[kSlotsPerBucket];
+    // aux[i]: the slot's give-back counter (store.hpp, detail::aux_in),
+    // written only under the shard mutex, after the state it accounts for
+    // (release); read before the state (acquire).
+    std::atomic<std::uint64_t> aux[kSlotsPerBucket] = {};
   };
-  static_assert(sizeof(Bucket) == 192, "8 key words + 8 states");
+  static_assert(sizeof(Bucket) == 256, "8 key words + 8 states + 8 counters");
 
   // The table's memory: one allocation; from 4 MiB on, aligned to 2 MiB and
   // (on Linux) advised for transparent huge pages, so that a lookup in a
@@ -352,6 +365,9 @@ class ShardedStore {
     mutable detail::Mutex mu;
     std::vector<State> summary ABSL_GUARDED_BY(mu);
     std::size_t since_sweep ABSL_GUARDED_BY(mu) = 0;
+    // The give-back counter new keys start from: at least that of every key
+    // retired from the shard.
+    std::uint64_t aux_floor ABSL_GUARDED_BY(mu) = 0;
     std::atomic<std::uint64_t> live{0};
     std::atomic<std::uint64_t> inserts{0};
     std::atomic<std::uint64_t> reclaimed{0};
@@ -496,9 +512,16 @@ class ShardedStore {
   // the mutex) cannot meet the case at all.
   template <class Op>
   std::optional<Decision> apply_at(Shard& shard, const SlotRef& slot,
-                                   const Op& op, bool write) {
+                                   const Op& op, bool write,
+                                   bool add_aux = false) {
     detail::Atomic16& cell = slot.bucket->states[slot.index];
     std::atomic<std::uint64_t>& word = slot.bucket->keys[slot.index];
+    std::atomic<std::uint64_t>& aux = slot.bucket->aux[slot.index];
+    std::uint64_t aux_before = 0;
+    if constexpr (detail::wants_aux<Op>) {
+      aux_before = aux.load(std::memory_order_acquire);
+      op.aux_in(aux_before);
+    }
     u128 cur = cell.load();
     for (;;) {
       if (cur == kTomb) {
@@ -515,7 +538,17 @@ class ShardedStore {
         // the key word before our CAS is seen here.
         const std::uint64_t now_word = word.load(std::memory_order_acquire);
         if (now_word == slot.word) {
-          if (write) op.published(detail::from_u128<State>(cur));
+          if (write) {
+            op.published(detail::from_u128<State>(cur));
+            // Under the mutex (update()): no other give-back, move or
+            // retirement runs meanwhile.
+            if (detail::wants_aux<Op> && add_aux) {
+              aux.store(
+                  aux_before + detail::aux_add(
+                                   op, detail::from_u128<State>(cur), r.next),
+                  std::memory_order_release);
+            }
+          }
           return r.decision;
         }
         if (!write) return std::nullopt;  // a peek of a slot in transit
@@ -566,6 +599,14 @@ class ShardedStore {
     const auto j = free_index(dst);
     if (!j) return false;
     move(shard, *slot->bucket, slot->index, dst, *j);
+    return true;
+  }
+  // Whether `key`'s shard mutex is free now (it is held by whoever moves,
+  // reclaims or evicts, and by update()).
+  bool test_shard_free(std::string_view key) {
+    Shard& shard = shards_[hash(key).shard];
+    if (!shard.mu.try_lock()) return false;
+    shard.mu.unlock();
     return true;
   }
   // Counts of ambiguous swaps (see apply_at), for tests.
@@ -643,6 +684,8 @@ class ShardedStore {
         // snapshot of the old state can never swap it into a free slot.
         g.keys[i].store(make_word(0, next_inc(inc_of(w))),
                         std::memory_order_release);
+        shard.aux_floor =
+            std::max(shard.aux_floor, g.aux[i].load(std::memory_order_relaxed));
         shard.live.fetch_sub(1, std::memory_order_relaxed);
         return s;
       }
@@ -741,6 +784,7 @@ class ShardedStore {
     if (auto s = find(shard, h)) return {s, std::nullopt};  // raced: it is in
     ++shard.since_sweep;
     const State start = initial_state(shard, h, op);
+    detail::aux_in(op, shard.aux_floor);
     const Step<State> first = op(start);
     // Nothing to remember (a denied fresh key, a zero cost): no slot. The
     // state it would start from stays where it is (zero, or the summary).
@@ -773,6 +817,9 @@ class ShardedStore {
     // the state. The state is the first call's result: that call is decided
     // and published here, once, under the mutex.
     Bucket& g = *slot->bucket;
+    g.aux[slot->index].store(
+        shard.aux_floor + detail::aux_add(op, start, first.next),
+        std::memory_order_release);
     u128 cur = g.states[slot->index].load();
     while (!g.states[slot->index].compare_exchange(
         cur, detail::to_u128(first.next))) {
@@ -809,6 +856,9 @@ class ShardedStore {
     u128 cur = dst.states[j].load();
     while (!dst.states[j].compare_exchange(cur, v)) {
     }
+    // The counter travels with the state, published before the word.
+    dst.aux[j].store(src.aux[i].load(std::memory_order_relaxed),
+                     std::memory_order_release);
     // Relaxed: key words are written only under the mutex, which we hold.
     const std::uint64_t dw = dst.keys[j].load(std::memory_order_relaxed);
     dst.keys[j].store(make_word(fp_of(w), inc_of(dw)),

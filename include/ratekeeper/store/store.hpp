@@ -86,6 +86,33 @@ constexpr Decision denied_full(Decision fresh, Nanos retry_after) noexcept {
   return fresh;
 }
 
+// A store keeps, per key, a 64-bit give-back counter next to the state (0,
+// or the store's floor, for a new key): the time a policy's give-backs
+// returned (TokenBucket::kGiveBacksMoveLaterTakes). A store hands it to an op
+// with aux_in() before it reads the key's state, and, where it serialises
+// the op with every other give-back on the key (update()), adds aux_add() to
+// it once the op published. A key's counter never goes back: one dropped
+// (reclaimed, evicted) raises the floor new keys start from. Ops without
+// these members ignore the counter.
+// An op takes part when it declares `static constexpr bool kWantsAux =
+// true`.
+template <class Op>
+inline constexpr bool wants_aux = requires {
+  requires Op::kWantsAux;
+};
+template <class Op>
+void aux_in(const Op& op, std::uint64_t aux) {
+  if constexpr (wants_aux<Op>) op.aux_in(aux);
+}
+template <class Op, class State>
+std::uint64_t aux_add(const Op& op, const State& before, const State& after) {
+  if constexpr (wants_aux<Op> && requires { op.aux_add(before, after); }) {
+    return op.aux_add(before, after);
+  } else {
+    return 0;
+  }
+}
+
 // The least StoreOp, for checking stores against the concept.
 template <class State>
 struct ArchetypeOp {
