@@ -436,7 +436,8 @@ std::unique_ptr<rk::PolicyLimit<rk::PeriodBudget>> budget_limit(
 }
 
 // The store work a reserve and settle cannot avoid, without the accountant:
-// one clock read, a chain acquire of both budgets, a refund of each.
+// one clock read, a chain acquire of both budgets, a settle of each (its
+// receipt, below the estimate).
 void BM_Budget_Floor_ChainAcquireRefund(benchmark::State& state) {
   auto team = budget_limit("team_month", rk::PeriodKind::kMonth);
   auto user = budget_limit("user_day", rk::PeriodKind::kDay);
@@ -445,10 +446,10 @@ void BM_Budget_Floor_ChainAcquireRefund(benchmark::State& state) {
                                  {user.get(), "\x02\x07user:42", 1'900}};
   std::uint64_t allowed = 0;
   for (auto _ : state) {
-    const rk::ChainDecision d = chain.acquire(items);
+    rk::ChainDecision d = chain.acquire(items);
     allowed += d.allowed;
-    static_cast<void>(team->refund(items[0].key, 700'000, d.at, d.at));
-    static_cast<void>(user->refund(items[1].key, 700, d.at, d.at));
+    static_cast<void>(chain.settle(d, 0, 1'200'000));
+    static_cast<void>(chain.settle(d, 1, 1'200));
   }
   state.counters["allowed_ratio"] =
       static_cast<double>(allowed) / static_cast<double>(state.iterations());

@@ -358,7 +358,7 @@ int main(int argc, char** argv) {
     const rk::Subject who{.user = user.id, .team = user.team};
     const std::string request_id = fmt::format("req-{}", calls);
     auto reserve = [&]() -> absl::StatusOr<rk::Reservation<Clock>> {
-      absl::InlinedVector<rk::ChainItem, 4> limits;
+      rk::ChainItems limits;
       if (absl::Status e = tiers.chain_items(kTiers[tier].name, who,
                                              prompt + max_output, limits);
           !e.ok()) {
@@ -403,12 +403,8 @@ int main(int argc, char** argv) {
       }
       st.spent_nanos += s->cost.nanos;
       team_settled[user.team] += s->cost.nanos;
-      if (const absl::Status e =
-              tiers.refund_tokens(kTiers[tier].name, who,
-                                  estimate - prompt - output, r->decision().at);
-          !e.ok()) {
-        return 1;
-      }
+      // The settle also settled the tier's token limits to the usage: the
+      // reservation holds their receipts.
     } else if (r->refused_by_budget()) {
       ++st.denied_budget;
       st.teams_refused.insert(user.team);

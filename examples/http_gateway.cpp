@@ -256,8 +256,8 @@ class Gateway {
     httplib::Result r =
         up.Post("/v1/chat/completions", req.body, "application/json");
     if (!r) {
-      // Nothing was served: the whole estimate goes back.
-      tiers_.refund_tokens(a.tier, who, estimate, d->at).IgnoreError();
+      // Nothing was served: the whole call goes back.
+      tiers_.give_back(*d);
       res.status = 502;
       res.set_content(
           "{\"error\":{\"message\":\"upstream unreachable\",\"type\":"
@@ -272,9 +272,9 @@ class Gateway {
         reply["usage"]["total_tokens"].is_number_unsigned()) {
       used = reply["usage"]["total_tokens"].get<std::uint64_t>();
     }
-    if (used < estimate) {
-      tiers_.refund_tokens(a.tier, who, estimate - used, d->at).IgnoreError();
-    }
+    // The tokens the provider counted, below or above the estimate: the
+    // unused part goes back, an excess is charged (no caller subtracts).
+    tiers_.settle_tokens(*d, used).IgnoreError();
     set_headers(res, rk::http::rate_limit_headers(*d));
     res.status = r->status;
     res.set_content(r->body, "application/json");

@@ -5,15 +5,26 @@
 
 int main() {
   using namespace ratekeeper;
-  // 10 requests per second per user, bursts of up to 20.
-  auto bucket = TokenBucket::create(per_second(10), 20);
+  // 60,000 tokens per minute per user, bursts of up to 60,000.
+  auto bucket = TokenBucket::create(per_minute(60'000), 60'000);
   if (!bucket.ok()) return 1;  // bad configuration is a Status, not a crash
   Limiter<TokenBucket> limiter(*bucket);
 
-  for (int i = 0; i < 25; ++i) {
-    if (auto d = limiter.acquire("user:42"); !d) {
+  const Cost prompt_tokens = 1'200, max_tokens = 4'000;
+  for (int i = 0; i < 20; ++i) {
+    Taken t = limiter.take("user:42", prompt_tokens + max_tokens);
+    if (!t) {
       std::printf("call %d: 429, retry after %lld ns\n", i,
-                  static_cast<long long>(d.retry_after.count()));
+                  static_cast<long long>(t.decision.retry_after.count()));
+      continue;
+    }
+    // The provider's usage: the prompt and some of max_tokens. Settling the
+    // receipt gives back the unused part (or charges an excess).
+    const Cost used = prompt_tokens + 900;
+    if (auto left = limiter.settle(t.receipt, used); left.ok()) {
+      std::printf("call %d: used %llu tokens, %llu left\n", i,
+                  static_cast<unsigned long long>(used),
+                  static_cast<unsigned long long>(left->remaining));
     }
   }
   return 0;

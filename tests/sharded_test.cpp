@@ -268,7 +268,9 @@ TEST_CASE("capacity is configuration and memory is allocated once",
   const double per_key =
       static_cast<double>(store.allocated_bytes()) / 1'000'000.0;
   INFO("bytes per key of capacity: " << per_key);
-  CHECK(per_key <= 32.0);
+  // 24 bytes a slot (key word, state) and the 8-byte give-back counter, at
+  // 7/8 load, plus the summaries.
+  CHECK(per_key <= 40.0);
   CHECK(store.shard_count() >= 1);
   CHECK(store.capacity_per_shard() * store.shard_count() >= 1'000'000);
 }

@@ -146,10 +146,13 @@ class TokenBucket {
     return detail::clamp_u64(detail::ceil_div(d, den_));
   }
 
-  // The record `p` moved earlier by `ns` of give-backs since it was taken.
+  // The record `p` moved earlier by `ns` of give-backs since it was taken
+  // (all of its stretch: a give-back of an earlier take moves it whole).
+  // Moving it too far only makes less of it outstanding. Pure.
   Placement shift(Placement p, std::uint64_t ns) const noexcept {
     const i128 by = static_cast<i128>(ns) * static_cast<i128>(p.den);
-    p.until = by >= p.until - p.from ? p.from : p.until - by;
+    p.from -= by;
+    p.until -= by;
     return p;
   }
 
