@@ -138,6 +138,38 @@ TEST_CASE("seams 3: an upgrade gives back no more than was taken",
   CHECK_FALSE(tpm->peek("org", 60'001, clock.now()).allowed);
 }
 
+// Exactness where the counter can be exact: one call at a time, and two
+// overlapping calls settled in either order, give back all they did not use.
+template <template <class> class S>
+void overlapping_exact() {
+  for (int order = 0; order < 2; ++order) {
+    ManualClock clock;
+    Limiter<TokenBucket, S, ManualClock> lim(bucket(per_minute(60'000), 60'000),
+                                             clock);
+    Taken a = lim.take("k", 20'000);
+    Taken b = lim.take("k", 20'000);
+    REQUIRE(a);
+    REQUIRE(b);
+    clock.advance(seconds(1));  // 1,000 tokens refill
+    Receipt& first = order == 0 ? a.receipt : b.receipt;
+    Receipt& second = order == 0 ? b.receipt : a.receipt;
+    REQUIRE(lim.settle(first, 5'000).ok());
+    REQUIRE(lim.settle(second, 5'000).ok());
+    // 60,000 - 10,000 used + 1,000 refilled.
+    CHECK(lim.peek("k", 0).remaining == 51'000);
+    // One at a time.
+    Taken c = lim.take("k", 30'000);
+    REQUIRE(lim.settle(c.receipt, 1'000).ok());
+    CHECK(lim.peek("k", 0).remaining == 50'000);
+  }
+}
+
+TEST_CASE("receipts: overlapping calls give back exactly",
+          "[seams][receipts]") {
+  overlapping_exact<ShardedStore>();
+  overlapping_exact<InMemoryStore>();
+}
+
 // Case 6 for chains, and a receipt from another limit.
 TEST_CASE("seams: a receipt is settled once, by the limit that issued it",
           "[seams][receipts]") {

@@ -89,8 +89,10 @@ struct SettleOp : OpBase<P> {
   typename P::Placement place;
   Cost taken;
   Cost actual;
-  // The key's give-back counter, from the store (aux_in()).
+  // The key's give-back counter, from the store (aux_in()), and the
+  // placement as last settled (moved by what was returned since the take).
   mutable std::uint64_t aux = 0;
+  mutable typename P::Placement moved{};
   SettleOp(const P* p, Nanos t, const typename P::Placement& pl, Cost tk,
            Cost ac)
       : OpBase<P>{p, t}, place(pl), taken(tk), actual(ac) {}
@@ -101,6 +103,7 @@ struct SettleOp : OpBase<P> {
     if constexpr (requires { P::kGiveBacksMoveLaterTakes; }) {
       // What give-backs returned since the take moved its stretch earlier.
       if (aux > p.mark) p = this->policy->shift(p, aux - p.mark);
+      moved = p;
     }
     const typename P::State next =
         this->policy->settle(s, this->now, p, taken, actual);
@@ -110,7 +113,7 @@ struct SettleOp : OpBase<P> {
   std::uint64_t aux_add(const typename P::State& before,
                         const typename P::State& after) const {
     if constexpr (requires { P::kGiveBacksMoveLaterTakes; }) {
-      return this->policy->returned_ns(before, after);
+      return this->policy->returned_ns(before, after, moved);
     } else {
       return 0;
     }

@@ -131,18 +131,30 @@ class TokenBucket {
   // later than where its take now sits, and giving it back by the record
   // would return time that later takes hold (or that time has already
   // refilled, after a gap). So stores keep, per key, a counter of the time
-  // give-backs returned (returned_ns()), a receipt records it (`mark`), and
-  // shift() moves the record by what was returned since before it is
-  // settled: an over-estimate when the key's counter was merged or restarted
-  // (evicted, reclaimed), which gives back less, never more.
+  // give-backs moved later takes by (returned_ns(): a give-back of the last
+  // take moves nothing), a receipt records it (`mark`), and shift() moves
+  // the record by what was moved since, before it is settled. The counter
+  // does not say where the moves were: one behind this take's stretch
+  // (a later take given back first, with another still behind it) moves the
+  // record too far, and the receipt gives back less than exact; so does a
+  // counter merged or restarted (the key evicted or reclaimed). Never more.
   static constexpr bool kGiveBacksMoveLaterTakes = true;
 
-  // The time a give-back from `before` to `after` returned, in ns, rounded
-  // up. Pure.
-  std::uint64_t returned_ns(const State& before,
-                            const State& after) const noexcept {
-    const i128 d = decode(before) - decode(after);
+  // The time a give-back of take `p` from `before` to `after` moved later
+  // takes earlier, in ns, rounded up: what it returned, unless the take was
+  // the last one (its stretch reaches the TAT: nothing is behind it to move).
+  // Pure.
+  std::uint64_t returned_ns(const State& before, const State& after,
+                            const Placement& p) const noexcept {
+    const i128 tat = decode(before);
+    const i128 d = tat - decode(after);
     if (d <= 0) return 0;
+    // The last take for certain: the end of its (moved) stretch, rounded
+    // down, is at or past the TAT, rounded up.
+    if (p.den != 0 && detail::floor_div(p.until, static_cast<i128>(p.den)) >=
+                          detail::ceil_div(tat, den_)) {
+      return 0;
+    }
     return detail::clamp_u64(detail::ceil_div(d, den_));
   }
 
