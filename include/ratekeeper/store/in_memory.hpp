@@ -147,11 +147,13 @@ class InMemoryStore {
     since_sweep_ = 0;
     ++stats_.sweeps;
     const std::size_t before = map_.size();
+    std::uint64_t floor = aux_floor_;
     absl::erase_if(map_, [&](const auto& kv) {
       if (!op.idle(kv.second.state)) return false;
-      aux_floor_ = std::max(aux_floor_, kv.second.aux);
+      floor = std::max(floor, kv.second.aux);
       return true;
     });
+    aux_floor_ = floor;
     stats_.reclaimed += before - map_.size();
     return map_.size() < options_.max_keys;
   }
