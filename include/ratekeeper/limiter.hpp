@@ -110,10 +110,10 @@ struct SettleOp : OpBase<P> {
     return {next, this->policy->step(next, this->now, 0).decision};
   }
   // What the store adds to the key's give-back counter once it published.
-  std::uint64_t aux_add(const typename P::State& before,
-                        const typename P::State& after) const {
+  std::uint64_t aux_add(const typename P::State& from,
+                        const typename P::State& to) const {
     if constexpr (requires { P::kGiveBacksMoveLaterTakes; }) {
-      return this->policy->returned_ns(before, after, moved);
+      return this->policy->returned_ns(from, to, moved);
     } else {
       return 0;
     }
