@@ -11,6 +11,7 @@
 
 #include "ratekeeper/errors.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
+#include "ratekeeper/policy/token_bucket.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -36,6 +37,26 @@ BudgetSpec money_budget(std::string name, Scope scope, std::uint64_t nanos,
                     Period::calendar(PeriodKind::kMonth).value(),
                     std::move(soft)};
 }
+
+// An AuditSink that keeps every record in memory, or fails every append
+// from the `fail_from`-th on.
+class MemorySink final : public AuditSink {
+ public:
+  explicit MemorySink(int fail_from = 1 << 30) : fail_from_(fail_from) {}
+  absl::StatusOr<std::uint64_t> append(std::string_view fields,
+                                       Nanos) override {
+    if (++calls_ >= fail_from_) {
+      return absl::UnavailableError("append: injected failure");
+    }
+    records.emplace_back(fields);
+    return static_cast<std::uint64_t>(records.size());
+  }
+  std::vector<std::string> records;
+
+ private:
+  int calls_ = 0;
+  int fail_from_;
+};
 
 }  // namespace
 
@@ -386,12 +407,19 @@ TEST_CASE("settled ids are remembered for the window, oldest forgotten first",
   for (int i = 4'950; i < 5'000; ++i) {
     CHECK(acct.find_settlement("id-" + std::to_string(i)).has_value());
   }
-  // A replayed settle of a remembered id charges nothing more.
+  // A new call under a remembered id is refused, charging nothing; one
+  // under an id forgotten since is a new call (the window is the horizon).
   Limit* team = acct.budgets()[0];
   const std::uint64_t before =
       team->peek("\x04\x01t", 0, clock.now()).remaining;
-  settle("id-4999");
+  CHECK(acct.reserve(who, "m", {.prompt_tokens = 1}, "id-4999")
+            .status()
+            .code() == absl::StatusCode::kAlreadyExists);
   CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == before);
+  CHECK_FALSE(acct.find_settlement("id-0").has_value());
+  settle("id-0");
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining ==
+        before - 2'000);
 }
 
 TEST_CASE("a refusal says whether a budget or a rate limit refused",
@@ -490,4 +518,211 @@ TEST_CASE("an administrator resets a spend or changes a limit",
   CHECK(acct.set_budget_limit("team", 0).code() ==
         absl::StatusCode::kInvalidArgument);
   CHECK(acct.reset("nope", who).code() == absl::StatusCode::kNotFound);
+}
+
+// ---------------------------------------------------------------------------
+// Issue 13: the promises at the seams between reservations, rate limits,
+// periods, ids and forecasts.
+
+TEST_CASE("case 6: a released or dropped reservation gives back its rate "
+          "limits too; settle takes them to the actual tokens",
+          "[accountant][seams]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(
+      acct.add_budget(money_budget("team", Field::kTeam, 1'000'000'000)).ok());
+  auto tpm = make_limit({.name = "tpm", .unit = Unit::kTokens},
+                        TokenBucket::create(per_minute(10'000), 10'000).value())
+                 .value();
+  auto rpm = make_limit({.name = "rpm"},
+                        FixedWindow::create(per_minute(100)).value())
+                 .value();
+  const Subject who{.user = "u", .team = "t"};
+  const ChainItem limits[] = {{rpm.get(), "u", 1}, {tpm.get(), "u", 2'000}};
+  const Estimate e{.prompt_tokens = 1'000, .max_output_tokens = 1'000};
+  const auto tokens_left = [&] {
+    return tpm->peek("u", 0, clock.now()).remaining;
+  };
+  const auto requests_left = [&] {
+    return rpm->peek("u", 0, clock.now()).remaining;
+  };
+  {
+    auto r = acct.reserve(who, "m", e, "dropped", limits);
+    REQUIRE(r->granted());
+    CHECK(tokens_left() == 8'000);
+  }
+  CHECK(tokens_left() == 10'000);  // dropped: all of it back
+  CHECK(requests_left() == 100);
+  auto released = acct.reserve(who, "m", e, "released", limits);
+  REQUIRE(released->granted());
+  released->release();
+  CHECK(tokens_left() == 10'000);
+  // Settled: the token limit goes to what the provider counted, in both
+  // directions (more than the estimate is charged, never a wrapped refund).
+  Usage u;
+  u.input_uncached = 1'000;
+  u.output = 1'100;  // 2,100 > 2,000
+  auto over = acct.reserve(who, "m", e, "over", limits);
+  REQUIRE(over->settle(u).ok());
+  CHECK(tokens_left() == 10'000 - 2'100);
+  CHECK(requests_left() == 99);
+  clock.advance(std::chrono::minutes(1));  // full again
+  u.output = 0;                            // 1,000 < 2,000
+  auto under = acct.reserve(who, "m", e, "under", limits);
+  REQUIRE(under->settle(u).ok());
+  CHECK(tokens_left() == 10'000 - 1'000);
+  // A reserve whose record cannot be written gives back the rate limits as
+  // well as the budgets.
+  clock.advance(std::chrono::minutes(1));
+  MemorySink failing(1);
+  acct.set_audit(&failing);
+  const std::uint64_t team_before = acct.forecast("team", who)->spent;
+  auto lost = acct.reserve(who, "m", e, "unrecorded", limits);
+  CHECK_FALSE(lost.ok());
+  CHECK(tokens_left() == 10'000);
+  CHECK(requests_left() == 100);
+  CHECK(acct.forecast("team", who)->spent == team_before);
+}
+
+TEST_CASE("case 9: a call reserved at 23:59 and settled after midnight "
+          "charges yesterday, even once today's period is open",
+          "[accountant][seams]") {
+  ManualClock clock(kT0 - std::chrono::minutes(1));  // Nov 30, 23:59 UTC
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  MemorySink books;
+  acct.set_audit(&books);
+  REQUIRE(acct.add_budget({"team_day", Field::kTeam, BudgetUnit::kNanoUsd,
+                           100'000'000,
+                           Period::calendar(PeriodKind::kDay).value()})
+              .ok());
+  const Subject who{.team = "t"};
+  Limit* day = acct.budgets()[0];
+  const Nanos yesterday = kT0 - std::chrono::seconds(30);
+  const std::int64_t yesterday_index = Period::calendar(PeriodKind::kDay)
+                                           .value()
+                                           .index_of(yesterday);
+  // $0.0525 over: 10 + 10 held, 10 + 52,510 used.
+  auto late = acct.reserve(
+      who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "late");
+  auto stream = acct.reserve(
+      who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "stream");
+  auto kept = acct.reserve(
+      who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "kept");
+  REQUIRE(late->granted());
+  REQUIRE(stream->granted());
+  REQUIRE(kept->granted());
+  clock.set(kT0 + std::chrono::minutes(1));  // Dec 1, 00:01
+  // Nobody has opened today yet: a stream grows in yesterday's period.
+  REQUIRE(kept->next_chunk_fits(0, 1'000).value());
+  CHECK(acct.forecast("team_day", who)->spent == 0);
+  CHECK(day->peek("\x04\x01t", 0, yesterday).remaining ==
+        100'000'000 - 3 * 20'000 - 990'000);
+  // Another call opens today.
+  auto today = acct.reserve(who, "m", {.prompt_tokens = 100}, "today");
+  REQUIRE(today->granted());
+  CHECK(acct.forecast("team_day", who)->spent == 100'000);
+  Usage u;
+  u.input_uncached = 10;
+  u.output = 52'510;
+  const auto s = late->settle(u);
+  REQUIRE(s.ok());
+  CHECK(s->cost == Money{52'520'000});
+  // Today is not charged for yesterday's call: not in the state, not in
+  // the forecast.
+  CHECK(acct.forecast("team_day", who)->spent == 100'000);
+  CHECK(day->peek("\x04\x01t", 0, clock.now()).remaining ==
+        100'000'000 - 100'000);
+  // A stream reserved yesterday cannot grow into today's budget: its own
+  // period is closed on this key, so it is cut, and today is untouched.
+  CHECK_FALSE(stream->next_chunk_fits(0, 5'000).value());
+  CHECK(acct.forecast("team_day", who)->spent == 100'000);
+  // The books put the settle in yesterday's period.
+  const std::string& rec = books.records.back();
+  CHECK(rec.find("\"event\":\"settle\"") != std::string::npos);
+  CHECK(rec.find(absl::StrCat("\"period\":", yesterday_index)) !=
+        std::string::npos);
+}
+
+TEST_CASE("case 10: a new reserve under a settled id is refused; a retried "
+          "settle returns the first settlement",
+          "[accountant][seams]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  // $0.01 a month; each call costs $0.003.
+  REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 10'000'000)).ok());
+  const Subject who{.team = "t"};
+  Usage u;
+  u.input_uncached = 1'000;
+  u.output = 2'000;
+  int reached_provider = 0;
+  Settlement first;
+  std::optional<Reservation<ManualClock>> kept;
+  for (int i = 0; i < 1'000; ++i) {
+    auto r = acct.reserve(who, "m",
+                          {.prompt_tokens = 1'000, .max_output_tokens = 2'000},
+                          "same-id");
+    if (!r.ok()) {
+      CHECK(r.status().code() == absl::StatusCode::kAlreadyExists);
+      CHECK(std::string(r.status().message()).find("same-id") !=
+            std::string::npos);
+      continue;
+    }
+    REQUIRE(r->granted());
+    ++reached_provider;
+    first = r->settle(u).value();
+    kept.emplace(*std::move(r));
+  }
+  CHECK(reached_provider == 1);
+  CHECK(first.cost == Money{3'000'000});
+  CHECK(acct.forecast("team", who)->spent == 3'000'000);
+  // A retried settle of the first reservation: the first settlement, no
+  // charge.
+  u.output = 9'000;
+  CHECK(kept->settle(u).value() == first);
+  CHECK(acct.forecast("team", who)->spent == 3'000'000);
+  CHECK(acct.find_settlement("same-id") == first);
+}
+
+TEST_CASE("case 11: a zero-token estimate is refused on an exhausted budget",
+          "[accountant][seams]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget({"tokens", Field::kUser, BudgetUnit::kTokens, 100,
+                           Period::calendar(PeriodKind::kDay).value()})
+              .ok());
+  const Subject who{.user = "u"};
+  auto r = acct.reserve(who, "m", {.prompt_tokens = 100}, "all");
+  REQUIRE(r->granted());
+  Usage u;
+  u.input_uncached = 100;
+  REQUIRE(r->settle(u).ok());
+  CHECK(acct.forecast("tokens", who)->spent == 100);
+  auto zero = acct.reserve(who, "m", {}, "zero");
+  REQUIRE(zero.ok());
+  CHECK_FALSE(zero->granted());
+  CHECK(zero->refused_by_budget());
+  // With room left, an empty estimate is granted and settles to nothing.
+  auto other = acct.reserve({.user = "v"}, "m", {}, "zero-2");
+  REQUIRE(other->granted());
+  REQUIRE(other->settle(Usage{}).ok());
+  CHECK(acct.forecast("tokens", {.user = "v"})->spent == 0);
+}
+
+TEST_CASE("case 13: forecast().spent does not stop at the limit",
+          "[accountant][seams]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 1'000'000)).ok());
+  const Subject who{.team = "t"};
+  auto r = acct.reserve(who, "m", {.prompt_tokens = 100}, "big");
+  REQUIRE(r->granted());
+  Usage u;
+  u.input_uncached = 100;
+  u.output = 299'900;  // $0.30 on a $0.001 budget
+  REQUIRE(r->settle(u).value().cost == Money{300'000'000});
+  const Forecast f = acct.forecast("team", who).value();
+  CHECK(f.spent == 300'000'000);
+  CHECK(f.limit == 1'000'000);
+  CHECK(f.exhausts_at == f.now);
+  CHECK(f.pace_per_hour == 0);
 }
