@@ -412,14 +412,13 @@ TEST_CASE("settled ids are remembered for the window, oldest forgotten first",
   Limit* team = acct.budgets()[0];
   const std::uint64_t before =
       team->peek("\x04\x01t", 0, clock.now()).remaining;
-  CHECK(acct.reserve(who, "m", {.prompt_tokens = 1}, "id-4999")
-            .status()
-            .code() == absl::StatusCode::kAlreadyExists);
+  CHECK(
+      acct.reserve(who, "m", {.prompt_tokens = 1}, "id-4999").status().code() ==
+      absl::StatusCode::kAlreadyExists);
   CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == before);
   CHECK_FALSE(acct.find_settlement("id-0").has_value());
   settle("id-0");
-  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining ==
-        before - 2'000);
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == before - 2'000);
 }
 
 TEST_CASE("a refusal says whether a budget or a rate limit refused",
@@ -524,9 +523,10 @@ TEST_CASE("an administrator resets a spend or changes a limit",
 // Issue 13: the promises at the seams between reservations, rate limits,
 // periods, ids and forecasts.
 
-TEST_CASE("case 6: a released or dropped reservation gives back its rate "
-          "limits too; settle takes them to the actual tokens",
-          "[accountant][seams]") {
+TEST_CASE(
+    "case 6: a released or dropped reservation gives back its rate "
+    "limits too; settle takes them to the actual tokens",
+    "[accountant][seams]") {
   ManualClock clock(kT0);
   Accountant<ManualClock> acct(flat_prices(), clock);
   REQUIRE(
@@ -534,9 +534,9 @@ TEST_CASE("case 6: a released or dropped reservation gives back its rate "
   auto tpm = make_limit({.name = "tpm", .unit = Unit::kTokens},
                         TokenBucket::create(per_minute(10'000), 10'000).value())
                  .value();
-  auto rpm = make_limit({.name = "rpm"},
-                        FixedWindow::create(per_minute(100)).value())
-                 .value();
+  auto rpm =
+      make_limit({.name = "rpm"}, FixedWindow::create(per_minute(100)).value())
+          .value();
   const Subject who{.user = "u", .team = "t"};
   const ChainItem limits[] = {{rpm.get(), "u", 1}, {tpm.get(), "u", 2'000}};
   const Estimate e{.prompt_tokens = 1'000, .max_output_tokens = 1'000};
@@ -584,23 +584,23 @@ TEST_CASE("case 6: a released or dropped reservation gives back its rate "
   CHECK(acct.forecast("team", who)->spent == team_before);
 }
 
-TEST_CASE("case 9: a call reserved at 23:59 and settled after midnight "
-          "charges yesterday, even once today's period is open",
-          "[accountant][seams]") {
+TEST_CASE(
+    "case 9: a call reserved at 23:59 and settled after midnight "
+    "charges yesterday, even once today's period is open",
+    "[accountant][seams]") {
   ManualClock clock(kT0 - std::chrono::minutes(1));  // Nov 30, 23:59 UTC
   Accountant<ManualClock> acct(flat_prices(), clock);
   MemorySink books;
   acct.set_audit(&books);
-  REQUIRE(acct.add_budget({"team_day", Field::kTeam, BudgetUnit::kNanoUsd,
-                           100'000'000,
-                           Period::calendar(PeriodKind::kDay).value()})
-              .ok());
+  REQUIRE(
+      acct.add_budget({"team_day", Field::kTeam, BudgetUnit::kNanoUsd,
+                       100'000'000, Period::calendar(PeriodKind::kDay).value()})
+          .ok());
   const Subject who{.team = "t"};
   Limit* day = acct.budgets()[0];
   const Nanos yesterday = kT0 - std::chrono::seconds(30);
-  const std::int64_t yesterday_index = Period::calendar(PeriodKind::kDay)
-                                           .value()
-                                           .index_of(yesterday);
+  const std::int64_t yesterday_index =
+      Period::calendar(PeriodKind::kDay).value().index_of(yesterday);
   // $0.0525 over: 10 + 10 held, 10 + 52,510 used.
   auto late = acct.reserve(
       who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "late");
@@ -643,9 +643,10 @@ TEST_CASE("case 9: a call reserved at 23:59 and settled after midnight "
         std::string::npos);
 }
 
-TEST_CASE("case 10: a new reserve under a settled id is refused; a retried "
-          "settle returns the first settlement",
-          "[accountant][seams]") {
+TEST_CASE(
+    "case 10: a new reserve under a settled id is refused; a retried "
+    "settle returns the first settlement",
+    "[accountant][seams]") {
   ManualClock clock(kT0);
   Accountant<ManualClock> acct(flat_prices(), clock);
   // $0.01 a month; each call costs $0.003.

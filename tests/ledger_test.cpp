@@ -564,9 +564,10 @@ TEST_CASE("resets and limit changes are records, and replay applies them",
   CHECK(again.forecast("user_tokens", who)->limit == 5'000);
 }
 
-TEST_CASE("case 12: replay rebuilds exactly what was live, with one id "
-          "reserved twice",
-          "[ledger][accountant][seams]") {
+TEST_CASE(
+    "case 12: replay rebuilds exactly what was live, with one id "
+    "reserved twice",
+    "[ledger][accountant][seams]") {
   TempFile f("twice.jsonl");
   ManualClock clock(kT0);
   const Subject who{.user = "u", .team = "t"};
@@ -608,9 +609,10 @@ TEST_CASE("case 12: replay rebuilds exactly what was live, with one id "
   CHECK(acct.forecast("team", who)->spent == 1'500'000);
 }
 
-TEST_CASE("case 12: replay answers a malformed record with a status, never "
-          "an exception",
-          "[ledger][accountant][seams]") {
+TEST_CASE(
+    "case 12: replay answers a malformed record with a status, never "
+    "an exception",
+    "[ledger][accountant][seams]") {
   ManualClock clock(kT0);
   const std::string item =
       R"({"b":0,"key":"04017401","amount":5})";  // team "t"
@@ -656,11 +658,12 @@ TEST_CASE("case 12: replay answers a malformed record with a status, never "
   {
     auto ledger = Ledger::open(f.path, {.durability = Durability::kNone});
     REQUIRE(ledger.ok());
-    REQUIRE((*ledger)
-                ->append(R"("event":"reserve","request":7,"at":"soon","items":[)" +
-                             item + "]",
-                         kT0)
-                .ok());
+    REQUIRE(
+        (*ledger)
+            ->append(R"("event":"reserve","request":7,"at":"soon","items":[)" +
+                         item + "]",
+                     kT0)
+            .ok());
   }
   REQUIRE(verify_ledger(slurp(f.path)).ok());
   Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
