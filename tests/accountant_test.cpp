@@ -4,7 +4,11 @@
 
 #include <atomic>
 #include <barrier>
+#include <map>
+#include <nlohmann/json.hpp>  // header-only: the property test's books
+#include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -726,4 +730,307 @@ TEST_CASE("case 13: forecast().spent does not stop at the limit",
   CHECK(f.limit == 1'000'000);
   CHECK(f.exhausts_at == f.now);
   CHECK(f.pace_per_hour == 0);
+}
+
+namespace {
+
+// An AuditSink writing records as the Ledger does ({"seq":N,"t":T,...}),
+// kept in memory, for the property test's books and replay.
+class LedgerLikeSink final : public AuditSink {
+ public:
+  absl::StatusOr<std::uint64_t> append(std::string_view fields,
+                                       Nanos t) override {
+    const std::uint64_t seq = records.size() + 1;
+    records.push_back(absl::StrCat("{\"seq\":", seq, ",\"t\":", t.count(), ",",
+                                   detail::av(fields), "}"));
+    return seq;
+  }
+  std::vector<std::string> records;
+};
+
+}  // namespace
+
+TEST_CASE("budget property: random scripts against an oracle of the books",
+          "[accountant][seams][property]") {
+  const std::uint64_t seed = rk_test::seed_or(0x13B);
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  const int steps =
+      std::max(5'000, static_cast<int>(100'000 * rk_test::scale()));
+  // Two budgets: a day of money per team, ten minutes of tokens per user.
+  constexpr std::uint64_t kMoney = 1'000'000'000;  // 1M tokens of 1 uUSD
+  constexpr std::uint64_t kTokens = 15'000;
+  const Period day = Period::calendar(PeriodKind::kDay).value();
+  const Period ten = Period::rolling(std::chrono::minutes(10)).value();
+  ManualClock clock(kT0 - std::chrono::hours(2));
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  LedgerLikeSink sink;
+  acct.set_audit(&sink);
+  REQUIRE(acct.add_budget(
+                  {"team_day", Field::kTeam, BudgetUnit::kNanoUsd, kMoney, day})
+              .ok());
+  REQUIRE(acct.add_budget(
+                  {"user_ten", Field::kUser, BudgetUnit::kTokens, kTokens, ten})
+              .ok());
+  const std::uint64_t limits[2] = {kMoney, kTokens};
+  const Period* periods[2] = {&day, &ten};
+  const std::string teams[2] = {"t0", "t1"};
+  const std::string users[3] = {"u0", "u1", "u2"};
+
+  // The oracle. Per budget and key: the period its state holds, and per
+  // (budget, key, period): what open reservations hold and what settled.
+  using BK = std::pair<int, std::string>;
+  using BKP = std::tuple<int, std::string, std::int64_t>;
+  std::map<BK, std::int64_t> state_period;
+  std::map<BKP, std::uint64_t> live;     // held + settled, as the state has it
+  std::map<BKP, std::uint64_t> settled;  // acknowledged settlements only
+  struct Open {
+    std::string id;
+    std::string key[2];
+    std::int64_t period[2];
+    std::uint64_t held[2];
+    std::uint64_t prompt;
+    std::optional<Reservation<ManualClock>> r;
+  };
+  std::vector<std::unique_ptr<Open>> open;
+  std::map<std::string, Settlement> first;  // settled ids
+  std::vector<std::string> ids_in_flight;
+  int next_id = 0, granted = 0, refused = 0, cut = 0, dup = 0;
+
+  const auto spent_in_state = [&](int b, const std::string& key,
+                                  std::int64_t p) -> std::uint64_t {
+    const auto sp = state_period.find({b, key});
+    if (sp == state_period.end() || sp->second != p) return 0;
+    return live[{b, key, p}];
+  };
+  // What the state holds of (b, key) now: the state's period if it is the
+  // current one (or later), else nothing.
+  const auto expect_now = [&](int b, const std::string& key) {
+    const std::int64_t now_p = periods[b]->index_of(clock.now());
+    const auto sp = state_period.find({b, key});
+    if (sp == state_period.end() || sp->second < now_p) return std::uint64_t{0};
+    return live[{b, key, sp->second}];
+  };
+  const auto check_key = [&](int b, const std::string& key) {
+    const Subject who = b == 0 ? Subject{.team = key} : Subject{.user = key};
+    const std::uint64_t got =
+        acct.forecast(b == 0 ? "team_day" : "user_ten", who).value().spent;
+    REQUIRE(got == expect_now(b, key));
+  };
+  // Applies `target` for one budget of `o` to the oracle (settle/release).
+  const auto oracle_to = [&](Open& o, int b, std::uint64_t target) {
+    const BKP at{b, o.key[b], o.period[b]};
+    if (state_period[{b, o.key[b]}] == o.period[b]) {
+      live[at] = live[at] - o.held[b] + target;
+    }
+    o.held[b] = target;
+  };
+  const auto settle_open = [&](std::size_t i, std::uint64_t output,
+                               bool cancel) {
+    Open& o = *open[i];
+    Usage u;
+    u.input_uncached = o.prompt;
+    u.output = output;
+    const auto s = cancel ? o.r->cancel_after_dispatch(output) : o.r->settle(u);
+    REQUIRE(s.ok());
+    if (const auto f = first.find(o.id); f != first.end()) {
+      // Another reservation of the id settled first: that settlement, and
+      // this one's holds go back.
+      REQUIRE(*s == f->second);
+      for (int b = 0; b < 2; ++b) oracle_to(o, b, 0);
+    } else {
+      const std::uint64_t tokens = o.prompt + output;
+      REQUIRE(s->tokens == tokens);
+      REQUIRE(s->cost.nanos == static_cast<std::int64_t>(tokens * 1'000));
+      first[o.id] = *s;
+      const std::uint64_t amount[2] = {tokens * 1'000, tokens};
+      for (int b = 0; b < 2; ++b) {
+        oracle_to(o, b, amount[b]);
+        settled[{b, o.key[b], o.period[b]}] += amount[b];
+      }
+      // A retried settle: the first settlement, nothing changes.
+      if (rng() % 4 == 0) REQUIRE(o.r->settle(u).value() == *s);
+    }
+    for (int b = 0; b < 2; ++b) check_key(b, o.key[b]);
+    open.erase(open.begin() + static_cast<std::ptrdiff_t>(i));
+  };
+
+  for (int step = 0; step < steps; ++step) {
+    const unsigned op = rng() % 100;
+    if (op < 40) {
+      // reserve: a new id, or a retry of one settled or in flight
+      std::string id = absl::StrCat("r", next_id++);
+      if (op < 4 && !first.empty()) {
+        auto it = first.begin();
+        std::advance(it, static_cast<std::ptrdiff_t>(
+                             rng() % std::min<std::size_t>(first.size(), 64)));
+        id = it->first;
+      } else if (op < 8 && !open.empty()) {
+        id = open[rng() % open.size()]->id;
+      }
+      auto o = std::make_unique<Open>();
+      o->id = id;
+      o->key[0] = teams[rng() % 2];
+      o->key[1] = users[rng() % 3];
+      o->prompt = rng() % 8 == 0 ? 0 : rng() % 2'000;
+      const std::uint64_t max_out = rng() % 8 == 0 ? 0 : rng() % 3'000;
+      const Subject who{.user = o->key[1], .team = o->key[0]};
+      auto r = acct.reserve(
+          who, "m", {.prompt_tokens = o->prompt, .max_output_tokens = max_out},
+          id);
+      if (first.count(id) != 0) {
+        REQUIRE(r.status().code() == absl::StatusCode::kAlreadyExists);
+        ++dup;
+        continue;
+      }
+      REQUIRE(r.ok());
+      const std::uint64_t want[2] = {
+          std::max<std::uint64_t>(1, (o->prompt + max_out) * 1'000),
+          std::max<std::uint64_t>(1, o->prompt + max_out)};
+      bool fits = true;
+      for (int b = 0; b < 2; ++b) {
+        const std::int64_t p = periods[b]->index_of(clock.now());
+        o->period[b] = std::max(p, state_period.count({b, o->key[b]}) != 0
+                                       ? state_period[{b, o->key[b]}]
+                                       : p);
+        fits = fits && spent_in_state(b, o->key[b], o->period[b]) + want[b] <=
+                           limits[b];
+      }
+      REQUIRE(r->granted() == fits);  // never more than the limit allows
+      if (!fits) {
+        ++refused;
+        continue;
+      }
+      ++granted;
+      for (int b = 0; b < 2; ++b) {
+        auto& sp = state_period[{b, o->key[b]}];
+        if (sp < o->period[b]) sp = o->period[b];
+        o->held[b] = want[b];
+        live[{b, o->key[b], o->period[b]}] += want[b];
+        check_key(b, o->key[b]);
+      }
+      o->r.emplace(*std::move(r));
+      open.push_back(std::move(o));
+      if (open.size() > 24) settle_open(0, rng() % 2'000, false);
+    } else if (open.empty() || op >= 84) {
+      // time passes: seconds, minutes, or past a midnight
+      const unsigned k = rng() % 16;
+      clock.advance(
+          k < 12 ? Nanos{static_cast<std::int64_t>(rng() % 20) * 1'000'000'000}
+          : k < 15 ? std::chrono::minutes(1 + rng() % 9)
+                   : std::chrono::hours(1 + rng() % 12));
+    } else if (op < 62) {
+      // settle below or above the estimate
+      const std::size_t i = rng() % open.size();
+      const std::uint64_t est_out = open[i]->held[1] > open[i]->prompt
+                                        ? open[i]->held[1] - open[i]->prompt
+                                        : 0;
+      const std::uint64_t output =
+          rng() % 2 ? est_out / 2 : est_out + rng() % 1'500;
+      settle_open(i, output, false);
+    } else if (op < 66) {
+      settle_open(rng() % open.size(), rng() % 100, true);  // cancelled
+    } else if (op < 74) {
+      // released, or dropped
+      const std::size_t i = rng() % open.size();
+      Open& o = *open[i];
+      if (rng() % 2) {
+        o.r->release();
+      }
+      for (int b = 0; b < 2; ++b) oracle_to(o, b, 0);
+      const std::string k0 = o.key[0], k1 = o.key[1];
+      open.erase(open.begin() + static_cast<std::ptrdiff_t>(i));  // dropped
+      check_key(0, k0);
+      check_key(1, k1);
+    } else if (op < 84) {
+      // a stream grows
+      Open& o = *open[rng() % open.size()];
+      const std::uint64_t so_far = rng() % 2'000, next = rng() % 1'000;
+      const std::uint64_t tokens = o.prompt + so_far + next;
+      const std::uint64_t want[2] = {tokens * 1'000, tokens};
+      bool fits = true, any = false;
+      for (int b = 0; b < 2; ++b) {
+        if (want[b] <= o.held[b]) continue;
+        any = true;
+        fits = fits && state_period[{b, o.key[b]}] == o.period[b] &&
+               spent_in_state(b, o.key[b], o.period[b]) + want[b] - o.held[b] <=
+                   limits[b];
+      }
+      const auto got = o.r->next_chunk_fits(so_far, next);
+      REQUIRE(got.ok());
+      REQUIRE(*got == (fits || !any));
+      if (any && fits) {
+        for (int b = 0; b < 2; ++b) {
+          if (want[b] > o.held[b]) oracle_to(o, b, want[b]);
+        }
+      } else if (any) {
+        ++cut;
+      }
+      check_key(0, o.key[0]);
+      check_key(1, o.key[1]);
+    }
+  }
+  CAPTURE(granted, refused, cut, dup);
+  CHECK(granted > steps / 10);
+  CHECK(refused > 0);
+  CHECK(cut > 0);
+  CHECK(dup > 0);
+  // The books: the settle records, per budget, key and period, add up to
+  // the acknowledged settlements.
+  std::map<BKP, std::uint64_t> books;
+  const auto key_of = [](const std::string& hex) {
+    std::string out;
+    for (std::size_t i = 0; i + 1 < hex.size(); i += 2) {
+      out.push_back(
+          static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+    }
+    return out;
+  };
+  std::map<std::string, std::string> key_names;  // subject key -> name
+  for (const auto& t : teams) key_names[std::string("\x04\x02") + t] = t;
+  for (const auto& u : users) key_names[std::string("\x02\x02") + u] = u;
+  std::set<std::string> settled_ids;
+  for (const std::string& rec : sink.records) {
+    const nlohmann::json j = nlohmann::json::parse(rec);
+    if (j["event"] != "settle") continue;
+    REQUIRE(settled_ids.insert(j["request"].get<std::string>()).second);
+    for (const auto& it : j["items"]) {
+      const int b = it["b"].get<int>();
+      books[{b, key_names.at(key_of(it["key"].get<std::string>())),
+             it["period"].get<std::int64_t>()}] +=
+          it["amount"].get<std::uint64_t>();
+    }
+  }
+  for (auto it = settled.begin(); it != settled.end();) {
+    it = it->second == 0 ? settled.erase(it) : std::next(it);
+  }
+  for (auto it = books.begin(); it != books.end();) {
+    it = it->second == 0 ? books.erase(it) : std::next(it);
+  }
+  CHECK(books == settled);
+  CHECK(settled_ids.size() == first.size());
+  // Replay rebuilds exactly what is live now, open reservations included.
+  Accountant<ManualClock> again(flat_prices(), clock);
+  REQUIRE(again
+              .add_budget(
+                  {"team_day", Field::kTeam, BudgetUnit::kNanoUsd, kMoney, day})
+              .ok());
+  REQUIRE(again
+              .add_budget(
+                  {"user_ten", Field::kUser, BudgetUnit::kTokens, kTokens, ten})
+              .ok());
+  for (const std::string& rec : sink.records) {
+    REQUIRE(again.replay(nlohmann::json::parse(rec)).ok());
+  }
+  for (const auto& t : teams) {
+    CHECK(again.forecast("team_day", {.team = t})->spent ==
+          acct.forecast("team_day", {.team = t})->spent);
+  }
+  for (const auto& u : users) {
+    CHECK(again.forecast("user_ten", {.user = u})->spent ==
+          acct.forecast("user_ten", {.user = u})->spent);
+  }
+  for (const auto& [id, s] : first) {
+    REQUIRE(again.find_settlement(id) == s);
+  }
 }
