@@ -856,7 +856,7 @@ TEST_CASE("budget property: random scripts against an oracle of the books",
   };
 
   for (int step = 0; step < steps; ++step) {
-    const unsigned op = rng() % 100;
+    const auto op = static_cast<unsigned>(rng() % 100);
     if (op < 40) {
       // reserve: a new id, or a retry of one settled or in flight
       std::string id = absl::StrCat("r", next_id++);
@@ -914,7 +914,7 @@ TEST_CASE("budget property: random scripts against an oracle of the books",
       if (open.size() > 24) settle_open(0, rng() % 2'000, false);
     } else if (open.empty() || op >= 84) {
       // time passes: seconds, minutes, or past a midnight
-      const unsigned k = rng() % 16;
+      const auto k = static_cast<unsigned>(rng() % 16);
       clock.advance(
           k < 12 ? Nanos{static_cast<std::int64_t>(rng() % 20) * 1'000'000'000}
           : k < 15 ? std::chrono::minutes(1 + rng() % 9)
