@@ -4,13 +4,18 @@
 
 #include <atomic>
 #include <barrier>
+#include <map>
+#include <nlohmann/json.hpp>  // header-only: the property test's books
+#include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "ratekeeper/errors.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
+#include "ratekeeper/policy/token_bucket.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -36,6 +41,26 @@ BudgetSpec money_budget(std::string name, Scope scope, std::uint64_t nanos,
                     Period::calendar(PeriodKind::kMonth).value(),
                     std::move(soft)};
 }
+
+// An AuditSink that keeps every record in memory, or fails every append
+// from the `fail_from`-th on.
+class MemorySink final : public AuditSink {
+ public:
+  explicit MemorySink(int fail_from = 1 << 30) : fail_from_(fail_from) {}
+  absl::StatusOr<std::uint64_t> append(std::string_view fields,
+                                       Nanos) override {
+    if (++calls_ >= fail_from_) {
+      return absl::UnavailableError("append: injected failure");
+    }
+    records.emplace_back(fields);
+    return static_cast<std::uint64_t>(records.size());
+  }
+  std::vector<std::string> records;
+
+ private:
+  int calls_ = 0;
+  int fail_from_;
+};
 
 }  // namespace
 
@@ -386,12 +411,18 @@ TEST_CASE("settled ids are remembered for the window, oldest forgotten first",
   for (int i = 4'950; i < 5'000; ++i) {
     CHECK(acct.find_settlement("id-" + std::to_string(i)).has_value());
   }
-  // A replayed settle of a remembered id charges nothing more.
+  // A new call under a remembered id is refused, charging nothing; one
+  // under an id forgotten since is a new call (the window is the horizon).
   Limit* team = acct.budgets()[0];
   const std::uint64_t before =
       team->peek("\x04\x01t", 0, clock.now()).remaining;
-  settle("id-4999");
+  CHECK(
+      acct.reserve(who, "m", {.prompt_tokens = 1}, "id-4999").status().code() ==
+      absl::StatusCode::kAlreadyExists);
   CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == before);
+  CHECK_FALSE(acct.find_settlement("id-0").has_value());
+  settle("id-0");
+  CHECK(team->peek("\x04\x01t", 0, clock.now()).remaining == before - 2'000);
 }
 
 TEST_CASE("a refusal says whether a budget or a rate limit refused",
@@ -490,4 +521,516 @@ TEST_CASE("an administrator resets a spend or changes a limit",
   CHECK(acct.set_budget_limit("team", 0).code() ==
         absl::StatusCode::kInvalidArgument);
   CHECK(acct.reset("nope", who).code() == absl::StatusCode::kNotFound);
+}
+
+// ---------------------------------------------------------------------------
+// Issue 13: the promises at the seams between reservations, rate limits,
+// periods, ids and forecasts.
+
+TEST_CASE(
+    "case 6: a released or dropped reservation gives back its rate "
+    "limits too; settle takes them to the actual tokens",
+    "[accountant][seams]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(
+      acct.add_budget(money_budget("team", Field::kTeam, 1'000'000'000)).ok());
+  auto tpm = make_limit({.name = "tpm", .unit = Unit::kTokens},
+                        TokenBucket::create(per_minute(10'000), 10'000).value())
+                 .value();
+  auto rpm =
+      make_limit({.name = "rpm"}, FixedWindow::create(per_minute(100)).value())
+          .value();
+  const Subject who{.user = "u", .team = "t"};
+  const ChainItem limits[] = {{rpm.get(), "u", 1}, {tpm.get(), "u", 2'000}};
+  const Estimate e{.prompt_tokens = 1'000, .max_output_tokens = 1'000};
+  const auto tokens_left = [&] {
+    return tpm->peek("u", 0, clock.now()).remaining;
+  };
+  const auto requests_left = [&] {
+    return rpm->peek("u", 0, clock.now()).remaining;
+  };
+  {
+    auto r = acct.reserve(who, "m", e, "dropped", limits);
+    REQUIRE(r->granted());
+    CHECK(tokens_left() == 8'000);
+  }
+  CHECK(tokens_left() == 10'000);  // dropped: all of it back
+  CHECK(requests_left() == 100);
+  auto released = acct.reserve(who, "m", e, "released", limits);
+  REQUIRE(released->granted());
+  released->release();
+  CHECK(tokens_left() == 10'000);
+  // Settled: the token limit goes to what the provider counted, in both
+  // directions (more than the estimate is charged, never a wrapped refund).
+  Usage u;
+  u.input_uncached = 1'000;
+  u.output = 1'100;  // 2,100 > 2,000
+  auto over = acct.reserve(who, "m", e, "over", limits);
+  REQUIRE(over->settle(u).ok());
+  CHECK(tokens_left() == 10'000 - 2'100);
+  CHECK(requests_left() == 99);
+  clock.advance(std::chrono::minutes(1));  // full again
+  u.output = 0;                            // 1,000 < 2,000
+  auto under = acct.reserve(who, "m", e, "under", limits);
+  REQUIRE(under->settle(u).ok());
+  CHECK(tokens_left() == 10'000 - 1'000);
+  // A reserve whose record cannot be written gives back the rate limits as
+  // well as the budgets.
+  clock.advance(std::chrono::minutes(1));
+  MemorySink failing(1);
+  acct.set_audit(&failing);
+  const std::uint64_t team_before = acct.forecast("team", who)->spent;
+  auto lost = acct.reserve(who, "m", e, "unrecorded", limits);
+  CHECK_FALSE(lost.ok());
+  CHECK(tokens_left() == 10'000);
+  CHECK(requests_left() == 100);
+  CHECK(acct.forecast("team", who)->spent == team_before);
+}
+
+TEST_CASE(
+    "case 9: a call reserved at 23:59 and settled after midnight "
+    "charges yesterday, even once today's period is open",
+    "[accountant][seams]") {
+  ManualClock clock(kT0 - std::chrono::minutes(1));  // Nov 30, 23:59 UTC
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  MemorySink books;
+  acct.set_audit(&books);
+  REQUIRE(
+      acct.add_budget({"team_day", Field::kTeam, BudgetUnit::kNanoUsd,
+                       100'000'000, Period::calendar(PeriodKind::kDay).value()})
+          .ok());
+  const Subject who{.team = "t"};
+  Limit* day = acct.budgets()[0];
+  const Nanos yesterday = kT0 - std::chrono::seconds(30);
+  const std::int64_t yesterday_index =
+      Period::calendar(PeriodKind::kDay).value().index_of(yesterday);
+  // $0.0525 over: 10 + 10 held, 10 + 52,510 used.
+  auto late = acct.reserve(
+      who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "late");
+  auto stream = acct.reserve(
+      who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "stream");
+  auto kept = acct.reserve(
+      who, "m", {.prompt_tokens = 10, .max_output_tokens = 10}, "kept");
+  REQUIRE(late->granted());
+  REQUIRE(stream->granted());
+  REQUIRE(kept->granted());
+  clock.set(kT0 + std::chrono::minutes(1));  // Dec 1, 00:01
+  // Nobody has opened today yet: a stream grows in yesterday's period.
+  REQUIRE(kept->next_chunk_fits(0, 1'000).value());
+  CHECK(acct.forecast("team_day", who)->spent == 0);
+  CHECK(day->peek("\x04\x01t", 0, yesterday).remaining ==
+        100'000'000 - 3 * 20'000 - 990'000);
+  // Another call opens today.
+  auto today = acct.reserve(who, "m", {.prompt_tokens = 100}, "today");
+  REQUIRE(today->granted());
+  CHECK(acct.forecast("team_day", who)->spent == 100'000);
+  Usage u;
+  u.input_uncached = 10;
+  u.output = 52'510;
+  const auto s = late->settle(u);
+  REQUIRE(s.ok());
+  CHECK(s->cost == Money{52'520'000});
+  // Today is not charged for yesterday's call: not in the state, not in
+  // the forecast.
+  CHECK(acct.forecast("team_day", who)->spent == 100'000);
+  CHECK(day->peek("\x04\x01t", 0, clock.now()).remaining ==
+        100'000'000 - 100'000);
+  // A stream reserved yesterday cannot grow into today's budget: its own
+  // period is closed on this key, so it is cut, and today is untouched.
+  CHECK_FALSE(stream->next_chunk_fits(0, 5'000).value());
+  CHECK(acct.forecast("team_day", who)->spent == 100'000);
+  // The books put the settle in yesterday's period.
+  const std::string& rec = books.records.back();
+  CHECK(rec.find("\"event\":\"settle\"") != std::string::npos);
+  CHECK(rec.find(absl::StrCat("\"period\":", yesterday_index)) !=
+        std::string::npos);
+}
+
+TEST_CASE(
+    "case 10: a new reserve under a settled id is refused; a retried "
+    "settle returns the first settlement",
+    "[accountant][seams]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  // $0.01 a month; each call costs $0.003.
+  REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 10'000'000)).ok());
+  const Subject who{.team = "t"};
+  Usage u;
+  u.input_uncached = 1'000;
+  u.output = 2'000;
+  int reached_provider = 0;
+  Settlement first;
+  std::optional<Reservation<ManualClock>> kept;
+  for (int i = 0; i < 1'000; ++i) {
+    auto r = acct.reserve(who, "m",
+                          {.prompt_tokens = 1'000, .max_output_tokens = 2'000},
+                          "same-id");
+    if (!r.ok()) {
+      CHECK(r.status().code() == absl::StatusCode::kAlreadyExists);
+      CHECK(std::string(r.status().message()).find("same-id") !=
+            std::string::npos);
+      continue;
+    }
+    REQUIRE(r->granted());
+    ++reached_provider;
+    first = r->settle(u).value();
+    kept.emplace(*std::move(r));
+  }
+  CHECK(reached_provider == 1);
+  CHECK(first.cost == Money{3'000'000});
+  CHECK(acct.forecast("team", who)->spent == 3'000'000);
+  // A retried settle of the first reservation: the first settlement, no
+  // charge.
+  u.output = 9'000;
+  CHECK(kept->settle(u).value() == first);
+  CHECK(acct.forecast("team", who)->spent == 3'000'000);
+  CHECK(acct.find_settlement("same-id") == first);
+}
+
+TEST_CASE("case 11: a zero-token estimate is refused on an exhausted budget",
+          "[accountant][seams]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget({"tokens", Field::kUser, BudgetUnit::kTokens, 100,
+                           Period::calendar(PeriodKind::kDay).value()})
+              .ok());
+  const Subject who{.user = "u"};
+  auto r = acct.reserve(who, "m", {.prompt_tokens = 100}, "all");
+  REQUIRE(r->granted());
+  Usage u;
+  u.input_uncached = 100;
+  REQUIRE(r->settle(u).ok());
+  CHECK(acct.forecast("tokens", who)->spent == 100);
+  auto zero = acct.reserve(who, "m", {}, "zero");
+  REQUIRE(zero.ok());
+  CHECK_FALSE(zero->granted());
+  CHECK(zero->refused_by_budget());
+  // With room left, an empty estimate is granted and settles to nothing.
+  auto other = acct.reserve({.user = "v"}, "m", {}, "zero-2");
+  REQUIRE(other->granted());
+  REQUIRE(other->settle(Usage{}).ok());
+  CHECK(acct.forecast("tokens", {.user = "v"})->spent == 0);
+}
+
+TEST_CASE("case 13: forecast().spent does not stop at the limit",
+          "[accountant][seams]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 1'000'000)).ok());
+  const Subject who{.team = "t"};
+  auto r = acct.reserve(who, "m", {.prompt_tokens = 100}, "big");
+  REQUIRE(r->granted());
+  Usage u;
+  u.input_uncached = 100;
+  u.output = 299'900;  // $0.30 on a $0.001 budget
+  REQUIRE(r->settle(u).value().cost == Money{300'000'000});
+  const Forecast f = acct.forecast("team", who).value();
+  CHECK(f.spent == 300'000'000);
+  CHECK(f.limit == 1'000'000);
+  CHECK(f.exhausts_at == f.now);
+  CHECK(f.pace_per_hour == 0);
+}
+
+namespace {
+
+// An AuditSink writing records as the Ledger does ({"seq":N,"t":T,...}),
+// kept in memory, for the property test's books and replay.
+class LedgerLikeSink final : public AuditSink {
+ public:
+  absl::StatusOr<std::uint64_t> append(std::string_view fields,
+                                       Nanos t) override {
+    const std::uint64_t seq = records.size() + 1;
+    records.push_back(absl::StrCat("{\"seq\":", seq, ",\"t\":", t.count(), ",",
+                                   detail::av(fields), "}"));
+    return seq;
+  }
+  std::vector<std::string> records;
+};
+
+}  // namespace
+
+TEST_CASE("budget property: random scripts against an oracle of the books",
+          "[accountant][seams][property]") {
+  const std::uint64_t seed = rk_test::seed_or(0x13B);
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  const int steps =
+      std::max(5'000, static_cast<int>(100'000 * rk_test::scale()));
+  // Two budgets: a day of money per team, ten minutes of tokens per user.
+  constexpr std::uint64_t kMoney = 1'000'000'000;  // 1M tokens of 1 uUSD
+  constexpr std::uint64_t kTokens = 15'000;
+  const Period day = Period::calendar(PeriodKind::kDay).value();
+  const Period ten = Period::rolling(std::chrono::minutes(10)).value();
+  ManualClock clock(kT0 - std::chrono::hours(2));
+  Accountant<ManualClock> acct(flat_prices(), clock);
+  LedgerLikeSink sink;
+  acct.set_audit(&sink);
+  REQUIRE(acct.add_budget(
+                  {"team_day", Field::kTeam, BudgetUnit::kNanoUsd, kMoney, day})
+              .ok());
+  REQUIRE(acct.add_budget(
+                  {"user_ten", Field::kUser, BudgetUnit::kTokens, kTokens, ten})
+              .ok());
+  const std::uint64_t limits[2] = {kMoney, kTokens};
+  const Period* periods[2] = {&day, &ten};
+  const std::string teams[2] = {"t0", "t1"};
+  const std::string users[3] = {"u0", "u1", "u2"};
+
+  // The oracle. Per budget and key: the period its state holds, and per
+  // (budget, key, period): what open reservations hold and what settled.
+  using BK = std::pair<int, std::string>;
+  using BKP = std::tuple<int, std::string, std::int64_t>;
+  std::map<BK, std::int64_t> state_period;
+  std::map<BKP, std::uint64_t> live;     // held + settled, as the state has it
+  std::map<BKP, std::uint64_t> settled;  // acknowledged settlements only
+  struct Open {
+    std::string id;
+    std::string key[2];
+    std::int64_t period[2];
+    std::uint64_t held[2];
+    std::uint64_t prompt;
+    std::optional<Reservation<ManualClock>> r;
+  };
+  std::vector<std::unique_ptr<Open>> open;
+  std::map<std::string, Settlement> first;  // settled ids
+  std::vector<std::string> ids_in_flight;
+  int next_id = 0, granted = 0, refused = 0, cut = 0, dup = 0;
+
+  const auto spent_in_state = [&](int b, const std::string& key,
+                                  std::int64_t p) -> std::uint64_t {
+    const auto sp = state_period.find({b, key});
+    if (sp == state_period.end() || sp->second != p) return 0;
+    return live[{b, key, p}];
+  };
+  // What the state holds of (b, key) now: the state's period if it is the
+  // current one (or later), else nothing.
+  const auto expect_now = [&](int b, const std::string& key) {
+    const std::int64_t now_p = periods[b]->index_of(clock.now());
+    const auto sp = state_period.find({b, key});
+    if (sp == state_period.end() || sp->second < now_p) return std::uint64_t{0};
+    return live[{b, key, sp->second}];
+  };
+  const auto check_key = [&](int b, const std::string& key) {
+    const Subject who = b == 0 ? Subject{.team = key} : Subject{.user = key};
+    const std::uint64_t got =
+        acct.forecast(b == 0 ? "team_day" : "user_ten", who).value().spent;
+    REQUIRE(got == expect_now(b, key));
+  };
+  // Applies `target` for one budget of `o` to the oracle (settle/release).
+  const auto oracle_to = [&](Open& o, int b, std::uint64_t target) {
+    const BKP at{b, o.key[b], o.period[b]};
+    if (state_period[{b, o.key[b]}] == o.period[b]) {
+      live[at] = live[at] - o.held[b] + target;
+    }
+    o.held[b] = target;
+  };
+  const auto settle_open = [&](std::size_t i, std::uint64_t output,
+                               bool cancel) {
+    Open& o = *open[i];
+    Usage u;
+    u.input_uncached = o.prompt;
+    u.output = output;
+    const auto s = cancel ? o.r->cancel_after_dispatch(output) : o.r->settle(u);
+    REQUIRE(s.ok());
+    if (const auto f = first.find(o.id); f != first.end()) {
+      // Another reservation of the id settled first: that settlement, and
+      // this one's holds go back.
+      REQUIRE(*s == f->second);
+      for (int b = 0; b < 2; ++b) oracle_to(o, b, 0);
+    } else {
+      const std::uint64_t tokens = o.prompt + output;
+      REQUIRE(s->tokens == tokens);
+      REQUIRE(s->cost.nanos == static_cast<std::int64_t>(tokens * 1'000));
+      first[o.id] = *s;
+      const std::uint64_t amount[2] = {tokens * 1'000, tokens};
+      for (int b = 0; b < 2; ++b) {
+        oracle_to(o, b, amount[b]);
+        settled[{b, o.key[b], o.period[b]}] += amount[b];
+      }
+      // A retried settle: the first settlement, nothing changes.
+      if (rng() % 4 == 0) REQUIRE(o.r->settle(u).value() == *s);
+    }
+    for (int b = 0; b < 2; ++b) check_key(b, o.key[b]);
+    open.erase(open.begin() + static_cast<std::ptrdiff_t>(i));
+  };
+
+  for (int step = 0; step < steps; ++step) {
+    const auto op = static_cast<unsigned>(rng() % 100);
+    if (op < 40) {
+      // reserve: a new id, or a retry of one settled or in flight
+      std::string id = absl::StrCat("r", next_id++);
+      if (op < 4 && !first.empty()) {
+        auto it = first.begin();
+        std::advance(it, static_cast<std::ptrdiff_t>(
+                             rng() % std::min<std::size_t>(first.size(), 64)));
+        id = it->first;
+      } else if (op < 8 && !open.empty()) {
+        id = open[rng() % open.size()]->id;
+      }
+      auto o = std::make_unique<Open>();
+      o->id = id;
+      o->key[0] = teams[rng() % 2];
+      o->key[1] = users[rng() % 3];
+      o->prompt = rng() % 8 == 0 ? 0 : rng() % 2'000;
+      const std::uint64_t max_out = rng() % 8 == 0 ? 0 : rng() % 3'000;
+      const Subject who{.user = o->key[1], .team = o->key[0]};
+      auto r = acct.reserve(
+          who, "m", {.prompt_tokens = o->prompt, .max_output_tokens = max_out},
+          id);
+      if (first.count(id) != 0) {
+        REQUIRE(r.status().code() == absl::StatusCode::kAlreadyExists);
+        ++dup;
+        continue;
+      }
+      REQUIRE(r.ok());
+      const std::uint64_t want[2] = {
+          std::max<std::uint64_t>(1, (o->prompt + max_out) * 1'000),
+          std::max<std::uint64_t>(1, o->prompt + max_out)};
+      bool fits = true;
+      for (int b = 0; b < 2; ++b) {
+        const std::int64_t p = periods[b]->index_of(clock.now());
+        o->period[b] = std::max(p, state_period.count({b, o->key[b]}) != 0
+                                       ? state_period[{b, o->key[b]}]
+                                       : p);
+        fits = fits && spent_in_state(b, o->key[b], o->period[b]) + want[b] <=
+                           limits[b];
+      }
+      REQUIRE(r->granted() == fits);  // never more than the limit allows
+      if (!fits) {
+        ++refused;
+        continue;
+      }
+      ++granted;
+      for (int b = 0; b < 2; ++b) {
+        auto& sp = state_period[{b, o->key[b]}];
+        if (sp < o->period[b]) sp = o->period[b];
+        o->held[b] = want[b];
+        live[{b, o->key[b], o->period[b]}] += want[b];
+        check_key(b, o->key[b]);
+      }
+      o->r.emplace(*std::move(r));
+      open.push_back(std::move(o));
+      if (open.size() > 24) settle_open(0, rng() % 2'000, false);
+    } else if (open.empty() || op >= 84) {
+      // time passes: seconds, minutes, or past a midnight
+      const auto k = static_cast<unsigned>(rng() % 16);
+      clock.advance(
+          k < 12 ? Nanos{static_cast<std::int64_t>(rng() % 20) * 1'000'000'000}
+          : k < 15 ? std::chrono::minutes(1 + rng() % 9)
+                   : std::chrono::hours(1 + rng() % 12));
+    } else if (op < 62) {
+      // settle below or above the estimate
+      const std::size_t i = rng() % open.size();
+      const std::uint64_t est_out = open[i]->held[1] > open[i]->prompt
+                                        ? open[i]->held[1] - open[i]->prompt
+                                        : 0;
+      const std::uint64_t output =
+          rng() % 2 ? est_out / 2 : est_out + rng() % 1'500;
+      settle_open(i, output, false);
+    } else if (op < 66) {
+      settle_open(rng() % open.size(), rng() % 100, true);  // cancelled
+    } else if (op < 74) {
+      // released, or dropped
+      const std::size_t i = rng() % open.size();
+      Open& o = *open[i];
+      if (rng() % 2) {
+        o.r->release();
+      }
+      for (int b = 0; b < 2; ++b) oracle_to(o, b, 0);
+      const std::string k0 = o.key[0], k1 = o.key[1];
+      open.erase(open.begin() + static_cast<std::ptrdiff_t>(i));  // dropped
+      check_key(0, k0);
+      check_key(1, k1);
+    } else if (op < 84) {
+      // a stream grows
+      Open& o = *open[rng() % open.size()];
+      const std::uint64_t so_far = rng() % 2'000, next = rng() % 1'000;
+      const std::uint64_t tokens = o.prompt + so_far + next;
+      const std::uint64_t want[2] = {tokens * 1'000, tokens};
+      bool fits = true, any = false;
+      for (int b = 0; b < 2; ++b) {
+        if (want[b] <= o.held[b]) continue;
+        any = true;
+        fits = fits && state_period[{b, o.key[b]}] == o.period[b] &&
+               spent_in_state(b, o.key[b], o.period[b]) + want[b] - o.held[b] <=
+                   limits[b];
+      }
+      const auto got = o.r->next_chunk_fits(so_far, next);
+      REQUIRE(got.ok());
+      REQUIRE(*got == (fits || !any));
+      if (any && fits) {
+        for (int b = 0; b < 2; ++b) {
+          if (want[b] > o.held[b]) oracle_to(o, b, want[b]);
+        }
+      } else if (any) {
+        ++cut;
+      }
+      check_key(0, o.key[0]);
+      check_key(1, o.key[1]);
+    }
+  }
+  CAPTURE(granted, refused, cut, dup);
+  CHECK(granted > steps / 10);
+  CHECK(refused > 0);
+  CHECK(cut > 0);
+  CHECK(dup > 0);
+  // The books: the settle records, per budget, key and period, add up to
+  // the acknowledged settlements.
+  std::map<BKP, std::uint64_t> books;
+  const auto key_of = [](const std::string& hex) {
+    std::string out;
+    for (std::size_t i = 0; i + 1 < hex.size(); i += 2) {
+      out.push_back(
+          static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+    }
+    return out;
+  };
+  std::map<std::string, std::string> key_names;  // subject key -> name
+  for (const auto& t : teams) key_names[std::string("\x04\x02") + t] = t;
+  for (const auto& u : users) key_names[std::string("\x02\x02") + u] = u;
+  std::set<std::string> settled_ids;
+  for (const std::string& rec : sink.records) {
+    const nlohmann::json j = nlohmann::json::parse(rec);
+    if (j["event"] != "settle") continue;
+    REQUIRE(settled_ids.insert(j["request"].get<std::string>()).second);
+    for (const auto& it : j["items"]) {
+      const int b = it["b"].get<int>();
+      books[{b, key_names.at(key_of(it["key"].get<std::string>())),
+             it["period"].get<std::int64_t>()}] +=
+          it["amount"].get<std::uint64_t>();
+    }
+  }
+  for (auto it = settled.begin(); it != settled.end();) {
+    it = it->second == 0 ? settled.erase(it) : std::next(it);
+  }
+  for (auto it = books.begin(); it != books.end();) {
+    it = it->second == 0 ? books.erase(it) : std::next(it);
+  }
+  CHECK(books == settled);
+  CHECK(settled_ids.size() == first.size());
+  // Replay rebuilds exactly what is live now, open reservations included.
+  Accountant<ManualClock> again(flat_prices(), clock);
+  REQUIRE(again
+              .add_budget(
+                  {"team_day", Field::kTeam, BudgetUnit::kNanoUsd, kMoney, day})
+              .ok());
+  REQUIRE(again
+              .add_budget(
+                  {"user_ten", Field::kUser, BudgetUnit::kTokens, kTokens, ten})
+              .ok());
+  for (const std::string& rec : sink.records) {
+    REQUIRE(again.replay(nlohmann::json::parse(rec)).ok());
+  }
+  for (const auto& t : teams) {
+    CHECK(again.forecast("team_day", {.team = t})->spent ==
+          acct.forecast("team_day", {.team = t})->spent);
+  }
+  for (const auto& u : users) {
+    CHECK(again.forecast("user_ten", {.user = u})->spent ==
+          acct.forecast("user_ten", {.user = u})->spent);
+  }
+  for (const auto& [id, s] : first) {
+    REQUIRE(again.find_settlement(id) == s);
+  }
 }

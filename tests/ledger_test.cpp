@@ -513,15 +513,14 @@ TEST_CASE("T6d: settles stay exactly-once across a restart", "[ledger][T6d]") {
       PeriodBudget::kMaxLimit -
       acct.budgets()[0]->peek("\x04\x01t", 0, clock.now()).remaining;
   CHECK(spent == 50'000);
-  // The client retries the whole call with the same id: the settle returns
-  // the first result and charges nothing more.
+  // The client retries the whole call with the same id: refused (the call
+  // must not reach the provider twice), charging nothing; the first
+  // settlement is there to answer with.
   auto again =
       acct.reserve({.user = "u1", .team = "t"}, "m",
                    {.prompt_tokens = 10, .max_output_tokens = 90}, "once");
-  Usage u;
-  u.input_uncached = 10;
-  u.output = 80;
-  CHECK(again->settle(u).value() == first);
+  CHECK(again.status().code() == absl::StatusCode::kAlreadyExists);
+  CHECK(acct.find_settlement("once") == first);
   CHECK(PeriodBudget::kMaxLimit -
             acct.budgets()[0]->peek("\x04\x01t", 0, clock.now()).remaining ==
         50'000);
@@ -563,4 +562,115 @@ TEST_CASE("resets and limit changes are records, and replay applies them",
   CHECK(again.forecast("team", who)->spent == 100'000);
   CHECK(again.forecast("user_tokens", who)->spent == 200);
   CHECK(again.forecast("user_tokens", who)->limit == 5'000);
+}
+
+TEST_CASE(
+    "case 12: replay rebuilds exactly what was live, with one id "
+    "reserved twice",
+    "[ledger][accountant][seams]") {
+  TempFile f("twice.jsonl");
+  ManualClock clock(kT0);
+  const Subject who{.user = "u", .team = "t"};
+  Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+  REQUIRE(add_budgets(acct).ok());
+  auto ledger = Ledger::open(f.path, {.durability = Durability::kNone});
+  REQUIRE(ledger.ok());
+  acct.set_audit(ledger->get());
+  // req-1 in flight; a retry of it reserved and released.
+  auto first = acct.reserve(
+      who, "m", {.prompt_tokens = 1'000, .max_output_tokens = 2'000}, "req-1");
+  REQUIRE(first->granted());
+  {
+    auto retry = acct.reserve(
+        who, "m", {.prompt_tokens = 1'000, .max_output_tokens = 2'000},
+        "req-1");
+    REQUIRE(retry->granted());
+    retry->release();
+  }
+  CHECK(acct.forecast("team", who)->spent == 3'000'000);
+  Accountant<ManualClock> again(flat_prices(), clock, kSmall);
+  REQUIRE(add_budgets(again).ok());
+  REQUIRE(read_ledger(f.path, [&](const nlohmann::json& j) {
+            return again.replay(j);
+          }).ok());
+  CHECK(again.forecast("team", who)->spent == 3'000'000);
+  CHECK(again.forecast("user_tokens", who)->spent == 3'000);
+  // The first settles: both books agree again.
+  Usage u;
+  u.input_uncached = 1'000;
+  u.output = 500;
+  REQUIRE(first->settle(u).ok());
+  Accountant<ManualClock> third(flat_prices(), clock, kSmall);
+  REQUIRE(add_budgets(third).ok());
+  REQUIRE(read_ledger(f.path, [&](const nlohmann::json& j) {
+            return third.replay(j);
+          }).ok());
+  CHECK(third.forecast("team", who)->spent == 1'500'000);
+  CHECK(acct.forecast("team", who)->spent == 1'500'000);
+}
+
+TEST_CASE(
+    "case 12: replay answers a malformed record with a status, never "
+    "an exception",
+    "[ledger][accountant][seams]") {
+  ManualClock clock(kT0);
+  const std::string item =
+      R"({"b":0,"key":"04017401","amount":5})";  // team "t"
+  const std::vector<std::string> bad = {
+      R"({"seq":1,"event":"reserve","request":7,"at":1,"items":[)" + item +
+          "]}",
+      R"({"seq":1,"event":"reserve","request":"r","at":"soon","items":[)" +
+          item + "]}",
+      R"({"seq":1,"event":"reserve","request":"r","at":1,"items":[{"b":0,"key":"04017401","amount":-5}]})",
+      R"({"seq":1,"event":"reserve","request":"r","at":1,"items":[{"b":0,"key":"04017401","amount":1.5}]})",
+      R"({"seq":1,"event":"reserve","request":"r","at":1,"items":[{"b":"0","key":"04017401","amount":5}]})",
+      R"({"seq":1,"event":"reserve","request":"r","at":1,"items":[{"b":9,"key":"04017401","amount":5}]})",
+      R"({"seq":1,"event":"reserve","request":"r","at":1,"items":[{"b":0,"key":"zz","amount":5}]})",
+      R"({"seq":1,"event":"reserve","request":"r","at":1,"items":[{"b":0,"key":7,"amount":5}]})",
+      R"({"seq":1,"event":"reserve","request":"r","at":1,"items":{}})",
+      R"({"seq":1,"event":"reserve","request":"r","at":1,"items":[5]})",
+      R"({"seq":1,"event":7})",
+      R"({"seq":"1","event":"reserve","request":"r","at":1,"items":[]})",
+      R"({"seq":1,"event":"settle","request":"r","cost_nanos":"x","tokens":1,"estimated":false,"items":[]})",
+      R"({"seq":1,"event":"settle","request":"r","cost_nanos":1,"tokens":-1,"estimated":false,"items":[]})",
+      R"({"seq":1,"event":"settle","request":"r","cost_nanos":1,"tokens":1,"estimated":"no","items":[]})",
+      R"({"seq":1,"t":"x","event":"reset","items":[)" + item + "]}",
+      R"({"seq":1,"event":"limit","b":0,"limit":-1})",
+      R"({"seq":1,"event":"limit","b":"0","limit":5})",
+      R"({"seq":1,"event":"release","request":"r","of":"x","items":[]})",
+      R"({"seq":1,"event":"dance","request":"r"})",
+      R"([1,2,3])",
+  };
+  for (const std::string& text : bad) {
+    CAPTURE(text);
+    Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+    REQUIRE(add_budgets(acct).ok());
+    const nlohmann::json j = nlohmann::json::parse(text);
+    absl::Status st;
+    CHECK_NOTHROW(st = acct.replay(j));
+    CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+    // Nothing applied.
+    CHECK(acct.forecast("team", {.team = "t"})->spent == 0);
+  }
+  // Through a ledger whose hash chain is valid: read_ledger returns the
+  // status.
+  TempFile f("typed.jsonl");
+  {
+    auto ledger = Ledger::open(f.path, {.durability = Durability::kNone});
+    REQUIRE(ledger.ok());
+    REQUIRE(
+        (*ledger)
+            ->append(R"("event":"reserve","request":7,"at":"soon","items":[)" +
+                         item + "]",
+                     kT0)
+            .ok());
+  }
+  REQUIRE(verify_ledger(slurp(f.path)).ok());
+  Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+  REQUIRE(add_budgets(acct).ok());
+  absl::Status st;
+  CHECK_NOTHROW(st = read_ledger(f.path, [&](const nlohmann::json& j) {
+                  return acct.replay(j);
+                }));
+  CHECK(st.code() == absl::StatusCode::kInvalidArgument);
 }

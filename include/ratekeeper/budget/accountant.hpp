@@ -21,6 +21,7 @@
 #ifndef RATEKEEPER_BUDGET_ACCOUNTANT_HPP_
 #define RATEKEEPER_BUDGET_ACCOUNTANT_HPP_
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <deque>
@@ -290,6 +291,8 @@ class Reservation {
       items_ = std::move(o.items_);
       reserved_money_ = o.reserved_money_;
       reserved_tokens_ = o.reserved_tokens_;
+      first_budget_ = o.first_budget_;
+      seq_ = o.seq_;
       done_ = o.done_;
     }
     return *this;
@@ -381,11 +384,15 @@ class Reservation {
 
  private:
   friend class Accountant<C>;
+  // One budget of the reservation: what it holds, in which period, and the
+  // receipts of the extensions (the reserve's own receipt is in decision_).
   struct Item {
     Limit* limit;
     std::string key;
     Cost held;
-    bool money;  // a money budget (else tokens)
+    bool money;               // a money budget (else tokens)
+    std::int64_t period = 0;  // the period the reserve was counted in
+    std::vector<Receipt> more{};
   };
 
   Accountant<C>* acct_ = nullptr;
@@ -397,6 +404,10 @@ class Reservation {
   absl::InlinedVector<Item, 4> items_;
   Money reserved_money_;
   std::uint64_t reserved_tokens_ = 0;
+  // decision_.results: the rate limits passed to reserve(), then one result
+  // per budget from this index on.
+  std::size_t first_budget_ = 0;
+  std::uint64_t seq_ = 0;  // the ledger's sequence number of the reserve
   bool done_ = false;
 };
 
@@ -497,6 +508,17 @@ class Accountant {
           "estimate of ", e.prompt_tokens, " prompt and ", e.max_output_tokens,
           " output tokens: each must be at most 2^48"));
     }
+    // Exactly once per call: a new reserve under an id settled within the
+    // remembered window is refused, so a retried call never reaches the
+    // provider twice (its settle would have been answered with the first
+    // settlement anyway, after the provider billed it again).
+    if (std::optional<Settlement> done = find_settlement(request_id)) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "request id \"", detail::av(request_id), "\" was already settled (",
+          done->cost.nanos, " nano-USD, ", done->tokens,
+          " tokens): a new call needs a new id; find_settlement() has the "
+          "first settlement"));
+    }
     const Nanos now = clock_.now();
     Usage worst;
     worst.input_uncached = e.prompt_tokens;
@@ -521,10 +543,15 @@ class Accountant {
             absl::StrCat("budget \"", b.spec.name, "\": ", st.message()));
       }
       const bool money = b.spec.unit == BudgetUnit::kNanoUsd;
+      // At least one unit (a nano-USD, a token): every call holds something
+      // of every budget, so a spent budget refuses even an empty estimate
+      // (a zero-cost take is always admitted). The unit goes back at settle.
+      const Cost want =
+          money ? static_cast<Cost>(cost->nanos) : r.reserved_tokens_;
       r.items_.push_back(
-          {b.limit.get(), std::move(key),
-           money ? static_cast<Cost>(cost->nanos) : r.reserved_tokens_, money});
+          {b.limit.get(), std::move(key), std::max<Cost>(want, 1), money});
     }
+    r.first_budget_ = items.size();
     for (const auto& it : r.items_) {
       items.push_back({it.limit, it.key, it.held});
     }
@@ -539,19 +566,27 @@ class Accountant {
       }
       return absl::OkStatus();
     }
+    // The period each budget counted the call in (its receipt's placement):
+    // every later change of this call belongs to that period.
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      r.items_[i].period =
+          r.decision_.results[r.first_budget_ + i]
+              .receipt.template placement<PeriodBudget::Placement>()
+              .period;
+    }
     if (audit_ != nullptr) {
       std::string f = record_head("reserve", r);
       absl::StrAppend(&f, ",\"at\":", now.count(),
                       ",\"prompt\":", e.prompt_tokens,
                       ",\"max_output\":", e.max_output_tokens);
       append_items(f, r, [](const auto& it) { return it.held; });
-      if (auto st = audit_->append(f, now); !st.ok()) {
-        // Not recorded, not granted: give it all back.
-        for (const auto& it : r.items_) {
-          static_cast<void>(it.limit->refund(it.key, it.held, now, now));
-        }
-        return st.status();
+      absl::StatusOr<std::uint64_t> seq = audit_->append(f, now);
+      if (!seq.ok()) {
+        // Not recorded, not granted: give it all back, rate limits included.
+        chain_.give_back(r.decision_);
+        return seq.status();
       }
+      r.seq_ = *seq;
     }
     r.acct_ = this;
     check_thresholds(r, now);
@@ -564,90 +599,180 @@ class Accountant {
   // Applies one ledger record (parsed JSON, from read_ledger) to this
   // accountant's budgets: after replaying a whole ledger into an accountant
   // with the same budgets, every budget holds exactly what it held when the
-  // ledger was written, and settled request ids stay settled. Reservations
-  // open at the end (a crash between reserve and settle) stay held, as in
-  // the process that wrote them. kInvalidArgument for a record it cannot
-  // read.
+  // ledger was written, and settled request ids stay settled. Each
+  // reservation is its own (one id reserved twice at once is two: "of"
+  // names the reserve record a later record belongs to), and every change
+  // goes to the period the record names. Reservations open at the end (a
+  // crash between reserve and settle) stay held, as in the process that
+  // wrote them. Every field is checked before anything is applied:
+  // kInvalidArgument, with nothing applied, for a record it cannot read (a
+  // field of the wrong type, a negative or fractional amount, an unknown
+  // budget or event). Never throws.
   template <class Json>
   absl::Status replay(const Json& j) {
-    const std::string event = j.value("event", "");
-    const std::string id = j.value("request", "");
-    if (event == "deny" || event.empty()) return absl::OkStatus();
-    const Nanos t{j.value("t", std::int64_t{0})};
+    if (!j.is_object()) return replay_error("is not a JSON object");
+    const auto ev = j.find("event");
+    if (ev == j.end()) return absl::OkStatus();  // not an accountant record
+    if (!ev->is_string()) return replay_error("\"event\" is not a string");
+    const std::string event = ev->template get<std::string>();
+    if (event == "deny") return absl::OkStatus();
+    absl::StatusOr<std::int64_t> t = replay_i64(j, "t", 0);
+    if (!t.ok()) return t.status();
     if (event == "limit") {
-      const std::size_t b = j.value("b", budgets_.size());
-      if (b >= budgets_.size())
-        return absl::InvalidArgumentError("unknown budget");
-      absl::StatusOr<PeriodBudget> next = PeriodBudget::create(
-          j.value("limit", std::uint64_t{0}), *budgets_[b].spec.period);
+      absl::StatusOr<std::uint64_t> b = replay_u64(j, "b", std::nullopt);
+      if (!b.ok()) return b.status();
+      if (*b >= budgets_.size()) return replay_error("unknown budget");
+      absl::StatusOr<std::uint64_t> limit =
+          replay_u64(j, "limit", std::nullopt);
+      if (!limit.ok()) return limit.status();
+      absl::StatusOr<PeriodBudget> next =
+          PeriodBudget::create(*limit, *budgets_[*b].spec.period);
       if (!next.ok()) return next.status();
-      return budgets_[b].limit->reconfigure(*std::move(next));
+      return budgets_[*b].limit->reconfigure(*std::move(next));
     }
-    if (!j.contains("items") || !j["items"].is_array()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("ledger record ", event, " without items"));
+    const bool reserve = event == "reserve", extend = event == "extend",
+               settle = event == "settle", release = event == "release";
+    if (!reserve && !extend && !settle && !release && event != "reset") {
+      return replay_error(absl::StrCat("unknown event \"", event, "\""));
     }
-    std::vector<std::pair<std::string, Cost>> amounts;
-    for (const auto& it : j["items"]) {
-      amounts.emplace_back(unhex(it.value("key", "")),
-                           it.value("amount", Cost{0}));
+    const auto items = j.find("items");
+    if (items == j.end() || !items->is_array()) {
+      return replay_error(absl::StrCat(event, " without an items array"));
     }
-    const auto limit_of = [&](std::size_t i) -> Limit* {
-      const auto& it = j["items"][i];
-      const std::size_t b = it.value("b", std::size_t{0});
-      return b < budgets_.size() ? budgets_[b].limit.get() : nullptr;
+    struct Read {
+      std::size_t b = 0;
+      std::string key;
+      std::optional<std::int64_t> period;
+      Cost amount = 0;
     };
+    std::vector<Read> read;
+    for (const auto& it : *items) {
+      if (!it.is_object()) return replay_error("an item is not an object");
+      Read r;
+      absl::StatusOr<std::uint64_t> b = replay_u64(it, "b", std::nullopt);
+      if (!b.ok()) return b.status();
+      if (*b >= budgets_.size()) return replay_error("unknown budget");
+      r.b = static_cast<std::size_t>(*b);
+      const auto key = it.find("key");
+      if (key == it.end() || !key->is_string()) {
+        return replay_error("an item's \"key\" is not a string");
+      }
+      std::optional<std::string> bytes =
+          unhex(key->template get<std::string>());
+      if (!bytes) return replay_error("an item's \"key\" is not hex");
+      r.key = *std::move(bytes);
+      absl::StatusOr<std::uint64_t> amount =
+          replay_u64(it, "amount", std::nullopt);
+      if (!amount.ok()) return amount.status();
+      if (*amount > PeriodBudget::kMaxLimit) {
+        return replay_error("an item's \"amount\" is above 2^62");
+      }
+      r.amount = *amount;
+      if (it.find("period") != it.end()) {
+        absl::StatusOr<std::int64_t> p = replay_i64(it, "period", 0);
+        if (!p.ok()) return p.status();
+        r.period = *p;
+      }
+      read.push_back(std::move(r));
+    }
     if (event == "reset") {
-      for (std::size_t i = 0; i < amounts.size(); ++i) {
-        Limit* l = limit_of(i);
-        if (l == nullptr) return absl::InvalidArgumentError("unknown budget");
-        static_cast<void>(
-            l->refund(amounts[i].first, PeriodBudget::kMaxLimit, t, t));
+      for (const Read& r : read) {
+        const std::int64_t p =
+            r.period ? *r.period
+                     : budgets_[r.b].spec.period->index_of(Nanos{*t});
+        change(r.b, r.key, p, 0, PeriodBudget::kMaxLimit, Nanos{*t});
       }
       return absl::OkStatus();
     }
-    auto& held = replay_held_[id];
-    // As reserve(), extend() and settle() did: at the reservation's time.
-    const auto at_it = replay_at_.find(id);
-    Nanos at = at_it == replay_at_.end() ? t : at_it->second;
-    if (event == "reserve" || event == "extend") {
-      if (event == "reserve") {
-        at = Nanos{j.value("at", t.count())};
-        replay_at_[id] = at;
+    const auto id_it = j.find("request");
+    if (id_it == j.end() || !id_it->is_string()) {
+      return replay_error("\"request\" is not a string");
+    }
+    const std::string id = id_it->template get<std::string>();
+    absl::StatusOr<std::int64_t> at = replay_i64(j, "at", *t);
+    if (!at.ok()) return at.status();
+    std::optional<Settlement> settled;
+    if (settle) {
+      absl::StatusOr<std::int64_t> cost =
+          replay_i64(j, "cost_nanos", std::nullopt);
+      if (!cost.ok()) return cost.status();
+      if (*cost < 0) return replay_error("\"cost_nanos\" is negative");
+      absl::StatusOr<std::uint64_t> tokens =
+          replay_u64(j, "tokens", std::nullopt);
+      if (!tokens.ok()) return tokens.status();
+      const auto est = j.find("estimated");
+      if (est != j.end() && !est->is_boolean()) {
+        return replay_error("\"estimated\" is not a boolean");
       }
-      held.resize(std::max(held.size(), amounts.size()));
-      for (std::size_t i = 0; i < amounts.size(); ++i) {
-        Limit* l = limit_of(i);
-        if (l == nullptr) return absl::InvalidArgumentError("unknown budget");
-        static_cast<void>(l->charge(amounts[i].first, amounts[i].second, at));
-        held[i] += amounts[i].second;
+      settled = Settlement{Money{*cost}, *tokens,
+                           est != j.end() && est->template get<bool>()};
+    }
+    if (reserve) {
+      std::uint64_t seq = 0;
+      if (j.find("seq") != j.end()) {
+        absl::StatusOr<std::uint64_t> s = replay_u64(j, "seq", std::nullopt);
+        if (!s.ok()) return s.status();
+        seq = *s;
+      } else {
+        seq = replay_unnumbered_--;  // a sink without sequence numbers
       }
+      ReplayOpen open{id, {}};
+      for (const Read& r : read) {
+        const std::int64_t p =
+            r.period ? *r.period
+                     : budgets_[r.b].spec.period->index_of(Nanos{*at});
+        change(r.b, r.key, p, r.amount, 0, Nanos{*at});
+        open.items.push_back({p, r.amount});
+      }
+      replay_open_[seq] = std::move(open);
+      replay_ids_[id].push_back(seq);
       return absl::OkStatus();
     }
-    held.resize(std::max(held.size(), amounts.size()));
-    for (std::size_t i = 0; i < amounts.size(); ++i) {
-      Limit* l = limit_of(i);
-      if (l == nullptr) return absl::InvalidArgumentError("unknown budget");
-      const Cost target = event == "settle" ? amounts[i].second : 0;
-      if (target < held[i]) {
-        static_cast<void>(
-            l->refund(amounts[i].first, held[i] - target, at, at));
-      } else if (target > held[i]) {
-        static_cast<void>(l->charge(amounts[i].first, target - held[i], at));
+    // extend, settle, release: of the reservation named by "of", or (a
+    // ledger written before "of") the latest open one of the id.
+    std::optional<std::uint64_t> of;
+    if (j.find("of") != j.end()) {
+      absl::StatusOr<std::uint64_t> o = replay_u64(j, "of", std::nullopt);
+      if (!o.ok()) return o.status();
+      of = *o;
+    } else if (const auto ids = replay_ids_.find(id);
+               ids != replay_ids_.end() && !ids->second.empty()) {
+      of = ids->second.back();
+    }
+    ReplayOpen* open = nullptr;
+    if (of) {
+      const auto found = replay_open_.find(*of);
+      if (found != replay_open_.end() && found->second.id == id) {
+        open = &found->second;
       }
     }
-    if (event == "settle") {
+    for (std::size_t i = 0; i < read.size(); ++i) {
+      const Read& r = read[i];
+      ReplayItem none{r.period
+                          ? *r.period
+                          : budgets_[r.b].spec.period->index_of(Nanos{*at}),
+                      0};
+      ReplayItem& held =
+          open != nullptr && i < open->items.size() ? open->items[i] : none;
+      const std::int64_t p = r.period ? *r.period : held.period;
+      const Cost target = extend ? held.held + r.amount : settle ? r.amount : 0;
+      change(r.b, r.key, p, target > held.held ? target - held.held : 0,
+             held.held > target ? held.held - target : 0, Nanos{*at});
+      held.held = target;
+    }
+    if (extend) return absl::OkStatus();
+    if (settled) {
       const auto key = detail::SettledIds::key(id);
       auto& shard = settled_.shard_of(key);
       detail::MutexLock lock(&shard.mu);
-      settled_.remember(
-          shard, key,
-          Settlement{Money{j.value("cost_nanos", std::int64_t{0})},
-                     j.value("tokens", std::uint64_t{0}),
-                     j.value("estimated", false)});
+      settled_.remember(shard, key, *settled);
     }
-    replay_held_.erase(id);
-    replay_at_.erase(id);
+    if (of && open != nullptr) {
+      replay_open_.erase(*of);
+      auto& ids = replay_ids_[id];
+      ids.erase(std::remove(ids.begin(), ids.end(), *of), ids.end());
+      if (ids.empty()) replay_ids_.erase(id);
+    }
     return absl::OkStatus();
   }
 
@@ -725,8 +850,8 @@ class Accountant {
       return st;
     }
     const Nanos now = clock_.now();
-    const Decision d = budget.limit->peek(key, 0, now);
-    return detail::forecast_of(d.limit - d.remaining, d.limit,
+    return detail::forecast_of(spent_now(budget, key, now),
+                               budget.limit->policy().limit(),
                                budget.spec.period->span_of(now), now);
   }
 
@@ -746,9 +871,7 @@ class Accountant {
       return st;
     }
     const Nanos now = clock_.now();
-    Limit* l = budgets_[*b].limit.get();
-    const Decision d = l->peek(key, 0, now);
-    const Cost cleared = d.limit - d.remaining;
+    const Cost cleared = spent_now(budgets_[*b], key, now);
     if (audit_ != nullptr) {
       std::string f = absl::StrCat("\"event\":\"reset\",\"budget\":");
       detail::append_json_quoted(f, budgets_[*b].spec.name);
@@ -757,7 +880,8 @@ class Accountant {
       if (auto st = audit_->append(f, now); !st.ok()) return st.status();
     }
     // Clears everything counted now, whatever arrived since the peek too.
-    static_cast<void>(l->refund(key, PeriodBudget::kMaxLimit, now, now));
+    change(*b, key, budgets_[*b].spec.period->index_of(now), 0,
+           PeriodBudget::kMaxLimit, now);
     return absl::OkStatus();
   }
 
@@ -828,8 +952,9 @@ class Accountant {
     detail::MutexLock lock(&shard.mu);
     if (const Settlement* first = detail::SettledIds::find(shard, key);
         first != nullptr) {
-      // Settled already (a retried call): this reservation's holds go back,
-      // the first settlement stands.
+      // Settled already (a retried settle, or two reservations of one id in
+      // flight at once): this reservation's holds go back, the first
+      // settlement stands.
       give_back(r);
       return *first;
     }
@@ -838,10 +963,6 @@ class Accountant {
     }
     absl::StatusOr<Settlement> s = price(r, used);
     if (!s.ok()) return s.status();
-    // A call's spend belongs to the period it was reserved in: refunds and
-    // overages apply at the reservation's time (no clock read without a
-    // ledger, which stamps its record with the time of the settle).
-    const Nanos at = r.decision_.at;
     if (audit_ != nullptr) {
       const Nanos now = clock_.now();
       std::string f = record_head("settle", r);
@@ -858,24 +979,78 @@ class Accountant {
       // Acknowledged only once recorded: on error nothing is applied.
       if (auto st = audit_->append(f, now); !st.ok()) return st.status();
     }
-    for (auto& it : r.items_) {
+    // A call's spend belongs to the period it was reserved in: each budget's
+    // receipts carry that period, in both directions (PeriodBudget::settle).
+    const Nanos now = clock_.now();
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      auto& it = r.items_[i];
       const Cost actual = detail::budget_amount(it.money, s->cost, s->tokens);
-      if (actual < it.held) {
-        static_cast<void>(it.limit->refund(it.key, it.held - actual, at, at));
-      } else if (actual > it.held) {
-        const Decision d = it.limit->charge(it.key, actual - it.held, at);
-        if (on_threshold_) {
-          const std::uint64_t after = d.limit - d.remaining;
-          const std::uint64_t extra = actual - it.held;
-          fire_crossed(static_cast<std::size_t>(&it - r.items_.data()), it.key,
-                       after >= extra ? after - extra : 0, after, d.limit, at);
-        }
+      const std::optional<Decision> d = settle_item(r, i, actual);
+      if (d && actual > it.held && on_threshold_ &&
+          it.period == budgets_[i].spec.period->index_of(now)) {
+        // An overage counted in the period now open fires its thresholds
+        // (one that landed in a closed period changes nothing now).
+        const std::uint64_t after = d->limit - d->remaining;
+        const std::uint64_t extra = actual - it.held;
+        fire_crossed(i, it.key, after >= extra ? after - extra : 0, after,
+                     d->limit, now);
       }
       it.held = actual;
+    }
+    // The rate limits: a token limit goes to the tokens the provider counted
+    // (the unused estimate back, an excess charged as a debt); a money one to
+    // the cost; a request limit keeps its request.
+    for (std::size_t i = 0; i < r.first_budget_; ++i) {
+      LimitResult& lr = r.decision_.results[i];
+      if (!lr.receipt) continue;
+      switch (lr.limit->unit()) {
+        case Unit::kTokens:
+          static_cast<void>(chain_.settle(r.decision_, i, s->tokens));
+          break;
+        case Unit::kNanoUsd:
+          static_cast<void>(chain_.settle(
+              r.decision_, i,
+              static_cast<Cost>(std::max<std::int64_t>(0, s->cost.nanos))));
+          break;
+        case Unit::kRequests:
+          lr.receipt = Receipt();  // the request happened: it stays counted
+          break;
+      }
     }
     r.done_ = true;
     settled_.remember(shard, key, *s);
     return *s;
+  }
+
+  // Settles budget `i` of `r` to `actual` through its receipts (the
+  // reserve's, then each extension's): the give-backs bounded by each
+  // receipt, the excess, if any, on the last. Returns the last settle's
+  // decision.
+  std::optional<Decision> settle_item(Reservation<C>& r, std::size_t i,
+                                      Cost actual) {
+    auto& it = r.items_[i];
+    const Nanos now = clock_.now();
+    std::optional<Decision> last;
+    Cost left = actual;
+    const auto one = [&](Receipt& receipt, bool is_last) {
+      if (!receipt) return;
+      const Cost to = is_last ? left : std::min(left, receipt.cost());
+      left -= to;
+      absl::StatusOr<Decision> d = it.limit->settle(receipt, to, now);
+      if (d.ok()) last = *d;
+    };
+    LimitResult& lr = r.decision_.results[r.first_budget_ + i];
+    one(lr.receipt, it.more.empty());
+    lr.counted = actual != 0;
+    for (std::size_t k = 0; k < it.more.size(); ++k) {
+      one(it.more[k], k + 1 == it.more.size());
+    }
+    it.more.clear();
+    if (last) {
+      lr.decision.remaining = last->remaining;
+      lr.decision.reset_after = last->reset_after;
+    }
+    return last;
   }
 
   void release_reservation(Reservation<C>& r) noexcept {
@@ -884,11 +1059,12 @@ class Accountant {
     give_back(r);
   }
 
-  // Releases what `r` holds; the shard of its id locked (a settle of the
-  // same id through another reservation waits).
+  // Gives back everything `r` holds, through its receipts: the budgets (to
+  // the period each was counted in) and the rate limits passed to
+  // reserve(). The shard of its id locked (a settle of the same id through
+  // another reservation waits).
   void give_back(Reservation<C>& r) noexcept {
     if (r.done_) return;
-    const Nanos at = r.decision_.at;
     if (audit_ != nullptr) {
       std::string f = record_head("release", r);
       append_items(f, r, [](const auto& it) { return it.held; });
@@ -897,9 +1073,11 @@ class Accountant {
       // keeps the reservation held (the conservative side).
       static_cast<void>(audit_->append(f, clock_.now()));
     }
-    for (const auto& it : r.items_) {
-      static_cast<void>(it.limit->refund(it.key, it.held, at, at));
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      static_cast<void>(settle_item(r, i, 0));
+      r.items_[i].held = 0;
     }
+    chain_.give_back(r.decision_);  // the rate limits' receipts
     r.done_ = true;
   }
 
@@ -922,21 +1100,37 @@ class Accountant {
       }
     }
     if (more.empty()) return true;
-    // Like settle: in the period of the reservation.
+    // Like settle: in the period of the reservation, judged against what
+    // that period has left. A take at the reservation's time counts in that
+    // period while it is the key's current one; once a later period has
+    // opened on the key, the take would land in the later one (its
+    // receipt's placement says so): given back at once, and the stream is
+    // cut. Its own period's room is no longer known, and a call of
+    // yesterday never spends today's budget.
     const Nanos at = r.decision_.at;
-    const ChainDecision d =
-        chain_.acquire_at(std::span<const ChainItem>(more), at);
+    ChainDecision d = chain_.acquire_at(std::span<const ChainItem>(more), at);
     if (!d.allowed) return false;
+    for (std::size_t j = 0; j < more.size(); ++j) {
+      const std::int64_t p =
+          d.results[j]
+              .receipt.template placement<PeriodBudget::Placement>()
+              .period;
+      if (p != r.items_[which[j]].period) {
+        chain_.give_back(d);
+        return false;
+      }
+    }
     if (audit_ != nullptr) {
       std::string f = record_head("extend", r);
       std::size_t i = 0;
       append_items(f, r, [&](const auto&) { return add[i++]; });
       if (auto st = audit_->append(f, clock_.now()); !st.ok()) {
-        for (const ChainItem& it : more) {
-          static_cast<void>(it.limit->refund(it.key, it.cost, at, at));
-        }
+        chain_.give_back(d);
         return st.status();
       }
+    }
+    for (std::size_t j = 0; j < more.size(); ++j) {
+      r.items_[which[j]].more.push_back(std::move(d.results[j].receipt));
     }
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       r.items_[i].held += add[i];
@@ -953,6 +1147,85 @@ class Accountant {
     return true;
   }
 
+  // What `key` has spent on `budget` in the period holding `now`, exactly
+  // (a Decision's remaining stops at 0: an overage settled past the limit
+  // would not show).
+  struct SpentOp : detail::OpBase<PeriodBudget> {
+    Step<PeriodBudget::State> operator()(const PeriodBudget::State& s) const {
+      const std::int64_t p = policy->period().index_of(now);
+      return {s, Decision{true, policy->limit(), s.period >= p ? s.spent : 0,
+                          Nanos{0}, Nanos{0}}};
+    }
+  };
+  static std::uint64_t spent_now(const Budget& budget, std::string_view key,
+                                 Nanos now) {
+    const SpentOp op{{&budget.limit->policy(), now}};
+    return budget.limit->store().peek(key, op).remaining;
+  }
+
+  // change
+  //
+  // Adds `add` to, or gives back `give` from, what `key` spent on budget `b`
+  // in period `period`, through the budget's own receipts: PeriodBudget's
+  // settle of a take placed in that period (dropped once a later period
+  // opened on the key, never below zero). For an administrator's reset and
+  // for replay, which apply amounts the ledger recorded, not takes.
+  void change(std::size_t b, std::string_view key, std::int64_t period,
+              Cost add, Cost give, Nanos now) {
+    PolicyLimit<PeriodBudget>* l = budgets_[b].limit.get();
+    if (add != 0) {
+      Receipt r =
+          Receipt::issue(l, key, 0, now, PeriodBudget::Placement{period});
+      static_cast<void>(l->settle(r, add, now));
+    }
+    if (give != 0) {
+      Receipt r =
+          Receipt::issue(l, key, give, now, PeriodBudget::Placement{period});
+      static_cast<void>(l->settle(r, 0, now));
+    }
+  }
+
+  static absl::Status replay_error(std::string_view why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ledger record: ", detail::av(why)));
+  }
+  // Field `name` of `j` as an unsigned integer (`fallback` when absent, an
+  // error when absent without one): never a negative or fractional number
+  // read as a huge one.
+  template <class Json>
+  static absl::StatusOr<std::uint64_t> replay_u64(
+      const Json& j, const char* name, std::optional<std::uint64_t> fallback) {
+    const auto it = j.find(name);
+    if (it == j.end()) {
+      if (fallback) return *fallback;
+      return replay_error(absl::StrCat("no \"", name, "\""));
+    }
+    if (it->is_number_unsigned()) return it->template get<std::uint64_t>();
+    if (it->is_number_integer() && it->template get<std::int64_t>() >= 0) {
+      return static_cast<std::uint64_t>(it->template get<std::int64_t>());
+    }
+    return replay_error(
+        absl::StrCat("\"", name, "\" is not a non-negative integer"));
+  }
+  template <class Json>
+  static absl::StatusOr<std::int64_t> replay_i64(
+      const Json& j, const char* name, std::optional<std::int64_t> fallback) {
+    const auto it = j.find(name);
+    if (it == j.end()) {
+      if (fallback) return *fallback;
+      return replay_error(absl::StrCat("no \"", name, "\""));
+    }
+    if (it->is_number_unsigned()) {
+      const auto u = it->template get<std::uint64_t>();
+      if (u <= static_cast<std::uint64_t>(INT64_MAX)) {
+        return static_cast<std::int64_t>(u);
+      }
+    } else if (it->is_number_integer()) {
+      return it->template get<std::int64_t>();
+    }
+    return replay_error(absl::StrCat("\"", name, "\" is not a 64-bit integer"));
+  }
+
   static absl::Status check_text(const char* what, std::string_view v) {
     if (v.empty() || v.size() > 256) {
       return absl::InvalidArgumentError(
@@ -967,15 +1240,24 @@ class Accountant {
     return absl::OkStatus();
   }
 
+  // "event", "request", "model"; for a record about a granted reservation
+  // (extend, settle, release) also "of", the sequence number of its reserve
+  // record (one id may be reserved twice at once), and "at", its time.
   static std::string record_head(const char* event, const Reservation<C>& r) {
     std::string f = absl::StrCat("\"event\":\"", event, "\",\"request\":");
     detail::append_json_quoted(f, r.request_id_);
     f += ",\"model\":";
     detail::append_json_quoted(f, r.model_);
+    const std::string_view ev(event);
+    if (ev != "reserve" && ev != "deny") {
+      absl::StrAppend(&f, ",\"of\":", r.seq_,
+                      ",\"at\":", r.decision_.at.count());
+    }
     return f;
   }
 
-  // ,"items":[{"b":<budget index>,"key":"<hex>","amount":N},...]
+  // ,"items":[{"b":<budget index>,"key":"<hex>","period":P,"amount":N},...]
+  // P: the index of the period the reservation counts in, for that budget.
   template <class Amount>
   void append_items(std::string& f, const Reservation<C>& r,
                     const Amount& amount) const {
@@ -983,7 +1265,8 @@ class Accountant {
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       const auto& it = r.items_[i];
       absl::StrAppend(&f, i == 0 ? "" : ",", "{\"b\":", i, ",\"key\":\"",
-                      hex(it.key), "\",\"amount\":", amount(it), "}");
+                      hex(it.key), "\",\"period\":", it.period,
+                      ",\"amount\":", amount(it), "}");
     }
     f += "]";
   }
@@ -1008,11 +1291,20 @@ class Accountant {
     return out;
   }
 
-  static std::string unhex(std::string_view h) {
+  // The bytes of lowercase or uppercase hex `h`; nullopt for anything else.
+  static std::optional<std::string> unhex(std::string_view h) {
+    if (h.size() % 2 != 0) return std::nullopt;
+    auto val = [](char c) -> int {
+      if (c >= '0' && c <= '9') return c - '0';
+      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+      if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+      return -1;
+    };
     std::string out;
-    auto val = [](char c) { return c >= 'a' ? c - 'a' + 10 : c - '0'; };
-    for (std::size_t i = 0; i + 1 < h.size(); i += 2) {
-      out.push_back(static_cast<char>(val(h[i]) * 16 + val(h[i + 1])));
+    for (std::size_t i = 0; i < h.size(); i += 2) {
+      const int hi = val(h[i]), lo = val(h[i + 1]);
+      if (hi < 0 || lo < 0) return std::nullopt;
+      out.push_back(static_cast<char>(hi * 16 + lo));
     }
     return out;
   }
@@ -1083,10 +1375,20 @@ class Accountant {
   absl::flat_hash_map<std::string, Fired> fired_ ABSL_GUARDED_BY(fired_mu_);
   std::size_t prune_at_ ABSL_GUARDED_BY(fired_mu_) = 4096;
   AuditSink* audit_ = nullptr;
-  // Replay only (single-threaded, before serving): what each open request
-  // holds per item, and when it reserved.
-  absl::flat_hash_map<std::string, std::vector<Cost>> replay_held_;
-  absl::flat_hash_map<std::string, Nanos> replay_at_;
+  // Replay only (single-threaded, before serving): each open reservation
+  // by the sequence number of its reserve record, what it holds per budget
+  // and in which period; and the open reservations of each id.
+  struct ReplayItem {
+    std::int64_t period = 0;
+    Cost held = 0;
+  };
+  struct ReplayOpen {
+    std::string id;
+    std::vector<ReplayItem> items;
+  };
+  absl::flat_hash_map<std::uint64_t, ReplayOpen> replay_open_;
+  absl::flat_hash_map<std::string, std::vector<std::uint64_t>> replay_ids_;
+  std::uint64_t replay_unnumbered_ = ~std::uint64_t{0};
 };
 
 }  // namespace ratekeeper
