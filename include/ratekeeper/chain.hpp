@@ -433,6 +433,10 @@ class ChainItems {
 //                  chain's settle() and give_back() consume it. Empty for a
 //                  refused chain (everything was given back, apart from
 //                  charges on reject, which are never given back).
+//
+// A copy is a report: it has everything but the receipt (the original keeps
+// it; a copy's settle is kFailedPrecondition), so one take is never given
+// back twice through copies. Moves carry the receipt.
 struct LimitResult {
   Limit* limit = nullptr;
   Cost cost = 0;
@@ -440,6 +444,27 @@ struct LimitResult {
   bool counted = false;
   bool shadow_denied = false;
   Receipt receipt;
+
+  LimitResult() = default;
+  LimitResult(LimitResult&&) noexcept = default;
+  LimitResult& operator=(LimitResult&&) noexcept = default;
+  LimitResult(const LimitResult& o)
+      : limit(o.limit),
+        cost(o.cost),
+        decision(o.decision),
+        counted(o.counted),
+        shadow_denied(o.shadow_denied) {}
+  LimitResult& operator=(const LimitResult& o) {
+    if (this != &o) {
+      limit = o.limit;
+      cost = o.cost;
+      decision = o.decision;
+      counted = o.counted;
+      shadow_denied = o.shadow_denied;
+      receipt = Receipt();
+    }
+    return *this;
+  }
 };
 
 // ChainDecision: the answer of a chain.
