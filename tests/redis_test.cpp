@@ -45,6 +45,21 @@ Nanos ceil_us(Nanos d) {
   return Nanos{(d.count() + kUs - 1) / kUs * kUs};
 }
 
+// Compares two decisions field by field (waits rounded up to the
+// microsecond, as Redis answers).
+void same(const Decision& got, const Decision& want) {
+  REQUIRE(got.allowed == want.allowed);
+  REQUIRE(got.limit == want.limit);
+  REQUIRE(got.remaining == want.remaining);
+  REQUIRE(got.retry_after == ceil_us(want.retry_after));
+  REQUIRE(got.reset_after == ceil_us(want.reset_after));
+}
+
+// The C++ policy on an in-process store against its Lua twin, on the same
+// random script: acquire, peek, charge, take (the receipts kept), and
+// settle of a kept take below it (a give-back), at it, or above it (a
+// debt), after time has passed, a window or a bucket's stretch turned.
+// Every decision, the settles' included, must be equal field by field.
 template <class P>
 void differential(RedisServer& server, const P& policy, std::uint64_t seed,
                   Cost max_cost, std::int64_t max_step_us) {
@@ -56,43 +71,80 @@ void differential(RedisServer& server, const P& policy, std::uint64_t seed,
   std::mt19937_64 rng(seed);
   std::int64_t t_us = 1'796'083'200LL * 1'000'000 +
                       static_cast<std::int64_t>(rng() % 1'000'000);
-  std::vector<std::int64_t> charged;  // times of admitted acquires (us)
+  struct Kept {
+    Receipt local, redis;
+  };
+  std::vector<Kept> kept;
+  int settles = 0;
   for (int i = 0; i < 4'000; ++i) {
     const std::string key = "k" + std::to_string(rng() % 3);
     t_us += static_cast<std::int64_t>(rng() %
                                       static_cast<std::uint64_t>(max_step_us));
     const Nanos now{t_us * kUs};
     const Cost cost = rng() % (max_cost + 1);
-    const int op = static_cast<int>(rng() % 10);
+    const int op = static_cast<int>(rng() % 12);
     Decision want, got;
     const char* name = "";
-    if (op < 5) {
+    CAPTURE(i, key, cost, t_us);
+    if (op < 3) {
       name = "acquire";
       want = local->acquire(key, cost, now);
       got = redis->acquire(key, cost, now);
-      if (want.allowed) charged.push_back(t_us);
-    } else if (op < 7) {
+    } else if (op < 6) {
+      name = "take";
+      Kept k;
+      want = local->take(key, cost, now, k.local);
+      got = redis->take(key, cost, now, k.redis);
+      REQUIRE(k.local.open() == k.redis.open());
+      REQUIRE(k.redis.open() == got.allowed);
+      if (k.redis) {
+        REQUIRE(k.redis.at() == now);  // the limit's own (here: test) time
+        kept.push_back(std::move(k));
+        if (kept.size() > 12) kept.erase(kept.begin());
+      }
+    } else if (op < 8) {
       name = "peek";
       want = local->peek(key, cost, now);
       got = redis->peek(key, cost, now);
-    } else if (op < 9) {
-      name = "refund";
-      const std::int64_t at =
-          charged.empty() ? t_us : charged[rng() % charged.size()];
-      want = local->refund(key, cost, Nanos{at * kUs}, now);
-      got = redis->refund(key, cost, Nanos{at * kUs}, now);
+    } else if (op < 11 && !kept.empty()) {
+      name = "settle";
+      const std::size_t j = rng() % kept.size();
+      Kept k = std::move(kept[j]);
+      kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(j));
+      const Cost taken = k.redis.cost();
+      const int way = static_cast<int>(rng() % 4);
+      const Cost actual = way == 0   ? 0
+                          : way == 1 ? rng() % (taken + 1)
+                          : way == 2 ? taken
+                                     : taken + 1 + rng() % (max_cost + 1);
+      CAPTURE(taken, actual);
+      absl::StatusOr<Decision> w = local->settle(k.local, actual, now);
+      absl::StatusOr<Decision> g = redis->settle(k.redis, actual, now);
+      REQUIRE(w.ok());
+      REQUIRE(g.ok());
+      want = *w;
+      got = *g;
+      CHECK_FALSE(k.redis.open());
+      // Settled once: a second settle is refused, and changes nothing.
+      CHECK(redis->settle(k.redis, 0, now).status().code() ==
+            absl::StatusCode::kFailedPrecondition);
+      ++settles;
     } else {
       name = "charge";
-      want = local->charge(key, cost, now);
-      got = redis->charge(key, cost, now);
+      Receipt lr, rr;
+      want = local->charge(key, cost, now, lr);
+      got = redis->charge(key, cost, now, rr);
+      REQUIRE(lr.open() == rr.open());
     }
-    CAPTURE(i, name, key, cost, t_us);
-    REQUIRE(got.allowed == want.allowed);
-    REQUIRE(got.limit == want.limit);
-    REQUIRE(got.remaining == want.remaining);
-    REQUIRE(got.retry_after == ceil_us(want.retry_after));
-    REQUIRE(got.reset_after == ceil_us(want.reset_after));
+    CAPTURE(name);
+    same(got, want);
   }
+  CHECK(settles > 300);
+  // Another limit's receipt is refused.
+  Receipt foreign;
+  REQUIRE(local->take("k0", 0, Nanos{t_us * kUs}, foreign).allowed);
+  CHECK(redis->settle(foreign, 0, Nanos{t_us * kUs}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
   CHECK(redis->fallbacks() == 0);
 }
 
@@ -418,11 +470,13 @@ TEST_CASE("a Redis chain decides as an in-process chain, in one round trip",
     RedisChain redis(client);
     ManualClock lclock;
     Chain<ManualClock> local{lclock};
+    std::vector<std::pair<ChainDecision, ChainDecision>> pending;
+    int settled = 0;
     std::int64_t t_us = 1'796'083'200LL * 1'000'000 + variant * 100'000'000;
     for (int i = 0; i < 1'500; ++i) {
       t_us += static_cast<std::int64_t>(rng() % 120'000);
       const Nanos now{t_us * kUs};
-      lclock.set(now);  // Chain::refund reads its clock
+      lclock.set(now);  // Chain::settle reads its clock
       const std::string tenant = "team" + std::to_string(rng() % 2);
       const std::string user = "user" + std::to_string(rng() % 2);
       const Cost c = 1 + rng() % 3;
@@ -438,9 +492,8 @@ TEST_CASE("a Redis chain decides as an in-process chain, in one round trip",
         li.push_back({l_tb.get(), lkey, 1});
       }
       const bool peek = rng() % 5 == 0;
-      const ChainDecision want =
-          peek ? ChainDecision{} : local.acquire_at(li, now);
-      const ChainDecision got =
+      ChainDecision want = peek ? ChainDecision{} : local.acquire_at(li, now);
+      ChainDecision got =
           peek ? redis.peek(tenant, ri, now) : redis.acquire(tenant, ri, now);
       if (peek) continue;  // (compared below through the next acquires)
       CAPTURE(variant, i, t_us);
@@ -459,17 +512,45 @@ TEST_CASE("a Redis chain decides as an in-process chain, in one round trip",
         REQUIRE(g.decision.reset_after == ceil_us(w.decision.reset_after));
         REQUIRE(g.counted == w.counted);
         REQUIRE(g.shadow_denied == w.shadow_denied);
+        REQUIRE(g.receipt.open() == w.receipt.open());
       }
       REQUIRE(got.binding == want.binding);
       REQUIRE(got.retry_after == ceil_us(want.retry_after));
       REQUIRE(got.at == now);
-      // Give back part of what an admitted chain took, both ways.
-      if (got.allowed && rng() % 3 == 0) {
-        std::vector<ChainItem> rb = {ri[0], ri[2]}, lb = {li[0], li[2]};
-        REQUIRE(redis.refund(tenant, rb, got.at, now));
-        local.refund(lb, want.at);
+      // Admitted chains are settled later (time passed, windows turned):
+      // a token result to an actual cost below or above its take, or the
+      // whole chain given back; each settle's decisions equal.
+      if (got.allowed) {
+        pending.push_back({std::move(want), std::move(got)});
+      }
+      if (!pending.empty() && rng() % 3 == 0) {
+        const std::size_t j = rng() % pending.size();
+        auto [w, g] = std::move(pending[j]);
+        pending.erase(pending.begin() + static_cast<std::ptrdiff_t>(j));
+        if (rng() % 4 == 0) {
+          local.give_back(w);
+          REQUIRE(redis.give_back(g, now).ok());
+        } else {
+          const std::size_t k = rng() % 2 == 0 ? 0 : 2;
+          const Cost actual = rng() % (2 * g.results[k].cost + 2);
+          CAPTURE(k, actual);
+          REQUIRE(local.settle(w, k, actual).ok());
+          REQUIRE(redis.settle(g, k, actual, now).ok());
+          CHECK(redis.settle(g, k, actual, now).code() ==
+                absl::StatusCode::kFailedPrecondition);
+        }
+        for (std::size_t k = 0; k < g.results.size(); ++k) {
+          CAPTURE(k);
+          REQUIRE(g.results[k].receipt.open() == w.results[k].receipt.open());
+          REQUIRE(g.results[k].decision.remaining ==
+                  w.results[k].decision.remaining);
+          REQUIRE(g.results[k].decision.reset_after ==
+                  ceil_us(w.results[k].decision.reset_after));
+        }
+        ++settled;
       }
     }
+    CHECK(settled > 100);
     CHECK(r_tb->fallbacks() + r_fw->fallbacks() + r_sw->fallbacks() == 0);
     CHECK(r_tb->counts().allowed == l_tb->counts().allowed);
   }
@@ -1198,30 +1279,45 @@ TEST_CASE(
   // Released, the held tokens are Redis's again.
   const std::uint64_t left_before =
       limit->peek("tenant", 0, Nanos{0}).remaining;
-  for (auto& l : leases) l->release();
+  for (auto& l : leases) REQUIRE(l->release().ok());
   CHECK(limit->peek("tenant", 0, Nanos{0}).remaining == left_before + held);
 }
 
-TEST_CASE("a single acquire's Redis time takes its refund to the right window",
-          "[redis]") {
+TEST_CASE(
+    "a Redis receipt is placed and settled by Redis's clock, whatever the "
+    "caller's",
+    "[redis][seams]") {
   RedisServer server;
   auto client = client_for(server);
   auto limit =
       RedisLimit<SlidingWindow>::create(
           {.name = "sw"}, SlidingWindow::create(per_hour(10)).value(), client)
           .value();
-  // The caller's clock is a day off: Redis's time is what the refund needs.
+  // The caller's clock is a day off: the receipt carries Redis's time, and
+  // the settle is judged by Redis's clock, not by `now`.
   const Nanos skewed = SteadyClock{}.now() + std::chrono::hours(24);
-  const auto [d, at] = limit->acquire_timed("k", 4, skewed);
+  Receipt r;
+  const Decision d = limit->take("k", 4, skewed, r);
   REQUIRE(d.allowed);
   CHECK(d.remaining == 6);
-  CHECK(at != skewed);
-  const Decision back = limit->refund("k", 3, at, skewed);
-  CHECK(back.remaining == 9);
-  // With the caller's (wrong) time, the refund finds no charge in that
-  // window and gives nothing back: the conservative side.
-  const Decision wrong = limit->refund("k", 1, skewed, skewed);
-  CHECK(wrong.remaining == 9);
+  REQUIRE(r.open());
+  CHECK(r.at() != skewed);
+  const Nanos unix_now = std::chrono::duration_cast<Nanos>(
+      std::chrono::system_clock::now().time_since_epoch());
+  CHECK(r.at() > unix_now - std::chrono::minutes(10));  // Redis's TIME
+  CHECK(r.at() < unix_now + std::chrono::minutes(10));
+  const absl::StatusOr<Decision> back = limit->settle(r, 1, skewed);
+  REQUIRE(back.ok());
+  CHECK(back->remaining == 9);
+  CHECK_FALSE(r.open());
+  CHECK(limit->settle(r, 0, skewed).status().code() ==
+        absl::StatusCode::kFailedPrecondition);
+  // Above the take, the excess is a debt charged at once.
+  Receipt more;
+  REQUIRE(limit->take("k", 1, skewed, more).allowed);
+  const absl::StatusOr<Decision> debt = limit->settle(more, 5, skewed);
+  REQUIRE(debt.ok());
+  CHECK(debt->remaining == 9 - 5);
 }
 
 TEST_CASE(
