@@ -1462,3 +1462,454 @@ TEST_CASE(
   CHECK(absl::IsUnavailable(paused.status()));
   CHECK(RedisClient::may_have_run(paused.status()));
 }
+
+// ---------------------------------------------------------------------------
+// Issue 13: every promise holds at the seams.
+
+TEST_CASE(
+    "case 4: a chain's roll-back of a Redis window limit is judged in Redis's "
+    "time: 5 refused chains leave rpm at 5 of 5",
+    "[redis][seams][chain]") {
+  RedisServer server;
+  auto client = client_for(server);
+  auto rpm =
+      RedisLimit<FixedWindow>::create(
+          {.name = "rpm"}, FixedWindow::create(per_minute(5)).value(), client)
+          .value();
+  // In process: a token limit the calls never fit (each refuses the chain
+  // after rpm took its request).
+  auto tpm = make_limit({.name = "tpm", .unit = Unit::kTokens},
+                        TokenBucket::create(per_minute(100), 100).value())
+                 .value();
+  auto rtpm = RedisLimit<TokenBucket>::create(
+                  {.name = "rtpm", .unit = Unit::kTokens},
+                  TokenBucket::create(per_minute(100), 100).value(), client)
+                  .value();
+  SECTION("a plain Chain on the steady clock, in-process and Redis limits") {
+    Chain<> chain;  // SteadyClock: nothing like Redis's TIME
+    for (int i = 0; i < 5; ++i) {
+      const ChainDecision d =
+          chain.acquire({{rpm.get(), "user", 1}, {tpm.get(), "user", 500}});
+      REQUIRE_FALSE(d.allowed);
+      CHECK_FALSE(d.results[0].receipt.open());  // given back
+      CHECK(d.results[0].decision.remaining == 5);
+    }
+    CHECK(rpm->peek("user", 0, Nanos{0}).remaining == 5);
+  }
+  SECTION(
+      "a RedisChain: refused chains take nothing; allowed ones given back") {
+    RedisChain chain(client);
+    for (int i = 0; i < 5; ++i) {
+      const ChainItem refused[] = {{rpm.get(), "user", 1},
+                                   {rtpm.get(), "user", 500}};
+      REQUIRE_FALSE(chain.acquire("team", refused).allowed);
+      const ChainItem fits[] = {{rpm.get(), "user", 1},
+                                {rtpm.get(), "user", 10}};
+      ChainDecision d = chain.acquire("team", fits);
+      REQUIRE(d.allowed);
+      REQUIRE(d.results[0].receipt.open());
+      REQUIRE(chain.give_back(d).ok());  // one round trip, Redis's clock
+      CHECK_FALSE(d.results[0].receipt.open());
+      CHECK(d.results[0].decision.remaining == 5);
+      CHECK(d.results[1].decision.remaining == 100);
+      CHECK(chain.give_back(d).ok());  // nothing open: nothing to do
+    }
+    const ChainItem peek[] = {{rpm.get(), "user", 0}};
+    CHECK(chain.peek("team", peek).results[0].decision.remaining == 5);
+  }
+  CHECK(rpm->fallbacks() == 0);
+}
+
+TEST_CASE(
+    "case 5: a lease serves a window's tokens only in that window, a "
+    "bucket's only while its stretch is ahead",
+    "[redis][seams][lease]") {
+  RedisServer server;
+  auto client = client_for(server);
+  const Nanos t0{1'796'083'200'000'000'000};
+  SECTION("10/s fixed window: at most 10 in each window, lease included") {
+    auto limit =
+        RedisLimit<FixedWindow>::create(
+            {.name = "fw"}, FixedWindow::create(per_second(10)).value(), client,
+            {.test_time = true})
+            .value();
+    RedisLease lease(*limit, "k", 10);
+    // Late in window w: the lease takes a batch of 10, serves 1, holds 9.
+    const Nanos late = t0 + std::chrono::milliseconds(900);
+    REQUIRE(lease.acquire(1, late).allowed);
+    CHECK(lease.held() == 9);
+    // Window w + 1: 10 direct calls fit; the lease's 9 are window w's.
+    const Nanos next = t0 + std::chrono::milliseconds(1'100);
+    int direct = 0;
+    for (int i = 0; i < 10; ++i) direct += limit->acquire("k", 1, next).allowed;
+    CHECK(direct == 10);
+    int leased = 0;
+    for (int i = 0; i < 9; ++i) leased += lease.acquire(1, next).allowed;
+    CHECK(leased == 0);  // before: 9 (19 in one window of 10)
+    CHECK(lease.held() == 0);
+    CHECK(lease.release(next).ok());
+  }
+  SECTION("the unused rest goes back through the receipt, in its window") {
+    auto limit =
+        RedisLimit<FixedWindow>::create(
+            {.name = "fw2"}, FixedWindow::create(per_second(10)).value(),
+            client, {.test_time = true})
+            .value();
+    {
+      RedisLease lease(*limit, "k", 8);
+      REQUIRE(lease.acquire(3, t0).allowed);
+      CHECK(limit->peek("k", 0, t0).remaining == 2);
+      REQUIRE(lease.release(t0 + std::chrono::milliseconds(10)).ok());
+      CHECK(limit->peek("k", 0, t0).remaining == 7);
+      // Released after its window: nothing to give back to a closed one.
+      REQUIRE(lease.acquire(2, t0 + std::chrono::milliseconds(20)).allowed);
+      REQUIRE(lease.release(t0 + std::chrono::seconds(1)).ok());
+      CHECK(limit->peek("k", 0, t0 + std::chrono::seconds(1)).remaining == 10);
+    }
+  }
+  SECTION("token bucket: tokens time has refilled are not served again") {
+    // 1 token/s, burst 10. The lease takes 10 at 0 and serves 1; at 10 s
+    // the bucket is full again by GCRA, so what the lease held was
+    // returned by time: serving it on top of 10 direct ones would be 19.
+    auto limit =
+        RedisLimit<TokenBucket>::create(
+            {.name = "tb"}, TokenBucket::create(per_second(1), 10).value(),
+            client, {.test_time = true})
+            .value();
+    RedisLease lease(*limit, "k", 10);
+    REQUIRE(lease.acquire(1, t0).allowed);
+    CHECK(lease.held() == 9);
+    // At 4.5 s, the stretch's slots from 4.5 s on still hold 5 whole tokens.
+    REQUIRE(lease.acquire(1, t0 + std::chrono::milliseconds(4'500)).allowed);
+    CHECK(lease.held() == 4);
+    const Nanos later = t0 + std::chrono::seconds(10);
+    int direct = 0;
+    for (int i = 0; i < 10; ++i)
+      direct += limit->acquire("k", 1, later).allowed;
+    CHECK(direct == 10);
+    CHECK_FALSE(lease.acquire(1, later).allowed);
+    CHECK(lease.held() == 0);
+    CHECK(lease.release(later).ok());
+    CHECK(limit->peek("k", 0, later).remaining == 0);  // nothing given back
+  }
+  SECTION("Redis's own clock: a lease stops serving by the end of the window") {
+    auto limit =
+        RedisLimit<FixedWindow>::create(
+            {.name = "fwr"},
+            FixedWindow::create(per(1'000, Nanos{200'000'000})).value(), client)
+            .value();
+    RedisLease lease(*limit, "k", 1'000);
+    REQUIRE(lease.acquire(1).allowed);
+    // Within 30 s every window has turned (200 ms each): the lease's
+    // batch is then no longer served (a little before Redis's window ends,
+    // by the bound on Redis's time: a call then may be refused, the window
+    // being full), and a new batch is taken in the next window.
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    const std::uint64_t trips = lease.round_trips();
+    for (bool ok = false;
+         !ok || lease.round_trips() == trips || lease.held() < 900;) {
+      REQUIRE(std::chrono::steady_clock::now() < deadline);
+      ok = lease.acquire(1).allowed;
+    }
+    CHECK(lease.round_trips() > trips);  // a fresh batch, in a fresh window
+    CHECK(limit->fallbacks() == 0);
+  }
+}
+
+TEST_CASE(
+    "fail modes and receipts: no receipt for what Redis never took; a "
+    "settle that cannot reach Redis says so",
+    "[redis][seams]") {
+  RedisServer server;
+  auto client =
+      RedisClient::create({.port = server.port(),
+                           .prefix = "rkt:",
+                           .connect_timeout = std::chrono::seconds(2),
+                           .command_timeout = std::chrono::seconds(5),
+                           .breaker_failures = 1,
+                           .breaker_open = std::chrono::seconds(60),
+                           .breaker_max_open = std::chrono::seconds(60)})
+          .value();
+  auto open = RedisLimit<FixedWindow>::create(
+                  {.name = "open"}, FixedWindow::create(per_minute(5)).value(),
+                  client, {.fail = FailMode::kOpen})
+                  .value();
+  auto local =
+      RedisLimit<FixedWindow>::create(
+          {.name = "local"}, FixedWindow::create(per_minute(4)).value(), client,
+          {.fail = FailMode::kLocal, .instances = 2})
+          .value();
+  Receipt before;
+  REQUIRE(open->take("k", 1, Nanos{0}, before).allowed);
+  REQUIRE(before.open());
+  server.stop(SIGKILL);
+  const Nanos t{3'600'000'000'000};
+  // kOpen admits without Redis: no receipt (nothing of Redis to give back).
+  Receipt none;
+  CHECK(open->take("k", 1, t, none).allowed);
+  CHECK_FALSE(none.open());
+  // kLocal: the local limit's receipt, settled by the local limit.
+  Receipt mine;
+  REQUIRE(local->take("k", 2, t, mine).allowed);
+  REQUIRE(mine.open());
+  CHECK(local->local_limit()->peek("k", 0, t).remaining == 0);
+  const absl::StatusOr<Decision> back = local->settle(mine, 0, t);
+  REQUIRE(back.ok());
+  CHECK(back->remaining == 2);
+  // A settle of a Redis receipt while Redis is away: kUnavailable; not
+  // sent (the breaker is open), the receipt stays open to be settled again.
+  const absl::StatusOr<Decision> away = open->settle(before, 0, t);
+  CHECK(absl::IsUnavailable(away.status()));
+  CHECK(before.open());
+  server.start();
+  // (The restarted Redis is empty: the receipt's take is gone with it, and
+  // its give-back finds nothing to give back.)
+}
+
+namespace {
+
+// The property test's oracle: admitted takes at their final amounts, at the
+// times they were admitted (a lease's serve at the time it served), and
+// debts (an excess settled above a take) as forced takes at settle time.
+struct Event {
+  std::int64_t t_us;
+  std::uint64_t seq;
+  Cost amount;
+  bool forced;
+};
+
+// GCRA over the events: each admitted one must fit (TAT - t <= burst *
+// interval after it), a forced one only moves the TAT. Equivalently, for
+// every interval, the admitted sum <= burst + rate * length, debts counted.
+void check_gcra(std::vector<Event> ev, std::uint64_t count,
+                std::int64_t period_us, std::uint64_t burst,
+                std::size_t min_checked) {
+  std::sort(ev.begin(), ev.end(), [](const Event& a, const Event& b) {
+    return a.t_us != b.t_us ? a.t_us < b.t_us : a.seq < b.seq;
+  });
+  using i128 = detail::i128;
+  // Units of 1/count us: the interval is period_us of them.
+  const i128 interval = period_us, span = static_cast<i128>(burst) * period_us;
+  i128 tat = std::numeric_limits<std::int64_t>::min();
+  std::size_t checked = 0;
+  for (const Event& e : ev) {
+    if (e.amount == 0) continue;
+    const i128 t = static_cast<i128>(e.t_us) * count;
+    const i128 next = std::max(tat, t) + static_cast<i128>(e.amount) * interval;
+    if (!e.forced) {
+      if (next - t > span) {
+        FAIL_CHECK("over-admitted: " << e.amount << " at " << e.t_us
+                                     << " us (seq " << e.seq << ")");
+        return;
+      }
+      ++checked;
+    }
+    tat = next;
+  }
+  CHECK(checked >= min_checked);  // the script did admit
+}
+
+// At most `limit` per aligned window: at each admitted event, what its
+// window counted up to it (debts included) fits the limit.
+void check_windows(std::vector<Event> ev, std::uint64_t limit,
+                   std::int64_t period_us, std::size_t min_checked) {
+  std::sort(ev.begin(), ev.end(), [](const Event& a, const Event& b) {
+    return a.t_us != b.t_us ? a.t_us < b.t_us : a.seq < b.seq;
+  });
+  std::int64_t w = std::numeric_limits<std::int64_t>::min();
+  std::uint64_t sum = 0;
+  std::size_t checked = 0;
+  for (const Event& e : ev) {
+    const std::int64_t ew = detail::floor_div_i64(e.t_us, period_us);
+    if (ew != w) {
+      w = ew;
+      sum = 0;
+    }
+    sum += e.amount;
+    if (!e.forced && e.amount != 0) {
+      if (sum > limit) {
+        FAIL_CHECK("window " << w << ": " << sum << " of " << limit
+                             << " at seq " << e.seq);
+        return;
+      }
+      ++checked;
+    }
+  }
+  CHECK(checked >= min_checked);  // the script did admit
+}
+
+// Random seeded scripts on one key of a Redis limit (test time): take,
+// settle (below, at, above), give_back, a plain Chain refused after the
+// Redis limit took (rolled back by receipt), a RedisChain refused (takes
+// nothing) or admitted (settled later through the chain), a lease serving
+// and released. Time moves on by small steps and by jumps past windows.
+template <class P>
+std::vector<Event> seam_script(RedisServer& server, const P& policy,
+                               std::uint64_t seed, int steps, Cost max_cost,
+                               std::int64_t max_step_us) {
+  auto client = client_for(server);
+  auto limit = RedisLimit<P>::create({.name = "prop"}, policy, client,
+                                     {.test_time = true})
+                   .value();
+  // Refusers: never fit a cost of 2.
+  auto no_local =
+      make_limit<InMemoryStore>({.name = "no"},
+                                FixedWindow::create(per_second(1)).value())
+          .value();
+  auto no_redis =
+      RedisLimit<FixedWindow>::create(
+          {.name = "no"}, FixedWindow::create(per_second(1)).value(), client,
+          {.test_time = true})
+          .value();
+  RedisChain rchain(client);
+  ManualClock lclock;
+  Chain<ManualClock> chain{lclock};
+  RedisLease lease(*limit, "k", 1 + seed % 5);
+  std::mt19937_64 rng(seed);
+  std::int64_t t_us = 1'796'083'200LL * 1'000'000 +
+                      static_cast<std::int64_t>(rng() % 1'000'000);
+  std::vector<Event> ev;
+  std::uint64_t seq = 0;
+  struct Open {
+    std::size_t event;
+    Receipt receipt;         // a take's own
+    ChainDecision decision;  // or a RedisChain's (result 0)
+    bool chained = false;
+  };
+  std::vector<Open> open;
+  const auto settle = [&](Open& o, Cost actual, Nanos now) {
+    const Cost taken =
+        o.chained ? o.decision.results[0].cost : o.receipt.cost();
+    if (o.chained) {
+      if (actual == 0 && rng() % 2 == 0) {
+        REQUIRE(rchain.give_back(o.decision, now).ok());
+      } else {
+        REQUIRE(rchain.settle(o.decision, 0, actual, now).ok());
+      }
+      REQUIRE_FALSE(o.decision.results[0].receipt.open());
+    } else {
+      REQUIRE(limit->settle(o.receipt, actual, now).ok());
+      REQUIRE_FALSE(o.receipt.open());
+    }
+    ev[o.event].amount = std::min(actual, taken);
+    if (actual > taken) ev.push_back({t_us, seq++, actual - taken, true});
+  };
+  for (int i = 0; i < steps; ++i) {
+    t_us += rng() % 50 == 0
+                ? static_cast<std::int64_t>(rng() % 3'000'000)
+                : static_cast<std::int64_t>(
+                      rng() % static_cast<std::uint64_t>(max_step_us));
+    const Nanos now{t_us * kUs};
+    lclock.set(now);
+    const Cost c = rng() % (max_cost + 1);
+    const int op = static_cast<int>(rng() % 16);
+    CAPTURE(i, op, c, t_us);
+    if (op < 4) {  // take
+      Open o;
+      if (limit->take("k", c, now, o.receipt).allowed) {
+        REQUIRE(o.receipt.open());
+        o.event = ev.size();
+        ev.push_back({t_us, seq++, c, false});
+        open.push_back(std::move(o));
+      }
+    } else if (op < 7 && !open.empty()) {  // settle, either way
+      const std::size_t j = rng() % open.size();
+      Open o = std::move(open[j]);
+      open[j] = std::move(open.back());
+      open.pop_back();
+      const Cost taken =
+          o.chained ? o.decision.results[0].cost : o.receipt.cost();
+      const int way = static_cast<int>(rng() % 4);
+      const Cost actual = way == 0   ? 0
+                          : way == 1 ? rng() % (taken + 1)
+                          : way == 2 ? taken
+                                     : taken + 1 + rng() % (max_cost + 1);
+      settle(o, actual, now);
+    } else if (op < 9) {  // a plain chain, refused after the Redis take
+      const Decision before = limit->peek("k", 0, now);
+      const ChainItem items[] = {{limit.get(), "k", c},
+                                 {no_local.get(), "k", 2}};
+      const ChainDecision d = chain.acquire_at(items, now);
+      REQUIRE_FALSE(d.allowed);
+      REQUIRE_FALSE(d.results[0].receipt.open());
+      const Decision after = limit->peek("k", 0, now);
+      REQUIRE(after.remaining == before.remaining);
+    } else if (op < 10) {  // a RedisChain refused: takes nothing
+      const Decision before = limit->peek("k", 0, now);
+      const ChainItem items[] = {{limit.get(), "k", c},
+                                 {no_redis.get(), "k", 2}};
+      REQUIRE_FALSE(rchain.acquire("", items, now).allowed);
+      REQUIRE(limit->peek("k", 0, now).remaining == before.remaining);
+    } else if (op < 12) {  // a RedisChain admitted: settled later
+      const ChainItem items[] = {{limit.get(), "k", c}};
+      Open o;
+      o.chained = true;
+      o.decision = rchain.acquire("", items, now);
+      if (o.decision.allowed) {
+        REQUIRE(o.decision.results[0].receipt.open());
+        o.event = ev.size();
+        ev.push_back({t_us, seq++, c, false});
+        open.push_back(std::move(o));
+      }
+    } else if (op < 15) {  // the lease
+      if (lease.acquire(c, now).allowed) ev.push_back({t_us, seq++, c, false});
+    } else if (rng() % 4 == 0) {
+      REQUIRE(lease.release(now).ok());
+    } else {  // a plain acquire
+      if (limit->acquire("k", c, now).allowed) {
+        ev.push_back({t_us, seq++, c, false});
+      }
+    }
+  }
+  // What is still open is given back (or kept: its final amount is its take).
+  const Nanos end{t_us * kUs};
+  for (Open& o : open) {
+    if (rng() % 2 == 0) settle(o, 0, end);
+  }
+  REQUIRE(lease.release(end).ok());
+  CHECK(limit->fallbacks() == 0);
+  return ev;
+}
+
+int seam_steps() {
+  // 10^5 per policy at scale 1 (RATEKEEPER_TEST_SCALE=1, the default in
+  // release); the sanitizer presets scale it down.
+  return std::max(2'000, static_cast<int>(100'000 * rk_test::scale()));
+}
+
+}  // namespace
+
+// Full count: build/release/tests/redis_test "[property]" (10^5 steps per
+// policy, about 10 s each in release); RATEKEEPER_TEST_SCALE=0.1 for a
+// quick run, RATEKEEPER_SEED=n to replay one.
+TEST_CASE(
+    "property: random scripts of take / settle / give_back / chains / lease "
+    "on Redis never over-admit on the receipts' attribution",
+    "[redis][seams][property]") {
+  RedisServer server;
+  const std::uint64_t seed = rk_test::seed_or(0x5EA35);
+  CAPTURE(seed);
+  const int steps = seam_steps();
+  const auto size = static_cast<std::size_t>(steps);
+  SECTION("token bucket: GCRA over final amounts, debts forced") {
+    const auto tb = TokenBucket::create(per_second(10), 20).value();
+    check_gcra(seam_script(server, tb, seed, steps, 6, 60'000), 10, 1'000'000,
+               20, size / 20);
+  }
+  SECTION("token bucket, 7 per second (a fractional interval)") {
+    const auto tb = TokenBucket::create(per_second(7), 9).value();
+    check_gcra(seam_script(server, tb, seed + 1, steps, 4, 120'000), 7,
+               1'000'000, 9, size / 20);
+  }
+  SECTION("fixed window: at most the limit in each aligned window") {
+    const auto fw = FixedWindow::create(per_second(12)).value();
+    check_windows(seam_script(server, fw, seed + 2, steps, 5, 40'000), 12,
+                  1'000'000, size / 20);
+  }
+  SECTION("sliding window: at most the limit in each aligned window") {
+    const auto sw = SlidingWindow::create(per_second(12)).value();
+    check_windows(seam_script(server, sw, seed + 3, steps, 5, 40'000), 12,
+                  1'000'000, size / 20);
+  }
+}
