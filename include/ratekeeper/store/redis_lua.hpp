@@ -1,8 +1,8 @@
 // ratekeeper/store/redis_lua.hpp: the policies' Lua twins, run inside Redis.
 //
-// Internal to store/redis.hpp. One script holds each policy's step, refund
-// and charge, the same arithmetic as the C++ policy in a time unit of one
-// microsecond: Redis's TIME gives microseconds, and every number in Redis's
+// Internal to store/redis.hpp. One script holds each policy's step, place,
+// settle and charge, the same arithmetic as the C++ policy in a time unit of
+// one microsecond: Redis's TIME gives microseconds, and every number in Redis's
 // Lua is a double, exact for integers below 2^53. Microseconds since 1970
 // are about 1.8e15; every other quantity the script computes is bounded by
 // the configuration, which RedisLimit's factory checks against 2^53
@@ -11,14 +11,24 @@
 // Calling convention: KEYS are the states' keys, one per item of a chain (a
 // single operation is a chain of one).
 //   ARGV[1]  now in microseconds, or "" for Redis's TIME (tests pass a time)
-//   ARGV[2]  op: "acquire", "peek", "refund", "reserve", "settle" or
-//            "release" (the last three for budgets, described where the
-//            script handles them)
-//   then per item, 8 fields: kind ("tb", "fw", "sw", "pb"), four parameters,
-//   the cost, flags (1: shadow, 2: charge on reject) and, for refund, when the
-//   refunded cost was charged (microseconds)
+//   ARGV[2]  op: "acquire", "peek", "receipt" (settle rate-limit receipts),
+//            "reserve", "settle", "release", "extend", "fire", "settled" or
+//            "spent" (the last six for budgets, described where the script
+//            handles them)
+//   then per item, for acquire, peek and reserve, 8 fields: kind ("tb",
+//   "fw", "sw", "pb"), four parameters, the cost, flags (1: shadow, 2:
+//   charge on reject) and an unused 0; for "receipt", 10 fields: kind, four
+//   parameters, the cost taken, the actual cost, the take's time (us, Redis's
+//   TIME of the take) and its placement p1, p2 (as the take's reply gave
+//   them)
 // Reply: {allowed, now_us, then per item allowed, limit, remaining,
-//         retry_after_us (-1: never), reset_after_us}.
+//         retry_after_us (-1: never), reset_after_us, and for acquire, peek
+//         and reserve the take's placement p1, p2 (0, 0 when it did not
+//         take)}: a bucket's stretch [p1, p2) of its timeline in units of
+//         1/den us relative to now_us; a window's index (p1); a budget's
+//         period index (p1).
+// "receipt" settles each item as the C++ policy's settle() does, by the
+// script's now, in order, and answers what a zero-cost call is then told.
 //
 // "acquire" runs the items in order as Chain::acquire does (chain.hpp): an
 // item that charges on reject always counts (taken if it fits, charged if
