@@ -45,6 +45,21 @@ Nanos ceil_us(Nanos d) {
   return Nanos{(d.count() + kUs - 1) / kUs * kUs};
 }
 
+// Compares two decisions field by field (waits rounded up to the
+// microsecond, as Redis answers).
+void same(const Decision& got, const Decision& want) {
+  REQUIRE(got.allowed == want.allowed);
+  REQUIRE(got.limit == want.limit);
+  REQUIRE(got.remaining == want.remaining);
+  REQUIRE(got.retry_after == ceil_us(want.retry_after));
+  REQUIRE(got.reset_after == ceil_us(want.reset_after));
+}
+
+// The C++ policy on an in-process store against its Lua twin, on the same
+// random script: acquire, peek, charge, take (the receipts kept), and
+// settle of a kept take below it (a give-back), at it, or above it (a
+// debt), after time has passed, a window or a bucket's stretch turned.
+// Every decision, the settles' included, must be equal field by field.
 template <class P>
 void differential(RedisServer& server, const P& policy, std::uint64_t seed,
                   Cost max_cost, std::int64_t max_step_us) {
@@ -56,43 +71,80 @@ void differential(RedisServer& server, const P& policy, std::uint64_t seed,
   std::mt19937_64 rng(seed);
   std::int64_t t_us = 1'796'083'200LL * 1'000'000 +
                       static_cast<std::int64_t>(rng() % 1'000'000);
-  std::vector<std::int64_t> charged;  // times of admitted acquires (us)
+  struct Kept {
+    Receipt local, redis;
+  };
+  std::vector<Kept> kept;
+  int settles = 0;
   for (int i = 0; i < 4'000; ++i) {
     const std::string key = "k" + std::to_string(rng() % 3);
     t_us += static_cast<std::int64_t>(rng() %
                                       static_cast<std::uint64_t>(max_step_us));
     const Nanos now{t_us * kUs};
     const Cost cost = rng() % (max_cost + 1);
-    const int op = static_cast<int>(rng() % 10);
+    const int op = static_cast<int>(rng() % 12);
     Decision want, got;
     const char* name = "";
-    if (op < 5) {
+    CAPTURE(i, key, cost, t_us);
+    if (op < 3) {
       name = "acquire";
       want = local->acquire(key, cost, now);
       got = redis->acquire(key, cost, now);
-      if (want.allowed) charged.push_back(t_us);
-    } else if (op < 7) {
+    } else if (op < 6) {
+      name = "take";
+      Kept k;
+      want = local->take(key, cost, now, k.local);
+      got = redis->take(key, cost, now, k.redis);
+      REQUIRE(k.local.open() == k.redis.open());
+      REQUIRE(k.redis.open() == got.allowed);
+      if (k.redis) {
+        REQUIRE(k.redis.at() == now);  // the limit's own (here: test) time
+        kept.push_back(std::move(k));
+        if (kept.size() > 12) kept.erase(kept.begin());
+      }
+    } else if (op < 8) {
       name = "peek";
       want = local->peek(key, cost, now);
       got = redis->peek(key, cost, now);
-    } else if (op < 9) {
-      name = "refund";
-      const std::int64_t at =
-          charged.empty() ? t_us : charged[rng() % charged.size()];
-      want = local->refund(key, cost, Nanos{at * kUs}, now);
-      got = redis->refund(key, cost, Nanos{at * kUs}, now);
+    } else if (op < 11 && !kept.empty()) {
+      name = "settle";
+      const std::size_t j = rng() % kept.size();
+      Kept k = std::move(kept[j]);
+      kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(j));
+      const Cost taken = k.redis.cost();
+      const int way = static_cast<int>(rng() % 4);
+      const Cost actual = way == 0   ? 0
+                          : way == 1 ? rng() % (taken + 1)
+                          : way == 2 ? taken
+                                     : taken + 1 + rng() % (max_cost + 1);
+      CAPTURE(taken, actual);
+      absl::StatusOr<Decision> w = local->settle(k.local, actual, now);
+      absl::StatusOr<Decision> g = redis->settle(k.redis, actual, now);
+      REQUIRE(w.ok());
+      REQUIRE(g.ok());
+      want = *w;
+      got = *g;
+      CHECK_FALSE(k.redis.open());
+      // Settled once: a second settle is refused, and changes nothing.
+      CHECK(redis->settle(k.redis, 0, now).status().code() ==
+            absl::StatusCode::kFailedPrecondition);
+      ++settles;
     } else {
       name = "charge";
-      want = local->charge(key, cost, now);
-      got = redis->charge(key, cost, now);
+      Receipt lr, rr;
+      want = local->charge(key, cost, now, lr);
+      got = redis->charge(key, cost, now, rr);
+      REQUIRE(lr.open() == rr.open());
     }
-    CAPTURE(i, name, key, cost, t_us);
-    REQUIRE(got.allowed == want.allowed);
-    REQUIRE(got.limit == want.limit);
-    REQUIRE(got.remaining == want.remaining);
-    REQUIRE(got.retry_after == ceil_us(want.retry_after));
-    REQUIRE(got.reset_after == ceil_us(want.reset_after));
+    CAPTURE(name);
+    same(got, want);
   }
+  CHECK(settles > 300);
+  // Another limit's receipt is refused.
+  Receipt foreign;
+  REQUIRE(local->take("k0", 0, Nanos{t_us * kUs}, foreign).allowed);
+  CHECK(redis->settle(foreign, 0, Nanos{t_us * kUs}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
   CHECK(redis->fallbacks() == 0);
 }
 
@@ -418,11 +470,13 @@ TEST_CASE("a Redis chain decides as an in-process chain, in one round trip",
     RedisChain redis(client);
     ManualClock lclock;
     Chain<ManualClock> local{lclock};
+    std::vector<std::pair<ChainDecision, ChainDecision>> pending;
+    int settled = 0;
     std::int64_t t_us = 1'796'083'200LL * 1'000'000 + variant * 100'000'000;
     for (int i = 0; i < 1'500; ++i) {
       t_us += static_cast<std::int64_t>(rng() % 120'000);
       const Nanos now{t_us * kUs};
-      lclock.set(now);  // Chain::refund reads its clock
+      lclock.set(now);  // Chain::settle reads its clock
       const std::string tenant = "team" + std::to_string(rng() % 2);
       const std::string user = "user" + std::to_string(rng() % 2);
       const Cost c = 1 + rng() % 3;
@@ -438,9 +492,8 @@ TEST_CASE("a Redis chain decides as an in-process chain, in one round trip",
         li.push_back({l_tb.get(), lkey, 1});
       }
       const bool peek = rng() % 5 == 0;
-      const ChainDecision want =
-          peek ? ChainDecision{} : local.acquire_at(li, now);
-      const ChainDecision got =
+      ChainDecision want = peek ? ChainDecision{} : local.acquire_at(li, now);
+      ChainDecision got =
           peek ? redis.peek(tenant, ri, now) : redis.acquire(tenant, ri, now);
       if (peek) continue;  // (compared below through the next acquires)
       CAPTURE(variant, i, t_us);
@@ -459,17 +512,45 @@ TEST_CASE("a Redis chain decides as an in-process chain, in one round trip",
         REQUIRE(g.decision.reset_after == ceil_us(w.decision.reset_after));
         REQUIRE(g.counted == w.counted);
         REQUIRE(g.shadow_denied == w.shadow_denied);
+        REQUIRE(g.receipt.open() == w.receipt.open());
       }
       REQUIRE(got.binding == want.binding);
       REQUIRE(got.retry_after == ceil_us(want.retry_after));
       REQUIRE(got.at == now);
-      // Give back part of what an admitted chain took, both ways.
-      if (got.allowed && rng() % 3 == 0) {
-        std::vector<ChainItem> rb = {ri[0], ri[2]}, lb = {li[0], li[2]};
-        REQUIRE(redis.refund(tenant, rb, got.at, now));
-        local.refund(lb, want.at);
+      // Admitted chains are settled later (time passed, windows turned):
+      // a token result to an actual cost below or above its take, or the
+      // whole chain given back; each settle's decisions equal.
+      if (got.allowed) {
+        pending.push_back({std::move(want), std::move(got)});
+      }
+      if (!pending.empty() && rng() % 3 == 0) {
+        const std::size_t j = rng() % pending.size();
+        auto [w, g] = std::move(pending[j]);
+        pending.erase(pending.begin() + static_cast<std::ptrdiff_t>(j));
+        if (rng() % 4 == 0) {
+          local.give_back(w);
+          REQUIRE(redis.give_back(g, now).ok());
+        } else {
+          const std::size_t k = rng() % 2 == 0 ? 0 : 2;
+          const Cost actual = rng() % (2 * g.results[k].cost + 2);
+          CAPTURE(k, actual);
+          REQUIRE(local.settle(w, k, actual).ok());
+          REQUIRE(redis.settle(g, k, actual, now).ok());
+          CHECK(redis.settle(g, k, actual, now).code() ==
+                absl::StatusCode::kFailedPrecondition);
+        }
+        for (std::size_t k = 0; k < g.results.size(); ++k) {
+          CAPTURE(k);
+          REQUIRE(g.results[k].receipt.open() == w.results[k].receipt.open());
+          REQUIRE(g.results[k].decision.remaining ==
+                  w.results[k].decision.remaining);
+          REQUIRE(g.results[k].decision.reset_after ==
+                  ceil_us(w.results[k].decision.reset_after));
+        }
+        ++settled;
       }
     }
+    CHECK(settled > 100);
     CHECK(r_tb->fallbacks() + r_fw->fallbacks() + r_sw->fallbacks() == 0);
     CHECK(r_tb->counts().allowed == l_tb->counts().allowed);
   }
@@ -1198,30 +1279,45 @@ TEST_CASE(
   // Released, the held tokens are Redis's again.
   const std::uint64_t left_before =
       limit->peek("tenant", 0, Nanos{0}).remaining;
-  for (auto& l : leases) l->release();
+  for (auto& l : leases) REQUIRE(l->release().ok());
   CHECK(limit->peek("tenant", 0, Nanos{0}).remaining == left_before + held);
 }
 
-TEST_CASE("a single acquire's Redis time takes its refund to the right window",
-          "[redis]") {
+TEST_CASE(
+    "a Redis receipt is placed and settled by Redis's clock, whatever the "
+    "caller's",
+    "[redis][seams]") {
   RedisServer server;
   auto client = client_for(server);
   auto limit =
       RedisLimit<SlidingWindow>::create(
           {.name = "sw"}, SlidingWindow::create(per_hour(10)).value(), client)
           .value();
-  // The caller's clock is a day off: Redis's time is what the refund needs.
+  // The caller's clock is a day off: the receipt carries Redis's time, and
+  // the settle is judged by Redis's clock, not by `now`.
   const Nanos skewed = SteadyClock{}.now() + std::chrono::hours(24);
-  const auto [d, at] = limit->acquire_timed("k", 4, skewed);
+  Receipt r;
+  const Decision d = limit->take("k", 4, skewed, r);
   REQUIRE(d.allowed);
   CHECK(d.remaining == 6);
-  CHECK(at != skewed);
-  const Decision back = limit->refund("k", 3, at, skewed);
-  CHECK(back.remaining == 9);
-  // With the caller's (wrong) time, the refund finds no charge in that
-  // window and gives nothing back: the conservative side.
-  const Decision wrong = limit->refund("k", 1, skewed, skewed);
-  CHECK(wrong.remaining == 9);
+  REQUIRE(r.open());
+  CHECK(r.at() != skewed);
+  const Nanos unix_now = std::chrono::duration_cast<Nanos>(
+      std::chrono::system_clock::now().time_since_epoch());
+  CHECK(r.at() > unix_now - std::chrono::minutes(10));  // Redis's TIME
+  CHECK(r.at() < unix_now + std::chrono::minutes(10));
+  const absl::StatusOr<Decision> back = limit->settle(r, 1, skewed);
+  REQUIRE(back.ok());
+  CHECK(back->remaining == 9);
+  CHECK_FALSE(r.open());
+  CHECK(limit->settle(r, 0, skewed).status().code() ==
+        absl::StatusCode::kFailedPrecondition);
+  // Above the take, the excess is a debt charged at once.
+  Receipt more;
+  REQUIRE(limit->take("k", 1, skewed, more).allowed);
+  const absl::StatusOr<Decision> debt = limit->settle(more, 5, skewed);
+  REQUIRE(debt.ok());
+  CHECK(debt->remaining == 9 - 5);
 }
 
 TEST_CASE(
@@ -1365,4 +1461,455 @@ TEST_CASE(
   server.signal(SIGCONT);
   CHECK(absl::IsUnavailable(paused.status()));
   CHECK(RedisClient::may_have_run(paused.status()));
+}
+
+// ---------------------------------------------------------------------------
+// Issue 13: every promise holds at the seams.
+
+TEST_CASE(
+    "case 4: a chain's roll-back of a Redis window limit is judged in Redis's "
+    "time: 5 refused chains leave rpm at 5 of 5",
+    "[redis][seams][chain]") {
+  RedisServer server;
+  auto client = client_for(server);
+  auto rpm =
+      RedisLimit<FixedWindow>::create(
+          {.name = "rpm"}, FixedWindow::create(per_minute(5)).value(), client)
+          .value();
+  // In process: a token limit the calls never fit (each refuses the chain
+  // after rpm took its request).
+  auto tpm = make_limit({.name = "tpm", .unit = Unit::kTokens},
+                        TokenBucket::create(per_minute(100), 100).value())
+                 .value();
+  auto rtpm = RedisLimit<TokenBucket>::create(
+                  {.name = "rtpm", .unit = Unit::kTokens},
+                  TokenBucket::create(per_minute(100), 100).value(), client)
+                  .value();
+  SECTION("a plain Chain on the steady clock, in-process and Redis limits") {
+    Chain<> chain;  // SteadyClock: nothing like Redis's TIME
+    for (int i = 0; i < 5; ++i) {
+      const ChainDecision d =
+          chain.acquire({{rpm.get(), "user", 1}, {tpm.get(), "user", 500}});
+      REQUIRE_FALSE(d.allowed);
+      CHECK_FALSE(d.results[0].receipt.open());  // given back
+      CHECK(d.results[0].decision.remaining == 5);
+    }
+    CHECK(rpm->peek("user", 0, Nanos{0}).remaining == 5);
+  }
+  SECTION(
+      "a RedisChain: refused chains take nothing; allowed ones given back") {
+    RedisChain chain(client);
+    for (int i = 0; i < 5; ++i) {
+      const ChainItem refused[] = {{rpm.get(), "user", 1},
+                                   {rtpm.get(), "user", 500}};
+      REQUIRE_FALSE(chain.acquire("team", refused).allowed);
+      const ChainItem fits[] = {{rpm.get(), "user", 1},
+                                {rtpm.get(), "user", 10}};
+      ChainDecision d = chain.acquire("team", fits);
+      REQUIRE(d.allowed);
+      REQUIRE(d.results[0].receipt.open());
+      REQUIRE(chain.give_back(d).ok());  // one round trip, Redis's clock
+      CHECK_FALSE(d.results[0].receipt.open());
+      CHECK(d.results[0].decision.remaining == 5);
+      CHECK(d.results[1].decision.remaining == 100);
+      CHECK(chain.give_back(d).ok());  // nothing open: nothing to do
+    }
+    const ChainItem peek[] = {{rpm.get(), "user", 0}};
+    CHECK(chain.peek("team", peek).results[0].decision.remaining == 5);
+  }
+  CHECK(rpm->fallbacks() == 0);
+}
+
+TEST_CASE(
+    "case 5: a lease serves a window's tokens only in that window, a "
+    "bucket's only while its stretch is ahead",
+    "[redis][seams][lease]") {
+  RedisServer server;
+  auto client = client_for(server);
+  const Nanos t0{1'796'083'200'000'000'000};
+  SECTION("10/s fixed window: at most 10 in each window, lease included") {
+    auto limit =
+        RedisLimit<FixedWindow>::create(
+            {.name = "fw"}, FixedWindow::create(per_second(10)).value(), client,
+            {.test_time = true})
+            .value();
+    RedisLease lease(*limit, "k", 10);
+    // Late in window w: the lease takes a batch of 10, serves 1, holds 9.
+    const Nanos late = t0 + std::chrono::milliseconds(900);
+    REQUIRE(lease.acquire(1, late).allowed);
+    CHECK(lease.held() == 9);
+    // Window w + 1: 10 direct calls fit; the lease's 9 are window w's.
+    const Nanos next = t0 + std::chrono::milliseconds(1'100);
+    int direct = 0;
+    for (int i = 0; i < 10; ++i) direct += limit->acquire("k", 1, next).allowed;
+    CHECK(direct == 10);
+    int leased = 0;
+    for (int i = 0; i < 9; ++i) leased += lease.acquire(1, next).allowed;
+    CHECK(leased == 0);  // before: 9 (19 in one window of 10)
+    CHECK(lease.held() == 0);
+    CHECK(lease.release(next).ok());
+  }
+  SECTION("the unused rest goes back through the receipt, in its window") {
+    auto limit =
+        RedisLimit<FixedWindow>::create(
+            {.name = "fw2"}, FixedWindow::create(per_second(10)).value(),
+            client, {.test_time = true})
+            .value();
+    {
+      RedisLease lease(*limit, "k", 8);
+      REQUIRE(lease.acquire(3, t0).allowed);
+      CHECK(limit->peek("k", 0, t0).remaining == 2);
+      REQUIRE(lease.release(t0 + std::chrono::milliseconds(10)).ok());
+      CHECK(limit->peek("k", 0, t0).remaining == 7);
+      // Released after its window: nothing to give back to a closed one.
+      REQUIRE(lease.acquire(2, t0 + std::chrono::milliseconds(20)).allowed);
+      REQUIRE(lease.release(t0 + std::chrono::seconds(1)).ok());
+      CHECK(limit->peek("k", 0, t0 + std::chrono::seconds(1)).remaining == 10);
+    }
+  }
+  SECTION("token bucket: tokens time has refilled are not served again") {
+    // 1 token/s, burst 10. The lease takes 10 at 0 and serves 1; at 10 s
+    // the bucket is full again by GCRA, so what the lease held was
+    // returned by time: serving it on top of 10 direct ones would be 19.
+    auto limit =
+        RedisLimit<TokenBucket>::create(
+            {.name = "tb"}, TokenBucket::create(per_second(1), 10).value(),
+            client, {.test_time = true})
+            .value();
+    RedisLease lease(*limit, "k", 10);
+    REQUIRE(lease.acquire(1, t0).allowed);
+    CHECK(lease.held() == 9);
+    // At 4.5 s, the stretch's slots from 4.5 s on still hold 5 whole tokens.
+    REQUIRE(lease.acquire(1, t0 + std::chrono::milliseconds(4'500)).allowed);
+    CHECK(lease.held() == 4);
+    const Nanos later = t0 + std::chrono::seconds(10);
+    int direct = 0;
+    for (int i = 0; i < 10; ++i)
+      direct += limit->acquire("k", 1, later).allowed;
+    CHECK(direct == 10);
+    CHECK_FALSE(lease.acquire(1, later).allowed);
+    CHECK(lease.held() == 0);
+    CHECK(lease.release(later).ok());
+    CHECK(limit->peek("k", 0, later).remaining == 0);  // nothing given back
+  }
+  SECTION("Redis's own clock: a lease stops serving by the end of the window") {
+    auto limit =
+        RedisLimit<FixedWindow>::create(
+            {.name = "fwr"},
+            FixedWindow::create(per(1'000, Nanos{200'000'000})).value(), client)
+            .value();
+    RedisLease lease(*limit, "k", 1'000);
+    REQUIRE(lease.acquire(1).allowed);
+    // Within 30 s every window has turned (200 ms each): the lease's
+    // batch is then no longer served (a little before Redis's window ends,
+    // by the bound on Redis's time: a call then may be refused, the window
+    // being full), and a new batch is taken in the next window.
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    const std::uint64_t trips = lease.round_trips();
+    for (bool ok = false;
+         !ok || lease.round_trips() == trips || lease.held() < 900;) {
+      REQUIRE(std::chrono::steady_clock::now() < deadline);
+      ok = lease.acquire(1).allowed;
+    }
+    CHECK(lease.round_trips() > trips);  // a fresh batch, in a fresh window
+    CHECK(limit->fallbacks() == 0);
+  }
+}
+
+TEST_CASE(
+    "fail modes and receipts: no receipt for what Redis never took; a "
+    "settle that cannot reach Redis says so",
+    "[redis][seams]") {
+  RedisServer server;
+  auto client =
+      RedisClient::create({.port = server.port(),
+                           .prefix = "rkt:",
+                           .connect_timeout = std::chrono::seconds(2),
+                           .command_timeout = std::chrono::seconds(5),
+                           .breaker_failures = 1,
+                           .breaker_open = std::chrono::seconds(60),
+                           .breaker_max_open = std::chrono::seconds(60)})
+          .value();
+  auto open = RedisLimit<FixedWindow>::create(
+                  {.name = "open"}, FixedWindow::create(per_minute(5)).value(),
+                  client, {.fail = FailMode::kOpen})
+                  .value();
+  auto local =
+      RedisLimit<FixedWindow>::create(
+          {.name = "local"}, FixedWindow::create(per_minute(4)).value(), client,
+          {.fail = FailMode::kLocal, .instances = 2})
+          .value();
+  Receipt before;
+  REQUIRE(open->take("k", 1, Nanos{0}, before).allowed);
+  REQUIRE(before.open());
+  server.stop(SIGKILL);
+  const Nanos t{3'600'000'000'000};
+  // kOpen admits without Redis: no receipt (nothing of Redis to give back).
+  Receipt none;
+  CHECK(open->take("k", 1, t, none).allowed);
+  CHECK_FALSE(none.open());
+  // kLocal: the local limit's receipt, settled by the local limit.
+  Receipt mine;
+  REQUIRE(local->take("k", 2, t, mine).allowed);
+  REQUIRE(mine.open());
+  CHECK(local->local_limit()->peek("k", 0, t).remaining == 0);
+  const absl::StatusOr<Decision> back = local->settle(mine, 0, t);
+  REQUIRE(back.ok());
+  CHECK(back->remaining == 2);
+  // A settle of a Redis receipt while Redis is away: kUnavailable; not
+  // sent (the breaker is open), the receipt stays open to be settled again.
+  const absl::StatusOr<Decision> away = open->settle(before, 0, t);
+  CHECK(absl::IsUnavailable(away.status()));
+  CHECK(before.open());
+  server.start();
+  // (The restarted Redis is empty: the receipt's take is gone with it, and
+  // its give-back finds nothing to give back.)
+}
+
+namespace {
+
+// The property test's oracle: admitted takes at their final amounts, at the
+// times they were admitted (a lease's serve at the time it served), and
+// debts (an excess settled above a take) as forced takes at settle time.
+struct Event {
+  std::int64_t t_us;
+  std::uint64_t seq;
+  Cost amount;
+  bool forced;
+};
+
+// GCRA over the events: each admitted one must fit (TAT - t <= burst *
+// interval after it), a forced one only moves the TAT. Equivalently, for
+// every interval, the admitted sum <= burst + rate * length, debts counted.
+void check_gcra(std::vector<Event> ev, std::uint64_t count,
+                std::int64_t period_us, std::uint64_t burst,
+                std::size_t min_checked) {
+  std::sort(ev.begin(), ev.end(), [](const Event& a, const Event& b) {
+    return a.t_us != b.t_us ? a.t_us < b.t_us : a.seq < b.seq;
+  });
+  using i128 = detail::i128;
+  // Units of 1/count us: the interval is period_us of them.
+  const i128 interval = period_us, span = static_cast<i128>(burst) * period_us;
+  i128 tat = std::numeric_limits<std::int64_t>::min();
+  std::size_t checked = 0;
+  for (const Event& e : ev) {
+    if (e.amount == 0) continue;
+    const i128 t = static_cast<i128>(e.t_us) * count;
+    const i128 next = std::max(tat, t) + static_cast<i128>(e.amount) * interval;
+    if (!e.forced) {
+      if (next - t > span) {
+        FAIL_CHECK("over-admitted: " << e.amount << " at " << e.t_us
+                                     << " us (seq " << e.seq << ")");
+        return;
+      }
+      ++checked;
+    }
+    tat = next;
+  }
+  CHECK(checked >= min_checked);  // the script did admit
+}
+
+// At most `limit` per aligned window: at each admitted event, what its
+// window counted up to it (debts included) fits the limit.
+void check_windows(std::vector<Event> ev, std::uint64_t limit,
+                   std::int64_t period_us, std::size_t min_checked) {
+  std::sort(ev.begin(), ev.end(), [](const Event& a, const Event& b) {
+    return a.t_us != b.t_us ? a.t_us < b.t_us : a.seq < b.seq;
+  });
+  std::int64_t w = std::numeric_limits<std::int64_t>::min();
+  std::uint64_t sum = 0;
+  std::size_t checked = 0;
+  for (const Event& e : ev) {
+    const std::int64_t ew = detail::floor_div_i64(e.t_us, period_us);
+    if (ew != w) {
+      w = ew;
+      sum = 0;
+    }
+    sum += e.amount;
+    if (!e.forced && e.amount != 0) {
+      if (sum > limit) {
+        FAIL_CHECK("window " << w << ": " << sum << " of " << limit
+                             << " at seq " << e.seq);
+        return;
+      }
+      ++checked;
+    }
+  }
+  CHECK(checked >= min_checked);  // the script did admit
+}
+
+// Random seeded scripts on one key of a Redis limit (test time): take,
+// settle (below, at, above), give_back, a plain Chain refused after the
+// Redis limit took (rolled back by receipt), a RedisChain refused (takes
+// nothing) or admitted (settled later through the chain), a lease serving
+// and released. Time moves on by small steps and by jumps past windows.
+template <class P>
+std::vector<Event> seam_script(RedisServer& server, const P& policy,
+                               std::uint64_t seed, int steps, Cost max_cost,
+                               std::int64_t max_step_us) {
+  auto client = client_for(server);
+  auto limit = RedisLimit<P>::create({.name = "prop"}, policy, client,
+                                     {.test_time = true})
+                   .value();
+  // Refusers: never fit a cost of 2.
+  auto no_local =
+      make_limit<InMemoryStore>({.name = "no"},
+                                FixedWindow::create(per_second(1)).value())
+          .value();
+  auto no_redis =
+      RedisLimit<FixedWindow>::create(
+          {.name = "no"}, FixedWindow::create(per_second(1)).value(), client,
+          {.test_time = true})
+          .value();
+  RedisChain rchain(client);
+  ManualClock lclock;
+  Chain<ManualClock> chain{lclock};
+  RedisLease lease(*limit, "k", 1 + seed % 5);
+  std::mt19937_64 rng(seed);
+  std::int64_t t_us = 1'796'083'200LL * 1'000'000 +
+                      static_cast<std::int64_t>(rng() % 1'000'000);
+  std::vector<Event> ev;
+  std::uint64_t seq = 0;
+  struct Open {
+    std::size_t event;
+    Receipt receipt;         // a take's own
+    ChainDecision decision;  // or a RedisChain's (result 0)
+    bool chained = false;
+  };
+  std::vector<Open> open;
+  const auto settle = [&](Open& o, Cost actual, Nanos now) {
+    const Cost taken =
+        o.chained ? o.decision.results[0].cost : o.receipt.cost();
+    if (o.chained) {
+      if (actual == 0 && rng() % 2 == 0) {
+        REQUIRE(rchain.give_back(o.decision, now).ok());
+      } else {
+        REQUIRE(rchain.settle(o.decision, 0, actual, now).ok());
+      }
+      REQUIRE_FALSE(o.decision.results[0].receipt.open());
+    } else {
+      REQUIRE(limit->settle(o.receipt, actual, now).ok());
+      REQUIRE_FALSE(o.receipt.open());
+    }
+    ev[o.event].amount = std::min(actual, taken);
+    if (actual > taken) ev.push_back({t_us, seq++, actual - taken, true});
+  };
+  for (int i = 0; i < steps; ++i) {
+    t_us += rng() % 50 == 0
+                ? static_cast<std::int64_t>(rng() % 3'000'000)
+                : static_cast<std::int64_t>(
+                      rng() % static_cast<std::uint64_t>(max_step_us));
+    const Nanos now{t_us * kUs};
+    lclock.set(now);
+    const Cost c = rng() % (max_cost + 1);
+    const int op = static_cast<int>(rng() % 16);
+    CAPTURE(i, op, c, t_us);
+    if (op < 4) {  // take
+      Open o;
+      if (limit->take("k", c, now, o.receipt).allowed) {
+        REQUIRE(o.receipt.open());
+        o.event = ev.size();
+        ev.push_back({t_us, seq++, c, false});
+        open.push_back(std::move(o));
+      }
+    } else if (op < 7 && !open.empty()) {  // settle, either way
+      const std::size_t j = rng() % open.size();
+      Open o = std::move(open[j]);
+      open[j] = std::move(open.back());
+      open.pop_back();
+      const Cost taken =
+          o.chained ? o.decision.results[0].cost : o.receipt.cost();
+      const int way = static_cast<int>(rng() % 4);
+      const Cost actual = way == 0   ? 0
+                          : way == 1 ? rng() % (taken + 1)
+                          : way == 2 ? taken
+                                     : taken + 1 + rng() % (max_cost + 1);
+      settle(o, actual, now);
+    } else if (op < 9) {  // a plain chain, refused after the Redis take
+      const Decision before = limit->peek("k", 0, now);
+      const ChainItem items[] = {{limit.get(), "k", c},
+                                 {no_local.get(), "k", 2}};
+      const ChainDecision d = chain.acquire_at(items, now);
+      REQUIRE_FALSE(d.allowed);
+      REQUIRE_FALSE(d.results[0].receipt.open());
+      const Decision after = limit->peek("k", 0, now);
+      REQUIRE(after.remaining == before.remaining);
+    } else if (op < 10) {  // a RedisChain refused: takes nothing
+      const Decision before = limit->peek("k", 0, now);
+      const ChainItem items[] = {{limit.get(), "k", c},
+                                 {no_redis.get(), "k", 2}};
+      REQUIRE_FALSE(rchain.acquire("", items, now).allowed);
+      REQUIRE(limit->peek("k", 0, now).remaining == before.remaining);
+    } else if (op < 12) {  // a RedisChain admitted: settled later
+      const ChainItem items[] = {{limit.get(), "k", c}};
+      Open o;
+      o.chained = true;
+      o.decision = rchain.acquire("", items, now);
+      if (o.decision.allowed) {
+        REQUIRE(o.decision.results[0].receipt.open());
+        o.event = ev.size();
+        ev.push_back({t_us, seq++, c, false});
+        open.push_back(std::move(o));
+      }
+    } else if (op < 15) {  // the lease
+      if (lease.acquire(c, now).allowed) ev.push_back({t_us, seq++, c, false});
+    } else if (rng() % 4 == 0) {
+      REQUIRE(lease.release(now).ok());
+    } else {  // a plain acquire
+      if (limit->acquire("k", c, now).allowed) {
+        ev.push_back({t_us, seq++, c, false});
+      }
+    }
+  }
+  // What is still open is given back (or kept: its final amount is its take).
+  const Nanos end{t_us * kUs};
+  for (Open& o : open) {
+    if (rng() % 2 == 0) settle(o, 0, end);
+  }
+  REQUIRE(lease.release(end).ok());
+  CHECK(limit->fallbacks() == 0);
+  return ev;
+}
+
+int seam_steps() {
+  // 10^5 per policy at scale 1 (RATEKEEPER_TEST_SCALE=1, the default in
+  // release); the sanitizer presets scale it down.
+  return std::max(2'000, static_cast<int>(100'000 * rk_test::scale()));
+}
+
+}  // namespace
+
+// Full count: build/release/tests/redis_test "[property]" (10^5 steps per
+// policy, about 10 s each in release); RATEKEEPER_TEST_SCALE=0.1 for a
+// quick run, RATEKEEPER_SEED=n to replay one.
+TEST_CASE(
+    "property: random scripts of take / settle / give_back / chains / lease "
+    "on Redis never over-admit on the receipts' attribution",
+    "[redis][seams][property]") {
+  RedisServer server;
+  const std::uint64_t seed = rk_test::seed_or(0x5EA35);
+  CAPTURE(seed);
+  const int steps = seam_steps();
+  const auto size = static_cast<std::size_t>(steps);
+  SECTION("token bucket: GCRA over final amounts, debts forced") {
+    const auto tb = TokenBucket::create(per_second(10), 20).value();
+    check_gcra(seam_script(server, tb, seed, steps, 6, 60'000), 10, 1'000'000,
+               20, size / 20);
+  }
+  SECTION("token bucket, 7 per second (a fractional interval)") {
+    const auto tb = TokenBucket::create(per_second(7), 9).value();
+    check_gcra(seam_script(server, tb, seed + 1, steps, 4, 120'000), 7,
+               1'000'000, 9, size / 20);
+  }
+  SECTION("fixed window: at most the limit in each aligned window") {
+    const auto fw = FixedWindow::create(per_second(12)).value();
+    check_windows(seam_script(server, fw, seed + 2, steps, 5, 40'000), 12,
+                  1'000'000, size / 20);
+  }
+  SECTION("sliding window: at most the limit in each aligned window") {
+    const auto sw = SlidingWindow::create(per_second(12)).value();
+    check_windows(seam_script(server, sw, seed + 3, steps, 5, 40'000), 12,
+                  1'000'000, size / 20);
+  }
 }

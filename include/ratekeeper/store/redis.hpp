@@ -6,9 +6,10 @@
 //                  Lua twins by EVALSHA, loading a script again when Redis
 //                  answers NOSCRIPT (a restart, SCRIPT FLUSH)
 //   RedisLimit<P>  a Limit (chain.hpp) whose state lives in Redis: each
-//                  acquire, peek, refund or charge is one script, one round
-//                  trip, atomic on the server, timed by Redis's TIME so that
-//                  instances with skewed clocks share one clock
+//                  acquire, peek, take, charge or settle is one script, one
+//                  round trip, atomic on the server, timed by Redis's TIME
+//                  so that instances with skewed clocks share one clock; a
+//                  take's Receipt is placed and settled by Redis's clock
 //   RedisChain     several Redis limits for one call in one script, all or
 //                  nothing on the server
 //   RedisLease     quota leasing: a key's tokens taken a batch at a time,
@@ -1111,6 +1112,20 @@ inline std::string redis_key(std::string_view prefix, std::string_view name,
   return out;
 }
 
+// RedisPlace: where a take kept in Redis sits, in a Receipt. `at_us` is
+// Redis's TIME of the take (microseconds); p1, p2 are what the script
+// placed it at: a token bucket's stretch of its timeline [p1, p2) in units
+// of 1/den us relative to at_us (the script's state is TAT - now); a
+// window's index (p1) by Redis's clock; a budget's period index (p1).
+// `redis_key`: the receipt's key is the Redis key itself (a RedisChain's
+// take, whose key carries the chain's tenant), else the limit's own key.
+struct RedisPlace {
+  std::int64_t at_us = 0;
+  std::int64_t p1 = 0;
+  std::int64_t p2 = 0;
+  bool redis_key = false;
+};
+
 // RedisLimitBase: what every RedisLimit<P> shares; RedisChain runs them.
 class RedisLimitBase : public Limit {
  public:
@@ -1130,18 +1145,23 @@ class RedisLimitBase : public Limit {
   // Its kind and parameters, as the script reads them, for a call at `t`
   // (a budget's period depends on it).
   virtual detail::TwinParams twin_at(Nanos /*t*/) const { return params_; }
-  // A refund's `charged_at` as the script reads it: microseconds, or a
-  // budget's period index.
-  virtual std::string at_arg(Nanos at) const {
-    return std::to_string(at.count() / 1000);
-  }
 
-  // A decision of the fail mode, counted, for a call Redis did not answer.
+  // How many of `held` units of the take `r` (a receipt this limit issued)
+  // could still be served at Redis time `t` without exceeding the limit:
+  // for a token bucket, the whole tokens of the take's stretch still ahead
+  // of t (what time has not yet refilled); for a window, all of them while
+  // t is in the take's window, none after. What RedisLease serves.
+  virtual Cost still_served(const Receipt& r, Cost held, Nanos t) const = 0;
+
   // A decision of the fail mode, counted, for a call Redis did not answer:
-  // `op` on `key` at the caller's `now` (kLocal decides it in process).
+  // `op` on `key` at the caller's `now` (kLocal decides it in process, and
+  // fills `receipt` with the local limit's receipt when it admits; the
+  // other modes never issue one: nothing was taken in Redis).
   Decision fail(const absl::Status& why, std::string_view op,
-                std::string_view key, Cost cost, Nanos now, Nanos charged_at) {
+                std::string_view key, Cost cost, Nanos now,
+                Receipt* receipt = nullptr) {
     note_fallback(why);
+    if (receipt != nullptr) *receipt = Receipt();
     switch (redis_.fail) {
       case FailMode::kOpen:
         return Decision{true, limit(), 0, Nanos{0}, Nanos{0}};
@@ -1150,9 +1170,11 @@ class RedisLimitBase : public Limit {
       case FailMode::kLocal: {
         Limit& l = *local_limit();
         if (op == "peek") return l.peek(key, cost, now);
-        if (op == "refund") return l.refund(key, cost, charged_at, now);
-        if (op == "charge") return l.charge(key, cost, now);
-        return l.acquire(key, cost, now);
+        Receipt local;
+        const Decision d = op == "charge" ? l.charge(key, cost, now, local)
+                                          : l.take(key, cost, now, local);
+        if (receipt != nullptr) *receipt = std::move(local);
+        return d;
       }
     }
     return Decision{false, limit(), 0, redis_.fail_retry, Nanos{0}};
@@ -1161,6 +1183,10 @@ class RedisLimitBase : public Limit {
   // Counts a call Redis did not answer, and why.
   void note_fallback(const absl::Status& why) {
     fallbacks_.fetch_add(1, std::memory_order_relaxed);
+    note_error(why);
+  }
+  // Records an error that no fail mode answered (a settle).
+  void note_error(const absl::Status& why) {
     metrics().record_error();
     detail::MutexLock lock(&error_mu_);
     last_error_ = std::string(why.message());
@@ -1189,36 +1215,133 @@ class RedisLimitBase : public Limit {
 
 namespace detail {
 
-// The script's arguments for one item (see redis_lua.hpp).
+// The script's arguments for one item of "acquire", "peek" or "reserve"
+// (see redis_lua.hpp).
 inline void append_item(absl::InlinedVector<std::string, 24>& args,
                         const RedisLimitBase& l, Cost cost, bool charge,
-                        Nanos at, Nanos t) {
+                        Nanos t) {
   for (std::string& p : l.twin_at(t)) args.push_back(std::move(p));
   // Costs at or above 2^53 exceed every limit a twin accepts: the same
   // decisions as the exact cost, in Lua's exact range.
   args.push_back(std::to_string(std::min<Cost>(cost, kExact)));
   args.push_back(std::to_string((l.shadow() ? 1 : 0) |
                                 (charge || l.charge_on_reject() ? 2 : 0)));
-  args.push_back(l.at_arg(at));
+  args.push_back("0");
 }
 
 inline Nanos from_us(std::int64_t us) {
   return Nanos{clamp_i64(static_cast<i128>(us) * 1000)};
 }
 
-inline Decision decision_at(std::span<const std::int64_t> v, std::size_t i) {
-  const std::size_t b = 2 + 5 * i;
+// Item i's decision in a reply of `stride` integers per item (7 for
+// acquire, peek and reserve: the decision and the take's placement; 5 for
+// a settle).
+inline Decision decision_at(std::span<const std::int64_t> v, std::size_t i,
+                            std::size_t stride = 7) {
+  const std::size_t b = 2 + stride * i;
   return Decision{v[b] == 1, static_cast<std::uint64_t>(v[b + 1]),
                   static_cast<std::uint64_t>(v[b + 2]),
                   v[b + 3] < 0 ? kNever : from_us(v[b + 3]), from_us(v[b + 4])};
 }
 
+// Item i's placement in an acquire's reply, at Redis's time of the reply.
+inline RedisPlace place_at(std::span<const std::int64_t> v, std::size_t i,
+                           bool key_is_redis_key) {
+  const std::size_t b = 2 + 7 * i;
+  return RedisPlace{v[1], v[b + 5], v[b + 6], key_is_redis_key};
+}
+
+// One receipt to settle in Redis.
+struct RedisSettle {
+  RedisLimitBase* limit = nullptr;
+  Receipt* receipt = nullptr;
+  Cost actual = 0;
+  absl::StatusOr<Decision> out = absl::InternalError("redis: not run");
+};
+
+// settle_in_redis
+//
+// Settles receipts issued by Redis limits of `client` (whose keys share one
+// slot: one RedisChain's, or one) in one script, each judged by Redis's
+// clock (or `test_now`), in order. Each item's `out` is what a zero-cost
+// call would now be told, or kUnavailable when Redis could not be reached.
+// A receipt is closed once Redis ran its settle, and also when it may have
+// run (a time-out after sending: settling it again could give back twice,
+// so the give-back is lost, the conservative side); one never sent (breaker
+// open, no connection) stays open, to be settled again.
+inline void settle_in_redis(RedisClient& client, std::span<RedisSettle> items,
+                            std::optional<Nanos> test_now) {
+  if (items.empty()) return;
+  absl::InlinedVector<std::string, 8> keys;
+  for (const RedisSettle& s : items) {
+    const RedisPlace p = s.receipt->placement<RedisPlace>();
+    keys.push_back(p.redis_key
+                       ? s.receipt->key()
+                       : redis_key(client.options().prefix, s.limit->name(), {},
+                                   s.receipt->key()));
+  }
+  absl::InlinedVector<std::string_view, 8> kv(keys.begin(), keys.end());
+  Nanos t = test_now.value_or(std::chrono::duration_cast<Nanos>(
+      std::chrono::system_clock::now().time_since_epoch()));
+  absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    absl::InlinedVector<std::string, 24> args;
+    args.push_back(test_now ? std::to_string(test_now->count() / 1000)
+                            : std::string());
+    args.emplace_back("receipt");
+    for (const RedisSettle& s : items) {
+      const RedisPlace p = s.receipt->placement<RedisPlace>();
+      for (std::string& a : s.limit->twin_at(t)) args.push_back(std::move(a));
+      args.push_back(std::to_string(s.receipt->cost()));
+      args.push_back(std::to_string(std::min<Cost>(s.actual, kExact)));
+      args.push_back(std::to_string(p.at_us));
+      args.push_back(std::to_string(p.p1));
+      args.push_back(std::to_string(p.p2));
+    }
+    absl::InlinedVector<std::string_view, 24> av(args.begin(), args.end());
+    r = client.eval_ints(redis_script(), kv, av);
+    // A budget's period other than Redis's: again, for Redis's time.
+    if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
+    t = from_us((*r)[1]);
+  }
+  const bool answered = r.ok() && r->size() == 2 + 5 * items.size();
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    RedisSettle& s = items[i];
+    if (answered) {
+      s.out = decision_at(*r, i, 5);
+      s.receipt->close();
+      continue;
+    }
+    const absl::Status why =
+        r.ok() ? absl::InternalError("redis: malformed reply to a settle")
+               : r.status();
+    s.limit->note_error(why);
+    const bool may_have_run = !r.ok() ? RedisClient::may_have_run(why) : true;
+    if (may_have_run) s.receipt->close();
+    s.out = absl::Status(
+        why.code(),
+        absl::StrCat("settle of a Redis receipt: ", why.message(),
+                     may_have_run ? " (it may have run: the receipt is closed, "
+                                    "its give-back lost, nothing given twice)"
+                                  : " (not run: the receipt stays open, "
+                                    "settle it again)"));
+  }
+}
+
 }  // namespace detail
 
 // RedisLimit<P>: the Limit of policy P with its state in Redis. Its own
-// acquire, peek, refund and charge name a key's state with an empty tag
-// (Redis Cluster then hashes the whole key); in a RedisChain the chain's
-// tenant is the tag. Use a limit one way or the other.
+// acquire, peek, take, charge and settle name a key's state with an empty
+// tag (Redis Cluster then hashes the whole key); in a RedisChain the
+// chain's tenant is the tag. Use a limit one way or the other.
+//
+// A take's Receipt records Redis's TIME of the take (Receipt::at) and what
+// the script placed it at (see RedisPlace); settle() sends it back to the
+// script, which settles it as the C++ policy's settle() does, judged by
+// Redis's clock (the caller's `now` is not used, unless test_time): a
+// chain's roll-back, a lease's return and a call settled to its actual
+// cost all give back at most what is still outstanding of the take by
+// Redis's time, and charge an excess at once as a debt.
 template <class P>
 class RedisLimit final : public RedisLimitBase {
  public:
@@ -1261,31 +1384,61 @@ class RedisLimit final : public RedisLimitBase {
   Limit* local_limit() noexcept override { return local_.get(); }
 
   Decision acquire(std::string_view key, Cost cost, Nanos now) override {
-    return run("acquire", key, cost, false, now, Nanos{0});
+    return run("acquire", key, cost, false, now, nullptr);
   }
   Decision peek(std::string_view key, Cost cost, Nanos now) const override {
     return const_cast<RedisLimit*>(this)->run("peek", key, cost, false, now,
-                                              Nanos{0});
+                                              nullptr);
   }
-  Decision refund(std::string_view key, Cost cost, Nanos charged_at,
-                  Nanos now) override {
-    return run("refund", key, cost, false, now, charged_at);
+  // As acquire, with a receipt when admitted: Redis's, placed by the
+  // script; the local limit's when kLocal answered; none when kOpen
+  // admitted without Redis (it took nothing there to give back).
+  Decision take(std::string_view key, Cost cost, Nanos now,
+                Receipt& receipt) override {
+    return run("acquire", key, cost, false, now, &receipt);
   }
-  Decision charge(std::string_view key, Cost cost, Nanos now) override {
-    return run("acquire", key, cost, true, now, Nanos{0});
+  Decision charge(std::string_view key, Cost cost, Nanos now,
+                  Receipt& receipt) override {
+    return run("acquire", key, cost, true, now, &receipt);
+  }
+
+  // settle
+  //
+  // Settles a receipt of this limit's take in one round trip, by Redis's
+  // clock (`now` only with test_time, or for a receipt the kLocal fail mode
+  // issued, which its local limit settles). kFailedPrecondition for a
+  // closed or empty receipt, kInvalidArgument for another limit's;
+  // kUnavailable when Redis could not be reached: see
+  // detail::settle_in_redis for whether the receipt stays open.
+  absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual,
+                                  Nanos now) override {
+    if (!receipt.open()) {
+      return absl::FailedPreconditionError(
+          "receipt already settled, or empty (a refused call takes nothing)");
+    }
+    if (local_ != nullptr && receipt.issuer() == local_.get()) {
+      return local_->settle(receipt, actual, now);
+    }
+    if (receipt.issuer() != this) {
+      return absl::InvalidArgumentError(
+          "receipt issued by another limit: a receipt is settled by the "
+          "limit that took it");
+    }
+    detail::RedisSettle one{this, &receipt, actual};
+    detail::settle_in_redis(
+        *client(), std::span<detail::RedisSettle>(&one, 1),
+        redis_options().test_time ? std::optional<Nanos>(now) : std::nullopt);
+    return std::move(one.out);
   }
 
   // acquire_timed
   //
   // acquire, and the time Redis decided it (Unix time; `now` when Redis
-  // could not answer): what refund() needs as `charged_at` for a window
-  // policy, whose refund goes to the window that was charged, by Redis's
-  // clock. (Limit::acquire has no room for it; a RedisChain's decision
-  // carries it as `at`.)
+  // could not answer).
   std::pair<Decision, Nanos> acquire_timed(std::string_view key, Cost cost,
                                            Nanos now) {
     Nanos at = now;
-    const Decision d = run("acquire", key, cost, false, now, Nanos{0}, &at);
+    const Decision d = run("acquire", key, cost, false, now, nullptr, &at);
     return {d, at};
   }
 
@@ -1322,8 +1475,7 @@ class RedisLimit final : public RedisLimitBase {
       key_views.emplace_back(keys.back());
       args[i].push_back(time);
       args[i].emplace_back("acquire");
-      detail::append_item(args[i], *this, requests[i].cost, false, Nanos{0},
-                          now);
+      detail::append_item(args[i], *this, requests[i].cost, false, now);
       argv[i].assign(args[i].begin(), args[i].end());
       calls.push_back({std::span<const std::string_view>(&key_views[i], 1),
                        std::span<const std::string_view>(argv[i])});
@@ -1334,7 +1486,7 @@ class RedisLimit final : public RedisLimitBase {
     out.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
       const RedisClient::IntsOr& r = replies[i];
-      if (r.ok() && r->size() == 7) {
+      if (r.ok() && r->size() == 9) {
         out.push_back(detail::decision_at(*r, 0));
       } else if (r.ok() && r->size() == 2 && (*r)[0] == -2) {
         // A budget's period other than Redis's: this one alone, again.
@@ -1342,7 +1494,7 @@ class RedisLimit final : public RedisLimitBase {
       } else {
         out.push_back(fail(
             r.ok() ? absl::InternalError("redis: malformed reply") : r.status(),
-            "acquire", requests[i].key, requests[i].cost, now, Nanos{0}));
+            "acquire", requests[i].key, requests[i].cost, now));
       }
     }
     return out;
@@ -1364,11 +1516,26 @@ class RedisLimit final : public RedisLimitBase {
       return RedisLimitBase::twin_at(t);
     }
   }
-  std::string at_arg(Nanos at) const override {
-    if constexpr (std::is_same_v<P, PeriodBudget>) {
-      return std::to_string(policy_.period().index_of(at));
+
+  Cost still_served(const Receipt& r, Cost held, Nanos t) const override {
+    if (r.issuer() != this || held == 0) return 0;
+    const RedisPlace p = r.placement<RedisPlace>();
+    const std::int64_t t_us = t.count() / 1000;
+    if constexpr (std::is_same_v<P, TokenBucket>) {
+      // Tokens whose slot of the stretch starts at or after t: the held
+      // ones are its tail (a lease serves from the front).
+      const detail::TwinParams tw = twin_at(t);
+      const detail::i128 num = std::stoll(tw[1]), den = std::stoll(tw[2]);
+      const detail::i128 ahead =
+          static_cast<detail::i128>(p.p2) -
+          (static_cast<detail::i128>(t_us) - p.at_us) * den;
+      if (ahead <= 0) return 0;
+      return std::min<Cost>(held, detail::clamp_u64(ahead / num));
+    } else if constexpr (std::is_same_v<P, PeriodBudget>) {
+      return policy_.period().index_of(t) == p.p1 ? held : 0;
     } else {
-      return RedisLimitBase::at_arg(at);
+      const std::int64_t period_us = policy_.rate().period.count() / 1000;
+      return detail::floor_div_i64(t_us, period_us) == p.p1 ? held : 0;
     }
   }
 
@@ -1389,9 +1556,11 @@ class RedisLimit final : public RedisLimitBase {
     return detail::redis_script();
   }
 
+  // One acquire, peek or charge; with `receipt`, the take's receipt.
   Decision run(std::string_view op, std::string_view key, Cost cost,
-               bool charge, Nanos now, Nanos charged_at,
+               bool charge, Nanos now, Receipt* receipt,
                Nanos* redis_now = nullptr) {
+    if (receipt != nullptr) *receipt = Receipt();
     const std::string k =
         redis_key(client()->options().prefix, name(), {}, key);
     const std::string_view keys[] = {k};
@@ -1403,20 +1572,25 @@ class RedisLimit final : public RedisLimitBase {
                          ? std::to_string(now.count() / 1000)
                          : std::string());
       args.emplace_back(op);
-      detail::append_item(args, *this, cost, charge, charged_at, t);
+      detail::append_item(args, *this, cost, charge, t);
       absl::InlinedVector<std::string_view, 24> argv(args.begin(), args.end());
       r = client()->eval_ints(script_for(op, charge), keys, argv);
       // A budget's period other than Redis's: again, for Redis's time.
       if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
       t = detail::from_us((*r)[1]);
     }
-    if (!r.ok() || r->size() != 7) {
+    if (!r.ok() || r->size() != 9) {
       return fail(
           r.ok() ? absl::InternalError("redis: malformed reply") : r.status(),
-          charge ? "charge" : op, key, cost, now, charged_at);
+          charge ? "charge" : op, key, cost, now, receipt);
     }
     if (redis_now != nullptr) *redis_now = detail::from_us((*r)[1]);
-    return detail::decision_at(*r, 0);
+    const Decision d = detail::decision_at(*r, 0);
+    if (receipt != nullptr && d.allowed && op == "acquire") {
+      *receipt = Receipt::issue(this, key, cost, detail::from_us((*r)[1]),
+                                detail::place_at(*r, 0, false));
+    }
+    return d;
   }
 
   const P policy_;
@@ -1430,6 +1604,11 @@ class RedisLimit final : public RedisLimitBase {
 // item's limit must be a RedisLimit on this chain's client. The tenant is
 // the hash tag of every key (one Redis Cluster slot per tenant): pass the
 // same tenant for a key every time. Thread-safe.
+//
+// An allowed chain's results hold receipts (LimitResult::receipt) for what
+// each limit took, placed by the script by Redis's clock; settle() and
+// give_back() send them back in one script, judged by Redis's clock. (A
+// chain receipt's key() is the Redis key, which carries the tenant.)
 class RedisChain {
  public:
   explicit RedisChain(std::shared_ptr<RedisClient> client)
@@ -1437,28 +1616,75 @@ class RedisChain {
 
   // acquire
   //
-  // ChainDecision as Chain::acquire; `at` is Redis's time of the decision
-  // (pass it to refund). When Redis cannot answer, each limit's fail mode
-  // answers (counted on each). `test_now` (tests): decide at that time
-  // instead of Redis's, for limits created with test_time.
+  // ChainDecision as Chain::acquire; `at` is Redis's time of the decision.
+  // When Redis cannot answer, each limit's fail mode answers (counted on
+  // each): kLocal limits with their local receipts, the others with none.
+  // `test_now` (tests): decide at that time instead of Redis's, for limits
+  // created with test_time.
   ChainDecision acquire(std::string_view tenant,
                         std::span<const ChainItem> items,
                         std::optional<Nanos> test_now = std::nullopt) {
-    return run("acquire", tenant, items, Nanos{0}, test_now).decision;
+    return run("acquire", tenant, items, test_now).decision;
   }
   ChainDecision peek(std::string_view tenant, std::span<const ChainItem> items,
                      std::optional<Nanos> test_now = std::nullopt) {
-    return run("peek", tenant, items, Nanos{0}, test_now).decision;
+    return run("peek", tenant, items, test_now).decision;
   }
 
-  // refund
+  // settle
   //
-  // Gives back each item's cost, charged at `charged_at` (the `at` of the
-  // decision that took it), in one round trip. false when Redis could not
-  // be reached (nothing given back: the conservative side).
-  bool refund(std::string_view tenant, std::span<const ChainItem> items,
-              Nanos charged_at, std::optional<Nanos> test_now = std::nullopt) {
-    return run("refund", tenant, items, charged_at, test_now).reached;
+  // As Chain::settle: result `index` settled to its actual cost (the unused
+  // part given back, at most what is still outstanding of it by Redis's
+  // clock; an excess charged as a debt). kOutOfRange for a bad index,
+  // kFailedPrecondition for a result holding no open receipt, kUnavailable
+  // when Redis could not be reached (see detail::settle_in_redis: a settle
+  // never sent leaves the receipt open).
+  absl::Status settle(ChainDecision& d, std::size_t index, Cost actual,
+                      std::optional<Nanos> test_now = std::nullopt) {
+    if (index >= d.results.size()) {
+      return absl::OutOfRangeError(
+          absl::StrCat("chain result ", index, " of ", d.results.size()));
+    }
+    if (!d.results[index].receipt) {
+      return absl::FailedPreconditionError(
+          "receipt already settled, or empty (a refused call takes nothing)");
+    }
+    const std::size_t which[] = {index};
+    return settle_some(d, which, actual, test_now);
+  }
+
+  // settle
+  //
+  // Every open result of `unit` settled to `actual`, in one round trip.
+  // kFailedPrecondition when none was open.
+  absl::Status settle(ChainDecision& d, Unit unit, Cost actual,
+                      std::optional<Nanos> test_now = std::nullopt) {
+    absl::InlinedVector<std::size_t, 4> which;
+    for (std::size_t i = 0; i < d.results.size(); ++i) {
+      if (d.results[i].limit->unit() == unit && d.results[i].receipt) {
+        which.push_back(i);
+      }
+    }
+    if (which.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "no open ", detail::av(unit_name(unit)), " receipt in the chain"));
+    }
+    return settle_some(d, which, actual, test_now);
+  }
+
+  // give_back
+  //
+  // Every open result settled to 0 (the call did not happen), in one round
+  // trip. kUnavailable when Redis could not be reached (receipts not sent
+  // stay open: call it again).
+  absl::Status give_back(ChainDecision& d,
+                         std::optional<Nanos> test_now = std::nullopt) {
+    absl::InlinedVector<std::size_t, 4> which;
+    for (std::size_t i = 0; i < d.results.size(); ++i) {
+      if (d.results[i].receipt) which.push_back(i);
+    }
+    if (which.empty()) return absl::OkStatus();
+    return settle_some(d, which, 0, test_now);
   }
 
   struct Outcome {
@@ -1472,25 +1698,72 @@ class RedisChain {
   // acquire, and when the chain admits, `mark` (a key of the tenant's slot)
   // is set for `ttl` in the same script: it says the holds are out. When
   // Redis cannot answer, the fail modes decide (`reached` false), at the
-  // system clock's time.
+  // system clock's time. The results hold receipts as acquire's do.
   Outcome reserve(std::string_view tenant, std::span<const ChainItem> items,
                   std::string_view mark, Nanos ttl,
                   std::optional<Nanos> test_now = std::nullopt) {
-    return run("reserve", tenant, items, Nanos{0}, test_now, mark, ttl);
+    return run("reserve", tenant, items, test_now, mark, ttl);
   }
 
  private:
+  static RedisLimitBase* redis_limit(Limit* l) {
+    return dynamic_cast<RedisLimitBase*>(l);
+  }
+
+  // Settles results `which` of `d` to `actual`: the receipts Redis issued
+  // in one script, those a kLocal fail mode issued in process.
+  absl::Status settle_some(ChainDecision& d, std::span<const std::size_t> which,
+                           Cost actual, std::optional<Nanos> test_now) {
+    absl::InlinedVector<detail::RedisSettle, 4> remote;
+    absl::InlinedVector<std::size_t, 4> remote_at;
+    absl::Status first = absl::OkStatus();
+    const Nanos unix_now = test_now.value_or(std::chrono::duration_cast<Nanos>(
+        std::chrono::system_clock::now().time_since_epoch()));
+    for (const std::size_t i : which) {
+      LimitResult& r = d.results[i];
+      RedisLimitBase* l = redis_limit(r.limit);
+      RATEKEEPER_ASSERT(l != nullptr, "RedisChain: not a RedisLimit");
+      if (r.receipt.issuer() == l) {
+        remote.push_back({l, &r.receipt, actual});
+        remote_at.push_back(i);
+        continue;
+      }
+      // A kLocal receipt (Redis was away when it was taken). The local
+      // limit's clock was the chain's Unix time at the take.
+      absl::StatusOr<Decision> left = l->settle(r.receipt, actual, unix_now);
+      if (!left.ok()) {
+        if (first.ok()) first = left.status();
+        continue;
+      }
+      r.counted = actual != 0;
+      r.decision.remaining = left->remaining;
+      r.decision.reset_after = left->reset_after;
+    }
+    detail::settle_in_redis(*client_, std::span<detail::RedisSettle>(remote),
+                            test_now);
+    for (std::size_t k = 0; k < remote.size(); ++k) {
+      LimitResult& r = d.results[remote_at[k]];
+      if (!remote[k].out.ok()) {
+        if (first.ok()) first = remote[k].out.status();
+        continue;
+      }
+      r.counted = actual != 0;
+      r.decision.remaining = remote[k].out->remaining;
+      r.decision.reset_after = remote[k].out->reset_after;
+    }
+    return first;
+  }
+
   Outcome run(std::string_view op, std::string_view tenant,
-              std::span<const ChainItem> items, Nanos charged_at,
-              std::optional<Nanos> test_now, std::string_view mark = {},
-              Nanos mark_ttl = Nanos{0}) {
+              std::span<const ChainItem> items, std::optional<Nanos> test_now,
+              std::string_view mark = {}, Nanos mark_ttl = Nanos{0}) {
     Outcome result;
     ChainDecision& out = result.decision;
     out.results.resize(items.size());
     absl::InlinedVector<std::string, 8> keys;
     absl::InlinedVector<RedisLimitBase*, 4> limits;
     for (std::size_t i = 0; i < items.size(); ++i) {
-      auto* l = dynamic_cast<RedisLimitBase*>(items[i].limit);
+      auto* l = redis_limit(items[i].limit);
       RATEKEEPER_ASSERT(l != nullptr && l->client() == client_,
                         "RedisChain: an item that is not a RedisLimit of "
                         "this chain's client");
@@ -1513,8 +1786,7 @@ class RedisChain {
                               : std::string());
       args.emplace_back(op);
       for (std::size_t i = 0; i < items.size(); ++i) {
-        detail::append_item(args, *limits[i], items[i].cost, false, charged_at,
-                            t);
+        detail::append_item(args, *limits[i], items[i].cost, false, t);
       }
       if (!mark.empty()) {
         args.push_back(std::to_string(
@@ -1525,15 +1797,17 @@ class RedisChain {
       if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
       t = detail::from_us((*r)[1]);
     }
-    result.reached = r.ok() && r->size() == 2 + 5 * items.size();
+    const bool taking = op == "acquire" || op == "reserve";
+    result.reached = r.ok() && r->size() == 2 + 7 * items.size();
     if (!result.reached) {
       const absl::Status why =
           r.ok() ? absl::InternalError("redis: malformed reply") : r.status();
       result.error = why;
       // Each limit's fail mode, in process: kLocal limits as an in-process
       // chain of their shares (all or nothing among them, given back if a
-      // closed one refuses), the others answered as their mode says. Unix
-      // time, as a budget's calendar needs.
+      // closed one refuses), the others answered as their mode says (no
+      // receipt: nothing was taken in Redis). Unix time, as a budget's
+      // calendar needs.
       const Nanos now = t;
       out.at = now;
       out.allowed = true;
@@ -1549,24 +1823,25 @@ class RedisChain {
           continue;
         }
         res.decision =
-            limits[i]->fail(why, op, items[i].key, items[i].cost, now, now);
+            limits[i]->fail(why, op, items[i].key, items[i].cost, now, nullptr);
+        res.counted = false;
         if (!res.decision.allowed && !limits[i]->shadow()) out.allowed = false;
       }
       if (!local.empty()) {
         Chain<ManualClock> c{ManualClock(now)};
-        if (op == "refund") {
-          c.refund(std::span<const ChainItem>(local), charged_at);
-        } else {
-          const ChainDecision d =
-              op == "peek" || !out.allowed
-                  ? c.peek(std::span<const ChainItem>(local))
-                  : c.acquire_at(std::span<const ChainItem>(local), now);
-          out.at = now;
-          for (std::size_t k = 0; k < local.size(); ++k) {
-            out.results[local_at[k]].decision = d.results[k].decision;
-          }
-          if (!d.allowed) out.allowed = false;
+        ChainDecision d =
+            op == "peek" || !out.allowed
+                ? c.peek(std::span<const ChainItem>(local))
+                : c.acquire_at(std::span<const ChainItem>(local), now);
+        out.at = now;
+        for (std::size_t k = 0; k < local.size(); ++k) {
+          LimitResult& res = out.results[local_at[k]];
+          res.decision = d.results[k].decision;
+          res.counted = d.results[k].counted;
+          res.shadow_denied = d.results[k].shadow_denied;
+          res.receipt = std::move(d.results[k].receipt);
         }
+        if (!d.allowed) out.allowed = false;
       }
     } else {
       out.allowed = (*r)[0] == 1;
@@ -1575,14 +1850,17 @@ class RedisChain {
         LimitResult& res = out.results[i];
         res.decision = detail::decision_at(*r, i);
         res.shadow_denied = !res.decision.allowed && limits[i]->shadow();
-        res.counted = (op == "acquire" || op == "reserve") &&
-                      (limits[i]->charge_on_reject() ||
-                       (out.allowed && res.decision.allowed));
+        res.counted = taking && (limits[i]->charge_on_reject() ||
+                                 (out.allowed && res.decision.allowed));
+        // A receipt for what was taken and stays taken (a refused chain
+        // took nothing but its charges on reject, never given back).
+        if (taking && out.allowed && res.decision.allowed) {
+          res.receipt = Receipt::issue(limits[i], keys[i], items[i].cost,
+                                       out.at, detail::place_at(*r, i, true));
+        }
       }
     }
-    if (op != "refund") {
-      detail::finish_chain(out, op == "acquire" || op == "reserve");
-    }
+    detail::finish_chain(out, taking);
     return result;
   }
 
@@ -1591,80 +1869,118 @@ class RedisChain {
 
 // RedisLease: quota leasing. Serves one key of a Redis limit in process
 // from tokens taken from Redis `batch` at a time (one round trip per batch
-// instead of per call), and gives back what it still holds when released
-// or destroyed. Tokens are taken before they are served, so the limit is
-// never exceeded across instances; the cost is fairness: tokens one
-// instance holds unused (at most `batch` per instance) are unavailable to
-// the others until it releases them. A batch Redis refuses is retried as
-// the exact cost, so a nearly spent limit still serves what fits.
-// Thread-safe.
+// instead of per call). A batch is a take with its receipt, and the lease
+// serves its tokens only while they are still the take's by Redis's clock:
+// within the window (or budget period) it was taken in, and for a token
+// bucket only the tokens of its stretch of the timeline that time has not
+// yet refilled (the held tokens are the stretch's tail). So what the lease
+// serves plus what others take never exceeds the limit: no over-admission,
+// in any window or interval. Redis's time at a serve is bounded above by
+// the take's Redis time plus the steady time since the take was sent, so a
+// lease stops serving a window early rather than late. The unused rest is
+// returned with the receipt (settled to what was served) when released or
+// destroyed, given back only as far as it is still outstanding. The cost is
+// fairness: tokens one instance holds unused (at most `batch` per instance)
+// are unavailable to the others until it releases them. A batch Redis
+// refuses is retried as the exact cost, so a nearly spent limit still
+// serves what fits. When Redis cannot answer, the limit's fail mode answers
+// each call (nothing is held). Thread-safe.
 class RedisLease {
  public:
   RedisLease(RedisLimitBase& limit, std::string key, Cost batch)
-      : limit_(limit),
-        chain_(limit.client()),
-        key_(std::move(key)),
-        batch_(batch == 0 ? 1 : batch) {}
+      : limit_(limit), key_(std::move(key)), batch_(batch == 0 ? 1 : batch) {}
   RedisLease(const RedisLease&) = delete;
   RedisLease& operator=(const RedisLease&) = delete;
-  ~RedisLease() { release(); }
+  ~RedisLease() { static_cast<void>(release()); }
 
   // acquire
   //
-  // Served from the lease when it holds `cost`; else one round trip takes
-  // another batch (or the cost alone). A refusal is Redis's decision.
-  Decision acquire(Cost cost) {
+  // Served from the lease when it still holds `cost` valid now; else one
+  // round trip takes another batch (or the cost alone). A refusal is
+  // Redis's decision. `test_now` (tests, a limit with test_time): the time
+  // of this call, as Redis's.
+  Decision acquire(Cost cost, std::optional<Nanos> test_now = std::nullopt) {
     detail::MutexLock lock(&mu_);
+    const auto steady_now = std::chrono::steady_clock::now();
+    trim(steady_now, test_now);
     if (cost <= held_) {
       held_ -= cost;
       return Decision{true, limit_.limit(), held_, Nanos{0}, Nanos{0}};
     }
     // Refused a moment ago: the same answer, without asking Redis again
     // before the wait it stated is over.
-    const auto steady_now = std::chrono::steady_clock::now();
     if (steady_now < blocked_until_) {
       return Decision{
           false, limit_.limit(), held_,
           std::chrono::duration_cast<Nanos>(blocked_until_ - steady_now),
           Nanos{0}};
     }
-    // Take what is missing, rounded up to a batch; or just that.
+    // Take what is missing, rounded up to a batch; or just that. What the
+    // lease holds now serves the rest of this call, so the old receipt is
+    // then used up to what time left of it.
     const Cost need = cost - held_;
     const Cost want = std::max(batch_, need);
     const Cost takes[2] = {want, need};
     const int tries = want == need ? 1 : 2;
+    const Nanos now = test_now.value_or(std::chrono::duration_cast<Nanos>(
+        std::chrono::system_clock::now().time_since_epoch()));
     for (int i = 0; i < tries; ++i) {
       const Cost take = takes[i];
-      const ChainItem items[] = {{&limit_, key_, take}};
-      const ChainDecision d = chain_.acquire("", items);
+      Receipt r;
+      const auto sent = std::chrono::steady_clock::now();
+      const Decision d = limit_.take(key_, take, now, r);
       ++round_trips_;
       if (d.allowed) {
-        at_ = d.at;
-        held_ += take - cost;
+        if (r.issuer() != &limit_) {
+          // The fail mode answered: serve this call alone, hold nothing
+          // (a kLocal receipt is settled to the cost at once).
+          if (r) static_cast<void>(limit_.settle(r, need, now));
+          held_ = 0;
+          return Decision{true, limit_.limit(), held_, Nanos{0}, Nanos{0}};
+        }
+        // The old batch is spent: what it held serves this call; what time
+        // took back of it is gone, nothing to give back.
+        receipt_ = std::move(r);
+        taken_ = take;
+        sent_ = sent;
+        held_ = take - need;
         return Decision{true, limit_.limit(), held_, Nanos{0}, Nanos{0}};
       }
       if (i == tries - 1) {
-        const Decision refused = d.results[0].decision;
-        if (refused.retry_after != kNever) {
+        if (d.retry_after != kNever) {
           blocked_until_ =
               steady_now +
               std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                  refused.retry_after);
+                  d.retry_after);
         }
-        return refused;
+        return d;
       }
     }
     return Decision{false, limit_.limit(), 0, kNever, Nanos{0}};
   }
 
-  // Gives back what the lease holds (to the window it was taken in).
-  void release() {
+  // release
+  //
+  // Returns the unused rest through the receipt (settled to what was
+  // served: given back only as far as it is still outstanding by Redis's
+  // clock). The status of that settle (kUnavailable: see
+  // RedisLimit::settle; a receipt not sent is kept, to be released again).
+  absl::Status release(std::optional<Nanos> test_now = std::nullopt) {
     detail::MutexLock lock(&mu_);
-    if (held_ == 0) return;
-    const ChainItem items[] = {{&limit_, key_, held_}};
-    if (chain_.refund("", items, at_)) held_ = 0;
+    if (!receipt_) {
+      held_ = 0;
+      return absl::OkStatus();
+    }
+    trim(std::chrono::steady_clock::now(), test_now);
+    const Nanos now = test_now.value_or(std::chrono::duration_cast<Nanos>(
+        std::chrono::system_clock::now().time_since_epoch()));
+    absl::StatusOr<Decision> left =
+        limit_.settle(receipt_, taken_ - held_, now);
+    if (!receipt_) held_ = 0;
+    return left.ok() ? absl::OkStatus() : left.status();
   }
 
+  // What the lease holds and may still serve (as of its last call).
   Cost held() const {
     detail::MutexLock lock(&mu_);
     return held_;
@@ -1675,13 +1991,25 @@ class RedisLease {
   }
 
  private:
+  // Drops what the receipt can no longer serve at Redis's time (bounded
+  // above: the take's Redis time plus the steady time since it was sent).
+  void trim(std::chrono::steady_clock::time_point steady_now,
+            std::optional<Nanos> test_now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!receipt_ || held_ == 0) return;
+    const Nanos t = test_now.value_or(
+        receipt_.at() + std::chrono::duration_cast<Nanos>(steady_now - sent_) +
+        Nanos{1'000});
+    held_ = limit_.still_served(receipt_, held_, t);
+  }
+
   RedisLimitBase& limit_;
-  RedisChain chain_;
   const std::string key_;
   const Cost batch_;
   mutable detail::Mutex mu_;
+  Receipt receipt_ ABSL_GUARDED_BY(mu_);
+  Cost taken_ ABSL_GUARDED_BY(mu_) = 0;
   Cost held_ ABSL_GUARDED_BY(mu_) = 0;
-  Nanos at_ ABSL_GUARDED_BY(mu_){0};
+  std::chrono::steady_clock::time_point sent_ ABSL_GUARDED_BY(mu_){};
   std::uint64_t round_trips_ ABSL_GUARDED_BY(mu_) = 0;
   std::chrono::steady_clock::time_point blocked_until_ ABSL_GUARDED_BY(mu_){};
 };

@@ -1,8 +1,8 @@
 // ratekeeper/store/redis_lua.hpp: the policies' Lua twins, run inside Redis.
 //
-// Internal to store/redis.hpp. One script holds each policy's step, refund
-// and charge, the same arithmetic as the C++ policy in a time unit of one
-// microsecond: Redis's TIME gives microseconds, and every number in Redis's
+// Internal to store/redis.hpp. One script holds each policy's step, place,
+// settle and charge, the same arithmetic as the C++ policy in a time unit of
+// one microsecond: Redis's TIME gives microseconds, and every number in Redis's
 // Lua is a double, exact for integers below 2^53. Microseconds since 1970
 // are about 1.8e15; every other quantity the script computes is bounded by
 // the configuration, which RedisLimit's factory checks against 2^53
@@ -11,14 +11,24 @@
 // Calling convention: KEYS are the states' keys, one per item of a chain (a
 // single operation is a chain of one).
 //   ARGV[1]  now in microseconds, or "" for Redis's TIME (tests pass a time)
-//   ARGV[2]  op: "acquire", "peek", "refund", "reserve", "settle" or
-//            "release" (the last three for budgets, described where the
-//            script handles them)
-//   then per item, 8 fields: kind ("tb", "fw", "sw", "pb"), four parameters,
-//   the cost, flags (1: shadow, 2: charge on reject) and, for refund, when the
-//   refunded cost was charged (microseconds)
+//   ARGV[2]  op: "acquire", "peek", "receipt" (settle rate-limit receipts),
+//            "reserve", "settle", "release", "extend", "fire", "settled" or
+//            "spent" (the last six for budgets, described where the script
+//            handles them)
+//   then per item, for acquire, peek and reserve, 8 fields: kind ("tb",
+//   "fw", "sw", "pb"), four parameters, the cost, flags (1: shadow, 2:
+//   charge on reject) and an unused 0; for "receipt", 10 fields: kind, four
+//   parameters, the cost taken, the actual cost, the take's time (us, Redis's
+//   TIME of the take) and its placement p1, p2 (as the take's reply gave
+//   them)
 // Reply: {allowed, now_us, then per item allowed, limit, remaining,
-//         retry_after_us (-1: never), reset_after_us}.
+//         retry_after_us (-1: never), reset_after_us, and for acquire, peek
+//         and reserve the take's placement p1, p2 (0, 0 when it did not
+//         take)}: a bucket's stretch [p1, p2) of its timeline in units of
+//         1/den us relative to now_us; a window's index (p1); a budget's
+//         period index (p1).
+// "receipt" settles each item as the C++ policy's settle() does, by the
+// script's now, in order, and answers what a zero-cost call is then told.
 //
 // "acquire" runs the items in order as Chain::acquire does (chain.hpp): an
 // item that charges on reject always counts (taken if it fits, charged if
@@ -119,11 +129,34 @@ local function token_bucket(key, num, den, burst)
   function m.charge(r, c)
     return math.min(r + math.min(c, 2 * burst) * num, 2 * span)
   end
-  function m.refund(r, c, at)
+  -- A take's stretch of the timeline, [r, r + c * num) relative to now.
+  function m.place(r, c) return r, r + c * num end
+  -- TokenBucket::settle: a stretch [pf, pu) placed relative to `at`. Below
+  -- the take, gives back at most what of the stretch is still ahead of now;
+  -- above, the excess is a debt charged now (capped at 2^52, far beyond any
+  -- wait that means anything, to stay exact).
+  function m.settle(r, pf, pu, at, taken, actual)
+    if actual > taken then
+      local x = math.min(actual - taken, cdiv(4503599627370496, num))
+      return math.min(r + x * num, 4503599627370496)
+    end
+    if actual == taken or r <= 0 then return r end
+    local e = now - at
+    local len
+    if e <= 0 then
+      len = pu - pf
+    else
+      if e >= cdiv(pu, den) then return r end
+      local ed = e * den
+      len = pu - ed - math.max(pf - ed, 0)
+    end
+    if len <= 0 then return r end
+    return math.max(r - math.min((taken - actual) * num, len), 0)
+  end
+  function m.giveback(r, c)
     if r <= 0 then return r end
     return math.max(r - math.min(c, burst) * num, 0)
   end
-  m.giveback = m.refund
   return m
 end
 
@@ -163,11 +196,14 @@ local function fixed_window(key, period, limit)
     return {0, limit, room, until_end(), reset}, count
   end
   function m.charge(count, c) return math.min(count + c, 4503599627370496) end
-  function m.refund(count, c, at)
-    if stored == nil or sw ~= stored or idiv(at, period) ~= sw then
-      return count
-    end
-    return count - math.min(c, count)
+  -- A take's window index.
+  function m.place(count, c) return sw, 0 end
+  -- FixedWindow::settle: gives back only to the take's window while it is
+  -- still the state's (and now's); an excess counts in now's window.
+  function m.settle(count, pw, _, at, taken, actual)
+    if actual > taken then return m.charge(count, actual - taken) end
+    if stored == nil or sw ~= stored or pw ~= sw then return count end
+    return count - math.min(taken - actual, count)
   end
   function m.giveback(count, c) return count - math.min(c, count) end
   return m
@@ -239,12 +275,16 @@ local function sliding_window(key, p, limit)
     return {0, limit, rem, at - now, reset_after(s)}, s
   end
   function m.charge(s, c) return {s[1], math.min(s[2] + c, 4294967294)} end
-  function m.refund(s, c, at)
+  function m.place(s, c) return sw, 0 end
+  -- SlidingWindow::settle: gives back to the take's window if it is the
+  -- current or the previous one; an excess counts in now's window.
+  function m.settle(s, pw, _, at, taken, actual)
+    if actual > taken then return m.charge(s, actual - taken) end
     local _, behind = elapsed()
     if behind or not stored then return s end
-    local wc = idiv(at, p)
-    if wc == sw then return {s[1], s[2] - math.min(c, s[2])} end
-    if wc == sw - 1 then return {s[1] - math.min(c, s[1]), s[2]} end
+    local c = taken - actual
+    if pw == sw then return {s[1], s[2] - math.min(c, s[2])} end
+    if pw == sw - 1 then return {s[1] - math.min(c, s[1]), s[2]} end
     return s
   end
   function m.giveback(s, c) return {s[1], s[2] - math.min(c, s[2])} end
@@ -259,10 +299,12 @@ end
 local function period_budget(key, limit, index, pstart, pend)
   if now < pstart or now >= pend then return nil end
   local m = {}
+  local raw_p, raw_spent = nil, 0
   function m.load()
     local raw = redis.call('GET', key)
     if not raw then return {index, 0} end
     local p, spent = fields(raw)
+    raw_p, raw_spent = p, spent
     if index > p then return {index, 0} end
     return {p, spent}
   end
@@ -286,9 +328,22 @@ local function period_budget(key, limit, index, pstart, pend)
     return {0, limit, room, until_next, reset}, s
   end
   function m.charge(s, c) return {s[1], math.min(s[2] + c, 4503599627370496)} end
-  function m.refund(s, c, at)
-    if at ~= s[1] then return s end
-    return {s[1], s[2] - math.min(c, s[2])}
+  function m.place(s, c) return s[1], 0 end
+  -- PeriodBudget::settle: the spend belongs to the take's period, both
+  -- ways, while no later period is stored; a past period's change is
+  -- dropped (its state is idle now).
+  function m.settle(s, pl, _, at, taken, actual)
+    local rp, rs = raw_p, raw_spent
+    if rp == nil then rp, rs = pl, 0 end
+    if rp > pl then return s end
+    if pl > rp then rp, rs = pl, 0 end
+    if actual > taken then
+      rs = math.min(rs + (actual - taken), 4503599627370496)
+    else
+      rs = rs - math.min(taken - actual, rs)
+    end
+    if rp < index then return s end
+    return {rp, rs}
   end
   function m.giveback(s, c) return {s[1], s[2] - math.min(c, s[2])} end
   return m
@@ -453,13 +508,15 @@ end
 
 -- One item, acquire or peek (most calls): the same steps as below, without
 -- the chain's bookkeeping.
-if n == 1 and op ~= 'refund' and not mark then
+if n == 1 and op ~= 'receipt' and not mark then
   local m = makers[ARGV[3]](KEYS[1], tonumber(ARGV[4]), tonumber(ARGV[5]),
                             tonumber(ARGV[6]), tonumber(ARGV[7]))
   if m == nil then return {-2, now} end
   local cost, flags = tonumber(ARGV[8]), tonumber(ARGV[9])
   local s = m.load()
   local d, nxt = m.decide(s, cost)
+  local p1, p2 = 0, 0
+  if d[1] == 1 then p1, p2 = m.place(s, cost) end
   if op == 'acquire' then
     if d[1] == 1 then
       if cost > 0 then m.save(nxt) end
@@ -472,14 +529,16 @@ if n == 1 and op ~= 'refund' and not mark then
   end
   local all = d[1]
   if d[1] ~= 1 and flags % 2 == 1 then all = 1 end
-  return {all, now, d[1], d[2], d[3], d[4], d[5]}
+  return {all, now, d[1], d[2], d[3], d[4], d[5], p1, p2}
 end
 -- Items on one key share one state (a limit twice in one chain sees its
 -- own first take, as in process).
 local mods, states, touched, order = {}, {}, {}, {}
 local items = {}
+local width = 8
+if op == 'receipt' then width = 10 end
 for i = 1, n do
-  local b = 3 + (i - 1) * 8
+  local b = 3 + (i - 1) * width
   local key = KEYS[i]
   if not mods[key] then
     mods[key] = makers[ARGV[b]](key, tonumber(ARGV[b + 1]),
@@ -489,16 +548,23 @@ for i = 1, n do
     states[key] = mods[key].load()
     order[#order + 1] = key
   end
-  items[i] = {key = key, cost = tonumber(ARGV[b + 5]),
-              flags = tonumber(ARGV[b + 6]), at = tonumber(ARGV[b + 7])}
+  if op == 'receipt' then
+    items[i] = {key = key, cost = tonumber(ARGV[b + 5]),
+                actual = tonumber(ARGV[b + 6]), at = tonumber(ARGV[b + 7]),
+                p1 = tonumber(ARGV[b + 8]), p2 = tonumber(ARGV[b + 9])}
+  else
+    items[i] = {key = key, cost = tonumber(ARGV[b + 5]),
+                flags = tonumber(ARGV[b + 6])}
+  end
 end
 
 local out = {1, now}
-if op == 'refund' then
+if op == 'receipt' then
   for i = 1, n do
     local it = items[i]
     local m = mods[it.key]
-    states[it.key] = m.refund(states[it.key], it.cost, it.at)
+    states[it.key] = m.settle(states[it.key], it.p1, it.p2, it.at, it.cost,
+                              it.actual)
     touched[it.key] = true
     local d = m.decide(states[it.key], 0)
     for j = 1, 5 do out[#out + 1] = d[j] end
@@ -519,8 +585,10 @@ for i = 1, n do
   local d, nxt
   local shadow = it.flags % 2 == 1
   local charge_on_reject = math.floor(it.flags / 2) % 2 == 1
+  it.p1, it.p2 = 0, 0
   if op == 'acquire' and charge_on_reject then
     d, nxt = m.decide(s, it.cost)
+    if d[1] == 1 then it.p1, it.p2 = m.place(s, it.cost) end
     if d[1] ~= 1 then
       nxt = m.charge(s, it.cost)
       d = m.decide(nxt, it.cost)
@@ -531,6 +599,7 @@ for i = 1, n do
   elseif op == 'acquire' and not refused then
     d, nxt = m.decide(s, it.cost)
     if d[1] == 1 then
+      it.p1, it.p2 = m.place(s, it.cost)
       states[it.key] = nxt
       touched[it.key] = true
       it.taken = true
@@ -564,6 +633,8 @@ end
 if refused then out[1] = 0 end
 for i = 1, n do
   for j = 1, 5 do out[#out + 1] = results[i][j] end
+  out[#out + 1] = items[i].p1
+  out[#out + 1] = items[i].p2
 end
 if op == 'acquire' then
   for _, key in ipairs(order) do
@@ -630,7 +701,9 @@ if span - after > 0 then rem = idiv(span - after, num) end
 if after > 0 then reset = -idiv(-after, den) end
 local all = allowed
 if ARGV[9] == '1' then all = 1 end
-return {all, now, allowed, burst, rem, retry, reset}
+local p1, p2 = 0, 0
+if allowed == 1 then p1, p2 = r, after end
+return {all, now, allowed, burst, rem, retry, reset, p1, p2}
 )lua";
 
 }  // namespace ratekeeper::detail::lua
