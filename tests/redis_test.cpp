@@ -11,6 +11,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "ratekeeper/budget/period.hpp"
@@ -1677,7 +1678,22 @@ struct Event {
   std::uint64_t seq;
   Cost amount;
   bool forced;
+  char kind = '?';        // t take, c chain, l lease (L: took a batch), a
+                          // acquire, d debt; s settle, r release (story only)
+  std::uint64_t ref = 0;  // s: the settled take's seq; s, r: the actual
 };
+
+// The events of window `w` (a failure's story).
+std::string window_story(const std::vector<Event>& ev, std::int64_t w,
+                         std::int64_t period_us) {
+  std::string out;
+  for (const Event& e : ev) {
+    if (detail::floor_div_i64(e.t_us, period_us) != w) continue;
+    out += std::to_string(e.t_us % period_us) + "us:" + e.kind +
+           std::to_string(e.amount) + "#" + std::to_string(e.seq) + " ";
+  }
+  return out;
+}
 
 // GCRA over the events: each admitted one must fit (TAT - t <= burst *
 // interval after it), a forced one only moves the TAT. Equivalently, for
@@ -1699,8 +1715,22 @@ void check_gcra(std::vector<Event> ev, std::uint64_t count,
     const i128 next = std::max(tat, t) + static_cast<i128>(e.amount) * interval;
     if (!e.forced) {
       if (next - t > span) {
+        std::string story;
+        for (const Event& x : ev) {
+          if (x.t_us > e.t_us - 3'000'000 && x.t_us <= e.t_us) {
+            story +=
+                std::to_string(x.t_us % 10'000'000) + "us:" + x.kind +
+                std::to_string(x.amount) + "#" + std::to_string(x.seq) +
+                (x.kind == 's' || x.kind >= 'A' && x.kind <= 'P'
+                     ? "<" + std::to_string(x.ref)
+                     : "") +
+                (x.kind == 't' || x.kind == 'c' ? "/" + std::to_string(x.ref)
+                                                : "") +
+                " ";
+          }
+        }
         FAIL_CHECK("over-admitted: " << e.amount << " at " << e.t_us
-                                     << " us (seq " << e.seq << ")");
+                                     << " us (seq " << e.seq << "): " << story);
         return;
       }
       ++checked;
@@ -1730,7 +1760,8 @@ void check_windows(std::vector<Event> ev, std::uint64_t limit,
     if (!e.forced && e.amount != 0) {
       if (sum > limit) {
         FAIL_CHECK("window " << w << ": " << sum << " of " << limit
-                             << " at seq " << e.seq);
+                             << " at seq " << e.seq << ": "
+                             << window_story(ev, w, period_us));
         return;
       }
       ++checked;
@@ -1771,6 +1802,8 @@ std::vector<Event> seam_script(RedisServer& server, const P& policy,
                       static_cast<std::int64_t>(rng() % 1'000'000);
   std::vector<Event> ev;
   std::uint64_t seq = 0;
+  std::uint64_t lease_batch = 0;  // the seq of the lease's last batch
+  int last_op = 0;
   struct Open {
     std::size_t event;
     Receipt receipt;         // a take's own
@@ -1793,9 +1826,18 @@ std::vector<Event> seam_script(RedisServer& server, const P& policy,
       REQUIRE_FALSE(o.receipt.open());
     }
     ev[o.event].amount = std::min(actual, taken);
-    if (actual > taken) ev.push_back({t_us, seq++, actual - taken, true});
+    ev.push_back({t_us, seq++, 0, true, 's', ev[o.event].seq * 100 + actual});
+    if (actual > taken) {
+      ev.push_back({t_us, seq++, actual - taken, true, 'd'});
+    }
   };
+  const bool story = std::getenv("RK_STORY") != nullptr;
   for (int i = 0; i < steps; ++i) {
+    if (story && i > 0) {
+      // Debugging aid: every step's op and what Redis then holds.
+      ev.push_back({t_us, seq++, 0, true, static_cast<char>('A' + last_op),
+                    limit->peek("k", 0, Nanos{t_us * kUs}).remaining});
+    }
     t_us += rng() % 50 == 0
                 ? static_cast<std::int64_t>(rng() % 3'000'000)
                 : static_cast<std::int64_t>(
@@ -1804,13 +1846,14 @@ std::vector<Event> seam_script(RedisServer& server, const P& policy,
     lclock.set(now);
     const Cost c = rng() % (max_cost + 1);
     const int op = static_cast<int>(rng() % 16);
+    last_op = op;
     CAPTURE(i, op, c, t_us);
     if (op < 4) {  // take
       Open o;
       if (limit->take("k", c, now, o.receipt).allowed) {
         REQUIRE(o.receipt.open());
         o.event = ev.size();
-        ev.push_back({t_us, seq++, c, false});
+        ev.push_back({t_us, seq++, c, false, 't', c});
         open.push_back(std::move(o));
       }
     } else if (op < 7 && !open.empty()) {  // settle, either way
@@ -1825,6 +1868,22 @@ std::vector<Event> seam_script(RedisServer& server, const P& policy,
                           : way == 1 ? rng() % (taken + 1)
                           : way == 2 ? taken
                                      : taken + 1 + rng() % (max_cost + 1);
+      // A debt does not shrink what a lease already took: its tokens were
+      // admitted before the debt, and served after it they would count
+      // twice on the serve-time attribution. The lease is released first
+      // (docs/redis.md, "Quota leasing").
+      if (actual > taken) {
+        REQUIRE(lease.release(now).ok());
+        ev.push_back({t_us, seq++, 0, true, 'r'});
+      }
+      // A bucket's give-back of a take from before the lease's batch moves
+      // the TAT back under the lease's stretch, whose tail others can then
+      // take too (docs/redis.md): on the serve-time attribution that counts
+      // twice, so the lease is released first.
+      if (std::is_same_v<P, TokenBucket> && ev[o.event].seq < lease_batch) {
+        REQUIRE(lease.release(now).ok());
+        ev.push_back({t_us, seq++, 0, true, 'r'});
+      }
       settle(o, actual, now);
     } else if (op < 9) {  // a plain chain, refused after the Redis take
       const Decision before = limit->peek("k", 0, now);
@@ -1849,16 +1908,22 @@ std::vector<Event> seam_script(RedisServer& server, const P& policy,
       if (o.decision.allowed) {
         REQUIRE(o.decision.results[0].receipt.open());
         o.event = ev.size();
-        ev.push_back({t_us, seq++, c, false});
+        ev.push_back({t_us, seq++, c, false, 'c', c});
         open.push_back(std::move(o));
       }
     } else if (op < 15) {  // the lease
-      if (lease.acquire(c, now).allowed) ev.push_back({t_us, seq++, c, false});
+      const std::uint64_t trips = lease.round_trips();
+      if (lease.acquire(c, now).allowed) {
+        if (lease.round_trips() != trips) lease_batch = seq;
+        ev.push_back(
+            {t_us, seq++, c, false, lease.round_trips() != trips ? 'L' : 'l'});
+      }
     } else if (rng() % 4 == 0) {
       REQUIRE(lease.release(now).ok());
+      ev.push_back({t_us, seq++, 0, true, 'r'});
     } else {  // a plain acquire
       if (limit->acquire("k", c, now).allowed) {
-        ev.push_back({t_us, seq++, c, false});
+        ev.push_back({t_us, seq++, c, false, 'a'});
       }
     }
   }
@@ -1912,4 +1977,43 @@ TEST_CASE(
     check_windows(seam_script(server, sw, seed + 3, steps, 5, 40'000), 12,
                   1'000'000, size / 20);
   }
+}
+
+// Found by the property test (RATEKEEPER_SEED=13, RATEKEEPER_TEST_SCALE=0.3):
+// TokenBucket::settle bounds a give-back by the take's recorded stretch
+// [from, until); when an earlier-placed take is given back first, the TAT
+// moves back and every later take's stretch is effectively earlier than
+// recorded, so a later give-back counts as "still ahead" time that has in
+// fact passed. The Lua twin settles exactly as the C++ policy (the shared
+// vectors), so both over-admit here, by a fraction of a token. The fix
+// belongs to policy/token_bucket.hpp (the lead's); until then this test
+// documents it and may fail.
+TEST_CASE(
+    "a bucket's give-backs settled out of order never return time that has "
+    "passed",
+    "[redis][seams][!mayfail]") {
+  RedisServer server;
+  auto client = client_for(server);
+  auto l = RedisLimit<TokenBucket>::create(
+               {.name = "ooo"}, TokenBucket::create(per_second(10), 20).value(),
+               client, {.test_time = true})
+               .value();
+  const std::int64_t base = 1'796'083'950LL * 1'000'000;
+  const auto at = [&](std::int64_t us) { return Nanos{(base + us) * kUs}; };
+  Receipt a, c, lease1, lease2, x;
+  REQUIRE(l->take("k", 5, at(9'843'548), a).allowed);
+  REQUIRE(l->take("k", 5, at(9'889'315), c).allowed);
+  REQUIRE(l->take("k", 4, at(9'921'139), lease1).allowed);
+  REQUIRE(l->settle(lease1, 1, at(9'962'769)).ok());
+  REQUIRE(l->settle(a, 0, at(9'962'769)).ok());  // the earlier take first
+  REQUIRE(l->take("k", 2, at(10'107'540), x).allowed);
+  REQUIRE(l->take("k", 6, at(10'133'141), x).allowed);
+  REQUIRE(l->take("k", 4, at(10'209'847), lease2).allowed);
+  REQUIRE(l->settle(lease2, 2, at(10'262'800)).ok());
+  REQUIRE(l->settle(c, 0, at(10'262'800)).ok());  // placed before the others
+  REQUIRE(l->take("k", 6, at(10'320'176), x).allowed);
+  REQUIRE(l->take("k", 6, at(10'347'842), x).allowed);
+  // Final amounts 0, 0, 1, 2, 6, 2, 6, 6 at their take times: GCRA leaves
+  // 2.0198 s of lead for 4 more at 10.687695 s, above the burst's 2 s.
+  CHECK_FALSE(l->acquire("k", 4, at(10'687'695)).allowed);
 }

@@ -1908,8 +1908,14 @@ class RedisLease {
       return Decision{true, limit_.limit(), held_, Nanos{0}, Nanos{0}};
     }
     // Refused a moment ago: the same answer, without asking Redis again
-    // before the wait it stated is over.
-    if (steady_now < blocked_until_) {
+    // before the wait it stated is over (on the test time when one is
+    // given).
+    if (test_now) {
+      if (*test_now < blocked_test_) {
+        return Decision{false, limit_.limit(), held_, blocked_test_ - *test_now,
+                        Nanos{0}};
+      }
+    } else if (steady_now < blocked_until_) {
       return Decision{
           false, limit_.limit(), held_,
           std::chrono::duration_cast<Nanos>(blocked_until_ - steady_now),
@@ -1947,7 +1953,9 @@ class RedisLease {
         return Decision{true, limit_.limit(), held_, Nanos{0}, Nanos{0}};
       }
       if (i == tries - 1) {
-        if (d.retry_after != kNever) {
+        if (d.retry_after != kNever && test_now) {
+          blocked_test_ = *test_now + d.retry_after;
+        } else if (d.retry_after != kNever) {
           blocked_until_ =
               steady_now +
               std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -2012,6 +2020,7 @@ class RedisLease {
   std::chrono::steady_clock::time_point sent_ ABSL_GUARDED_BY(mu_){};
   std::uint64_t round_trips_ ABSL_GUARDED_BY(mu_) = 0;
   std::chrono::steady_clock::time_point blocked_until_ ABSL_GUARDED_BY(mu_){};
+  Nanos blocked_test_ ABSL_GUARDED_BY(mu_){Nanos::min()};
 };
 
 }  // namespace ratekeeper
