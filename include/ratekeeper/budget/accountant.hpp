@@ -680,9 +680,6 @@ class Accountant {
       absl::StatusOr<std::uint64_t> amount =
           replay_u64(it, "amount", std::nullopt);
       if (!amount.ok()) return amount.status();
-      if (*amount > PeriodBudget::kMaxLimit) {
-        return replay_error("an item's \"amount\" is above 2^62");
-      }
       r.amount = *amount;
       if (it.find("period") != it.end()) {
         absl::StatusOr<std::int64_t> p = replay_i64(it, "period", 0);
