@@ -121,14 +121,14 @@ int main(int argc, char** argv) {
 
   // 5. A guarded call: reserve the worst case, call, settle the usage.
   const std::uint64_t prompt = 1'200, max_tokens = 4'000;
-  absl::InlinedVector<rk::ChainItem, 4> limits;
+  rk::ChainItems limits;  // owns the keys it makes for `who`
   if (auto st = tiers.chain_items("pro", who, prompt + max_tokens, limits);
       !st.ok()) {
     return fail(st);
   }
   absl::StatusOr<rk::Reservation<>> r = acct.reserve(
       who, "gpt-4o", {.prompt_tokens = prompt, .max_output_tokens = max_tokens},
-      "req-0001", limits);
+      "req-0001", limits.items());
   if (!r.ok()) return fail(r.status());  // 500: unknown model, no team...
   if (!r->granted()) {
     const rk::Rejection no = r->refused_by_budget()
@@ -144,20 +144,27 @@ int main(int argc, char** argv) {
   absl::StatusOr<rk::Usage> used =
       raw.ok() ? rk::normalize(*raw) : absl::StatusOr<rk::Usage>(raw.status());
   // Without a usable usage object: the prompt estimate and the output the
-  // server counted itself, flagged estimated (never $0).
+  // server counted itself, flagged estimated (never $0). The settle takes
+  // the budgets and the tier's token limit to what was used, both ways
+  // (unused estimate back, an excess charged): nothing to subtract here.
   absl::StatusOr<rk::Settlement> paid =
       used.ok() ? r->settle(*used) : r->settle_without_usage(0);
   if (!paid.ok()) return fail(paid.status());  // e.g. the ledger's fsync
   std::printf("settled %s for %llu tokens\n", paid->cost.to_string().c_str(),
               static_cast<unsigned long long>(paid->tokens));
-  // Unused estimate back to the token rate limits too.
-  if (auto st = tiers.refund_tokens(
-          "pro", who, prompt + max_tokens - paid->tokens, r->decision().at);
-      !st.ok()) {
-    return fail(st);
-  }
-  // A retried settle of the same id changes nothing.
+  // The tier's token limit now holds what the provider counted.
+  const rk::ChainItem tpm = limits.items()[1];
+  std::printf("tpm: %llu of 150000 tokens left\n",
+              static_cast<unsigned long long>(
+                  tpm.limit->peek(tpm.key, 0, r->decision().at).remaining));
+  // A retried settle of the same id changes nothing; a new call under the
+  // id is refused, so a retry never reaches the provider twice.
   if (r->settle(rk::Usage{}).value() != *paid) return 1;
+  if (acct.reserve(who, "gpt-4o", {.prompt_tokens = prompt}, "req-0001")
+          .status()
+          .code() != absl::StatusCode::kAlreadyExists) {
+    return 1;
+  }
 
   // 6. A stream that ends without a usage chunk: grow the reservation as
   //    chunks arrive, settle the counted tokens, flagged estimated.

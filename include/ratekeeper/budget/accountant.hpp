@@ -4,8 +4,11 @@
 // period, with soft thresholds), Estimate (the worst case of a call), and
 // Accountant, whose reserve() holds the worst case against every budget
 // (and any rate limits given) all or nothing and returns an RAII
-// Reservation; settle(usage) charges what was used, exactly once per
-// request id; a reservation dropped unsettled gives everything back.
+// Reservation holding the receipt of each take; settle(usage) settles every
+// receipt to what was used (budgets and rate limits, both directions, each
+// budget in the period it counted the call in), exactly once per request id
+// (a new reserve under a settled id is refused); a reservation dropped
+// unsettled gives everything back through its receipts.
 //
 //   Accountant<> acct(prices);
 //   acct.add_budget({.name = "team_month", .scope = Field::kTeam,
@@ -321,9 +324,13 @@ class Reservation {
 
   // settle
   //
-  // Charges `used` (priced at the reservation's time): what was held and
-  // not used goes back, an overage is charged (past the limit if need be:
-  // the provider billed it). Exactly once per request id: a second settle,
+  // Charges `used` (priced at the reservation's time) through the
+  // reservation's receipts: what was held and not used goes back, an
+  // overage is charged (past the limit if need be: the provider billed
+  // it), each budget in the period it counted the call in; the rate limits
+  // given to reserve() are settled too (a token limit to the tokens used,
+  // in both directions; a request limit keeps its request). Exactly once
+  // per request id: a second settle,
   // here or through another Reservation of the same id, returns the first
   // result and changes nothing. kFailedPrecondition on a refused or
   // released reservation.
@@ -357,8 +364,11 @@ class Reservation {
   //
   // Streaming: whether `next_tokens` more output, after `output_so_far`,
   // still fits. Within the reservation it does; beyond, the reservation
-  // grows by the difference if every budget allows it (all or nothing),
-  // else false and the caller cuts the stream.
+  // grows by the difference if every budget allows it (all or nothing) in
+  // the period the reservation counts in, else false and the caller cuts
+  // the stream. Once a later period has opened on a budget's key, the
+  // reservation's period cannot grow there (its room is no longer known,
+  // and a later period never pays for it): false.
   absl::StatusOr<bool> next_chunk_fits(std::uint64_t output_so_far,
                                        std::uint64_t next_tokens) {
     if (acct_ == nullptr || !granted() || done_) {
@@ -374,8 +384,9 @@ class Reservation {
 
   // release
   //
-  // Gives back everything held (a call that failed before dispatch). Done
-  // by the destructor of an unsettled reservation.
+  // Gives back everything held, through the receipts: the budgets and the
+  // rate limits given to reserve() (a call that failed before dispatch).
+  // Done by the destructor of an unsettled reservation.
   void release() noexcept {
     if (acct_ != nullptr && granted() && !done_)
       acct_->release_reservation(*this);
@@ -478,7 +489,12 @@ class Accountant {
   // against every budget of `who`, with `limits` (rate limits, acquired
   // first) in the same all-or-nothing chain. A refusal is a Reservation
   // that is not granted(); errors (unknown model, a subject lacking a
-  // budget's field) are statuses.
+  // budget's field) are statuses, and so is a request id already settled
+  // within the remembered window (kAlreadyExists: the call must not reach
+  // the provider again; find_settlement() has its settlement). Request ids
+  // are made by the server, once per provider call. An id in flight (not
+  // yet settled) may be reserved again: the first settle wins, the other
+  // reservation's settle returns it and gives its holds back.
   absl::StatusOr<Reservation<C>> reserve(
       const Subject& who, std::string_view model, const Estimate& e,
       std::string request_id, std::span<const ChainItem> limits = {}) {
@@ -664,9 +680,6 @@ class Accountant {
       absl::StatusOr<std::uint64_t> amount =
           replay_u64(it, "amount", std::nullopt);
       if (!amount.ok()) return amount.status();
-      if (*amount > PeriodBudget::kMaxLimit) {
-        return replay_error("an item's \"amount\" is above 2^62");
-      }
       r.amount = *amount;
       if (it.find("period") != it.end()) {
         absl::StatusOr<std::int64_t> p = replay_i64(it, "period", 0);
@@ -815,10 +828,11 @@ class Accountant {
   // set_idempotency_window
   //
   // How many settled request ids are remembered (default 2^18, about four
-  // minutes at 1,000 settles a second): a settle of an id forgotten since is
-  // charged again. Memory is about 90 bytes per id (ids of up to 15
-  // characters; a longer id adds its own allocation). Set before the first
-  // reserve.
+  // minutes at 1,000 settles a second): within the window a reserve under a
+  // settled id is refused and a retried settle returns the first
+  // settlement; an id forgotten since is a new call, charged again. Memory is
+  // about 90 bytes per id (ids of up to 15 characters; a longer id adds its own
+  // allocation). Set before the first reserve.
   void set_idempotency_window(std::size_t ids) { settled_.set_window(ids); }
 
   // find_settlement

@@ -346,6 +346,10 @@ class RedisReservation {
     Cost held;
     bool money;
     Cost unrecorded = 0;  // of `held`, granted while Redis was away
+    // Receipts of what this budget's kLocal share took while Redis was away
+    // (extensions; the reserve's own is in decision_ when the chain fell
+    // back): settle_local settles them.
+    std::vector<Receipt> local{};
   };
 
   RedisAccountant* acct_ = nullptr;
@@ -930,9 +934,17 @@ class RedisAccountant {
     }
     if (!local.empty()) {
       Chain<ManualClock> c{ManualClock(r.decision_.at)};
-      if (!c.acquire_at(std::span<const ChainItem>(local), r.decision_.at)
-               .allowed) {
-        return false;
+      ChainDecision taken =
+          c.acquire_at(std::span<const ChainItem>(local), r.decision_.at);
+      if (!taken.allowed) return false;
+      // Each take's receipt goes with its budget, to be settled with it.
+      std::size_t j = 0;
+      for (std::size_t i = 0; i < r.items_.size(); ++i) {
+        if (add[i] == 0 ||
+            budgets_[r.items_[i].budget].limit->local_limit() == nullptr) {
+          continue;
+        }
+        r.items_[i].local.push_back(std::move(taken.results[j++].receipt));
       }
       r.local_ = true;
     }
@@ -973,19 +985,34 @@ class RedisAccountant {
 
   // kLocal holds (taken while Redis was away) settle in process too, so the
   // instance's share keeps counting what it admitted.
+  //
+  // Through the receipts of the local takes: the reserve's (in decision_,
+  // when the chain fell back to the local shares) and each extension's;
+  // the give-backs bounded by each receipt, an excess on the last one, all
+  // in the period each was counted in (PeriodBudget::settle).
   void settle_local(RedisReservation& r, std::span<const Cost> actual) {
     if (!r.local_) return;
     const Nanos at = r.decision_.at;
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
-      Limit* l = budgets_[r.items_[i].budget].limit->local_limit();
+      auto& it = r.items_[i];
+      Limit* l = budgets_[it.budget].limit->local_limit();
       if (l == nullptr) continue;
-      const Cost held = r.items_[i].held;
-      const Cost want = actual.empty() ? 0 : actual[i];
-      if (want < held) {
-        static_cast<void>(l->refund(r.items_[i].key, held - want, at, at));
-      } else if (want > held) {
-        static_cast<void>(l->charge(r.items_[i].key, want - held, at));
+      absl::InlinedVector<Receipt*, 4> receipts;
+      if (!r.backed_) {
+        Receipt& first = r.decision_.results[r.first_budget_ + i].receipt;
+        if (first) receipts.push_back(&first);
       }
+      for (Receipt& x : it.local) {
+        if (x) receipts.push_back(&x);
+      }
+      Cost left = actual.empty() ? 0 : actual[i];
+      for (std::size_t k = 0; k < receipts.size(); ++k) {
+        const bool last = k + 1 == receipts.size();
+        const Cost to = last ? left : std::min(left, receipts[k]->cost());
+        left -= to;
+        static_cast<void>(l->settle(*receipts[k], to, at));
+      }
+      it.local.clear();
     }
   }
 
