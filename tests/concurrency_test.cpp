@@ -668,7 +668,8 @@ TEST_CASE(
               absl::StrCat("req-", n));
           // A retry of an id already settled never reaches the provider
           // again: refused, with the first settlement named (issue 13).
-          if (!r.ok() && r.status().code() == absl::StatusCode::kAlreadyExists) {
+          if (!r.ok() &&
+              r.status().code() == absl::StatusCode::kAlreadyExists) {
             continue;
           }
           if (!r.ok() || !r->granted()) {

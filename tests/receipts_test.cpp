@@ -9,7 +9,9 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -510,4 +512,70 @@ TEST_CASE("receipts property: fixed window, per window, on final amounts",
 TEST_CASE("receipts property: sliding window, per aligned window",
           "[seams][property][receipts]") {
   run_scripts<SlidingWindow>(1'000'000, /*debts=*/true);
+}
+
+// Found by an examiner (issue 13): a charge on reject capped the bucket's
+// debt at two bursts from now, so a denial charged after a settled debt (or
+// a burst lowered at run time) moved the TAT earlier and wiped the debt.
+TEST_CASE("seams: a charged denial never shortens a debt",
+          "[seams][receipts]") {
+  ManualClock clock(seconds(1000));
+  auto ip = make_limit({.name = "ip", .charge_on_reject = true},
+                       bucket(per_second(1), 10))
+                .value();
+  Chain<ManualClock> chain(clock);
+  ChainDecision d = chain.acquire({{ip.get(), "k", 10}});
+  REQUIRE(d.allowed);
+  REQUIRE(chain.settle(d, 0, 100).ok());  // a debt of 90 tokens: 90 s more
+  CHECK(ip->peek("k", 10, clock.now()).retry_after == seconds(100));
+  ChainDecision denied = chain.acquire({{ip.get(), "k", 1}});
+  CHECK_FALSE(denied.allowed);  // charged, and the debt still stands
+  CHECK(ip->peek("k", 10, clock.now()).retry_after >= seconds(100));
+  clock.advance(seconds(20));
+  CHECK_FALSE(chain.acquire({{ip.get(), "k", 10}}).allowed);
+  // A lowered burst: the state's lead above the new burst is kept.
+  auto tb = make_limit({.name = "tb", .charge_on_reject = true},
+                       bucket(per_second(1), 100))
+                .value();
+  REQUIRE(tb->acquire("k", 100, clock.now()).allowed);
+  REQUIRE(tb->reconfigure(bucket(per_second(1), 10)).ok());
+  const Nanos before = tb->peek("k", 1, clock.now()).retry_after;
+  Receipt none;
+  CHECK_FALSE(tb->charge("k", 1, clock.now(), none).allowed);
+  CHECK(tb->peek("k", 1, clock.now()).retry_after >= before);
+}
+
+// Found by an examiner: a receipt of a destroyed limiter was accepted by a
+// new one built at the same address.
+TEST_CASE("seams: a receipt names its limiter, not an address",
+          "[seams][receipts]") {
+  ManualClock clock(seconds(1000));
+  const TokenBucket tb = bucket(per_second(1), 10);
+  std::optional<Limiter<TokenBucket, InMemoryStore, ManualClock>> lim;
+  lim.emplace(tb, clock);
+  Taken t = lim->take("k", 10);
+  REQUIRE(t);
+  lim.reset();
+  lim.emplace(tb, clock);  // very likely the same address
+  Taken u = lim->take("k", 10);
+  REQUIRE(u);
+  CHECK(lim->settle(t.receipt, 0).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(lim->peek("k", 0).remaining == 0);
+}
+
+// Found by an examiner: the span items() returned was freed by the next
+// call with more than four items.
+TEST_CASE("seams 8: ChainItems views stay valid across items() calls",
+          "[seams][tiers]") {
+  auto l = make_limit({.name = "a"}, bucket(per_second(1), 10)).value();
+  ChainItems items;
+  for (int i = 0; i < 6; ++i) items.add(l.get(), "key-" + std::to_string(i), 1);
+  const std::span<const ChainItem> first = items.items();
+  const std::span<const ChainItem> second = items.items();
+  CHECK(first[0].key == "key-0");
+  CHECK(second[5].key == "key-5");
+  items.add(l.get(), items[2].key, 3);  // a key viewing its own bytes
+  CHECK(items[6].key == "key-2");
+  CHECK(items[6].cost == 3);
 }

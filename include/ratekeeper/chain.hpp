@@ -267,7 +267,7 @@ class PolicyLimit final : public Limit {
                 Receipt& receipt) override {
     const P* p = policy_ptr();
     return detail::take_on(store_, key, detail::AcquireOp<P>{p, now, cost}, *p,
-                           this, receipt);
+                           this, serial_, receipt);
   }
 
   Decision charge(std::string_view key, Cost cost, Nanos now,
@@ -275,7 +275,7 @@ class PolicyLimit final : public Limit {
     if constexpr (ChargingPolicy<P>) {
       const P* p = policy_ptr();
       return detail::take_on(store_, key, detail::ChargeOp<P>{p, now, cost}, *p,
-                             this, receipt);
+                             this, serial_, receipt);
     } else {
       // make_limit refuses charge_on_reject for such a policy; a caller
       // reaching here directly gets the plain take.
@@ -289,7 +289,8 @@ class PolicyLimit final : public Limit {
   // gives back what was taken, never the same count at the new rate.
   absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual,
                                   Nanos now) override {
-    return detail::settle_on(store_, *policy_ptr(), this, receipt, actual, now);
+    return detail::settle_on(store_, *policy_ptr(), this, serial_, receipt,
+                             actual, now);
   }
 
   std::uint64_t limit() const noexcept override { return policy().limit(); }
@@ -324,6 +325,8 @@ class PolicyLimit final : public Limit {
   }
 
   StoreType& store() noexcept { return store_; }
+  // With the limit's address, what names it as the issuer of its receipts.
+  std::uint64_t serial() const noexcept { return serial_; }
 
  private:
   const P* policy_ptr() const noexcept {
@@ -331,6 +334,7 @@ class PolicyLimit final : public Limit {
   }
 
   StoreType store_;
+  const std::uint64_t serial_ = detail::next_issuer_serial();
   std::atomic<const P*> current_{nullptr};
   detail::Mutex mu_;
   std::deque<P> versions_;  // stable addresses; guarded by mu_ after ctor
@@ -372,42 +376,59 @@ struct ChainItem {
 class ChainItems {
  public:
   ChainItems() = default;
-  ChainItems(const ChainItems& o) : buf_(o.buf_), parts_(o.parts_) {}
+  ChainItems(const ChainItems& o) : buf_(o.buf_), parts_(o.parts_) {
+    rebuild();
+  }
+  ChainItems(ChainItems&& o) noexcept
+      : buf_(std::move(o.buf_)), parts_(std::move(o.parts_)) {
+    rebuild();
+    o.clear();
+  }
   ChainItems& operator=(const ChainItems& o) {
-    buf_ = o.buf_;
-    parts_ = o.parts_;
+    if (this != &o) {
+      buf_ = o.buf_;
+      parts_ = o.parts_;
+      rebuild();
+    }
+    return *this;
+  }
+  ChainItems& operator=(ChainItems&& o) noexcept {
+    if (this != &o) {
+      buf_ = std::move(o.buf_);
+      parts_ = std::move(o.parts_);
+      rebuild();
+      o.clear();
+    }
     return *this;
   }
 
-  // Appends an item; its key's bytes are copied.
+  // Appends an item; its key's bytes are copied (a key viewing this
+  // object's own bytes included).
   void add(Limit* limit, std::string_view key, Cost cost) {
-    parts_.push_back(Part{limit, buf_.size(), key.size(), cost});
-    buf_.insert(buf_.end(), key.begin(), key.end());
+    const std::string copy(key);
+    parts_.push_back(Part{limit, buf_.size(), copy.size(), cost});
+    buf_.insert(buf_.end(), copy.begin(), copy.end());
+    rebuild();
   }
   void add(const ChainItem& item) { add(item.limit, item.key, item.cost); }
   void clear() {
     buf_.clear();
     parts_.clear();
+    view_.clear();
   }
 
   std::size_t size() const noexcept { return parts_.size(); }
   bool empty() const noexcept { return parts_.empty(); }
-  ChainItem operator[](std::size_t i) const {
-    const Part& p = parts_[i];
-    return ChainItem{p.limit, std::string_view(buf_.data() + p.offset, p.size),
-                     p.cost};
-  }
+  ChainItem operator[](std::size_t i) const { return view_[i]; }
 
-  // The items, with keys viewing this object's bytes.
-  std::span<const ChainItem> items() const {
-    view_.clear();
-    for (const Part& p : parts_) {
-      view_.push_back(ChainItem{
-          p.limit, std::string_view(buf_.data() + p.offset, p.size), p.cost});
-    }
+  // The items, with keys viewing this object's bytes: valid until the
+  // object is changed, moved from or destroyed.
+  std::span<const ChainItem> items() const noexcept {
     return std::span<const ChainItem>(view_.data(), view_.size());
   }
-  operator std::span<const ChainItem>() const { return items(); }  // NOLINT
+  operator std::span<const ChainItem>() const noexcept {  // NOLINT
+    return items();
+  }
 
  private:
   struct Part {
@@ -416,9 +437,17 @@ class ChainItems {
     std::size_t size;
     Cost cost;
   };
+  // The views, made again whenever the bytes may have moved.
+  void rebuild() {
+    view_.clear();
+    for (const Part& p : parts_) {
+      view_.push_back(ChainItem{
+          p.limit, std::string_view(buf_.data() + p.offset, p.size), p.cost});
+    }
+  }
   absl::InlinedVector<char, 256> buf_;
   absl::InlinedVector<Part, 4> parts_;
-  mutable absl::InlinedVector<ChainItem, 4> view_;
+  absl::InlinedVector<ChainItem, 4> view_;
 };
 
 // LimitResult: what one limit of a chain decided.
@@ -682,9 +711,13 @@ class Chain {
   // Gives back everything an allowed chain still holds (the call did not
   // happen): each open result settled to 0. Charges on reject of a refused
   // chain are never given back; a result settled already is left alone.
+  // Last taken first: a limit that appears twice gives its later take back
+  // first, so that each give-back is of the key's last take (exact for a
+  // token bucket, docs/policies.md).
   void give_back(ChainDecision& d) {
     const Nanos now = clock_.now();
-    for (LimitResult& r : d.results) {
+    for (auto it = d.results.rbegin(); it != d.results.rend(); ++it) {
+      LimitResult& r = *it;
       if (!r.receipt) continue;
       absl::StatusOr<Decision> left = r.limit->settle(r.receipt, 0, now);
       if (left.ok()) {
@@ -703,7 +736,8 @@ class Chain {
   // its count and its receipt is dropped (a refused call's charge is never
   // given back).
   static void roll_back(ChainDecision& out, Nanos now) {
-    for (LimitResult& r : out.results) {
+    for (auto it = out.results.rbegin(); it != out.results.rend(); ++it) {
+      LimitResult& r = *it;
       if (!r.counted) continue;
       if (r.limit->charge_on_reject()) {
         r.receipt = Receipt();

@@ -158,7 +158,7 @@ struct MarkedTake : Op {
 // when the take was admitted and the store kept it.
 template <class P, class StoreT, class Op>
 Decision take_on(StoreT& store, std::string_view key, Op op, const P& policy,
-                 const void* issuer, Receipt& out) {
+                 const void* issuer, std::uint64_t serial, Receipt& out) {
   typename P::State before{};
   std::uint64_t mark = 0;
   bool kept = false;
@@ -171,7 +171,7 @@ Decision take_on(StoreT& store, std::string_view key, Op op, const P& policy,
     if constexpr (requires { P::kGiveBacksMoveLaterTakes; }) {
       placed.mark = mark;
     }
-    out = Receipt::issue(issuer, key, op.cost, op.now, placed);
+    out = Receipt::issue(issuer, key, op.cost, op.now, placed, serial);
   } else {
     out = Receipt();
   }
@@ -185,13 +185,13 @@ Decision take_on(StoreT& store, std::string_view key, Op op, const P& policy,
 // debt (the debt is counted even on a key the store let go).
 template <class P, class StoreT>
 absl::StatusOr<Decision> settle_on(StoreT& store, const P& policy,
-                                   const void* issuer, Receipt& r, Cost actual,
-                                   Nanos now) {
+                                   const void* issuer, std::uint64_t serial,
+                                   Receipt& r, Cost actual, Nanos now) {
   if (!r.open()) {
     return absl::FailedPreconditionError(
         "receipt already settled, or empty (a refused call takes nothing)");
   }
-  if (r.issuer() != issuer) {
+  if (r.issuer() != issuer || r.serial() != serial) {
     return absl::InvalidArgumentError(
         "receipt issued by another limit: a receipt is settled by the limit "
         "that took it");
@@ -292,7 +292,7 @@ class Limiter {
     Taken t;
     t.decision = detail::take_on(
         store_, key, detail::AcquireOp<P>{&policy_, clock_.now(), cost},
-        policy_, this, t.receipt);
+        policy_, this, serial_, t.receipt);
     return t;
   }
 
@@ -307,7 +307,7 @@ class Limiter {
   // kInvalidArgument for one from another limiter; either way nothing
   // changes. Thread-safe.
   absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual) {
-    return detail::settle_on(store_, policy_, this, receipt, actual,
+    return detail::settle_on(store_, policy_, this, serial_, receipt, actual,
                              clock_.now());
   }
 
@@ -330,6 +330,7 @@ class Limiter {
   const P policy_;
   StoreType store_;
   const C clock_;
+  const std::uint64_t serial_ = detail::next_issuer_serial();
 };
 
 }  // namespace ratekeeper

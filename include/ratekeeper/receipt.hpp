@@ -23,6 +23,8 @@
 #ifndef RATEKEEPER_RECEIPT_HPP_
 #define RATEKEEPER_RECEIPT_HPP_
 
+#include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <string_view>
@@ -33,6 +35,16 @@
 
 namespace ratekeeper {
 
+namespace detail {
+// A number no other limit of this process has: with the limit's address, it
+// names the issuer of a receipt (an address alone can be reused by a limit
+// built after the first was destroyed).
+inline std::uint64_t next_issuer_serial() noexcept {
+  static std::atomic<std::uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+}  // namespace detail
+
 class Receipt {
  public:
   // An empty receipt: nothing to settle (a refusal, or a moved-from one).
@@ -40,6 +52,7 @@ class Receipt {
 
   Receipt(Receipt&& o) noexcept
       : issuer_(std::exchange(o.issuer_, nullptr)),
+        serial_(o.serial_),
         key_(std::move(o.key_)),
         cost_(std::exchange(o.cost_, 0)),
         at_(o.at_) {
@@ -48,6 +61,7 @@ class Receipt {
   Receipt& operator=(Receipt&& o) noexcept {
     if (this != &o) {
       issuer_ = std::exchange(o.issuer_, nullptr);
+      serial_ = o.serial_;
       key_ = std::move(o.key_);
       cost_ = std::exchange(o.cost_, 0);
       at_ = o.at_;
@@ -74,14 +88,18 @@ class Receipt {
 
   // For limits and stores (not for callers): a receipt from `issuer` for a
   // take of `cost` on `key` at `at`, placed at `placement`.
+  // `serial` tells apart limits that lived at the same address
+  // (detail::next_issuer_serial()).
   template <class Placement>
   static Receipt issue(const void* issuer, std::string_view key, Cost cost,
-                       Nanos at, const Placement& placement) {
+                       Nanos at, const Placement& placement,
+                       std::uint64_t serial = 0) {
     static_assert(std::is_trivially_copyable_v<Placement> &&
                       sizeof(Placement) <= kPlaceBytes,
                   "a Placement is at most 64 trivially copyable bytes");
     Receipt r;
     r.issuer_ = issuer;
+    r.serial_ = serial;
     r.key_.assign(key.data(), key.size());
     r.cost_ = cost;
     r.at_ = at;
@@ -89,6 +107,7 @@ class Receipt {
     return r;
   }
   const void* issuer() const noexcept { return issuer_; }
+  std::uint64_t serial() const noexcept { return serial_; }
   template <class Placement>
   Placement placement() const noexcept {
     Placement p;
@@ -105,6 +124,7 @@ class Receipt {
 
  private:
   const void* issuer_ = nullptr;
+  std::uint64_t serial_ = 0;
   std::string key_;
   Cost cost_ = 0;
   Nanos at_{0};

@@ -1188,13 +1188,13 @@ class Accountant {
               Cost add, Cost give, Nanos now) {
     PolicyLimit<PeriodBudget>* l = budgets_[b].limit.get();
     if (add != 0) {
-      Receipt r =
-          Receipt::issue(l, key, 0, now, PeriodBudget::Placement{period});
+      Receipt r = Receipt::issue(l, key, 0, now,
+                                 PeriodBudget::Placement{period}, l->serial());
       static_cast<void>(l->settle(r, add, now));
     }
     if (give != 0) {
-      Receipt r =
-          Receipt::issue(l, key, give, now, PeriodBudget::Placement{period});
+      Receipt r = Receipt::issue(l, key, give, now,
+                                 PeriodBudget::Placement{period}, l->serial());
       static_cast<void>(l->settle(r, 0, now));
     }
   }

@@ -228,7 +228,10 @@ class TokenBucket {
     const i128 base = std::max(decode(s), now_s);
     const i128 debt =
         static_cast<i128>(std::min<Cost>(cost, 2 * burst_)) * num_;
-    return encode(std::min(base + debt, now_s + 2 * span_));
+    // The cap bounds what a charge adds; it never takes back what is
+    // already counted (a settled debt, a burst lowered at run time, a
+    // clock that stepped back).
+    return encode(std::max(base, std::min(base + debt, now_s + 2 * span_)));
   }
 
   // idle

@@ -127,7 +127,7 @@ local function token_bucket(key, num, den, burst)
             reset(r)}, r
   end
   function m.charge(r, c)
-    return math.min(r + math.min(c, 2 * burst) * num, 2 * span)
+    return math.max(r, math.min(r + math.min(c, 2 * burst) * num, 2 * span))
   end
   -- A take's stretch of the timeline, [r, r + c * num) relative to now.
   function m.place(r, c) return r, r + c * num end
