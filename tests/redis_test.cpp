@@ -473,7 +473,8 @@ TEST_CASE("a Redis chain decides as an in-process chain, in one round trip",
     Chain<ManualClock> local{lclock};
     std::vector<std::pair<ChainDecision, ChainDecision>> pending;
     int settled = 0;
-    std::int64_t t_us = 1'796'083'200LL * 1'000'000 + variant * 1'000'000'000;
+    std::int64_t t_us =
+        1'796'083'200LL * 1'000'000 + std::int64_t{variant} * 1'000'000'000;
     for (int i = 0; i < 1'500; ++i) {
       t_us += static_cast<std::int64_t>(rng() % 120'000);
       const Nanos now{t_us * kUs};
