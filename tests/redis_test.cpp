@@ -1734,7 +1734,7 @@ void check_gcra(std::vector<Event> ev, std::uint64_t count,
             story +=
                 std::to_string(x.t_us % 10'000'000) + "us:" + x.kind +
                 std::to_string(x.amount) + "#" + std::to_string(x.seq) +
-                (x.kind == 's' || x.kind >= 'A' && x.kind <= 'P'
+                (x.kind == 's' || (x.kind >= 'A' && x.kind <= 'P')
                      ? "<" + std::to_string(x.ref)
                      : "") +
                 (x.kind == 't' || x.kind == 'c' ? "/" + std::to_string(x.ref)
