@@ -347,12 +347,23 @@ void script(std::uint64_t seed, int steps, bool debts) {
   std::vector<Event> events[kKeys];
   std::vector<Held> held;
   std::uint64_t admitted = 0;
-  auto period_ns = [&]() -> std::int64_t {
+  auto period_ns = [&] { return limit->policy().rate().period.count(); };
+  // An admitted take: its event for the oracle, its receipt held.
+  auto admit = [&](std::size_t k, Cost cost, Nanos now, Receipt r) {
+    ++admitted;
+    Event e;
+    e.t = now.count();
+    e.amount = cost;
+    e.taken = cost;
     if constexpr (kBucket) {
-      return limit->policy().rate().period.count();
+      e.interval = interval_scaled(limit->policy().rate());
+      e.span = e.interval * static_cast<i128>(limit->policy().burst());
     } else {
-      return limit->policy().rate().period.count();
+      e.window = detail::floor_div_i64(now.count(), period_ns());
+      e.limit = limit->limit();
     }
+    events[k].push_back(e);
+    held.push_back(Held{std::move(r), events[k].size() - 1, k});
   };
   for (int step = 0; step < steps; ++step) {
     const std::uint64_t pick = rng() % 100;
@@ -370,20 +381,7 @@ void script(std::uint64_t seed, int steps, bool debts) {
       Receipt r;
       const Decision d = limit->take(keys[k], cost, now, r);
       if (d.allowed && r) {
-        ++admitted;
-        Event e;
-        e.t = now.count();
-        e.amount = cost;
-        e.taken = cost;
-        if constexpr (kBucket) {
-          e.interval = interval_scaled(limit->policy().rate());
-          e.span = e.interval * static_cast<i128>(limit->policy().burst());
-        } else {
-          e.window = detail::floor_div_i64(now.count(), period_ns());
-          e.limit = cap;
-        }
-        events[k].push_back(e);
-        held.push_back(Held{std::move(r), events[k].size() - 1, k});
+        admit(k, cost, now, std::move(r));
       }
     } else if (pick < 70) {
       // A chain through the gate: refused chains roll back through receipts.
@@ -392,21 +390,7 @@ void script(std::uint64_t seed, int steps, bool debts) {
                                  {gate.get(), keys[k], 1}};
       ChainDecision d = chain.acquire_at(items, now);
       if (d.allowed && d.results[0].receipt) {
-        ++admitted;
-        Event e;
-        e.t = now.count();
-        e.amount = cost;
-        e.taken = cost;
-        if constexpr (kBucket) {
-          e.interval = interval_scaled(limit->policy().rate());
-          e.span = e.interval * static_cast<i128>(limit->policy().burst());
-        } else {
-          e.window = detail::floor_div_i64(now.count(), period_ns());
-          e.limit = cap;
-        }
-        events[k].push_back(e);
-        held.push_back(
-            Held{std::move(d.results[0].receipt), events[k].size() - 1, k});
+        admit(k, cost, now, std::move(d.results[0].receipt));
         chain.give_back(d);  // the gate's take
       } else if (!d.allowed && d.results[0].counted) {
         FAIL("a refused chain kept its take");

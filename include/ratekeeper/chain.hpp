@@ -675,14 +675,7 @@ class Chain {
       return absl::OutOfRangeError(
           absl::StrCat("chain result ", index, " of ", d.results.size()));
     }
-    LimitResult& r = d.results[index];
-    absl::StatusOr<Decision> left =
-        r.limit->settle(r.receipt, actual, clock_.now());
-    if (!left.ok()) return left.status();
-    r.counted = actual != 0;
-    r.decision.remaining = left->remaining;
-    r.decision.reset_after = left->reset_after;
-    return absl::OkStatus();
+    return settle_result(d.results[index], actual, clock_.now());
   }
 
   // settle
@@ -718,19 +711,23 @@ class Chain {
     const Nanos now = clock_.now();
     for (auto it = d.results.rbegin(); it != d.results.rend(); ++it) {
       LimitResult& r = *it;
-      if (!r.receipt) continue;
-      absl::StatusOr<Decision> left = r.limit->settle(r.receipt, 0, now);
-      if (left.ok()) {
-        r.counted = false;
-        r.decision.remaining = left->remaining;
-        r.decision.reset_after = left->reset_after;
-      }
+      if (r.receipt) static_cast<void>(settle_result(r, 0, now));
     }
   }
 
   Nanos now() const noexcept { return clock_.now(); }
 
  private:
+  // Settles one result's receipt; the result then reports what is left.
+  static absl::Status settle_result(LimitResult& r, Cost actual, Nanos now) {
+    absl::StatusOr<Decision> left = r.limit->settle(r.receipt, actual, now);
+    if (!left.ok()) return left.status();
+    r.counted = actual != 0;
+    r.decision.remaining = left->remaining;
+    r.decision.reset_after = left->reset_after;
+    return absl::OkStatus();
+  }
+
   // Gives back what limits that do not charge on reject took, each with
   // its receipt (judged in that limit's own time); a charge on reject keeps
   // its count and its receipt is dropped (a refused call's charge is never
@@ -743,12 +740,8 @@ class Chain {
         r.receipt = Receipt();
         continue;
       }
-      absl::StatusOr<Decision> left = r.limit->settle(r.receipt, 0, now);
+      static_cast<void>(settle_result(r, 0, now));
       r.counted = false;
-      if (left.ok()) {
-        r.decision.remaining = left->remaining;
-        r.decision.reset_after = left->reset_after;
-      }
     }
   }
 
