@@ -438,11 +438,14 @@ class ChainItems {
     Cost cost;
   };
   // The views, made again whenever the bytes may have moved.
+  // resize rather than clear: g++ -O1 sees clear()'s deallocation test on
+  // a just-constructed vector as a read of uninitialised storage.
   void rebuild() {
-    view_.clear();
-    for (const Part& p : parts_) {
-      view_.push_back(ChainItem{
-          p.limit, std::string_view(buf_.data() + p.offset, p.size), p.cost});
+    view_.resize(parts_.size());
+    for (std::size_t i = 0; i < parts_.size(); ++i) {
+      const Part& p = parts_[i];
+      view_[i] = ChainItem{
+          p.limit, std::string_view(buf_.data() + p.offset, p.size), p.cost};
     }
   }
   absl::InlinedVector<char, 256> buf_;
