@@ -1114,9 +1114,11 @@ inline std::string redis_key(std::string_view prefix, std::string_view name,
 
 // RedisPlace: where a take kept in Redis sits, in a Receipt. `at_us` is
 // Redis's TIME of the take (microseconds); p1, p2 are what the script
-// placed it at: a token bucket's stretch of its timeline [p1, p2) in units
-// of 1/den us relative to at_us (the script's state is TAT - now); a
-// window's index (p1) by Redis's clock; a budget's period index (p1).
+// placed it at: for a token bucket, the key's give-back counter at the take
+// (p1, us) and the end of the take's stretch of its timeline (p2, in units
+// of 1/den us relative to at_us: the script's state is TAT - now; the
+// stretch is the cost's time before it); a window's index (p1) by Redis's
+// clock; a budget's period index (p1).
 // `redis_key`: the receipt's key is the Redis key itself (a RedisChain's
 // take, whose key carries the chain's tenant), else the limit's own key.
 struct RedisPlace {
@@ -1691,18 +1693,23 @@ class RedisChain {
     ChainDecision decision;
     bool reached = false;  // Redis answered
     absl::Status error;    // why not
+    // The request id was settled already: its settlement's cost (nano-USD),
+    // tokens and estimated flag, as Redis holds them; nothing was taken.
+    std::optional<std::array<std::int64_t, 3>> settled;
   };
 
   // reserve (for RedisAccountant)
   //
   // acquire, and when the chain admits, `mark` (a key of the tenant's slot)
-  // is set for `ttl` in the same script: it says the holds are out. When
-  // Redis cannot answer, the fail modes decide (`reached` false), at the
-  // system clock's time. The results hold receipts as acquire's do.
+  // is set for `ttl` in the same script: it says the holds are out; unless
+  // `settled` (the request id's settlement key, same slot) exists, which
+  // takes nothing and answers `settled`. When Redis cannot answer, the fail
+  // modes decide (`reached` false), at the system clock's time. The results
+  // hold receipts as acquire's do.
   Outcome reserve(std::string_view tenant, std::span<const ChainItem> items,
-                  std::string_view mark, Nanos ttl,
+                  std::string_view mark, Nanos ttl, std::string_view settled,
                   std::optional<Nanos> test_now = std::nullopt) {
-    return run("reserve", tenant, items, test_now, mark, ttl);
+    return run("reserve", tenant, items, test_now, mark, ttl, settled);
   }
 
  private:
@@ -1756,7 +1763,8 @@ class RedisChain {
 
   Outcome run(std::string_view op, std::string_view tenant,
               std::span<const ChainItem> items, std::optional<Nanos> test_now,
-              std::string_view mark = {}, Nanos mark_ttl = Nanos{0}) {
+              std::string_view mark = {}, Nanos mark_ttl = Nanos{0},
+              std::string_view settled = {}) {
     Outcome result;
     ChainDecision& out = result.decision;
     out.results.resize(items.size());
@@ -1773,7 +1781,10 @@ class RedisChain {
       out.results[i].limit = l;
       out.results[i].cost = items[i].cost;
     }
-    if (!mark.empty()) keys.emplace_back(mark);
+    if (!mark.empty()) {
+      keys.emplace_back(mark);
+      keys.emplace_back(settled);
+    }
     absl::InlinedVector<std::string_view, 8> kv(keys.begin(), keys.end());
     // Budgets' periods are for the caller's time first (Unix time: the
     // test time, or the system clock), then for Redis's if it differs.
@@ -1798,6 +1809,13 @@ class RedisChain {
       t = detail::from_us((*r)[1]);
     }
     const bool taking = op == "acquire" || op == "reserve";
+    if (!mark.empty() && r.ok() && r->size() == 5 && (*r)[0] == -4) {
+      result.reached = true;
+      result.settled = std::array<std::int64_t, 3>{(*r)[2], (*r)[3], (*r)[4]};
+      out.allowed = false;
+      out.at = detail::from_us((*r)[1]);
+      return result;
+    }
     result.reached = r.ok() && r->size() == 2 + 7 * items.size();
     if (!result.reached) {
       const absl::Status why =

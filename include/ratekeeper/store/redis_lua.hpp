@@ -54,16 +54,18 @@ local function idiv(a, b)
 end
 local function cdiv(a, b) return -idiv(-a, b) end
 
--- The integers of a stored state ("a b [c]"), without patterns.
+-- The integers of a stored state ("a b [c [d]]"), without patterns.
 local function fields(raw)
-  local i = string.find(raw, ' ', 1, true)
-  local j = string.find(raw, ' ', i + 1, true)
-  if j then
-    return tonumber(string.sub(raw, 1, i - 1)),
-           tonumber(string.sub(raw, i + 1, j - 1)),
-           tonumber(string.sub(raw, j + 1))
+  local out, from = {}, 1
+  while true do
+    local i = string.find(raw, ' ', from, true)
+    if not i then
+      out[#out + 1] = tonumber(string.sub(raw, from))
+      return out[1], out[2], out[3], out[4]
+    end
+    out[#out + 1] = tonumber(string.sub(raw, from, i - 1))
+    from = i + 1
   end
-  return tonumber(string.sub(raw, 1, i - 1)), tonumber(string.sub(raw, i + 1))
 end
 
 local test_time = ARGV[1] ~= ''
@@ -88,25 +90,31 @@ local function store(key, value, ttl_us)
 end
 
 -- TokenBucket (GCRA): the emission interval num/den us in lowest terms.
--- Stored: "whole frac", the theoretical arrival time (TAT) as whole
--- microseconds and a remainder in units of 1/den us. The state worked on is
--- TAT - now scaled by den, never below 0: at most 2 * burst * num (a
--- charge's debt), exact when 4 * burst * num < 2^53 (checked).
+-- Stored: "whole frac aux born", the theoretical arrival time (TAT) as whole
+-- microseconds and a remainder in units of 1/den us; the key's give-back
+-- counter (us, rounded up: the time give-backs moved later takes earlier,
+-- TokenBucket::kGiveBacksMoveLaterTakes); and when this state was born (it
+-- was absent or idle: every take before then has passed, and the counter
+-- started again). The state worked on is TAT - now scaled by den, never
+-- below 0: at most 2 * burst * num (a charge's debt), exact when
+-- 4 * burst * num < 2^53 (checked).
 local function token_bucket(key, num, den, burst)
   local span = burst * num
+  local aux, born = 0, now
   local m = {}
   function m.load()
     local raw = redis.call('GET', key)
     if not raw then return 0 end
-    local w, f = fields(raw)
-    if w < now then return 0 end
+    local w, f, a, b = fields(raw)
+    if w < now or (w == now and f == 0) then return 0 end
+    aux, born = a or 0, b or 0
     return (w - now) * den + f
   end
   function m.save(r)
     if r <= 0 then redis.call('DEL', key) return end
     local whole = idiv(r, den)
-    store(key, string.format('%d %d', now + whole, r - whole * den),
-          cdiv(r, den))
+    store(key, string.format('%d %d %d %d', now + whole, r - whole * den, aux,
+                             born), cdiv(r, den))
   end
   local function remaining(r)
     local room = span - r
@@ -129,29 +137,33 @@ local function token_bucket(key, num, den, burst)
   function m.charge(r, c)
     return math.max(r, math.min(r + math.min(c, 2 * burst) * num, 2 * span))
   end
-  -- A take's stretch of the timeline, [r, r + c * num) relative to now.
-  function m.place(r, c) return r, r + c * num end
-  -- TokenBucket::settle: a stretch [pf, pu) placed relative to `at`. Below
-  -- the take, gives back at most what of the stretch is still ahead of now;
-  -- above, the excess is a debt charged now (capped at 2^52, far beyond any
-  -- wait that means anything, to stay exact).
-  function m.settle(r, pf, pu, at, taken, actual)
+  -- A take: the key's give-back counter (its mark) and the end of its
+  -- stretch of the timeline [r, r + c * num), relative to now.
+  function m.place(r, c) return aux, r + c * num end
+  -- TokenBucket::settle of a take marked `pm` whose stretch ends at `pu`
+  -- relative to `at`, moved earlier by what give-backs moved it since
+  -- (TokenBucket::shift). Below the take, gives back at most what of the
+  -- stretch is still ahead of now, and counts what that moved later takes
+  -- by (TokenBucket::returned_ns); nothing for a take from before the state
+  -- was born. Above, the excess is a debt charged now (capped at 2^52, far
+  -- beyond any wait that means anything, to stay exact).
+  function m.settle(r, pm, pu, at, taken, actual)
     if actual > taken then
       local x = math.min(actual - taken, cdiv(4503599627370496, num))
       return math.min(r + x * num, 4503599627370496)
     end
-    if actual == taken or r <= 0 then return r end
+    if actual == taken or r <= 0 or at < born then return r end
+    if aux > pm then pu = pu - (aux - pm) * den end
     local e = now - at
-    local len
-    if e <= 0 then
-      len = pu - pf
-    else
-      if e >= cdiv(pu, den) then return r end
-      local ed = e * den
-      len = pu - ed - math.max(pf - ed, 0)
-    end
+    if e >= cdiv(pu, den) then return r end
+    local ed = e * den
+    local len = pu - math.max(pu - taken * num, ed)
     if len <= 0 then return r end
-    return math.max(r - math.min((taken - actual) * num, len), 0)
+    local nr = math.max(r - math.min((taken - actual) * num, len), 0)
+    -- Not the last take (its stretch ends before the TAT): the later ones
+    -- moved earlier by what it gave back.
+    if nr < r and pu - ed < r then aux = aux + cdiv(r - nr, den) end
+    return nr
   end
   function m.giveback(r, c)
     if r <= 0 then return r end
@@ -498,11 +510,18 @@ if op == 'spent' then
 end
 
 -- "reserve": an acquire whose admission also sets the reservation's key,
--- the last of KEYS (ARGV after the items: its TTL in ms).
+-- the next to last of KEYS (ARGV after the items: its TTL in ms). The last
+-- is the request id's settlement: an id settled already takes nothing and
+-- answers {-4, now, its settlement} (a new call needs a new id).
 local mark = nil
 if op == 'reserve' then
-  n = n - 1
-  mark = KEYS[#KEYS]
+  n = n - 2
+  mark = KEYS[#KEYS - 1]
+  local first = redis.call('GET', KEYS[#KEYS])
+  if first then
+    local c, tk, e = fields(first)
+    return {-4, now, c, tk, e}
+  end
   op = 'acquire'
 end
 
@@ -672,12 +691,28 @@ local num, den, burst = tonumber(ARGV[4]), tonumber(ARGV[5]),
                         tonumber(ARGV[6])
 local c = tonumber(ARGV[8])
 local span = burst * num
-local r = 0
+-- The stored "whole frac aux born" (kScript's tb module): a state absent
+-- or idle is born again now, its give-back counter at 0.
+local r, aux, born = 0, 0, now
 local raw = redis.call('GET', key)
 if raw then
   local i = string.find(raw, ' ', 1, true)
+  local j = string.find(raw, ' ', i + 1, true)
   local w = tonumber(string.sub(raw, 1, i - 1))
-  if w >= now then r = (w - now) * den + tonumber(string.sub(raw, i + 1)) end
+  local f
+  if j then
+    local k = string.find(raw, ' ', j + 1, true)
+    f = tonumber(string.sub(raw, i + 1, j - 1))
+    aux = tonumber(string.sub(raw, j + 1, k - 1))
+    born = tonumber(string.sub(raw, k + 1))
+  else
+    f, born = tonumber(string.sub(raw, i + 1)), 0
+  end
+  if w > now or (w == now and f > 0) then
+    r = (w - now) * den + f
+  else
+    aux, born = 0, now
+  end
 end
 local allowed, retry, after = 0, -1, r
 if c <= burst then
@@ -693,7 +728,8 @@ if allowed == 1 and c > 0 and ARGV[2] == 'acquire' then
   local ms = -idiv(idiv(-after, den), 1000) + 1
   if test_time and ms < 600000 then ms = 600000 end
   redis.call('SET', key,
-             string.format('%d %d', now + whole, after - whole * den),
+             string.format('%d %d %d %d', now + whole, after - whole * den,
+                           aux, born),
              'PX', ms)
 end
 local rem, reset = 0, 0
@@ -702,7 +738,7 @@ if after > 0 then reset = -idiv(-after, den) end
 local all = allowed
 if ARGV[9] == '1' then all = 1 end
 local p1, p2 = 0, 0
-if allowed == 1 then p1, p2 = r, after end
+if allowed == 1 then p1, p2 = aux, after end
 return {all, now, allowed, burst, rem, retry, reset, p1, p2}
 )lua";
 
