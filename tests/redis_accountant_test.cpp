@@ -13,6 +13,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -139,13 +140,37 @@ TEST_CASE("RedisAccountant: reserve holds in Redis, settle keeps what was used",
   CHECK(r->settle(used_tokens(100, 400)).value() == *s);
   CHECK(acct->spent("team", who).value() == 150'000);
 
-  SECTION("a retried call's settle returns the first; its holds go back") {
+  SECTION(
+      "a reserve under a settled id is refused (case 10); of two in flight "
+      "at once, the first settle stands and the other's holds go back") {
     auto again = acct->reserve(
         who, "m", {.prompt_tokens = 100, .max_output_tokens = 400}, "req-1");
-    REQUIRE(again->granted());
-    CHECK(acct->spent("team", who).value() == 650'000);
-    CHECK(again->settle(used_tokens(100, 300)).value() == *s);
-    CHECK(acct->spent("team", who).value() == 150'000);
+    REQUIRE(again.status().code() == absl::StatusCode::kAlreadyExists);
+    CHECK(again.status().message().find("\"req-1\"") != std::string::npos);
+    CHECK(again.status().message().find("150000 nano-USD") !=
+          std::string::npos);
+    CHECK(acct->spent("team", who).value() == 150'000);  // nothing held
+    // Another instance, the same Redis: refused there too.
+    auto other =
+        RedisAccountant::create(flat_prices(), client_for(server.port()),
+                                {.test_clock = clock.fn()})
+            .value();
+    REQUIRE(
+        other->add_budget(month_budget("team", Field::kTeam, 1'000'000)).ok());
+    CHECK(other->reserve(who, "m", {1, 1}, "req-1").status().code() ==
+          absl::StatusCode::kAlreadyExists);
+    auto x = acct->reserve(
+        who, "m", {.prompt_tokens = 100, .max_output_tokens = 100}, "req-7");
+    auto y = other->reserve(
+        who, "m", {.prompt_tokens = 100, .max_output_tokens = 100}, "req-7");
+    REQUIRE(x->granted());
+    REQUIRE(y->granted());
+    CHECK(acct->spent("team", who).value() == 550'000);
+    const Settlement first = x->settle(used_tokens(100, 50)).value();
+    CHECK(y->settle(used_tokens(100, 100)).value() == first);
+    CHECK(acct->spent("team", who).value() == 300'000);
+    CHECK(acct->reserve(who, "m", {1, 1}, "req-7").status().code() ==
+          absl::StatusCode::kAlreadyExists);
   }
   SECTION("an overage past the limit is charged; then 403") {
     auto big = acct->reserve(
@@ -246,8 +271,8 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "T6d across instances: random lifecycles, settles retried on "
-    "other instances, Redis's books equal the oracle",
+    "T6d across instances: random lifecycles, twins in flight and calls "
+    "retried on other instances, Redis's books equal the oracle",
     "[redis][budget][T6d]") {
   RedisServer server;
   TestClock clock;
@@ -274,16 +299,27 @@ TEST_CASE(
     REQUIRE(r->granted());
     const int what = static_cast<int>(rng() % 4);
     if (what == 0) continue;  // dropped: released by the destructor
+    // A twin in flight at the same time on another instance (the same id
+    // reserved twice before either settled).
+    std::optional<RedisReservation> twin;
+    if (what == 3) {
+      auto t = instances[rng() % 3]->reserve(who, "m", e, id);
+      REQUIRE(t->granted());
+      twin = *std::move(t);
+    }
     const Usage u = used_tokens(e.prompt_tokens, rng() % 800);  // above too
     const auto first = r->settle(u);
     REQUIRE(first.ok());
     oracle[team] += first->cost.nanos;
-    // The whole call retried 0-2 times on other instances: the first
-    // settlement each time, nothing charged twice, holds given back.
+    // The twin's settle: the first settlement, its holds given back.
+    if (twin) CHECK(twin->settle(used_tokens(1, 1)).value() == *first);
+    // The whole call retried 0-2 times on other instances: refused, the
+    // first settlement there to answer with, nothing held or charged.
     for (int k = static_cast<int>(rng() % 3); k-- > 0;) {
-      auto retry = instances[rng() % 3]->reserve(who, "m", e, id);
-      REQUIRE(retry->granted());
-      CHECK(retry->settle(used_tokens(1, 1)).value() == *first);
+      RedisAccountant& other = *instances[rng() % 3];
+      auto retry = other.reserve(who, "m", e, id);
+      REQUIRE(retry.status().code() == absl::StatusCode::kAlreadyExists);
+      CHECK(other.find_settlement(who, id).value() == *first);
     }
   }
   for (const auto& [team, nanos] : oracle) {
@@ -798,4 +834,70 @@ TEST_CASE(
   CHECK(journaled > 0);
   CHECK(static_cast<std::int64_t>(acct->spent("team", who).value()) ==
         expected);
+}
+
+TEST_CASE(
+    "case 6 in Redis: a released or dropped reservation gives back its rate "
+    "limits too; settle takes them to the actual tokens",
+    "[redis][budget][seams]") {
+  RedisServer server;
+  TestClock clock;
+  auto client = client_for(server.port());
+  auto acct =
+      RedisAccountant::create(flat_prices(), client, {.test_clock = clock.fn()})
+          .value();
+  REQUIRE(
+      acct->add_budget(month_budget("team", Field::kTeam, 1'000'000'000)).ok());
+  auto tpm =
+      RedisLimit<TokenBucket>::create(
+          {.name = "tpm", .unit = Unit::kTokens},
+          TokenBucket::create(per_minute(10'000), 10'000).value(), client)
+          .value();
+  auto rpm =
+      RedisLimit<FixedWindow>::create(
+          {.name = "rpm"}, FixedWindow::create(per_minute(100)).value(), client)
+          .value();
+  const Subject who{.user = "u", .team = "t", .org = "o"};
+  const ChainItem limits[] = {{rpm.get(), "u", 1}, {tpm.get(), "u", 2'000}};
+  const Estimate e{.prompt_tokens = 1'000, .max_output_tokens = 1'000};
+  // What the rate limits have left, as a zero-cost reserve sees them.
+  int probes = 0;
+  const auto left = [&] {
+    const ChainItem zero[] = {{rpm.get(), "u", 0}, {tpm.get(), "u", 0}};
+    auto p = acct->reserve(who, "m", {1, 0},
+                           "probe-" + std::to_string(probes++), zero);
+    REQUIRE(p->granted());
+    const std::pair<std::uint64_t, std::uint64_t> out{
+        p->decision().results[0].decision.remaining,
+        p->decision().results[1].decision.remaining};
+    p->release();
+    return out;
+  };
+  using L = std::pair<std::uint64_t, std::uint64_t>;
+  {
+    auto r = acct->reserve(who, "m", e, "dropped", limits);
+    REQUIRE(r->granted());
+    CHECK(left() == L{99, 8'000});
+  }
+  CHECK(left() == L{100, 10'000});  // dropped: all of it back
+  auto released = acct->reserve(who, "m", e, "released", limits);
+  REQUIRE(released->granted());
+  released->release();
+  CHECK(left() == L{100, 10'000});
+  // Settled: the token limit goes to what the provider counted, in both
+  // directions; the request limit keeps its request.
+  auto over = acct->reserve(who, "m", e, "over", limits);
+  REQUIRE(over->settle(used_tokens(1'000, 1'100)).ok());  // 2,100 > 2,000
+  CHECK(left() == L{99, 10'000 - 2'100});
+  clock.t->store((kT0 + std::chrono::minutes(1)).count());  // full again
+  auto under = acct->reserve(who, "m", e, "under", limits);
+  REQUIRE(under->settle(used_tokens(1'000, 0)).ok());  // 1,000 < 2,000
+  CHECK(left() == L{99, 10'000 - 1'000});
+  // A settle of an id another reservation settled first gives this one's
+  // rate limits back with its holds.
+  auto twin = acct->reserve(who, "m", e, "twin", limits);
+  auto twin2 = acct->reserve(who, "m", e, "twin", limits);
+  REQUIRE(twin->settle(used_tokens(1'000, 0)).ok());
+  REQUIRE(twin2->settle(used_tokens(1'000, 0)).ok());
+  CHECK(left() == L{98, 10'000 - 2'000});
 }

@@ -518,7 +518,18 @@ class RedisAccountant {
     r.mark_ = mark_key(r.tenant_);
     RedisChain::Outcome o =
         chain_.reserve(r.tenant_, std::span<const ChainItem>(items), r.mark_,
-                       options_.reservation_ttl, test_now());
+                       options_.reservation_ttl, settled_key(r), test_now());
+    if (o.settled) {
+      // Retried after its settle: the call must not reach the provider
+      // again (its settle would be answered with the first settlement
+      // after the provider billed it twice). Nothing was taken.
+      return absl::AlreadyExistsError(absl::StrCat(
+          "request id \"", detail::av(r.request_id_),
+          "\" was already settled (", (*o.settled)[0], " nano-USD, ",
+          (*o.settled)[1],
+          " tokens): a new call needs a new id; find_settlement() has the "
+          "first settlement"));
+    }
     r.decision_ = std::move(o.decision);
     r.backed_ = o.reached;
     if (!o.reached) {
@@ -870,9 +881,46 @@ class RedisAccountant {
       return reply.status();
     }
     settle_local(r, actual);
+    // A settle that found the id settled gave this reservation's holds
+    // back: its rate limits too, as in process.
+    settle_limits(r, reply.ok() && (*reply)[0] == 2 ? nullptr : &s);
     r.done_ = true;
     r.settled_ = out;
     return out;
+  }
+
+  // The rate limits passed to reserve(), through their receipts, as the
+  // in-process Accountant settles them: given back (`s` null: released, or
+  // settled as a duplicate); settled, a token limit to the tokens the
+  // provider counted and a money limit to the cost, in both directions (an
+  // excess is a debt), while a request limit keeps its request. Each limit
+  // by its own clock (Redis's, or a kLocal share's). A settle Redis does
+  // not answer leaves that limit holding its take (the conservative side:
+  // it ends with the take's window or stretch).
+  void settle_limits(RedisReservation& r, const Settlement* s) {
+    for (std::size_t i = 0; i < r.first_budget_; ++i) {
+      LimitResult& lr = r.decision_.results[i];
+      if (!lr.receipt) continue;
+      Cost actual = 0;
+      if (s != nullptr) {
+        switch (lr.limit->unit()) {
+          case Unit::kTokens:
+            actual = s->tokens;
+            break;
+          case Unit::kNanoUsd:
+            actual =
+                static_cast<Cost>(std::max<std::int64_t>(0, s->cost.nanos));
+            break;
+          case Unit::kRequests:
+            lr.receipt = Receipt();  // the request happened: it stays counted
+            continue;
+        }
+      }
+      if (absl::Status st = chain_.settle(r.decision_, i, actual, test_now());
+          !st.ok()) {
+        lr.receipt = Receipt();
+      }
+    }
   }
 
   absl::StatusOr<bool> extend(RedisReservation& r, std::uint64_t output) {
@@ -1020,6 +1068,7 @@ class RedisAccountant {
     if (r.done_) return;
     r.done_ = true;
     settle_local(r, {});
+    settle_limits(r, nullptr);
     if (!r.backed_) return;  // nothing held in Redis
     const auto e = script_call(r, "release", {}, nullptr);
     absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> reply = run(e);
