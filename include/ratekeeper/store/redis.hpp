@@ -52,6 +52,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <span>
 #include <string>
 #include <string_view>
@@ -1217,6 +1218,28 @@ class RedisLimitBase : public Limit {
 
 namespace detail {
 
+// A random number below 2^50 per call: where the script finds a bucket's
+// state absent (never seen, idle, or lost) its give-back counter starts
+// there, so a receipt from another life of the state gives nothing back
+// (redis_lua.hpp). Per thread, splitmix64 seeded once from the OS.
+inline std::uint64_t redis_nonce() noexcept {
+  thread_local std::uint64_t state = [] {
+    std::uint64_t seed = static_cast<std::uint64_t>(
+        std::chrono::steady_clock::now().time_since_epoch().count());
+    try {
+      std::random_device rd;
+      seed ^= (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+    } catch (...) {
+      // No entropy source: the clock and this thread's address serve.
+    }
+    return seed ^ reinterpret_cast<std::uintptr_t>(&seed);
+  }();
+  std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return (z ^ (z >> 31)) >> 14;
+}
+
 // The script's arguments for one item of "acquire", "peek" or "reserve"
 // (see redis_lua.hpp).
 inline void append_item(absl::InlinedVector<std::string, 24>& args,
@@ -1228,7 +1251,7 @@ inline void append_item(absl::InlinedVector<std::string, 24>& args,
   args.push_back(std::to_string(std::min<Cost>(cost, kExact)));
   args.push_back(std::to_string((l.shadow() ? 1 : 0) |
                                 (charge || l.charge_on_reject() ? 2 : 0)));
-  args.push_back("0");
+  args.push_back(std::to_string(redis_nonce()));
 }
 
 inline Nanos from_us(std::int64_t us) {
@@ -1299,6 +1322,7 @@ inline void settle_in_redis(RedisClient& client, std::span<RedisSettle> items,
       args.push_back(std::to_string(p.at_us));
       args.push_back(std::to_string(p.p1));
       args.push_back(std::to_string(p.p2));
+      args.push_back(std::to_string(redis_nonce()));
     }
     absl::InlinedVector<std::string_view, 24> av(args.begin(), args.end());
     r = client.eval_ints(redis_script(), kv, av);

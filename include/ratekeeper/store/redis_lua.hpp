@@ -17,10 +17,11 @@
 //            handles them)
 //   then per item, for acquire, peek and reserve, 8 fields: kind ("tb",
 //   "fw", "sw", "pb"), four parameters, the cost, flags (1: shadow, 2:
-//   charge on reject) and an unused 0; for "receipt", 10 fields: kind, four
-//   parameters, the cost taken, the actual cost, the take's time (us, Redis's
-//   TIME of the take) and its placement p1, p2 (as the take's reply gave
-//   them)
+//   charge on reject) and a nonce (a random number below 2^50: where a
+//   bucket's state is born, its give-back counter starts); for "receipt",
+//   11 fields: kind, four parameters, the cost taken, the actual cost, the
+//   take's time (us, Redis's TIME of the take), its placement p1, p2 (as the
+//   take's reply gave them) and a nonce
 // Reply: {allowed, now_us, then per item allowed, limit, remaining,
 //         retry_after_us (-1: never), reset_after_us, and for acquire, peek
 //         and reserve the take's placement p1, p2 (0, 0 when it did not
@@ -56,16 +57,15 @@ local function cdiv(a, b) return -idiv(-a, b) end
 
 -- The integers of a stored state ("a b [c [d]]"), without patterns.
 local function fields(raw)
-  local out, from = {}, 1
-  while true do
-    local i = string.find(raw, ' ', from, true)
-    if not i then
-      out[#out + 1] = tonumber(string.sub(raw, from))
-      return out[1], out[2], out[3], out[4]
-    end
-    out[#out + 1] = tonumber(string.sub(raw, from, i - 1))
-    from = i + 1
-  end
+  local i = string.find(raw, ' ', 1, true)
+  local a = tonumber(string.sub(raw, 1, i - 1))
+  local j = string.find(raw, ' ', i + 1, true)
+  if not j then return a, tonumber(string.sub(raw, i + 1)) end
+  local b = tonumber(string.sub(raw, i + 1, j - 1))
+  local k = string.find(raw, ' ', j + 1, true)
+  if not k then return a, b, tonumber(string.sub(raw, j + 1)) end
+  return a, b, tonumber(string.sub(raw, j + 1, k - 1)),
+         tonumber(string.sub(raw, k + 1))
 end
 
 local test_time = ARGV[1] ~= ''
@@ -90,31 +90,34 @@ local function store(key, value, ttl_us)
 end
 
 -- TokenBucket (GCRA): the emission interval num/den us in lowest terms.
--- Stored: "whole frac aux born", the theoretical arrival time (TAT) as whole
--- microseconds and a remainder in units of 1/den us; the key's give-back
--- counter (us, rounded up: the time give-backs moved later takes earlier,
--- TokenBucket::kGiveBacksMoveLaterTakes); and when this state was born (it
--- was absent or idle: every take before then has passed, and the counter
--- started again). The state worked on is TAT - now scaled by den, never
--- below 0: at most 2 * burst * num (a charge's debt), exact when
--- 4 * burst * num < 2^53 (checked).
-local function token_bucket(key, num, den, burst)
+-- Stored: "whole frac aux", the theoretical arrival time (TAT) as whole
+-- microseconds and a remainder in units of 1/den us, and the key's
+-- give-back counter: the time give-backs moved later takes earlier (us,
+-- rounded up; TokenBucket::kGiveBacksMoveLaterTakes). A state born again
+-- (absent: never seen, idle, or lost) starts its counter at `nonce`, a
+-- random number below 2^50 the caller sends, so that a receipt from another
+-- life of the state is told apart: its mark is above the counter (never so
+-- for the state's own takes) or so far below that its moved stretch is long
+-- past; either way it gives nothing back. The state worked on is TAT - now
+-- scaled by den, never below 0: at most 2 * burst * num (a charge's debt),
+-- exact when 4 * burst * num < 2^53 (checked).
+local function token_bucket(key, num, den, burst, _, nonce)
   local span = burst * num
-  local aux, born = 0, now
+  local aux = nonce or 0
   local m = {}
   function m.load()
     local raw = redis.call('GET', key)
     if not raw then return 0 end
-    local w, f, a, b = fields(raw)
+    local w, f, a = fields(raw)
     if w < now or (w == now and f == 0) then return 0 end
-    aux, born = a or 0, b or 0
+    aux = a or 0
     return (w - now) * den + f
   end
   function m.save(r)
     if r <= 0 then redis.call('DEL', key) return end
     local whole = idiv(r, den)
-    store(key, string.format('%d %d %d %d', now + whole, r - whole * den, aux,
-                             born), cdiv(r, den))
+    store(key, string.format('%d %d %d', now + whole, r - whole * den, aux),
+          cdiv(r, den))
   end
   local function remaining(r)
     local room = span - r
@@ -144,16 +147,17 @@ local function token_bucket(key, num, den, burst)
   -- relative to `at`, moved earlier by what give-backs moved it since
   -- (TokenBucket::shift). Below the take, gives back at most what of the
   -- stretch is still ahead of now, and counts what that moved later takes
-  -- by (TokenBucket::returned_ns); nothing for a take from before the state
-  -- was born. Above, the excess is a debt charged now (capped at 2^52, far
-  -- beyond any wait that means anything, to stay exact).
+  -- by (TokenBucket::returned_ns); nothing for a take of another life of
+  -- the state (its mark above the counter). Above, the excess is a debt
+  -- charged now (capped at 2^52, far beyond any wait that means anything,
+  -- to stay exact).
   function m.settle(r, pm, pu, at, taken, actual)
     if actual > taken then
       local x = math.min(actual - taken, cdiv(4503599627370496, num))
       return math.min(r + x * num, 4503599627370496)
     end
-    if actual == taken or r <= 0 or at < born then return r end
-    if aux > pm then pu = pu - (aux - pm) * den end
+    if actual == taken or r <= 0 or pm > aux then return r end
+    pu = pu - (aux - pm) * den
     local e = now - at
     if e >= cdiv(pu, den) then return r end
     local ed = e * den
@@ -529,7 +533,8 @@ end
 -- the chain's bookkeeping.
 if n == 1 and op ~= 'receipt' and not mark then
   local m = makers[ARGV[3]](KEYS[1], tonumber(ARGV[4]), tonumber(ARGV[5]),
-                            tonumber(ARGV[6]), tonumber(ARGV[7]))
+                            tonumber(ARGV[6]), tonumber(ARGV[7]),
+                            tonumber(ARGV[10]))
   if m == nil then return {-2, now} end
   local cost, flags = tonumber(ARGV[8]), tonumber(ARGV[9])
   local s = m.load()
@@ -555,14 +560,15 @@ end
 local mods, states, touched, order = {}, {}, {}, {}
 local items = {}
 local width = 8
-if op == 'receipt' then width = 10 end
+if op == 'receipt' then width = 11 end
 for i = 1, n do
   local b = 3 + (i - 1) * width
   local key = KEYS[i]
   if not mods[key] then
     mods[key] = makers[ARGV[b]](key, tonumber(ARGV[b + 1]),
                                 tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]),
-                                tonumber(ARGV[b + 4]))
+                                tonumber(ARGV[b + 4]),
+                                tonumber(ARGV[b + width - 1]))
     if mods[key] == nil then return {-2, now} end
     states[key] = mods[key].load()
     order[#order + 1] = key
@@ -635,16 +641,20 @@ for i = 1, n do
 end
 if refused and op == 'acquire' then
   -- Nothing is written but what charges on reject: the items that took
-  -- report what they leave once given back, in order, as an in-process
-  -- chain's roll-back does.
+  -- report what their key has left once all is given back, in order, as
+  -- an in-process chain's roll-back does.
   local work = {}
   for _, key in ipairs(order) do work[key] = states[key] end
   for i = 1, n do
     local it = items[i]
     if it.taken then
-      local m = mods[it.key]
-      work[it.key] = m.giveback(work[it.key], it.cost)
-      local left = m.decide(work[it.key], 0)
+      work[it.key] = mods[it.key].giveback(work[it.key], it.cost)
+    end
+  end
+  for i = 1, n do
+    local it = items[i]
+    if it.taken then
+      local left = mods[it.key].decide(work[it.key], 0)
       results[i][3], results[i][5] = left[3], left[5]
     end
   end
@@ -691,28 +701,22 @@ local num, den, burst = tonumber(ARGV[4]), tonumber(ARGV[5]),
                         tonumber(ARGV[6])
 local c = tonumber(ARGV[8])
 local span = burst * num
--- The stored "whole frac aux born" (kScript's tb module): a state absent
--- or idle is born again now, its give-back counter at 0.
-local r, aux, born = 0, 0, now
+-- The stored "whole frac aux" (kScript's tb module): a state absent or
+-- idle is born again, its give-back counter at the nonce (ARGV[10]).
+local r, aux = 0, tonumber(ARGV[10])
 local raw = redis.call('GET', key)
 if raw then
   local i = string.find(raw, ' ', 1, true)
   local j = string.find(raw, ' ', i + 1, true)
   local w = tonumber(string.sub(raw, 1, i - 1))
-  local f
+  local f, a
   if j then
-    local k = string.find(raw, ' ', j + 1, true)
-    f = tonumber(string.sub(raw, i + 1, j - 1))
-    aux = tonumber(string.sub(raw, j + 1, k - 1))
-    born = tonumber(string.sub(raw, k + 1))
+    f, a = tonumber(string.sub(raw, i + 1, j - 1)),
+           tonumber(string.sub(raw, j + 1))
   else
-    f, born = tonumber(string.sub(raw, i + 1)), 0
+    f, a = tonumber(string.sub(raw, i + 1)), 0
   end
-  if w > now or (w == now and f > 0) then
-    r = (w - now) * den + f
-  else
-    aux, born = 0, now
-  end
+  if w > now or (w == now and f > 0) then r, aux = (w - now) * den + f, a end
 end
 local allowed, retry, after = 0, -1, r
 if c <= burst then
@@ -728,8 +732,8 @@ if allowed == 1 and c > 0 and ARGV[2] == 'acquire' then
   local ms = -idiv(idiv(-after, den), 1000) + 1
   if test_time and ms < 600000 then ms = 600000 end
   redis.call('SET', key,
-             string.format('%d %d %d %d', now + whole, after - whole * den,
-                           aux, born),
+             string.format('%d %d %d', now + whole, after - whole * den,
+                           aux),
              'PX', ms)
 end
 local rem, reset = 0, 0
