@@ -457,7 +457,8 @@ class ChainItems {
 //
 //   decision       the limit's own decision. For a limit that admitted but
 //                  was vetoed by another, `allowed` stays true and
-//                  `remaining` is what is left after the give-back.
+//                  `remaining` is what its key has left once the chain's
+//                  takes are all given back.
 //   counted        the cost is held by this limit now (the chain went ahead,
 //                  or the limit charges on reject).
 //   shadow_denied  a shadow limit that would have refused.
@@ -636,7 +637,7 @@ class Chain {
       }
     }
     out.allowed = !refused;
-    if (refused) roll_back(out, now);
+    if (refused) roll_back(out, items, now);
     detail::finish_chain(out, true);
     return out;
   }
@@ -705,15 +706,16 @@ class Chain {
   // give_back
   //
   // Gives back everything an allowed chain still holds (the call did not
-  // happen): each open result settled to 0. Charges on reject of a refused
-  // chain are never given back; a result settled already is left alone.
-  // Last taken first: a limit that appears twice gives its later take back
-  // first, so that each give-back is of the key's last take (exact for a
-  // token bucket, docs/policies.md).
+  // happen): each open result settled to 0, each reporting what is left
+  // after its own give-back. Charges on reject of a refused chain are never
+  // given back; a result settled already is left alone. In the order taken,
+  // as RedisChain does: a limit that appears twice gives its earlier take
+  // back first, which moves the later one, and the key's give-back counter
+  // moves that one's receipt with it (exact for a token bucket whatever
+  // else took after, docs/policies.md).
   void give_back(ChainDecision& d) {
     const Nanos now = clock_.now();
-    for (auto it = d.results.rbegin(); it != d.results.rend(); ++it) {
-      LimitResult& r = *it;
+    for (LimitResult& r : d.results) {
       if (r.receipt) static_cast<void>(settle_result(r, 0, now));
     }
   }
@@ -732,12 +734,16 @@ class Chain {
   }
 
   // Gives back what limits that do not charge on reject took, each with
-  // its receipt (judged in that limit's own time); a charge on reject keeps
-  // its count and its receipt is dropped (a refused call's charge is never
-  // given back).
-  static void roll_back(ChainDecision& out, Nanos now) {
-    for (auto it = out.results.rbegin(); it != out.results.rend(); ++it) {
-      LimitResult& r = *it;
+  // its receipt (judged in that limit's own time), in the order taken; a
+  // charge on reject keeps its count and its receipt is dropped (a refused
+  // call's charge is never given back). Each result given back reports what
+  // its limit and key have left once all is given back (a limit twice in
+  // the chain: both report the end), as a refused RedisChain does.
+  static void roll_back(ChainDecision& out, std::span<const ChainItem> items,
+                        Nanos now) {
+    absl::InlinedVector<bool, 8> rolled(out.results.size(), false);
+    for (std::size_t i = 0; i < out.results.size(); ++i) {
+      LimitResult& r = out.results[i];
       if (!r.counted) continue;
       if (r.limit->charge_on_reject()) {
         r.receipt = Receipt();
@@ -745,6 +751,19 @@ class Chain {
       }
       static_cast<void>(settle_result(r, 0, now));
       r.counted = false;
+      rolled[i] = true;
+    }
+    for (std::size_t i = 0; i < out.results.size(); ++i) {
+      if (!rolled[i]) continue;
+      for (std::size_t j = out.results.size(); --j > i;) {
+        if (rolled[j] && items[j].limit == items[i].limit &&
+            items[j].key == items[i].key) {
+          out.results[i].decision.remaining = out.results[j].decision.remaining;
+          out.results[i].decision.reset_after =
+              out.results[j].decision.reset_after;
+          break;
+        }
+      }
     }
   }
 
