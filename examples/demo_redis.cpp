@@ -187,10 +187,13 @@ int run_instance(const std::string& host, int port, const std::string& prefix,
         }
         ++tot.admitted;
         ++tot.users[u].admitted;
-        tot.users[u].tokens += estimate;
         rk::Usage used;  // what the provider reports
         used.input_uncached = prompt;
         used.output = rng() % (kMaxOutput + 1);
+        // The settle gives the token limit back what the estimate held and
+        // the call did not use, so a user's tokens are the used ones: what
+        // the bound below is on.
+        tot.users[u].tokens += used.total();
         auto settled = r->settle(used);
         if (!settled.ok()) {
           fmt::print(stderr, "instance {}: {}\n", instance,
@@ -381,7 +384,7 @@ int run_redis_demo(const std::string& where, double seconds,
   }
   fmt::print(
       "\nPer user, both instances together: at most {} requests (bound {}) "
-      "and {} tokens (bound {}); {} of {} users were served by both "
+      "and {} tokens used (bound {}); {} of {} users were served by both "
       "instances.\nPer-process limiters would have let each instance admit "
       "as much again.\n",
       worst_requests, rpm_bound, worst_tokens, tpm_bound, shared_users,
