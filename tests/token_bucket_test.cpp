@@ -198,3 +198,30 @@ TEST_CASE("remaining is exactly what one more call could take",
     }
   }
 }
+
+// Found under UBSan in CI (property_test's edge hammer): an excess of 2^64
+// tokens at 2^63 ns each, and a placement of a cost never admitted, took
+// 128-bit products past their range. Both saturate: a settle far above its
+// take leaves the bucket empty to the end of the clock's range.
+TEST_CASE("a settle's debt and a placement saturate at the largest values",
+          "[policy][bucket][seams]") {
+  const auto tb =
+      TokenBucket::create(Rate{std::uint64_t{1} << 62,
+                               Nanos{std::numeric_limits<std::int64_t>::max()}},
+                          std::uint64_t{1} << 62)
+          .value();
+  const Nanos now{std::numeric_limits<std::int64_t>::max() / 2};
+  const TokenBucket::State s0{};
+  const auto st = tb.step(s0, now, 1);
+  REQUIRE(st.decision.allowed);
+  const auto placed = tb.place(s0, now, 1);
+  const TokenBucket::State debt =
+      tb.settle(st.next, now, placed, 1, std::numeric_limits<Cost>::max());
+  CHECK(tb.idle_at(debt) == Nanos{std::numeric_limits<std::int64_t>::max()});
+  // A cost above any burst, placed and settled: no overflow, nothing back
+  // beyond the take.
+  const auto big = tb.place(s0, now, std::numeric_limits<Cost>::max());
+  const TokenBucket::State back =
+      tb.settle(st.next, now, big, std::numeric_limits<Cost>::max(), 0);
+  CHECK(tb.idle(back, now));
+}

@@ -175,9 +175,11 @@ class TokenBucket {
   Placement place(const State& before, Nanos now, Cost cost) const noexcept {
     const i128 now_s = static_cast<i128>(now.count()) * den_;
     const i128 from = std::max(decode(before), now_s);
-    return Placement{from, from + static_cast<i128>(cost) * num_,
-                     static_cast<std::uint64_t>(num_),
-                     static_cast<std::uint64_t>(den_), 0};
+    // An admitted cost is at most the burst (2^62); a larger one (never
+    // admitted) is placed as 2^62, inside 127 bits.
+    return Placement{
+        from, from + static_cast<i128>(std::min(cost, kMaxCount)) * num_,
+        static_cast<std::uint64_t>(num_), static_cast<std::uint64_t>(den_), 0};
   }
 
   // settle
@@ -199,15 +201,24 @@ class TokenBucket {
     const i128 now_s = static_cast<i128>(now.count()) * den_;
     const i128 tat = decode(s);
     if (actual > taken) {
-      const i128 debt = static_cast<i128>(actual - taken) * num_;
-      return encode(std::max(tat, now_s) + debt);
+      // Saturates at the end of the clock's range: an excess that would
+      // reach past it is not multiplied out (2^64 tokens at 2^63 ns each
+      // exceed 127 bits).
+      const i128 base = std::max(tat, now_s);
+      const i128 end = static_cast<i128>(detail::kI64Max) * den_ + (den_ - 1);
+      const i128 excess = static_cast<i128>(actual - taken);
+      if (base >= end || excess > (end - base) / num_) return encode(end);
+      return encode(base + excess * num_);
     }
     if (actual == taken || tat <= now_s || p.den == 0) return s;
     const i128 pden = static_cast<i128>(p.den);
     const i128 start = std::max(p.from, static_cast<i128>(now.count()) * pden);
     if (p.until <= start) return s;
+    // (taken - actual) above 2^62 is more than any take held: clamped, so
+    // the product stays inside 127 bits.
     const i128 back =
-        std::min(static_cast<i128>(taken - actual) * static_cast<i128>(p.num),
+        std::min(static_cast<i128>(std::min(taken - actual, kMaxCount)) *
+                     static_cast<i128>(p.num),
                  p.until - start);
     // `back` in this configuration's units, rounded down (give back less).
     i128 back_s = back;
