@@ -453,7 +453,12 @@ class RedisAccountant {
   // `limits` (RedisLimits of this client, acquired first, keyed under the
   // same tenant) in one script. A refusal is a reservation that is not
   // granted(); errors (unknown model, a subject lacking a field, bad text)
-  // are statuses.
+  // are statuses, and so is a request id already settled within
+  // settled_ttl (kAlreadyExists, checked in the same script on any
+  // instance: the call must not reach the provider again; nothing is held).
+  // The rate limits are settled with the reservation: at settle() a token
+  // limit to the tokens used and a money limit to the cost (a request limit
+  // keeps its request); at release() or drop, given back.
   absl::StatusOr<RedisReservation> reserve(
       const Subject& who, std::string_view model, const Estimate& e,
       std::string request_id, std::span<const ChainItem> limits = {}) {
