@@ -163,6 +163,22 @@ inline Cost budget_amount(bool money, Money cost, std::uint64_t tokens) {
                : tokens;
 }
 
+// What a rate limit passed to reserve() is settled to, in its unit: a token
+// limit to the tokens the provider counted (the unused estimate back, an
+// excess a debt), a money limit to the cost; nullopt for a request limit,
+// which keeps its request. Both accountants settle by it.
+inline std::optional<Cost> limit_amount(Unit unit, const Settlement& s) {
+  switch (unit) {
+    case Unit::kTokens:
+      return s.tokens;
+    case Unit::kNanoUsd:
+      return budget_amount(true, s.cost, s.tokens);
+    case Unit::kRequests:
+      break;
+  }
+  return std::nullopt;
+}
+
 // What a call without a usage object is charged: the prompt estimate and
 // the output the caller counted, flagged estimated.
 inline Usage counted_usage(const Estimate& e, std::uint64_t output) {
@@ -1011,24 +1027,14 @@ class Accountant {
       }
       it.held = actual;
     }
-    // The rate limits: a token limit goes to the tokens the provider counted
-    // (the unused estimate back, an excess charged as a debt); a money one to
-    // the cost; a request limit keeps its request.
+    // The rate limits, each to its unit's amount (detail::limit_amount).
     for (std::size_t i = 0; i < r.first_budget_; ++i) {
       LimitResult& lr = r.decision_.results[i];
       if (!lr.receipt) continue;
-      switch (lr.limit->unit()) {
-        case Unit::kTokens:
-          static_cast<void>(chain_.settle(r.decision_, i, s->tokens));
-          break;
-        case Unit::kNanoUsd:
-          static_cast<void>(chain_.settle(
-              r.decision_, i,
-              static_cast<Cost>(std::max<std::int64_t>(0, s->cost.nanos))));
-          break;
-        case Unit::kRequests:
-          lr.receipt = Receipt();  // the request happened: it stays counted
-          break;
+      if (const auto to = detail::limit_amount(lr.limit->unit(), *s)) {
+        static_cast<void>(chain_.settle(r.decision_, i, *to));
+      } else {
+        lr.receipt = Receipt();  // the request happened: it stays counted
       }
     }
     r.done_ = true;

@@ -896,9 +896,8 @@ class RedisAccountant {
 
   // The rate limits passed to reserve(), through their receipts, as the
   // in-process Accountant settles them: given back (`s` null: released, or
-  // settled as a duplicate); settled, a token limit to the tokens the
-  // provider counted and a money limit to the cost, in both directions (an
-  // excess is a debt), while a request limit keeps its request. Each limit
+  // settled as a duplicate); settled, each to its unit's amount
+  // (detail::limit_amount; a request limit keeps its request). Each limit
   // by its own clock (Redis's, or a kLocal share's). A settle Redis does
   // not answer leaves that limit holding its take (the conservative side:
   // it ends with the take's window or stretch).
@@ -908,18 +907,13 @@ class RedisAccountant {
       if (!lr.receipt) continue;
       Cost actual = 0;
       if (s != nullptr) {
-        switch (lr.limit->unit()) {
-          case Unit::kTokens:
-            actual = s->tokens;
-            break;
-          case Unit::kNanoUsd:
-            actual =
-                static_cast<Cost>(std::max<std::int64_t>(0, s->cost.nanos));
-            break;
-          case Unit::kRequests:
-            lr.receipt = Receipt();  // the request happened: it stays counted
-            continue;
+        const std::optional<Cost> to =
+            detail::limit_amount(lr.limit->unit(), *s);
+        if (!to) {
+          lr.receipt = Receipt();  // the request happened: it stays counted
+          continue;
         }
+        actual = *to;
       }
       if (absl::Status st = chain_.settle(r.decision_, i, actual, test_now());
           !st.ok()) {

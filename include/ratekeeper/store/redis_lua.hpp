@@ -55,17 +55,16 @@ local function idiv(a, b)
 end
 local function cdiv(a, b) return -idiv(-a, b) end
 
--- The integers of a stored state ("a b [c [d]]"), without patterns.
+-- The integers of a stored state ("a b [c]"), without patterns.
 local function fields(raw)
   local i = string.find(raw, ' ', 1, true)
-  local a = tonumber(string.sub(raw, 1, i - 1))
   local j = string.find(raw, ' ', i + 1, true)
-  if not j then return a, tonumber(string.sub(raw, i + 1)) end
-  local b = tonumber(string.sub(raw, i + 1, j - 1))
-  local k = string.find(raw, ' ', j + 1, true)
-  if not k then return a, b, tonumber(string.sub(raw, j + 1)) end
-  return a, b, tonumber(string.sub(raw, j + 1, k - 1)),
-         tonumber(string.sub(raw, k + 1))
+  if j then
+    return tonumber(string.sub(raw, 1, i - 1)),
+           tonumber(string.sub(raw, i + 1, j - 1)),
+           tonumber(string.sub(raw, j + 1))
+  end
+  return tonumber(string.sub(raw, 1, i - 1)), tonumber(string.sub(raw, i + 1))
 end
 
 local test_time = ARGV[1] ~= ''
