@@ -10,13 +10,16 @@
 #include <atomic>
 #include <cstdint>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
 #include "ratekeeper/budget/accountant.hpp"
+#include "ratekeeper/budget/stream.hpp"
 #include "ratekeeper/ratekeeper.hpp"
 #include "ratekeeper/store/redis.hpp"
 #include "redis_server.hpp"  // tests/: a redis-server of our own
@@ -495,6 +498,87 @@ void BM_Budget_ReserveSettle_Sharded(benchmark::State& state) {
       static_cast<double>(granted) / static_cast<double>(state.iterations());
 }
 BENCHMARK(BM_Budget_ReserveSettle_Sharded)->Arg(10)->Arg(18)->Arg(20);
+
+// -------------------------------------------------------------- stream --
+
+// A recorded Chat Completions stream (tests/data/provider-samples: 181
+// events, usage in the last), as the chunks an upstream sends: one SSE
+// event each.
+const std::vector<std::string>& recorded_chat_chunks() {
+  static const std::vector<std::string> chunks = [] {
+    std::ifstream in(std::string(RK_BENCH_DATA_DIR) +
+                         "/provider-samples/openai-chat-streams/"
+                         "d615580118391ee13492193e3a8bb74642d23ac1ca13fe37cb6e8"
+                         "89b66f759f6.sse",
+                     std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)),
+                           std::istreambuf_iterator<char>());
+    std::vector<std::string> out;
+    for (std::size_t i = 0; i < text.size();) {
+      std::size_t end = text.find("\n\n", i);
+      end = end == std::string::npos ? text.size() : end + 2;
+      out.push_back(text.substr(i, end - i));
+      i = end;
+    }
+    return out;
+  }();
+  return chunks;
+}
+
+// The stream reader: SSE framing, then a scan for "usage" / "error"; one
+// chunk of 181 is JSON-parsed. per_chunk: seconds per chunk.
+void BM_Stream_Usage_Reader_Chat(benchmark::State& state) {
+  const auto& chunks = recorded_chat_chunks();
+  std::uint64_t output = 0;
+  for (auto _ : state) {
+    rk::StreamUsageReader reader(rk::StreamFormat::kOpenAIChat);
+    for (const std::string& c : chunks) reader.feed(c);
+    const rk::StreamUsageResult& r = reader.finish();
+    if (r.usage) output += r.usage->output;
+  }
+  state.counters["per_chunk"] =
+      benchmark::Counter(static_cast<double>(chunks.size()),
+                         benchmark::Counter::kIsIterationInvariantRate |
+                             benchmark::Counter::kInvert);
+  // Checksum: the recording's 177 output tokens, every iteration.
+  state.counters["output_ok"] =
+      output == 177 * static_cast<std::uint64_t>(state.iterations());
+}
+BENCHMARK(BM_Stream_Usage_Reader_Chat);
+
+// The floor it replaces: every chunk's data JSON-parsed with nlohmann and
+// its usage looked up (what a gateway does without the reader).
+void BM_Stream_Usage_NlohmannEveryChunk_Chat(benchmark::State& state) {
+  const auto& chunks = recorded_chat_chunks();
+  std::uint64_t output = 0;
+  for (auto _ : state) {
+    std::uint64_t last = 0;
+    for (const std::string& c : chunks) {
+      std::string_view data(c);
+      if (!data.starts_with("data: ")) continue;
+      data.remove_prefix(6);
+      while (!data.empty() && (data.back() == '\n' || data.back() == '\r')) {
+        data.remove_suffix(1);
+      }
+      if (data == "[DONE]") continue;
+      const nlohmann::json j = nlohmann::json::parse(
+          data.begin(), data.end(), nullptr, /*allow_exceptions=*/false);
+      if (j.is_discarded()) continue;
+      const auto u = j.find("usage");
+      if (u != j.end() && u->is_object()) {
+        last = u->value("completion_tokens", std::uint64_t{0});
+      }
+    }
+    output += last;
+  }
+  state.counters["per_chunk"] =
+      benchmark::Counter(static_cast<double>(chunks.size()),
+                         benchmark::Counter::kIsIterationInvariantRate |
+                             benchmark::Counter::kInvert);
+  state.counters["output_ok"] =
+      output == 177 * static_cast<std::uint64_t>(state.iterations());
+}
+BENCHMARK(BM_Stream_Usage_NlohmannEveryChunk_Chat);
 
 // --------------------------------------------------------------- redis --
 

@@ -196,3 +196,135 @@ TEST_CASE("malformed or partial JSON is an error, never a zero charge",
   CHECK_FALSE(s.feed(R"({"no_type":1})").ok());
   CHECK_FALSE(s.feed(R"({"type":"message_start"})").ok());
 }
+
+TEST_CASE("a usage without its required fields is an error naming the field",
+          "[i14][usage]") {
+  const auto names = [](const absl::Status& st, std::string_view field) {
+    return st.code() == absl::StatusCode::kInvalidArgument &&
+           st.message().find(std::string("\"") + std::string(field) + "\"") !=
+               std::string_view::npos &&
+           st.message().find("missing") != std::string_view::npos;
+  };
+  // OpenAI Chat: prompt_tokens and completion_tokens are always sent.
+  CHECK(names(read_openai_chat_usage(R"({"usage":{}})").status(),
+              "prompt_tokens"));
+  CHECK(names(read_openai_chat_usage(
+                  R"({"usage":{"prompt_tokens":10,"total_tokens":10}})")
+                  .status(),
+              "completion_tokens"));
+  CHECK(names(read_openai_chat_usage(
+                  R"({"usage":{"prompt_tokens":10,"completion_tokens":null}})")
+                  .status(),
+              "completion_tokens"));
+  CHECK(names(
+      read_openai_chat_usage(R"({"usage":{"completion_tokens":3}})").status(),
+      "prompt_tokens"));
+  // total_tokens and the details are optional.
+  const auto minimal = read_openai_chat_usage(
+      R"({"usage":{"prompt_tokens":10,"completion_tokens":3}})");
+  REQUIRE(minimal.ok());
+  CHECK(normalize(*minimal)->total() == 13);
+
+  // Responses: input_tokens and output_tokens.
+  CHECK(names(read_openai_responses_usage(R"({"usage":{}})").status(),
+              "input_tokens"));
+  CHECK(names(read_openai_responses_usage(
+                  R"({"type":"response.completed","response":{"usage":)"
+                  R"({"input_tokens":5,"total_tokens":5}}})")
+                  .status(),
+              "output_tokens"));
+
+  // Anthropic bodies: input_tokens and output_tokens; the cache fields are
+  // optional (older models, and the recordings, leave them out).
+  CHECK(
+      names(read_anthropic_usage(R"({"usage":{}})").status(), "input_tokens"));
+  CHECK(names(read_anthropic_usage(R"({"usage":{"input_tokens":5}})").status(),
+              "output_tokens"));
+  const auto plain =
+      read_anthropic_usage(R"({"usage":{"input_tokens":5,"output_tokens":2}})");
+  REQUIRE(plain.ok());
+  CHECK(normalize(*plain)->total() == 7);
+
+  // Anthropic streams: message_start needs both; a message_delta's usage
+  // carries output_tokens only (as every recording shows), which it needs.
+  AnthropicStreamUsage s;
+  CHECK(names(s.feed(R"({"type":"message_start","message":{"usage":)"
+                     R"({"output_tokens":1}}})"),
+              "input_tokens"));
+  CHECK(s.usage_so_far().status().code() == absl::StatusCode::kNotFound);
+  REQUIRE(s.feed(R"({"type":"message_start","message":{"usage":)"
+                 R"({"input_tokens":7,"output_tokens":1}}})")
+              .ok());
+  CHECK(names(s.feed(R"({"type":"message_delta","delta":{"stop_reason":)"
+                     R"("end_turn"},"usage":{}})"),
+              "output_tokens"));
+  CHECK_FALSE(s.complete());  // the bad delta changed nothing
+  REQUIRE(s.feed(R"({"type":"message_delta","delta":{"stop_reason":)"
+                 R"("end_turn"},"usage":{"output_tokens":9}})")
+              .ok());
+  CHECK(s.complete());
+  CHECK(s.usage()->output_tokens == 9);
+  CHECK(s.to_usage()->source == UsageSource::kReported);
+}
+
+TEST_CASE("provider error bodies name the provider's error, not usage",
+          "[i14][usage]") {
+  // Anthropic's documented error shape (Errors page: HTTP 529).
+  const char* anthropic =
+      R"({"type":"error","error":{"type":"overloaded_error",)"
+      R"("message":"Overloaded"},"request_id":"req_011CSHoEeqs5C35K2UUqR7Fy"})";
+  const absl::Status a = read_anthropic_usage(anthropic).status();
+  CHECK(a.code() == absl::StatusCode::kUnavailable);
+  CHECK(a.message() == "Anthropic error overloaded_error: Overloaded");
+  CHECK(a.message().find("stream_options") == std::string_view::npos);
+  const auto ae = read_provider_error(anthropic, Provider::kAnthropic);
+  REQUIRE(ae.has_value());
+  CHECK(ae->type == "overloaded_error");
+  CHECK(ae->message == "Overloaded");
+
+  const absl::Status limited =
+      read_anthropic_usage(R"({"type":"error","error":{"type":)"
+                           R"("rate_limit_error","message":"slow down"}})")
+          .status();
+  CHECK(limited.code() == absl::StatusCode::kResourceExhausted);
+  CHECK(limited.message() == "Anthropic error rate_limit_error: slow down");
+  CHECK(read_anthropic_usage(R"({"type":"error","error":{"type":)"
+                             R"("invalid_request_error","message":"bad"}})")
+            .status()
+            .code() == absl::StatusCode::kFailedPrecondition);
+
+  // OpenAI's shape: {"error":{"message","type","param","code"}}.
+  const char* openai =
+      R"({"error":{"message":"You exceeded your current quota.",)"
+      R"("type":"insufficient_quota","param":null,)"
+      R"("code":"insufficient_quota"}})";
+  const absl::Status o = read_openai_chat_usage(openai).status();
+  CHECK(o.code() == absl::StatusCode::kResourceExhausted);
+  CHECK(o.message() ==
+        "OpenAI error insufficient_quota: You exceeded your current quota.");
+  const absl::Status key =
+      read_openai_chat_usage(
+          R"({"error":{"message":"Incorrect API key provided.",)"
+          R"("type":"invalid_request_error","param":null,)"
+          R"("code":"invalid_api_key"}})")
+          .status();
+  CHECK(key.code() == absl::StatusCode::kUnauthenticated);
+  CHECK(key.message() ==
+        "OpenAI error invalid_request_error: Incorrect API key provided. "
+        "(code invalid_api_key)");
+  CHECK(read_openai_responses_usage(openai).status().code() ==
+        absl::StatusCode::kResourceExhausted);
+
+  // Without an error, a body without usage is still kNotFound, and only
+  // OpenAI's message names stream_options.
+  const absl::Status none =
+      read_anthropic_usage(R"({"type":"message"})").status();
+  CHECK(none.code() == absl::StatusCode::kNotFound);
+  CHECK(none.message().find("stream_options") == std::string_view::npos);
+  CHECK(read_openai_chat_usage(R"({"choices":[]})")
+            .status()
+            .message()
+            .find("stream_options") != std::string_view::npos);
+  CHECK_FALSE(read_provider_error(R"({"error":null})", Provider::kOpenAIChat));
+  CHECK_FALSE(read_provider_error("not json", Provider::kOpenAIChat));
+}

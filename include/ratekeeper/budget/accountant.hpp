@@ -189,6 +189,23 @@ inline Usage counted_usage(const Estimate& e, std::uint64_t output) {
   return u;
 }
 
+// What a partial usage (UsageSource::kPartial: a stream cut short, or ended
+// by an error event) is charged, since its counts are only a lower bound:
+// the input side as the provider reported it (Anthropic's message_start
+// carries all of it), or the prompt estimate where it reported none; the
+// output at least `output_floor` (the caller's count, or the reservation's
+// worst case) and never below what the stream reported. Flagged estimated.
+// Any other usage is returned as it is.
+inline Usage partial_charge(const Usage& used, const Estimate& e,
+                            std::uint64_t output_floor) {
+  if (used.source != UsageSource::kPartial) return used;
+  Usage u = used;
+  if (u.input_total() == 0) u.input_uncached = e.prompt_tokens;
+  u.output = std::max(u.output, output_floor);
+  u.source = UsageSource::kEstimated;
+  return u;
+}
+
 }  // namespace detail
 
 // ThresholdEvent: a soft threshold crossed.
@@ -312,6 +329,7 @@ class Reservation {
       reserved_tokens_ = o.reserved_tokens_;
       first_budget_ = o.first_budget_;
       seq_ = o.seq_;
+      worst_output_ = o.worst_output_;
       done_ = o.done_;
     }
     return *this;
@@ -349,13 +367,31 @@ class Reservation {
   // per request id: a second settle,
   // here or through another Reservation of the same id, returns the first
   // result and changes nothing. kFailedPrecondition on a refused or
-  // released reservation.
+  // released reservation. A partial usage (UsageSource::kPartial, a stream
+  // cut short) is never final: its output is charged at the reservation's
+  // worst case (max_output_tokens, or what next_chunk_fits grew it to),
+  // flagged estimated (detail::partial_charge); settle_partial() charges
+  // the caller's count instead.
   absl::StatusOr<Settlement> settle(const Usage& used) {
     if (acct_ == nullptr || !granted()) {
       return absl::FailedPreconditionError(
           "settle: the reservation was not granted or was released");
     }
-    return acct_->settle_reservation(*this, used);
+    return acct_->settle_reservation(
+        *this, detail::partial_charge(used, estimate_, worst_output()));
+  }
+
+  // settle_partial
+  //
+  // A stream that did not finish (StreamUsageResult::complete false): the
+  // input side of `partial` as reported (else the prompt estimate) and, as
+  // output, the tokens the caller counted (never fewer than `partial`
+  // reported), flagged estimated.
+  absl::StatusOr<Settlement> settle_partial(
+      const Usage& partial, std::uint64_t counted_output_tokens) {
+    Usage u = partial;
+    u.source = UsageSource::kPartial;
+    return settle(detail::partial_charge(u, estimate_, counted_output_tokens));
   }
 
   // settle_without_usage
@@ -395,7 +431,12 @@ class Reservation {
       return absl::InvalidArgumentError(
           "next_chunk_fits: token counts must be at most 2^48");
     }
-    return acct_->extend(*this, output_so_far + next_tokens);
+    absl::StatusOr<bool> fits =
+        acct_->extend(*this, output_so_far + next_tokens);
+    if (fits.ok() && *fits) {
+      worst_output_ = std::max(worst_output_, output_so_far + next_tokens);
+    }
+    return fits;
   }
 
   // release
@@ -435,7 +476,13 @@ class Reservation {
   // per budget from this index on.
   std::size_t first_budget_ = 0;
   std::uint64_t seq_ = 0;  // the ledger's sequence number of the reserve
+  // The most output next_chunk_fits has held room for (0: none asked).
+  std::uint64_t worst_output_ = 0;
   bool done_ = false;
+
+  std::uint64_t worst_output() const noexcept {
+    return std::max(estimate_.max_output_tokens, worst_output_);
+  }
 };
 
 // Accountant: budgets per subject and period, priced from a PriceTable.
@@ -972,7 +1019,7 @@ class Accountant {
     absl::StatusOr<Money> cost = PriceTable::cost(r.prices_, used);
     if (!cost.ok()) return cost.status();
     return Settlement{*cost, used.total(),
-                      used.source == UsageSource::kEstimated};
+                      used.source != UsageSource::kReported};
   }
 
   absl::StatusOr<Settlement> settle_reservation(Reservation<C>& r,

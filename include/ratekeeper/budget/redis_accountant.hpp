@@ -48,6 +48,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -311,8 +312,19 @@ class RedisReservation {
   // this instance's pricing returned (if the id turns out to be settled
   // already when it replays, the first settlement stands). kUnavailable
   // only without a journal (then it may be called again);
-  // kFailedPrecondition for a refused or released reservation.
+  // kFailedPrecondition for a refused or released reservation. A partial
+  // usage (UsageSource::kPartial) is charged as Reservation::settle does:
+  // the worst-case output, flagged estimated.
   absl::StatusOr<Settlement> settle(const Usage& used);
+
+  // As Reservation::settle_partial: the caller's count of the output of a
+  // stream that did not finish.
+  absl::StatusOr<Settlement> settle_partial(
+      const Usage& partial, std::uint64_t counted_output_tokens) {
+    Usage u = partial;
+    u.source = UsageSource::kPartial;
+    return settle(detail::partial_charge(u, estimate_, counted_output_tokens));
+  }
 
   // A stream without a usage object: the prompt estimate and the counted
   // output, flagged estimated.
@@ -367,6 +379,8 @@ class RedisReservation {
   bool local_ = false;  // holds taken from kLocal shares (Redis away)
   bool done_ = false;
   std::optional<Settlement> settled_;
+  // The most output next_chunk_fits has held room for (0: none asked).
+  std::uint64_t worst_output_ = 0;
 };
 
 // RedisAccountant: budgets in Redis, priced from a PriceTable. Thread-safe.
@@ -849,7 +863,7 @@ class RedisAccountant {
     absl::StatusOr<Money> cost = PriceTable::cost(r.prices_, used);
     if (!cost.ok()) return cost.status();
     const Settlement s{*cost, used.total(),
-                       used.source == UsageSource::kEstimated};
+                       used.source != UsageSource::kReported};
     absl::InlinedVector<Cost, 4> actual;
     for (const auto& it : r.items_) {
       actual.push_back(detail::budget_amount(it.money, s.cost, s.tokens));
@@ -1117,6 +1131,7 @@ inline RedisReservation& RedisReservation::operator=(
     local_ = o.local_;
     done_ = o.done_;
     settled_ = o.settled_;
+    worst_output_ = o.worst_output_;
   }
   return *this;
 }
@@ -1127,7 +1142,10 @@ inline absl::StatusOr<Settlement> RedisReservation::settle(const Usage& used) {
     return absl::FailedPreconditionError(
         "settle: the reservation was not granted or was released");
   }
-  return acct_->settle_reservation(*this, used);
+  return acct_->settle_reservation(
+      *this, detail::partial_charge(
+                 used, estimate_,
+                 std::max(estimate_.max_output_tokens, worst_output_)));
 }
 
 inline absl::StatusOr<bool> RedisReservation::next_chunk_fits(
@@ -1140,7 +1158,11 @@ inline absl::StatusOr<bool> RedisReservation::next_chunk_fits(
     return absl::InvalidArgumentError(
         "next_chunk_fits: token counts must be at most 2^48");
   }
-  return acct_->extend(*this, output_so_far + next_tokens);
+  absl::StatusOr<bool> fits = acct_->extend(*this, output_so_far + next_tokens);
+  if (fits.ok() && *fits) {
+    worst_output_ = std::max(worst_output_, output_so_far + next_tokens);
+  }
+  return fits;
 }
 
 inline void RedisReservation::release() noexcept {

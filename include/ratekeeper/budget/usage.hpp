@@ -8,7 +8,8 @@
 //   AnthropicUsage        Messages `usage`
 //   Usage                 uncached input, cache read, cache write (5m, 1h),
 //                         output (reasoning included), reasoning (a subset),
-//                         and where the numbers came from
+//                         and where the numbers came from (reported,
+//                         estimated, or partial: a stream cut short)
 //   normalize(...)        provider object -> Usage, checking the provider's
 //                         invariants (kInvalidArgument when they do not hold)
 //
@@ -108,6 +109,12 @@ enum class Provider : std::uint8_t {
 enum class UsageSource : std::uint8_t {
   kReported,   // the provider's own usage object
   kEstimated,  // counted by the caller (a stream that ended without usage)
+  // The provider's counts so far from a stream that did not finish (cut
+  // after Anthropic's message_start, or ended by an error event): a lower
+  // bound, never a final figure. Reservation::settle charges the
+  // reservation's worst-case output for it (settle_partial: the caller's
+  // count), never these numbers as final.
+  kPartial,
 };
 
 // Usage: one call's tokens, normalized. Every input token is in exactly
