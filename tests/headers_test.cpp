@@ -842,6 +842,18 @@ TEST_CASE("a budget in a chain has no w, never w=0", "[i14][headers]") {
        "\"usd_month\";r=4250000000;t=2678400, \"tok_day\";r=990;t=86400"},
   };
   CHECK(h == want);
+  // Refused (as a plain chain, not through the accountant): 429 with the
+  // wait to December's end, too long to be worth an SDK's retry.
+  const ChainDecision no =
+      chain.acquire({{month.get(), "t", 4'500'000'000}, {day.get(), "t", 10}});
+  REQUIRE_FALSE(no.allowed);
+  const http::Response a = http::refusal_response(no);
+  CHECK(a.status == 429);
+  CHECK(header(a.headers, "Retry-After") == "2678400");
+  CHECK(header(a.headers, "x-should-retry") == "false");
+  CHECK(Json::parse(a.body)["error"]["message"] ==
+        "rate limit \"usd_month\" reached: 5000000000 nano-USD, 4250000000 "
+        "remaining, this call costs 4500000000; retry in 744h0m0s");
 }
 
 TEST_CASE("q and r saturate at the largest sf-integer", "[i14][headers][sf]") {

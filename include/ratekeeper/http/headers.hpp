@@ -103,10 +103,11 @@ struct HeaderOptions {
   bool retry_after_ms = true;  // retry-after-ms, beside Retry-After
   bool should_retry = true;    // x-should-retry: false where no retry helps
   // A refusal whose wait is longer than this is told x-should-retry: false
-  // (it still carries Retry-After): an SDK would otherwise sleep it out,
-  // even hours, inside one call. The Python SDK ignores a Retry-After above
-  // 60 s and retries on its own backoff, in vain, so 60 s is the default.
-  // kNever: no maximum.
+  // (it still carries Retry-After): an SDK that honours any Retry-After
+  // sleeps it out, even hours, inside one call; the Python SDKs
+  // (_calculate_retry_timeout) take one only if 0 < wait <= 60 s and
+  // otherwise retry on their own backoff (0.5 s to 8 s), in vain. Hence 60 s
+  // by default; kNever: no maximum.
   Nanos max_retry_wait = std::chrono::seconds(60);
   BudgetStatus budget_status = BudgetStatus::k429InsufficientQuota;
 };
@@ -466,12 +467,14 @@ inline Response refusal_response(const ChainDecision& d,
                                     ? "cost"
                                     : "requests";
   r.body = detail::error_body(
-      fmt::format("rate limit \"{}\" reached: {} {} per {}, {} remaining, "
+      fmt::format("rate limit \"{}\" reached: {} {}{}, {} remaining, "
                   "this call costs {}; retry in {}",
                   b->limit->name(), b->decision.limit,
                   detail::quantity(b->limit->unit()),
-                  go_duration(b->limit->window()), b->decision.remaining,
-                  b->cost, go_duration(d.retry_after)),
+                  b->limit->window() > Nanos{0}
+                      ? " per " + go_duration(b->limit->window())
+                      : std::string(),
+                  b->decision.remaining, b->cost, go_duration(d.retry_after)),
       type, "rate_limit_exceeded");
   return r;
 }
