@@ -614,6 +614,9 @@ TEST_CASE("every header parses as RFC 8941 and says what the decisions say",
     o.money_unit = units[rng() % 4];
     o.max_retry_wait = Nanos{
         static_cast<std::int64_t>(log_uniform(rng, 3'600ULL * 1'000'000'000))};
+    o.budget_status = rng() % 2 == 0
+                          ? http::BudgetStatus::k403Forbidden
+                          : http::BudgetStatus::k429InsufficientQuota;
     for (int call = 0; call < 20; ++call) {
       clock.advance(Nanos{static_cast<std::int64_t>(
           log_uniform(rng, 86'400ULL * 1'000'000'000))});
@@ -775,6 +778,20 @@ TEST_CASE("every header parses as RFC 8941 and says what the decisions say",
                                  : u == Unit::kNanoUsd ? "cost"
                                                        : "requests"));
         }
+        // The same refusal, as a budget's: never worth a retry.
+        const bool forbid =
+            o.budget_status == http::BudgetStatus::k403Forbidden;
+        const http::Response b = http::budget_exhausted_response(d, o);
+        CHECK(b.status == (never ? 413 : forbid ? 403 : 429));
+        CHECK(b.headers.front() == Header{"Content-Type", "application/json"});
+        CHECK(header(b.headers, "x-should-retry") == "false");
+        CHECK(header(b.headers, "Retry-After") == ra);
+        CHECK(header(b.headers, "RateLimit") == state);
+        const Json be = Json::parse(b.body).at("error");
+        CHECK(be.size() == 4);
+        CHECK(be.at("code") == (never    ? "request_too_large"
+                                : forbid ? "budget_exhausted"
+                                         : "insufficient_quota"));
       }
     }
   }
