@@ -2,6 +2,7 @@
 // believed only as far as trusted proxies wrote them (TESTPLAN T10a, T10b).
 #include "ratekeeper/ip.hpp"
 
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -274,4 +275,143 @@ TEST_CASE(
     ++via_proxy;
   }
   CHECK(via_proxy == 10'000);
+}
+
+TEST_CASE("Forwarded and X-Forwarded-For accept an IPv4-mapped IPv6 hop",
+          "[i14][ip]") {
+  // A dual-stack proxy writes every IPv4 client as ::ffff:a.b.c.d, in
+  // brackets with a port (RFC 7239 §6: an IPv6 node is a bracketed
+  // IP-literal).
+  const auto proxies = TrustedProxies::create({"10.0.0.0/8"}).value();
+  const IpAddress lb = ip("10.0.0.2");
+  CHECK(proxies.client_from_forwarded(lb, {"for=\"[::ffff:192.0.2.7]:4711\""})
+            .value() == ip("192.0.2.7"));
+  CHECK(proxies.client_from_forwarded(lb, {"for=\"[::ffff:192.0.2.7]\""})
+            .value() == ip("192.0.2.7"));
+  CHECK(proxies.client_from_forwarded(lb, {"for=\"[::FFFF:c000:207]:80\""})
+            .value() == ip("192.0.2.7"));
+  CHECK(proxies.client_from_x_forwarded_for(lb, {"[::ffff:192.0.2.7]:4711"})
+            .value() == ip("192.0.2.7"));
+  CHECK(proxies.client_from_x_forwarded_for(lb, {"::ffff:192.0.2.7"}).value() ==
+        ip("192.0.2.7"));
+  // The key is the IPv4 client's, whichever form the proxy wrote.
+  CHECK(
+      ip_key(proxies.client_from_forwarded(lb, {"for=\"[::ffff:192.0.2.7]:1\""})
+                 .value()) == "192.0.2.7");
+  // Still refused: a dotted quad in brackets is no IP-literal, and a mapped
+  // trusted proxy is still trusted (its left neighbour is read).
+  for (const char* bad : {"for=\"[192.0.2.7]:4711\"", "for=\"[192.0.2.7]\"",
+                          "for=\"[::ffff:192.0.2.256]:1\""}) {
+    CAPTURE(bad);
+    CHECK_FALSE(proxies.client_from_forwarded(lb, {bad}).ok());
+  }
+  CHECK(proxies
+            .client_from_forwarded(
+                lb, {"for=198.51.100.9, for=\"[::ffff:10.1.1.1]:80\""})
+            .value() == ip("198.51.100.9"));
+}
+
+TEST_CASE("IPv6 addresses that embed an IPv4 client are keyed by it",
+          "[i14][ip]") {
+  // RFC 6052 §2.4's table: 192.0.2.33 embedded under each prefix length.
+  const struct {
+    const char* prefix;
+    int bits;
+    const char* address;
+  } rfc6052[] = {
+      {"2001:db8::", 32, "2001:db8:c000:221::"},
+      {"2001:db8:100::", 40, "2001:db8:1c0:2:21::"},
+      {"2001:db8:122::", 48, "2001:db8:122:c000:2:2100::"},
+      {"2001:db8:122:300::", 56, "2001:db8:122:3c0:0:221::"},
+      {"2001:db8:122:344::", 64, "2001:db8:122:344:c0:2:2100:0"},
+      {"2001:db8:122:344::", 96, "2001:db8:122:344::192.0.2.33"},
+  };
+  // The well-known prefix (RFC 6052 §2.1, the /96 layout).
+  CHECK(embedded_ipv4(ip("64:ff9b::192.0.2.33")) == ip("192.0.2.33"));
+  CHECK(ip_key(ip("64:ff9b::c000:221")) == "192.0.2.33");
+  CHECK(ip_key(ip("64:ff9b::c000:222")) == "192.0.2.34");
+  // The local-use prefix 64:ff9b:1::/48 (RFC 8215) with the operator's
+  // layout: the table's addresses under 64:ff9b:1 instead of 2001:db8:122.
+  const struct {
+    int bits;
+    const char* address;
+  } local[] = {
+      {48, "64:ff9b:1:c000:2:2100::"},
+      {56, "64:ff9b:1:3c0:0:221::"},
+      {64, "64:ff9b:1:344:c0:2:2100:0"},
+      {96, "64:ff9b:1:344::192.0.2.33"},
+  };
+  for (const auto& l : local) {
+    CAPTURE(l.address);
+    const IpKeyOptions o{.local_nat64_prefix = l.bits};
+    REQUIRE(o.validate().ok());
+    CHECK(embedded_ipv4(ip(l.address), o) == ip("192.0.2.33"));
+    CHECK(ip_key(ip(l.address), o) == "192.0.2.33");
+  }
+  CHECK(ip_key(ip("64:ff9b:1:344::192.0.2.33")) == "192.0.2.33");  // /96
+  CHECK_FALSE(IpKeyOptions{.local_nat64_prefix = 40}.validate().ok());
+  // A network-specific prefix (2001:db8::/32 here) is an ordinary IPv6
+  // network: nothing says it translates, so it keeps its /64 key.
+  for (const auto& r : rfc6052) {
+    CAPTURE(r.address);
+    CHECK_FALSE(embedded_ipv4(ip(r.address)).has_value());
+  }
+  // IPv4-compatible (RFC 4291 §2.5.5.1), not :: nor ::1.
+  CHECK(ip_key(ip("::192.0.2.33")) == "192.0.2.33");
+  CHECK_FALSE(embedded_ipv4(ip("::")).has_value());
+  CHECK_FALSE(embedded_ipv4(ip("::1")).has_value());
+  CHECK(ip_key(ip("::1")) == "::/64");
+  // 6to4 (RFC 3056 §2): 2002:V4ADDR::/48; V4ADDR 192.1.2.3 is c001:0203.
+  CHECK(ip_key(ip("2002:c001:203::1")) == "192.1.2.3");
+  CHECK(ip_key(ip("2002:c001:203:ffff:1:2:3:4")) == "192.1.2.3");
+  // Teredo (RFC 4380 §4): 2001:0:<server>:<flags>:<port ^ ffff>:<client ^
+  // ffffffff>. Server 65.54.227.120, port 40000, client 192.0.2.45: the
+  // client's bits inverted by hand, c000:022d ^ ffff:ffff = 3fff:fdd2.
+  const IpAddress teredo = ip("2001:0:4136:e378:8000:63bf:3fff:fdd2");
+  CHECK(embedded_ipv4(teredo) == ip("192.0.2.45"));
+  CHECK(ip_key(teredo) == "192.0.2.45");
+  // Two Teredo clients behind one server were one /64 key before.
+  CHECK(ip_key(ip("2001:0:4136:e378:8000:63bf:3fff:fdd3")) == "192.0.2.44");
+  // The IPv4 prefix applies to them too; the option turns it off.
+  CHECK(ip_key(teredo, {.ipv4_prefix = 24}) == "192.0.2.0/24");
+  CHECK(ip_key(teredo, {.embedded_ipv4 = false}) == "2001:0:4136:e378::/64");
+  CHECK(ip_key(ip("64:ff9b::1.2.3.4"), {.embedded_ipv4 = false}) ==
+        "64:ff9b::/64");
+  // Ordinary IPv6 stays keyed by /64.
+  CHECK_FALSE(embedded_ipv4(ip("2001:db8:1:2::1")).has_value());
+  CHECK_FALSE(embedded_ipv4(ip("2001:1::1")).has_value());  // not Teredo
+  CHECK_FALSE(embedded_ipv4(ip("64:ff9b:2::1")).has_value());
+}
+
+TEST_CASE("10,000 IPv4 clients behind NAT64, 6to4 and Teredo stay apart",
+          "[i14][ip]") {
+  const std::uint64_t seed = rk_test::seed_or(0x1414);
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  std::set<std::string> keys;
+  std::set<std::uint32_t> clients;
+  for (int i = 0; i < 10'000; ++i) {
+    const auto v4 = static_cast<std::uint32_t>(rng());
+    clients.insert(v4);
+    const std::string dotted = absl::StrCat(
+        v4 >> 24, ".", (v4 >> 16) & 255, ".", (v4 >> 8) & 255, ".", v4 & 255);
+    const std::string hi = absl::StrCat(absl::Hex(v4 >> 16));
+    const std::string lo = absl::StrCat(absl::Hex(v4 & 0xFFFF));
+    const std::string inv_hi = absl::StrCat(absl::Hex((~v4) >> 16));
+    const std::string inv_lo = absl::StrCat(absl::Hex((~v4) & 0xFFFF));
+    // The same client in each form keys as its IPv4 address.
+    const std::string forms[] = {
+        "64:ff9b::" + dotted,
+        absl::StrCat("64:ff9b::", hi, ":", lo),
+        absl::StrCat("2002:", hi, ":", lo, "::1"),
+        absl::StrCat("2001:0:4136:e378:8000:63bf:", inv_hi, ":", inv_lo),
+        "::ffff:" + dotted,
+    };
+    for (const std::string& f : forms) {
+      CAPTURE(f);
+      REQUIRE(ip_key(ip(f)) == ip_key(ip(dotted)));
+    }
+    keys.insert(ip_key(ip(forms[0])));
+  }
+  CHECK(keys.size() == clients.size());
 }

@@ -3,8 +3,13 @@
 #include "ratekeeper/budget/period.hpp"
 
 #include <chrono>
+#include <cstdint>
+#include <ratio>
 
 #include "ratekeeper/chain.hpp"
+#include "ratekeeper/detail/math.hpp"
+#include "ratekeeper/errors.hpp"
+#include "ratekeeper/policy/token_bucket.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -129,4 +134,81 @@ TEST_CASE("a budget in a chain with a rate limit", "[period]") {
   CHECK(d.retry_after == std::chrono::hours(14));
   clock.set(utc(2026, 11, 29));
   CHECK(chain.acquire({{day.get(), "team-red", 500'000'000}}).allowed);
+}
+
+// UB at the extremes (issue 14, found under UBSan): each of these overflowed
+// a signed 64-bit value before the fix; the asan preset (-fsanitize=
+// undefined -fno-sanitize-recover) fails the test on any such overflow.
+namespace {
+// A value the compiler cannot fold: the arithmetic happens at run time,
+// where UBSan sees it.
+template <class T>
+[[gnu::noinline]] T opaque(T v) {
+  asm volatile("" : : "r"(&v) : "memory");
+  return v;
+}
+}  // namespace
+
+TEST_CASE("a budget after a far backward step of the clock saturates its waits",
+          "[i14][ub][period]") {
+  for (const Period& p : {Period::calendar(PeriodKind::kDay).value(),
+                          Period::rolling(std::chrono::hours(24)).value()}) {
+    const auto b = PeriodBudget::create(1'000, p).value();
+    rk_test::Driver<PeriodBudget> drv{b};
+    const std::int64_t t0 = utc(2026, 11, 28).count();
+    REQUIRE(drv.at(t0, 600).allowed);
+    // The clock steps back to the far past: the state keeps its (later)
+    // period, whose end is more than 2^63 ns after `now`.
+    const std::int64_t far = opaque(detail::kI64Min + 5);
+    const Decision refused = drv.at(far, 500);
+    CHECK_FALSE(refused.allowed);
+    CHECK(refused.remaining == 400);
+    // The true wait (about 349 years) does not fit in Nanos: the longest
+    // finite wait, never kNever (which means "can never pass").
+    CHECK(refused.retry_after == kNever - Nanos{1});
+    CHECK_FALSE(refused.never());
+    CHECK(refused.reset_after == kNever - Nanos{1});
+    const Decision admitted = drv.at(far, 400);
+    CHECK(admitted.allowed);
+    CHECK(admitted.remaining == 0);
+    CHECK(admitted.reset_after == kNever - Nanos{1});
+    // Back at the present, the period and its spend are as they were.
+    CHECK(drv.peek(t0, 0).remaining == 0);
+    CHECK(drv.peek(t0, 0).reset_after == utc(2026, 11, 29) - Nanos{t0});
+  }
+}
+
+TEST_CASE("Rejection::ceil_ms near INT64_MAX", "[i14][ub][period]") {
+  // ceil(9223372036854775807 / 1e6) = 9223372036855, computed by hand.
+  CHECK(Rejection::ceil_ms(opaque(Nanos::max())) == 9'223'372'036'855);
+  CHECK(Rejection::ceil_ms(opaque(Nanos::max() - Nanos{775'807})) ==
+        9'223'372'036'854);
+  CHECK(Rejection::ceil_ms(opaque(Nanos{1})) == 1);
+  CHECK(Rejection::ceil_ms(opaque(Nanos{1'000'000})) == 1);
+  CHECK(Rejection::ceil_ms(opaque(Nanos{1'000'001})) == 2);
+  CHECK(Rejection::ceil_ms(opaque(Nanos{0})) == 0);
+  CHECK(Rejection::ceil_ms(opaque(Nanos::min())) == 0);  // never negative
+}
+
+TEST_CASE("per() with a period past 292 years saturates", "[i14][ub][period]") {
+  // 2,628,000 h = 300 years = 9.4608e18 ns > INT64_MAX (9.22e18).
+  const Rate r = per(1, opaque(std::chrono::hours(2'628'000)));
+  CHECK(r.count == 1);
+  CHECK(r.period == Nanos::max());
+  CHECK(per(1, opaque(std::chrono::hours(-2'628'000))).period == Nanos::min());
+  // In range, exactly duration_cast (truncation toward zero).
+  CHECK(per(7, opaque(std::chrono::hours(2'562'047))).period ==
+        Nanos{2'562'047LL * 3'600 * kSec});
+  CHECK(per(1, opaque(std::chrono::duration<std::int64_t, std::pico>(1'999)))
+            .period == Nanos{1});
+  CHECK(per(1, opaque(std::chrono::duration<std::int64_t, std::pico>(-1'999)))
+            .period == Nanos{-1});
+  CHECK(per(1, opaque(std::chrono::duration<double>(1e300))).period ==
+        Nanos::max());
+  CHECK(per(1, opaque(std::chrono::duration<double>(1.5))).period ==
+        Nanos{1'500'000'000});
+  // The policies' factories still reject what cannot be a window.
+  CHECK_FALSE(
+      TokenBucket::create(per(1, opaque(std::chrono::hours(-2'628'000))), 1)
+          .ok());
 }

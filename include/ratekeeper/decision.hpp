@@ -18,6 +18,9 @@
 
 #include <chrono>
 #include <cstdint>
+#include <ratio>
+
+#include "ratekeeper/detail/math.hpp"
 
 namespace ratekeeper {
 
@@ -42,11 +45,32 @@ struct Rate {
 
 // per
 //
-// `count` per any period, e.g. per(500, std::chrono::minutes(5)).
+// `count` per any period, e.g. per(500, std::chrono::minutes(5)). The
+// period is converted to Nanos as std::chrono::duration_cast does
+// (truncated toward zero), saturated where it does not fit: a period longer
+// than Nanos::max() (about 292 years) becomes Nanos::max(), one below
+// Nanos::min() becomes Nanos::min() (rejected by every policy's factory as
+// non-positive), a NaN becomes 0 (rejected too). Never undefined behaviour.
 template <class Rep, class Period>
 constexpr Rate per(std::uint64_t count,
                    std::chrono::duration<Rep, Period> period) noexcept {
-  return Rate{count, std::chrono::duration_cast<Nanos>(period)};
+  if constexpr (std::chrono::treat_as_floating_point_v<Rep>) {
+    const long double ns =
+        std::chrono::duration<long double, std::nano>(period).count();
+    if (!(ns == ns)) return Rate{count, Nanos{0}};
+    // 2^63, exact in a long double.
+    constexpr long double kLimit = 9223372036854775808.0L;
+    if (ns >= kLimit) return Rate{count, Nanos::max()};
+    if (ns <= -kLimit) return Rate{count, Nanos::min()};
+    return Rate{count, Nanos{static_cast<Nanos::rep>(ns)}};
+  } else {
+    static_assert(sizeof(Rep) <= 8, "per: at most 64-bit counts");
+    using R = std::ratio_divide<Period, std::nano>;
+    const detail::i128 ns = static_cast<detail::i128>(period.count()) *
+                            static_cast<detail::i128>(R::num) /
+                            static_cast<detail::i128>(R::den);
+    return Rate{count, Nanos{detail::clamp_i64(ns)}};
+  }
 }
 
 constexpr Rate per_second(std::uint64_t count) noexcept {

@@ -170,9 +170,11 @@ struct Rejection {
     return out;
   }
 
-  // A wait in whole milliseconds, rounded up: never early.
+  // A wait in whole milliseconds, rounded up: never early. 0 for a
+  // negative wait; exact up to Nanos::max() (no overflow near INT64_MAX).
   static std::int64_t ceil_ms(Nanos d) noexcept {
-    return (d.count() + 999'999) / 1'000'000;
+    if (d <= Nanos{0}) return 0;
+    return d.count() / 1'000'000 + (d.count() % 1'000'000 != 0 ? 1 : 0);
   }
 
   // Seconds since the Unix epoch as "2026-12-01T00:00:00Z".

@@ -4,7 +4,10 @@
 //   IpAddress       an IPv4 or IPv6 address; IPv4 is held as IPv4-mapped
 //                   IPv6, so "::ffff:1.2.3.4" and "1.2.3.4" are one address.
 //   IpKeyOptions    how addresses group into keys: IPv4 exact (/32) and IPv6
-//                   by /64 (one customer's network) by default.
+//                   by /64 (one customer's network) by default; an IPv6
+//                   address that embeds one IPv4 client's address (NAT64,
+//                   6to4, Teredo) by that IPv4 address.
+//   embedded_ipv4   the IPv4 address such an IPv6 address stands for.
 //   ip_key          the key text of an address under those options.
 //   Cidr            an address range, "10.0.0.0/8" or "2001:db8::/32".
 //   TrustedProxies  the proxies whose forwarding headers are believed, and
@@ -31,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -142,9 +146,19 @@ class IpAddress {
 // IpKeyOptions: the prefix that groups addresses into one key. IPv6 hands a
 // customer a /64 (or more): keyed exactly, one client could rotate through
 // 2^64 addresses, each with a fresh limit.
+//
+//   embedded_ipv4       an IPv6 address that stands for one IPv4 client (see
+//                       embedded_ipv4()) is keyed as that IPv4 address, not
+//                       by its /64, which every such client shares (a
+//                       NAT64's 64:ff9b::/96 holds the whole IPv4 Internet).
+//   local_nat64_prefix  the RFC 6052 prefix length your translators use
+//                       inside the local-use prefix 64:ff9b:1::/48 (RFC
+//                       8215 leaves it to the operator): 48, 56, 64 or 96.
 struct IpKeyOptions {
   int ipv4_prefix = 32;  // 0..32
   int ipv6_prefix = 64;  // 0..128
+  bool embedded_ipv4 = true;
+  int local_nat64_prefix = 96;
 
   absl::Status validate() const {
     if (ipv4_prefix < 0 || ipv4_prefix > 32 || ipv6_prefix < 0 ||
@@ -154,20 +168,111 @@ struct IpKeyOptions {
           "(IPv6), got ",
           ipv4_prefix, " and ", ipv6_prefix));
     }
+    if (local_nat64_prefix != 48 && local_nat64_prefix != 56 &&
+        local_nat64_prefix != 64 && local_nat64_prefix != 96) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "IpKeyOptions: local_nat64_prefix must be 48, 56, 64 or 96 (RFC "
+          "6052 lengths within 64:ff9b:1::/48), got ",
+          local_nat64_prefix));
+    }
     return absl::OkStatus();
   }
 };
 
+namespace detail {
+
+// The IPv4 address held by an RFC 6052 IPv4-embedded IPv6 address whose
+// prefix is `prefix_bits` long (32, 40, 48, 56, 64 or 96): its four octets
+// follow the prefix, skipping bits 64..71 (the "u" octet).
+inline std::uint32_t rfc6052_ipv4(const std::array<std::uint8_t, 16>& b,
+                                  int prefix_bits) noexcept {
+  std::uint32_t v4 = 0;
+  std::size_t at = static_cast<std::size_t>(prefix_bits / 8);
+  for (int k = 0; k < 4; ++k, ++at) {
+    if (at == 8) ++at;
+    v4 = (v4 << 8) | b[at];
+  }
+  return v4;
+}
+
+inline std::uint32_t low32(const std::array<std::uint8_t, 16>& b) noexcept {
+  return static_cast<std::uint32_t>(b[12]) << 24 |
+         static_cast<std::uint32_t>(b[13]) << 16 |
+         static_cast<std::uint32_t>(b[14]) << 8 | b[15];
+}
+
+}  // namespace detail
+
+// embedded_ipv4
+//
+// The IPv4 address of the client an IPv6 address stands for, or nullopt
+// when it stands for none:
+//   ::ffff:a.b.c.d    IPv4-mapped (RFC 4291 §2.5.5.2): the address itself
+//   64:ff9b::/96      NAT64's well-known prefix (RFC 6052 §2.1): the last
+//                     32 bits
+//   64:ff9b:1::/48    the local-use translation prefix (RFC 8215), with the
+//                     RFC 6052 §2.2 layout of `o.local_nat64_prefix`
+//   ::a.b.c.d         IPv4-compatible (RFC 4291 §2.5.5.1, deprecated),
+//                     except :: and ::1
+//   2002::/16         6to4 (RFC 3056 §2): 2002:V4ADDR::/48, bits 16..47
+//   2001::/32         Teredo (RFC 4380 §4): the client's public IPv4 is the
+//                     last 32 bits, each inverted (XOR 0xffffffff)
+// Each of these is reachable only through that IPv4 address (the reply
+// goes back through it), so the IPv4 is the client's identity.
+inline std::optional<IpAddress> embedded_ipv4(const IpAddress& a,
+                                              const IpKeyOptions& o = {}) {
+  const std::array<std::uint8_t, 16>& b = a.bytes();
+  if (a.is_v4()) return a;
+  auto zero = [&b](std::size_t from, std::size_t to) {
+    for (std::size_t i = from; i < to; ++i) {
+      if (b[i] != 0) return false;
+    }
+    return true;
+  };
+  if (b[0] == 0x00 && b[1] == 0x64 && b[2] == 0xff && b[3] == 0x9b) {
+    if (zero(4, 12)) return IpAddress::from_v4(detail::low32(b));
+    if (b[4] == 0x00 && b[5] == 0x01) {
+      const int p = o.local_nat64_prefix;
+      if (p != 48 && p != 56 && p != 64 && p != 96) return std::nullopt;
+      return IpAddress::from_v4(detail::rfc6052_ipv4(b, p));
+    }
+    return std::nullopt;
+  }
+  if (zero(0, 12)) {
+    const std::uint32_t v4 = detail::low32(b);
+    if (v4 <= 1) return std::nullopt;  // :: and ::1
+    return IpAddress::from_v4(v4);
+  }
+  if (b[0] == 0x20 && b[1] == 0x02) {
+    return IpAddress::from_v4(static_cast<std::uint32_t>(b[2]) << 24 |
+                              static_cast<std::uint32_t>(b[3]) << 16 |
+                              static_cast<std::uint32_t>(b[4]) << 8 | b[5]);
+  }
+  if (b[0] == 0x20 && b[1] == 0x01 && b[2] == 0x00 && b[3] == 0x00) {
+    return IpAddress::from_v4(detail::low32(b) ^ 0xFFFF'FFFFu);
+  }
+  return std::nullopt;
+}
+
 // ip_key
 //
 // The key of an address's group: "1.2.3.4" (IPv4 at /32), "1.2.3.0/24",
-// "2001:db8:1:2::/64". Prefixes are clamped to their valid range.
+// "2001:db8:1:2::/64". An IPv6 address that stands for one IPv4 client
+// (embedded_ipv4(): NAT64, 6to4, Teredo, IPv4-compatible) is keyed as that
+// IPv4 address, unless `o.embedded_ipv4` is false. Prefixes are clamped to
+// their valid range.
 inline std::string ip_key(const IpAddress& a, const IpKeyOptions& o = {}) {
+  std::optional<IpAddress> v4;
   if (a.is_v4()) {
+    v4 = a;
+  } else if (o.embedded_ipv4) {
+    v4 = embedded_ipv4(a, o);
+  }
+  if (v4) {
     const int p = o.ipv4_prefix < 0    ? 0
                   : o.ipv4_prefix > 32 ? 32
                                        : o.ipv4_prefix;
-    std::string s = a.masked(96 + p).to_string();
+    std::string s = v4->masked(96 + p).to_string();
     if (p != 32) absl::StrAppend(&s, "/", p);
     return s;
   }
@@ -259,9 +364,11 @@ inline absl::StatusOr<IpAddress> parse_node(std::string_view s) {
     if (!rest.empty() && (rest.front() != ':' || !port_ok(rest.substr(1)))) {
       return IpAddress::parse(s);  // the error quotes the whole node
     }
-    absl::StatusOr<IpAddress> a = IpAddress::parse(s.substr(1, close - 1));
-    if (a.ok() && a->is_v4()) return IpAddress::parse(s);  // [1.2.3.4]: no
-    return a;
+    const std::string_view inside = s.substr(1, close - 1);
+    // Brackets hold IPv6 text (RFC 3986 IP-literal): "[::ffff:192.0.2.7]"
+    // (an IPv4 client behind a dual-stack proxy) is one; "[1.2.3.4]" is not.
+    if (inside.find(':') == std::string_view::npos) return IpAddress::parse(s);
+    return IpAddress::parse(inside);
   }
   const std::size_t colon = s.find(':');
   if (colon != std::string_view::npos &&

@@ -2,8 +2,12 @@
 // parsing. Input: a mode byte, then text; lines split on '\n'.
 //
 // Checks, besides no crash and no sanitizer report: a parsed address
-// prints to text that parses back to it; a client found behind trusted
-// proxies is the peer, or an untrusted hop, or (all trusted) the left-most.
+// prints to text that parses back to it; an address that embeds an IPv4
+// client (NAT64, 6to4, Teredo, IPv4-compatible) keys as that IPv4 address;
+// a client found behind trusted proxies is the peer, or an untrusted hop,
+// or (all trusted) the left-most; a hop read from Forwarded or
+// X-Forwarded-For in bracketed IPv6 form ("[::ffff:a.b.c.d]:port") is the
+// address inside the brackets.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -46,6 +50,23 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data,
           check(a->masked(bits).masked(bits) == a->masked(bits));
         }
         check(!rk::ip_key(*a).empty());
+        if (const auto v4 = rk::embedded_ipv4(*a)) {
+          check(v4->is_v4());
+          check(rk::ip_key(*a) == rk::ip_key(*v4));
+        } else {
+          check(!a->is_v4());
+        }
+        if (!a->is_v4()) {
+          // The bracketed form with a port reads back as the address, in
+          // both headers, whatever the IPv6 address is.
+          const std::string node = "[" + a->to_string() + "]:4711";
+          const rk::IpAddress lb = rk::IpAddress::parse("10.0.0.2").value();
+          const std::string fwd = "for=\"" + node + "\"";
+          const auto f = proxies().client_from_forwarded(lb, {fwd});
+          check(f.ok() && *f == *a);
+          const auto x = proxies().client_from_x_forwarded_for(lb, {node});
+          check(x.ok() && *x == *a);
+        }
         check(rk::ip_key(
                   *a, {.ipv4_prefix = mode % 33, .ipv6_prefix = mode % 129}) ==
               rk::ip_key(

@@ -232,8 +232,8 @@ class PeriodBudget {
     const Period::Span span = period_.span_of(now);
     const State cur = current(s, span.index);
     const std::uint64_t room = cur.spent >= limit_ ? 0 : limit_ - cur.spent;
-    const Nanos until_next =
-        (cur.period == span.index ? span.end : next_start(cur.period)) - now;
+    const Nanos until_next = wait_until(
+        cur.period == span.index ? span.end : next_start(cur.period), now);
     const Nanos reset = cur.spent == 0 ? Nanos{0} : until_next;
     if (cost > limit_) return {s, Decision{false, limit_, room, kNever, reset}};
     if (cost <= room) {
@@ -312,6 +312,15 @@ class PeriodBudget {
   // capacity never grows.
   static State current(const State& s, std::int64_t p) noexcept {
     return p > s.period ? State{p, 0} : s;
+  }
+  // The wait from `now` to `end`, saturated below kNever: after a far
+  // backward step of the clock (a state from a later period) it can exceed
+  // 2^63 ns; such a wait is the longest finite one, never kNever, which
+  // means "can never pass".
+  static Nanos wait_until(Nanos end, Nanos now) noexcept {
+    const detail::i128 w = static_cast<detail::i128>(end.count()) - now.count();
+    return w >= kNever.count() ? kNever - Nanos{1}
+                               : Nanos{detail::clamp_i64(w)};
   }
   Nanos next_start(std::int64_t period) const noexcept {
     return period_.start_of(period == INT64_MAX ? period : period + 1);
