@@ -444,18 +444,24 @@ TEST_CASE("a refusal says whether a budget or a rate limit refused",
   REQUIRE_FALSE(rate->granted());
   CHECK_FALSE(rate->refused_by_budget());
   CHECK(Rejection::from(rate->decision()).status() == 429);
-  // The budget refuses: a 403 until December ends.
+  // The budget refuses until December ends: 429 insufficient_quota, as
+  // OpenAI answers exhausted quota (403 is an option of http/headers.hpp).
   clock.advance(Nanos{61LL * 1'000'000'000});
   auto spent = acct.reserve(who, "m", {.prompt_tokens = 50}, "c", limits);
   REQUIRE_FALSE(spent->granted());
   CHECK(spent->refused_by_budget());
   const Rejection r = Rejection::budget(spent->decision());
-  CHECK(r.status() == 403);
+  CHECK(r.status() == 429);
+  CHECK(r.kind == Refusal::kBudgetExhausted);
   CHECK(r.limit == "team_month");
+  REQUIRE(r.resets_at.has_value());
+  CHECK(*r.resets_at == std::chrono::system_clock::time_point(
+                            std::chrono::seconds(1'798'761'600)));  // Jan 1
   CHECK(r.json_body() ==
         "{\"error\":{\"message\":\"budget \\\"team_month\\\" is spent for this "
-        "period\",\"type\":\"budget_exhausted\",\"code\":\"budget_exhausted\","
-        "\"limit\":\"team_month\",\"resets_at\":\"2027-01-01T00:00:00Z\"}}");
+        "period (60000 nano-USD of 100000); it resets at "
+        "2027-01-01T00:00:00Z\",\"type\":\"insufficient_quota\",\"param\":"
+        "null,\"code\":\"insufficient_quota\"}}");
   // More than the whole budget: never fits, no reset to wait for.
   clock.advance(Nanos{61LL * 1'000'000'000});
   auto huge = acct.reserve(who, "m", {.prompt_tokens = 200}, "d", limits);

@@ -160,10 +160,16 @@ TEST_CASE("headers of a refused chain", "[headers]") {
     CHECK(r.kind == Refusal::kRateLimited);
     CHECK(r.status() == 429);
     CHECK(retryable(r.kind));
+    CHECK(r.type() == "requests");
     CHECK(r.json_body() ==
-          "{\"error\":{\"message\":\"rate limit \\\"rpm\\\" reached; retry "
-          "in 78500 ms\",\"type\":\"rate_limit_exceeded\",\"code\":\"rate_"
-          "limit_exceeded\",\"limit\":\"rpm\",\"retry_after_ms\":78500}}");
+          "{\"error\":{\"message\":\"rate limit \\\"rpm\\\" reached: 3 "
+          "requests per 1m0s, 0 remaining, this call costs 1; retry in "
+          "1m18.5s\",\"type\":\"requests\",\"param\":null,\"code\":\"rate_"
+          "limit_exceeded\"}}");
+    // http::refusal_response is the same answer with the headers.
+    const http::Response a = http::refusal_response(d);
+    CHECK(a.status == r.status());
+    CHECK(a.body == r.json_body());
   }
 }
 
@@ -232,7 +238,7 @@ TEST_CASE("one limiter's decision as headers", "[headers]") {
 TEST_CASE("the error taxonomy", "[headers]") {
   CHECK(http_status(Refusal::kRateLimited) == 429);
   CHECK(http_status(Refusal::kTooLarge) == 413);
-  CHECK(http_status(Refusal::kBudgetExhausted) == 403);
+  CHECK(http_status(Refusal::kBudgetExhausted) == 429);  // as OpenAI
   CHECK(http_status(Refusal::kBadRequest) == 400);
   CHECK(http_status(Refusal::kConfiguration) == 500);
   CHECK(retryable(Refusal::kRateLimited));
@@ -245,9 +251,12 @@ TEST_CASE("the error taxonomy", "[headers]") {
               .message = "monthly budget of team \"red\"\n spent"};
   CHECK(b.json_body() ==
         "{\"error\":{\"message\":\"monthly budget of team \\\"red\\\"\\u000a "
-        "spent\",\"type\":\"budget_exhausted\",\"code\":\"budget_exhausted\","
-        "\"limit\":\"monthly\",\"resets_at\":\"2026-12-01T00:00:00Z\"}}");
-  CHECK(Rejection::rfc3339(0) == "1970-01-01T00:00:00Z");
+        "spent\",\"type\":\"insufficient_quota\",\"param\":null,\"code\":"
+        "\"insufficient_quota\"}}");
+  CHECK(Rejection{.kind = Refusal::kConfiguration}.type() == "server_error");
+  CHECK(Rejection{.kind = Refusal::kBadRequest}.json_body().find(
+            "\"type\":\"invalid_request_error\",\"param\":null,\"code\":"
+            "\"invalid_request\"") != std::string::npos);
 }
 
 TEST_CASE("Prometheus text exposition", "[headers][metrics]") {

@@ -71,6 +71,7 @@
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/config.hpp"
 #include "ratekeeper/decision.hpp"
+#include "ratekeeper/errors.hpp"
 
 namespace ratekeeper::http {
 
@@ -119,23 +120,7 @@ struct HeaderOptions {
 // Negative durations are "0s"; kNever is written as its value (about 292
 // years).
 inline std::string go_duration(Nanos d) {
-  if (d <= Nanos{0}) return "0s";
-  const std::uint64_t ns = static_cast<std::uint64_t>(d.count());
-  const std::uint64_t ms = ns / 1'000'000 + (ns % 1'000'000 != 0 ? 1 : 0);
-  if (ms < 1000) return fmt::format("{}ms", ms);
-  const std::uint64_t total_s = ms / 1000;
-  const std::uint64_t frac = ms % 1000;
-  std::string secs = fmt::format("{}", total_s % 60);
-  if (frac != 0) {
-    std::string f = fmt::format("{:03}", frac);
-    while (f.back() == '0') f.pop_back();
-    secs += "." + f;
-  }
-  const std::uint64_t total_m = total_s / 60;
-  if (total_m == 0) return secs + "s";
-  const std::uint64_t h = total_m / 60;
-  if (h == 0) return fmt::format("{}m{}s", total_m % 60, secs);
-  return fmt::format("{}h{}m{}s", h, total_m % 60, secs);
+  return ratekeeper::detail::go_duration(d);
 }
 
 // delta_seconds
@@ -304,113 +289,6 @@ inline std::vector<LimitView> views_of(const ChainDecision& d) {
   return views;
 }
 
-// A JSON string (RFC 8259): '"', '\' and control characters escaped, valid
-// UTF-8 kept, each byte of an invalid sequence written as U+FFFD.
-inline void append_json_string(std::string& out, std::string_view s) {
-  out.push_back('"');
-  for (std::size_t i = 0; i < s.size();) {
-    const auto u = static_cast<unsigned char>(s[i]);
-    if (u == '"' || u == '\\') {
-      out.push_back('\\');
-      out.push_back(static_cast<char>(u));
-      ++i;
-    } else if (u < 0x20 || u == 0x7F) {
-      fmt::format_to(std::back_inserter(out), "\\u{:04x}", u);
-      ++i;
-    } else if (u < 0x80) {
-      out.push_back(static_cast<char>(u));
-      ++i;
-    } else {
-      // The length of a well-formed sequence starting here (RFC 3629), or 0.
-      std::size_t n = 0;
-      std::uint32_t cp = 0;
-      if (u >= 0xC2 && u <= 0xDF) {
-        n = 2;
-        cp = u & 0x1Fu;
-      } else if (u >= 0xE0 && u <= 0xEF) {
-        n = 3;
-        cp = u & 0x0Fu;
-      } else if (u >= 0xF0 && u <= 0xF4) {
-        n = 4;
-        cp = u & 0x07u;
-      }
-      bool ok = n != 0 && i + n <= s.size();
-      for (std::size_t k = 1; ok && k < n; ++k) {
-        const auto c = static_cast<unsigned char>(s[i + k]);
-        ok = (c & 0xC0u) == 0x80u;
-        cp = (cp << 6) | (c & 0x3Fu);
-      }
-      // No overlong forms, surrogates or code points past U+10FFFF.
-      ok = ok && !(n == 3 && cp < 0x800) && !(n == 4 && cp < 0x10000) &&
-           !(cp >= 0xD800 && cp <= 0xDFFF) && cp <= 0x10FFFF;
-      if (ok) {
-        out.append(s.substr(i, n));
-        i += n;
-      } else {
-        out += "\\ufffd";
-        ++i;
-      }
-    }
-  }
-  out.push_back('"');
-}
-
-// {"error":{"message":...,"type":...,"param":null,"code":...}}
-inline std::string error_body(std::string_view message, std::string_view type,
-                              std::string_view code) {
-  std::string out = "{\"error\":{\"message\":";
-  append_json_string(out, message);
-  out += ",\"type\":";
-  append_json_string(out, type);
-  out += ",\"param\":null,\"code\":";
-  append_json_string(out, code);
-  out += "}}";
-  return out;
-}
-
-inline std::string_view quantity(Unit u) noexcept {
-  switch (u) {
-    case Unit::kRequests:
-      return "requests";
-    case Unit::kTokens:
-      return "tokens";
-    case Unit::kNanoUsd:
-      return "nano-USD";
-  }
-  return "requests";
-}
-
-// The answer to a call that no wait admits: its cost is above a limit's
-// capacity.
-inline Response too_large(const LimitResult* b, Headers headers) {
-  Response r;
-  r.status = 413;
-  r.headers = std::move(headers);
-  r.body = error_body(
-      b == nullptr
-          ? std::string("this call can never be admitted")
-          : fmt::format("this call costs {} {} against limit \"{}\", whose "
-                        "capacity is {}: no wait admits it; send a smaller "
-                        "call",
-                        b->cost, quantity(b->limit->unit()), b->limit->name(),
-                        b->decision.limit),
-      "invalid_request_error", "request_too_large");
-  return r;
-}
-
-// Seconds since the Unix epoch as "2026-12-01T00:00:00Z" (from 1970 on).
-inline std::string rfc3339(Nanos unix_time) {
-  const auto secs = std::chrono::floor<std::chrono::seconds>(unix_time);
-  const std::chrono::sys_seconds t{secs};
-  const auto day = std::chrono::floor<std::chrono::days>(t);
-  const std::chrono::year_month_day ymd{day};
-  const std::chrono::hh_mm_ss hms{t - day};
-  return fmt::format(
-      "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", static_cast<int>(ymd.year()),
-      static_cast<unsigned>(ymd.month()), static_cast<unsigned>(ymd.day()),
-      hms.hours().count(), hms.minutes().count(), hms.seconds().count());
-}
-
 }  // namespace detail
 
 // rate_limit_headers
@@ -454,28 +332,14 @@ inline Headers rate_limit_headers(const LimitView& view,
 inline Response refusal_response(const ChainDecision& d,
                                  const HeaderOptions& o = {}) {
   RATEKEEPER_ASSERT(!d.allowed, "refusal_response of an admitted call");
-  Headers headers = rate_limit_headers(d, o);
-  headers.insert(headers.begin(), {"Content-Type", "application/json"});
-  const LimitResult* b = d.binding_result();
-  if (d.never() || b == nullptr)
-    return detail::too_large(b, std::move(headers));
+  const Rejection rejection = Rejection::from(d);
   Response r;
-  r.status = 429;
-  r.headers = std::move(headers);
-  const std::string_view type = b->limit->unit() == Unit::kTokens ? "tokens"
-                                : b->limit->unit() == Unit::kNanoUsd
-                                    ? "cost"
-                                    : "requests";
-  r.body = detail::error_body(
-      fmt::format("rate limit \"{}\" reached: {} {}{}, {} remaining, "
-                  "this call costs {}; retry in {}",
-                  b->limit->name(), b->decision.limit,
-                  detail::quantity(b->limit->unit()),
-                  b->limit->window() > Nanos{0}
-                      ? " per " + go_duration(b->limit->window())
-                      : std::string(),
-                  b->decision.remaining, b->cost, go_duration(d.retry_after)),
-      type, "rate_limit_exceeded");
+  r.status = rejection.status();
+  r.headers.push_back({"Content-Type", "application/json"});
+  Headers rest = rate_limit_headers(d, o);
+  r.headers.insert(r.headers.end(), std::make_move_iterator(rest.begin()),
+                   std::make_move_iterator(rest.end()));
+  r.body = rejection.json_body();
   return r;
 }
 
@@ -494,29 +358,20 @@ inline Response budget_exhausted_response(const ChainDecision& d,
                                           const HeaderOptions& o = {}) {
   RATEKEEPER_ASSERT(!d.allowed,
                     "budget_exhausted_response of an admitted call");
-  Headers headers;
-  headers.push_back({"Content-Type", "application/json"});
-  detail::append_headers(detail::views_of(d), true, d.retry_after,
-                         /*budget=*/true, o, headers);
-  const LimitResult* b = d.binding_result();
-  if (d.never() || b == nullptr)
-    return detail::too_large(b, std::move(headers));
+  const Rejection rejection = Rejection::budget(d);
   Response r;
-  const bool forbidden = o.budget_status == BudgetStatus::k403Forbidden;
-  r.status = forbidden ? 403 : 429;
-  r.headers = std::move(headers);
-  const std::string_view code =
-      forbidden ? "budget_exhausted" : "insufficient_quota";
-  using ratekeeper::detail::i128;
-  const i128 end =
-      static_cast<i128>(d.at.count()) + b->decision.retry_after.count();
-  r.body = detail::error_body(
-      fmt::format("budget \"{}\" is spent for this period ({} {} of {}); "
-                  "it resets at {}",
-                  b->limit->name(), b->decision.limit - b->decision.remaining,
-                  detail::quantity(b->limit->unit()), b->decision.limit,
-                  detail::rfc3339(Nanos{ratekeeper::detail::clamp_i64(end)})),
-      code, code);
+  r.headers.push_back({"Content-Type", "application/json"});
+  detail::append_headers(detail::views_of(d), true, d.retry_after,
+                         /*budget=*/true, o, r.headers);
+  if (rejection.kind == Refusal::kBudgetExhausted &&
+      o.budget_status == BudgetStatus::k403Forbidden) {
+    r.status = 403;
+    r.body = ratekeeper::detail::error_body(
+        rejection.message, "budget_exhausted", "budget_exhausted");
+  } else {
+    r.status = rejection.status();
+    r.body = rejection.json_body();
+  }
   return r;
 }
 
