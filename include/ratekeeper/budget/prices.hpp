@@ -91,7 +91,7 @@ struct WebSearchPrices {
 // Prices: a model's prices from `effective_from` on.
 struct Prices {
   TokenPrices base{};            // the standard tier, every call
-  std::vector<PriceBand> bands;  // cliffs and service tiers
+  std::vector<PriceBand> bands{};  // cliffs and service tiers
   WebSearchPrices web_search{};
   SysTime effective_from{};
   friend bool operator==(const Prices&, const Prices&) = default;
@@ -152,9 +152,20 @@ inline std::optional<std::uint64_t> listed(const Prices& p, PriceField f,
     if (best == nullptr) return std::nullopt;
     return (best->*f)->femtos;
   }
-  if (best != nullptr && best == top) return (best->*f)->femtos;
-  // Not listed where the call lands: the higher of the tier's own lower
-  // band and the standard tier's price at this size, never the lower.
+  // The standard tier's furthest band that the call reaches: a tier's band
+  // from below it does not know that size's price (flex from 0 beside a
+  // standard cliff at 272k).
+  std::uint64_t std_from = 0;
+  for (const PriceBand& b : p.bands) {
+    if (b.tier == ServiceTier::kStandard && b.from_input <= t) {
+      std_from = std::max(std_from, b.from_input);
+    }
+  }
+  if (best != nullptr && best == top && top_from >= std_from) {
+    return (best->*f)->femtos;
+  }
+  // Not listed where the call lands: the higher of the tier's own price
+  // below and the standard tier's price at this size, never the lower.
   std::optional<std::uint64_t> v = listed(p, f, ServiceTier::kStandard, t);
   if (best != nullptr) v = std::max(v.value_or(0), (best->*f)->femtos);
   return v;
@@ -324,7 +335,10 @@ class PriceTable {
   // lower band that does (a cliff lists only what changes); for another
   // tier, the higher of its own nearest lower band's and the standard
   // tier's price at this size (a tier with no bands at all bills standard
-  // prices), so an unlisted price is never guessed low. Listed nowhere: the
+  // prices). The same maximum when the standard tier has a cliff that the
+  // call passes and the tier has none that far (gpt-5.4 flex lists no
+  // long-context price: a flex call above 272k pays at least standard's),
+  // so an unlisted price is never guessed low. Listed nowhere: the
   // fallbacks of TokenPrices, resolved at the same tier and size.
   static ResolvedPrices resolve(const Prices& p, ServiceTier tier,
                                 std::uint64_t input_total) {
