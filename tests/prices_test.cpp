@@ -723,7 +723,12 @@ TEST_CASE("an odd entry is that entry's error, never its neighbour's",
   CHECK_FALSE(twice->table.contains("m"));
 
   // Only a document that is not a JSON object fails as a whole.
-  for (const char* bad : {"", "[]", "{", "7", "\"x\"", "{\"m\": {}} trailing"}) {
+  // A NUL byte: nlohmann would stop there and drop the rest (fuzzing found
+  // `"fuzzed": 1}\0...` losing every later entry).
+  const std::string nul("{\"a\": 1}\0, \"b\": {\"input_cost_per_token\": 1}}", 44);
+  for (const std::string& bad :
+       {std::string(""), std::string("[]"), std::string("{"), std::string("7"),
+        std::string("\"x\""), std::string("{\"m\": {}} trailing"), nul}) {
     CAPTURE(bad);
     const auto r = load_price_catalogue(bad);
     REQUIRE_FALSE(r.ok());

@@ -577,10 +577,17 @@ class EntryReader {
 // rounded up to the femto-USD and reported (kRoundedUp). `sample_spec`
 // documents the format and is not a model. A model named twice at the top
 // level is rejected: which entry is meant is ambiguous. Only a document
-// that is not well-formed JSON, or not an object, is an error
-// (kInvalidArgument): nothing of it can be trusted.
+// that is not well-formed JSON (a NUL byte included), or not an object, is
+// an error (kInvalidArgument): nothing of it can be trusted.
 inline absl::StatusOr<PriceCatalogue> load_price_catalogue(
     std::string_view text, SysTime effective_from = SysTime{}) {
+  // nlohmann's lexer takes a NUL byte for the end of the input: whatever
+  // follows would be dropped without a word. No JSON text holds one.
+  if (const std::size_t nul = text.find('\0'); nul != std::string_view::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "price catalogue: not well-formed JSON (a NUL byte at byte ", nul,
+        ")"));
+  }
   detail::CatalogueSax sax;
   const bool ok =
       nlohmann::json::sax_parse(text.begin(), text.end(), &sax) && sax.root;

@@ -348,7 +348,9 @@ class PriceTable {
           detail::listed(p, detail::kPriceFields[i], tier, input_total);
       const int fb = detail::kFallback[i];
       r.*detail::kResolvedFields[i] =
-          v ? *v : fb < 0 ? 0 : r.*detail::kResolvedFields[fb];
+          v    ? *v
+          : fb < 0 ? 0
+                   : r.*detail::kResolvedFields[static_cast<std::size_t>(fb)];
     }
     return r;
   }
