@@ -274,7 +274,8 @@ int main(int argc, char** argv) {
   }
   std::vector<std::unique_ptr<rk::Accountant<Clock>>> accountants;
   for (std::size_t t = 0; t < std::size(kTiers); ++t) {
-    auto acct = std::make_unique<rk::Accountant<Clock>>(prices->table, clock, store);
+    auto acct =
+        std::make_unique<rk::Accountant<Clock>>(prices->table, clock, store);
     if (const absl::Status st = acct->add_budget(
             {.name = "team_day",
              .scope = rk::Field::kTeam,

@@ -82,7 +82,8 @@ int main(int argc, char** argv) {
                      .string();
 
   // 1. Prices, read exactly from the catalogue's decimal text.
-  absl::StatusOr<rk::PriceCatalogue> prices = rk::load_price_catalogue(kCatalogue);
+  absl::StatusOr<rk::PriceCatalogue> prices =
+      rk::load_price_catalogue(kCatalogue);
   if (!prices.ok()) return fail(prices.status());
 
   // 2. Budgets (add_budgets above) and their alerts.

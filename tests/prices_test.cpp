@@ -259,8 +259,8 @@ TEST_CASE("the real LiteLLM file loads entry by entry, none lost",
   // Independent count with nlohmann's DOM: every top-level key but
   // sample_spec is an entry; those with a per-token price (flat or in
   // tiered_pricing) can be priced.
-  const auto dom = nlohmann::json::parse(
-      read_file(data_path("litellm-model-prices.json")));
+  const auto dom =
+      nlohmann::json::parse(read_file(data_path("litellm-model-prices.json")));
   std::size_t entries = 0, priceable = 0;
   for (const auto& [model, e] : dom.items()) {
     if (model == "sample_spec") continue;
@@ -322,8 +322,8 @@ TEST_CASE("the real LiteLLM file loads entry by entry, none lost",
   CHECK(keys == 7905);
   CHECK(reported == 304);
   INFO("loaded " << c.table.size() << ", rejected " << c.rejected()
-                 << ", cost keys of loaded entries " << keys
-                 << ", not priced " << reported);
+                 << ", cost keys of loaded entries " << keys << ", not priced "
+                 << reported);
   CHECK(true);
 }
 
@@ -357,16 +357,20 @@ TEST_CASE("float noise is rounded up and reported, never down",
   for (const CatalogueIssue& i : c.issues) {
     if (i.kind == CatalogueIssue::Kind::kRoundedUp) ++rounded;
   }
-  CHECK(rounded == 31);  // the per-token noise values of the loaded entries
+  // Counted apart (Python, the raw text): 31 priced keys of the file hold
+  // a number of more than 15 significant digits.
+  CHECK(rounded == 31);
 
   // The parser itself: noise rounds up; a short price finer than 1e-15 does
   // not (it is a price, not noise) and stays an error.
-  const auto noisy = parse_usd_per_token_rounding_noise("2.9999900000000002e-06");
+  const auto noisy =
+      parse_usd_per_token_rounding_noise("2.9999900000000002e-06");
   REQUIRE(noisy.ok());
   CHECK(noisy->price.femtos == 2'999'990'001);
   CHECK(noisy->rounded_up);
   CHECK_FALSE(parse_usd_per_token("2.9999900000000002e-06").ok());
-  const auto clean = parse_usd_per_token_rounding_noise("3.0000000000000000e-06");
+  const auto clean =
+      parse_usd_per_token_rounding_noise("3.0000000000000000e-06");
   REQUIRE(clean.ok());
   CHECK(clean->price.femtos == 3'000'000'000);
   CHECK_FALSE(clean->rounded_up);
@@ -481,17 +485,14 @@ TEST_CASE("an explicit zero price is zero", "[i14][catalogue]") {
   CHECK(cost_of("openrouter/z-ai/glm-4.7", {.input_uncached = 1000,
                                             .cache_read = 5000,
                                             .cache_write_5m = 2000,
-                                            .output = 100}) ==
-        Money{550'000});
+                                            .output = 100}) == Money{550'000});
   // sarvam/sarvam-m lists every price as 0: a free model, loaded as one.
-  CHECK(cost_of("sarvam/sarvam-m",
-                {.input_uncached = 1'000'000, .output = 1'000'000}) ==
-        Money{0});
+  CHECK(cost_of("sarvam/sarvam-m", {.input_uncached = 1'000'000,
+                                    .output = 1'000'000}) == Money{0});
   // Without a cache price the cache bills as input (deepseek-chat:
   // "cache_read_input_token_cost": 2.8e-08, "input_cost_per_token":
   // 2.8e-07, no cache write price): 1000 writes * 2.8e-7 = $0.00028.
-  CHECK(cost_of("deepseek-chat", {.cache_write_5m = 1000}) ==
-        Money{280'000});
+  CHECK(cost_of("deepseek-chat", {.cache_write_5m = 1000}) == Money{280'000});
 }
 
 TEST_CASE("DeepSeek cache hits are cache reads", "[i14][catalogue]") {
@@ -725,7 +726,8 @@ TEST_CASE("an odd entry is that entry's error, never its neighbour's",
   // Only a document that is not a JSON object fails as a whole.
   // A NUL byte: nlohmann would stop there and drop the rest (fuzzing found
   // `"fuzzed": 1}\0...` losing every later entry).
-  const std::string nul("{\"a\": 1}\0, \"b\": {\"input_cost_per_token\": 1}}", 44);
+  const std::string nul("{\"a\": 1}\0, \"b\": {\"input_cost_per_token\": 1}}",
+                        44);
   for (const std::string& bad :
        {std::string(""), std::string("[]"), std::string("{"), std::string("7"),
         std::string("\"x\""), std::string("{\"m\": {}} trailing"), nul}) {
@@ -748,7 +750,8 @@ TEST_CASE("bands a caller writes: carry-over and refusals", "[i14][prices]") {
                                     {.tier = ServiceTier::kFlex}}})
                   .ok());
   // reasoning + audio above output does not hold together.
-  const Prices p{.base = {.input = per_m(1'000'000), .output = per_m(1'000'000)}};
+  const Prices p{
+      .base = {.input = per_m(1'000'000), .output = per_m(1'000'000)}};
   CHECK(PriceTable::cost(p, {.output = 1, .reasoning = 2}).status().code() ==
         absl::StatusCode::kInvalidArgument);
   CHECK(PriceTable::cost(p, {.output = 3, .reasoning = 2, .output_audio = 2})

@@ -28,7 +28,8 @@ void check(bool ok) {
   if (!ok) std::abort();
 }
 
-constexpr std::string_view kBefore = R"({"gpt-4o": {"input_cost_per_token": 2.5e-06,
+constexpr std::string_view kBefore =
+    R"({"gpt-4o": {"input_cost_per_token": 2.5e-06,
   "output_cost_per_token": 1e-05, "cache_read_input_token_cost": 1.25e-06,
   "input_cost_per_token_priority": 4.25e-06, "notes": [1]},
   "fuzzed": )";

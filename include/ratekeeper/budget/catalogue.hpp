@@ -229,8 +229,7 @@ struct CatalogueBase {
   PriceField field;
 };
 inline constexpr std::array<CatalogueBase, 10> kCatalogueBases = {{
-    {"cache_creation_input_token_cost_above_1hr",
-     &TokenPrices::cache_write_1h},
+    {"cache_creation_input_token_cost_above_1hr", &TokenPrices::cache_write_1h},
     {"cache_read_input_audio_token_cost", &TokenPrices::cache_read_audio},
     {"input_cost_per_token_cache_hit", &TokenPrices::cache_read},
     {"cache_creation_input_token_cost", &TokenPrices::cache_write_5m},
@@ -320,8 +319,7 @@ inline std::string unpriced_reason(std::string_view key) {
            "field for";
   }
   std::string_view unit = key;
-  if (const std::size_t at = key.rfind("_per_");
-      at != std::string_view::npos) {
+  if (const std::size_t at = key.rfind("_per_"); at != std::string_view::npos) {
     unit = key.substr(at + 5);
   }
   return absl::StrCat("not priced: per ", detail::av(unit),
@@ -370,8 +368,8 @@ class EntryReader {
 
   // The prices read, or why there are none (after read() returned true).
   std::optional<Prices> prices(SysTime from) {
-    const bool any = std::any_of(
-        bands_.begin(), bands_.end(), [](const auto& b) {
+    const bool any =
+        std::any_of(bands_.begin(), bands_.end(), [](const auto& b) {
           return b.second.input.has_value() || b.second.output.has_value();
         });
     if (!any) {
@@ -429,10 +427,11 @@ class EntryReader {
       return std::nullopt;
     }
     if (p->rounded_up) {
-      note(field, CatalogueIssue::Kind::kRoundedUp,
-           absl::StrCat("float noise ", v.text, " (more than ",
-                        kFloatNoiseDigits, " significant digits) rounded up to ",
-                        p->price.femtos, "e-15 USD"));
+      note(
+          field, CatalogueIssue::Kind::kRoundedUp,
+          absl::StrCat("float noise ", v.text, " (more than ",
+                       kFloatNoiseDigits, " significant digits) rounded up to ",
+                       p->price.femtos, "e-15 USD"));
     }
     return p->price;
   }
@@ -441,8 +440,7 @@ class EntryReader {
            const CatalogueValue& v) {
     const std::optional<TokenPrice> p = price(field, v);
     if (!p) return false;
-    std::optional<TokenPrice>& slot =
-        bands_[{k.tier, k.from_input}].*(k.field);
+    std::optional<TokenPrice>& slot = bands_[{k.tier, k.from_input}].*(k.field);
     if (slot && *slot != *p) {
       return fail(field, absl::StrCat("a second, different price for the same "
                                       "tokens (",
@@ -558,9 +556,9 @@ class EntryReader {
 // not expect in a key it prices, or no per-token price at all. Read:
 //
 //   input_cost_per_token, output_cost_per_token,
-//   cache_read_input_token_cost (and DeepSeek's input_cost_per_token_cache_hit),
-//   cache_creation_input_token_cost (5-minute writes),
-//   cache_creation_input_token_cost_above_1hr (1-hour writes),
+//   cache_read_input_token_cost (and DeepSeek's
+//   input_cost_per_token_cache_hit), cache_creation_input_token_cost (5-minute
+//   writes), cache_creation_input_token_cost_above_1hr (1-hour writes),
 //   output_cost_per_reasoning_token, input_cost_per_audio_token,
 //   cache_read_input_audio_token_cost, output_cost_per_audio_token,
 //   each optionally + "_above_<N>k_tokens" (a band from N*1000+1 input

@@ -133,10 +133,9 @@ inline absl::StatusOr<OpenAIChatUsage> openai_chat_usage(const json& u) {
                                           d.rejected_prediction_tokens, kWhat));
   }
   // DeepSeek: cache hits and misses beside prompt_tokens.
-  for (auto [key, slot] : {std::pair{"prompt_cache_hit_tokens",
-                                     &out.prompt_cache_hit_tokens},
-                           std::pair{"prompt_cache_miss_tokens",
-                                     &out.prompt_cache_miss_tokens}}) {
+  for (auto [key, slot] :
+       {std::pair{"prompt_cache_hit_tokens", &out.prompt_cache_hit_tokens},
+        std::pair{"prompt_cache_miss_tokens", &out.prompt_cache_miss_tokens}}) {
     if (const auto it = u.find(key); it != u.end() && !it->is_null()) {
       RATEKEEPER_RETURN_IF_ERROR(read_count(u, key, slot->emplace(), kWhat));
     }

@@ -12,8 +12,9 @@
 //   PriceTable table;
 //   table.set("gpt-4o",
 //             {.base = {.input = TokenPrice::per_million_micros(2'500'000),
-//                       .cache_read = TokenPrice::per_million_micros(1'250'000),
-//                       .output = TokenPrice::per_million_micros(10'000'000)}});
+//                       .cache_read =
+//                       TokenPrice::per_million_micros(1'250'000), .output =
+//                       TokenPrice::per_million_micros(10'000'000)}});
 //   absl::StatusOr<Money> c = table.cost("gpt-4o", usage, call_time);
 //
 // Load LiteLLM's price file with ratekeeper/budget/catalogue.hpp.
@@ -90,7 +91,7 @@ struct WebSearchPrices {
 
 // Prices: a model's prices from `effective_from` on.
 struct Prices {
-  TokenPrices base{};            // the standard tier, every call
+  TokenPrices base{};              // the standard tier, every call
   std::vector<PriceBand> bands{};  // cliffs and service tiers
   WebSearchPrices web_search{};
   SysTime effective_from{};
@@ -219,9 +220,10 @@ class PriceTable {
       return absl::InvalidArgumentError("price table: empty model name");
     }
     auto too_high = [&] {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "price table: ", detail::av(model), ": a price above $1,000 per "
-          "token or search"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("price table: ", detail::av(model),
+                       ": a price above $1,000 per "
+                       "token or search"));
     };
     auto check = [&](const TokenPrices& tp) {
       for (const detail::PriceField f : detail::kPriceFields) {
@@ -230,8 +232,8 @@ class PriceTable {
       return true;
     };
     if (!check(p.base)) return too_high();
-    for (const auto& w : {p.web_search.low, p.web_search.medium,
-                          p.web_search.high}) {
+    for (const auto& w :
+         {p.web_search.low, p.web_search.medium, p.web_search.high}) {
       if (w && w->femtos > kMaxFemtosPerToken) return too_high();
     }
     for (std::size_t i = 0; i < p.bands.size(); ++i) {
@@ -249,10 +251,10 @@ class PriceTable {
       for (std::size_t j = 0; j < i; ++j) {
         if (p.bands[j].tier == b.tier &&
             p.bands[j].from_input == b.from_input) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "price table: ", detail::av(model), ": two ",
-              detail::av(service_tier_name(b.tier)), " bands from ", b.from_input,
-              " tokens"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("price table: ", detail::av(model), ": two ",
+                           detail::av(service_tier_name(b.tier)),
+                           " bands from ", b.from_input, " tokens"));
         }
       }
     }
@@ -348,7 +350,7 @@ class PriceTable {
           detail::listed(p, detail::kPriceFields[i], tier, input_total);
       const int fb = detail::kFallback[i];
       r.*detail::kResolvedFields[i] =
-          v    ? *v
+          v        ? *v
           : fb < 0 ? 0
                    : r.*detail::kResolvedFields[static_cast<std::size_t>(fb)];
     }
@@ -377,8 +379,7 @@ class PriceTable {
     if (*spent > cap) return std::nullopt;
     const std::uint64_t room =
         u.output >= kMaxUsageTokens ? 0 : kMaxUsageTokens - u.output;
-    const std::uint64_t per =
-        std::max({r.output, r.reasoning, r.output_audio});
+    const std::uint64_t per = std::max({r.output, r.reasoning, r.output_audio});
     if (per == 0) return room;
     const detail::u128 n = (cap - *spent) / per;
     return n > room ? room : static_cast<std::uint64_t>(n);
@@ -402,12 +403,12 @@ class PriceTable {
         : u.search_context == SearchContextSize::kHigh ? p.web_search.high
                                                        : p.web_search.medium;
     if (!w) {
-      return absl::NotFoundError(absl::StrCat(
-          "no web search price for ", u.web_search_requests,
-          " searches: refusing to charge them as free"));
+      return absl::NotFoundError(
+          absl::StrCat("no web search price for ", u.web_search_requests,
+                       " searches: refusing to charge them as free"));
     }
-    return *tokens + static_cast<detail::u128>(u.web_search_requests) *
-                         w->femtos;
+    return *tokens +
+           static_cast<detail::u128>(u.web_search_requests) * w->femtos;
   }
 
   absl::flat_hash_map<std::string, std::vector<Prices>> models_;

@@ -187,9 +187,9 @@ struct Usage {
   std::uint64_t reasoning = 0;       // part of output, at the reasoning price
   // Per-request units beside the text tokens (issue 14). Audio tokens are
   // billed at the audio prices where the model has them, else as text.
-  std::uint64_t output_audio = 0;      // part of output (OpenAI audio out)
-  std::uint64_t input_audio = 0;       // uncached audio input
-  std::uint64_t cache_read_audio = 0;  // cached audio input
+  std::uint64_t output_audio = 0;         // part of output (OpenAI audio out)
+  std::uint64_t input_audio = 0;          // uncached audio input
+  std::uint64_t cache_read_audio = 0;     // cached audio input
   std::uint64_t web_search_requests = 0;  // server-side searches, per search
   SearchContextSize search_context = SearchContextSize::kMedium;
   ServiceTier service_tier = ServiceTier::kStandard;
@@ -238,7 +238,8 @@ inline absl::Status usage_error(const char* provider, const char* what,
 // completion audio is a part of output; prompt audio is taken out of the
 // uncached input first, and only what exceeds it counts as cached audio
 // (OpenAI does not split cached_tokens by kind; uncached audio is the
-// dearer reading under every price in the catalogue). DeepSeek's
+// dearer reading wherever audio's cache discount is at least text's, as
+// for all 50 OpenAI and Azure audio models in LiteLLM's file). DeepSeek's
 // prompt_cache_hit_tokens are cache reads (its miss count must complete
 // prompt_tokens). kInvalidArgument when a subset is larger than its whole,
 // hit + miss is not prompt_tokens, cached_tokens disagrees with the hits,
@@ -247,12 +248,11 @@ inline absl::StatusOr<Usage> normalize(const OpenAIChatUsage& u) {
   auto p = u.prompt_tokens_details;
   const auto& c = u.completion_tokens_details;
   if (absl::Status st = detail::check_tokens(
-          "OpenAI",
-          {u.prompt_tokens, u.completion_tokens, u.total_tokens,
-           p.cached_tokens, p.cache_write_tokens, p.audio_tokens,
-           c.reasoning_tokens, c.audio_tokens,
-           u.prompt_cache_hit_tokens.value_or(0),
-           u.prompt_cache_miss_tokens.value_or(0)});
+          "OpenAI", {u.prompt_tokens, u.completion_tokens, u.total_tokens,
+                     p.cached_tokens, p.cache_write_tokens, p.audio_tokens,
+                     c.reasoning_tokens, c.audio_tokens,
+                     u.prompt_cache_hit_tokens.value_or(0),
+                     u.prompt_cache_miss_tokens.value_or(0)});
       !st.ok()) {
     return st;
   }
@@ -267,9 +267,9 @@ inline absl::StatusOr<Usage> normalize(const OpenAIChatUsage& u) {
           u.prompt_tokens));
     }
     if (p.cached_tokens != 0 && p.cached_tokens != hit) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "DeepSeek usage is inconsistent: cached_tokens ", p.cached_tokens,
-          " != prompt_cache_hit_tokens ", hit));
+      return absl::InvalidArgumentError(
+          absl::StrCat("DeepSeek usage is inconsistent: cached_tokens ",
+                       p.cached_tokens, " != prompt_cache_hit_tokens ", hit));
     }
     p.cached_tokens = hit;
   }
@@ -286,10 +286,9 @@ inline absl::StatusOr<Usage> normalize(const OpenAIChatUsage& u) {
         c.reasoning_tokens + c.audio_tokens, u.completion_tokens);
   }
   if (p.audio_tokens > u.prompt_tokens - p.cache_write_tokens) {
-    return detail::usage_error("OpenAI",
-                               "audio_tokens > prompt_tokens - cache writes",
-                               p.audio_tokens,
-                               u.prompt_tokens - p.cache_write_tokens);
+    return detail::usage_error(
+        "OpenAI", "audio_tokens > prompt_tokens - cache writes", p.audio_tokens,
+        u.prompt_tokens - p.cache_write_tokens);
   }
   if (u.total_tokens != 0 &&
       u.total_tokens != u.prompt_tokens + u.completion_tokens) {
