@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdint>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <random>
 #include <regex>
 #include <set>
@@ -325,6 +327,121 @@ TEST_CASE("the real LiteLLM file loads entry by entry, none lost",
                  << ", cost keys of loaded entries " << keys << ", not priced "
                  << reported);
   CHECK(true);
+}
+
+TEST_CASE("every price of every loaded entry is where the file puts it",
+          "[i14][catalogue]") {
+  // The oracle: nlohmann's DOM reads each number as a double (good to far
+  // better than a femto-USD at these magnitudes), and this test's own
+  // reading of the key names says which tier, band and kind of token each
+  // prices. The loader must agree on all of them, to the femto-USD.
+  const PriceCatalogue& c = real_catalogue();
+  const auto dom =
+      nlohmann::json::parse(read_file(data_path("litellm-model-prices.json")));
+  const std::map<std::string, std::optional<TokenPrice> TokenPrices::*> kinds =
+      {
+          {"input_cost_per_token", &TokenPrices::input},
+          {"output_cost_per_token", &TokenPrices::output},
+          {"cache_read_input_token_cost", &TokenPrices::cache_read},
+          {"input_cost_per_token_cache_hit", &TokenPrices::cache_read},
+          {"cache_creation_input_token_cost", &TokenPrices::cache_write_5m},
+          {"cache_creation_input_token_cost_above_1hr",
+           &TokenPrices::cache_write_1h},
+          {"output_cost_per_reasoning_token", &TokenPrices::reasoning},
+          {"input_cost_per_audio_token", &TokenPrices::input_audio},
+          {"cache_read_input_audio_token_cost", &TokenPrices::cache_read_audio},
+          {"output_cost_per_audio_token", &TokenPrices::output_audio},
+      };
+  const std::regex key_rx(
+      "(input_cost_per_token|output_cost_per_token|"
+      "cache_read_input_token_cost|input_cost_per_token_cache_hit|"
+      "cache_creation_input_token_cost|"
+      "cache_creation_input_token_cost_above_1hr|"
+      "output_cost_per_reasoning_token|input_cost_per_audio_token|"
+      "cache_read_input_audio_token_cost|output_cost_per_audio_token)"
+      "(_above_([0-9]+)k_tokens)?(_priority|_flex|_batches)?");
+  auto band_of = [](const Prices& p, ServiceTier tier,
+                    std::uint64_t from) -> const TokenPrices* {
+    if (tier == ServiceTier::kStandard && from == 0) return &p.base;
+    for (const PriceBand& b : p.bands) {
+      if (b.tier == tier && b.from_input == from) return &b.prices;
+    }
+    return nullptr;
+  };
+  auto near = [](const std::optional<TokenPrice>& got, double usd) {
+    if (!got) return false;
+    const double want = usd * 1e15;
+    const double diff = static_cast<double>(got->femtos) - want;
+    const double eps = want * 4e-16 + 0.01;    // the double's own error
+    return diff >= -eps && diff <= 1.0 + eps;  // exact, or noise rounded up
+  };
+  std::size_t checked = 0, zeros = 0;
+  for (const auto& [model, e] : dom.items()) {
+    if (!c.table.contains(model)) continue;
+    const Prices p = c.table.prices(model, {}).value();
+    for (const auto& [key, v] : e.items()) {
+      std::smatch m;
+      if (!std::regex_match(key, m, key_rx)) continue;
+      const ServiceTier tier = m[4] == "_priority"  ? ServiceTier::kPriority
+                               : m[4] == "_flex"    ? ServiceTier::kFlex
+                               : m[4] == "_batches" ? ServiceTier::kBatch
+                                                    : ServiceTier::kStandard;
+      const std::uint64_t from =
+          m[3].matched ? std::stoull(m[3].str()) * 1000 + 1 : 0;
+      const TokenPrices* tp = band_of(p, tier, from);
+      CAPTURE(model, key);
+      REQUIRE(tp != nullptr);
+      CHECK(near(tp->*kinds.at(m[1].str()), v.get<double>()));
+      ++checked;
+      if (v.get<double>() == 0.0) ++zeros;
+    }
+    if (!e.contains("tiered_pricing")) continue;
+    for (const auto& t : e["tiered_pricing"]) {
+      if (!t.contains("range")) continue;
+      const auto from = static_cast<std::uint64_t>(t["range"][0].get<double>());
+      const TokenPrices* tp = band_of(p, ServiceTier::kStandard, from);
+      CAPTURE(model, from);
+      REQUIRE(tp != nullptr);
+      for (const auto& [key, v] : t.items()) {
+        if (!kinds.contains(key)) continue;
+        CHECK(near(tp->*kinds.at(key), v.get<double>()));
+        ++checked;
+      }
+    }
+  }
+  // Counted apart with Python over the same keys: 7,536 prices, 434 of
+  // them an explicit 0.
+  CHECK(checked == 7536);
+  CHECK(zeros == 434);
+  // Explicit zeros stay zeros: every "cache_read_input_token_cost": 0
+  // resolves to a cache read price of 0, not the input price.
+  std::size_t zero_cache = 0;
+  for (const auto& [model, e] : dom.items()) {
+    if (!c.table.contains(model)) continue;
+    const Prices p = c.table.prices(model, {}).value();
+    const ResolvedPrices r =
+        PriceTable::resolve(p, ServiceTier::kStandard, 1000);
+    if (e.contains("cache_read_input_token_cost") &&
+        e["cache_read_input_token_cost"].get<double>() == 0.0) {
+      CAPTURE(model);
+      CHECK(r.cache_read == 0);
+      if (r.input != 0) ++zero_cache;
+    }
+    if (e.contains("cache_creation_input_token_cost") &&
+        e["cache_creation_input_token_cost"].get<double>() == 0.0) {
+      CAPTURE(model);
+      CHECK(r.cache_write_5m == 0);
+      if (r.input != 0 &&
+          !(e.contains("cache_read_input_token_cost") &&
+            e["cache_read_input_token_cost"].get<double>() == 0.0)) {
+        ++zero_cache;
+      }
+    }
+  }
+  // Models with a nonzero input price and a zero cache read or write price,
+  // which the old loader billed at the input price: 41, counted apart with
+  // Python.
+  CHECK(zero_cache == 41);
 }
 
 TEST_CASE("float noise is rounded up and reported, never down",
