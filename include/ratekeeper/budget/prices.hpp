@@ -128,48 +128,35 @@ inline constexpr std::array<std::uint64_t ResolvedPrices::*, 9>
 // Index of the field each falls back to when unset everywhere (-1: zero).
 inline constexpr std::array<int, 9> kFallback = {-1, -1, 0, 0, 3, 1, 0, 2, 1};
 
-// The listed price of `f` for tier `s` at total input `t`, carried over as
-// PriceTable::resolve says; nullopt when no band of the chain lists it.
-inline std::optional<std::uint64_t> listed(const Prices& p, PriceField f,
-                                           ServiceTier s, std::uint64_t t) {
-  // top: the band of `s` that the call reaches furthest; best: the furthest
-  // of those that list `f`.
-  const TokenPrices* top = nullptr;
+// What one tier lists for a call of total input `t`, in one pass over its
+// bands: the furthest band the call reaches (`top_from`) and, per field,
+// the furthest band that lists it.
+struct TierScan {
+  bool any = false;
   std::uint64_t top_from = 0;
-  const TokenPrices* best = nullptr;
-  std::uint64_t best_from = 0;
+  std::array<std::optional<std::uint64_t>, 9> best{};
+  std::array<std::uint64_t, 9> best_from{};
+};
+
+inline TierScan scan_tier(const Prices& p, ServiceTier s, std::uint64_t t) {
+  TierScan c;
   auto consider = [&](const TokenPrices& tp, std::uint64_t from) {
     if (from > t) return;
-    if (top == nullptr || from > top_from) top = &tp, top_from = from;
-    if ((tp.*f).has_value() && (best == nullptr || from > best_from)) {
-      best = &tp, best_from = from;
+    if (!c.any || from > c.top_from) c.top_from = from;
+    c.any = true;
+    for (std::size_t i = 0; i < kPriceFields.size(); ++i) {
+      const std::optional<TokenPrice>& v = tp.*kPriceFields[i];
+      if (v && (!c.best[i] || from > c.best_from[i])) {
+        c.best[i] = v->femtos;
+        c.best_from[i] = from;
+      }
     }
   };
   if (s == ServiceTier::kStandard) consider(p.base, 0);
   for (const PriceBand& b : p.bands) {
     if (b.tier == s) consider(b.prices, b.from_input);
   }
-  if (s == ServiceTier::kStandard) {
-    if (best == nullptr) return std::nullopt;
-    return (best->*f)->femtos;
-  }
-  // The standard tier's furthest band that the call reaches: a tier's band
-  // from below it does not know that size's price (flex from 0 beside a
-  // standard cliff at 272k).
-  std::uint64_t std_from = 0;
-  for (const PriceBand& b : p.bands) {
-    if (b.tier == ServiceTier::kStandard && b.from_input <= t) {
-      std_from = std::max(std_from, b.from_input);
-    }
-  }
-  if (best != nullptr && best == top && top_from >= std_from) {
-    return (best->*f)->femtos;
-  }
-  // Not listed where the call lands: the higher of the tier's own price
-  // below and the standard tier's price at this size, never the lower.
-  std::optional<std::uint64_t> v = listed(p, f, ServiceTier::kStandard, t);
-  if (best != nullptr) v = std::max(v.value_or(0), (best->*f)->femtos);
-  return v;
+  return c;
 }
 
 // Exact cost of `u` at `r`, in femto-USD; nullopt when the usage does not
@@ -344,10 +331,25 @@ class PriceTable {
   // fallbacks of TokenPrices, resolved at the same tier and size.
   static ResolvedPrices resolve(const Prices& p, ServiceTier tier,
                                 std::uint64_t input_total) {
+    const detail::TierScan st =
+        detail::scan_tier(p, ServiceTier::kStandard, input_total);
+    const detail::TierScan tc = tier == ServiceTier::kStandard
+                                    ? st
+                                    : detail::scan_tier(p, tier, input_total);
     ResolvedPrices r;
     for (std::size_t i = 0; i < detail::kPriceFields.size(); ++i) {
-      const std::optional<std::uint64_t> v =
-          detail::listed(p, detail::kPriceFields[i], tier, input_total);
+      std::optional<std::uint64_t> v;
+      if (tier == ServiceTier::kStandard) {
+        v = st.best[i];  // the nearest band at or below that lists it
+      } else if (tc.best[i] && tc.best_from[i] == tc.top_from &&
+                 tc.top_from >= st.top_from) {
+        v = tc.best[i];  // listed by the tier where the call lands
+      } else {
+        // Not listed there, or the standard tier has a cliff further on
+        // that the tier does not mirror: never below either reading.
+        v = st.best[i];
+        if (tc.best[i]) v = std::max(v.value_or(0), *tc.best[i]);
+      }
       const int fb = detail::kFallback[i];
       r.*detail::kResolvedFields[i] =
           v        ? *v
