@@ -19,6 +19,7 @@
 #define RATEKEEPER_BUDGET_CATALOGUE_HPP_
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <map>
