@@ -94,7 +94,7 @@ absl::StatusOr<Setup> connect(const std::string& host, int port,
   auto prices = rk::load_price_catalogue(kCatalogue);
   if (!prices.ok()) return prices.status();
   // Every key of a call under its team's hash tag: one slot on a Cluster.
-  auto acct = rk::RedisAccountant::create(*prices, s.client,
+  auto acct = rk::RedisAccountant::create(prices->table, s.client,
                                           {.tenant = rk::Field::kTeam});
   if (!acct.ok()) return acct.status();
   s.acct = *std::move(acct);

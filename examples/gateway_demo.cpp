@@ -266,7 +266,7 @@ int main(int argc, char** argv) {
   std::vector<TierStats> stats(std::size(kTiers));
 
   // One accountant per tier: its teams' daily budgets, in money.
-  const absl::StatusOr<rk::PriceTable> prices =
+  const absl::StatusOr<rk::PriceCatalogue> prices =
       rk::load_price_catalogue(kCatalogue);
   if (!prices.ok()) {
     fmt::print(stderr, "gateway_demo: {}\n", prices.status().ToString());
@@ -274,7 +274,8 @@ int main(int argc, char** argv) {
   }
   std::vector<std::unique_ptr<rk::Accountant<Clock>>> accountants;
   for (std::size_t t = 0; t < std::size(kTiers); ++t) {
-    auto acct = std::make_unique<rk::Accountant<Clock>>(*prices, clock, store);
+    auto acct =
+        std::make_unique<rk::Accountant<Clock>>(prices->table, clock, store);
     if (const absl::Status st = acct->add_budget(
             {.name = "team_day",
              .scope = rk::Field::kTeam,

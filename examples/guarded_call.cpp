@@ -82,12 +82,13 @@ int main(int argc, char** argv) {
                      .string();
 
   // 1. Prices, read exactly from the catalogue's decimal text.
-  absl::StatusOr<rk::PriceTable> prices = rk::load_price_catalogue(kCatalogue);
+  absl::StatusOr<rk::PriceCatalogue> prices =
+      rk::load_price_catalogue(kCatalogue);
   if (!prices.ok()) return fail(prices.status());
 
   // 2. Budgets (add_budgets above) and their alerts.
   const rk::ShardedOptions small{.capacity = 4096};  // states preallocated
-  rk::Accountant<> acct(*prices, rk::SystemClock{}, small);
+  rk::Accountant<> acct(prices->table, rk::SystemClock{}, small);
   if (auto st = add_budgets(acct); !st.ok()) return fail(st);
   acct.on_threshold([](const rk::ThresholdEvent& e) {
     std::printf("alert: %s at %u permille\n", e.budget.c_str(), e.permille);
@@ -211,7 +212,7 @@ int main(int argc, char** argv) {
   std::printf("ledger %s: %llu records, chain %s\n", path.c_str(),
               static_cast<unsigned long long>(v.records),
               v.ok() ? "verified" : v.error.c_str());
-  rk::Accountant<> again(*prices, rk::SystemClock{}, small);
+  rk::Accountant<> again(prices->table, rk::SystemClock{}, small);
   if (auto st = add_budgets(again); !st.ok()) return fail(st);
   if (auto st = rk::read_ledger(
           path, [&](const nlohmann::json& j) { return again.replay(j); });

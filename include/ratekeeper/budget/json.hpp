@@ -12,9 +12,8 @@
 //                                      value wins, never a sum); complete
 //                                      or partial (cut, or an error event)
 //   read_provider_error(text, p)       an error body or event (ProviderError)
-//   load_price_catalogue(text)         the open catalogue's JSON shape
-//                                      (input_cost_per_token, ...), prices
-//                                      read from their decimal text exactly
+//   load_price_catalogue(text)         LiteLLM's price file, with a report
+//                                      per model (budget/catalogue.hpp)
 //
 // Errors are statuses, never a zero charge: malformed JSON, a wrong type, a
 // negative count or a missing required field (OpenAI prompt_tokens and
@@ -40,6 +39,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "ratekeeper/budget/catalogue.hpp"
 #include "ratekeeper/budget/money.hpp"
 #include "ratekeeper/budget/prices.hpp"
 #include "ratekeeper/budget/usage.hpp"
@@ -160,6 +160,14 @@ inline absl::StatusOr<OpenAIChatUsage> openai_chat_usage(const json& u) {
                                           d.accepted_prediction_tokens, kWhat));
     RATEKEEPER_RETURN_IF_ERROR(read_count(**cd, "rejected_prediction_tokens",
                                           d.rejected_prediction_tokens, kWhat));
+  }
+  // DeepSeek: cache hits and misses beside prompt_tokens.
+  for (auto [key, slot] :
+       {std::pair{"prompt_cache_hit_tokens", &out.prompt_cache_hit_tokens},
+        std::pair{"prompt_cache_miss_tokens", &out.prompt_cache_miss_tokens}}) {
+    if (const auto it = u.find(key); it != u.end() && !it->is_null()) {
+      RATEKEEPER_RETURN_IF_ERROR(read_count(u, key, slot->emplace(), kWhat));
+    }
   }
   return out;
 }
@@ -419,6 +427,13 @@ inline absl::Status anthropic_fields(const json& u, AnthropicUsage& out) {
         read_count(**od, "thinking_tokens",
                    out.output_tokens_details.thinking_tokens, kWhat));
   }
+  absl::StatusOr<const json*> st = read_object(u, "server_tool_use", kWhat);
+  if (!st.ok()) return st.status();
+  if (*st != nullptr) {
+    RATEKEEPER_RETURN_IF_ERROR(
+        read_count(**st, "web_search_requests",
+                   out.server_tool_use.web_search_requests, kWhat));
+  }
   const auto tier = u.find("service_tier");
   if (tier != u.end() && !tier->is_null()) {
     if (!tier->is_string()) {
@@ -595,177 +610,6 @@ class AnthropicStreamUsage {
   bool started_ = false;
   bool stopped_ = false;
 };
-
-namespace detail {
-
-// A SAX handler that keeps, for each top-level key (a model), the raw text
-// of its direct scalar members: numbers as written, strings unquoted.
-class CatalogueSax {
- public:
-  using number_integer_t = json::number_integer_t;
-  using number_unsigned_t = json::number_unsigned_t;
-  using number_float_t = json::number_float_t;
-  using string_t = json::string_t;
-  using binary_t = json::binary_t;
-
-  std::map<std::string, std::map<std::string, std::string>> models;
-  std::string error;
-
-  bool null() { return scalar("null"); }
-  bool boolean(bool b) { return scalar(b ? "true" : "false"); }
-  bool number_integer(number_integer_t v) { return scalar(std::to_string(v)); }
-  bool number_unsigned(number_unsigned_t v) {
-    return scalar(std::to_string(v));
-  }
-  bool number_float(number_float_t, const string_t& raw) { return scalar(raw); }
-  bool string(string_t& s) { return scalar("\"" + s); }
-  bool binary(binary_t&) { return scalar("?"); }
-  bool start_object(std::size_t) {
-    ++depth_;
-    if (depth_ == 2) current_ = &models[model_];
-    return true;
-  }
-  bool end_object() {
-    --depth_;
-    return true;
-  }
-  bool start_array(std::size_t) {
-    if (depth_ == 0) {
-      error = "the catalogue is not a JSON object";
-      return false;
-    }
-    ++depth_;
-    return true;
-  }
-  bool end_array() {
-    --depth_;
-    return true;
-  }
-  bool key(string_t& k) {
-    if (depth_ == 1) model_ = k;
-    if (depth_ == 2) field_ = k;
-    return true;
-  }
-  bool parse_error(std::size_t pos, const std::string&,
-                   const nlohmann::detail::exception&) {
-    error = absl::StrCat("not well-formed JSON at byte ", pos);
-    return false;
-  }
-
- private:
-  bool scalar(std::string v) {
-    if (depth_ == 0) {
-      error = "the catalogue is not a JSON object";
-      return false;
-    }
-    if (depth_ == 2 && current_ != nullptr) (*current_)[field_] = std::move(v);
-    return true;
-  }
-
-  int depth_ = 0;
-  std::string model_, field_;
-  std::map<std::string, std::string>* current_ = nullptr;
-};
-
-}  // namespace detail
-
-// load_price_catalogue
-//
-// Prices from the open catalogue's shape: an object keyed by model name,
-// each with per-token USD numbers input_cost_per_token,
-// output_cost_per_token, cache_read_input_token_cost,
-// cache_creation_input_token_cost, cache_creation_input_token_cost_above_1hr
-// and their "_above_<N>k_tokens" variants (one cliff per model). The
-// numbers are read from their decimal text, exactly. Entries with neither
-// an input nor an output price (image, audio or placeholder entries) are
-// skipped and named in `skipped` when given. Every price takes effect at
-// `effective_from`. kInvalidArgument for malformed JSON or a price that is
-// not a non-negative decimal, naming the model and field.
-inline absl::StatusOr<PriceTable> load_price_catalogue(
-    std::string_view text, SysTime effective_from = SysTime{},
-    std::vector<std::string>* skipped = nullptr) {
-  detail::CatalogueSax sax;
-  const bool ok = detail::json::sax_parse(text.begin(), text.end(), &sax);
-  if (!ok || !sax.error.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("price catalogue: ",
-                     sax.error.empty() ? "not well-formed" : sax.error));
-  }
-  PriceTable table;
-  for (const auto& [model, fields] : sax.models) {
-    if (!fields.contains("input_cost_per_token") &&
-        !fields.contains("output_cost_per_token")) {
-      if (skipped != nullptr) skipped->push_back(model);
-      continue;
-    }
-    Prices p;
-    p.effective_from = effective_from;
-    std::uint64_t cliff = 0;
-    for (const auto& [field, raw] : fields) {
-      // field = base name, optionally + "_above_<N>k_tokens".
-      std::string_view base = field;
-      bool is_cliff = false;
-      if (const std::size_t at = base.find("_above_");
-          at != std::string_view::npos && base.ends_with("k_tokens")) {
-        const std::string_view n =
-            base.substr(at + 7, base.size() - at - 7 - 8);
-        std::uint64_t k = 0;
-        bool digits = !n.empty() && n.size() <= 9;
-        for (const char c : n) {
-          if (c < '0' || c > '9') digits = false;
-          k = k * 10 + static_cast<std::uint64_t>(c - '0');
-        }
-        if (!digits) continue;  // some other "_above_" field
-        if (cliff != 0 && cliff != k * 1000) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "price catalogue: model \"", model,
-              "\" has two cliff thresholds; ratekeeper keeps one per model"));
-        }
-        cliff = k * 1000;
-        base = base.substr(0, at);
-        is_cliff = true;
-      }
-      TokenPrices& tp = is_cliff ? p.cliff : p.base;
-      TokenPrice* slot = nullptr;
-      if (base == "input_cost_per_token") slot = &tp.input;
-      if (base == "output_cost_per_token") slot = &tp.output;
-      if (base == "cache_read_input_token_cost") slot = &tp.cache_read;
-      if (base == "cache_creation_input_token_cost") slot = &tp.cache_write_5m;
-      if (base == "cache_creation_input_token_cost_above_1hr") {
-        slot = &tp.cache_write_1h;
-      }
-      if (slot == nullptr) continue;
-      if (!raw.empty() && raw[0] == '"') {
-        return absl::InvalidArgumentError(
-            absl::StrCat("price catalogue: model \"", model, "\" field \"",
-                         field, "\" is a string, not a number"));
-      }
-      absl::StatusOr<TokenPrice> v = parse_usd_per_token(raw);
-      if (!v.ok()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("price catalogue: model \"", model, "\" field \"",
-                         field, "\": ", v.status().message()));
-      }
-      *slot = *v;
-    }
-    p.cliff_above = cliff;
-    if (cliff != 0) {
-      // A cliff tier lists only the prices that change; the rest carry over.
-      const TokenPrices base = p.base;
-      if (p.cliff.input.femtos == 0) p.cliff.input = base.input;
-      if (p.cliff.output.femtos == 0) p.cliff.output = base.output;
-      if (p.cliff.cache_read.femtos == 0) p.cliff.cache_read = base.cache_read;
-      if (p.cliff.cache_write_5m.femtos == 0) {
-        p.cliff.cache_write_5m = base.cache_write_5m;
-      }
-      if (p.cliff.cache_write_1h.femtos == 0) {
-        p.cliff.cache_write_1h = base.cache_write_1h;
-      }
-    }
-    if (absl::Status st = table.set(model, p); !st.ok()) return st;
-  }
-  return table;
-}
 
 #undef RATEKEEPER_RETURN_IF_ERROR
 

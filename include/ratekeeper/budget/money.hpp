@@ -79,12 +79,21 @@ struct TokenPrice {
 // times of it), which keeps every product of a cost inside 128 bits.
 inline constexpr std::uint64_t kMaxFemtosPerToken = 1'000'000'000'000'000'000;
 
-// parse_usd_per_token
-//
-// A non-negative decimal ("0.000003", "3e-06", "1.5E-7", "2", "0.0") into
-// femto-USD per token, exactly. kInvalidArgument for anything else: a sign,
-// hex, inf/nan, more precision than 1e-15 USD, or above kMaxFemtosPerToken.
-inline absl::StatusOr<TokenPrice> parse_usd_per_token(std::string_view text) {
+// ParsedPrice: a price read from a catalogue, and whether it was rounded.
+struct ParsedPrice {
+  TokenPrice price{};
+  bool rounded_up = false;  // float noise, rounded up to the femto-USD
+};
+
+// Significant digits above which a decimal is float noise: the shortest text
+// of a binary double has up to 17 (2.9999900000000002e-06 is 2.99999e-06
+// as a double prints it), a price set by a person 15 at most.
+inline constexpr int kFloatNoiseDigits = 15;
+
+namespace detail {
+
+inline absl::StatusOr<ParsedPrice> parse_usd(std::string_view text,
+                                             bool round_noise) {
   auto bad = [&](std::string_view why) {
     return absl::InvalidArgumentError(absl::StrCat(
         "price \"", absl::CHexEscape(detail::av(text.substr(0, 64))),
@@ -129,24 +138,62 @@ inline absl::StatusOr<TokenPrice> parse_usd_per_token(std::string_view text) {
     if (neg) exponent = -exponent;
   }
   if (i != text.size()) return bad("not a decimal number");
-  if (digits == 0) return TokenPrice{0};
+  if (digits == 0) return ParsedPrice{};
   // femtos = digits * 10^(15 - scale + exponent)
   long shift = 15 - scale + exponent;
-  while (shift < 0) {
-    if (digits % 10 != 0) {
-      return bad(
-          "more precise than 1e-15 USD, which ratekeeper cannot "
-          "charge exactly");
+  bool rounded = false;
+  if (shift < 0) {
+    // Finer than a femto-USD. Float noise rounds up (never in favour of the
+    // party billed less than the provider bills); any other such price is
+    // one ratekeeper cannot charge exactly.
+    bool exact = true;
+    for (; shift < 0 && digits != 0; ++shift) {
+      if (digits % 10 != 0) exact = false;
+      digits /= 10;
     }
-    digits /= 10;
-    ++shift;
+    if (!exact) {
+      if (!round_noise || significant <= kFloatNoiseDigits) {
+        return bad(
+            "more precise than 1e-15 USD, which ratekeeper cannot "
+            "charge exactly");
+      }
+      digits += 1;
+      rounded = true;
+    }
+    shift = 0;
   }
   for (; shift > 0; --shift) {
     digits *= 10;
     if (digits > kMaxFemtosPerToken) break;
   }
   if (digits > kMaxFemtosPerToken) return bad("above $1,000 per token");
-  return TokenPrice{static_cast<std::uint64_t>(digits)};
+  return ParsedPrice{TokenPrice{static_cast<std::uint64_t>(digits)}, rounded};
+}
+
+}  // namespace detail
+
+// parse_usd_per_token
+//
+// A non-negative decimal ("0.000003", "3e-06", "1.5E-7", "2", "0.0") into
+// femto-USD per token, exactly. kInvalidArgument for anything else: a sign,
+// hex, inf/nan, more precision than 1e-15 USD, or above kMaxFemtosPerToken.
+inline absl::StatusOr<TokenPrice> parse_usd_per_token(std::string_view text) {
+  absl::StatusOr<ParsedPrice> p = detail::parse_usd(text, false);
+  if (!p.ok()) return p.status();
+  return p->price;
+}
+
+// parse_usd_per_token_rounding_noise
+//
+// As parse_usd_per_token, except for float noise: a decimal of more than
+// kFloatNoiseDigits significant digits that is finer than 1e-15 USD
+// ("2.9999900000000002e-06", a double printed in full) is rounded UP to the
+// next femto-USD, and `rounded_up` says so. A short decimal finer than
+// 1e-15 USD ("1e-17") is still kInvalidArgument: it is a price, not noise,
+// and ratekeeper cannot charge it exactly.
+inline absl::StatusOr<ParsedPrice> parse_usd_per_token_rounding_noise(
+    std::string_view text) {
+  return detail::parse_usd(text, true);
 }
 
 }  // namespace ratekeeper

@@ -8,6 +8,7 @@
 //   AnthropicUsage        Messages `usage`
 //   Usage                 uncached input, cache read, cache write (5m, 1h),
 //                         output (reasoning included), reasoning (a subset),
+//                         audio in and out, web searches, the service tier
 //                         and where the numbers came from (reported,
 //                         estimated, or partial: a stream cut short)
 //   normalize(...)        provider object -> Usage, checking the provider's
@@ -22,9 +23,13 @@
 #ifndef RATEKEEPER_BUDGET_USAGE_HPP_
 #define RATEKEEPER_BUDGET_USAGE_HPP_
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -52,6 +57,10 @@ struct OpenAIChatUsage {
     friend bool operator==(const CompletionDetails&,
                            const CompletionDetails&) = default;
   } completion_tokens_details;
+  // DeepSeek's OpenAI-compatible usage: hit + miss == prompt_tokens; the
+  // hits are cache reads. Absent (nullopt) elsewhere.
+  std::optional<std::uint64_t> prompt_cache_hit_tokens;
+  std::optional<std::uint64_t> prompt_cache_miss_tokens;
   friend bool operator==(const OpenAIChatUsage&,
                          const OpenAIChatUsage&) = default;
 };
@@ -93,6 +102,11 @@ struct AnthropicUsage {
     friend bool operator==(const OutputDetails&,
                            const OutputDetails&) = default;
   } output_tokens_details;
+  struct ServerToolUse {
+    std::uint64_t web_search_requests = 0;  // billed per search
+    friend bool operator==(const ServerToolUse&,
+                           const ServerToolUse&) = default;
+  } server_tool_use;
   std::string service_tier;  // "standard", "priority", "batch"; may be empty
   friend bool operator==(const AnthropicUsage&,
                          const AnthropicUsage&) = default;
@@ -104,6 +118,56 @@ enum class Provider : std::uint8_t {
   kAnthropic,
   kOther
 };
+
+// ServiceTier: the price list a request was served under. Anthropic reports
+// it in its usage ("standard", "priority", "batch"); an OpenAI caller knows
+// it from its request (`service_tier`: "flex", "priority"; the Batch API)
+// and sets Usage::service_tier itself.
+enum class ServiceTier : std::uint8_t {
+  kStandard,
+  kPriority,
+  kFlex,
+  kBatch,
+};
+inline constexpr std::size_t kServiceTiers = 4;
+
+inline constexpr std::string_view service_tier_name(ServiceTier t) noexcept {
+  switch (t) {
+    case ServiceTier::kStandard:
+      return "standard";
+    case ServiceTier::kPriority:
+      return "priority";
+    case ServiceTier::kFlex:
+      return "flex";
+    case ServiceTier::kBatch:
+      return "batch";
+  }
+  return "unknown";
+}
+
+// parse_service_tier
+//
+// A provider's tier name: "standard" (and OpenAI's "default", "auto", and
+// the empty string) is kStandard; "priority", "flex", "batch". Anything
+// else is kInvalidArgument: its prices are unknown, and ratekeeper does not
+// guess them.
+inline absl::StatusOr<ServiceTier> parse_service_tier(std::string_view name) {
+  if (name.empty() || name == "standard" || name == "default" ||
+      name == "auto") {
+    return ServiceTier::kStandard;
+  }
+  if (name == "priority") return ServiceTier::kPriority;
+  if (name == "flex") return ServiceTier::kFlex;
+  if (name == "batch") return ServiceTier::kBatch;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown service tier \"", std::string(name.substr(0, 64)),
+                   "\": its prices are unknown"));
+}
+
+// SearchContextSize: how much a web search put into the context (OpenAI's
+// `web_search_options.search_context_size`; medium is its default). The
+// price files price a search by it.
+enum class SearchContextSize : std::uint8_t { kLow, kMedium, kHigh };
 
 // Where a Usage's numbers came from.
 enum class UsageSource : std::uint8_t {
@@ -117,21 +181,32 @@ enum class UsageSource : std::uint8_t {
   kPartial,
 };
 
-// Usage: one call's tokens, normalized. Every input token is in exactly
-// one of the first four fields; reasoning is a part of output.
+// Usage: one call's tokens and per-request units, normalized. Every input
+// token is in exactly one of input_uncached, cache_read, cache_write_5m,
+// cache_write_1h, input_audio and cache_read_audio; reasoning and
+// output_audio are disjoint parts of output.
 struct Usage {
   std::uint64_t input_uncached = 0;  // billed at the input price
   std::uint64_t cache_read = 0;      // billed at the cached-input price
   std::uint64_t cache_write_5m = 0;  // billed at the 5-minute write price
   std::uint64_t cache_write_1h = 0;  // billed at the 1-hour write price
-  std::uint64_t output = 0;          // billed at the output price
-  std::uint64_t reasoning = 0;       // subset of output, for reports
+  std::uint64_t output = 0;          // all output, reasoning and audio incl.
+  std::uint64_t reasoning = 0;       // part of output, at the reasoning price
+  // Per-request units beside the text tokens (issue 14). Audio tokens are
+  // billed at the audio prices where the model has them, else as text.
+  std::uint64_t output_audio = 0;         // part of output (OpenAI audio out)
+  std::uint64_t input_audio = 0;          // uncached audio input
+  std::uint64_t cache_read_audio = 0;     // cached audio input
+  std::uint64_t web_search_requests = 0;  // server-side searches, per search
+  SearchContextSize search_context = SearchContextSize::kMedium;
+  ServiceTier service_tier = ServiceTier::kStandard;
   Provider provider = Provider::kOther;
   UsageSource source = UsageSource::kReported;
 
   // All input tokens, as the provider counts them toward a cliff tier.
   std::uint64_t input_total() const noexcept {
-    return input_uncached + cache_read + cache_write_5m + cache_write_1h;
+    return input_uncached + cache_read + cache_write_5m + cache_write_1h +
+           input_audio + cache_read_audio;
   }
   std::uint64_t total() const noexcept { return input_total() + output; }
 
@@ -166,17 +241,44 @@ inline absl::Status usage_error(const char* provider, const char* what,
 // normalize
 //
 // OpenAI Chat Completions: cached and cache-write tokens are taken out of
-// prompt_tokens (they are a part of it). kInvalidArgument when a subset is
-// larger than its whole, or total_tokens (when given, i.e. nonzero) is not
-// prompt + completion.
+// prompt_tokens (they are a part of it). Audio tokens are priced apart:
+// completion audio is a part of output; prompt audio is taken out of the
+// uncached input first, and only what exceeds it counts as cached audio
+// (OpenAI does not split cached_tokens by kind; uncached audio is the
+// dearer reading wherever audio's cache discount is at least text's, as
+// for all 50 OpenAI and Azure audio models in LiteLLM's file). DeepSeek's
+// prompt_cache_hit_tokens are cache reads (its miss count must complete
+// prompt_tokens). kInvalidArgument when a subset is larger than its whole,
+// hit + miss is not prompt_tokens, cached_tokens disagrees with the hits,
+// or total_tokens (when given, i.e. nonzero) is not prompt + completion.
 inline absl::StatusOr<Usage> normalize(const OpenAIChatUsage& u) {
-  const auto& p = u.prompt_tokens_details;
+  auto p = u.prompt_tokens_details;
+  const auto& c = u.completion_tokens_details;
   if (absl::Status st = detail::check_tokens(
           "OpenAI", {u.prompt_tokens, u.completion_tokens, u.total_tokens,
-                     p.cached_tokens, p.cache_write_tokens,
-                     u.completion_tokens_details.reasoning_tokens});
+                     p.cached_tokens, p.cache_write_tokens, p.audio_tokens,
+                     c.reasoning_tokens, c.audio_tokens,
+                     u.prompt_cache_hit_tokens.value_or(0),
+                     u.prompt_cache_miss_tokens.value_or(0)});
       !st.ok()) {
     return st;
+  }
+  if (u.prompt_cache_hit_tokens || u.prompt_cache_miss_tokens) {
+    const std::uint64_t hit = u.prompt_cache_hit_tokens.value_or(0);
+    const std::uint64_t miss = u.prompt_cache_miss_tokens.value_or(
+        hit <= u.prompt_tokens ? u.prompt_tokens - hit : 0);
+    if (hit + miss != u.prompt_tokens) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "DeepSeek usage is inconsistent: prompt_cache_hit_tokens ", hit,
+          " + prompt_cache_miss_tokens ", miss, " != prompt_tokens ",
+          u.prompt_tokens));
+    }
+    if (p.cached_tokens != 0 && p.cached_tokens != hit) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("DeepSeek usage is inconsistent: cached_tokens ",
+                       p.cached_tokens, " != prompt_cache_hit_tokens ", hit));
+    }
+    p.cached_tokens = hit;
   }
   if (p.cached_tokens > u.prompt_tokens ||
       p.cache_write_tokens > u.prompt_tokens - p.cached_tokens) {
@@ -184,10 +286,16 @@ inline absl::StatusOr<Usage> normalize(const OpenAIChatUsage& u) {
                                p.cached_tokens + p.cache_write_tokens,
                                u.prompt_tokens);
   }
-  if (u.completion_tokens_details.reasoning_tokens > u.completion_tokens) {
-    return detail::usage_error("OpenAI", "reasoning_tokens > completion_tokens",
-                               u.completion_tokens_details.reasoning_tokens,
-                               u.completion_tokens);
+  if (c.reasoning_tokens > u.completion_tokens ||
+      c.audio_tokens > u.completion_tokens - c.reasoning_tokens) {
+    return detail::usage_error(
+        "OpenAI", "reasoning_tokens + audio_tokens > completion_tokens",
+        c.reasoning_tokens + c.audio_tokens, u.completion_tokens);
+  }
+  if (p.audio_tokens > u.prompt_tokens - p.cache_write_tokens) {
+    return detail::usage_error(
+        "OpenAI", "audio_tokens > prompt_tokens - cache writes", p.audio_tokens,
+        u.prompt_tokens - p.cache_write_tokens);
   }
   if (u.total_tokens != 0 &&
       u.total_tokens != u.prompt_tokens + u.completion_tokens) {
@@ -197,11 +305,16 @@ inline absl::StatusOr<Usage> normalize(const OpenAIChatUsage& u) {
                      " + completion_tokens ", u.completion_tokens));
   }
   Usage n;
-  n.input_uncached = u.prompt_tokens - p.cached_tokens - p.cache_write_tokens;
-  n.cache_read = p.cached_tokens;
+  const std::uint64_t uncached =
+      u.prompt_tokens - p.cached_tokens - p.cache_write_tokens;
+  n.input_audio = std::min(p.audio_tokens, uncached);
+  n.cache_read_audio = p.audio_tokens - n.input_audio;  // <= cached_tokens
+  n.input_uncached = uncached - n.input_audio;
+  n.cache_read = p.cached_tokens - n.cache_read_audio;
   n.cache_write_5m = p.cache_write_tokens;
   n.output = u.completion_tokens;
-  n.reasoning = u.completion_tokens_details.reasoning_tokens;
+  n.reasoning = c.reasoning_tokens;
+  n.output_audio = c.audio_tokens;
   n.provider = Provider::kOpenAIChat;
   return n;
 }
@@ -229,8 +342,10 @@ inline absl::StatusOr<Usage> normalize(const OpenAIResponsesUsage& u) {
 // Anthropic Messages: input_tokens is already the uncached part; cache
 // reads and writes are added, never taken out. A write without the
 // 5m/1h split is billed at the 5-minute price (the default TTL).
-// kInvalidArgument when the split does not add up to the write total, or
-// thinking tokens exceed output.
+// server_tool_use.web_search_requests are per-search units; service_tier
+// picks the price list (parse_service_tier). kInvalidArgument when the
+// split does not add up to the write total, thinking tokens exceed output,
+// or the service tier is unknown.
 inline absl::StatusOr<Usage> normalize(const AnthropicUsage& u) {
   const auto& cc = u.cache_creation;
   if (absl::Status st = detail::check_tokens(
@@ -238,7 +353,8 @@ inline absl::StatusOr<Usage> normalize(const AnthropicUsage& u) {
           {u.input_tokens, u.cache_creation_input_tokens,
            u.cache_read_input_tokens, u.output_tokens,
            cc.ephemeral_5m_input_tokens, cc.ephemeral_1h_input_tokens,
-           u.output_tokens_details.thinking_tokens});
+           u.output_tokens_details.thinking_tokens,
+           u.server_tool_use.web_search_requests});
       !st.ok()) {
     return st;
   }
@@ -255,7 +371,14 @@ inline absl::StatusOr<Usage> normalize(const AnthropicUsage& u) {
                                u.output_tokens_details.thinking_tokens,
                                u.output_tokens);
   }
+  absl::StatusOr<ServiceTier> tier = parse_service_tier(u.service_tier);
+  if (!tier.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Anthropic usage: ", tier.status().message()));
+  }
   Usage n;
+  n.service_tier = *tier;
+  n.web_search_requests = u.server_tool_use.web_search_requests;
   n.input_uncached = u.input_tokens;
   n.cache_read = u.cache_read_input_tokens;
   if (u.has_cache_creation_split) {
