@@ -34,8 +34,10 @@
 //   http_gateway [--port N] [--ip-rpm N] [--trusted-proxy CIDR]...
 //                [--upstream HOST:PORT] [--upstream-key KEY]
 //                [--config FILE] [--prices FILE] [--team-budget-usd X]
-//                [--threads N]
+//                [--threads N] [--no-tcp-nodelay] [--no-upstream-keep-alive]
 //
+// --no-tcp-nodelay and --no-upstream-keep-alive exist to measure what each
+// saves (docs/benchmarks.md, "The HTTP gateway").
 // --config names a JSON file of tiers and accounts (the built-in one,
 // kDefaultConfig below, shows the shape); --prices a price catalogue in
 // LiteLLM's shape (the built-in one prices gpt-4o and gpt-4o-mini).
@@ -284,8 +286,9 @@ absl::StatusOr<Config> parse_config(std::string_view text) {
       } else {
         return bad("unknown policy \"" + policy + "\"");
       }
-      s.rate = rk::per(l["limit"].get<std::uint64_t>(),
-                       std::chrono::seconds(l["per_seconds"].get<std::int64_t>()));
+      s.rate =
+          rk::per(l["limit"].get<std::uint64_t>(),
+                  std::chrono::seconds(l["per_seconds"].get<std::int64_t>()));
       if (l.contains("burst")) {
         if (!l["burst"].is_number_unsigned()) return bad("bad burst");
         s.burst = l["burst"].get<std::uint64_t>();
@@ -311,8 +314,7 @@ absl::StatusOr<Config> parse_config(std::string_view text) {
     return absl::InvalidArgumentError(
         "config: \"team_budget_usd\" is a decimal string, e.g. \"5.00\"");
   }
-  absl::StatusOr<std::uint64_t> nanos =
-      usd_to_nanos(budget.get<std::string>());
+  absl::StatusOr<std::uint64_t> nanos = usd_to_nanos(budget.get<std::string>());
   if (!nanos.ok()) return nanos.status();
   c.team_budget_nanos = *nanos;
   return c;
@@ -346,10 +348,9 @@ void serve_stub(httplib::Server& stub) {
             {"id", "chatcmpl-stub"},
             {"object", "chat.completion.chunk"},
             {"model", model},
-            {"choices",
-             json::array({{{"index", 0},
-                           {"delta", {{"content", "ok "}}},
-                           {"finish_reason", nullptr}}})}};
+            {"choices", json::array({{{"index", 0},
+                                      {"delta", {{"content", "ok "}}},
+                                      {"finish_reason", nullptr}}})}};
         sse += "data: " + chunk.dump() + "\n\n";
       }
       const json opts = body.value("stream_options", json::object());
@@ -419,19 +420,31 @@ bool iequals(std::string_view a, std::string_view b) {
 }
 
 bool istarts_with(std::string_view s, std::string_view prefix) {
-  return s.size() >= prefix.size() && iequals(s.substr(0, prefix.size()), prefix);
+  return s.size() >= prefix.size() &&
+         iequals(s.substr(0, prefix.size()), prefix);
 }
 
 // The upstream's headers worth passing on: not hop-by-hop ones, not those
 // httplib writes itself (framing, type), and not the upstream's own rate
 // limit headers, which describe the gateway's quota, not the caller's.
 void forward_headers(const httplib::Headers& from, httplib::Response& res) {
-  static constexpr std::string_view kDrop[] = {
-      "connection",     "keep-alive", "transfer-encoding", "content-length",
-      "content-type",   "content-encoding", "te",           "trailer",
-      "upgrade",        "proxy-authenticate", "proxy-connection",
-      "retry-after",    "retry-after-ms", "ratelimit",     "ratelimit-policy",
-      "x-should-retry", "set-cookie"};
+  static constexpr std::string_view kDrop[] = {"connection",
+                                               "keep-alive",
+                                               "transfer-encoding",
+                                               "content-length",
+                                               "content-type",
+                                               "content-encoding",
+                                               "te",
+                                               "trailer",
+                                               "upgrade",
+                                               "proxy-authenticate",
+                                               "proxy-connection",
+                                               "retry-after",
+                                               "retry-after-ms",
+                                               "ratelimit",
+                                               "ratelimit-policy",
+                                               "x-should-retry",
+                                               "set-cookie"};
   for (const auto& [name, value] : from) {
     bool drop = istarts_with(name, "x-ratelimit-");
     for (const std::string_view d : kDrop) drop = drop || iequals(name, d);
@@ -537,6 +550,12 @@ class UpstreamPool {
     idle_.push_back({std::move(c), std::chrono::steady_clock::now()});
   }
 
+  // Closes every idle connection (at shutdown).
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    idle_.clear();
+  }
+
   // The request headers the upstream gets.
   httplib::Headers headers() const {
     // Identity: the gateway reads JSON answers whole and passes streams
@@ -630,6 +649,9 @@ class Gateway {
       error_ = std::string(st.message());
     }
   }
+
+  // Closes the idle upstream connections (the server has stopped).
+  void close_upstream() { pool_.clear(); }
 
   // Why the gateway cannot start (a bad tier or budget), or empty.
   const std::string& error() const { return error_; }
@@ -776,8 +798,8 @@ class Gateway {
     const rk::Subject who{.team = acct->second.team};
     absl::StatusOr<rk::Forecast> f = acct_.forecast(kBudgetName, who);
     if (!f.ok()) {
-      return reply_json(res, 500, std::string(f.status().message()), "server_error",
-                        "server_error");
+      return reply_json(res, 500, std::string(f.status().message()),
+                        "server_error", "server_error");
     }
     const json out = {{"team", acct->second.team},
                       {"budget", kBudgetName},
@@ -971,8 +993,8 @@ class Gateway {
     bool reusable = false;
     {
       std::lock_guard<std::mutex> lock(c.mu);
-      reusable = c.done && !c.failed &&
-                 !c.cancel.load(std::memory_order_relaxed);
+      reusable =
+          c.done && !c.failed && !c.cancel.load(std::memory_order_relaxed);
     }
     if (reusable && c.client) pool_.put(std::move(c.client));
   }
@@ -994,11 +1016,12 @@ extern "C" void on_signal(int) {
 }
 
 // A server with TCP_NODELAY (without it, Nagle's algorithm and delayed
-// ACKs hold each small answer ~40 ms), long keep-alive, `threads` workers.
+// ACKs hold each small answer ~40 ms), keep-alive without a cap on the
+// calls per connection (httplib's default closes it after 5), `threads`
+// workers (each keep-alive connection holds one while it is open).
 void tune(httplib::Server& s, int threads, bool nodelay) {
   s.set_tcp_nodelay(nodelay);
   s.set_keep_alive_max_count(1'000'000);
-  s.set_keep_alive_timeout(30);
   s.new_task_queue = [threads] {
     return new httplib::ThreadPool(static_cast<std::size_t>(threads));
   };
@@ -1051,8 +1074,7 @@ int main(int argc, char** argv) {
     }
     prices_text = *std::move(t);
   }
-  absl::StatusOr<rk::PriceTable> prices =
-      rk::load_price_catalogue(prices_text);
+  absl::StatusOr<rk::PriceTable> prices = rk::load_price_catalogue(prices_text);
   if (!prices.ok()) {
     std::fprintf(stderr, "http_gateway: %s\n",
                  std::string(prices.status().message()).c_str());
@@ -1119,6 +1141,8 @@ int main(int argc, char** argv) {
   std::printf("listening on 127.0.0.1:%d\n", port);
   std::fflush(stdout);
   server.listen_after_bind();
+  // The stub's workers wait on idle keep-alive connections: close them.
+  gw.close_upstream();
   stub.stop();
   if (stub_thread.joinable()) stub_thread.join();
   return 0;

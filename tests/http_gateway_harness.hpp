@@ -159,10 +159,10 @@ class FakeUpstream {
     server_.set_keep_alive_max_count(1'000'000);
     server_.set_keep_alive_timeout(30);
     server_.new_task_queue = [] { return new httplib::ThreadPool(32); };
-    server_.Post("/v1/chat/completions", [this](const httplib::Request& req,
-                                                httplib::Response& res) {
-      answer(req, res);
-    });
+    server_.Post("/v1/chat/completions",
+                 [this](const httplib::Request& req, httplib::Response& res) {
+                   answer(req, res);
+                 });
     port_ = server_.bind_to_any_port("127.0.0.1");
     if (port_ <= 0) throw std::runtime_error("cannot bind the fake upstream");
     thread_ = std::thread([this] { server_.listen_after_bind(); });
@@ -178,9 +178,7 @@ class FakeUpstream {
   FakeUpstream(const FakeUpstream&) = delete;
   FakeUpstream& operator=(const FakeUpstream&) = delete;
 
-  std::string address() const {
-    return "127.0.0.1:" + std::to_string(port_);
-  }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   void set(const Script& s) {
     std::lock_guard<std::mutex> lock(mu_);
     script_ = s;
@@ -255,8 +253,8 @@ class FakeUpstream {
             event =
                 "data: {\"id\":\"chatcmpl-fake\",\"object\":\"chat.completion."
                 "chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"c" +
-                std::to_string(i) + "\"},\"finish_reason\":null}],\"usage\":" +
-                "null}\n\n";
+                std::to_string(i) +
+                "\"},\"finish_reason\":null}],\"usage\":" + "null}\n\n";
           } else if (i == s.chunks && s.usage) {
             event =
                 "data: {\"id\":\"chatcmpl-fake\",\"object\":\"chat.completion."
@@ -388,11 +386,14 @@ struct Answer {
 // `clients` keep-alive clients, each on its own thread, send `per_client`
 // calls each; client i's call j uses key keys[(i + j * clients) %
 // keys.size()] and `body`. Returns every answer, with its latency.
+// `accept_encoding` empty: httplib's default (it asks for br and gzip, as
+// SDKs ask for gzip), so the gateway compresses its JSON answers.
 inline std::vector<Answer> run_load(const GatewayProcess& gw, int clients,
                                     int per_client,
                                     const std::vector<std::string>& keys,
                                     const std::string& body,
-                                    double* wall_seconds = nullptr) {
+                                    double* wall_seconds = nullptr,
+                                    const std::string& accept_encoding = "") {
   std::vector<std::vector<Answer>> got(static_cast<std::size_t>(clients));
   std::vector<std::thread> threads;
   const SteadyTime t0 = now();
@@ -405,9 +406,12 @@ inline std::vector<Answer> run_load(const GatewayProcess& gw, int clients,
         Answer a;
         a.key = keys[static_cast<std::size_t>(i + j * clients) % keys.size()];
         const SteadyTime t = now();
-        httplib::Result r = c->Post("/v1/chat/completions",
-                                    {{"Authorization", "Bearer " + a.key}},
-                                    body, "application/json");
+        httplib::Headers h = {{"Authorization", "Bearer " + a.key}};
+        if (!accept_encoding.empty()) {
+          h.emplace("Accept-Encoding", accept_encoding);
+        }
+        httplib::Result r =
+            c->Post("/v1/chat/completions", h, body, "application/json");
         a.latency_ms =
             std::chrono::duration<double, std::milli>(now() - t).count();
         if (r) {

@@ -52,9 +52,8 @@ TEST_CASE(
   rk_gw::TempDir dir;
   rk_gw::FakeUpstream up;
   rk_gw::GatewayProcess gw(
-      RK_HTTP_GATEWAY,
-      {"--upstream", up.address(), "--ip-rpm", "1000000000", "--config",
-       dir.write("config.json", load_config())});
+      RK_HTTP_GATEWAY, {"--upstream", up.address(), "--ip-rpm", "1000000000",
+                        "--config", dir.write("config.json", load_config())});
   std::vector<std::string> keys;
   for (int u = 0; u < kUsers; ++u) keys.push_back("sk-u" + std::to_string(u));
   const std::string body = rk_gw::body_with_estimate(72, "gpt-4o-mini", false);
@@ -74,12 +73,14 @@ TEST_CASE(
     if (a.status == 200) {
       ++allowed[a.key];
       CHECK(h("x-ratelimit-limit-requests") == std::to_string(kBurst));
-      remaining[a.key].insert(std::atoi(h("x-ratelimit-remaining-requests").c_str()));
+      remaining[a.key].insert(
+          std::atoi(h("x-ratelimit-remaining-requests").c_str()));
       CHECK(h("x-ratelimit-reset-requests") != "<absent>");
       CHECK(h("x-ratelimit-limit-tokens") == "100000000");
       CHECK(h("x-ratelimit-remaining-tokens") != "<absent>");
-      CHECK(h("RateLimit-Policy").find("\"calls\";q=" + std::to_string(kBurst)) !=
-            std::string::npos);
+      CHECK(
+          h("RateLimit-Policy").find("\"calls\";q=" + std::to_string(kBurst)) !=
+          std::string::npos);
       CHECK(h("RateLimit").find("\"calls\";r=") != std::string::npos);
       CHECK(h("Retry-After") == "<absent>");
       CHECK(h("x-request-id") == "req_fake");

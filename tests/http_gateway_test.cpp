@@ -22,7 +22,8 @@ namespace {
 // tests written before the fake upstream.
 class Gateway {
  public:
-  explicit Gateway(std::vector<std::string> args) : p_(RK_HTTP_GATEWAY, std::move(args)) {}
+  explicit Gateway(std::vector<std::string> args)
+      : p_(RK_HTTP_GATEWAY, std::move(args)) {}
   httplib::Client client() const {
     httplib::Client c("127.0.0.1", p_.port());
     c.set_read_timeout(std::chrono::seconds(30));
@@ -199,7 +200,8 @@ struct Rig {
   rk_gw::GatewayProcess gw;
   std::unique_ptr<httplib::Client> c;
 
-  httplib::Result post(const std::string& body, const std::string& key = "sk-a") {
+  httplib::Result post(const std::string& body,
+                       const std::string& key = "sk-a") {
     return c->Post("/v1/chat/completions", {{"Authorization", "Bearer " + key}},
                    body, "application/json");
   }
@@ -255,8 +257,7 @@ TEST_CASE(
   CHECK(rk_gw::header_of(got.headers, "x-request-id") == "req_stream_1");
   CHECK(rk_gw::header_of(got.headers, "openai-processing-ms") == "1");
   CHECK(rk_gw::header_of(got.headers, "x-ratelimit-limit-requests") == "1000");
-  CHECK(tokens_left(got.headers) ==
-        static_cast<long long>(kTeamTokens - 72));
+  CHECK(tokens_left(got.headers) == static_cast<long long>(kTeamTokens - 72));
   // Every chunk, the usage chunk and [DONE] came through.
   CHECK(got.body.find("\"usage\":{\"prompt_tokens\":60") != std::string::npos);
   CHECK(got.body.find("data: [DONE]") != std::string::npos);
@@ -318,8 +319,8 @@ TEST_CASE("a JSON answer settles to its usage, both ways",
   CHECK(r->status == 200);
   CHECK(tokens_left(r->headers) ==
         static_cast<long long>(kTeamTokens - 1020 - 500));
-  CHECK(rig.spent() == static_cast<std::int64_t>(70 * kInNanos +
-                                                 965 * kOutNanos));
+  CHECK(rig.spent() ==
+        static_cast<std::int64_t>(70 * kInNanos + 965 * kOutNanos));
   r = rig.post(body);
   REQUIRE(r);
   CHECK(tokens_left(r->headers) ==
@@ -383,16 +384,15 @@ TEST_CASE("an unreachable upstream is a 502 and gives everything back",
   REQUIRE(getsockname(sock, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
   const int dead_port = ntohs(addr.sin_port);
   rk_gw::GatewayProcess gw(
-      RK_HTTP_GATEWAY,
-      {"--upstream", "127.0.0.1:" + std::to_string(dead_port), "--config",
-       dir.write("config.json", test_config("1")), "--prices",
-       dir.write("prices.json", kPrices)});
+      RK_HTTP_GATEWAY, {"--upstream", "127.0.0.1:" + std::to_string(dead_port),
+                        "--config", dir.write("config.json", test_config("1")),
+                        "--prices", dir.write("prices.json", kPrices)});
   auto c = gw.client();
   const std::string body = rk_gw::body_with_estimate(72, "gpt-4o-mini", false);
   for (int i = 0; i < 3; ++i) {
-    const httplib::Result r = c->Post("/v1/chat/completions",
-                                      {{"Authorization", "Bearer sk-a"}}, body,
-                                      "application/json");
+    const httplib::Result r =
+        c->Post("/v1/chat/completions", {{"Authorization", "Bearer sk-a"}},
+                body, "application/json");
     REQUIRE(r);
     CHECK(r->status == 502);
     // Each call sees the bucket whole: the previous one gave its 72 back.
@@ -410,12 +410,13 @@ TEST_CASE(
   s.prompt_tokens = 60;
   s.completion_tokens = 960;
   rig.up.set(s);
-  const std::string body = rk_gw::body_with_estimate(1040, "gpt-4o-mini", false);
-  const std::uint64_t worst = prompt_estimate(body) * kInNanos +
-                              max_tokens_of(body) * kOutNanos;
+  const std::string body =
+      rk_gw::body_with_estimate(1040, "gpt-4o-mini", false);
+  const std::uint64_t worst =
+      prompt_estimate(body) * kInNanos + max_tokens_of(body) * kOutNanos;
   const std::uint64_t first = 60 * kInNanos + 960 * kOutNanos;
-  REQUIRE(worst <= 1'000'000);          // the first call fits
-  REQUIRE(worst > 1'000'000 - first);   // the second does not
+  REQUIRE(worst <= 1'000'000);         // the first call fits
+  REQUIRE(worst > 1'000'000 - first);  // the second does not
   httplib::Result r = rig.post(body);
   REQUIRE(r);
   CHECK(r->status == 200);
@@ -430,8 +431,9 @@ TEST_CASE(
   CHECK(err["error"]["param"].is_null());
   CHECK(err["error"]["message"].get<std::string>().find("team_day") !=
         std::string::npos);
-  CHECK(r->get_header_value("RateLimit-Policy")
-            .find("\"team_day\";q=1000000;") != std::string::npos);
+  CHECK(
+      r->get_header_value("RateLimit-Policy").find("\"team_day\";q=1000000;") !=
+      std::string::npos);
   CHECK(rk_gw::ietf_remaining(r->get_header_value("RateLimit"), "team_day") ==
         static_cast<long long>(1'000'000 - first));
   CHECK(r->get_header_value("x-ratelimit-limit-requests") == "1000");
@@ -488,16 +490,17 @@ TEST_CASE(
     const httplib::Result r =
         c2->Get("/v1/budget", {{"Authorization", "Bearer sk-a"}});
     REQUIRE(r);
-    spent = nlohmann::json::parse(r->body)["spent_nano_usd"].get<std::int64_t>();
+    spent =
+        nlohmann::json::parse(r->body)["spent_nano_usd"].get<std::int64_t>();
     if (spent == worst) break;
     std::this_thread::yield();
   }
   CHECK(spent == worst);
   rig.up.set(rk_gw::Script{});
   const std::string next = rk_gw::body_with_estimate(72, "gpt-4o-mini", false);
-  const httplib::Result r = c2->Post("/v1/chat/completions",
-                                     {{"Authorization", "Bearer sk-a"}}, next,
-                                     "application/json");
+  const httplib::Result r =
+      c2->Post("/v1/chat/completions", {{"Authorization", "Bearer sk-a"}}, next,
+               "application/json");
   REQUIRE(r);
   CHECK(tokens_left(r->headers) ==
         static_cast<long long>(kTeamTokens - 300 - 72));
