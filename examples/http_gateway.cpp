@@ -233,8 +233,19 @@ absl::StatusOr<std::uint64_t> usd_to_nanos(std::string_view s) {
   return whole * 1'000'000'000 + frac;
 }
 
-// The tiers, accounts and team budget of a config's JSON.
+absl::StatusOr<Config> parse_config_or_throw(std::string_view text);
+
+// The tiers, accounts and team budget of a config's JSON; a field of the
+// wrong type is an error naming nlohmann's complaint.
 absl::StatusOr<Config> parse_config(std::string_view text) {
+  try {
+    return parse_config_or_throw(text);
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("config: ", e.what()));
+  }
+}
+
+absl::StatusOr<Config> parse_config_or_throw(std::string_view text) {
   const json j = json::parse(text.begin(), text.end(), nullptr, false);
   if (!j.is_object() || !j.contains("tiers") || !j["tiers"].is_object() ||
       !j.contains("accounts") || !j["accounts"].is_object()) {
@@ -341,7 +352,10 @@ void serve_stub(httplib::Server& stub) {
                         {"completion_tokens", max_out},
                         {"total_tokens", prompt + max_out}};
     res.set_header("x-request-id", "req_stub");
-    if (body.is_object() && body.value("stream", false)) {
+    const bool stream = body.is_object() && body.contains("stream") &&
+                        body["stream"].is_boolean() &&
+                        body["stream"].get<bool>();
+    if (stream) {
       std::string sse;
       for (int i = 0; i < 4; ++i) {
         const json chunk = {
@@ -354,7 +368,8 @@ void serve_stub(httplib::Server& stub) {
         sse += "data: " + chunk.dump() + "\n\n";
       }
       const json opts = body.value("stream_options", json::object());
-      if (opts.is_object() && opts.value("include_usage", false)) {
+      if (opts.is_object() && opts.contains("include_usage") &&
+          opts["include_usage"] == true) {
         const json last = {{"id", "chatcmpl-stub"},
                            {"object", "chat.completion.chunk"},
                            {"model", model},
@@ -711,7 +726,9 @@ class Gateway {
         body["max_tokens"].is_number_unsigned()) {
       max_tokens = body["max_tokens"].get<std::uint64_t>();
     }
-    const bool stream = body.value("stream", false) == true;
+    const auto stream_it = body.find("stream");
+    const bool stream = stream_it != body.end() && stream_it->is_boolean() &&
+                        stream_it->get<bool>();
     const std::uint64_t prompt = (req.body.size() + 3) / 4;
     const std::uint64_t estimate = prompt + max_tokens;
     const rk::Subject who{.api_key = acct->first,

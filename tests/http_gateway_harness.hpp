@@ -227,7 +227,8 @@ class FakeUpstream {
       return;
     }
     const nlohmann::json body = nlohmann::json::parse(req.body, nullptr, false);
-    const bool stream = body.is_object() && body.value("stream", false);
+    const bool stream =
+        body.is_object() && body.contains("stream") && body["stream"] == true;
     const std::string usage =
         s.usage ? usage_json(s.prompt_tokens, s.completion_tokens) : "null";
     if (!stream) {

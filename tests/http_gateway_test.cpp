@@ -505,3 +505,45 @@ TEST_CASE(
   CHECK(tokens_left(r->headers) ==
         static_cast<long long>(kTeamTokens - 300 - 72));
 }
+
+TEST_CASE(
+    "bad input: a config the gateway cannot read stops it; a body of "
+    "odd types is answered, never a crash",
+    "[i14][gateway][errors]") {
+  rk_gw::TempDir dir;
+  // "unit" of the wrong type, a tier that is not a list, an unknown policy.
+  for (const std::string bad :
+       {R"({"tiers": {"t": [{"name": "x", "unit": 5, "limit": 1,
+             "per_seconds": 1}]}, "accounts": {}})",
+        R"({"tiers": {"t": {}}, "accounts": {}})",
+        R"({"tiers": {"t": [{"name": "x", "policy": "leaky", "limit": 1,
+             "per_seconds": 1}]}, "accounts": {}})",
+        R"({"tiers": {}, "accounts": {}, "team_budget_usd": "1.5.0"})"}) {
+    CAPTURE(bad);
+    CHECK_THROWS_AS(
+        rk_gw::GatewayProcess(RK_HTTP_GATEWAY,
+                              {"--config", dir.write("bad.json", bad)}),
+        std::runtime_error);
+  }
+  Rig rig;
+  // "stream" that is not a boolean: not a stream.
+  const httplib::Result r =
+      rig.post(R"({"model":"gpt-4o-mini","stream":"yes","max_tokens":5,)"
+               R"("messages":[]})");
+  REQUIRE(r);
+  CHECK(r->status == 200);
+  CHECK(r->get_header_value("Content-Type") == "application/json");
+  // A model the price file does not know: 404 model_not_found, nothing
+  // taken.
+  const httplib::Result unknown =
+      rig.post(R"({"model":"gpt-9","max_tokens":5,"messages":[]})");
+  REQUIRE(unknown);
+  CHECK(unknown->status == 404);
+  CHECK(nlohmann::json::parse(unknown->body)["error"]["code"] ==
+        "model_not_found");
+  const std::string body = rk_gw::body_with_estimate(72, "gpt-4o-mini", false);
+  const httplib::Result next = rig.post(body);
+  REQUIRE(next);
+  CHECK(tokens_left(next->headers) ==
+        static_cast<long long>(kTeamTokens - 15 - 72));  // the first call's 15
+}
