@@ -254,7 +254,10 @@ absl::StatusOr<Config> parse_config_or_throw(std::string_view text) {
         "config: want a JSON object with \"tiers\" and \"accounts\"");
   }
   Config c;
-  for (const auto& [tier, limits] : j["tiers"].items()) {
+  for (const auto& item : j["tiers"].items()) {
+    // Named, not a structured binding: clang 14 cannot capture one.
+    const std::string tier = item.key();
+    const json& limits = item.value();
     if (!limits.is_array()) {
       return absl::InvalidArgumentError("config: tier \"" + tier +
                                         "\" is not an array of limits");
