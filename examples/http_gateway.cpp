@@ -13,12 +13,15 @@
 //      estimate (prompt characters / 4 + max_tokens), and the team's budget
 //      in money, priced from the price file for the call's worst case.
 //      Refused by a rate limit: 429 (413 for a call larger than a limit)
-//      with Retry-After, x-ratelimit-* and RateLimit headers; refused by the
-//      budget: 403 with the same headers and an insufficient_quota body.
+//      with Retry-After, retry-after-ms, x-ratelimit-* and RateLimit
+//      headers; refused by the budget: 403 with the same headers,
+//      x-should-retry: false and a budget_exhausted body. Both are
+//      http::refusal_response, bodies in OpenAI's error shape.
 //   5. Forwarded to the upstream over a pool of keep-alive connections
 //      (TCP_NODELAY on both sides). A stream ("stream": true) is passed
 //      through chunk by chunk as the upstream sends it; the gateway asks for
-//      stream_options.include_usage and reads the final usage chunk. The
+//      stream_options.include_usage and reads the final usage chunk
+//      (StreamUsageReader: only events naming a usage are parsed). The
 //      call is settled to the usage the upstream reported, in both
 //      directions: unused tokens and money go back, an overage is charged.
 //      No usage: the reservation's worst case is charged. An upstream error
@@ -71,6 +74,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/budget/json.hpp"
+#include "ratekeeper/budget/stream.hpp"
 #include "ratekeeper/errors.hpp"
 #include "ratekeeper/http/headers.hpp"
 #include "ratekeeper/prometheus.hpp"
@@ -414,17 +418,25 @@ void reply_json(httplib::Response& res, int status, std::string_view message,
   res.set_content(body.dump(), "application/json");
 }
 
-// The body of a refusal by an exhausted budget, in OpenAI's shape for
-// exhausted quota. (One function, to be replaced by the library's
-// OpenAI-shaped error bodies.)
-std::string budget_refusal_body(const rk::Rejection& r) {
-  const json body = {{"error",
-                      {{"message", r.message},
-                       {"type", "insufficient_quota"},
-                       {"param", nullptr},
-                       {"code", "insufficient_quota"}}}};
-  return body.dump();
+// A refusal's whole answer (status, headers, OpenAI-shaped body), as
+// http::refusal_response builds it.
+void send(httplib::Response& res, const rk::http::Response& a) {
+  res.status = a.status;
+  std::string type = "application/json";
+  for (const rk::http::Header& h : a.headers) {
+    if (h.name == "Content-Type") {
+      type = h.value;
+    } else {
+      res.set_header(h.name, h.value);
+    }
+  }
+  res.set_content(a.body, type);
 }
+
+// Budgets answer 403 here (a spend cap the client cannot wait out);
+// x-should-retry: false either way.
+const rk::http::HeaderOptions kAnswers{
+    .budget_status = rk::http::BudgetStatus::k403Forbidden};
 
 void set_headers(httplib::Response& res, const rk::http::Headers& headers) {
   for (const rk::http::Header& h : headers) res.set_header(h.name, h.value);
@@ -470,63 +482,6 @@ void forward_headers(const httplib::Headers& from, httplib::Response& res) {
     if (!drop) res.headers.emplace(name, value);
   }
 }
-
-// ChatStreamUsage: the usage of an OpenAI Chat Completions SSE stream, fed
-// its bytes as they arrive (events may be split anywhere). Only complete
-// lines are read; a `data:` payload is parsed only when a substring test
-// says it carries a usage object (every other chunk has "usage":null or
-// none), so a chunk costs a scan, not a JSON parse.
-// (To be replaced by the library's stream helper, budget/stream.hpp.)
-class ChatStreamUsage {
- public:
-  void feed(std::string_view bytes) {
-    pending_.append(bytes.data(), bytes.size());
-    std::size_t start = 0;
-    for (;;) {
-      const std::size_t nl = pending_.find('\n', start);
-      if (nl == std::string::npos) break;
-      std::string_view line(pending_.data() + start, nl - start);
-      if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-      on_line(line);
-      start = nl + 1;
-    }
-    pending_.erase(0, start);
-    // A line longer than any chunk a provider sends is not one we read.
-    if (pending_.size() > (std::size_t{1} << 20)) pending_.clear();
-  }
-
-  // The last usage object the stream carried, if any.
-  const std::optional<rk::OpenAIChatUsage>& usage() const { return usage_; }
-
-  // Whether a payload may carry a usage object: "usage" followed by ':'
-  // and '{' (whitespace allowed), not "usage":null.
-  static bool carries_usage(std::string_view p) {
-    constexpr std::string_view kKey = "\"usage\"";
-    for (std::size_t at = p.find(kKey); at != std::string_view::npos;
-         at = p.find(kKey, at + 1)) {
-      std::size_t i = at + kKey.size();
-      while (i < p.size() && (p[i] == ' ' || p[i] == '\t')) ++i;
-      if (i >= p.size() || p[i] != ':') continue;
-      ++i;
-      while (i < p.size() && (p[i] == ' ' || p[i] == '\t')) ++i;
-      if (i < p.size() && p[i] == '{') return true;
-    }
-    return false;
-  }
-
- private:
-  void on_line(std::string_view line) {
-    if (!line.starts_with("data:")) return;
-    line.remove_prefix(5);
-    if (!line.empty() && line.front() == ' ') line.remove_prefix(1);
-    if (!carries_usage(line)) return;
-    absl::StatusOr<rk::OpenAIChatUsage> u = rk::read_openai_chat_usage(line);
-    if (u.ok()) usage_ = *u;
-  }
-
-  std::string pending_;
-  std::optional<rk::OpenAIChatUsage> usage_;
-};
 
 // UpstreamPool: keep-alive connections to the upstream, one request at a
 // time each (an httplib::Client serializes its requests), reused across
@@ -619,7 +574,9 @@ struct StreamCall {
   std::thread reader;
   std::optional<rk::Reservation<Clock>> reservation;
   std::uint64_t max_output = 0;
-  ChatStreamUsage usage;
+  // The usage of the stream, read as it passes: only the events that name
+  // a usage object are parsed.
+  rk::StreamUsageReader usage{rk::StreamFormat::kOpenAIChat};
   bool settled = false;
 
   // Everything until the end, as one body (for non-stream answers).
@@ -760,16 +717,8 @@ class Gateway {
       return reply_error(res, {.kind = rk::Refusal::kConfiguration,
                                .message = std::string(r.status().message())});
     }
-    if (!r->granted()) {
-      set_headers(res, rk::http::rate_limit_headers(r->decision()));
-      if (r->refused_by_budget()) {
-        const rk::Rejection why = rk::Rejection::budget(r->decision());
-        res.status = 403;
-        res.set_content(budget_refusal_body(why), "application/json");
-        return;
-      }
-      return reply_error(res, rk::Rejection::from(r->decision()));
-    }
+    if (!r->granted())
+      return send(res, rk::http::refusal_response(*r, kAnswers));
     set_headers(res, rk::http::rate_limit_headers(r->decision()));
 
     // 5. Upstream.
@@ -831,23 +780,21 @@ class Gateway {
 
  private:
   static void refuse(httplib::Response& res, const rk::ChainDecision& d) {
-    set_headers(res, rk::http::rate_limit_headers(d));
-    reply_error(res, rk::Rejection::from(d));
+    send(res, rk::http::refusal_response(d, kAnswers));
   }
 
   // Settles a call to its answer: the reported usage, or (none readable)
   // the worst case; an answer other than 2xx gives everything back.
+  // A partial usage (a stream cut short) settles at the reported input
+  // and the worst-case output, never as final.
   static void settle(rk::Reservation<Clock>& r, int status,
-                     const std::optional<rk::OpenAIChatUsage>& reported,
+                     const std::optional<rk::Usage>& reported,
                      std::uint64_t max_output) {
     if (status < 200 || status > 299) {
       r.release();  // not served: the provider does not bill it
       return;
     }
-    if (reported) {
-      absl::StatusOr<rk::Usage> u = rk::normalize(*reported);
-      if (u.ok() && r.settle(*u).ok()) return;
-    }
+    if (reported && r.settle(*reported).ok()) return;
     // No usage (or one that does not hold together): the worst case.
     r.settle_without_usage(max_output).IgnoreError();
   }
@@ -856,11 +803,13 @@ class Gateway {
                           const httplib::Headers& up_headers,
                           std::string answer, std::uint64_t max_output,
                           httplib::Response& res) {
-    std::optional<rk::OpenAIChatUsage> reported;
+    std::optional<rk::Usage> reported;
     if (status >= 200 && status <= 299) {
       absl::StatusOr<rk::OpenAIChatUsage> u =
           rk::read_openai_chat_usage(answer);
-      if (u.ok()) reported = *u;
+      absl::StatusOr<rk::Usage> n =
+          u.ok() ? rk::normalize(*u) : absl::StatusOr<rk::Usage>(u.status());
+      if (n.ok()) reported = *n;
     }
     settle(r, status, reported, max_output);
     forward_headers(up_headers, res);
@@ -998,13 +947,14 @@ class Gateway {
   static void settle_stream(StreamCall& c, bool cut) {
     if (c.settled) return;
     c.settled = true;
-    if (cut && !c.usage.usage()) {
+    const rk::StreamUsageResult& read = c.usage.finish();
+    if (cut && !read.usage) {
       // The provider billed what it generated before the cut: count the
       // worst case, as no usage says otherwise.
       c.reservation->cancel_after_dispatch(c.max_output).IgnoreError();
       return;
     }
-    settle(*c.reservation, c.status, c.usage.usage(), c.max_output);
+    settle(*c.reservation, c.status, read.usage, c.max_output);
   }
 
   // Joins the upstream reader; its connection goes back to the pool if the

@@ -402,8 +402,8 @@ TEST_CASE("an unreachable upstream is a 502 and gives everything back",
 }
 
 TEST_CASE(
-    "an exhausted team budget: 403 with the headers and an "
-    "insufficient_quota body; the call never reaches the upstream",
+    "an exhausted team budget: 403 with the headers, x-should-retry: false "
+    "and a budget_exhausted body; the call never reaches the upstream",
     "[i14][gateway][budget]") {
   Rig rig("0.001");  // 1,000,000 nano-USD a day per team
   rk_gw::Script s;
@@ -426,9 +426,12 @@ TEST_CASE(
   CAPTURE(r->body);
   CHECK(r->status == 403);
   const auto err = nlohmann::json::parse(r->body);
-  CHECK(err["error"]["type"] == "insufficient_quota");
-  CHECK(err["error"]["code"] == "insufficient_quota");
+  CHECK(err["error"].size() == 4);
+  CHECK(err["error"]["type"] == "budget_exhausted");
+  CHECK(err["error"]["code"] == "budget_exhausted");
   CHECK(err["error"]["param"].is_null());
+  CHECK(r->get_header_value("x-should-retry") == "false");
+  CHECK(r->get_header_value("Content-Type") == "application/json");
   CHECK(err["error"]["message"].get<std::string>().find("team_day") !=
         std::string::npos);
   CHECK(

@@ -204,8 +204,7 @@ inline std::string too_large_message(const LimitResult* b) {
   return fmt::format(
       "this call costs {} {} against limit \"{}\", whose capacity is {}: no "
       "wait admits it; send a smaller call",
-      b->cost, quantity(b->limit->unit()), b->limit->name(),
-      b->decision.limit);
+      b->cost, quantity(b->limit->unit()), b->limit->name(), b->decision.limit);
 }
 
 }  // namespace detail
@@ -301,14 +300,14 @@ struct Rejection {
       const Nanos at{detail::clamp_i64(end)};
       r.resets_at = std::chrono::system_clock::time_point(
           std::chrono::duration_cast<std::chrono::system_clock::duration>(at));
-      when = "; it resets at " +
-             detail::rfc3339(
-                 std::chrono::floor<std::chrono::seconds>(at).count());
+      when =
+          "; it resets at " +
+          detail::rfc3339(std::chrono::floor<std::chrono::seconds>(at).count());
     }
-    r.message = fmt::format(
-        "budget \"{}\" is spent for this period ({} {} of {}){}", r.limit,
-        b->decision.limit - b->decision.remaining, detail::quantity(r.unit),
-        b->decision.limit, when);
+    r.message =
+        fmt::format("budget \"{}\" is spent for this period ({} {} of {}){}",
+                    r.limit, b->decision.limit - b->decision.remaining,
+                    detail::quantity(r.unit), b->decision.limit, when);
     return r;
   }
 
