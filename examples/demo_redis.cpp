@@ -345,7 +345,7 @@ int run_redis_demo(const std::string& where, double seconds,
           .count();
 
   fmt::print("{:<10} {:>8} {:>9} {:>9} {:>9} {:>10} {:>12}\n", "instance",
-             "tried", "admitted", "rpm-deny", "tpm-deny", "budget-403",
+             "tried", "admitted", "rpm-deny", "tpm-deny", "budget-deny",
              "redis-away");
   for (int i = 0; i < 2; ++i) {
     const InstanceTotals& t = inst[static_cast<std::size_t>(i)];
@@ -419,7 +419,7 @@ int run_redis_demo(const std::string& where, double seconds,
   }
   fmt::print(
       "Budgets: {} teams spent ${:.4f} in all; {} were stopped by their "
-      "${}.{:02} (403); every team's budget in Redis equals the sum of its "
+      "${}.{:02} budget; every team's budget in Redis equals the sum of its "
       "settlements in both instances.\n",
       teams, static_cast<double>(total) / 1e9, stopped, kTeamCents / 100,
       kTeamCents % 100);

@@ -14,13 +14,14 @@
 // nothing. After an admitted call the tokens it did not use (the estimate
 // minus the usage the provider reports) go back, to the rate limits and to
 // the budget. A call its team's budget cannot cover is first shrunk
-// (max_output_that_fits: a lower max_tokens) and refused (403) only when
+// (max_output_that_fits: a lower max_tokens) and refused (429
+// insufficient_quota, x-should-retry: false) only when
 // even a short answer does not fit.
 //
 // Time is a ManualClock, so the day (2026-11-30, UTC) runs at full speed. At
 // the end it prints a table per tier, spend per tier, the answers to the
-// first refused calls (429 and 403), and the measured cost of a check on the
-// real clock.
+// first refused calls (rate limit and budget), and the measured cost of a check
+// on the real clock.
 //
 //   gateway_demo [--users N] [--seed S]
 //   gateway_demo --redis host:port [--seconds S] [--users N]
@@ -489,26 +490,29 @@ int main(int argc, char** argv) {
   }
   fmt::print(
       "(alerted: teams past 80%; stopped: teams refused by their budget; "
-      "shrunk: calls whose max_tokens was lowered to fit; refused: 403, not "
-      "even {} output tokens fit)\n",
+      "shrunk: calls whose max_tokens was lowered to fit; refused: 429 "
+      "insufficient_quota, not even {} output tokens fit)\n",
       kMinUsefulOutput);
+  // A refusal's whole answer, as http::refusal_response builds it.
+  const auto print_answer = [](const rk::http::Response& a) {
+    fmt::print("HTTP/1.1 {} {}\n", a.status,
+               a.status == 429   ? "Too Many Requests"
+               : a.status == 413 ? "Content Too Large"
+                                 : "Forbidden");
+    for (const auto& h : a.headers) fmt::print("{}: {}\n", h.name, h.value);
+    fmt::print("\n{}\n", a.body);
+  };
   if (first_budget_denial) {
-    const rk::Rejection r = rk::Rejection::budget(*first_budget_denial);
-    fmt::print("\nThe first call refused by a budget ({}):\n",
-               first_budget_denial_who);
-    fmt::print("HTTP/1.1 {} Forbidden\n", r.status());
-    fmt::print("\n{}\n", r.json_body());
+    fmt::print(
+        "\nThe first call refused by a budget ({}), as OpenAI answers "
+        "exhausted quota:\n",
+        first_budget_denial_who);
+    print_answer(rk::http::budget_exhausted_response(*first_budget_denial));
   }
   if (first_denial) {
-    const rk::Rejection r = rk::Rejection::from(*first_denial);
     fmt::print("\nThe first refused call ({}), as a server answers it:\n",
                first_denial_who);
-    fmt::print("HTTP/1.1 {} {}\n", r.status(),
-               r.status() == 429 ? "Too Many Requests" : "Content Too Large");
-    for (const auto& h : rk::http::rate_limit_headers(*first_denial)) {
-      fmt::print("{}: {}\n", h.name, h.value);
-    }
-    fmt::print("\n{}\n", r.json_body());
+    print_answer(rk::http::refusal_response(*first_denial));
   }
   std::uint64_t held = 0;
   for (const auto& [tier, limit] : tiers.all_limits()) {

@@ -1021,7 +1021,7 @@ TEST_CASE("error bodies are valid JSON whatever the names hold",
   // A LimitView's name comes from the caller: quotes, backslashes, control
   // characters and broken UTF-8 must not break the body (nor the sf-string).
   const std::string name = "a\"b\\c\n\x01\xc3\xa9\xff\xe2\x82";
-  std::string body = http::detail::error_body(name, "t", "c");
+  std::string body = ratekeeper::detail::error_body(name, "t", "c");
   const Json j = Json::parse(body);  // throws on invalid JSON
   CHECK(j["error"]["message"] ==
         "a\"b\\c\n\x01\xc3\xa9\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
