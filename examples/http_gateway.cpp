@@ -1045,12 +1045,22 @@ int main(int argc, char** argv) {
     }
     prices_text = *std::move(t);
   }
-  absl::StatusOr<rk::PriceTable> prices = rk::load_price_catalogue(prices_text);
-  if (!prices.ok()) {
+  absl::StatusOr<rk::PriceCatalogue> catalogue =
+      rk::load_price_catalogue(prices_text);
+  if (!catalogue.ok()) {
     std::fprintf(stderr, "http_gateway: %s\n",
-                 std::string(prices.status().message()).c_str());
+                 std::string(catalogue.status().message()).c_str());
     return 2;
   }
+  // What the file could not price is reported, model by model; the rest is
+  // served.
+  for (const rk::CatalogueIssue& i : catalogue->issues) {
+    if (i.kind == rk::CatalogueIssue::Kind::kRejected) {
+      std::fprintf(stderr, "http_gateway: price file: %s\n",
+                   i.to_string().c_str());
+    }
+  }
+  rk::PriceTable prices = std::move(catalogue->table);
 
   // The upstream: the stub on a free loopback port, or the one given.
   httplib::Server stub;
@@ -1076,7 +1086,7 @@ int main(int argc, char** argv) {
     up_port = std::atoi(o.upstream.c_str() + colon + 1);
   }
 
-  Gateway gw(o, *std::move(config), *std::move(proxies), *std::move(prices),
+  Gateway gw(o, *std::move(config), *std::move(proxies), std::move(prices),
              up_host, up_port);
   if (!gw.error().empty()) {
     std::fprintf(stderr, "http_gateway: %s\n", gw.error().c_str());

@@ -3,7 +3,9 @@
 // One translation unit per Markdown file. The blocks fenced ```cpp are taken
 // in the order they appear: their `#include` and `using namespace` lines go
 // to file scope, everything else goes, block after block, into the body of
-// one function returning absl::Status. So a block may rely on the blocks
+// one function returning absl::Status (a block fenced ```cpp file-scope,
+// which defines functions, goes whole to file scope, after the prelude and
+// before that function). So a block may rely on the blocks
 // above it in the same file, and on tests/docs/prelude.hpp, which declares
 // the caller's own functions and inputs (reply_429, call_provider, ...) and
 // nothing of the library. `#line` directives make the compiler name the
@@ -27,7 +29,8 @@ namespace {
 namespace fs = std::filesystem;
 
 struct Block {
-  int first_line = 0;  // 1-based line of the block's first code line
+  int first_line = 0;       // 1-based line of the block's first code line
+  bool file_scope = false;  // fenced ```cpp file-scope: definitions
   std::vector<std::string> lines;
 };
 
@@ -47,7 +50,10 @@ std::vector<Block> cpp_blocks(const std::string& markdown) {
         const std::string info = line.substr(3);
         is_cpp = info == "cpp" || info == "c++" || info == "cxx" ||
                  info.rfind("cpp ", 0) == 0;
-        if (is_cpp) blocks.push_back({number + 1, {}});
+        if (is_cpp) {
+          blocks.push_back(
+              {number + 1, info.find("file-scope") != std::string::npos, {}});
+        }
       } else {
         inside = false;
       }
@@ -67,8 +73,18 @@ bool file_scope(std::string_view line) {
 std::string translation_unit(const std::string& markdown,
                              const std::string& name) {
   std::string head;
+  std::string defs;  // the file-scope blocks, after the prelude
   std::string body;
   for (const Block& b : cpp_blocks(markdown)) {
+    if (b.file_scope) {
+      for (std::size_t i = 0; i < b.lines.size(); ++i) {
+        const std::string where =
+            "#line " + std::to_string(b.first_line + static_cast<int>(i)) +
+            " \"" + name + "\"\n";
+        (file_scope(b.lines[i]) ? head : defs) += where + b.lines[i] + "\n";
+      }
+      continue;
+    }
     bool body_line_next = true;  // a #line is due before the next body line
     for (std::size_t i = 0; i < b.lines.size(); ++i) {
       const int line = b.first_line + static_cast<int>(i);
@@ -85,7 +101,7 @@ std::string translation_unit(const std::string& markdown,
     }
   }
   return head + "#line 1 \"tests/docs/prelude.hpp\"\n" +
-         "#include \"docs/prelude.hpp\"\n" +
+         "#include \"docs/prelude.hpp\"\n" + defs +
          "absl::Status the_snippets_of_this_file() {\n" + body +
          "#line 1 \"(end of the snippets)\"\n"
          "  return absl::OkStatus();\n}\n";
@@ -159,6 +175,12 @@ TEST_CASE("the extractor: includes to file scope, the rest in order, #line",
   CHECK(tu.find("#line 4 \"x.md\"\nint a = 1;") != std::string::npos);
   CHECK(tu.find("#line 11 \"x.md\"\nint b = a;") != std::string::npos);
   CHECK(tu.find("not code") == std::string::npos);
+  // A file-scope block's definitions come before the function, after the
+  // prelude.
+  const std::string defs = translation_unit(
+      "```cpp file-scope\nint twice(int x) { return 2 * x; }\n```\n", "d.md");
+  CHECK(defs.find("int twice") > defs.find("docs/prelude.hpp\""));
+  CHECK(defs.find("int twice") < defs.find("the_snippets_of_this_file"));
 }
 
 TEST_CASE("the harness fails a block that does not compile, naming its line",

@@ -989,7 +989,8 @@ TEST_CASE("an exhausted budget answers as OpenAI answers exhausted quota",
     CHECK(e["code"] == "request_too_large");
     CHECK(e["message"] ==
           "this call costs 1200000 nano-USD against limit \"team_month\", "
-          "whose capacity is 1000000: no wait admits it; send a smaller call");
+          "whose capacity is 1000000: no wait admits it; send a smaller call "
+          "(lower max_tokens)");
   }
   SECTION("a rate limit's refusal through the same call is a 429 to retry") {
     auto rpm1 =

@@ -84,7 +84,9 @@ TEST_CASE("allowed calls pass; the N+1st gets 429 with the headers",
   CHECK(header(r, "RateLimit").find("\"rpm\";r=0;t=") != std::string::npos);
   const auto err = nlohmann::json::parse(r->body);
   CHECK(err["error"]["code"] == "rate_limit_exceeded");
-  CHECK(err["error"]["limit"] == "rpm");
+  CHECK(err["error"]["type"] == "requests");
+  CHECK(err["error"]["message"].get<std::string>().find("\"rpm\"") !=
+        std::string::npos);
   // Another user of the same tier is not affected.
   const httplib::Result bob = chat(c, "sk-free-bob");
   REQUIRE(bob);
