@@ -95,7 +95,10 @@ TEST_CASE(
       CHECK(h("x-request-id") == "<absent>");  // never reached the upstream
       const auto err = nlohmann::json::parse(a.body);
       CHECK(err["error"]["code"] == "rate_limit_exceeded");
-      CHECK(err["error"]["limit"] == "calls");
+      CHECK(err["error"]["type"] == "requests");
+      CHECK(err["error"]["param"].is_null());
+      CHECK(err["error"]["message"].get<std::string>().find("\"calls\"") !=
+            std::string::npos);
     }
   }
   // Each user got exactly kBurst calls, whose remaining counts were
