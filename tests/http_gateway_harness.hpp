@@ -21,6 +21,7 @@
 #include <cctype>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
@@ -145,14 +146,19 @@ struct Script {
   std::uint64_t completion_tokens = 5;
   bool usage = true;  // a usage object (the last chunk of a stream)
   int chunks = 3;     // content chunks of a stream
-  std::chrono::milliseconds delay{0};  // between chunks
+  std::chrono::milliseconds delay{0};  // between chunks (the benchmark)
+  // Each content chunk after the first waits until the client said it has
+  // the one before (stream_chat(..., &upstream)): a gateway that buffered
+  // the stream would hold the test up to its deadline, never pass it.
+  bool lockstep = false;
   std::string request_id = "req_fake";
 };
 
 // The fake upstream: POST /v1/chat/completions answers as the script says;
 // a request with "stream": true gets an SSE stream of `chunks` content
-// chunks (content "c0", "c1", ...) `delay` apart, then (with `usage`) a
-// chunk with empty choices and the usage, then [DONE].
+// chunks (content "c0", "c1", ...) `delay` apart (or in lockstep with the
+// client), then (with `usage`) a chunk with empty choices and the usage,
+// then [DONE].
 class FakeUpstream {
  public:
   FakeUpstream() {
@@ -193,6 +199,14 @@ class FakeUpstream {
   std::vector<SteadyTime> sent() const {
     std::lock_guard<std::mutex> lock(mu_);
     return sent_;
+  }
+  // The client has the first `n` content chunks of the stream (lockstep).
+  void client_saw(std::size_t n) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      seen_ = std::max(seen_, n);
+    }
+    seen_cv_.notify_all();
   }
   // How many connections the gateway opened to it.
   std::size_t connections() const {
@@ -245,11 +259,23 @@ class FakeUpstream {
     {
       std::lock_guard<std::mutex> lock(mu_);
       sent_.clear();
+      seen_ = 0;
     }
     res.set_chunked_content_provider(
         "text/event-stream",
         [this, s, usage, i = 0](std::size_t, httplib::DataSink& sink) mutable {
-          if (i > 0 && i < s.chunks) std::this_thread::sleep_for(s.delay);
+          if (i > 0 && i < s.chunks) {
+            if (s.lockstep) {
+              // A deadline, so that a gateway that never forwards fails
+              // the test's checks instead of hanging it.
+              std::unique_lock<std::mutex> lock(mu_);
+              seen_cv_.wait_for(lock, std::chrono::seconds(10), [&] {
+                return seen_ >= static_cast<std::size_t>(i);
+              });
+            } else if (s.delay.count() > 0) {
+              std::this_thread::sleep_for(s.delay);  // pacing, measured
+            }
+          }
           std::string event;
           if (i < s.chunks) {
             event =
@@ -283,6 +309,8 @@ class FakeUpstream {
   Script script_;
   std::vector<std::string> bodies_;
   std::vector<SteadyTime> sent_;
+  std::size_t seen_ = 0;  // guarded by mu_
+  std::condition_variable seen_cv_;
   std::set<int> ports_;
 };
 
@@ -297,9 +325,11 @@ struct Streamed {
 };
 
 // POSTs `body` and reads the answer as it arrives. `stop_after` > 0: the
-// client hangs up after that many content chunks.
+// client hangs up after that many content chunks. `gate`: told of each
+// content chunk received (a Script with lockstep waits for it).
 inline Streamed stream_chat(httplib::Client& c, const httplib::Headers& h,
-                            const std::string& body, int stop_after = 0) {
+                            const std::string& body, int stop_after = 0,
+                            FakeUpstream* gate = nullptr) {
   Streamed out;
   httplib::Request q;
   q.method = "POST";
@@ -322,6 +352,7 @@ inline Streamed stream_chat(httplib::Client& c, const httplib::Headers& h,
       if (out.body.find(mark) == std::string::npos) break;
       out.received.push_back(t);
     }
+    if (gate != nullptr) gate->client_saw(out.received.size());
     return stop_after <= 0 ||
            static_cast<int>(out.received.size()) < stop_after;
   };

@@ -242,12 +242,12 @@ TEST_CASE(
   s.prompt_tokens = 60;
   s.completion_tokens = 960;
   s.chunks = 5;
-  s.delay = std::chrono::milliseconds(200);
+  s.lockstep = true;  // chunk i+1 leaves only once the client has chunk i
   s.request_id = "req_stream_1";
   rig.up.set(s);
   const std::string body = rk_gw::body_with_estimate(72, "gpt-4o-mini", true);
-  const rk_gw::Streamed got =
-      rk_gw::stream_chat(*rig.c, {{"Authorization", "Bearer sk-a"}}, body);
+  const rk_gw::Streamed got = rk_gw::stream_chat(
+      *rig.c, {{"Authorization", "Bearer sk-a"}}, body, 0, &rig.up);
   REQUIRE(got.ok);
   CAPTURE(got.body);
   CHECK(got.status == 200);
@@ -268,10 +268,11 @@ TEST_CASE(
   REQUIRE(sent_bodies.size() == 1);
   const auto upstream_body = nlohmann::json::parse(sent_bodies[0]);
   CHECK(upstream_body["stream_options"]["include_usage"] == true);
-  // Streamed, not buffered: each chunk reached the client soon after the
-  // upstream sent it (the figure, about 0.1 ms, is in docs/benchmarks.md;
-  // 1 s here so that a loaded CI machine does not flake), and the first
-  // one before the upstream had sent the last.
+  // Streamed, not buffered: the upstream sent each chunk only once the
+  // client had the one before (lockstep), so the first reached the client
+  // before the upstream sent the last; each arrived soon after it was sent
+  // (the figure, about 0.1 ms, is in docs/benchmarks.md; 1 s here so that a
+  // loaded CI machine does not flake).
   const std::vector<rk_gw::SteadyTime> sent = rig.up.sent();
   REQUIRE(sent.size() == 6);  // 5 chunks and the usage chunk
   REQUIRE(got.received.size() == 5);
@@ -478,11 +479,12 @@ TEST_CASE(
   Rig rig;
   rk_gw::Script s;
   s.chunks = 5;
-  s.delay = std::chrono::milliseconds(100);
+  s.lockstep = true;  // the rest waits until the client has chunk 0
   rig.up.set(s);
   const std::string body = rk_gw::body_with_estimate(300, "gpt-4o-mini", true);
-  const rk_gw::Streamed got = rk_gw::stream_chat(
-      *rig.c, {{"Authorization", "Bearer sk-a"}}, body, /*stop_after=*/1);
+  const rk_gw::Streamed got =
+      rk_gw::stream_chat(*rig.c, {{"Authorization", "Bearer sk-a"}}, body,
+                         /*stop_after=*/1, &rig.up);
   CHECK_FALSE(got.ok);
   CHECK(got.received.size() == 1);
   // The gateway settles when it notices: poll with a deadline.
