@@ -527,6 +527,18 @@ const std::vector<std::string>& recorded_chat_chunks() {
 
 // The stream reader: SSE framing, then a scan for "usage" / "error"; one
 // chunk of 181 is JSON-parsed. per_chunk: seconds per chunk.
+// The time per chunk, and a checksum: the recording's 177 output tokens,
+// every iteration.
+void stream_counters(benchmark::State& state, std::size_t chunks,
+                     std::uint64_t output) {
+  state.counters["per_chunk"] =
+      benchmark::Counter(static_cast<double>(chunks),
+                         benchmark::Counter::kIsIterationInvariantRate |
+                             benchmark::Counter::kInvert);
+  state.counters["output_ok"] =
+      output == 177 * static_cast<std::uint64_t>(state.iterations());
+}
+
 void BM_Stream_Usage_Reader_Chat(benchmark::State& state) {
   const auto& chunks = recorded_chat_chunks();
   std::uint64_t output = 0;
@@ -536,13 +548,7 @@ void BM_Stream_Usage_Reader_Chat(benchmark::State& state) {
     const rk::StreamUsageResult& r = reader.finish();
     if (r.usage) output += r.usage->output;
   }
-  state.counters["per_chunk"] =
-      benchmark::Counter(static_cast<double>(chunks.size()),
-                         benchmark::Counter::kIsIterationInvariantRate |
-                             benchmark::Counter::kInvert);
-  // Checksum: the recording's 177 output tokens, every iteration.
-  state.counters["output_ok"] =
-      output == 177 * static_cast<std::uint64_t>(state.iterations());
+  stream_counters(state, chunks.size(), output);
 }
 BENCHMARK(BM_Stream_Usage_Reader_Chat);
 
@@ -571,12 +577,7 @@ void BM_Stream_Usage_NlohmannEveryChunk_Chat(benchmark::State& state) {
     }
     output += last;
   }
-  state.counters["per_chunk"] =
-      benchmark::Counter(static_cast<double>(chunks.size()),
-                         benchmark::Counter::kIsIterationInvariantRate |
-                             benchmark::Counter::kInvert);
-  state.counters["output_ok"] =
-      output == 177 * static_cast<std::uint64_t>(state.iterations());
+  stream_counters(state, chunks.size(), output);
 }
 BENCHMARK(BM_Stream_Usage_NlohmannEveryChunk_Chat);
 

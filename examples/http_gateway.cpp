@@ -208,6 +208,19 @@ absl::StatusOr<std::string> read_file(const std::string& path) {
   return s.str();
 }
 
+// A file's text, or `fallback` when no path was given.
+absl::StatusOr<std::string> text_of(const std::string& path,
+                                    std::string_view fallback) {
+  if (path.empty()) return std::string(fallback);
+  return read_file(path);
+}
+
+// A start-up error, said on stderr: exit status 2.
+int refuse_to_start(const absl::Status& s) {
+  std::fprintf(stderr, "http_gateway: %s\n", std::string(s.message()).c_str());
+  return 2;
+}
+
 // "5", "0.25", "0.000001": USD as nano-USD, exactly (at most 9 decimals).
 absl::StatusOr<std::uint64_t> usd_to_nanos(std::string_view s) {
   std::uint64_t whole = 0, frac = 0;
@@ -1006,22 +1019,11 @@ int main(int argc, char** argv) {
   std::vector<std::string_view> cidrs(o.trusted.begin(), o.trusted.end());
   absl::StatusOr<rk::TrustedProxies> proxies =
       rk::TrustedProxies::create(std::span<const std::string_view>(cidrs));
-  if (!proxies.ok()) {
-    std::fprintf(stderr, "http_gateway: %s\n",
-                 std::string(proxies.status().message()).c_str());
-    return 2;
-  }
-  std::string config_text(kDefaultConfig);
-  if (!o.config_file.empty()) {
-    absl::StatusOr<std::string> t = read_file(o.config_file);
-    if (!t.ok()) {
-      std::fprintf(stderr, "http_gateway: %s\n",
-                   std::string(t.status().message()).c_str());
-      return 2;
-    }
-    config_text = *std::move(t);
-  }
-  absl::StatusOr<Config> config = parse_config(config_text);
+  if (!proxies.ok()) return refuse_to_start(proxies.status());
+  absl::StatusOr<std::string> config_text =
+      text_of(o.config_file, kDefaultConfig);
+  if (!config_text.ok()) return refuse_to_start(config_text.status());
+  absl::StatusOr<Config> config = parse_config(*config_text);
   if (config.ok() && !o.team_budget_usd.empty()) {
     absl::StatusOr<std::uint64_t> nanos = usd_to_nanos(o.team_budget_usd);
     if (nanos.ok()) {
@@ -1030,28 +1032,13 @@ int main(int argc, char** argv) {
       config = nanos.status();
     }
   }
-  if (!config.ok()) {
-    std::fprintf(stderr, "http_gateway: %s\n",
-                 std::string(config.status().message()).c_str());
-    return 2;
-  }
-  std::string prices_text(kDefaultPrices);
-  if (!o.prices_file.empty()) {
-    absl::StatusOr<std::string> t = read_file(o.prices_file);
-    if (!t.ok()) {
-      std::fprintf(stderr, "http_gateway: %s\n",
-                   std::string(t.status().message()).c_str());
-      return 2;
-    }
-    prices_text = *std::move(t);
-  }
+  if (!config.ok()) return refuse_to_start(config.status());
+  absl::StatusOr<std::string> prices_text =
+      text_of(o.prices_file, kDefaultPrices);
+  if (!prices_text.ok()) return refuse_to_start(prices_text.status());
   absl::StatusOr<rk::PriceCatalogue> catalogue =
-      rk::load_price_catalogue(prices_text);
-  if (!catalogue.ok()) {
-    std::fprintf(stderr, "http_gateway: %s\n",
-                 std::string(catalogue.status().message()).c_str());
-    return 2;
-  }
+      rk::load_price_catalogue(*prices_text);
+  if (!catalogue.ok()) return refuse_to_start(catalogue.status());
   // What the file could not price is reported, model by model; the rest is
   // served.
   for (const rk::CatalogueIssue& i : catalogue->issues) {

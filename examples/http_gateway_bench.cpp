@@ -27,13 +27,7 @@ constexpr int kClients = 8;
 constexpr int kUsers = 64;
 
 std::string bench_config() {
-  std::string accounts;
-  for (int u = 0; u < kUsers; ++u) {
-    if (u > 0) accounts += ",";
-    accounts += "\"sk-u" + std::to_string(u) + "\": {\"user\": \"u" +
-                std::to_string(u) + "\", \"team\": \"t" +
-                std::to_string(u / 8) + "\", \"tier\": \"pro\"}";
-  }
+  const std::string accounts = rk_gw::accounts_json(kUsers, "pro");
   return R"({"tiers": {"pro": [
       {"name": "rpm", "scope": "user", "policy": "sliding_window",
        "limit": 100000000, "per_seconds": 60},

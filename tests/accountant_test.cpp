@@ -16,19 +16,12 @@
 #include "ratekeeper/errors.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
+#include "test_prices.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
 
 namespace {
-
-// One token of input or output costs exactly 1 micro-USD (1,000 nano-USD).
-PriceTable flat_prices() {
-  PriceTable t;
-  const TokenPrice p = TokenPrice::per_million_micros(1'000'000);
-  t.set("m", {.base = {.input = p, .output = p}}).IgnoreError();
-  return t;
-}
 
 const Nanos kT0{1'796'083'200LL * 1'000'000'000};  // 2026-12-01 UTC
 
@@ -67,7 +60,7 @@ class MemorySink final : public AuditSink {
 TEST_CASE("reserve holds the worst case; settle keeps what was used",
           "[accountant]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 1'000'000)).ok());
   const Subject who{.user = "u", .team = "t"};
   auto r = acct.reserve(
@@ -102,7 +95,7 @@ TEST_CASE("reserve holds the worst case; settle keeps what was used",
 
 TEST_CASE("a dropped reservation gives everything back", "[accountant]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(acct.add_budget(money_budget("user", Field::kUser, 1'000'000)).ok());
   {
     auto r =
@@ -156,7 +149,7 @@ TEST_CASE("a dropped reservation gives everything back", "[accountant]") {
 
 TEST_CASE("max_output_that_fits and streaming extension", "[accountant]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(acct.add_budget(money_budget("user", Field::kUser, 1'000'000)).ok());
   REQUIRE(acct.add_budget({"tokens", Field::kUser, BudgetUnit::kTokens, 800,
                            Period::calendar(PeriodKind::kDay).value()})
@@ -181,7 +174,7 @@ TEST_CASE("max_output_that_fits and streaming extension", "[accountant]") {
 
 TEST_CASE("soft thresholds fire once per key and period", "[accountant]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   std::vector<std::uint32_t> fired;
   acct.on_threshold(
       [&](const ThresholdEvent& e) { fired.push_back(e.permille); });
@@ -218,7 +211,7 @@ TEST_CASE("soft thresholds fire once per key and period", "[accountant]") {
 
 TEST_CASE("fired thresholds of ended periods are forgotten", "[accountant]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   int fired = 0;
   acct.on_threshold([&](const ThresholdEvent&) { ++fired; });
   REQUIRE(acct.add_budget({"calls",
@@ -246,7 +239,7 @@ TEST_CASE("T6a: 64 reservations race for a budget of 10, 1,000 rounds",
   const int rounds =
       std::max(50, static_cast<int>(1000 * std::min(1.0, rk_test::scale())));
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(acct.add_budget({"calls", Field::kTeam, BudgetUnit::kTokens, 10,
                            Period::rolling(std::chrono::hours(1)).value()})
               .ok());
@@ -292,7 +285,7 @@ TEST_CASE("T6b/T6d: 100,000 random lifecycles, settles replayed",
   CAPTURE(seed);
   std::mt19937_64 rng(seed);
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(acct.add_budget(
                   money_budget("team", Field::kTeam, PeriodBudget::kMaxLimit))
               .ok());
@@ -351,7 +344,7 @@ TEST_CASE("a call's spend belongs to the period it was reserved in",
           "[accountant]") {
   // Reserved at 23:59:59 on Nov 30; settled after midnight (December).
   ManualClock clock(kT0 - Nanos{1'000'000'000});
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 1'000'000)).ok());
   const Subject who{.user = "u", .team = "t"};
   Limit* team = acct.budgets()[0];
@@ -382,7 +375,7 @@ TEST_CASE("a call's spend belongs to the period it was reserved in",
 TEST_CASE("settled ids are remembered for the window, oldest forgotten first",
           "[accountant]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(
       acct.add_budget(money_budget("team", Field::kTeam, 1'000'000'000)).ok());
   acct.set_idempotency_window(1'000);  // 63 per shard of 16: 1,008 in all
@@ -428,7 +421,7 @@ TEST_CASE("settled ids are remembered for the window, oldest forgotten first",
 TEST_CASE("a refusal says whether a budget or a rate limit refused",
           "[accountant]") {
   ManualClock clock(kT0 + Nanos{3'600LL * 1'000'000'000});  // Dec 1, 01:00
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(
       acct.add_budget(money_budget("team_month", Field::kTeam, 100'000)).ok());
   auto rpm =
@@ -476,7 +469,7 @@ TEST_CASE("forecast: spend so far, the pace, and when it runs out",
           "[accountant]") {
   // Six hours into a UTC day, a team has spent 300,000 of 1,000,000.
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(
       acct.add_budget({"team_day", Field::kTeam, BudgetUnit::kNanoUsd,
                        1'000'000, Period::calendar(PeriodKind::kDay).value()})
@@ -509,7 +502,7 @@ TEST_CASE("forecast: spend so far, the pace, and when it runs out",
 TEST_CASE("an administrator resets a spend or changes a limit",
           "[accountant]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 1'000'000)).ok());
   const Subject who{.team = "t"};
   auto r = acct.reserve(who, "m", {.prompt_tokens = 900}, "a");
@@ -538,7 +531,7 @@ TEST_CASE(
     "limits too; settle takes them to the actual tokens",
     "[accountant][seams]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(
       acct.add_budget(money_budget("team", Field::kTeam, 1'000'000'000)).ok());
   auto tpm = make_limit({.name = "tpm", .unit = Unit::kTokens},
@@ -599,7 +592,7 @@ TEST_CASE(
     "charges yesterday, even once today's period is open",
     "[accountant][seams]") {
   ManualClock clock(kT0 - std::chrono::minutes(1));  // Nov 30, 23:59 UTC
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   MemorySink books;
   acct.set_audit(&books);
   REQUIRE(
@@ -658,7 +651,7 @@ TEST_CASE(
     "settle returns the first settlement",
     "[accountant][seams]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   // $0.01 a month; each call costs $0.003.
   REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 10'000'000)).ok());
   const Subject who{.team = "t"};
@@ -697,7 +690,7 @@ TEST_CASE(
 TEST_CASE("case 11: a zero-token estimate is refused on an exhausted budget",
           "[accountant][seams]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(acct.add_budget({"tokens", Field::kUser, BudgetUnit::kTokens, 100,
                            Period::calendar(PeriodKind::kDay).value()})
               .ok());
@@ -722,7 +715,7 @@ TEST_CASE("case 11: a zero-token estimate is refused on an exhausted budget",
 TEST_CASE("case 13: forecast().spent does not stop at the limit",
           "[accountant][seams]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(acct.add_budget(money_budget("team", Field::kTeam, 1'000'000)).ok());
   const Subject who{.team = "t"};
   auto r = acct.reserve(who, "m", {.prompt_tokens = 100}, "big");
@@ -769,7 +762,7 @@ TEST_CASE("budget property: random scripts against an oracle of the books",
   const Period day = Period::calendar(PeriodKind::kDay).value();
   const Period ten = Period::rolling(std::chrono::minutes(10)).value();
   ManualClock clock(kT0 - std::chrono::hours(2));
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   LedgerLikeSink sink;
   acct.set_audit(&sink);
   REQUIRE(acct.add_budget(
@@ -1016,7 +1009,7 @@ TEST_CASE("budget property: random scripts against an oracle of the books",
   CHECK(books == settled);
   CHECK(settled_ids.size() == first.size());
   // Replay rebuilds exactly what is live now, open reservations included.
-  Accountant<ManualClock> again(flat_prices(), clock);
+  Accountant<ManualClock> again(rk_test::flat_prices(), clock);
   REQUIRE(again
               .add_budget(
                   {"team_day", Field::kTeam, BudgetUnit::kNanoUsd, kMoney, day})

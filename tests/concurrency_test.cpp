@@ -40,6 +40,7 @@
 #include "ratekeeper/tiers.hpp"
 #include "redis_server.hpp"
 #include "redis_wait.hpp"
+#include "test_prices.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -596,13 +597,6 @@ Usage usage_of(std::uint64_t n) {
   return u;
 }
 
-PriceTable one_micro_per_token() {
-  PriceTable t;
-  const TokenPrice p = TokenPrice::per_million_micros(1'000'000);
-  t.set("m", {.base = {.input = p, .output = p}}).IgnoreError();
-  return t;
-}
-
 absl::Status add_two_budgets(Accountant<ManualClock>& a) {
   if (absl::Status st = a.add_budget(
           {"team", Field::kTeam, BudgetUnit::kNanoUsd, PeriodBudget::kMaxLimit,
@@ -640,7 +634,7 @@ TEST_CASE(
   std::set<std::uint64_t> settled;  // ids settled at least once
   std::atomic<int> mismatches{0};
   {
-    Accountant<ManualClock> acct(one_micro_per_token(), clock,
+    Accountant<ManualClock> acct(rk_test::flat_prices(), clock,
                                  ShardedOptions{.capacity = 4096});
     REQUIRE(add_two_budgets(acct).ok());
     auto ledger = Ledger::open(
@@ -722,7 +716,7 @@ TEST_CASE(
   const VerifyResult v = verify_ledger(*text);
   CHECK(v.ok());
   CHECK_FALSE(v.torn_tail);
-  Accountant<ManualClock> again(one_micro_per_token(), clock,
+  Accountant<ManualClock> again(rk_test::flat_prices(), clock,
                                 ShardedOptions{.capacity = 4096});
   REQUIRE(add_two_budgets(again).ok());
   REQUIRE(read_ledger(path, [&](const nlohmann::json& j) {

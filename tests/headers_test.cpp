@@ -22,6 +22,7 @@
 #include "ratekeeper/policy/token_bucket.hpp"
 #include "ratekeeper/prometheus.hpp"
 #include "sf_parser.hpp"
+#include "test_prices.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -899,23 +900,11 @@ TEST_CASE("q and r saturate at the largest sf-integer", "[i14][headers][sf]") {
   CHECK_FALSE(sf::parse_list("\"big\";q=4611686018427387904").has_value());
 }
 
-namespace {
-
-// One token of input or output costs exactly 1 micro-USD (1,000 nano-USD).
-PriceTable flat_prices() {
-  PriceTable t;
-  const TokenPrice p = TokenPrice::per_million_micros(1'000'000);
-  t.set("m", {.base = {.input = p, .output = p}}).IgnoreError();
-  return t;
-}
-
-}  // namespace
-
 TEST_CASE("an exhausted budget answers as OpenAI answers exhausted quota",
           "[i14][headers][budget]") {
   const Nanos t0{1'796'083'200LL * kSec};          // 2026-12-01 00:00 UTC
   ManualClock clock(t0 + std::chrono::hours(30));  // Dec 2, 06:00
-  Accountant<ManualClock> acct(flat_prices(), clock);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
   REQUIRE(acct.add_budget({"team_month", Field::kTeam, BudgetUnit::kNanoUsd,
                            1'000'000,  // $0.001: 1,000 tokens
                            Period::calendar(PeriodKind::kMonth).value()})

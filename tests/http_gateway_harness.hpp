@@ -374,6 +374,19 @@ inline std::string header_of(const httplib::Headers& h, const std::string& k) {
   return "<absent>";
 }
 
+// The "accounts" of a config for `users` users of one tier: key "sk-u<i>",
+// user "u<i>", team "t<i / 8>" (8 users a team).
+inline std::string accounts_json(int users, const std::string& tier) {
+  std::string accounts;
+  for (int u = 0; u < users; ++u) {
+    if (u > 0) accounts += ",";
+    accounts += "\"sk-u" + std::to_string(u) + "\": {\"user\": \"u" +
+                std::to_string(u) + "\", \"team\": \"t" +
+                std::to_string(u / 8) + "\", \"tier\": \"" + tier + "\"}";
+  }
+  return accounts;
+}
+
 // The `r` of limit `name` in a RateLimit header, or -1.
 inline long long ietf_remaining(const std::string& ratelimit,
                                 const std::string& name) {

@@ -26,13 +26,7 @@ constexpr int kClients = 8;
 constexpr int kPerClient = 480;  // 3,840 calls: 60 per user
 
 std::string load_config() {
-  std::string accounts;
-  for (int u = 0; u < kUsers; ++u) {
-    if (u > 0) accounts += ",";
-    accounts += "\"sk-u" + std::to_string(u) + "\": {\"user\": \"u" +
-                std::to_string(u) + "\", \"team\": \"t" +
-                std::to_string(u / 8) + "\", \"tier\": \"load\"}";
-  }
+  const std::string accounts = rk_gw::accounts_json(kUsers, "load");
   return R"({"tiers": {"load": [
       {"name": "calls", "scope": "user", "policy": "token_bucket",
        "limit": )" +

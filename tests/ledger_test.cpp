@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ratekeeper/budget/accountant.hpp"
+#include "test_prices.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -43,13 +44,6 @@ std::string slurp(const std::string& path) {
 void spit(const std::string& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << text;
-}
-
-PriceTable flat_prices() {
-  PriceTable t;
-  const TokenPrice p = TokenPrice::per_million_micros(1'000'000);
-  t.set("m", {.base = {.input = p, .output = p}}).IgnoreError();
-  return t;
 }
 
 absl::Status add_budgets(Accountant<ManualClock>& a) {
@@ -287,7 +281,7 @@ TEST_CASE(
   // returns the error and changes no budget.
   auto ledger = Ledger::with_file(std::make_unique<FailingFile>(2));
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
   REQUIRE(add_budgets(acct).ok());
   acct.set_audit(ledger.get());
   auto r = acct.reserve({.user = "u", .team = "t"}, "m",
@@ -361,7 +355,7 @@ void run_lifecycles(Accountant<ManualClock>& acct, std::mt19937_64& rng,
 // What the budgets hold after replaying `path` into a fresh accountant.
 std::pair<std::uint64_t, std::uint64_t> replayed_spend(const std::string& path,
                                                        ManualClock clock) {
-  Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
   REQUIRE(add_budgets(acct).ok());
   REQUIRE(read_ledger(path, [&](const nlohmann::json& j) {
             return acct.replay(j);
@@ -381,7 +375,7 @@ std::pair<std::uint64_t, std::uint64_t> replayed_spend(const std::string& path,
 TEST_CASE("T6c: streams without usage are charged their counted estimate",
           "[accountant][T6c]") {
   ManualClock clock(kT0);
-  Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
   REQUIRE(add_budgets(acct).ok());
   std::mt19937_64 rng(rk_test::seed_or(0x6C));
   std::int64_t charged = 0;
@@ -414,7 +408,7 @@ TEST_CASE(
     if (pid == 0) {
       close(fds[0]);
       // Restart: replay what the ledger holds, then carry on writing it.
-      Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+      Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
       if (!add_budgets(acct).ok()) _exit(3);
       if (!read_ledger(f.path, [&](const nlohmann::json& j) {
              return acct.replay(j);
@@ -492,7 +486,7 @@ TEST_CASE("T6d: settles stay exactly-once across a restart", "[ledger][T6d]") {
   {
     auto ledger = Ledger::open(f.path);
     REQUIRE(ledger.ok());
-    Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+    Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
     REQUIRE(add_budgets(acct).ok());
     acct.set_audit(ledger->get());
     auto r =
@@ -503,7 +497,7 @@ TEST_CASE("T6d: settles stay exactly-once across a restart", "[ledger][T6d]") {
     u.output = 40;
     first = r->settle(u).value();
   }
-  Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
   REQUIRE(add_budgets(acct).ok());
   REQUIRE(read_ledger(f.path, [&](const nlohmann::json& j) {
             return acct.replay(j);
@@ -534,7 +528,7 @@ TEST_CASE("resets and limit changes are records, and replay applies them",
   Usage u;
   u.input_uncached = 100;
   {
-    Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+    Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
     REQUIRE(add_budgets(acct).ok());
     auto ledger = Ledger::open(f.path, {.durability = Durability::kNone});
     REQUIRE(ledger.ok());
@@ -554,7 +548,7 @@ TEST_CASE("resets and limit changes are records, and replay applies them",
   CHECK(text.find("\"event\":\"reset\"") != std::string::npos);
   CHECK(text.find("\"event\":\"limit\"") != std::string::npos);
   CHECK(verify_ledger(text).ok());
-  Accountant<ManualClock> again(flat_prices(), clock, kSmall);
+  Accountant<ManualClock> again(rk_test::flat_prices(), clock, kSmall);
   REQUIRE(add_budgets(again).ok());
   REQUIRE(read_ledger(f.path, [&](const nlohmann::json& j) {
             return again.replay(j);
@@ -571,7 +565,7 @@ TEST_CASE(
   TempFile f("twice.jsonl");
   ManualClock clock(kT0);
   const Subject who{.user = "u", .team = "t"};
-  Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
   REQUIRE(add_budgets(acct).ok());
   auto ledger = Ledger::open(f.path, {.durability = Durability::kNone});
   REQUIRE(ledger.ok());
@@ -588,7 +582,7 @@ TEST_CASE(
     retry->release();
   }
   CHECK(acct.forecast("team", who)->spent == 3'000'000);
-  Accountant<ManualClock> again(flat_prices(), clock, kSmall);
+  Accountant<ManualClock> again(rk_test::flat_prices(), clock, kSmall);
   REQUIRE(add_budgets(again).ok());
   REQUIRE(read_ledger(f.path, [&](const nlohmann::json& j) {
             return again.replay(j);
@@ -600,7 +594,7 @@ TEST_CASE(
   u.input_uncached = 1'000;
   u.output = 500;
   REQUIRE(first->settle(u).ok());
-  Accountant<ManualClock> third(flat_prices(), clock, kSmall);
+  Accountant<ManualClock> third(rk_test::flat_prices(), clock, kSmall);
   REQUIRE(add_budgets(third).ok());
   REQUIRE(read_ledger(f.path, [&](const nlohmann::json& j) {
             return third.replay(j);
@@ -643,7 +637,7 @@ TEST_CASE(
   };
   for (const std::string& text : bad) {
     CAPTURE(text);
-    Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+    Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
     REQUIRE(add_budgets(acct).ok());
     const nlohmann::json j = nlohmann::json::parse(text);
     absl::Status st;
@@ -666,7 +660,7 @@ TEST_CASE(
             .ok());
   }
   REQUIRE(verify_ledger(slurp(f.path)).ok());
-  Accountant<ManualClock> acct(flat_prices(), clock, kSmall);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
   REQUIRE(add_budgets(acct).ok());
   absl::Status st;
   CHECK_NOTHROW(st = read_ledger(f.path, [&](const nlohmann::json& j) {

@@ -22,20 +22,13 @@
 
 #include "redis_server.hpp"
 #include "redis_wait.hpp"
+#include "test_prices.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
 using rk_test::RedisServer;
 
 namespace {
-
-// One token of input or output costs exactly 1 micro-USD (1,000 nano-USD).
-PriceTable flat_prices() {
-  PriceTable t;
-  const TokenPrice p = TokenPrice::per_million_micros(1'000'000);
-  t.set("m", {.base = {.input = p, .output = p}}).IgnoreError();
-  return t;
-}
 
 const Nanos kT0{1'796'083'200LL * 1'000'000'000};  // 2026-12-01 UTC
 
@@ -75,7 +68,7 @@ std::unique_ptr<RedisAccountant> journaled_team(
     std::shared_ptr<RedisClient> client, const std::string& journal,
     const TestClock& clock) {
   auto acct = RedisAccountant::create(
-                  flat_prices(), std::move(client),
+                  rk_test::flat_prices(), std::move(client),
                   {.journal_path = journal, .test_clock = clock.fn()})
                   .value();
   REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000),
@@ -117,9 +110,10 @@ TEST_CASE("RedisAccountant: reserve holds in Redis, settle keeps what was used",
           "[redis][budget]") {
   RedisServer server;
   TestClock clock;
-  auto acct = RedisAccountant::create(flat_prices(), client_for(server.port()),
-                                      {.test_clock = clock.fn()})
-                  .value();
+  auto acct =
+      RedisAccountant::create(rk_test::flat_prices(), client_for(server.port()),
+                              {.test_clock = clock.fn()})
+          .value();
   REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000)).ok());
   REQUIRE(acct->add_budget(month_budget("org", Field::kOrg, 10'000'000)).ok());
   const Subject who{.user = "u", .team = "t", .org = "o"};
@@ -151,10 +145,10 @@ TEST_CASE("RedisAccountant: reserve holds in Redis, settle keeps what was used",
           std::string::npos);
     CHECK(acct->spent("team", who).value() == 150'000);  // nothing held
     // Another instance, the same Redis: refused there too.
-    auto other =
-        RedisAccountant::create(flat_prices(), client_for(server.port()),
-                                {.test_clock = clock.fn()})
-            .value();
+    auto other = RedisAccountant::create(rk_test::flat_prices(),
+                                         client_for(server.port()),
+                                         {.test_clock = clock.fn()})
+                     .value();
     REQUIRE(
         other->add_budget(month_budget("team", Field::kTeam, 1'000'000)).ok());
     CHECK(other->reserve(who, "m", {1, 1}, "req-1").status().code() ==
@@ -235,7 +229,7 @@ TEST_CASE(
   TestClock clock;
   std::vector<std::unique_ptr<RedisAccountant>> instances;
   for (int i = 0; i < 2; ++i) {
-    instances.push_back(RedisAccountant::create(flat_prices(),
+    instances.push_back(RedisAccountant::create(rk_test::flat_prices(),
                                                 client_for(server.port()),
                                                 {.test_clock = clock.fn()})
                             .value());
@@ -278,7 +272,7 @@ TEST_CASE(
   TestClock clock;
   std::vector<std::unique_ptr<RedisAccountant>> instances;
   for (int i = 0; i < 3; ++i) {
-    instances.push_back(RedisAccountant::create(flat_prices(),
+    instances.push_back(RedisAccountant::create(rk_test::flat_prices(),
                                                 client_for(server.port()),
                                                 {.test_clock = clock.fn()})
                             .value());
@@ -379,9 +373,9 @@ TEST_CASE(
   // the client's default generous ones, so that a loaded machine's slow
   // fsyncs do not open the breaker after the restart.
   auto client = client_for(server.port());
-  auto acct =
-      RedisAccountant::create(flat_prices(), client, {.journal_path = journal})
-          .value();
+  auto acct = RedisAccountant::create(rk_test::flat_prices(), client,
+                                      {.journal_path = journal})
+                  .value();
   REQUIRE(acct->add_budget(
                   month_budget("team", Field::kTeam, std::uint64_t{1} << 50),
                   {.fail = FailMode::kOpen})
@@ -513,7 +507,7 @@ TEST_CASE(
   const std::string journal = temp_path("settles.journal");
   TestClock clock;
   auto acct = RedisAccountant::create(
-                  flat_prices(), client_for(server.port()),
+                  rk_test::flat_prices(), client_for(server.port()),
                   {.journal_path = journal, .test_clock = clock.fn()})
                   .value();
   REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 100'000),
@@ -544,10 +538,10 @@ TEST_CASE(
   CHECK(acct->spent("org", who).value() == 16'000);
 
   SECTION("closed") {
-    auto closed =
-        RedisAccountant::create(flat_prices(), client_for(server.port()),
-                                {.test_clock = clock.fn()})
-            .value();
+    auto closed = RedisAccountant::create(rk_test::flat_prices(),
+                                          client_for(server.port()),
+                                          {.test_clock = clock.fn()})
+                      .value();
     REQUIRE(
         closed->add_budget(month_budget("team", Field::kTeam, 100'000)).ok());
     server.stop(SIGKILL);
@@ -570,9 +564,9 @@ TEST_CASE(
                                      .cluster = true})
                     .value();
   TestClock clock;
-  auto acct =
-      RedisAccountant::create(flat_prices(), client, {.test_clock = clock.fn()})
-          .value();
+  auto acct = RedisAccountant::create(rk_test::flat_prices(), client,
+                                      {.test_clock = clock.fn()})
+                  .value();
   REQUIRE(acct->add_budget(month_budget("user", Field::kUser, 1'000'000)).ok());
   REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 1'000'000)).ok());
   REQUIRE(acct->add_budget(month_budget("org", Field::kOrg, 10'000'000)).ok());
@@ -607,7 +601,7 @@ TEST_CASE("soft thresholds fire once per key and period across instances",
   std::vector<ThresholdEvent> fired;
   std::mutex mu;
   for (int i = 0; i < 2; ++i) {
-    instances.push_back(RedisAccountant::create(flat_prices(),
+    instances.push_back(RedisAccountant::create(rk_test::flat_prices(),
                                                 client_for(server.port()),
                                                 {.test_clock = clock.fn()})
                             .value());
@@ -670,7 +664,7 @@ TEST_CASE(
   TestClock clock;
   const std::string journal = temp_path("settles.journal");
   auto acct = RedisAccountant::create(
-                  flat_prices(), client_for(server.port()),
+                  rk_test::flat_prices(), client_for(server.port()),
                   {.journal_path = journal, .test_clock = clock.fn()})
                   .value();
   REQUIRE(acct->add_budget(month_budget("team", Field::kTeam, 100'000),
@@ -715,7 +709,7 @@ TEST_CASE(
       "at the settle") {
     auto open_acct =
         RedisAccountant::create(
-            flat_prices(), client_for(server.port()),
+            rk_test::flat_prices(), client_for(server.port()),
             {.journal_path = journal + "2", .test_clock = clock.fn()})
             .value();
     REQUIRE(open_acct
@@ -786,9 +780,9 @@ TEST_CASE(
   RedisServer server;
   const std::string journal = temp_path("settles.journal");
   auto client = client_for(server.port());
-  auto acct =
-      RedisAccountant::create(flat_prices(), client, {.journal_path = journal})
-          .value();
+  auto acct = RedisAccountant::create(rk_test::flat_prices(), client,
+                                      {.journal_path = journal})
+                  .value();
   REQUIRE(acct->add_budget(
                   month_budget("team", Field::kTeam, std::uint64_t{1} << 50),
                   {.fail = FailMode::kOpen})
@@ -843,9 +837,9 @@ TEST_CASE(
   RedisServer server;
   TestClock clock;
   auto client = client_for(server.port());
-  auto acct =
-      RedisAccountant::create(flat_prices(), client, {.test_clock = clock.fn()})
-          .value();
+  auto acct = RedisAccountant::create(rk_test::flat_prices(), client,
+                                      {.test_clock = clock.fn()})
+                  .value();
   REQUIRE(
       acct->add_budget(month_budget("team", Field::kTeam, 1'000'000'000)).ok());
   auto tpm =

@@ -151,17 +151,9 @@ inline std::string error_body(std::string_view message, std::string_view type,
   return out;
 }
 
-// What a limit counts, for messages.
+// What a limit counts, for messages: unit_name(), money written "nano-USD".
 inline std::string_view quantity(Unit u) noexcept {
-  switch (u) {
-    case Unit::kRequests:
-      return "requests";
-    case Unit::kTokens:
-      return "tokens";
-    case Unit::kNanoUsd:
-      return "nano-USD";
-  }
-  return "requests";
+  return u == Unit::kNanoUsd ? "nano-USD" : unit_name(u);
 }
 
 // Seconds since the Unix epoch as "2026-12-01T00:00:00Z" (from 1970 on).

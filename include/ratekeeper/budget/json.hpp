@@ -128,6 +128,8 @@ inline absl::Status require_fields(const json& u,
 
 inline absl::StatusOr<OpenAIChatUsage> openai_chat_usage(const json& u) {
   constexpr std::string_view kWhat = "OpenAI usage";
+  RATEKEEPER_RETURN_IF_ERROR(
+      require_fields(u, {"prompt_tokens", "completion_tokens"}, kWhat));
   OpenAIChatUsage out;
   RATEKEEPER_RETURN_IF_ERROR(
       read_count(u, "prompt_tokens", out.prompt_tokens, kWhat));
@@ -173,13 +175,6 @@ inline absl::StatusOr<OpenAIChatUsage> openai_chat_usage(const json& u) {
 }
 
 // The Chat Completions usage object `u`, its required fields checked.
-inline absl::StatusOr<OpenAIChatUsage> openai_chat_usage_checked(
-    const json& u) {
-  RATEKEEPER_RETURN_IF_ERROR(require_fields(
-      u, {"prompt_tokens", "completion_tokens"}, "OpenAI usage"));
-  return openai_chat_usage(u);
-}
-
 }  // namespace detail
 
 // ProviderError: an error a provider answered with, as a body or as a
@@ -319,7 +314,7 @@ inline absl::StatusOr<OpenAIChatUsage> read_openai_chat_usage(
       detail::read_object(*j, "usage", "OpenAI body");
   if (!u.ok()) return u.status();
   if (*u == nullptr) return detail::no_usage("OpenAI body", true);
-  return detail::openai_chat_usage_checked(**u);
+  return detail::openai_chat_usage(**u);
 }
 
 namespace detail {

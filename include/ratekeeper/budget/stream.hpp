@@ -385,7 +385,7 @@ class StreamUsageReader {
     if (!error_) error_ = detail::find_provider_error(j, Provider::kOpenAIChat);
     const auto u = j.find("usage");
     if (u == j.end() || !u->is_object()) return;
-    absl::StatusOr<OpenAIChatUsage> raw = detail::openai_chat_usage_checked(*u);
+    absl::StatusOr<OpenAIChatUsage> raw = detail::openai_chat_usage(*u);
     if (!raw.ok()) return note(raw.status());
     absl::StatusOr<Usage> n = normalize(*raw);
     if (!n.ok()) return note(n.status());
