@@ -15,11 +15,17 @@
 //   - elsewhere: a lock striped by address (kLockStripes spinlocks). Correct
 //     and portable, not lock-free; kLockFree says which one you have.
 //
-// load() is two 8-byte relaxed loads on x86-64 and may tear: callers only
-// use what it returns as the `expected` value of a compare_exchange, which
-// fails on a torn value (then returns the true one), so a torn read can cost
-// a retry but never a wrong write. compare_exchange() is sequentially
-// consistent (a locked instruction is a full barrier on x86-64).
+// load() on x86-64 is one 16-byte MOVDQA where the CPU has AVX: Intel (SDM
+// vol. 3A, 9.1.1) and AMD (APM vol. 2, 7.3.2) guarantee that an aligned
+// 16-byte MOVDQA is single-copy atomic on every processor that enumerates
+// AVX, so the value read is one the cell really held (loads_are_atomic()
+// says so, checked once per process with CPUID). Without AVX it is two
+// 8-byte relaxed loads and may tear: callers then use what it returns only
+// as the `expected` value of a compare_exchange, which fails on a torn value
+// (then returns the true one), so a torn read can cost a retry but never a
+// wrong write. compare_exchange() is sequentially consistent (a locked
+// instruction is a full barrier on x86-64). A load is an acquire on x86-64
+// (TSO: loads are not reordered with later loads or stores).
 #ifndef RATEKEEPER_DETAIL_ATOMIC16_HPP_
 #define RATEKEEPER_DETAIL_ATOMIC16_HPP_
 
@@ -52,12 +58,42 @@ class alignas(16) Atomic16 {
   Atomic16(const Atomic16&) = delete;
   Atomic16& operator=(const Atomic16&) = delete;
 
+  // loads_are_atomic
+  //
+  // Whether load() returns an untorn value, one the cell held at one instant
+  // (the linearisation point of a read that decides without writing): on
+  // x86-64 with AVX (MOVDQA), under the striped lock, and under TSan (a
+  // CAS). When false, load() may tear and its value must be validated by a
+  // compare_exchange() before it decides anything. Thread-safe.
+  static bool loads_are_atomic() noexcept {
+#if defined(RATEKEEPER_ATOMIC16_ASM)
+    return has_avx_;
+#else
+    return true;
+#endif
+  }
+
   // load
   //
-  // The value, possibly torn on x86-64 (see the file comment): use it only
-  // as the expected value of compare_exchange(). Thread-safe.
+  // The value; untorn when loads_are_atomic(), else possibly torn (see the
+  // file comment): then use it only as the expected value of
+  // compare_exchange(). Thread-safe.
   u128 load() const noexcept {
 #if defined(RATEKEEPER_ATOMIC16_ASM)
+    if (loads_are_atomic()) {
+      // One aligned 16-byte load (MOVDQA), atomic on AVX processors. The
+      // asm keeps the compiler from splitting it into two 8-byte loads.
+      std::uint64_t lo = 0;
+      std::uint64_t hi = 0;
+      __asm__ __volatile__(
+          "movdqa %2, %%xmm0\n\t"
+          "movq %%xmm0, %0\n\t"
+          "pextrq $1, %%xmm0, %1"
+          : "=r"(lo), "=r"(hi)
+          : "m"(*word())
+          : "xmm0", "memory");
+      return (static_cast<u128>(hi) << 64) | lo;
+    }
     // Relaxed: the compare_exchange that consumes this value validates it.
     const std::uint64_t lo = __atomic_load_n(&w_[0], __ATOMIC_RELAXED);
     const std::uint64_t hi = __atomic_load_n(&w_[1], __ATOMIC_RELAXED);
@@ -105,6 +141,15 @@ class alignas(16) Atomic16 {
   }
 
  private:
+#if defined(RATEKEEPER_ATOMIC16_ASM)
+  // Read once, at static initialisation (a plain load afterwards, no guard).
+  // __builtin_cpu_init() first: this may run before libgcc's own
+  // constructor has filled in the CPU model.
+  inline static const bool has_avx_ = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx") != 0;
+  }();
+#endif
 #if !defined(RATEKEEPER_ATOMIC16_ASM) && !defined(RATEKEEPER_ATOMIC16_SYNC)
   static constexpr std::size_t kLockStripes = 256;
   struct alignas(64) Spin {
