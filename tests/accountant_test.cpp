@@ -1033,3 +1033,46 @@ TEST_CASE("budget property: random scripts against an oracle of the books",
     REQUIRE(again.find_settlement(id) == s);
   }
 }
+
+TEST_CASE("a smaller idempotency window keeps the newest ids, oldest first",
+          "[accountant][i15]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
+  REQUIRE(
+      acct.add_budget(money_budget("team", Field::kTeam, 1'000'000'000)).ok());
+  acct.set_idempotency_window(1'600);  // 100 per shard
+  const Subject who{.user = "u", .team = "t"};
+  Usage u;
+  u.input_uncached = 1;
+  const auto settle = [&](const std::string& id) {
+    auto r = acct.reserve(who, "m", {.prompt_tokens = 1}, id);
+    REQUIRE(r->granted());
+    REQUIRE(r->settle(u).ok());
+  };
+  // 3,000 ids: every shard's ring is full and has wrapped around.
+  for (int i = 0; i < 3'000; ++i) settle("a-" + std::to_string(i));
+  acct.set_idempotency_window(160);  // 10 per shard
+  // Each shard shrinks at its next settle: 800 new ids touch all 16
+  // (about 50 each), so every shard ends with 10 of them.
+  for (int i = 0; i < 800; ++i) settle("b-" + std::to_string(i));
+  int remembered = 0;
+  for (int i = 0; i < 3'000; ++i) {
+    remembered += acct.find_settlement("a-" + std::to_string(i)) ? 1 : 0;
+  }
+  for (int i = 0; i < 800; ++i) {
+    remembered += acct.find_settlement("b-" + std::to_string(i)) ? 1 : 0;
+  }
+  CHECK(remembered == 160);
+  // The newest of the second batch are there; the first batch is gone.
+  for (int i = 790; i < 800; ++i) {
+    CHECK(acct.find_settlement("b-" + std::to_string(i)).has_value());
+  }
+  CHECK_FALSE(acct.find_settlement("a-2999").has_value());
+  // Growing the window again keeps what is remembered and adds.
+  acct.set_idempotency_window(1'600);
+  for (int i = 0; i < 100; ++i) settle("c-" + std::to_string(i));
+  for (int i = 0; i < 100; ++i) {
+    CHECK(acct.find_settlement("c-" + std::to_string(i)).has_value());
+  }
+  CHECK(acct.find_settlement("b-799").has_value());
+}
