@@ -79,6 +79,7 @@ std::unique_ptr<rk::Ledger> fresh(const std::string& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const std::string dir = argc > 1 ? argv[1] : ".";
   const int threads = argc > 2 ? std::atoi(argv[2]) : 8;
   const double seconds = argc > 3 ? std::atof(argv[3]) : 3.0;
@@ -118,7 +119,8 @@ int main(int argc, char** argv) {
   for (const bool with_ledger : {true, false}) {
     auto ledger = fresh(path);
     rk::Accountant<> acct(prices(), rk::SystemClock{}, store);
-    if (!acct.add_budget({"team", rk::Field::kTeam, rk::BudgetUnit::kNanoUsd, 1,
+    if (!acct.add_budget({"team", rk::Field::kTeam, rk::BudgetUnit::kNanoUsd,
+                          1'000,
                           rk::Period::calendar(rk::PeriodKind::kMonth).value()})
              .ok()) {
       return 1;

@@ -7,9 +7,12 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -668,4 +671,286 @@ TEST_CASE(
                   return acct.replay(j);
                 }));
   CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+}
+
+namespace {
+
+// A LedgerFile that keeps its bytes, remembers how much of them each sync
+// covered (what was written before it started), counts syncs, and can hold
+// every sync at a gate until opened.
+class RecordingFile final : public LedgerFile {
+ public:
+  absl::Status write(std::string_view b) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    bytes_ += b;
+    return absl::OkStatus();
+  }
+  absl::Status sync() override {
+    std::unique_lock<std::mutex> lock(mu_);
+    const std::size_t covers = bytes_.size();
+    ++in_sync_;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return gate_open_; });
+    --in_sync_;
+    synced_ = std::max(synced_, covers);
+    ++syncs_;
+    return absl::OkStatus();
+  }
+  std::string synced_text() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return bytes_.substr(0, synced_);
+  }
+  std::string text() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return bytes_;
+  }
+  int syncs() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return syncs_;
+  }
+  void set_gate(bool open) {
+    std::lock_guard<std::mutex> lock(mu_);
+    gate_open_ = open;
+    cv_.notify_all();
+  }
+  // Waits (up to 10 s) for a sync to be held at the closed gate.
+  bool wait_in_sync() {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, std::chrono::seconds(10),
+                        [&] { return in_sync_ > 0; });
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::string bytes_;
+  std::size_t synced_ = 0;
+  int syncs_ = 0;
+  int in_sync_ = 0;
+  bool gate_open_ = true;
+};
+
+// One budget of 1 USD a team: an estimate of a million tokens (at 1
+// micro-USD a token, 1 USD) plus a prompt is refused.
+absl::Status add_small_budget(Accountant<ManualClock>& a) {
+  return a.add_budget({"team", Field::kTeam, BudgetUnit::kNanoUsd,
+                       1'000'000'000,
+                       Period::calendar(PeriodKind::kMonth).value()});
+}
+
+std::size_t count_of(const std::string& text, const std::string& what) {
+  std::size_t n = 0;
+  for (std::size_t p = text.find(what); p != std::string::npos;
+       p = text.find(what, p + 1)) {
+    ++n;
+  }
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "a settle returns only once its record is synced; denials, releases and "
+    "reserves cost no sync",
+    "[i15][ledger]") {
+  for (const Durability d :
+       {Durability::kFsyncEach, Durability::kGroupCommit}) {
+    INFO("durability " << static_cast<int>(d));
+    auto owned = std::make_unique<RecordingFile>();
+    RecordingFile* file = owned.get();
+    // Records nobody waits for are synced lazily: not within this test.
+    auto ledger = Ledger::with_file(
+        std::move(owned),
+        {.durability = d, .lazy_sync_after = std::chrono::hours(1)});
+    ManualClock clock(kT0);
+    Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
+    REQUIRE(add_small_budget(acct).ok());
+    acct.set_audit(ledger.get());
+    for (int i = 0; i < 20; ++i) {
+      auto no =
+          acct.reserve({.team = "t"}, "m",
+                       {.prompt_tokens = 10, .max_output_tokens = 1'000'000},
+                       "deny-" + std::to_string(i));
+      REQUIRE(no.ok());
+      REQUIRE_FALSE(no->granted());
+      auto rel = acct.reserve({.team = "t"}, "m",
+                              {.prompt_tokens = 10, .max_output_tokens = 10},
+                              "rel-" + std::to_string(i));
+      REQUIRE(rel.ok());
+      REQUIRE(rel->granted());
+      rel->release();
+    }
+    CHECK(file->syncs() == 0);
+    CHECK(count_of(file->text(), "\"event\":\"deny\"") == 20);
+    CHECK(count_of(file->text(), "\"event\":\"release\"") == 20);
+    CHECK(file->synced_text().empty());
+    for (int i = 0; i < 5; ++i) {
+      auto r = acct.reserve({.team = "t"}, "m",
+                            {.prompt_tokens = 10, .max_output_tokens = 10},
+                            "pay-" + std::to_string(i));
+      REQUIRE(r.ok());
+      REQUIRE(r->granted());
+      Usage u;
+      u.input_uncached = 10;
+      u.output = 3;
+      const auto s = r->settle(u);
+      REQUIRE(s.ok());
+      CHECK(s->cost.nanos == 13'000);
+      // On return, a sync that began after the settle record was written
+      // has ended: the synced prefix holds it (and everything before).
+      const std::string synced = file->synced_text();
+      CHECK(count_of(synced, "\"event\":\"settle\"") ==
+            static_cast<std::size_t>(i + 1));
+      CHECK(synced.find("\"request\":\"pay-" + std::to_string(i) + "\"") !=
+            std::string::npos);
+      CHECK(count_of(synced, "\"event\":\"deny\"") == 20);
+    }
+    CHECK(file->syncs() >= 1);
+    CHECK(file->syncs() <= 5);
+  }
+}
+
+TEST_CASE(
+    "a settle waits for its group sync with no lock held: denials and "
+    "look-ups go on meanwhile",
+    "[i15][ledger]") {
+  auto owned = std::make_unique<RecordingFile>();
+  RecordingFile* file = owned.get();
+  auto ledger = Ledger::with_file(std::move(owned),
+                                  {.durability = Durability::kGroupCommit,
+                                   .lazy_sync_after = std::chrono::hours(1)});
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
+  REQUIRE(add_small_budget(acct).ok());
+  acct.set_audit(ledger.get());
+  auto r = acct.reserve({.team = "t"}, "m",
+                        {.prompt_tokens = 10, .max_output_tokens = 10}, "x");
+  REQUIRE(r.ok());
+  REQUIRE(r->granted());
+  file->set_gate(false);
+  std::atomic<bool> settled{false};
+  absl::StatusOr<Settlement> s;
+  std::thread settler([&] {
+    Usage u;
+    u.input_uncached = 10;
+    u.output = 5;
+    s = r->settle(u);
+    settled = true;
+  });
+  const bool held = file->wait_in_sync();
+  // While the sync is held: the settle has not returned, and a denial
+  // and a look-up of the same id (its shard's lock) return at once.
+  const bool waiting = !settled.load();
+  auto side = std::async(std::launch::async, [&] {
+    auto no = acct.reserve(
+        {.team = "t"}, "m",
+        {.prompt_tokens = 10, .max_output_tokens = 1'000'000}, "refused");
+    const bool denied = no.ok() && !no->granted();
+    return denied && acct.find_settlement("x").has_value();
+  });
+  const bool side_returned =
+      side.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  const bool still_waiting = !settled.load();
+  file->set_gate(true);
+  settler.join();
+  CHECK(held);
+  CHECK(waiting);
+  CHECK(side_returned);
+  CHECK(side.get());
+  CHECK(still_waiting);
+  REQUIRE(s.ok());
+  CHECK(s->cost.nanos == 15'000);
+  CHECK(file->synced_text().find("\"event\":\"settle\"") != std::string::npos);
+}
+
+TEST_CASE("one writer: a second open of a ledger file is refused",
+          "[i15][ledger]") {
+  TempFile f("lock.jsonl");
+  auto first = Ledger::open(f.path);
+  REQUIRE(first.ok());
+  REQUIRE((*first)->append("\"a\":1", Nanos{1}).ok());
+  auto second = Ledger::open(f.path);
+  REQUIRE_FALSE(second.ok());
+  CHECK(second.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(second.status().message()).find("another writer") !=
+        std::string::npos);
+  // Another process is refused the same way (flock is per open file).
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    auto child = Ledger::open(f.path);
+    ::_exit(!child.ok() && child.status().code() ==
+                               absl::StatusCode::kFailedPrecondition
+                ? 0
+                : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  // The refused opens changed nothing; once the writer closes, it opens.
+  first->reset();
+  auto again = Ledger::open(f.path);
+  REQUIRE(again.ok());
+  CHECK((*again)->last_seq() == 1);
+  CHECK(verify_ledger(slurp(f.path)).records == 1);
+}
+
+TEST_CASE(
+    "reading is streamed: a file many times the read buffer, and a record "
+    "longer than it",
+    "[i15][ledger]") {
+  TempFile f("stream.jsonl");
+  constexpr int kRecords = 6000;
+  {
+    auto l = Ledger::open(f.path, {.durability = Durability::kNone});
+    REQUIRE(l.ok());
+    for (int i = 0; i < kRecords; ++i) {
+      std::string fields = "\"n\":" + std::to_string(i);
+      if (i == 777) fields += ",\"pad\":\"" + std::string(20'000, 'p') + "\"";
+      REQUIRE((*l)->append(fields, Nanos{i}).ok());
+    }
+  }
+  const std::string text = slurp(f.path);
+  REQUIRE(text.size() > 100 * 4096);
+  const VerifyResult whole = verify_ledger(text);
+  REQUIRE(whole.ok());
+  LedgerReadStats stats;
+  absl::StatusOr<VerifyResult> streamed =
+      verify_ledger_file(f.path, {.chunk = 4096, .stats = &stats});
+  REQUIRE(streamed.ok());
+  CHECK(streamed->ok());
+  CHECK(streamed->records == kRecords);
+  CHECK(streamed->good_bytes == text.size());
+  CHECK(streamed->last_hash == whole.last_hash);
+  // The buffer grew for the one long record only (to the next power of two
+  // of 4096 that holds it), not with the file.
+  CHECK(stats.max_buffer <= 32768);
+  int seen = 0;
+  bool in_order = true;
+  LedgerReadStats rs;
+  REQUIRE(read_ledger(f.path,
+                      [&](const nlohmann::json& j) {
+                        in_order = in_order && j.at("n").get<int>() == seen;
+                        ++seen;
+                        return absl::OkStatus();
+                      },
+                      {.chunk = 4096, .stats = &rs})
+              .ok());
+  CHECK(seen == kRecords);
+  CHECK(in_order);
+  CHECK(rs.max_buffer <= 32768);
+  // A torn tail and a damaged record read the same streamed as whole.
+  spit(f.path, text + text.substr(0, 40));
+  auto torn = verify_ledger_file(f.path, {.chunk = 4096});
+  REQUIRE(torn.ok());
+  CHECK(torn->torn_tail);
+  CHECK(torn->records == kRecords);
+  std::string bad = text;
+  bad[text.size() / 2] ^= 1;
+  spit(f.path, bad);
+  auto broken = verify_ledger_file(f.path, {.chunk = 4096});
+  REQUIRE(broken.ok());
+  CHECK_FALSE(broken->ok());
+  CHECK(broken->error == verify_ledger(bad).error);
 }

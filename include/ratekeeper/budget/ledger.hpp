@@ -576,7 +576,10 @@ class Ledger final : public AuditSink {
     if (options_.durability == Durability::kNone) return failed_;
     while (synced_ < seq && failed_.ok()) {
       if (options_.durability == Durability::kGroupCommit) {
-        if (waiting_++ == 0) sync_cv_.notify_one();
+        // Always: a count of waiters may still include some that a sync
+        // has covered and that have not yet woken to leave.
+        ++waiting_;
+        sync_cv_.notify_one();
         done_cv_.wait(lock);
         --waiting_;
         continue;
