@@ -954,3 +954,88 @@ TEST_CASE(
   CHECK_FALSE(broken->ok());
   CHECK(broken->error == verify_ledger(bad).error);
 }
+
+namespace {
+
+// The attacker's tool, independent of the ledger's code: recomputes every
+// record's prev and hash (OpenSSL's SHA-256), so that the chain verifies.
+std::string rechain(const std::string& text) {
+  std::string out, prev(64, '0');
+  std::size_t pos = 0;
+  while (pos < text.size()) {
+    const std::size_t nl = text.find('\n', pos);
+    std::string line = text.substr(pos, nl - pos);
+    pos = nl + 1;
+    const std::size_t p = line.find(",\"prev\":\"") + 9;
+    line.replace(p, 64, prev);
+    const std::size_t h = line.rfind(",\"hash\":\"");
+    unsigned char md[32];
+    unsigned int len = 0;
+    EVP_Digest(line.data(), h, md, &len, EVP_sha256(), nullptr);
+    std::string hex;
+    for (const unsigned char c : md) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      hex += kHex[c >> 4];
+      hex += kHex[c & 15];
+    }
+    line.replace(h + 9, 64, hex);
+    prev = hex;
+    out += line + "\n";
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "an anchor kept elsewhere detects a cut tail and a re-chained edit, "
+    "which the chain alone does not",
+    "[i15][ledger]") {
+  TempFile f("anchor.jsonl");
+  LedgerAnchor anchor;
+  {
+    auto l = Ledger::open(f.path);
+    REQUIRE(l.ok());
+    for (int i = 0; i < 50; ++i) {
+      REQUIRE(
+          (*l)->append("\"cost_nanos\":" + std::to_string(100 + i), Nanos{i})
+              .ok());
+    }
+    anchor = (*l)->anchor();
+  }
+  const std::string text = slurp(f.path);
+  CHECK(anchor.records == 50);
+  CHECK(anchor.hash == verify_ledger(text).last_hash);
+  CHECK(verify_anchor(f.path, anchor).ok());
+  {  // the ledger goes on after the anchor: still fine
+    auto l = Ledger::open(f.path);
+    REQUIRE(l.ok());
+    REQUIRE((*l)->append("\"cost_nanos\":1", Nanos{99}).ok());
+  }
+  CHECK(verify_anchor(f.path, anchor).ok());
+  // The tail cut after record 40: the chain verifies, the anchor does not.
+  std::size_t cut = 0;
+  for (int i = 0; i < 40; ++i) cut = text.find('\n', cut) + 1;
+  spit(f.path, text.substr(0, cut));
+  CHECK(verify_ledger(slurp(f.path)).ok());
+  const absl::Status cut_st = verify_anchor(f.path, anchor);
+  CHECK(cut_st.code() == absl::StatusCode::kDataLoss);
+  CHECK(std::string(cut_st.message()).find("tail was cut") !=
+        std::string::npos);
+  // A cost edited and every hash recomputed: the chain verifies, the
+  // anchor does not.
+  std::string edited = text;
+  const std::size_t c = edited.find("\"cost_nanos\":110");
+  REQUIRE(c != std::string::npos);
+  edited.replace(c, 16, "\"cost_nanos\":999");
+  CHECK_FALSE(verify_ledger(edited).ok());  // not re-chained: detected
+  edited = rechain(edited);
+  REQUIRE(verify_ledger(edited).ok());  // re-chained: the chain cannot tell
+  spit(f.path, edited);
+  const absl::Status edit_st = verify_anchor(f.path, anchor);
+  CHECK(edit_st.code() == absl::StatusCode::kDataLoss);
+  CHECK(std::string(edit_st.message()).find("rewritten") != std::string::npos);
+  // The untouched file against its anchor, once more: fine.
+  spit(f.path, text);
+  CHECK(verify_anchor(f.path, anchor).ok());
+}

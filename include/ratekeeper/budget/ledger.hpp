@@ -414,6 +414,58 @@ inline absl::StatusOr<VerifyResult> verify_ledger_file(
   return v;
 }
 
+// LedgerAnchor: a ledger's head, to keep where the ledger's writer cannot
+// rewrite it (another host, a WORM bucket, a signed log): how many records
+// it had and the hash of the last. Ledger::anchor() takes one;
+// verify_anchor() checks a file against it.
+struct LedgerAnchor {
+  std::uint64_t records = 0;
+  std::string hash = detail::zero_hash();
+};
+
+// verify_anchor
+//
+// OK when the file at `path` verifies up to record `anchor.records` and
+// that record's hash is `anchor.hash` (records after it are not looked
+// at). kDataLoss when it has fewer records (its tail was cut), when that
+// record's hash differs (a record up to it was rewritten, even if the
+// whole chain was recomputed), or when the chain breaks before it.
+inline absl::Status verify_anchor(const std::string& path,
+                                  const LedgerAnchor& anchor,
+                                  LedgerReadOptions options = {}) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 && errno != ENOENT) {
+    return PosixLedgerFile::errno_status("open", path);
+  }
+  VerifyResult r;
+  if (fd >= 0) {
+    detail::LineReader in(fd, path, 0, options.chunk);
+    std::string_view line;
+    std::uint64_t pos = 0;
+    while (r.records < anchor.records) {
+      absl::StatusOr<bool> more = in.next(line, pos);
+      if (!more.ok()) {
+        ::close(fd);
+        return more.status();
+      }
+      if (!*more || !detail::check_record(r, line, pos)) break;
+    }
+    ::close(fd);
+  }
+  if (!r.ok()) return absl::DataLossError(absl::StrCat(path, ": ", r.error));
+  if (r.records < anchor.records) {
+    return absl::DataLossError(
+        absl::StrCat(path, ": ", r.records, " records, the anchor has ",
+                     anchor.records, ": the ledger's tail was cut"));
+  }
+  if (r.last_hash != anchor.hash) {
+    return absl::DataLossError(absl::StrCat(
+        path, ": record ", anchor.records,
+        "'s hash is not the anchor's: the ledger was rewritten up to it"));
+  }
+  return absl::OkStatus();
+}
+
 inline absl::StatusOr<std::string> read_file(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
@@ -598,6 +650,13 @@ class Ledger final : public AuditSink {
   std::uint64_t last_seq() const {
     std::lock_guard<std::mutex> lock(mu_);
     return seq_;
+  }
+
+  // The head now (every record written, synced or not): store it outside
+  // the ledger's reach, and check the file later with verify_anchor().
+  LedgerAnchor anchor() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return LedgerAnchor{seq_, last_hash_};
   }
 
   // How many syncs the ledger has made (for tests and benchmarks).
