@@ -1039,3 +1039,105 @@ TEST_CASE(
   spit(f.path, text);
   CHECK(verify_anchor(f.path, anchor).ok());
 }
+
+TEST_CASE("SHA-256 and HMAC-SHA-256 give the FIPS 180-4 and RFC 4231 vectors",
+          "[i15][ledger]") {
+  using detail::hmac_sha256;
+  using detail::sha256;
+  using detail::to_hex;
+  // FIPS 180-4 (NIST's example values).
+  CHECK(to_hex(sha256("")) ==
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  CHECK(to_hex(sha256("abc")) ==
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  CHECK(to_hex(sha256(
+            "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq")) ==
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  CHECK(to_hex(sha256(std::string(1'000'000, 'a'))) ==
+        "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+  // RFC 4231 test cases 1, 2, 3, 6 and 7.
+  CHECK(to_hex(hmac_sha256(std::string(20, '\x0b'), "Hi There")) ==
+        "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
+  CHECK(to_hex(hmac_sha256("Jefe", "what do ya want for nothing?")) ==
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+  CHECK(to_hex(hmac_sha256(std::string(20, '\xaa'), std::string(50, '\xdd'))) ==
+        "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe");
+  CHECK(to_hex(hmac_sha256(
+            std::string(131, '\xaa'),
+            "Test Using Larger Than Block-Size Key - Hash Key First")) ==
+        "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+  CHECK(to_hex(hmac_sha256(
+            std::string(131, '\xaa'),
+            "This is a test using a larger than block-size key and a larger "
+            "than block-size data. The key needs to be hashed before being "
+            "used by the HMAC algorithm.")) ==
+        "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2");
+  // Every length across the block and padding boundaries, fed in pieces,
+  // against OpenSSL's SHA-256.
+  std::mt19937_64 rng(15);
+  std::string data;
+  for (std::size_t n = 0; n < 300; ++n) {
+    detail::Sha256 s;
+    std::size_t at = 0;
+    while (at < data.size()) {
+      const std::size_t take =
+          std::min<std::size_t>(1 + rng() % 70, data.size() - at);
+      s.update(std::string_view(data).substr(at, take));
+      at += take;
+    }
+    CHECK(to_hex(s.finish()) == detail::sha256_hex(data));
+    data.push_back(static_cast<char>(rng()));
+  }
+}
+
+TEST_CASE(
+    "a keyed chain: a re-chained edit does not verify without the key, and "
+    "the key reads it",
+    "[i15][ledger]") {
+  TempFile f("keyed.jsonl");
+  const std::string key = "operator-secret-0123456789";
+  {
+    auto l = Ledger::open(f.path, {.key = key});
+    REQUIRE(l.ok());
+    for (int i = 0; i < 20; ++i) {
+      REQUIRE(
+          (*l)->append("\"cost_nanos\":" + std::to_string(100 + i), Nanos{i})
+              .ok());
+    }
+  }
+  const std::string text = slurp(f.path);
+  CHECK(verify_ledger(text, {}, key).ok());
+  CHECK(verify_ledger(text, {}, key).records == 20);
+  CHECK_FALSE(verify_ledger(text).ok());  // not a plain SHA-256 chain
+  auto with_key = verify_ledger_file(f.path, {.key = key});
+  REQUIRE(with_key.ok());
+  CHECK(with_key->ok());
+  int seen = 0;
+  CHECK(read_ledger(f.path,
+                    [&](const nlohmann::json&) {
+                      ++seen;
+                      return absl::OkStatus();
+                    },
+                    {.key = key})
+            .ok());
+  CHECK(seen == 20);
+  // Reopened with the key it goes on; with another key it is refused.
+  CHECK(Ledger::open(f.path, {.key = "wrong"}).status().code() ==
+        absl::StatusCode::kDataLoss);
+  {
+    auto l = Ledger::open(f.path, {.key = key});
+    REQUIRE(l.ok());
+    CHECK((*l)->last_seq() == 20);
+  }
+  // An edit re-chained by someone without the key (SHA-256, the only
+  // chain they can compute) does not verify under the key.
+  std::string edited = text;
+  const std::size_t c = edited.find("\"cost_nanos\":105");
+  REQUIRE(c != std::string::npos);
+  edited.replace(c, 16, "\"cost_nanos\":999");
+  edited = rechain(edited);
+  CHECK(verify_ledger(edited).ok());
+  const VerifyResult v = verify_ledger(edited, {}, key);
+  CHECK_FALSE(v.ok());
+  CHECK(v.records == 0);  // record 1's hash is already an unkeyed one
+}

@@ -27,6 +27,10 @@
 // damage (kDataLoss). read_ledger() hands every record to a callback, for
 // replay.
 //
+// Keyed chain: with LedgerOptions::key set, each hash is an HMAC-SHA-256
+// under the operator's key, so that an edit re-chained without the key
+// does not verify (verify with the same key, LedgerReadOptions::key).
+//
 // Needs OpenSSL's libcrypto (SHA-256) and nlohmann-json (reading records).
 #ifndef RATEKEEPER_BUDGET_LEDGER_HPP_
 #define RATEKEEPER_BUDGET_LEDGER_HPP_
@@ -59,6 +63,7 @@
 #include "absl/strings/str_cat.h"
 #include "ratekeeper/budget/audit.hpp"
 #include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/sha256.hpp"
 #include "ratekeeper/detail/strings.hpp"
 
 namespace ratekeeper {
@@ -74,6 +79,9 @@ struct LedgerOptions {
   // kGroupCommit: records nobody waits for (append_nowait) are synced at
   // the latest this long after they were written.
   Nanos lazy_sync_after = std::chrono::milliseconds(50);
+  // Non-empty: a keyed chain, each record's hash an HMAC-SHA-256 under this
+  // key (the operator's secret; the same key reads and verifies it).
+  std::string key = std::string();
 };
 
 // LedgerFile: where records go; PosixLedgerFile by default, another in
@@ -198,6 +206,13 @@ inline std::string sha256_hex(std::string_view data) {
   return out;
 }
 
+// A record's hash: SHA-256 (OpenSSL), or with an operator's key
+// HMAC-SHA-256 (detail/sha256.hpp).
+inline std::string chain_hash(std::string_view key, std::string_view data) {
+  if (key.empty()) return sha256_hex(data);
+  return to_hex(hmac_sha256(key, data));
+}
+
 inline const std::string& zero_hash() {
   static const std::string z(64, '0');
   return z;
@@ -227,7 +242,7 @@ namespace detail {
 // Checks one complete line (without its newline) at byte `pos` against the
 // state in `r` and advances it; false, with r.error set, when it is broken.
 inline bool check_record(VerifyResult& r, std::string_view line,
-                         std::uint64_t pos) {
+                         std::uint64_t pos, std::string_view key = {}) {
   const std::uint64_t seq = r.records + 1;
   auto broken = [&](std::string_view why) {
     r.error = absl::StrCat("record ", seq, " (byte ", pos, "): ", av(why));
@@ -240,7 +255,7 @@ inline bool check_record(VerifyResult& r, std::string_view line,
     return broken("no hash field at its end");
   }
   const std::string_view hash = line.substr(h + kHashFieldLen, 64);
-  if (sha256_hex(line.substr(0, h)) != hash) {
+  if (chain_hash(key, line.substr(0, h)) != hash) {
     return broken("its hash does not match its contents");
   }
   const std::string head = absl::StrCat("{\"seq\":", seq, ",\"t\":");
@@ -334,7 +349,8 @@ class LineReader {
 inline absl::StatusOr<VerifyResult> verify_fd(int fd, const std::string& path,
                                               const VerifyResult& from,
                                               std::size_t chunk,
-                                              std::size_t* capacity) {
+                                              std::size_t* capacity,
+                                              std::string_view key = {}) {
   VerifyResult r = from;
   r.torn_tail = false;
   r.error.clear();
@@ -345,7 +361,7 @@ inline absl::StatusOr<VerifyResult> verify_fd(int fd, const std::string& path,
     absl::StatusOr<bool> more = in.next(line, pos);
     if (!more.ok()) return more.status();
     if (!*more) break;
-    if (!check_record(r, line, pos)) break;
+    if (!check_record(r, line, pos, key)) break;
   }
   r.torn_tail = r.ok() && in.torn();
   if (capacity != nullptr) *capacity = std::max(*capacity, in.capacity());
@@ -362,8 +378,11 @@ inline absl::StatusOr<VerifyResult> verify_fd(int fd, const std::string& path,
 //
 // `from`: resume after a prefix already verified (its VerifyResult): only
 // the bytes from from.good_bytes on are read.
+//
+// `key`: the key of a keyed chain (LedgerOptions::key).
 inline VerifyResult verify_ledger(std::string_view text,
-                                  const VerifyResult& from = {}) {
+                                  const VerifyResult& from = {},
+                                  std::string_view key = {}) {
   VerifyResult r = from;
   r.torn_tail = false;
   r.error.clear();
@@ -374,7 +393,7 @@ inline VerifyResult verify_ledger(std::string_view text,
       r.torn_tail = true;
       break;
     }
-    if (!detail::check_record(r, text.substr(pos, nl - pos), pos)) break;
+    if (!detail::check_record(r, text.substr(pos, nl - pos), pos, key)) break;
     pos = nl + 1;
   }
   return r;
@@ -387,9 +406,11 @@ struct LedgerReadStats {
   std::size_t max_buffer = 0;
   std::uint64_t bytes_read = 0;
 };
+// key: the key of a keyed chain (LedgerOptions::key).
 struct LedgerReadOptions {
   std::size_t chunk = std::size_t{1} << 16;
   LedgerReadStats* stats = nullptr;
+  std::string key = std::string();
 };
 
 // verify_ledger_file
@@ -405,7 +426,7 @@ inline absl::StatusOr<VerifyResult> verify_ledger_file(
   }
   std::size_t cap = 0;
   absl::StatusOr<VerifyResult> v =
-      detail::verify_fd(fd, path, {}, options.chunk, &cap);
+      detail::verify_fd(fd, path, {}, options.chunk, &cap, options.key);
   ::close(fd);
   if (options.stats != nullptr) {
     options.stats->max_buffer = std::max(options.stats->max_buffer, cap);
@@ -448,7 +469,7 @@ inline absl::Status verify_anchor(const std::string& path,
         ::close(fd);
         return more.status();
       }
-      if (!*more || !detail::check_record(r, line, pos)) break;
+      if (!*more || !detail::check_record(r, line, pos, options.key)) break;
     }
     ::close(fd);
   }
@@ -510,7 +531,7 @@ inline absl::Status read_ledger(
   } closer{fd};
   std::size_t cap = 0;
   absl::StatusOr<VerifyResult> v =
-      detail::verify_fd(fd, path, {}, options.chunk, &cap);
+      detail::verify_fd(fd, path, {}, options.chunk, &cap, options.key);
   if (!v.ok()) return v.status();
   if (!v->ok()) return absl::DataLossError(absl::StrCat(path, ": ", v->error));
   detail::LineReader in(fd, path, 0, options.chunk);
@@ -549,8 +570,8 @@ class Ledger final : public AuditSink {
     absl::StatusOr<std::unique_ptr<PosixLedgerFile>> f =
         PosixLedgerFile::open_append(path);
     if (!f.ok()) return f.status();
-    absl::StatusOr<VerifyResult> v =
-        detail::verify_fd((*f)->fd(), path, {}, std::size_t{1} << 16, nullptr);
+    absl::StatusOr<VerifyResult> v = detail::verify_fd(
+        (*f)->fd(), path, {}, std::size_t{1} << 16, nullptr, options.key);
     if (!v.ok()) return v.status();
     if (!v->ok()) {
       return absl::DataLossError(absl::StrCat(path, ": ", v->error));
@@ -606,7 +627,7 @@ class Ledger final : public AuditSink {
     std::string line = absl::StrCat(
         "{\"seq\":", seq, ",\"t\":", t.count(), ",\"prev\":\"", last_hash_,
         "\"", fields.empty() ? "" : ",", detail::av(fields));
-    const std::string hash = detail::sha256_hex(line);
+    const std::string hash = detail::chain_hash(options_.key, line);
     absl::StrAppend(&line, detail::kHashField, hash, "\"}\n");
     if (absl::Status st = file_->write(line); !st.ok()) {
       failed_ = st;
