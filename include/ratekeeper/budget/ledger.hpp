@@ -597,6 +597,13 @@ class Ledger final : public AuditSink {
     }
     sync_cv_.notify_all();
     if (syncer_.joinable()) syncer_.join();
+    // Records nobody waited for (denials, releases) are synced on a clean
+    // close too.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (options_.durability != Durability::kNone && failed_.ok() &&
+        seq_ > synced_) {
+      static_cast<void>(file_->sync());
+    }
   }
 
   // append
