@@ -505,10 +505,18 @@ class Accountant {
   Accountant& operator=(const Accountant&) = delete;
 
   // Every reserve, denial, extension, settle, release, reset and limit
-  // change is appended to `sink` (a Ledger) before it is acknowledged:
-  // settle() returns only once its record is durable, and returns the
-  // sink's error otherwise, with nothing applied. Set before the first
-  // reserve (nullptr: no records); the sink must outlive its use here.
+  // change is appended to `sink` (a Ledger) before it is acknowledged.
+  // settle(), extensions, resets and limit changes return only once their
+  // record is durable (money), and return the sink's error otherwise:
+  // a write error applies nothing; a sync error is returned after the
+  // settle was applied in memory (the record may be on disk; the ledger
+  // refuses everything after it). Denials, releases and reserves are
+  // written without waiting for a sync (append_nowait): a denial costs no
+  // flush, and a reserve's hold is made durable by the sync of its settle
+  // (a crash before then loses the hold of a call still in flight, never a
+  // charge). settle waits for its sync with no lock held, so concurrent
+  // settles share one group sync. Set before the first reserve (nullptr: no
+  // records); the sink must outlive its use here.
   void set_audit(AuditSink* sink) { audit_ = sink; }
 
   // Called (from the thread that crossed it) once per threshold, key and
@@ -641,7 +649,10 @@ class Accountant {
         std::string f = record_head("deny", r);
         f += ",\"binding\":";
         detail::append_json_quoted(f, by == nullptr ? "" : by->limit->name());
-        if (auto st = audit_->append(f, now); !st.ok()) return st.status();
+        // Written, not waited for: a denial is not money.
+        if (auto st = audit_->append_nowait(f, now); !st.ok()) {
+          return st.status();
+        }
       }
       return absl::OkStatus();
     }
@@ -659,7 +670,10 @@ class Accountant {
                       ",\"prompt\":", e.prompt_tokens,
                       ",\"max_output\":", e.max_output_tokens);
       append_items(f, r, [](const auto& it) { return it.held; });
-      absl::StatusOr<std::uint64_t> seq = audit_->append(f, now);
+      // Written, not waited for: a hold is not a charge. The settle that
+      // charges it is durable before it returns, and so, with it, is this
+      // record (a sync covers every record written before it).
+      absl::StatusOr<std::uint64_t> seq = audit_->append_nowait(f, now);
       if (!seq.ok()) {
         // Not recorded, not granted: give it all back, rate limits included.
         chain_.give_back(r.decision_);
@@ -1022,8 +1036,29 @@ class Accountant {
                       used.source != UsageSource::kReported};
   }
 
+  // Records the settlement of `r` with the shard of its id locked (the
+  // first settle of an id wins), waits for its record to be durable with no
+  // lock held (so that one group sync covers the settles of every shard
+  // written meanwhile), then applies it to the budgets. A sync error applies
+  // nothing: `r` keeps its holds until released, and the ledger refuses
+  // every later record.
   absl::StatusOr<Settlement> settle_reservation(Reservation<C>& r,
                                                 const Usage& used) {
+    std::uint64_t seq = 0;
+    bool fresh = false;
+    absl::StatusOr<Settlement> s = settle_locked(r, used, seq, fresh);
+    if (!s.ok()) return s;
+    if (seq != 0 && audit_ != nullptr) {
+      if (absl::Status st = audit_->wait_durable(seq); !st.ok()) return st;
+    }
+    if (fresh) apply_settlement(r, *s);
+    return s;
+  }
+
+  // `seq`: the record written (0: none); `fresh`: a new settlement, to be
+  // applied.
+  absl::StatusOr<Settlement> settle_locked(Reservation<C>& r, const Usage& used,
+                                           std::uint64_t& seq, bool& fresh) {
     const auto key = detail::SettledIds::key(r.request_id_);
     auto& shard = settled_.shard_of(key);
     detail::MutexLock lock(&shard.mu);
@@ -1031,8 +1066,9 @@ class Accountant {
         first != nullptr) {
       // Settled already (a retried settle, or two reservations of one id in
       // flight at once): this reservation's holds go back, the first
-      // settlement stands.
-      give_back(r);
+      // settlement stands. Returned once durable: the release record,
+      // written after the first settle's, is waited for.
+      seq = give_back(r);
       return *first;
     }
     if (r.done_) {
@@ -1053,9 +1089,23 @@ class Accountant {
       append_items(f, r, [&](const auto& it) {
         return detail::budget_amount(it.money, s->cost, s->tokens);
       });
-      // Acknowledged only once recorded: on error nothing is applied.
-      if (auto st = audit_->append(f, now); !st.ok()) return st.status();
+      // Written here, in the order of this id's settles; the caller waits
+      // for it to be durable once the lock is released. A write error
+      // applies nothing; a sync error, after, is returned (the ledger then
+      // refuses every later record, so nothing more is granted).
+      absl::StatusOr<std::uint64_t> w = audit_->append_nowait(f, now);
+      if (!w.ok()) return w.status();
+      seq = *w;
     }
+    settled_.remember(shard, key, *s);
+    fresh = true;
+    return *s;
+  }
+
+  // Applies a recorded settlement to the budgets and rate limits of `r`
+  // (only its owner's thread touches `r`; the limits are thread-safe).
+  void apply_settlement(Reservation<C>& r, const Settlement& settled) {
+    const Settlement* s = &settled;
     // A call's spend belongs to the period it was reserved in: each budget's
     // receipts carry that period, in both directions (PeriodBudget::settle).
     const Nanos now = clock_.now();
@@ -1085,8 +1135,6 @@ class Accountant {
       }
     }
     r.done_ = true;
-    settled_.remember(shard, key, *s);
-    return *s;
   }
 
   // Settles budget `i` of `r` to `actual` through its receipts (the
@@ -1123,22 +1171,26 @@ class Accountant {
   void release_reservation(Reservation<C>& r) noexcept {
     auto& shard = settled_.shard_of(detail::SettledIds::key(r.request_id_));
     detail::MutexLock lock(&shard.mu);
-    give_back(r);
+    static_cast<void>(give_back(r));
   }
 
   // Gives back everything `r` holds, through its receipts: the budgets (to
   // the period each was counted in) and the rate limits passed to
   // reserve(). The shard of its id locked (a settle of the same id through
   // another reservation waits).
-  void give_back(Reservation<C>& r) noexcept {
-    if (r.done_) return;
+  // Returns the release record's sequence number (0: none written).
+  std::uint64_t give_back(Reservation<C>& r) noexcept {
+    if (r.done_) return 0;
+    std::uint64_t seq = 0;
     if (audit_ != nullptr) {
       std::string f = record_head("release", r);
       append_items(f, r, [](const auto& it) { return it.held; });
       // A release that cannot be recorded is still applied: holding the
       // budget forever would be worse, and replay of a ledger without it
-      // keeps the reservation held (the conservative side).
-      static_cast<void>(audit_->append(f, clock_.now()));
+      // keeps the reservation held (the conservative side). Written, not
+      // waited for (it gives money back).
+      absl::StatusOr<std::uint64_t> w = audit_->append_nowait(f, clock_.now());
+      if (w.ok()) seq = *w;
     }
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       static_cast<void>(settle_item(r, i, 0));
@@ -1146,6 +1198,7 @@ class Accountant {
     }
     chain_.give_back(r.decision_);  // the rate limits' receipts
     r.done_ = true;
+    return seq;
   }
 
   absl::StatusOr<bool> extend(Reservation<C>& r, std::uint64_t output) {

@@ -1,9 +1,11 @@
 // ratekeeper/budget/audit.hpp: where the accountant writes its records.
 //
-// Defines AuditSink, the one call the accountant needs from a ledger:
-// append a record and say when it is durable. Ledger (ledger.hpp) is the
-// file-backed, hash-chained one; a test or an embedder may supply another.
-// Kept apart so that the accountant needs neither OpenSSL nor nlohmann.
+// Defines AuditSink, what the accountant needs from a ledger: append a
+// record, and say when it is durable (append waits; append_nowait and
+// wait_durable split the two, so that a caller waits outside its locks). Ledger
+// (ledger.hpp) is the file-backed, hash-chained one; a test or an embedder may
+// supply another. Kept apart so that the accountant needs neither OpenSSL nor
+// nlohmann.
 #ifndef RATEKEEPER_BUDGET_AUDIT_HPP_
 #define RATEKEEPER_BUDGET_AUDIT_HPP_
 
@@ -11,6 +13,7 @@
 #include <string>
 #include <string_view>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "ratekeeper/decision.hpp"
 
@@ -23,6 +26,22 @@ class AuditSink {
   // returns its sequence number once durable, or why it is not.
   virtual absl::StatusOr<std::uint64_t> append(std::string_view fields,
                                                Nanos t) = 0;
+  // Writes one record without waiting for it to be durable (denials,
+  // releases and reserves, which are not money); returns its sequence
+  // number, for wait_durable. Records keep their order: a record written
+  // before another is durable no later than it. The default is append (a
+  // sink with nothing cheaper).
+  virtual absl::StatusOr<std::uint64_t> append_nowait(std::string_view fields,
+                                                      Nanos t) {
+    return append(fields, t);
+  }
+  // Returns once record `seq` (and every one before it) is durable, or why
+  // it cannot be. Called with no lock of the caller held, so that one
+  // flush covers every record written meanwhile. Default: already durable.
+  virtual absl::Status wait_durable(std::uint64_t seq) {
+    static_cast<void>(seq);
+    return absl::OkStatus();
+  }
 };
 
 namespace detail {

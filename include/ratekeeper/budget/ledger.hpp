@@ -7,10 +7,19 @@
 //
 // written with the caller's durability: kFsyncEach (append returns once the
 // record is on disk), kGroupCommit (records written at once, one fdatasync
-// every interval for all of them; append returns once its record is
-// synced), or kNone (page cache only). An fsync error is returned, and the
-// ledger refuses every later append: it never reports success after a
-// failed fsync (the kernel may have dropped the pages).
+// for all records written while the previous one ran, from a thread of its
+// own; append returns once its record is synced), or kNone (page cache
+// only). append_nowait writes without waiting (the accountant's denials,
+// releases and reserves); wait_durable waits for one record, with none of
+// the caller's locks held. An fsync error is returned, and the ledger
+// refuses every later append: it never reports success after a failed
+// fsync (the kernel may have dropped the pages).
+//
+// One writer: open() takes an exclusive flock(2) on the file (a second
+// open, in this process or another, is kFailedPrecondition), and fsyncs
+// the directory after creating the file (so the file's name survives a
+// crash, not only its contents). Reading is streamed (a bounded buffer,
+// never the whole file in memory).
 //
 // verify_ledger() walks a file and names the first record whose hash, chain
 // or sequence is wrong. Ledger::open() cuts a torn last line (a write cut
@@ -18,12 +27,17 @@
 // damage (kDataLoss). read_ledger() hands every record to a callback, for
 // replay.
 //
+// Keyed chain: with LedgerOptions::key set, each hash is an HMAC-SHA-256
+// under the operator's key, so that an edit re-chained without the key
+// does not verify (verify with the same key, LedgerReadOptions::key).
+//
 // Needs OpenSSL's libcrypto (SHA-256) and nlohmann-json (reading records).
 #ifndef RATEKEEPER_BUDGET_LEDGER_HPP_
 #define RATEKEEPER_BUDGET_LEDGER_HPP_
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -49,6 +63,7 @@
 #include "absl/strings/str_cat.h"
 #include "ratekeeper/budget/audit.hpp"
 #include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/sha256.hpp"
 #include "ratekeeper/detail/strings.hpp"
 
 namespace ratekeeper {
@@ -57,7 +72,16 @@ enum class Durability : std::uint8_t { kNone, kFsyncEach, kGroupCommit };
 
 struct LedgerOptions {
   Durability durability = Durability::kFsyncEach;
-  Nanos group_commit_interval = std::chrono::milliseconds(2);
+  // kGroupCommit: the least time between the starts of two syncs. 0 (the
+  // default): a sync starts as soon as a record waits and the previous sync
+  // has ended, so each covers every record written while the last one ran.
+  Nanos group_commit_interval = Nanos{0};
+  // kGroupCommit: records nobody waits for (append_nowait) are synced at
+  // the latest this long after they were written.
+  Nanos lazy_sync_after = std::chrono::milliseconds(50);
+  // Non-empty: a keyed chain, each record's hash an HMAC-SHA-256 under this
+  // key (the operator's secret; the same key reads and verifies it).
+  std::string key = std::string();
 };
 
 // LedgerFile: where records go; PosixLedgerFile by default, another in
@@ -74,12 +98,67 @@ class LedgerFile {
 
 class PosixLedgerFile final : public LedgerFile {
  public:
+  // open_append
+  //
+  // Opens (or creates) `path` for appending, holding an exclusive flock(2)
+  // on it until closed: kFailedPrecondition when another open file (here or
+  // in another process) holds it. A file it creates has its directory
+  // fsynced before this returns.
   static absl::StatusOr<std::unique_ptr<PosixLedgerFile>> open_append(
       const std::string& path) {
+    struct stat st {};
+    const bool existed = ::stat(path.c_str(), &st) == 0;
     const int fd =
-        ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+        ::open(path.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) return errno_status("open", path);
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      const int e = errno;
+      ::close(fd);
+      if (e == EWOULDBLOCK) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "ledger ", path,
+            ": another writer holds it (flock); one ledger has one writer"));
+      }
+      errno = e;
+      return errno_status("flock", path);
+    }
+    if (!existed) {
+      if (absl::Status s = sync_dir_of(path); !s.ok()) {
+        ::close(fd);
+        return s;
+      }
+    }
     return std::unique_ptr<PosixLedgerFile>(new PosixLedgerFile(fd, path));
+  }
+
+  // fsyncs the directory holding `path` (its entry, after a create).
+  static absl::Status sync_dir_of(const std::string& path) {
+    const std::size_t slash = path.rfind('/');
+    const std::string dir = slash == std::string::npos ? std::string(".")
+                            : slash == 0               ? std::string("/")
+                                                       : path.substr(0, slash);
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) return errno_status("open directory", dir);
+    const int rc = ::fsync(dfd);
+    const int e = errno;
+    ::close(dfd);
+    if (rc != 0) {
+      errno = e;
+      return errno_status("fsync directory", dir);
+    }
+    return absl::OkStatus();
+  }
+
+  int fd() const noexcept { return fd_; }
+  const std::string& path() const noexcept { return path_; }
+
+  // Cuts the file to `size` bytes (a torn last line) and syncs it.
+  absl::Status truncate(std::uint64_t size) {
+    if (::ftruncate(fd_, static_cast<off_t>(size)) != 0 ||
+        ::fdatasync(fd_) != 0) {
+      return errno_status("truncate", path_);
+    }
+    return absl::OkStatus();
   }
   ~PosixLedgerFile() override { ::close(fd_); }
 
@@ -127,6 +206,13 @@ inline std::string sha256_hex(std::string_view data) {
   return out;
 }
 
+// A record's hash: SHA-256 (OpenSSL), or with an operator's key
+// HMAC-SHA-256 (detail/sha256.hpp).
+inline std::string chain_hash(std::string_view key, std::string_view data) {
+  if (key.empty()) return sha256_hex(data);
+  return to_hex(hmac_sha256(key, data));
+}
+
 inline const std::string& zero_hash() {
   static const std::string z(64, '0');
   return z;
@@ -151,6 +237,139 @@ struct VerifyResult {
   bool ok() const { return error.empty(); }
 };
 
+namespace detail {
+
+// Checks one complete line (without its newline) at byte `pos` against the
+// state in `r` and advances it; false, with r.error set, when it is broken.
+inline bool check_record(VerifyResult& r, std::string_view line,
+                         std::uint64_t pos, std::string_view key = {}) {
+  const std::uint64_t seq = r.records + 1;
+  auto broken = [&](std::string_view why) {
+    r.error = absl::StrCat("record ", seq, " (byte ", pos, "): ", av(why));
+    return false;
+  };
+  const std::size_t h = line.rfind(kHashField);
+  if (h == std::string_view::npos ||
+      line.size() != h + kHashFieldLen + 64 + 2 ||
+      line.substr(line.size() - 2) != "\"}") {
+    return broken("no hash field at its end");
+  }
+  const std::string_view hash = line.substr(h + kHashFieldLen, 64);
+  if (chain_hash(key, line.substr(0, h)) != hash) {
+    return broken("its hash does not match its contents");
+  }
+  const std::string head = absl::StrCat("{\"seq\":", seq, ",\"t\":");
+  if (line.substr(0, head.size()) != head) {
+    return broken("its seq is not the next one");
+  }
+  std::size_t after_t = head.size();
+  if (after_t < line.size() && line[after_t] == '-') ++after_t;
+  while (after_t < line.size() && line[after_t] >= '0' &&
+         line[after_t] <= '9') {
+    ++after_t;
+  }
+  const std::string prev = absl::StrCat(",\"prev\":\"", r.last_hash, "\"");
+  if (line.substr(after_t, prev.size()) != prev) {
+    return broken("its prev is not the previous record's hash");
+  }
+  r.last_hash = std::string(hash);
+  ++r.records;
+  r.good_bytes = pos + line.size() + 1;
+  return true;
+}
+
+// LineReader: the complete lines of a file, read with pread(2) in chunks
+// into one buffer that holds at most a chunk or twice the longest line,
+// whichever is more: memory bounded whatever the file's size.
+class LineReader {
+ public:
+  LineReader(int fd, std::string path, std::uint64_t from,
+             std::size_t chunk = std::size_t{1} << 16)
+      : fd_(fd), path_(std::move(path)), off_(from), line_off_(from) {
+    buf_.resize(std::max<std::size_t>(chunk, 16));
+  }
+
+  // The next complete line (without its newline) in `line`, its byte
+  // offset in `pos`: true; false at the end (torn() when bytes were left
+  // without a newline).
+  absl::StatusOr<bool> next(std::string_view& line, std::uint64_t& pos) {
+    for (;;) {
+      const char* b = buf_.data() + begin_;
+      const void* nl = std::memchr(b, '\n', end_ - begin_);
+      if (nl != nullptr) {
+        const std::size_t len =
+            static_cast<std::size_t>(static_cast<const char*>(nl) - b);
+        line = std::string_view(b, len);
+        pos = line_off_;
+        begin_ += len + 1;
+        line_off_ += len + 1;
+        return true;
+      }
+      if (eof_) {
+        torn_ = end_ > begin_;
+        return false;
+      }
+      // Keep the partial line, at the front; grow only when one line
+      // fills the whole buffer.
+      if (begin_ > 0) {
+        std::memmove(buf_.data(), buf_.data() + begin_, end_ - begin_);
+        end_ -= begin_;
+        begin_ = 0;
+      }
+      if (end_ == buf_.size()) buf_.resize(buf_.size() * 2);
+      const ssize_t n = ::pread(fd_, buf_.data() + end_, buf_.size() - end_,
+                                static_cast<off_t>(off_));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return PosixLedgerFile::errno_status("read", path_);
+      }
+      if (n == 0) eof_ = true;
+      end_ += static_cast<std::size_t>(n);
+      off_ += static_cast<std::uint64_t>(n);
+      bytes_read_ += static_cast<std::uint64_t>(n);
+    }
+  }
+
+  bool torn() const noexcept { return torn_; }
+  std::size_t capacity() const noexcept { return buf_.size(); }
+  std::uint64_t bytes_read() const noexcept { return bytes_read_; }
+
+ private:
+  int fd_;
+  std::string path_;
+  std::uint64_t off_;       // of the next pread
+  std::uint64_t line_off_;  // of buf_[begin_]
+  std::string buf_;
+  std::size_t begin_ = 0, end_ = 0;
+  bool eof_ = false, torn_ = false;
+  std::uint64_t bytes_read_ = 0;
+};
+
+// Verifies the file open as `fd` from `from` on, streamed.
+inline absl::StatusOr<VerifyResult> verify_fd(int fd, const std::string& path,
+                                              const VerifyResult& from,
+                                              std::size_t chunk,
+                                              std::size_t* capacity,
+                                              std::string_view key = {}) {
+  VerifyResult r = from;
+  r.torn_tail = false;
+  r.error.clear();
+  LineReader in(fd, path, from.good_bytes, chunk);
+  std::string_view line;
+  std::uint64_t pos = 0;
+  for (;;) {
+    absl::StatusOr<bool> more = in.next(line, pos);
+    if (!more.ok()) return more.status();
+    if (!*more) break;
+    if (!check_record(r, line, pos, key)) break;
+  }
+  r.torn_tail = r.ok() && in.torn();
+  if (capacity != nullptr) *capacity = std::max(*capacity, in.capacity());
+  return r;
+}
+
+}  // namespace detail
+
 // verify_ledger
 //
 // Checks every complete line: its hash over the line up to the hash field,
@@ -159,8 +378,11 @@ struct VerifyResult {
 //
 // `from`: resume after a prefix already verified (its VerifyResult): only
 // the bytes from from.good_bytes on are read.
+//
+// `key`: the key of a keyed chain (LedgerOptions::key).
 inline VerifyResult verify_ledger(std::string_view text,
-                                  const VerifyResult& from = {}) {
+                                  const VerifyResult& from = {},
+                                  std::string_view key = {}) {
   VerifyResult r = from;
   r.torn_tail = false;
   r.error.clear();
@@ -171,46 +393,98 @@ inline VerifyResult verify_ledger(std::string_view text,
       r.torn_tail = true;
       break;
     }
-    const std::string_view line = text.substr(pos, nl - pos);
-    const std::uint64_t seq = r.records + 1;
-    auto broken = [&](std::string_view why) {
-      r.error =
-          absl::StrCat("record ", seq, " (byte ", pos, "): ", detail::av(why));
-    };
-    const std::size_t h = line.rfind(detail::kHashField);
-    if (h == std::string_view::npos ||
-        line.size() != h + detail::kHashFieldLen + 64 + 2 ||
-        line.substr(line.size() - 2) != "\"}") {
-      broken("no hash field at its end");
-      break;
-    }
-    const std::string_view hash = line.substr(h + detail::kHashFieldLen, 64);
-    if (detail::sha256_hex(line.substr(0, h)) != hash) {
-      broken("its hash does not match its contents");
-      break;
-    }
-    const std::string head = absl::StrCat("{\"seq\":", seq, ",\"t\":");
-    if (line.substr(0, head.size()) != head) {
-      broken("its seq is not the next one");
-      break;
-    }
-    std::size_t after_t = head.size();
-    if (after_t < line.size() && line[after_t] == '-') ++after_t;
-    while (after_t < line.size() && line[after_t] >= '0' &&
-           line[after_t] <= '9') {
-      ++after_t;
-    }
-    const std::string prev = absl::StrCat(",\"prev\":\"", r.last_hash, "\"");
-    if (line.substr(after_t, prev.size()) != prev) {
-      broken("its prev is not the previous record's hash");
-      break;
-    }
-    r.last_hash = std::string(hash);
-    ++r.records;
+    if (!detail::check_record(r, text.substr(pos, nl - pos), pos, key)) break;
     pos = nl + 1;
-    r.good_bytes = pos;
   }
   return r;
+}
+
+// LedgerReadOptions: how files are read. chunk: the read size and the
+// smallest buffer (the buffer grows past it only for a longer line).
+// stats, if set, receives the largest buffer used and the bytes read.
+struct LedgerReadStats {
+  std::size_t max_buffer = 0;
+  std::uint64_t bytes_read = 0;
+};
+// key: the key of a keyed chain (LedgerOptions::key).
+struct LedgerReadOptions {
+  std::size_t chunk = std::size_t{1} << 16;
+  LedgerReadStats* stats = nullptr;
+  std::string key = std::string();
+};
+
+// verify_ledger_file
+//
+// verify_ledger on the file at `path`, streamed in bounded memory (a file
+// that does not exist verifies, empty).
+inline absl::StatusOr<VerifyResult> verify_ledger_file(
+    const std::string& path, LedgerReadOptions options = {}) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return VerifyResult{};
+    return PosixLedgerFile::errno_status("open", path);
+  }
+  std::size_t cap = 0;
+  absl::StatusOr<VerifyResult> v =
+      detail::verify_fd(fd, path, {}, options.chunk, &cap, options.key);
+  ::close(fd);
+  if (options.stats != nullptr) {
+    options.stats->max_buffer = std::max(options.stats->max_buffer, cap);
+    if (v.ok()) options.stats->bytes_read += v->good_bytes;
+  }
+  return v;
+}
+
+// LedgerAnchor: a ledger's head, to keep where the ledger's writer cannot
+// rewrite it (another host, a WORM bucket, a signed log): how many records
+// it had and the hash of the last. Ledger::anchor() takes one;
+// verify_anchor() checks a file against it.
+struct LedgerAnchor {
+  std::uint64_t records = 0;
+  std::string hash = detail::zero_hash();
+};
+
+// verify_anchor
+//
+// OK when the file at `path` verifies up to record `anchor.records` and
+// that record's hash is `anchor.hash` (records after it are not looked
+// at). kDataLoss when it has fewer records (its tail was cut), when that
+// record's hash differs (a record up to it was rewritten, even if the
+// whole chain was recomputed), or when the chain breaks before it.
+inline absl::Status verify_anchor(const std::string& path,
+                                  const LedgerAnchor& anchor,
+                                  LedgerReadOptions options = {}) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 && errno != ENOENT) {
+    return PosixLedgerFile::errno_status("open", path);
+  }
+  VerifyResult r;
+  if (fd >= 0) {
+    detail::LineReader in(fd, path, 0, options.chunk);
+    std::string_view line;
+    std::uint64_t pos = 0;
+    while (r.records < anchor.records) {
+      absl::StatusOr<bool> more = in.next(line, pos);
+      if (!more.ok()) {
+        ::close(fd);
+        return more.status();
+      }
+      if (!*more || !detail::check_record(r, line, pos, options.key)) break;
+    }
+    ::close(fd);
+  }
+  if (!r.ok()) return absl::DataLossError(absl::StrCat(path, ": ", r.error));
+  if (r.records < anchor.records) {
+    return absl::DataLossError(
+        absl::StrCat(path, ": ", r.records, " records, the anchor has ",
+                     anchor.records, ": the ledger's tail was cut"));
+  }
+  if (r.last_hash != anchor.hash) {
+    return absl::DataLossError(absl::StrCat(
+        path, ": record ", anchor.records,
+        "'s hash is not the anchor's: the ledger was rewritten up to it"));
+  }
+  return absl::OkStatus();
 }
 
 inline absl::StatusOr<std::string> read_file(const std::string& path) {
@@ -239,26 +513,45 @@ inline absl::StatusOr<std::string> read_file(const std::string& path) {
 // read_ledger
 //
 // Verifies `path` and hands each record, parsed, to `fn` in order (a torn
-// tail is skipped). kDataLoss naming the first broken record otherwise.
+// tail is skipped). kDataLoss naming the first broken record otherwise,
+// before any record is handed on. Two streamed passes (verify, then read)
+// in a bounded buffer: memory does not grow with the file.
 inline absl::Status read_ledger(
     const std::string& path,
-    const std::function<absl::Status(const nlohmann::json&)>& fn) {
-  absl::StatusOr<std::string> text = read_file(path);
-  if (!text.ok()) return text.status();
-  const VerifyResult v = verify_ledger(*text);
-  if (!v.ok()) return absl::DataLossError(absl::StrCat(path, ": ", v.error));
-  std::size_t pos = 0;
-  while (pos < v.good_bytes) {
-    const std::size_t nl = text->find('\n', pos);
-    const nlohmann::json j = nlohmann::json::parse(
-        text->begin() + static_cast<std::ptrdiff_t>(pos),
-        text->begin() + static_cast<std::ptrdiff_t>(nl), nullptr, false);
+    const std::function<absl::Status(const nlohmann::json&)>& fn,
+    LedgerReadOptions options = {}) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return absl::OkStatus();
+    return PosixLedgerFile::errno_status("open", path);
+  }
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  std::size_t cap = 0;
+  absl::StatusOr<VerifyResult> v =
+      detail::verify_fd(fd, path, {}, options.chunk, &cap, options.key);
+  if (!v.ok()) return v.status();
+  if (!v->ok()) return absl::DataLossError(absl::StrCat(path, ": ", v->error));
+  detail::LineReader in(fd, path, 0, options.chunk);
+  std::string_view line;
+  std::uint64_t pos = 0;
+  while (pos < v->good_bytes) {
+    absl::StatusOr<bool> more = in.next(line, pos);
+    if (!more.ok()) return more.status();
+    if (!*more || pos >= v->good_bytes) break;
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
     if (j.is_discarded()) {
       return absl::DataLossError(
           absl::StrCat(path, ": a record at byte ", pos, " is not JSON"));
     }
     if (absl::Status st = fn(j); !st.ok()) return st;
-    pos = nl + 1;
+  }
+  if (options.stats != nullptr) {
+    options.stats->max_buffer =
+        std::max({options.stats->max_buffer, cap, in.capacity()});
+    options.stats->bytes_read += v->good_bytes + in.bytes_read();
   }
   return absl::OkStatus();
 }
@@ -268,25 +561,26 @@ class Ledger final : public AuditSink {
  public:
   // open
   //
-  // Opens (or creates) `path` for appending after verifying it: a torn last
-  // line is cut; any other damage is kDataLoss and nothing is opened.
+  // Opens (or creates) `path` for appending after verifying it (streamed):
+  // a torn last line is cut; any other damage is kDataLoss and nothing is
+  // opened. kFailedPrecondition while another Ledger (here or in another
+  // process) has the file open.
   static absl::StatusOr<std::unique_ptr<Ledger>> open(
       const std::string& path, LedgerOptions options = {}) {
-    absl::StatusOr<std::string> text = read_file(path);
-    if (!text.ok()) return text.status();
-    const VerifyResult v = verify_ledger(*text);
-    if (!v.ok()) {
-      return absl::DataLossError(absl::StrCat(path, ": ", v.error));
-    }
-    if (v.torn_tail &&
-        ::truncate(path.c_str(), static_cast<off_t>(v.good_bytes)) != 0) {
-      return PosixLedgerFile::errno_status("truncate", path);
-    }
     absl::StatusOr<std::unique_ptr<PosixLedgerFile>> f =
         PosixLedgerFile::open_append(path);
     if (!f.ok()) return f.status();
+    absl::StatusOr<VerifyResult> v = detail::verify_fd(
+        (*f)->fd(), path, {}, std::size_t{1} << 16, nullptr, options.key);
+    if (!v.ok()) return v.status();
+    if (!v->ok()) {
+      return absl::DataLossError(absl::StrCat(path, ": ", v->error));
+    }
+    if (v->torn_tail) {
+      if (absl::Status st = (*f)->truncate(v->good_bytes); !st.ok()) return st;
+    }
     return std::unique_ptr<Ledger>(
-        new Ledger(*std::move(f), options, v.records, v.last_hash));
+        new Ledger(*std::move(f), options, v->records, v->last_hash));
   }
 
   // With a file of your own (tests inject failures), starting a new chain.
@@ -301,8 +595,15 @@ class Ledger final : public AuditSink {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
     }
-    cv_.notify_all();
+    sync_cv_.notify_all();
     if (syncer_.joinable()) syncer_.join();
+    // Records nobody waited for (denials, releases) are synced on a clean
+    // close too.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (options_.durability != Durability::kNone && failed_.ok() &&
+        seq_ > synced_) {
+      static_cast<void>(file_->sync());
+    }
   }
 
   // append
@@ -313,42 +614,83 @@ class Ledger final : public AuditSink {
   // and for every append after a failed write or sync.
   absl::StatusOr<std::uint64_t> append(std::string_view fields,
                                        Nanos t) override {
-    std::unique_lock<std::mutex> lock(mu_);
+    absl::StatusOr<std::uint64_t> seq = append_nowait(fields, t);
+    if (!seq.ok()) return seq;
+    if (absl::Status st = wait_durable(*seq); !st.ok()) return st;
+    return seq;
+  }
+
+  // append_nowait
+  //
+  // Writes one record (to the page cache) and returns its sequence number
+  // without waiting for a sync; wait_durable(seq) waits for it. Under
+  // kGroupCommit a record nobody waits for is synced within
+  // lazy_sync_after; otherwise with the next record waited for.
+  absl::StatusOr<std::uint64_t> append_nowait(std::string_view fields,
+                                              Nanos t) override {
+    std::lock_guard<std::mutex> lock(mu_);
     if (!failed_.ok()) return failed_;
     const std::uint64_t seq = seq_ + 1;
     std::string line = absl::StrCat(
         "{\"seq\":", seq, ",\"t\":", t.count(), ",\"prev\":\"", last_hash_,
         "\"", fields.empty() ? "" : ",", detail::av(fields));
-    const std::string hash = detail::sha256_hex(line);
+    const std::string hash = detail::chain_hash(options_.key, line);
     absl::StrAppend(&line, detail::kHashField, hash, "\"}\n");
     if (absl::Status st = file_->write(line); !st.ok()) {
       failed_ = st;
       return st;
     }
+    if (seq_ == synced_) first_unsynced_ = std::chrono::steady_clock::now();
     seq_ = seq;
     last_hash_ = hash;
-    switch (options_.durability) {
-      case Durability::kNone:
-        return seq;
-      case Durability::kFsyncEach:
-        if (absl::Status st = file_->sync(); !st.ok()) {
-          failed_ = st;
-          return st;
-        }
-        synced_ = seq;
-        return seq;
-      case Durability::kGroupCommit:
-        if (seq == synced_ + 1) cv_.notify_all();  // the syncer may be idle
-        cv_.wait(lock, [&] { return synced_ >= seq || !failed_.ok(); });
-        if (synced_ >= seq) return seq;
-        return failed_;
-    }
     return seq;
+  }
+
+  // wait_durable
+  //
+  // Returns once record `seq` and every one before it are synced (kNone:
+  // at once), or the sync's error. Concurrent waiters share one sync: it
+  // covers every record written before it started.
+  absl::Status wait_durable(std::uint64_t seq) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (options_.durability == Durability::kNone) return failed_;
+    while (synced_ < seq && failed_.ok()) {
+      if (options_.durability == Durability::kGroupCommit) {
+        // Always: a count of waiters may still include some that a sync
+        // has covered and that have not yet woken to leave.
+        ++waiting_;
+        sync_cv_.notify_one();
+        done_cv_.wait(lock);
+        --waiting_;
+        continue;
+      }
+      // kFsyncEach: this caller syncs, unless a sync is running (it may
+      // not cover this record: wait for it, then look again).
+      if (syncing_) {
+        done_cv_.wait(lock);
+        continue;
+      }
+      sync_locked(lock);
+    }
+    return synced_ >= seq ? absl::OkStatus() : failed_;
   }
 
   std::uint64_t last_seq() const {
     std::lock_guard<std::mutex> lock(mu_);
     return seq_;
+  }
+
+  // The head now (every record written, synced or not): store it outside
+  // the ledger's reach, and check the file later with verify_anchor().
+  LedgerAnchor anchor() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return LedgerAnchor{seq_, last_hash_};
+  }
+
+  // How many syncs the ledger has made (for tests and benchmarks).
+  std::uint64_t syncs() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return syncs_;
   }
 
  private:
@@ -364,41 +706,61 @@ class Ledger final : public AuditSink {
     }
   }
 
-  // At most one sync per interval, for every record written before it
-  // starts. The sync runs outside mu_: appends go on writing meanwhile, and
-  // the next sync covers them.
+  // One sync of every record written so far, run with mu_ released
+  // (appends go on writing meanwhile; the next sync covers them).
+  void sync_locked(std::unique_lock<std::mutex>& lock) {
+    const std::uint64_t upto = seq_;
+    syncing_ = true;
+    lock.unlock();
+    const absl::Status st = file_->sync();
+    lock.lock();
+    syncing_ = false;
+    ++syncs_;
+    if (st.ok()) {
+      synced_ = std::max(synced_, upto);
+    } else if (failed_.ok()) {
+      failed_ = st;
+    }
+    done_cv_.notify_all();
+  }
+
+  // Syncs while records wait (no more than one sync start per
+  // group_commit_interval), and records nobody waits for within
+  // lazy_sync_after of the first of them.
   void group_commit() {
     std::unique_lock<std::mutex> lock(mu_);
     auto next = std::chrono::steady_clock::now();
     while (!stop_) {
-      if (seq_ == synced_ || !failed_.ok() ||
-          std::chrono::steady_clock::now() < next) {
-        cv_.wait_until(lock, seq_ == synced_
-                                 ? std::chrono::steady_clock::now() +
-                                       options_.group_commit_interval
-                                 : next);
+      const auto now = std::chrono::steady_clock::now();
+      if (seq_ == synced_ || !failed_.ok()) {
+        sync_cv_.wait(lock);
         continue;
       }
-      const std::uint64_t upto = seq_;
-      next = std::chrono::steady_clock::now() + options_.group_commit_interval;
-      lock.unlock();
-      const absl::Status st = file_->sync();
-      lock.lock();
-      if (st.ok()) {
-        synced_ = std::max(synced_, upto);
-      } else if (failed_.ok()) {
-        failed_ = st;
+      if (waiting_ == 0 && now < first_unsynced_ + options_.lazy_sync_after) {
+        sync_cv_.wait_until(lock, first_unsynced_ + options_.lazy_sync_after);
+        continue;
       }
-      cv_.notify_all();
+      if (now < next) {
+        sync_cv_.wait_until(lock, next);
+        continue;
+      }
+      next = now + options_.group_commit_interval;
+      sync_locked(lock);
+      if (seq_ != synced_) first_unsynced_ = std::chrono::steady_clock::now();
     }
   }
 
   std::unique_ptr<LedgerFile> file_;
   const LedgerOptions options_;
   mutable std::mutex mu_;
-  std::condition_variable cv_;
+  std::condition_variable sync_cv_;  // the syncer: a record waits, or stop
+  std::condition_variable done_cv_;  // waiters: a sync ended
   std::uint64_t seq_;
   std::uint64_t synced_;
+  std::uint64_t syncs_ = 0;
+  std::uint64_t waiting_ = 0;
+  bool syncing_ = false;
+  std::chrono::steady_clock::time_point first_unsynced_{};
   std::string last_hash_;
   absl::Status failed_;
   bool stop_ = false;
