@@ -750,9 +750,30 @@ class ShardedStore {
         return std::nullopt;
       }
       const Step<State> r = op(detail::from_u128<State>(cur));
-      // Denials, peeks and unchanged states still go through the CAS (as
-      // cur -> cur): it is what proves `cur` was a real, untorn snapshot.
       const u128 next = write ? detail::to_u128(r.next) : cur;
+      if (next == cur && !add_aux && detail::Atomic16::loads_are_atomic()) {
+        // A denial, a peek, an unchanged state, decided from an untorn load
+        // (MOVDQA on AVX x86-64, or a load under the stripe lock): nothing
+        // to write, so no CAS and the line is not taken exclusive. The
+        // load is the decision's linearisation point. It read this key's
+        // state if the key word, loaded after it (acquire; on x86 loads are
+        // not reordered with later loads either), is still the word the
+        // lookup found: every retirement (reclaim, eviction, move, grow)
+        // first swaps the state for the tombstone (seq_cst CAS) and only
+        // then changes the word (release), so a state loaded from a slot
+        // that then changed hands is either the tombstone (handled above)
+        // or is followed by a changed word here; a slot that changed hands
+        // and came back bumps the incarnation. When the word changed, look
+        // again, as after a lost CAS.
+        if (word.load(std::memory_order_acquire) != slot.word) {
+          return std::nullopt;
+        }
+        if (write) op.published(detail::from_u128<State>(cur));
+        return r.decision;
+      }
+      // Where loads may tear, denials, peeks and unchanged states still go
+      // through the CAS (as cur -> cur): it is what proves `cur` was a real,
+      // untorn snapshot.
       if (cell.compare_exchange(cur, next)) {
         run_after_swap_hook();
         // Acquire: ordered after the CAS, so a reclaim or move that retired
