@@ -111,8 +111,9 @@ struct ShardedOptions {
   // remembered exactly (by fingerprint, with their state) until their state
   // goes idle. A flood of up to remembered x capacity keys that are not yet
   // idle leaves every never-seen key fresh; beyond it, evicted states spill
-  // into a conservative per-shard summary (docs/stores.md). Memory: 32 bytes
-  // per remembered key, allocated only while keys are remembered.
+  // into a conservative per-shard summary (docs/stores.md). Memory: at most
+  // 64 bytes per remembered key, allocated only while keys are remembered.
+  // 0: remember none (every eviction goes to the summary).
   std::size_t remembered = 16;
 };
 
