@@ -70,12 +70,15 @@ struct LimitSpec {
 
 // TierTable: tiers of limits, and the chain of a tier for one caller.
 //
-// Every limit has a ShardedStore of its own, built with `store` options.
-// Lookups on the call path take no lock: the table is an immutable snapshot
-// swapped by set_tier(). Limits and snapshots that set_tier() replaces are
-// kept until the table is destroyed (calls in flight may still use them),
-// so decisions, and the Limit pointers in them, stay valid as long as the
-// table. Thread-safe.
+// Every limit has a ShardedStore of its own, built with `store` options
+// (`capacity` is a cap: a store's memory grows with its live keys,
+// docs/stores.md). Lookups on the call path take no lock: the table is an
+// immutable snapshot swapped by set_tier(). Limit objects and snapshots that
+// set_tier() replaces are kept until the table is destroyed (calls in flight
+// may still use them), so decisions, and the Limit pointers in them, stay
+// valid as long as the table; a replaced limit's store is cleared
+// (ShardedStore::clear), so what is kept is small and a late settle against
+// it is harmless. Thread-safe.
 template <Clock C = SteadyClock>
 class TierTable {
  public:
@@ -135,10 +138,30 @@ class TierTable {
       }
       next[i].limit->set_shadow(limits[i].options.shadow);
     }
+    // A limit that `next` no longer has is retired: its object stays (a
+    // decision may still point at it) but its store forgets its keys and
+    // gives its memory back, so that set_tier run again and again does not
+    // grow the process.
+    std::vector<Limit*> retired;
+    if (prev != nullptr) {
+      for (const Entry& e : *prev) {
+        bool kept = false;
+        for (const Entry& n : next) kept = kept || n.limit == e.limit;
+        if (!kept) retired.push_back(e.limit);
+      }
+    }
     auto snap = std::make_unique<Snapshot>(old);
     snap->tiers[std::string(name)] = std::move(next);
     current_.store(snap.get(), std::memory_order_release);
+    // The snapshot replaced is freed only at destruction (a lookup may still
+    // be reading it), and it is small: the map of tiers to limit pointers.
     snapshots_.push_back(std::move(snap));
+    for (Limit* l : retired) {
+      if (auto it = clear_store_.find(l); it != clear_store_.end()) {
+        it->second();
+        clear_store_.erase(it);
+      }
+    }
     return absl::OkStatus();
   }
 
@@ -322,6 +345,8 @@ class TierTable {
             spec.options.charge_on_reject,
             spec.rate.period,
             nullptr};
+    PolicyLimit<P, ShardedStore>* raw = l->get();
+    clear_store_[raw] = [raw] { raw->store().clear(); };
     owned_.push_back(*std::move(l));
     return e;
   }
@@ -370,6 +395,9 @@ class TierTable {
   std::atomic<const Snapshot*> current_{nullptr};
   std::deque<std::unique_ptr<Snapshot>> snapshots_;  // guarded by mu_
   std::deque<std::unique_ptr<Limit>> owned_;         // guarded by mu_
+  // Per live limit: forgets its store's keys and memory (once retired).
+  absl::flat_hash_map<const Limit*, std::function<void()>>
+      clear_store_;  // guarded by mu_
 };
 
 }  // namespace ratekeeper

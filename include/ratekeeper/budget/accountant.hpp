@@ -499,7 +499,7 @@ class Accountant {
       : prices_(std::move(prices)),
         chain_(clock),
         clock_(clock),
-        store_(store) {}
+        store_(budget_store(store)) {}
 
   Accountant(const Accountant&) = delete;
   Accountant& operator=(const Accountant&) = delete;
@@ -654,7 +654,7 @@ class Accountant {
           return st.status();
         }
       }
-      return absl::OkStatus();
+      return full_budget_store(r, now);
     }
     // The period each budget counted the call in (its receipt's placement):
     // every later change of this call belongs to that period.
@@ -1022,6 +1022,37 @@ class Accountant {
     BudgetSpec spec;
     std::unique_ptr<PolicyLimit<PeriodBudget>> limit;
   };
+
+  // Budget stores never evict or forget spend while its period is open: a
+  // full one refuses subjects it does not hold (kDenyNew); idle states
+  // (nothing spent this period) are still reclaimed.
+  static ShardedOptions budget_store(ShardedOptions o) {
+    o.when_full = WhenFull::kDenyNew;
+    return o;
+  }
+
+  // A refusal by a budget whose store is full (the subject is not held and
+  // the store has refused new keys): kResourceExhausted naming the budget
+  // and its capacity, rather than a refusal that looks like spent money.
+  // Otherwise OK (an ordinary refusal).
+  absl::Status full_budget_store(const Reservation<C>& r, Nanos now) const {
+    for (const auto& it : r.items_) {
+      auto* limit = static_cast<PolicyLimit<PeriodBudget>*>(it.limit);
+      auto& store = limit->store();
+      if (store.stats().denied_full == 0) continue;
+      if (store.probe_distance(it.key).has_value()) continue;
+      // Not held: a fresh state would admit the hold unless it exceeds the
+      // limit itself (then it is an ordinary refusal).
+      if (!limit->peek(it.key, it.held, now).allowed) continue;
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "budget \"", limit->name(), "\": its store is full (capacity ",
+          store.options().capacity,
+          " subjects, none idle this period); spend is never evicted, so "
+          "new subjects are refused until a period ends or capacity is "
+          "raised (ShardedOptions::capacity)"));
+    }
+    return absl::OkStatus();
+  }
 
   static SysTime to_sys(Nanos n) {
     return SysTime(std::chrono::duration_cast<SysTime::duration>(n));

@@ -5,21 +5,23 @@
 // Prefer ShardedStore (the default store of Limiter) unless you need the
 // exact introspection of InMemoryStore. An existing key costs one seeded
 // hash, a scan of one or two cache lines of key words and one 16-byte
-// compare-and-swap: no lock, no allocation. All memory is allocated once, at
-// construction, from `capacity`; nothing grows afterwards, whatever keys
-// clients send.
+// compare-and-swap: no lock, no allocation. `capacity` is a cap, not an
+// allocation: memory grows with the keys held (docs/stores.md, "Memory").
 //
 // Layout. `shards` independent tables of buckets. A bucket holds 8 slots:
-// 8 key words on one cache line, then their 8 States (192 bytes in all). A
-// key word is the 56-bit fingerprint of the key's 64-bit seeded hash and an
-// 8-bit incarnation; a slot is 24 bytes. Each key has two candidate buckets
-// in its shard, derived from its fingerprint: a lookup reads the first
-// bucket's key words and, if the key is not there, the second's. A new key
-// goes to the emptier of the two; when both are full, resident keys are moved
-// to their other buckets (cuckoo hashing, up to three moves deep). Tables are
-// sized for 7/8 load: about 30 bytes per key of capacity in all. Both candidate
-// buckets are prefetched at once, so that in a table larger than the cache
-// their misses overlap.
+// 8 key words on one cache line, then their 8 States and 8 give-back
+// counters (256 bytes in all). A key word is the 56-bit fingerprint of the
+// key's 64-bit seeded hash and an 8-bit incarnation; a slot is 32 bytes.
+// Each key has two candidate buckets in its shard's current table, derived
+// from its fingerprint: a lookup reads the first bucket's key words and, if
+// the key is not there, the second's. A new key goes to the emptier of the
+// two; when both are full, resident keys are moved to their other buckets
+// (cuckoo hashing, up to three moves deep). A shard's table starts at 16
+// buckets (one 4 KiB page) and doubles, under the shard's mutex, when it is
+// 7/8 full, up to the size that holds the shard's cap at 7/8 load; a grown
+// shard moves its keys with the same tombstone protocol as a cuckoo move
+// (grow()). Both candidate buckets are prefetched at once, so that in a
+// table larger than the cache their misses overlap.
 //
 // Keys. Only the hash is kept. Two keys share a state only when their hashes
 // agree on the shard and the 56 fingerprint bits: among 10M live keys, about
@@ -34,10 +36,13 @@
 // claimed and its key word published; the call then proceeds lock-free like
 // any other. When both buckets (even after cuckoo moves) or the shard are
 // full, idle states (equivalent to never seen) are reclaimed first, then the
-// caller's WhenFull applies;
-// with kEvictStalest the state of the two buckets that becomes idle soonest
-// is evicted into a per-shard summary (merged, most restrictive) from which a
-// returning key starts, so an evicted key is never over-admitted.
+// caller's WhenFull applies; with kEvictStalest the state of the two buckets
+// that becomes idle soonest is evicted and remembered by fingerprint until it
+// goes idle, so an evicted key that returns starts from its own state and a
+// never-seen key starts fresh. Up to `remembered` x capacity evicted keys are
+// remembered; beyond that the soonest-idle ones spill into a per-shard
+// summary (merged, most restrictive) that new keys start from: conservative,
+// never an over-admission.
 //
 // Slot reuse. A reclaim, an eviction or a move marks the state with the
 // reserved all-ones value (no policy produces it) and bumps the key word's
@@ -86,10 +91,11 @@ namespace ratekeeper {
 
 // ShardedOptions: the knobs of a ShardedStore.
 struct ShardedOptions {
-  // Keys the store must be able to hold at once. Enforced per shard, with
-  // headroom for uneven hashing: any `capacity` keys fit, and at most
-  // shards x (capacity / shards + 4 sqrt(capacity / shards) + 8) are held.
-  // Memory is about 30 bytes per key of capacity, allocated up front.
+  // Keys the store may hold at once: a cap, not an allocation. Enforced per
+  // shard, with headroom for uneven hashing: any `capacity` keys fit, and at
+  // most shards x (capacity / shards + 4 sqrt(capacity / shards) + 8) are
+  // held. Each shard's table starts at two buckets and doubles as keys
+  // arrive (docs/stores.md, "Memory"): about 37 to 73 bytes per live key.
   std::size_t capacity = std::size_t{1} << 20;
   // Independent tables, each with its own insert mutex. 0: a power of two
   // >= 4 x hardware threads (at least 16), fewer for small capacities. Raise
@@ -101,6 +107,14 @@ struct ShardedOptions {
   Nanos full_retry_after = std::chrono::seconds(1);
   // Hash seed. 0: a random seed per store. Fix it only to reproduce a run.
   std::uint64_t seed = 0;
+  // kEvictStalest: how many evicted keys, as a multiple of `capacity`, are
+  // remembered exactly (by fingerprint, with their state) until their state
+  // goes idle. A flood of up to remembered x capacity keys that are not yet
+  // idle leaves every never-seen key fresh; beyond it, evicted states spill
+  // into a conservative per-shard summary (docs/stores.md). Memory: at most
+  // 64 bytes per remembered key, allocated only while keys are remembered.
+  // 0: remember none (every eviction goes to the summary).
+  std::size_t remembered = 16;
 };
 
 template <class StateT>
@@ -116,6 +130,8 @@ class ShardedStore {
   static constexpr std::size_t kSlotsPerBucket = 8;
   static constexpr int kCuckooDepth = 3;
   static constexpr std::size_t kRetryStripes = 8;
+  // A shard's first table: 16 buckets, 128 slots, one 4 KiB page.
+  static constexpr std::size_t kFirstBuckets = 16;
   static constexpr bool kLockFree = detail::Atomic16::kLockFree;
 
   explicit ShardedStore(Options options = {})
@@ -144,18 +160,15 @@ class ShardedStore {
                                4.0 * std::sqrt(static_cast<double>(even))) +
                            8;
     // 7/8 load at capacity; at least two buckets, so a key has two choices.
-    buckets_per_shard_ = std::max<std::size_t>(
+    // The table starts at two buckets and grows to this (insert()).
+    max_buckets_ = std::max<std::size_t>(
         2, (shard_cap_ * 8 / 7 + kSlotsPerBucket - 1) / kSlotsPerBucket);
     summary_size_ = std::max<std::size_t>(16, shard_cap_ / 16);
-    buckets_ = BucketArray(shards * buckets_per_shard_);
+    max_remembered_ = std::max<std::size_t>(
+        16, options_.remembered * ((cap + shards - 1) / shards));
+    if (options_.remembered == 0) max_remembered_ = 0;
     shards_ = std::make_unique<Shard[]>(shards);
     n_shards_ = shards;
-    for (std::size_t i = 0; i < shards; ++i) {
-      Shard& s = shards_[i];
-      s.buckets = &buckets_[i * buckets_per_shard_];
-      detail::MutexLock lock(&s.mu);
-      s.summary.assign(summary_size_, State{});
-    }
   }
 
   ShardedStore(const ShardedStore&) = delete;
@@ -239,9 +252,9 @@ class ShardedStore {
       st.denied_full += s.denied_full.load(std::memory_order_relaxed);
       st.admitted_uncounted +=
           s.admitted_uncounted.load(std::memory_order_relaxed);
-      for (const auto& r : s.cas_retries) {
-        st.cas_retries += r.n.load(std::memory_order_relaxed);
-      }
+    }
+    for (const auto& r : cas_retries_) {
+      st.cas_retries += r.n.load(std::memory_order_relaxed);
     }
     return st;
   }
@@ -252,10 +265,45 @@ class ShardedStore {
   const Options& options() const noexcept { return options_; }
   std::size_t shard_count() const noexcept { return n_shards_; }
   std::size_t capacity_per_shard() const noexcept { return shard_cap_; }
-  // Bytes allocated for slots, shards and summaries: the whole footprint.
+  // Bytes the store holds resident now: its shards, their current tables,
+  // retired tables not yet returned to the system (docs/stores.md,
+  // "Memory"), remembered evicted keys and summaries. Thread-safe; may be
+  // stale on return.
   std::size_t allocated_bytes() const noexcept {
-    return n_shards_ * (buckets_per_shard_ * sizeof(Bucket) + sizeof(Shard) +
-                        summary_size_ * sizeof(State));
+    std::size_t n = n_shards_ * sizeof(Shard) + sizeof(*this);
+    for (std::size_t i = 0; i < n_shards_; ++i) {
+      n += shards_[i].bytes.load(std::memory_order_relaxed);
+    }
+    return n;
+  }
+
+  // clear
+  //
+  // Forgets every key and returns the tables' memory to the system where it
+  // can (on Linux, where tables are mappings; elsewhere they are emptied
+  // and kept): for
+  // a store nothing will use again, such as a limit that TierTable::set_tier
+  // replaced. Calls that race with it are safe: each decides on the key's
+  // state before the clear or on a fresh one. Thread-safe.
+  void clear() {
+    for (std::size_t i = 0; i < n_shards_; ++i) {
+      Shard& shard = shards_[i];
+      detail::MutexLock lock(&shard.mu);
+      Table* t = shard.table.load(std::memory_order_relaxed);
+      if (t == nullptr) continue;
+      for (std::size_t bi = 0; bi < t->n; ++bi) {
+        for (std::size_t j = 0; j < kSlotsPerBucket; ++j) {
+          retire(shard, t->b[bi], j, [](const State&) { return true; });
+        }
+      }
+      shard.remembered.clear();
+      shard.summary.clear();
+      shard.summary.shrink_to_fit();
+      // Retired tables are never read again once nothing can hold a pointer
+      // into them; the current one is empty now. Give back what can be.
+      for (auto& old : shard.tables) old->mem.release_pages();
+      shard.bytes.store(resident_bytes(shard), std::memory_order_relaxed);
+    }
   }
 
   // probe_distance
@@ -309,65 +357,235 @@ class ShardedStore {
   };
   static_assert(sizeof(Bucket) == 256, "8 key words + 8 states + 8 counters");
 
-  // The table's memory: one allocation; from 4 MiB on, aligned to 2 MiB and
-  // (on Linux) advised for transparent huge pages, so that a lookup in a
-  // large table costs a cache miss and not also a page walk. Every bucket is
-  // constructed (zeroed) here: all of it is resident from the start.
+  // A table's memory. On Linux an anonymous mapping of whole pages, which
+  // the kernel zero-fills page by page on first touch, so only pages holding
+  // keys become resident; from 4 MiB on it is advised for transparent huge
+  // pages, so that a lookup in a large table costs a cache miss and not also a
+  // page walk. release_pages() gives a mapping's pages back (MADV_DONTNEED) but
+  // keeps the addresses mapped until the store is destroyed: a thread still
+  // reading a retired table reads zeros, which are "no key here" (see grow()),
+  // never unmapped memory. Elsewhere one aligned allocation, constructed
+  // (zeroed) here, kept until destroyed.
   class BucketArray {
    public:
-    BucketArray() = default;
     explicit BucketArray(std::size_t n) : n_(n) {
-      std::size_t bytes = n * sizeof(Bucket);
-      // Tables of 4 MiB and more get huge pages; smaller ones are not
-      // rounded up to them.
-      align_ = bytes >= 2 * kHuge ? kHuge : alignof(Bucket);
-      if (align_ == kHuge) bytes = (bytes + kHuge - 1) / kHuge * kHuge;
-      void* p = ::operator new (bytes, std::align_val_t{align_});
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-      if (align_ == kHuge) {
-        ::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: failure is harmless
+      bytes_ = n * sizeof(Bucket);
+#if defined(__linux__)
+      {
+        // Whole pages; from 4 MiB on, whole huge pages, aligned to one.
+        const bool huge = bytes_ >= 2 * kHuge;
+        const std::size_t unit = huge ? kHuge : kPage;
+        bytes_ = (bytes_ + unit - 1) / unit * unit;
+        map_bytes_ = bytes_ + (huge ? kHuge : 0);
+        void* p = ::mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) throw std::bad_alloc();
+        map_ = p;
+        auto addr = reinterpret_cast<std::uintptr_t>(p);
+        addr = (addr + unit - 1) / unit * unit;
+        b_ = reinterpret_cast<Bucket*>(addr);
+#  if defined(MADV_HUGEPAGE)
+        if (huge) {
+          ::madvise(b_, bytes_, MADV_HUGEPAGE);  // advice: failure is harmless
+        }
+#  endif
+        // Zero-filled by the kernel: all-zero bytes are an empty bucket
+        // (key words 0, states 0, counters 0), the value Bucket() makes.
+        return;
       }
 #endif
+      void* p = ::operator new (bytes_, std::align_val_t{alignof(Bucket)});
       b_ = static_cast<Bucket*>(p);
       for (std::size_t i = 0; i < n; ++i) new (&b_[i]) Bucket();
     }
-    BucketArray(BucketArray&& o) noexcept
-        : b_(o.b_), n_(o.n_), align_(o.align_) {
-      o.b_ = nullptr;
-      o.n_ = 0;
-    }
-    BucketArray& operator=(BucketArray&& o) noexcept {
-      std::swap(b_, o.b_);
-      std::swap(n_, o.n_);
-      std::swap(align_, o.align_);
-      return *this;
-    }
+    BucketArray(const BucketArray&) = delete;
+    BucketArray& operator=(const BucketArray&) = delete;
     ~BucketArray() {
-      if (b_ == nullptr) return;
+#if defined(__linux__)
+      if (map_ != nullptr) {
+        ::munmap(map_, map_bytes_);
+        return;
+      }
+#endif
       for (std::size_t i = 0; i < n_; ++i) b_[i].~Bucket();
-      ::operator delete (b_, std::align_val_t{align_});
+      ::operator delete (b_, std::align_val_t{alignof(Bucket)});
     }
-    Bucket& operator[](std::size_t i) noexcept { return b_[i]; }
-    const Bucket& operator[](std::size_t i) const noexcept { return b_[i]; }
+    Bucket* data() noexcept { return b_; }
+    // Gives a mapping's pages back to the system; the addresses stay mapped
+    // and read as zeros. A no-op for a small (allocated) table.
+    void release_pages() noexcept {
+#if defined(__linux__)
+      if (map_ != nullptr && !released_) {
+        ::madvise(b_, bytes_, MADV_DONTNEED);
+        released_ = true;
+      }
+#endif
+    }
+    // Resident at most: 0 once released.
+    std::size_t resident_bytes() const noexcept {
+      return released_ ? 0 : bytes_;
+    }
+    // Whether this table's pages can be given back.
+    bool mapped() const noexcept { return map_ != nullptr; }
 
    private:
     static constexpr std::size_t kHuge = std::size_t{2} << 20;
+    static constexpr std::size_t kPage = 4096;
     Bucket* b_ = nullptr;
     std::size_t n_ = 0;
-    std::size_t align_ = alignof(Bucket);
+    std::size_t bytes_ = 0;
+    std::size_t map_bytes_ = 0;
+    void* map_ = nullptr;
+    bool released_ = false;
+  };
+
+  // One table of a shard: n buckets. Immutable once published; a grown
+  // shard publishes a new one (grow()).
+  struct Table {
+    explicit Table(std::size_t buckets)
+        : mem(buckets), b(mem.data()), n(buckets) {}
+    BucketArray mem;
+    Bucket* b;
+    std::size_t n;
+  };
+
+  // An evicted key remembered by fingerprint (kEvictStalest): fp 0 is an
+  // empty entry. Open addressing with linear probing, under the shard mutex.
+  struct Remembered {
+    std::uint64_t fp = 0;
+    State state{};
+  };
+  class RememberedSet {
+   public:
+    std::size_t size() const noexcept { return count_; }
+    std::size_t bytes() const noexcept {
+      return slots_.capacity() * sizeof(Remembered);
+    }
+    void clear() {
+      slots_.clear();
+      slots_.shrink_to_fit();
+      count_ = 0;
+    }
+    const State* find(std::uint64_t fp) const noexcept {
+      if (slots_.empty()) return nullptr;
+      for (std::size_t i = home(fp);; i = next(i)) {
+        if (slots_[i].fp == fp) return &slots_[i].state;
+        if (slots_[i].fp == 0) return nullptr;
+      }
+    }
+    // Inserts or replaces; the caller keeps size() below its bound.
+    void put(std::uint64_t fp, const State& s) {
+      if ((count_ + 1) * 4 > slots_.size() * 3)
+        rehash(slots_.empty() ? 16 : 2 * slots_.size());
+      std::size_t i = home(fp);
+      while (slots_[i].fp != 0 && slots_[i].fp != fp) i = next(i);
+      if (slots_[i].fp == 0) ++count_;
+      slots_[i] = Remembered{fp, s};
+    }
+    void erase(std::uint64_t fp) noexcept {
+      if (slots_.empty()) return;
+      std::size_t i = home(fp);
+      while (slots_[i].fp != fp) {
+        if (slots_[i].fp == 0) return;
+        i = next(i);
+      }
+      erase_at(i);
+    }
+    // Drops every entry for which pred(state) holds; returns how many.
+    template <class Pred>
+    std::size_t erase_if(Pred pred) {
+      std::size_t dropped = 0;
+      for (std::size_t i = 0; i < slots_.size();) {
+        if (slots_[i].fp != 0 && pred(slots_[i].state)) {
+          erase_at(i);  // shifts a later entry into i: look at i again
+          ++dropped;
+        } else {
+          ++i;
+        }
+      }
+      return dropped;
+    }
+    // The entry at or after fp's home going idle soonest among `look`
+    // entries (by idle_at), if any.
+    template <class IdleAt>
+    std::optional<Remembered> soonest_near(std::uint64_t fp, std::size_t look,
+                                           IdleAt idle_at) const {
+      std::optional<Remembered> best;
+      Nanos best_at = Nanos::max();
+      if (slots_.empty()) return best;
+      std::size_t i = home(fp);
+      for (std::size_t k = 0; k < slots_.size() && look > 0; ++k, i = next(i)) {
+        if (slots_[i].fp == 0) continue;
+        --look;
+        const Nanos at = idle_at(slots_[i].state);
+        if (!best || at < best_at) {
+          best = slots_[i];
+          best_at = at;
+        }
+      }
+      return best;
+    }
+
+   private:
+    std::size_t home(std::uint64_t fp) const noexcept {
+      return static_cast<std::size_t>(mix(fp ^ 0x9e3779b97f4a7c15ULL)) &
+             (slots_.size() - 1);
+    }
+    std::size_t next(std::size_t i) const noexcept {
+      return (i + 1) & (slots_.size() - 1);
+    }
+    void rehash(std::size_t n) {
+      std::vector<Remembered> old = std::move(slots_);
+      slots_.assign(n, Remembered{});
+      count_ = 0;
+      for (const Remembered& r : old) {
+        if (r.fp != 0) put(r.fp, r.state);
+      }
+    }
+    // Backward-shift deletion: no tombstones, probes stay short.
+    void erase_at(std::size_t i) noexcept {
+      std::size_t j = i;
+      for (;;) {
+        j = next(j);
+        if (slots_[j].fp == 0) break;
+        const std::size_t h = home(slots_[j].fp);
+        // Move j back to i unless its home lies cyclically in (i, j].
+        const bool stays = i <= j ? (i < h && h <= j) : (i < h || h <= j);
+        if (!stays) {
+          slots_[i] = slots_[j];
+          i = j;
+        }
+      }
+      slots_[i] = Remembered{};
+      --count_;
+    }
+    std::vector<Remembered> slots_;
+    std::size_t count_ = 0;
   };
 
   // One shard: its insert mutex, counters and summary on cache lines of their
   // own (alignas(64) pads the struct), so that two cores working in two
   // shards never share a line. Counters are relaxed: they order nothing.
   struct alignas(64) Shard {
-    Bucket* buckets = nullptr;
+    // The current table: null until the first key; replaced (release) only
+    // under the mutex, by grow(); loaded with acquire by lookups.
+    std::atomic<Table*> table{nullptr};
     mutable detail::Mutex mu;
+    // Every table this shard had, the current one last. Retired ones stay
+    // allocated until the store is destroyed (a lock-free lookup may still
+    // be reading one); on Linux they give their pages back.
+    std::vector<std::unique_ptr<Table>> tables ABSL_GUARDED_BY(mu);
+    // Evicted keys remembered exactly until idle (kEvictStalest).
+    RememberedSet remembered ABSL_GUARDED_BY(mu);
+    std::size_t since_purge ABSL_GUARDED_BY(mu) = 0;
+    // Where remembered states spill when `remembered` is full: empty (all
+    // fresh) until then.
     std::vector<State> summary ABSL_GUARDED_BY(mu);
     std::size_t since_sweep ABSL_GUARDED_BY(mu) = 0;
     // The give-back counter new keys start from: at least that of every key
     // retired from the shard.
     std::uint64_t aux_floor ABSL_GUARDED_BY(mu) = 0;
+    std::atomic<std::size_t> bytes{0};
     std::atomic<std::uint64_t> live{0};
     std::atomic<std::uint64_t> inserts{0};
     std::atomic<std::uint64_t> reclaimed{0};
@@ -375,20 +593,19 @@ class ShardedStore {
     std::atomic<std::uint64_t> evicted{0};
     std::atomic<std::uint64_t> denied_full{0};
     std::atomic<std::uint64_t> admitted_uncounted{0};
-    // Lost compare-and-swaps, counted on the contended path itself: striped
-    // by thread over lines of their own, so that counting a retry does not
-    // add a second contended line to the one being fought over.
-    struct alignas(64) Stripe {
-      std::atomic<std::uint64_t> n{0};
-    };
-    Stripe cas_retries[kRetryStripes];
+  };
+
+  // Lost compare-and-swaps, counted on the contended path itself: striped
+  // by thread over lines of their own (one set per store), so that counting
+  // a retry does not add a second contended line to the one being fought
+  // over.
+  struct alignas(64) Stripe {
+    std::atomic<std::uint64_t> n{0};
   };
 
   struct Hashed {
     std::uint64_t fp;  // 1..2^56-1
     std::size_t shard;
-    std::size_t first;  // candidate buckets within the shard
-    std::size_t second;
   };
 
   struct SlotRef {
@@ -432,46 +649,51 @@ class ShardedStore {
     out.fp = h & kFpMask;
     if (out.fp == 0) out.fp = 1;
     out.shard = static_cast<std::size_t>(((mix(h) >> 32) * n_shards_) >> 32);
-    buckets_of(out.fp, out.first, out.second);
     return out;
   }
 
-  // A key's two candidate buckets, from its fingerprint alone, so that the
-  // insert path can move a resident key to its other bucket (cuckoo) knowing
-  // only its key word.
-  void buckets_of(std::uint64_t fp, std::size_t& first,
-                  std::size_t& second) const noexcept {
+  // A key's two candidate buckets in a table of n, from its fingerprint
+  // alone, so that the insert path can move a resident key to its other
+  // bucket (cuckoo) knowing only its key word.
+  static void buckets_of(std::uint64_t fp, std::size_t n, std::size_t& first,
+                         std::size_t& second) noexcept {
     const std::uint64_t m = mix(fp);
-    first = static_cast<std::size_t>(
-        ((m & 0xFFFF'FFFFu) * buckets_per_shard_) >> 32);
-    second = static_cast<std::size_t>(((m >> 32) * buckets_per_shard_) >> 32);
-    if (second == first)
-      second = first + 1 == buckets_per_shard_ ? 0 : first + 1;
+    first = static_cast<std::size_t>(((m & 0xFFFF'FFFFu) * n) >> 32);
+    second = static_cast<std::size_t>(((m >> 32) * n) >> 32);
+    if (second == first) second = first + 1 == n ? 0 : first + 1;
   }
 
-  std::size_t other_bucket(std::uint64_t fp,
-                           std::size_t current) const noexcept {
+  static std::size_t other_bucket(std::uint64_t fp, std::size_t n,
+                                  std::size_t current) noexcept {
     std::size_t first = 0, second = 0;
-    buckets_of(fp, first, second);
+    buckets_of(fp, n, first, second);
     return current == first ? second : first;
   }
 
-  Bucket& bucket(Shard& shard, const Hashed& h, std::size_t choice) noexcept {
-    return shard.buckets[choice == 0 ? h.first : h.second];
+  static Bucket& bucket(Table& t, std::uint64_t fp,
+                        std::size_t choice) noexcept {
+    std::size_t first = 0, second = 0;
+    buckets_of(fp, t.n, first, second);
+    return t.b[choice == 0 ? first : second];
   }
 
-  // The slot holding h.fp in either candidate bucket. The first bucket's
-  // key line and both of its state lines are requested at once, so that in
-  // a table larger than the cache their misses overlap instead of following
-  // one another.
+  // The slot holding h.fp in either candidate bucket of the shard's current
+  // table. The first bucket's key line and both of its state lines are
+  // requested at once, so that in a table larger than the cache their
+  // misses overlap instead of following one another.
   std::optional<SlotRef> find(Shard& shard, const Hashed& h) noexcept {
-    const Bucket& first = shard.buckets[h.first];
+    // Acquire: pairs with grow()'s release, so the table's contents are seen.
+    Table* t = shard.table.load(std::memory_order_acquire);
+    if (t == nullptr) return std::nullopt;
+    std::size_t bi[2];
+    buckets_of(h.fp, t->n, bi[0], bi[1]);
+    const Bucket& first = t->b[bi[0]];
     __builtin_prefetch(&first.keys[0]);
     prefetch_for_write(&first.states[0]);
     prefetch_for_write(&first.states[4]);
-    __builtin_prefetch(&shard.buckets[h.second].keys[0]);
+    __builtin_prefetch(&t->b[bi[1]].keys[0]);
     for (std::size_t c = 0; c < 2; ++c) {
-      Bucket& b = bucket(shard, h, c);
+      Bucket& b = t->b[bi[c]];
       for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
         const std::uint64_t w = b.keys[i].load(std::memory_order_acquire);
         if (fp_of(w) == h.fp) return SlotRef{&b, i, w, c};
@@ -511,9 +733,9 @@ class ShardedStore {
   // over-count, never an over-admission), and a give-back (update(), under
   // the mutex) cannot meet the case at all.
   template <class Op>
-  std::optional<Decision> apply_at(Shard& shard, const SlotRef& slot,
-                                   const Op& op, bool write,
-                                   bool add_aux = false) {
+  std::optional<Decision> apply_at([[maybe_unused]] Shard& shard,
+                                   const SlotRef& slot, const Op& op,
+                                   bool write, bool add_aux = false) {
     detail::Atomic16& cell = slot.bucket->states[slot.index];
     std::atomic<std::uint64_t>& word = slot.bucket->keys[slot.index];
     std::atomic<std::uint64_t>& aux = slot.bucket->aux[slot.index];
@@ -529,9 +751,30 @@ class ShardedStore {
         return std::nullopt;
       }
       const Step<State> r = op(detail::from_u128<State>(cur));
-      // Denials, peeks and unchanged states still go through the CAS (as
-      // cur -> cur): it is what proves `cur` was a real, untorn snapshot.
       const u128 next = write ? detail::to_u128(r.next) : cur;
+      if (next == cur && !add_aux && detail::Atomic16::loads_are_atomic()) {
+        // A denial, a peek, an unchanged state, decided from an untorn load
+        // (MOVDQA on AVX x86-64, or a load under the stripe lock): nothing
+        // to write, so no CAS and the line is not taken exclusive. The
+        // load is the decision's linearisation point. It read this key's
+        // state if the key word, loaded after it (acquire; on x86 loads are
+        // not reordered with later loads either), is still the word the
+        // lookup found: every retirement (reclaim, eviction, move, grow)
+        // first swaps the state for the tombstone (seq_cst CAS) and only
+        // then changes the word (release), so a state loaded from a slot
+        // that then changed hands is either the tombstone (handled above)
+        // or is followed by a changed word here; a slot that changed hands
+        // and came back bumps the incarnation. When the word changed, look
+        // again, as after a lost CAS.
+        if (word.load(std::memory_order_acquire) != slot.word) {
+          return std::nullopt;
+        }
+        if (write) op.published(detail::from_u128<State>(cur));
+        return r.decision;
+      }
+      // Where loads may tear, denials, peeks and unchanged states still go
+      // through the CAS (as cur -> cur): it is what proves `cur` was a real,
+      // untorn snapshot.
       if (cell.compare_exchange(cur, next)) {
         run_after_swap_hook();
         // Acquire: ordered after the CAS, so a reclaim or move that retired
@@ -566,8 +809,7 @@ class ShardedStore {
       if (word.load(std::memory_order_acquire) != slot.word) {
         return std::nullopt;
       }
-      shard.cas_retries[retry_stripe()].n.fetch_add(1,
-                                                    std::memory_order_relaxed);
+      cas_retries_[retry_stripe()].n.fetch_add(1, std::memory_order_relaxed);
       cpu_relax();
     }
   }
@@ -590,12 +832,14 @@ class ShardedStore {
       const auto st = retire(shard, *slot->bucket, slot->index,
                              [](const State&) { return true; });
       if (!st) return false;
-      State& cell = shard.summary[h.fp % summary_size_];
-      cell = *st;
+      if (shard.remembered.size() >= max_remembered_) return false;
+      shard.remembered.put(h.fp, *st);
       shard.evicted.fetch_add(1, std::memory_order_relaxed);
+      shard.bytes.store(resident_bytes(shard), std::memory_order_relaxed);
       return true;
     }
-    Bucket& dst = bucket(shard, h, 1 - slot->choice);
+    Table& t = *shard.table.load(std::memory_order_relaxed);
+    Bucket& dst = bucket(t, h.fp, 1 - slot->choice);
     const auto j = free_index(dst);
     if (!j) return false;
     move(shard, *slot->bucket, slot->index, dst, *j);
@@ -656,13 +900,30 @@ class ShardedStore {
     return stripe;
   }
 
-  // The state a new key starts from: its summary cell, unless that has gone
-  // idle (then zero, as in every other store).
+  // The state a new key starts from: its own remembered state if it was
+  // evicted and that state is not idle yet; else its summary cell, if the
+  // remembered set ever spilled and that cell is not idle; else zero, as in
+  // every other store.
   template <class Op>
   State initial_state(Shard& shard, const Hashed& h, const Op& op)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    if (const State* r = shard.remembered.find(h.fp)) {
+      if (!op.idle(*r)) return *r;
+    }
+    if (shard.summary.empty()) return State{};
     const State& s = shard.summary[h.fp % summary_size_];
     return op.idle(s) ? State{} : s;
+  }
+
+  std::size_t resident_bytes(const Shard& shard) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    std::size_t n = shard.remembered.bytes() +
+                    shard.summary.capacity() * sizeof(State) +
+                    shard.tables.capacity() * sizeof(void*);
+    for (const auto& t : shard.tables) {
+      n += sizeof(Table) + t->mem.resident_bytes();
+    }
+    return n;
   }
 
   // Under the mutex: marks slot (bucket g, index i) as being retired if its
@@ -693,10 +954,10 @@ class ShardedStore {
   }
 
   template <class Op>
-  void reclaim_buckets(Shard& shard, const Hashed& h, const Op& op)
+  void reclaim_buckets(Shard& shard, Table& t, const Hashed& h, const Op& op)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
     for (std::size_t c = 0; c < 2; ++c) {
-      Bucket& b = bucket(shard, h, c);
+      Bucket& b = bucket(t, h.fp, c);
       for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
         if (retire(shard, b, i, [&](const State& s) { return op.idle(s); })) {
           shard.reclaimed.fetch_add(1, std::memory_order_relaxed);
@@ -706,31 +967,36 @@ class ShardedStore {
   }
 
   // A sweep of the whole shard, at most once per shard_cap / 16 inserts or
-  // full calls: O(shard) amortised to O(16) per call.
+  // full calls: O(shard) amortised to O(16) per call. Remembered keys that
+  // went idle are dropped too.
   template <class Op>
-  void maybe_sweep(Shard& shard, const Op& op)
+  void maybe_sweep(Shard& shard, Table& t, const Op& op)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
     const std::size_t due = std::max<std::size_t>(1, shard_cap_ / 16);
     if (shard.since_sweep < due) return;
     shard.since_sweep = 0;
     shard.sweeps.fetch_add(1, std::memory_order_relaxed);
-    for (std::size_t bi = 0; bi < buckets_per_shard_; ++bi) {
-      Bucket& g = shard.buckets[bi];
+    for (std::size_t bi = 0; bi < t.n; ++bi) {
+      Bucket& g = t.b[bi];
       for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
         if (retire(shard, g, i, [&](const State& s) { return op.idle(s); })) {
           shard.reclaimed.fetch_add(1, std::memory_order_relaxed);
         }
       }
     }
+    if (shard.remembered.size() != 0) {
+      shard.remembered.erase_if([&](const State& r) { return op.idle(r); });
+      shard.bytes.store(resident_bytes(shard), std::memory_order_relaxed);
+    }
   }
 
   // A free slot (a key word without fingerprint) in the emptier candidate
   // bucket, the first on a tie.
-  std::optional<SlotRef> free_slot(Shard& shard, const Hashed& h) noexcept {
+  static std::optional<SlotRef> free_slot(Table& t, std::uint64_t fp) noexcept {
     std::optional<SlotRef> pick[2];
     std::size_t used[2] = {0, 0};
     for (std::size_t c = 0; c < 2; ++c) {
-      Bucket& b = bucket(shard, h, c);
+      Bucket& b = bucket(t, fp, c);
       for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
         const std::uint64_t w = b.keys[i].load(std::memory_order_acquire);
         if (fp_of(w) != 0) {
@@ -744,16 +1010,54 @@ class ShardedStore {
     return pick[1];
   }
 
-  // kEvictStalest: the slot of the two buckets whose state goes idle soonest
-  // is retired into the summary. Returns whether one was.
+  // Keeps an evicted key's state by fingerprint, so that it returns to it
+  // (initial_state). At the set's bound: first drop what went idle (a full
+  // pass, at most once per bound / 8 evictions), then spill the entry near
+  // the new one that goes idle soonest into the summary (merged, most
+  // restrictive), which never-seen keys then start from: beyond the bound
+  // the store is conservative, as before remembering existed.
   template <class Op>
-  bool evict_stalest(Shard& shard, const Hashed& h, const Op& op)
+  void remember(Shard& shard, std::uint64_t fp, const State& s, const Op& op)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    RememberedSet& set = shard.remembered;
+    ++shard.since_purge;
+    if (set.size() >= max_remembered_ && set.find(fp) == nullptr) {
+      if (shard.since_purge >= std::max<std::size_t>(1, max_remembered_ / 8)) {
+        shard.since_purge = 0;
+        set.erase_if([&](const State& r) { return op.idle(r); });
+      }
+    }
+    if (set.size() >= max_remembered_ && set.find(fp) == nullptr) {
+      auto spill = set.soonest_near(
+          fp, 8, [&](const State& r) { return op.idle_at(r); });
+      if (shard.summary.empty()) shard.summary.assign(summary_size_, State{});
+      if (spill && op.idle_at(spill->state) < op.idle_at(s)) {
+        set.erase(spill->fp);
+      } else {
+        spill = Remembered{fp, s};  // the new one is the soonest: spill it
+      }
+      State& cell = shard.summary[spill->fp % summary_size_];
+      cell = op.idle(cell) ? spill->state : op.merge(cell, spill->state);
+      if (spill->fp == fp) return;
+    }
+    if (max_remembered_ == 0) return;
+    if (const State* old = set.find(fp)) {
+      set.put(fp, op.merge(*old, s));
+    } else {
+      set.put(fp, s);
+    }
+  }
+
+  // kEvictStalest: the slot of the two buckets whose state goes idle soonest
+  // is retired and remembered. Returns whether one was.
+  template <class Op>
+  bool evict_stalest(Shard& shard, Table& t, const Hashed& h, const Op& op)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
     Bucket* best_g = nullptr;
     std::size_t best_i = 0;
     Nanos best_at = Nanos::max();
     for (std::size_t c = 0; c < 2; ++c) {
-      Bucket& g = bucket(shard, h, c);
+      Bucket& g = bucket(t, h.fp, c);
       for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
         if (fp_of(g.keys[i].load(std::memory_order_acquire)) == 0) continue;
         const u128 v = g.states[i].load();  // a hint; retire() validates
@@ -772,10 +1076,81 @@ class ShardedStore {
     const auto s =
         retire(shard, *best_g, best_i, [](const State&) { return true; });
     if (!s) return false;
-    State& cell = shard.summary[fp_of(w) % summary_size_];
-    cell = op.idle(cell) ? *s : op.merge(cell, *s);
+    remember(shard, fp_of(w), *s, op);
     shard.evicted.fetch_add(1, std::memory_order_relaxed);
+    shard.bytes.store(resident_bytes(shard), std::memory_order_relaxed);
     return true;
+  }
+
+  // Slots a table of n buckets holds before it grows: 7/8 of them.
+  static std::size_t grow_at(std::size_t n) noexcept {
+    return n * kSlotsPerBucket * 7 / 8;
+  }
+
+  // Under the mutex: replaces the shard's table by one of at least `n`
+  // buckets and moves every key into it, as move() does one key: each old
+  // slot's state is swapped for the tombstone (a lock-free writer of it then
+  // fails its swap, or its swap landed first and the value carried here
+  // includes it) and its word retired, so a lookup in the old table finds
+  // nothing and falls into the insert path, which waits on this mutex and
+  // then looks in the new table. The new table is published (release) once
+  // every key is in it. Old tables are never reused, so a thread holding a
+  // slot of one never meets another key there; once the new one is
+  // published, a mapped old table gives its pages back (they then read as
+  // zeros: no key word matches, a swap there fails its check of the word
+  // and looks the key up again).
+  void grow(Shard& shard, std::size_t n)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    Table* old = shard.table.load(std::memory_order_relaxed);
+    struct Moved {
+      std::uint64_t fp;
+      u128 state;
+      std::uint64_t aux;
+    };
+    std::vector<Moved> moved;
+    if (old != nullptr) {
+      moved.reserve(shard.live.load(std::memory_order_relaxed));
+      for (std::size_t bi = 0; bi < old->n; ++bi) {
+        Bucket& g = old->b[bi];
+        for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
+          const std::uint64_t w = g.keys[i].load(std::memory_order_acquire);
+          if (fp_of(w) == 0) continue;
+          u128 v = g.states[i].load();
+          while (!g.states[i].compare_exchange(v, kTomb)) {
+          }
+          moved.push_back(
+              {fp_of(w), v, g.aux[i].load(std::memory_order_relaxed)});
+          g.keys[i].store(make_word(0, next_inc(inc_of(w))),
+                          std::memory_order_release);
+        }
+      }
+    }
+    for (;; n *= 2) {
+      auto t = std::make_unique<Table>(n);
+      bool ok = true;
+      for (const Moved& m : moved) {
+        std::optional<SlotRef> slot = free_slot(*t, m.fp);
+        if (!slot) slot = cuckoo(shard, *t, m.fp);
+        if (!slot) {
+          ok = false;
+          break;
+        }
+        Bucket& g = *slot->bucket;
+        g.aux[slot->index].store(m.aux, std::memory_order_relaxed);
+        u128 cur = g.states[slot->index].load();
+        while (!g.states[slot->index].compare_exchange(cur, m.state)) {
+        }
+        g.keys[slot->index].store(make_word(m.fp, inc_of(slot->word)),
+                                  std::memory_order_relaxed);
+      }
+      if (!ok) continue;  // cannot happen at 7/16 load; a larger one then
+      // Release: a lookup that loads this table sees every key in it.
+      shard.table.store(t.get(), std::memory_order_release);
+      shard.tables.push_back(std::move(t));
+      break;
+    }
+    if (old != nullptr) old->mem.release_pages();
+    shard.bytes.store(resident_bytes(shard), std::memory_order_relaxed);
   }
 
   template <class Op>
@@ -787,29 +1162,43 @@ class ShardedStore {
     detail::aux_in(op, shard.aux_floor);
     const Step<State> first = op(start);
     // Nothing to remember (a denied fresh key, a zero cost): no slot. The
-    // state it would start from stays where it is (zero, or the summary).
+    // state it would start from stays where it is (zero, remembered, or the
+    // summary).
     if (detail::to_u128(first.next) == detail::to_u128(start)) {
       op.published(start);
       return {std::nullopt, first.decision};
     }
-    std::optional<SlotRef> slot;
     // `live` changes only under the mutex, which we hold: relaxed reads.
-    const bool shard_full =
-        shard.live.load(std::memory_order_relaxed) >= shard_cap_;
-    if (!shard_full) slot = free_slot(shard, h);
+    const auto live = [&] {
+      return shard.live.load(std::memory_order_relaxed);
+    };
+    Table* t = shard.table.load(std::memory_order_relaxed);
+    if (t == nullptr) {
+      grow(shard, std::min<std::size_t>(max_buckets_, kFirstBuckets));
+      t = shard.table.load(std::memory_order_relaxed);
+    } else if (t->n < max_buckets_ && live() + 1 > grow_at(t->n)) {
+      grow(shard, std::min(max_buckets_, 2 * t->n));
+      t = shard.table.load(std::memory_order_relaxed);
+    }
+    std::optional<SlotRef> slot;
+    if (live() < shard_cap_) slot = free_slot(*t, h.fp);
     if (!slot) {
-      reclaim_buckets(shard, h, op);
-      if (shard.live.load(std::memory_order_relaxed) >= shard_cap_) {
-        maybe_sweep(shard, op);
-      }
-      if (shard.live.load(std::memory_order_relaxed) < shard_cap_) {
-        slot = free_slot(shard, h);
-        if (!slot) slot = cuckoo(shard, h);
+      reclaim_buckets(shard, *t, h, op);
+      if (live() >= shard_cap_) maybe_sweep(shard, *t, op);
+      if (live() < shard_cap_) {
+        slot = free_slot(*t, h.fp);
+        if (!slot) slot = cuckoo(shard, *t, h.fp);
+        if (!slot && t->n < max_buckets_) {
+          grow(shard, std::min(max_buckets_, 2 * t->n));
+          t = shard.table.load(std::memory_order_relaxed);
+          slot = free_slot(*t, h.fp);
+          if (!slot) slot = cuckoo(shard, *t, h.fp);
+        }
       }
     }
     if (!slot && options_.when_full == WhenFull::kEvictStalest &&
-        evict_stalest(shard, h, op)) {
-      slot = free_slot(shard, h);
+        evict_stalest(shard, *t, h, op)) {
+      slot = free_slot(*t, h.fp);
     }
     if (!slot) return {std::nullopt, when_full(shard, first.decision)};
     // Claim: the state first (zero, or a tombstone, in a free slot), then
@@ -828,6 +1217,8 @@ class ShardedStore {
     g.keys[slot->index].store(word, std::memory_order_release);
     shard.live.fetch_add(1, std::memory_order_relaxed);
     shard.inserts.fetch_add(1, std::memory_order_relaxed);
+    // The key is held again: what was remembered of it is in its state now.
+    if (shard.remembered.size() != 0) shard.remembered.erase(h.fp);
     op.published(start);
     return {std::nullopt, first.decision};
   }
@@ -868,22 +1259,22 @@ class ShardedStore {
     // The tombstone stays in the freed slot until it is claimed (retire()).
   }
 
-  // A free index in bucket `bi`, made by moving a resident key to its other
-  // bucket if need be, recursively up to `depth` moves (never back into
-  // `avoid`, the bucket this call is freeing space for).
-  std::optional<std::size_t> make_free(Shard& shard, std::size_t bi, int depth,
-                                       std::size_t avoid)
+  // A free index in bucket `bi` of t, made by moving a resident key to its
+  // other bucket if need be, recursively up to `depth` moves (never back
+  // into `avoid`, the bucket this call is freeing space for).
+  std::optional<std::size_t> make_free(Shard& shard, Table& t, std::size_t bi,
+                                       int depth, std::size_t avoid)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
-    Bucket& b = shard.buckets[bi];
+    Bucket& b = t.b[bi];
     if (const auto j = free_index(b)) return j;
     if (depth == 0) return std::nullopt;
     for (std::size_t i = 0; i < kSlotsPerBucket; ++i) {
       const std::uint64_t fp = fp_of(b.keys[i].load(std::memory_order_acquire));
       if (fp == 0) continue;
-      const std::size_t ai = other_bucket(fp, bi);
+      const std::size_t ai = other_bucket(fp, t.n, bi);
       if (ai == avoid || ai == bi) continue;
-      if (const auto j = make_free(shard, ai, depth - 1, bi)) {
-        move(shard, b, i, shard.buckets[ai], *j);
+      if (const auto j = make_free(shard, t, ai, depth - 1, bi)) {
+        move(shard, b, i, t.b[ai], *j);
         return i;
       }
     }
@@ -895,13 +1286,15 @@ class ShardedStore {
   // deep (at most 8 + 64 + 512 buckets looked at). Cuckoo hashing without the
   // unbounded walk: it lifts the usable load well past what two choices
   // alone give, and a lookup still reads at most two buckets.
-  std::optional<SlotRef> cuckoo(Shard& shard, const Hashed& h)
+  std::optional<SlotRef> cuckoo(Shard& shard, Table& t, std::uint64_t fp)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    std::size_t first = 0, second = 0;
+    buckets_of(fp, t.n, first, second);
     for (std::size_t c = 0; c < 2; ++c) {
-      const std::size_t bi = c == 0 ? h.first : h.second;
-      const std::size_t other = c == 0 ? h.second : h.first;
-      if (const auto i = make_free(shard, bi, kCuckooDepth, other)) {
-        Bucket& b = shard.buckets[bi];
+      const std::size_t bi = c == 0 ? first : second;
+      const std::size_t other = c == 0 ? second : first;
+      if (const auto i = make_free(shard, t, bi, kCuckooDepth, other)) {
+        Bucket& b = t.b[bi];
         // Relaxed: key words change only under the mutex, which we hold.
         return SlotRef{&b, *i, b.keys[*i].load(std::memory_order_relaxed), c};
       }
@@ -922,10 +1315,11 @@ class ShardedStore {
   const std::uint64_t seed_;
   std::size_t n_shards_ = 0;
   std::size_t shard_cap_ = 0;
-  std::size_t buckets_per_shard_ = 0;
+  std::size_t max_buckets_ = 0;
   std::size_t summary_size_ = 0;
-  BucketArray buckets_;
+  std::size_t max_remembered_ = 0;
   std::unique_ptr<Shard[]> shards_;
+  Stripe cas_retries_[kRetryStripes];
 };
 
 }  // namespace ratekeeper
