@@ -199,8 +199,8 @@ TEST_CASE(
   std::optional<CachedClock> unread(std::in_place,
                                     std::chrono::milliseconds(1));
   std::optional<Lim> lim(std::in_place,
-                         TokenBucket::create(per_second(100), 1).value(), small,
-                         *clock);
+                         TokenBucket::create(per_second(100), 10).value(),
+                         small, *clock);
   REQUIRE(advances(*clock, std::chrono::milliseconds(2)));
   REQUIRE(lim->acquire("parent"));
 
@@ -213,7 +213,7 @@ TEST_CASE(
           rep.failed = 1;
           return rep;
         }
-        // 2: 100/s with a burst of 1, polled for 0.5 s of the clock's time.
+        // 2: 100/s with a burst of 10, polled for 0.5 s of the clock's time.
         const Nanos c0 = clock->now();
         const auto s0 = std::chrono::steady_clock::now();
         const auto give_up = s0 + std::chrono::seconds(20);
@@ -258,17 +258,17 @@ TEST_CASE(
   CHECK(r.failed == 0);
   CHECK(WIFEXITED(r.grandchild_status));
   CHECK(WEXITSTATUS(r.grandchild_status) == 0);
-  // The oracle: a token bucket of 100/s and burst 1 whose key is new at the
-  // child's first acquire, over the clock times c0..c1 its acquires saw,
-  // admits the burst plus one per 10 ms of that span: 1 + floor(span / 10 ms)
-  // at most; and, as an acquire every few microseconds takes each token as
-  // it comes (bar the last, whose acquire may have read the clock just
-  // before it ticked), floor(span / 10 ms) - 1 at least. A frozen clock
-  // admits 1.
+  // The oracle: a token bucket of 100/s and burst 10 whose key is new (full)
+  // at the child's first acquire, over the clock times c0..c1 its acquires
+  // saw, admits the burst plus one per 10 ms of that span: 10 + floor(span /
+  // 10 ms) at most. An acquire every few microseconds keeps the bucket below
+  // full, so no refill is lost to a late tick, and takes each token as it
+  // comes, bar the last (its acquire may have read the clock just before it
+  // ticked): 10 + floor(span / 10 ms) - 1 at least. A frozen clock admits 10.
   const std::int64_t tokens = r.cached_span_ns / 10'000'000;
   CHECK(r.cached_span_ns >= kSpanNs);
-  CHECK(r.admitted <= 1 + tokens);
-  CHECK(r.admitted >= tokens - 1);
+  CHECK(r.admitted <= 10 + tokens);
+  CHECK(r.admitted >= 10 + tokens - 1);
   // The clock did not run ahead of real time in the child.
   CHECK(r.cached_span_ns <= r.steady_span_ns + 1'000'000);
 
