@@ -127,15 +127,16 @@ inline void count_forks() noexcept {
 
 // CachedClock: SteadyClock's time as of the last tick of a ticker thread.
 //
-// now() is one relaxed atomic load (plus one relaxed load of the process's
-// fork count). The time it returns lags SteadyClock::now() by at most
-// `resolution` plus the ticker's scheduling delay, and never goes backwards
-// (steady_clock does not). Effect on exactness: every decision is exact for
-// the time it was given, which is up to one resolution late. A late time
-// means less refill, so nothing is ever admitted early; a caller who waits
-// exactly retry_after in real time may be denied once more, until the next
-// tick. Keep `resolution` well below the shortest emission interval or window
-// you configure.
+// now() is one relaxed atomic load, after two loads that check for a fork
+// (this clock's generation, acquire, and the process's fork count, relaxed:
+// plain loads on x86-64, predicted not taken). The time it returns lags
+// SteadyClock::now() by at most `resolution` plus the ticker's scheduling
+// delay, and never goes backwards (steady_clock does not). Effect on exactness:
+// every decision is exact for the time it was given, which is up to one
+// resolution late. A late time means less refill, so nothing is ever admitted
+// early; a caller who waits exactly retry_after in real time may be denied once
+// more, until the next tick. Keep `resolution` well below the shortest emission
+// interval or window you configure.
 //
 // The ticker is one thread per CachedClock and its copies (they share it),
 // stopped when the last copy is destroyed. Thread safety: all members,
