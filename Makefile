@@ -3,6 +3,9 @@
 #   make test   installs what is missing, builds and runs every test: g++ and
 #               clang++ release builds, ASan+UBSan, TSan, 1M runs of each
 #               libFuzzer target, and the format check
+#   make test-aarch64  cross-builds the store's tests for AArch64 and runs
+#               them under qemu-user on two CPU models: cortex-a53 (ARMv8.0,
+#               the LDAXP/STLXP path) and max (LSE: the CASPAL path)
 # CI=true (as CI sets it) turns warnings into errors.
 
 ifneq ($(filter true 1 yes,$(CI)),)
@@ -15,6 +18,7 @@ PRESETS := release clang asan tsan fuzz
 FORMAT_FILES = $(shell find include tests examples benchmarks \( -name '*.hpp' -o -name '*.cpp' \) 2>/dev/null)
 
 .PHONY: demo demo-redis test bench deps deps-test deps-bench format format-check \
+        test-aarch64 deps-aarch64 \
         $(addprefix test-,$(PRESETS))
 
 demo: deps
@@ -36,6 +40,23 @@ $(addprefix test-,$(PRESETS)): test-%: deps-test
 	cmake --preset $*
 	cmake --build --preset $*
 	ctest --preset $*
+
+# The store's tests for AArch64, under qemu-user, on a CPU without LSE and
+# one with it; each run checks that Atomic16 took the path that CPU implies.
+# Scaled down (qemu is ~10x slower); a few minutes in all.
+AARCH64_TESTS := atomic16_test sharded_test limiter_test concurrency_test clock_test
+test-aarch64: deps-aarch64
+	cmake --preset aarch64
+	cmake --build --preset aarch64 --target $(AARCH64_TESTS)
+	set -e; cd build/aarch64/tests; \
+	for cpu in cortex-a53:ldaxp max:caspal; do \
+	  echo "== qemu-aarch64 -cpu $${cpu%%:*}"; \
+	  for t in $(AARCH64_TESTS); do \
+	    QEMU_CPU=$${cpu%%:*} RK_EXPECT_ATOMIC16_PATH=$${cpu#*:} \
+	    RATEKEEPER_TEST_SCALE=0.2 timeout 600 qemu-aarch64-static ./$$t; \
+	  done; \
+	done
+	@echo "ratekeeper: aarch64 tests passed under qemu (cortex-a53, max)"
 
 # Benchmarks: ratekeeper_bench into build/bench/results.{json,md}, bench.png;
 # then the HTTP gateway over loopback (requests/s, p50/p99 with 8 keep-alive
@@ -61,6 +82,9 @@ deps-test:
 
 deps-bench:
 	@scripts/install-deps.sh --bench
+
+deps-aarch64:
+	@scripts/install-deps.sh --aarch64
 
 format:
 	clang-format-14 -i $(FORMAT_FILES)

@@ -8,6 +8,10 @@
 #                                      its sanitizer runtimes, clang-format 14)
 #   scripts/install-deps.sh --bench    plus what `make bench` needs (Google
 #                                      Benchmark, python3, gnuplot)
+#   scripts/install-deps.sh --aarch64  what `make test-aarch64` needs: the
+#                                      AArch64 cross compiler, qemu-user, and
+#                                      the arm64 libraries (Debian multiarch;
+#                                      adds the arm64 architecture to dpkg)
 set -euo pipefail
 
 packages=(cmake ninja-build g++ make pkg-config libabsl-dev libfmt-dev catch2
@@ -17,6 +21,9 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(clang-14 libclang-rt-14-dev clang-format-14)
 elif [[ "${1:-}" == "--bench" ]]; then
   packages+=(libbenchmark-dev python3 gnuplot-nox)
+elif [[ "${1:-}" == "--aarch64" ]]; then
+  packages+=(g++-aarch64-linux-gnu qemu-user-static libabsl-dev:arm64
+             libfmt-dev:arm64 libssl-dev:arm64 libhiredis-dev:arm64)
 fi
 
 missing=()
@@ -41,5 +48,8 @@ else
   exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+if [[ "${1:-}" == "--aarch64" ]] && ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  "${sudo[@]}" dpkg --add-architecture arm64
+fi
 "${sudo[@]}" apt-get update -qq
 "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"

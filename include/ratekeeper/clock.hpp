@@ -18,6 +18,8 @@
 #ifndef RATEKEEPER_CLOCK_HPP_
 #define RATEKEEPER_CLOCK_HPP_
 
+#include <pthread.h>
+
 #include <atomic>
 #include <chrono>
 #include <concepts>
@@ -26,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/math.hpp"
@@ -101,57 +104,172 @@ class ManualClock {
   std::shared_ptr<std::atomic<std::int64_t>> ns_;
 };
 
+namespace detail {
+
+// How many forks this process descends from: incremented by a pthread_atfork
+// child handler (one relaxed atomic add, async-signal-safe), so a CachedClock
+// can tell that its ticker thread stayed behind in the parent. Registered
+// once per process by the first CachedClock; handlers are inherited by the
+// child, so grandchildren count too.
+inline std::atomic<std::uint64_t> fork_generation{0};
+
+inline void count_forks() noexcept {
+  static const bool registered = [] {
+    ::pthread_atfork(nullptr, nullptr, [] {
+      fork_generation.fetch_add(1, std::memory_order_relaxed);
+    });
+    return true;
+  }();
+  static_cast<void>(registered);
+}
+
+}  // namespace detail
+
 // CachedClock: SteadyClock's time as of the last tick of a ticker thread.
 //
-// now() is one relaxed atomic load. The time it returns lags
+// now() is one relaxed atomic load, after two loads that check for a fork
+// (this clock's generation, acquire, and the process's fork count, relaxed:
+// plain loads on x86-64, predicted not taken). The time it returns lags
 // SteadyClock::now() by at most `resolution` plus the ticker's scheduling
-// delay, and never goes backwards (steady_clock does not). Effect on
-// exactness: every decision is exact for the time it was given, which is up
-// to one resolution late. A late time means less refill, so nothing is ever
-// admitted early; a caller who waits exactly retry_after in real time may be
-// denied once more, until the next tick. Keep `resolution` well below the
-// shortest emission interval or window you configure.
+// delay, and never goes backwards (steady_clock does not). Effect on exactness:
+// every decision is exact for the time it was given, which is up to one
+// resolution late. A late time means less refill, so nothing is ever admitted
+// early; a caller who waits exactly retry_after in real time may be denied once
+// more, until the next tick. Keep `resolution` well below the shortest emission
+// interval or window you configure.
 //
 // The ticker is one thread per CachedClock and its copies (they share it),
 // stopped when the last copy is destroyed. Thread safety: all members,
 // concurrently. Memory ordering: the ticker's store and now()'s load are
 // relaxed; the time is the only thing published.
+//
+// fork(): a child keeps only the thread that forked, so the ticker stays in
+// the parent. The first now() in the child sees that the fork count changed
+// and starts a new ticker there (and stores the time at once, so no read in
+// the child returns the time frozen at the fork). The parent's ticker is
+// never touched in the child: not joined (it does not exist there: a join
+// would wait forever or on a thread that reused its stack), not signalled
+// (its mutex may have been held at the fork). Its few bytes are kept, not
+// freed, on a list that lives as long as the process.
 class CachedClock {
  public:
   explicit CachedClock(Nanos resolution = std::chrono::microseconds(100))
       : state_(std::make_shared<State>(resolution)) {}
 
-  // Thread-safe.
+  // Thread-safe. In a forked child, the first call restarts the ticker.
   Nanos now() const noexcept {
+    if (state_->generation.load(std::memory_order_acquire) !=
+        detail::fork_generation.load(std::memory_order_relaxed)) [[unlikely]] {
+      state_->restart();
+    }
     return Nanos{state_->ns.load(std::memory_order_relaxed)};
   }
 
   Nanos resolution() const noexcept { return state_->resolution; }
 
  private:
+  // One ticker thread with what stops it. Owned by the process that started
+  // it; in a child it is abandoned (see the class comment).
+  struct Ticker {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool stop = false;  // guarded by mu
+    std::thread thread;
+    Ticker* next_abandoned = nullptr;
+  };
+
+  // Tickers left behind by forks, reachable for the life of the process (so
+  // a leak checker does not report them). A lock-free push: a lock here
+  // could have been held by a thread that the fork did not copy.
+  static void abandon(Ticker* t) noexcept {
+    static std::atomic<Ticker*> abandoned{nullptr};
+    Ticker* head = abandoned.load(std::memory_order_relaxed);
+    do {
+      t->next_abandoned = head;
+    } while (!abandoned.compare_exchange_weak(
+        head, t, std::memory_order_release, std::memory_order_relaxed));
+  }
+
   struct State {
     explicit State(Nanos res)
         : resolution(res > Nanos{0} ? res : Nanos{1}),
-          ns(SteadyClock{}.now().count()),
-          ticker([this](std::stop_token stop) { run(stop); }) {}
+          ns(SteadyClock{}.now().count()) {
+      detail::count_forks();
+      const std::uint64_t g =
+          detail::fork_generation.load(std::memory_order_relaxed);
+      ticker = start();
+      claimed.store(g + 1, std::memory_order_relaxed);
+      generation.store(g, std::memory_order_release);
+    }
     ~State() {
-      ticker.request_stop();
-      cv.notify_all();
+      if (ticker == nullptr) return;  // a restart that found no thread
+      if (generation.load(std::memory_order_acquire) !=
+          detail::fork_generation.load(std::memory_order_relaxed)) {
+        abandon(ticker);  // the parent's thread: not ours to join
+        return;
+      }
+      {
+        std::lock_guard lock(ticker->mu);
+        ticker->stop = true;
+      }
+      ticker->cv.notify_all();
+      ticker->thread.join();
+      delete ticker;
     }
 
-    void run(std::stop_token stop) {
-      std::unique_lock lock(mu);
-      while (!stop.stop_requested()) {
+    Ticker* start() {
+      auto* t = new Ticker;
+      t->thread = std::thread([this, t] { run(*t); });
+      return t;
+    }
+
+    void run(Ticker& t) {
+      std::unique_lock lock(t.mu);
+      while (!t.stop) {
         ns.store(SteadyClock{}.now().count(), std::memory_order_relaxed);
-        cv.wait_for(lock, stop, resolution, [] { return false; });
+        t.cv.wait_for(lock, resolution, [&t] { return t.stop; });
+      }
+    }
+
+    // In a forked child: one caller claims the restart for this fork count
+    // (a CAS on `claimed`, not a mutex: a mutex could have been held by a
+    // parent thread at the fork), abandons the old ticker, stores the time
+    // and starts a new ticker; the others wait (yielding) until it is done.
+    void restart() noexcept {
+      const std::uint64_t g =
+          detail::fork_generation.load(std::memory_order_relaxed);
+      std::uint64_t c = claimed.load(std::memory_order_acquire);
+      while (c != g + 1) {
+        if (claimed.compare_exchange_weak(c, g + 1, std::memory_order_acq_rel,
+                                          std::memory_order_acquire)) {
+          ns.store(SteadyClock{}.now().count(), std::memory_order_relaxed);
+          if (ticker != nullptr) abandon(std::exchange(ticker, nullptr));
+          try {
+            ticker = start();
+          } catch (...) {
+            // No thread to be had: the time stays as stored just now. The
+            // generation stays stale, so the next now() tries again.
+            claimed.store(0, std::memory_order_release);
+            return;
+          }
+          // Release: a reader that sees the new generation sees `ticker`.
+          generation.store(g, std::memory_order_release);
+          return;
+        }
+      }
+      while (generation.load(std::memory_order_acquire) != g &&
+             claimed.load(std::memory_order_acquire) == g + 1) {
+        std::this_thread::yield();
       }
     }
 
     const Nanos resolution;
     std::atomic<std::int64_t> ns;
-    std::mutex mu;
-    std::condition_variable_any cv;
-    std::jthread ticker;  // last: started after the fields it reads
+    // The fork count the running ticker belongs to, and the fork count + 1
+    // whose restart a thread has claimed.
+    std::atomic<std::uint64_t> generation{0};
+    std::atomic<std::uint64_t> claimed{0};
+    Ticker* ticker = nullptr;
   };
 
   std::shared_ptr<State> state_;
