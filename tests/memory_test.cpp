@@ -312,7 +312,7 @@ TEST_CASE("i15: set_tier x 1,000 leaves memory where it was", "[i15][memory]") {
     teams.push_back("team" + std::to_string(u % 50));
   }
   const auto traffic = [&] {
-    for (int u = 0; u < 1000; ++u) {
+    for (std::size_t u = 0; u < 1000; ++u) {
       const auto d = tiers.acquire(
           "free", Subject{.user = users[u], .team = teams[u]}, 100);
       REQUIRE(d.ok());
