@@ -94,7 +94,7 @@ struct ShardedOptions {
   // Keys the store may hold at once: a cap, not an allocation. Enforced per
   // shard, with headroom for uneven hashing: any `capacity` keys fit, and at
   // most shards x (capacity / shards + 4 sqrt(capacity / shards) + 8) are
-  // held. Each shard's table starts at two buckets and doubles as keys
+  // held. Each shard's table starts at 16 buckets and doubles as keys
   // arrive (docs/stores.md, "Memory"): about 37 to 73 bytes per live key.
   std::size_t capacity = std::size_t{1} << 20;
   // Independent tables, each with its own insert mutex. 0: a power of two
@@ -112,7 +112,8 @@ struct ShardedOptions {
   // goes idle. A flood of up to remembered x capacity keys that are not yet
   // idle leaves every never-seen key fresh; beyond it, evicted states spill
   // into a conservative per-shard summary (docs/stores.md). Memory: at most
-  // 64 bytes per remembered key, allocated only while keys are remembered.
+  // 64 bytes per remembered key, allocated when a flood first needs it and
+  // kept at its peak (it does not shrink) until clear().
   // 0: remember none (every eviction goes to the summary).
   std::size_t remembered = 16;
 };
@@ -160,7 +161,7 @@ class ShardedStore {
                                4.0 * std::sqrt(static_cast<double>(even))) +
                            8;
     // 7/8 load at capacity; at least two buckets, so a key has two choices.
-    // The table starts at two buckets and grows to this (insert()).
+    // The table starts at kFirstBuckets and grows to this (insert()).
     max_buckets_ = std::max<std::size_t>(
         2, (shard_cap_ * 8 / 7 + kSlotsPerBucket - 1) / kSlotsPerBucket);
     summary_size_ = std::max<std::size_t>(16, shard_cap_ / 16);
