@@ -113,7 +113,7 @@ struct ShardedOptions {
   // idle leaves every never-seen key fresh; beyond it, evicted states spill
   // into a conservative per-shard summary (docs/stores.md). Memory: at most
   // 64 bytes per remembered key, allocated when a flood first needs it and
-  // kept at its peak (it does not shrink) until clear().
+  // given back as its entries go idle (each sweep shrinks the table to fit).
   // 0: remember none (every eviction goes to the summary).
   std::size_t remembered = 16;
 };
@@ -504,7 +504,19 @@ class ShardedStore {
           ++i;
         }
       }
+      shrink_to_fit();
       return dropped;
+    }
+    // After a flood: back to a table no more than 3/8 full (16 slots at
+    // least), or none, so that memory follows the keys still remembered.
+    void shrink_to_fit() {
+      if (count_ == 0) {
+        clear();
+        return;
+      }
+      std::size_t n = 16;
+      while (n * 3 < count_ * 8) n *= 2;
+      if (n * 2 <= slots_.size()) rehash(n);
     }
     // The entry at or after fp's home going idle soonest among `look`
     // entries (by idle_at), if any.
