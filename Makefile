@@ -44,7 +44,8 @@ $(addprefix test-,$(PRESETS)): test-%: deps-test
 # The store's tests for AArch64, under qemu-user, on a CPU without LSE and
 # one with it; each run checks that Atomic16 took the path that CPU implies.
 # Scaled down (qemu is ~10x slower); a few minutes in all.
-AARCH64_TESTS := atomic16_test sharded_test grow_test flood_test limiter_test clock_test
+AARCH64_TESTS := atomic16_test sharded_test grow_test flood_test limiter_test clock_test \
+                 concurrency_test
 test-aarch64: deps-aarch64
 	cmake --preset aarch64
 	cmake --build --preset aarch64 --target $(AARCH64_TESTS)

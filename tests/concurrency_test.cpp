@@ -156,7 +156,10 @@ void driven_clock_run(std::uint64_t seed, double seconds) {
   }
   const auto deadline =
       std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-  while (std::chrono::steady_clock::now() < deadline) {
+  // At least 12 steps however slow the machine (qemu-user, a loaded CI
+  // host): the deadline bounds the time, not the work a run must do.
+  for (int done = 0; done < 12 || std::chrono::steady_clock::now() < deadline;
+       ++done) {
     sync.arrive_and_wait();  // release this step (the clock moved)
     sync.arrive_and_wait();  // wait for it to finish
   }
@@ -230,13 +233,15 @@ void real_clock_run(std::uint64_t seed, double seconds) {
     workers.emplace_back([&, w] {
       std::mt19937_64 rng(attempt_seed(seed, 0, w));
       auto& mine = admitted[static_cast<std::size_t>(w)];
-      while (std::chrono::steady_clock::now() < deadline) {
+      // One batch at least, however late this thread starts (under
+      // qemu-user 8 threads may start after the deadline).
+      do {
         for (int i = 0; i < 64; ++i) {
           const int k = keys.pick(rng);
           mine[static_cast<std::size_t>(k)] +=
               lim.acquire(keys.name(k)).allowed;
         }
-      }
+      } while (std::chrono::steady_clock::now() < deadline);
     });
   }
   for (auto& t : workers) t.join();
@@ -409,12 +414,14 @@ void chain_real_clock_run(std::uint64_t seed, double seconds) {
   for (int w = 0; w < kThreads; ++w) {
     workers.emplace_back([&, w] {
       std::mt19937_64 rng(attempt_seed(seed, 1, w));
-      while (std::chrono::steady_clock::now() < deadline) {
+      // One batch at least, however late this thread starts (under
+      // qemu-user 8 threads may start after the deadline).
+      do {
         for (int i = 0; i < 64; ++i) {
           chain_call(chain, l, rig, rng, tallies[static_cast<std::size_t>(w)],
                      chain.now());
         }
-      }
+      } while (std::chrono::steady_clock::now() < deadline);
     });
   }
   for (auto& t : workers) t.join();
