@@ -1,8 +1,10 @@
 # The two commands of the README, over the CMake presets:
 #   make demo   installs what is missing, builds and runs the gateway demo
-#   make test   installs what is missing, builds and runs every test: g++ and
-#               clang++ release builds, ASan+UBSan, TSan, 1M runs of each
-#               libFuzzer target, and the format check
+#   make test   installs what is missing, builds and runs every test: the g++
+#               release build (every test, the docs and packaging checks),
+#               clang++ (every test built; the long memory, concurrency and
+#               Redis ones are left to the other presets), ASan+UBSan, TSan,
+#               1M runs of each libFuzzer target, and the format check
 #   make test-aarch64  cross-builds the store's tests for AArch64 and runs
 #               them under qemu-user on two CPU models: cortex-a53 (ARMv8.0,
 #               the LDAXP/STLXP path) and max (LSE: the CASPAL path)
