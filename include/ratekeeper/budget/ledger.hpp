@@ -580,6 +580,7 @@ struct SegmentWalk {
   std::size_t start = 0;
   std::vector<std::uint64_t> good;
   std::optional<std::uint64_t> checkpoint_pos;  // in segs[start]
+  std::size_t checkpoint_len = 0;               // its line's length
   std::int64_t last_first_t = 0;   // the last segment's first record's time
   std::uint64_t last_records = 0;  // records in the last segment
 };
@@ -616,7 +617,9 @@ inline absl::StatusOr<SegmentWalk> walk_segments(
                           ": a segment is missing, cut short or out of order"));
       break;
     }
-    if (r.records >= stop_after) break;
+    // (At a pruned start, its first prev is still read: the anchor of the
+    // record before it checks the hash the checkpoint starts from.)
+    if (r.records >= stop_after && (i != start || seg.first == 1)) break;
     ++r.segments;
     const int fd = ::open(seg.path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return PosixLedgerFile::errno_status("open", seg.path);
@@ -674,7 +677,10 @@ inline absl::StatusOr<SegmentWalk> walk_segments(
           break;
         }
         needs_checkpoint = false;
-        if (i == start) w.checkpoint_pos = pos;
+        if (i == start) {
+          w.checkpoint_pos = pos;
+          w.checkpoint_len = line.size();
+        }
       }
       if (r.records >= stop_after) {
         cut_short = true;
@@ -767,15 +773,21 @@ inline absl::Status replay_walk(
     std::string_view line;
     std::uint64_t pos = 0;
     if (k == 0 && with_checkpoint && w.checkpoint_pos) {
-      LineReader one(fd, seg.path, *w.checkpoint_pos, o.chunk);
-      absl::StatusOr<bool> more = one.next(line, pos);
-      if (!more.ok()) return more.status();
-      stats.bytes_read += one.bytes_read();
-      if (*more) {
-        absl::StatusOr<nlohmann::json> j = parse(line, pos, seg.path);
-        if (!j.ok()) return j.status();
-        if (absl::Status st = fn(*j); !st.ok()) return st;
+      // The checkpoint record alone, first (its length known from the
+      // verify pass).
+      std::string cp(w.checkpoint_len, '\0');
+      std::size_t got = 0;
+      while (got < cp.size()) {
+        const ssize_t n = ::pread(fd, cp.data() + got, cp.size() - got,
+                                  static_cast<off_t>(*w.checkpoint_pos + got));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return PosixLedgerFile::errno_status("read", seg.path);
+        got += static_cast<std::size_t>(n);
       }
+      stats.bytes_read += cp.size();
+      absl::StatusOr<nlohmann::json> j = parse(cp, *w.checkpoint_pos, seg.path);
+      if (!j.ok()) return j.status();
+      if (absl::Status st = fn(*j); !st.ok()) return st;
     }
     LineReader in(fd, seg.path, 0, o.chunk);
     absl::Status st;
@@ -1485,6 +1497,7 @@ class Ledger final : public AuditSink {
     return st;
   }
 
+ public:
   // wait_durable
   //
   // Returns once record `seq` and every one before it are synced (kNone:
