@@ -31,6 +31,12 @@
 // under the operator's key, so that an edit re-chained without the key
 // does not verify (verify with the same key, LedgerReadOptions::key).
 //
+// Segments: a ledger may be a directory of segment files, rotated by size
+// or record age, the chain running on across them, with checkpoint records
+// of the books (LedgerBooks) so that open and read_ledger read only from
+// the last checkpoint on (docs/budgets.md: file layout, what verify
+// detects across segments, pruning).
+//
 // Needs OpenSSL's libcrypto (SHA-256) and nlohmann-json (reading records).
 #ifndef RATEKEEPER_BUDGET_LEDGER_HPP_
 #define RATEKEEPER_BUDGET_LEDGER_HPP_
