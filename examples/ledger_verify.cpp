@@ -72,9 +72,13 @@ int main(int argc, char** argv) {
                 static_cast<unsigned long long>(v->records));
     return 1;
   }
-  std::printf("%s: records %llu to %llu verify", path.c_str(),
-              static_cast<unsigned long long>(v->first_seq),
-              static_cast<unsigned long long>(v->records));
+  if (v->records < v->first_seq) {
+    std::printf("%s: no records", path.c_str());
+  } else {
+    std::printf("%s: records %llu to %llu verify", path.c_str(),
+                static_cast<unsigned long long>(v->first_seq),
+                static_cast<unsigned long long>(v->records));
+  }
   if (v->segments != 0) {
     std::printf(" in %llu segments",
                 static_cast<unsigned long long>(v->segments));

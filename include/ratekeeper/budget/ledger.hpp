@@ -1112,12 +1112,24 @@ class SegmentFiles final : public LedgerFile {
   absl::Status rotate(std::uint64_t first) {
     if (absl::Status st = active_->sync(); !st.ok()) return st;
     const std::string path = absl::StrCat(dir_, "/", segment_name(first));
-    absl::StatusOr<std::unique_ptr<PosixLedgerFile>> f =
-        PosixLedgerFile::open_append(path);  // syncs the directory
-    if (!f.ok()) return f.status();
-    if (::fsync((*f)->fd()) != 0) {
+    // Created (never one left by someone else), the file synced, then the
+    // directory that names it.
+    const int fd =
+        ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) return PosixLedgerFile::errno_status("create", path);
+    const int rc = ::fsync(fd);
+    const int e = errno;
+    ::close(fd);
+    if (rc != 0) {
+      errno = e;
       return PosixLedgerFile::errno_status("fsync", path);
     }
+    if (absl::Status st = PosixLedgerFile::sync_dir_of(path); !st.ok()) {
+      return st;
+    }
+    absl::StatusOr<std::unique_ptr<PosixLedgerFile>> f =
+        PosixLedgerFile::open_append(path);
+    if (!f.ok()) return f.status();
     std::lock_guard<std::mutex> lock(mu_);
     active_ = std::shared_ptr<PosixLedgerFile>(std::move(*f));
     return absl::OkStatus();
