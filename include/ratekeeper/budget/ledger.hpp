@@ -1260,7 +1260,9 @@ class Ledger final : public AuditSink {
   // checkpoint record of the books up to its last record to be written at
   // the head of the next one and synced; returns its sequence number.
   // kFailedPrecondition without segments and books (LedgerOptions::books);
-  // the books' error if a record could not be applied to them.
+  // the books' error if a record could not be applied to them; kAborted
+  // when the next segment was itself closed before its checkpoint could be
+  // written (records arriving faster than checkpoints: call again).
   absl::StatusOr<std::uint64_t> checkpoint() {
     std::unique_lock<std::mutex> lock(mu_);
     if (segments_ == nullptr || books_ == nullptr) {
