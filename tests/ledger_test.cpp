@@ -1766,3 +1766,59 @@ TEST_CASE(
   CHECK(Ledger::open(f.path, {.segment_bytes = 1000}).status().code() ==
         absl::StatusCode::kInvalidArgument);
 }
+
+TEST_CASE(
+    "segments: group commit from 4 threads while segments rotate and "
+    "checkpoints are written: every acknowledged record verifies",
+    "[i15][ledger][segments]") {
+  TempDir d("seg_group");
+  const int per_thread =
+      std::max(50, static_cast<int>(300 * std::min(1.0, rk_test::scale())));
+  std::uint64_t checkpoints = 0;
+  {
+    Accountant<ManualClock> acct(rk_test::flat_prices(), ManualClock(kT0),
+                                 kSmall);
+    REQUIRE(add_budgets(acct).ok());
+    auto ledger = Ledger::open(d.path, {.durability = Durability::kGroupCommit,
+                                        .segment_bytes = 2000,
+                                        .books = books_of(acct)});
+    REQUIRE(ledger.ok());
+    std::vector<std::thread> threads;
+    std::atomic<int> failures{0};
+    for (int w = 0; w < 4; ++w) {
+      threads.emplace_back([&, w] {
+        for (int i = 0; i < per_thread; ++i) {
+          if (!(*ledger)
+                   ->append(absl::StrCat("\"w\":", w, ",\"i\":", i), Nanos{i})
+                   .ok()) {
+            ++failures;
+          }
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(failures.load() == 0);
+    REQUIRE((*ledger)->checkpoint().ok());
+    checkpoints = (*ledger)->last_checkpoint();
+  }
+  CHECK(checkpoints > 0);
+  absl::StatusOr<VerifyResult> v = verify_ledger_file(d.path);
+  REQUIRE(v.ok());
+  CHECK(v->ok());
+  CHECK(v->segments > 10);
+  std::map<int, int> next;  // each writer's records, in its own order
+  int records = 0;
+  REQUIRE(read_ledger(d.path,
+                      [&](const nlohmann::json& j) {
+                        const int w = j.at("w").get<int>();
+                        if (j.at("i").get<int>() != next[w]++) {
+                          return absl::DataLossError(
+                              "a writer's record out of order");
+                        }
+                        ++records;
+                        return absl::OkStatus();
+                      },
+                      {.from_checkpoint = false})
+              .ok());
+  CHECK(records == 4 * per_thread);
+}
