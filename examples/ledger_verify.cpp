@@ -73,7 +73,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (v->records < v->first_seq) {
-    std::printf("%s: no records", path.c_str());
+    std::printf("%s: 0 records verify", path.c_str());
   } else {
     std::printf("%s: records %llu to %llu verify", path.c_str(),
                 static_cast<unsigned long long>(v->first_seq),
