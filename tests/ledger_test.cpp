@@ -1690,27 +1690,88 @@ TEST_CASE(
     const VerifyResult old = verify_ledger(before, {}, key);
     REQUIRE(old.ok());
     const LedgerAnchor at_prune{old.records, old.last_hash};
+    // Pruned while a writer runs on the copy, which goes on writing (and
+    // checkpointing) after.
+    Accountant<ManualClock> acct(rk_test::flat_prices(), ManualClock(kT0),
+                                 kSmall);
+    REQUIRE(add_budgets(acct).ok());
+    auto writer = Ledger::open(c, {.durability = Durability::kNone,
+                                   .key = key,
+                                   .segment_bytes = 600,
+                                   .books = books_of(acct)});
+    REQUIRE(writer.ok());
     for (std::size_t i = 0; i < *cp; ++i) fs::remove(seg_in(c, segs[i]));
+    for (int i = 81; i <= 110; ++i) {
+      REQUIRE((*writer)->append(absl::StrCat("\"i\":", i), Nanos{i}).ok());
+    }
+    REQUIRE((*writer)->checkpoint().ok());
+    const LedgerAnchor later = (*writer)->anchor();
+    writer->reset();
     absl::StatusOr<VerifyResult> v = verify_ledger_file(c, keyed);
     REQUIRE(v.ok());
     CHECK(v->ok());
     CHECK(v->first_seq == segs[*cp].first);
-    CHECK(v->records == head.records);
+    CHECK(v->records == later.records);
+    CHECK(verify_anchor(c, later, keyed).ok());
     CHECK(verify_anchor(c, at_prune, keyed).ok());
     CHECK(verify_anchor(c, head, keyed).ok());
     CHECK(verify_anchor(c, LedgerAnchor{at_prune.records, head.hash}, keyed)
               .code() == absl::StatusCode::kDataLoss);
     CHECK(verify_anchor(c, LedgerAnchor{1, head.hash}, keyed).code() ==
           absl::StatusCode::kFailedPrecondition);
-    // Deleting the segment that holds the checkpoint too leaves records
-    // that nothing accounts for.
-    fs::remove(seg_in(c, segs[*cp]));
-    if (*cp + 1 < segs.size() &&
-        slurp(segs[*cp + 1].path).find("checkpoint") == std::string::npos) {
-      CHECK(verdict(c, keyed).find("no checkpoint") != std::string::npos);
-    }
     fs::remove_all(c);
   }
+}
+
+TEST_CASE(
+    "segments, unkeyed: an edit is caught unless re-chained; a cut tail or a "
+    "deleted last segment only by an anchor; a pruned start without a "
+    "checkpoint is named",
+    "[i15][ledger][segments]") {
+  TempDir d("seg_unkeyed");
+  LedgerAnchor head;
+  {
+    auto ledger = Ledger::open(
+        d.path, {.durability = Durability::kNone, .segment_bytes = 400});
+    REQUIRE(ledger.ok());
+    for (int i = 1; i <= 60; ++i) {
+      REQUIRE((*ledger)->append(absl::StrCat("\"i\":", i), Nanos{i}).ok());
+    }
+    head = (*ledger)->anchor();
+  }
+  const auto segs = segments_of(d.path);
+  REQUIRE(segs.size() >= 5);
+  auto verdict = [&] {
+    absl::StatusOr<VerifyResult> v = verify_ledger_file(d.path);
+    REQUIRE(v.ok());
+    return *v;
+  };
+  REQUIRE(verdict().ok());
+  // An edit in an old segment.
+  std::string text = slurp(segs[1].path);
+  const std::size_t at = text.find("\"i\":");
+  text[at + 4] = text[at + 4] == '9' ? '8' : '9';
+  spit(segs[1].path, text);
+  CHECK(verdict().error.find("does not match its contents") !=
+        std::string::npos);
+  // Re-chained to the end: the unkeyed chain accepts it; the anchor not.
+  rechain(segs);
+  CHECK(verdict().ok());
+  CHECK(verify_anchor(d.path, head).code() == absl::StatusCode::kDataLoss);
+  const LedgerAnchor rewritten{head.records, verdict().last_hash};
+  // The last segment deleted: still a chain that verifies, shorter; the
+  // anchor says its tail was cut.
+  fs::remove(segs.back().path);
+  const VerifyResult shorter = verdict();
+  CHECK(shorter.ok());
+  CHECK(shorter.records == segs.back().first - 1);
+  const absl::Status cut = verify_anchor(d.path, rewritten);
+  CHECK(cut.code() == absl::StatusCode::kDataLoss);
+  CHECK(std::string(cut.message()).find("cut") != std::string::npos);
+  // The first segment deleted, with no checkpoint after it (no books):
+  // the records before the oldest left are unaccounted for.
+  fs::remove(segs.front().path);
+  CHECK(verdict().error.find("no checkpoint") != std::string::npos);
 }
 
 TEST_CASE(
