@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <map>
 #include <mutex>
 #include <random>
 #include <string>
@@ -1178,4 +1179,707 @@ TEST_CASE("records nobody waited for are synced when the ledger closes",
     CHECK(written > 0);
     CHECK(synced == written);
   }
+}
+
+// ---- Segments, rotation and checkpoints (issue 15) ----
+
+namespace {
+
+// A fresh directory under the test's temporary directory, removed on exit.
+struct TempDir {
+  std::string path;
+  explicit TempDir(const std::string& name) {
+    path = (fs::temp_directory_path() /
+            ("rk_" + std::to_string(::getpid()) + "_" + name))
+               .string();
+    fs::remove_all(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+std::vector<detail::Segment> segments_of(const std::string& dir) {
+  return detail::list_segments(dir).value();
+}
+
+std::uint64_t dir_bytes(const std::vector<detail::Segment>& segs,
+                        std::size_t from = 0) {
+  std::uint64_t n = 0;
+  for (std::size_t i = from; i < segs.size(); ++i) {
+    n += fs::file_size(segs[i].path);
+  }
+  return n;
+}
+
+std::shared_ptr<LedgerBooks> books_of(Accountant<ManualClock>& a) {
+  return std::make_shared<ReplayBooks<Accountant<ManualClock>>>(a.replica());
+}
+
+// The index of the newest segment holding a checkpoint record (read
+// independently, as text).
+std::optional<std::size_t> checkpoint_segment(
+    const std::vector<detail::Segment>& segs) {
+  for (std::size_t i = segs.size(); i-- > 0;) {
+    if (slurp(segs[i].path).find("\"event\":\"checkpoint\"") !=
+        std::string::npos) {
+      return i;
+    }
+  }
+  return std::nullopt;
+}
+
+// Recomputes every record's prev and hash across the segments, in order
+// (the unkeyed chain, or a keyed one under `key`), and each checkpoint's
+// upto_hash: what someone who edited a record would do to hide it.
+void rechain(const std::vector<detail::Segment>& segs,
+             const std::string& key = "") {
+  std::string prev = detail::zero_hash();
+  for (const detail::Segment& s : segs) {
+    const std::string text = slurp(s.path);
+    std::string out;
+    const std::string seg_prev = prev;
+    std::size_t pos = 0;
+    while (pos < text.size()) {
+      const std::size_t nl = text.find('\n', pos);
+      std::string line = text.substr(pos, nl - pos);
+      pos = nl + 1;
+      const std::size_t p = line.find(",\"prev\":\"") + 9;
+      line.replace(p, 64, prev);
+      const std::size_t u = line.find("\"upto_hash\":\"");
+      if (u != std::string::npos) line.replace(u + 13, 64, seg_prev);
+      const std::size_t h = line.rfind(detail::kHashField);
+      line.resize(h);
+      prev = detail::chain_hash(key, line);
+      out += line + detail::kHashField + prev + "\"}\n";
+    }
+    spit(s.path, out);
+  }
+}
+
+}  // namespace
+
+TEST_CASE(
+    "segments: a replay from the last checkpoint gives exactly the books of "
+    "a full replay and of the test's own tally, reading only since it",
+    "[i15][ledger][segments]") {
+  TempDir d("seg_books");
+  ManualClock clock(kT0);
+  std::map<std::string, std::uint64_t> team_spent, user_tokens;
+  std::map<std::string, Settlement> settled;
+  const int calls =
+      std::max(300, static_cast<int>(2000 * std::min(1.0, rk_test::scale())));
+  std::uint64_t explicit_seq = 0;
+  {
+    Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
+    REQUIRE(add_budgets(acct).ok());
+    auto ledger = Ledger::open(d.path, {.durability = Durability::kNone,
+                                        .segment_bytes = 16 * 1024,
+                                        .books = books_of(acct)});
+    REQUIRE(ledger.ok());
+    acct.set_audit(ledger->get());
+    std::mt19937 rng(15);
+    std::vector<Reservation<ManualClock>> open;
+    for (int i = 0; i < calls; ++i) {
+      clock.advance(std::chrono::seconds(1));
+      const std::string user = absl::StrCat("u", rng() % 7);
+      const std::string team = absl::StrCat("t", rng() % 3);
+      const Subject who{.user = user, .team = team};
+      const Estimate e{.prompt_tokens = 10 + rng() % 50,
+                       .max_output_tokens = 20 + rng() % 200};
+      auto r = acct.reserve(who, "m", e, absl::StrCat("id", i));
+      REQUIRE(r.ok());
+      const auto what = rng() % 10;
+      if (what < 6) {
+        Usage u;
+        u.input_uncached = e.prompt_tokens;
+        u.output = rng() % (e.max_output_tokens + 1);
+        const Settlement s = r->settle(u).value();
+        settled[absl::StrCat("id", i)] = s;
+        team_spent[std::string(who.team)] +=
+            static_cast<std::uint64_t>(s.cost.nanos);
+        user_tokens[std::string(who.user)] += s.tokens;
+        // A retried settle is answered with the first and charges nothing.
+        CHECK(r->settle(u).value() == s);
+      } else if (what < 8) {
+        r->release();
+      } else {
+        // Left open: the ledger holds it, and so must the books.
+        team_spent[std::string(who.team)] +=
+            (e.prompt_tokens + e.max_output_tokens) * 1000;
+        user_tokens[std::string(who.user)] +=
+            e.prompt_tokens + e.max_output_tokens;
+        open.push_back(*std::move(r));
+      }
+      if (i == calls / 2) {
+        REQUIRE(
+            acct.set_budget_limit("team", PeriodBudget::kMaxLimit - 7).ok());
+      }
+    }
+    // A checkpoint now, then more records after it.
+    const absl::StatusOr<std::uint64_t> explicit_cp = (*ledger)->checkpoint();
+    REQUIRE(explicit_cp.ok());
+    explicit_seq = *explicit_cp;
+    for (int i = 0; i < 20; ++i) {
+      clock.advance(std::chrono::seconds(1));
+      const Subject who{.user = "u0", .team = "t0"};
+      auto r =
+          acct.reserve(who, "m", {.prompt_tokens = 5, .max_output_tokens = 5},
+                       absl::StrCat("tail", i));
+      REQUIRE(r.ok());
+      Usage u;
+      u.input_uncached = 5;
+      u.output = 3;
+      const Settlement s = r->settle(u).value();
+      settled[absl::StrCat("tail", i)] = s;
+      team_spent["t0"] += static_cast<std::uint64_t>(s.cost.nanos);
+      user_tokens["u0"] += s.tokens;
+    }
+    acct.set_audit(nullptr);  // the open ones stay open in the ledger
+  }
+  const auto segs = segments_of(d.path);
+  REQUIRE(segs.size() >= 8);
+  const std::optional<std::size_t> cp = checkpoint_segment(segs);
+  REQUIRE(cp.has_value());
+  // The explicit checkpoint's segment or a later one (the checkpoints of
+  // the segments closed after it may or may not have been written before
+  // the ledger closed: its thread runs behind).
+  std::size_t explicit_segment = 0;
+  while (explicit_segment + 1 < segs.size() &&
+         segs[explicit_segment + 1].first <= explicit_seq) {
+    ++explicit_segment;
+  }
+  CHECK(*cp >= explicit_segment);
+  const std::uint64_t total = dir_bytes(segs), since = dir_bytes(segs, *cp);
+
+  Accountant<ManualClock> full(rk_test::flat_prices(), clock, kSmall);
+  REQUIRE(add_budgets(full).ok());
+  REQUIRE(read_ledger(d.path,
+                      [&](const nlohmann::json& j) { return full.replay(j); },
+                      {.from_checkpoint = false})
+              .ok());
+  Accountant<ManualClock> fast(rk_test::flat_prices(), clock, kSmall);
+  REQUIRE(add_budgets(fast).ok());
+  LedgerReadStats stats;
+  REQUIRE(read_ledger(d.path,
+                      [&](const nlohmann::json& j) { return fast.replay(j); },
+                      {.stats = &stats})
+              .ok());
+  CHECK(fast.checkpoint_books() == full.checkpoint_books());
+  for (const auto& [team, spent] : team_spent) {
+    const Subject who{.user = "u0", .team = team};
+    CHECK(full.forecast("team", who)->spent == spent);
+    CHECK(fast.forecast("team", who)->spent == spent);
+  }
+  for (const auto& [user, tokens] : user_tokens) {
+    const Subject who{.user = user, .team = "t0"};
+    CHECK(full.forecast("user_tokens", who)->spent == tokens);
+    CHECK(fast.forecast("user_tokens", who)->spent == tokens);
+  }
+  for (const auto& [id, s] : settled) {
+    CHECK(fast.find_settlement(id) == s);
+    CHECK(full.find_settlement(id) == s);
+  }
+  CHECK(fast.budgets()[0]->peek("\x04\x01t0", 0, clock.now()).limit ==
+        PeriodBudget::kMaxLimit - 7);
+  // Bytes: three streamed passes (find the checkpoint, verify, hand on) of
+  // the segments since it, and the checkpoint record once more; none of the
+  // history before.
+  INFO("total " << total << " since " << since << " read " << stats.bytes_read);
+  CHECK(stats.bytes_read >= since);
+  const std::string cp_text = slurp(segs[*cp].path);
+  const std::size_t cp_at = cp_text.find("\"event\":\"checkpoint\"");
+  const std::uint64_t cp_bytes =
+      cp_text.find('\n', cp_at) - cp_text.rfind('\n', cp_at);
+  CHECK(stats.bytes_read <= 3 * since + cp_bytes);
+  CHECK(stats.bytes_read * 5 < total);
+  CHECK(since * 8 < total);
+  // Opening reads the same way (and rebuilds its books from there).
+  Accountant<ManualClock> again(rk_test::flat_prices(), clock, kSmall);
+  REQUIRE(add_budgets(again).ok());
+  auto reopened = Ledger::open(d.path, {.books = books_of(again)});
+  REQUIRE(reopened.ok());
+  CHECK((*reopened)->open_stats().bytes_read <= 3 * since + cp_bytes);
+}
+
+TEST_CASE("segments: rotation by size and by the records' time",
+          "[i15][ledger][segments]") {
+  TempDir d("seg_rotate");
+  const std::string pad(100, 'x');
+  {
+    auto ledger = Ledger::open(
+        d.path, {.durability = Durability::kNone, .segment_bytes = 1000});
+    REQUIRE(ledger.ok());
+    for (int i = 1; i <= 60; ++i) {
+      REQUIRE((*ledger)
+                  ->append(absl::StrCat("\"i\":", i, ",\"p\":\"", pad, "\""),
+                           Nanos{i})
+                  .ok());
+    }
+  }
+  auto segs = segments_of(d.path);
+  REQUIRE(segs.size() >= 6);
+  std::uint64_t next = 1;
+  for (std::size_t i = 0; i < segs.size(); ++i) {
+    CHECK(segs[i].first == next);
+    const std::string text = slurp(segs[i].path);
+    const auto lines =
+        static_cast<std::uint64_t>(std::count(text.begin(), text.end(), '\n'));
+    const std::size_t last_line =
+        text.size() - text.rfind('\n', text.size() - 2) - 1;
+    if (i + 1 < segs.size()) {
+      // Closed once it held the size, not before.
+      CHECK(text.size() >= 1000);
+      CHECK(text.size() - last_line < 1000);
+    }
+    next += lines;
+  }
+  CHECK(next == 61);
+  absl::StatusOr<VerifyResult> v = verify_ledger_file(d.path);
+  REQUIRE(v.ok());
+  CHECK(v->ok());
+  CHECK(v->records == 60);
+  CHECK(v->segments == segs.size());
+  // Reopened, the chain goes on in the last segment.
+  {
+    auto ledger = Ledger::open(d.path, {.segment_bytes = 1000});
+    REQUIRE(ledger.ok());
+    CHECK((*ledger)->last_seq() == 60);
+    REQUIRE((*ledger)->append("\"i\":61", Nanos{61}).ok());
+  }
+  CHECK(verify_ledger_file(d.path)->records == 61);
+
+  TempDir t("seg_age");
+  {
+    auto ledger =
+        Ledger::open(t.path, {.durability = Durability::kNone,
+                              .segment_age = std::chrono::seconds(10)});
+    REQUIRE(ledger.ok());
+    for (int s = 0; s < 35; ++s) {
+      REQUIRE((*ledger)->append("\"a\":1", kT0 + std::chrono::seconds(s)).ok());
+    }
+  }
+  segs = segments_of(t.path);
+  REQUIRE(segs.size() == 4);  // records of seconds 0-9, 10-19, 20-29, 30-34
+  for (std::size_t i = 0; i < segs.size(); ++i) {
+    CHECK(segs[i].first == 1 + 10 * i);
+    const std::string text = slurp(segs[i].path);
+    const std::int64_t t0 = detail::time_of(text);
+    CHECK(t0 == (kT0 + std::chrono::seconds(10 * i)).count());
+  }
+  CHECK(verify_ledger_file(t.path)->records == 35);
+}
+
+TEST_CASE("segments: one writer for the whole directory",
+          "[i15][ledger][segments]") {
+  TempDir d("seg_lock");
+  auto first = Ledger::open(d.path, {.segment_bytes = 100});
+  REQUIRE(first.ok());
+  auto second = Ledger::open(d.path);
+  REQUIRE_FALSE(second.ok());
+  CHECK(second.status().code() == absl::StatusCode::kFailedPrecondition);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    auto child = Ledger::open(d.path, {.segment_bytes = 100});
+    ::_exit(!child.ok() && child.status().code() ==
+                               absl::StatusCode::kFailedPrecondition
+                ? 0
+                : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+
+TEST_CASE(
+    "segments: a writer killed (SIGKILL) while rotating leaves a ledger that "
+    "opens and has every acknowledged record",
+    "[i15][ledger][segments]") {
+  TempDir d("seg_crash");
+  std::uint64_t acked_max = 0;
+  std::mt19937 rng(7);
+  for (int round = 0; round < 6; ++round) {
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::close(fds[0]);
+      Accountant<ManualClock> acct(rk_test::flat_prices(), ManualClock(kT0),
+                                   kSmall);
+      if (!add_budgets(acct).ok()) ::_exit(3);
+      // Every record passes the size: a rotation (sync, create, directory
+      // sync, checkpoint) between any two.
+      auto ledger = Ledger::open(d.path, {.durability = Durability::kFsyncEach,
+                                          .segment_bytes = 1,
+                                          .books = books_of(acct)});
+      if (!ledger.ok()) ::_exit(2);
+      for (std::uint64_t i = (*ledger)->last_seq();; ++i) {
+        auto seq = (*ledger)->append(absl::StrCat("\"n\":", i), Nanos{1});
+        if (!seq.ok()) ::_exit(4);
+        const std::uint64_t s = *seq;
+        if (::write(fds[1], &s, sizeof(s)) != sizeof(s)) ::_exit(5);
+      }
+    }
+    ::close(fds[1]);
+    const std::uint64_t kill_after = 5 + rng() % 40;
+    std::uint64_t got = 0, s = 0;
+    while (got < kill_after && ::read(fds[0], &s, sizeof(s)) == sizeof(s)) {
+      acked_max = std::max(acked_max, s);
+      ++got;
+    }
+    ::kill(pid, SIGKILL);
+    // Acknowledgements still in the pipe were acknowledged too.
+    while (::read(fds[0], &s, sizeof(s)) == sizeof(s)) {
+      acked_max = std::max(acked_max, s);
+    }
+    ::close(fds[0]);
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    REQUIRE(WIFSIGNALED(status));
+    absl::StatusOr<VerifyResult> v = verify_ledger_file(d.path);
+    REQUIRE(v.ok());
+    INFO(v->error);
+    CHECK(v->ok());
+    CHECK(v->records >= acked_max);
+  }
+  // Every acknowledged record is there, in order, once.
+  std::uint64_t n = 0;
+  REQUIRE(read_ledger(d.path,
+                      [&](const nlohmann::json& j) {
+                        // Checkpoints are not handed on: the others in
+                        // order, each once.
+                        const auto seq = j.at("seq").get<std::uint64_t>();
+                        if (seq <= n || !j.contains("n")) {
+                          return absl::DataLossError("out of order");
+                        }
+                        n = seq;
+                        return absl::OkStatus();
+                      },
+                      {.from_checkpoint = false})
+              .ok());
+  CHECK(n >= acked_max);
+  // A crash after the next segment was created and before anything was
+  // written to it leaves it empty: that opens too, as the active one.
+  const auto segs = segments_of(d.path);
+  const std::uint64_t last = verify_ledger_file(d.path)->records;
+  spit(d.path + "/" + detail::segment_name(last + 1), "");
+  auto ledger = Ledger::open(d.path);
+  REQUIRE(ledger.ok());
+  CHECK((*ledger)->last_seq() == last);
+  REQUIRE((*ledger)->append("\"n\":0", Nanos{1}).ok());
+  ledger->reset();
+  CHECK(verify_ledger_file(d.path)->records == last + 1);
+  CHECK(segments_of(d.path).size() == segs.size() + 1);
+}
+
+TEST_CASE(
+    "segments: verify names a deleted, cut, edited or reordered segment; a "
+    "keyed chain catches a re-chained edit; pruning before a checkpoint "
+    "verifies from it",
+    "[i15][ledger][segments]") {
+  TempDir d("seg_tamper");
+  const std::string key = "operator-secret";
+  LedgerAnchor head;
+  {
+    Accountant<ManualClock> acct(rk_test::flat_prices(), ManualClock(kT0),
+                                 kSmall);
+    REQUIRE(add_budgets(acct).ok());
+    auto ledger = Ledger::open(d.path, {.durability = Durability::kNone,
+                                        .key = key,
+                                        .segment_bytes = 600,
+                                        .books = books_of(acct)});
+    REQUIRE(ledger.ok());
+    for (int i = 1; i <= 80; ++i) {
+      REQUIRE((*ledger)->append(absl::StrCat("\"i\":", i), Nanos{i}).ok());
+      if (i % 20 == 0) REQUIRE((*ledger)->checkpoint().ok());
+    }
+    head = (*ledger)->anchor();
+  }
+  const auto segs = segments_of(d.path);
+  REQUIRE(segs.size() >= 6);
+  LedgerReadOptions keyed;
+  keyed.key = key;
+  REQUIRE(verify_ledger_file(d.path, keyed)->ok());
+  REQUIRE(verify_anchor(d.path, head, keyed).ok());
+  // Each case on a fresh copy.
+  int copies = 0;
+  auto copy = [&] {
+    const std::string to = d.path + "_c" + std::to_string(++copies);
+    fs::remove_all(to);
+    fs::copy(d.path, to);
+    return to;
+  };
+  auto verdict = [&](const std::string& dir, const LedgerReadOptions& o) {
+    absl::StatusOr<VerifyResult> v = verify_ledger_file(dir, o);
+    REQUIRE(v.ok());
+    return v->error;
+  };
+  auto seg_in = [](const std::string& dir, const detail::Segment& s) {
+    return dir + "/" + detail::segment_name(s.first);
+  };
+  {  // a middle segment deleted
+    const std::string c = copy();
+    fs::remove(seg_in(c, segs[2]));
+    CHECK(verdict(c, keyed).find("missing") != std::string::npos);
+
+    fs::remove_all(c);
+  }
+  {  // an older segment cut at a record's end, and cut inside one
+    const std::string c = copy();
+    std::string text = slurp(seg_in(c, segs[1]));
+    text.resize(text.rfind('\n', text.size() - 2) + 1);
+    spit(seg_in(c, segs[1]), text);
+    CHECK_FALSE(verdict(c, keyed).empty());
+    spit(seg_in(c, segs[1]), text + "{\"seq\":");
+    CHECK(verdict(c, keyed).find("torn") != std::string::npos);
+    fs::remove_all(c);
+  }
+  {  // a record edited in an old segment
+    const std::string c = copy();
+    std::string text = slurp(seg_in(c, segs[1]));
+    const std::size_t at = text.find("\"i\":");
+    text[at + 4] = text[at + 4] == '9' ? '8' : '9';
+    spit(seg_in(c, segs[1]), text);
+    CHECK(verdict(c, keyed).find("does not match its contents") !=
+          std::string::npos);
+    // Re-chained without the key (plain SHA-256): the keyed chain still
+    // refuses it.
+    rechain(segments_of(c));
+    CHECK_FALSE(verdict(c, keyed).empty());
+    // Re-chained with the key (who holds it can rewrite): it verifies, and
+    // only the anchor kept elsewhere shows the rewrite.
+    rechain(segments_of(c), key);
+    CHECK(verdict(c, keyed).empty());
+    CHECK(verify_anchor(c, head, keyed).code() == absl::StatusCode::kDataLoss);
+    fs::remove_all(c);
+  }
+  {  // two segments' contents swapped
+    const std::string c = copy();
+    const std::string a = slurp(seg_in(c, segs[2]));
+    spit(seg_in(c, segs[2]), slurp(seg_in(c, segs[3])));
+    spit(seg_in(c, segs[3]), a);
+    CHECK_FALSE(verdict(c, keyed).empty());
+    fs::remove_all(c);
+  }
+  {  // a torn record at the end of the active segment: reported, then cut
+    const std::string c = copy();
+    {
+      std::ofstream out(seg_in(c, segs.back()), std::ios::app);
+      out << "{\"seq\":81,\"t\":";
+    }
+    absl::StatusOr<VerifyResult> v = verify_ledger_file(c, keyed);
+    REQUIRE(v.ok());
+    CHECK(v->ok());
+    CHECK(v->torn_tail);
+    auto l = Ledger::open(c, {.key = key});
+    REQUIRE(l.ok());
+    CHECK((*l)->last_seq() == head.records);
+    l->reset();
+    CHECK_FALSE(verify_ledger_file(c, keyed)->torn_tail);
+    fs::remove_all(c);
+  }
+  {  // pruned: every segment before the last checkpoint's deleted
+    const std::string c = copy();
+    const std::optional<std::size_t> cp = checkpoint_segment(segs);
+    REQUIRE(cp.has_value());
+    REQUIRE(*cp > 0);
+    // The anchor of the last record before it, kept before pruning.
+    std::string before;
+    for (std::size_t i = 0; i < *cp; ++i) before += slurp(segs[i].path);
+    const VerifyResult old = verify_ledger(before, {}, key);
+    REQUIRE(old.ok());
+    const LedgerAnchor at_prune{old.records, old.last_hash};
+    // Pruned while a writer runs on the copy, which goes on writing (and
+    // checkpointing) after.
+    Accountant<ManualClock> acct(rk_test::flat_prices(), ManualClock(kT0),
+                                 kSmall);
+    REQUIRE(add_budgets(acct).ok());
+    auto writer = Ledger::open(c, {.durability = Durability::kNone,
+                                   .key = key,
+                                   .segment_bytes = 600,
+                                   .books = books_of(acct)});
+    REQUIRE(writer.ok());
+    for (std::size_t i = 0; i < *cp; ++i) fs::remove(seg_in(c, segs[i]));
+    for (int i = 81; i <= 110; ++i) {
+      REQUIRE((*writer)->append(absl::StrCat("\"i\":", i), Nanos{i}).ok());
+    }
+    REQUIRE((*writer)->checkpoint().ok());
+    const LedgerAnchor later = (*writer)->anchor();
+    writer->reset();
+    absl::StatusOr<VerifyResult> v = verify_ledger_file(c, keyed);
+    REQUIRE(v.ok());
+    CHECK(v->ok());
+    CHECK(v->first_seq == segs[*cp].first);
+    CHECK(v->records == later.records);
+    CHECK(verify_anchor(c, later, keyed).ok());
+    CHECK(verify_anchor(c, at_prune, keyed).ok());
+    CHECK(verify_anchor(c, head, keyed).ok());
+    CHECK(verify_anchor(c, LedgerAnchor{at_prune.records, head.hash}, keyed)
+              .code() == absl::StatusCode::kDataLoss);
+    CHECK(verify_anchor(c, LedgerAnchor{1, head.hash}, keyed).code() ==
+          absl::StatusCode::kFailedPrecondition);
+    fs::remove_all(c);
+  }
+}
+
+TEST_CASE(
+    "segments, unkeyed: an edit is caught unless re-chained; a cut tail or a "
+    "deleted last segment only by an anchor; a pruned start without a "
+    "checkpoint is named",
+    "[i15][ledger][segments]") {
+  TempDir d("seg_unkeyed");
+  LedgerAnchor head;
+  {
+    auto ledger = Ledger::open(
+        d.path, {.durability = Durability::kNone, .segment_bytes = 400});
+    REQUIRE(ledger.ok());
+    for (int i = 1; i <= 60; ++i) {
+      REQUIRE((*ledger)->append(absl::StrCat("\"i\":", i), Nanos{i}).ok());
+    }
+    head = (*ledger)->anchor();
+  }
+  const auto segs = segments_of(d.path);
+  REQUIRE(segs.size() >= 5);
+  auto verdict = [&] {
+    absl::StatusOr<VerifyResult> v = verify_ledger_file(d.path);
+    REQUIRE(v.ok());
+    return *v;
+  };
+  REQUIRE(verdict().ok());
+  // An edit in an old segment.
+  std::string text = slurp(segs[1].path);
+  const std::size_t at = text.find("\"i\":");
+  text[at + 4] = text[at + 4] == '9' ? '8' : '9';
+  spit(segs[1].path, text);
+  CHECK(verdict().error.find("does not match its contents") !=
+        std::string::npos);
+  // Re-chained to the end: the unkeyed chain accepts it; the anchor not.
+  rechain(segs);
+  CHECK(verdict().ok());
+  CHECK(verify_anchor(d.path, head).code() == absl::StatusCode::kDataLoss);
+  const LedgerAnchor rewritten{head.records, verdict().last_hash};
+  // The last segment deleted: still a chain that verifies, shorter; the
+  // anchor says its tail was cut.
+  fs::remove(segs.back().path);
+  const VerifyResult shorter = verdict();
+  CHECK(shorter.ok());
+  CHECK(shorter.records == segs.back().first - 1);
+  const absl::Status cut = verify_anchor(d.path, rewritten);
+  CHECK(cut.code() == absl::StatusCode::kDataLoss);
+  CHECK(std::string(cut.message()).find("cut") != std::string::npos);
+  // The first segment deleted, with no checkpoint after it (no books):
+  // the records before the oldest left are unaccounted for.
+  fs::remove(segs.front().path);
+  CHECK(verdict().error.find("no checkpoint") != std::string::npos);
+}
+
+TEST_CASE(
+    "segments: a checkpoint the accountant cannot read applies nothing; "
+    "checkpoint records are the ledger's own",
+    "[i15][ledger][segments]") {
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
+  REQUIRE(add_budgets(acct).ok());
+  const std::string empty = acct.checkpoint_books();
+  // Each malformed in one place; a good key before it must not be applied.
+  const std::vector<std::string> bad = {
+      R"({"budgets":[{"b":0,"limit":5,"keys":[["0401",1,7]]}],"open":[],"settled":[[1,2,3,true]]})",
+      R"({"budgets":[{"b":0,"limit":5,"keys":[["0401",1,7],["zz",1,1]]}],"open":[],"settled":[]})",
+      R"({"budgets":[{"b":9,"limit":5,"keys":[]}],"open":[],"settled":[]})",
+      R"({"budgets":[{"b":0,"limit":5,"keys":[["0401",1,-7]]}],"open":[],"settled":[]})",
+      R"({"budgets":[{"b":0,"limit":5,"keys":[["0401",1,7]]}],"open":[{"of":3,"request":"x","items":[[1]]}],"settled":[]})",
+      R"({"budgets":[],"open":[]})",
+  };
+  for (const std::string& books : bad) {
+    const nlohmann::json j = nlohmann::json::parse(
+        R"({"seq":9,"t":1,"event":"checkpoint","upto":8,"books":)" + books +
+        "}");
+    const absl::Status st = acct.replay(j);
+    INFO(books);
+    CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(acct.checkpoint_books() == empty);
+  }
+  // A good one loads exactly (its own form back).
+  const std::string good =
+      R"({"budgets":[{"b":0,"limit":4611686018427387904,"keys":[["0401",20000,7]]},{"b":1,"limit":4611686018427387904,"keys":[]}],"open":[{"of":3,"request":"x","items":[[20000,5],[1,5]]}],"settled":[["y",10,2,false]]})";
+  REQUIRE(acct
+              .replay(nlohmann::json::parse(
+                  R"({"seq":9,"t":1,"event":"checkpoint","upto":8,"books":)" +
+                  good + "}"))
+              .ok());
+  CHECK(acct.checkpoint_books() == good);
+  CHECK(acct.find_settlement("y") == Settlement{Money{10}, 2, false});
+
+  TempDir d("seg_own");
+  auto ledger = Ledger::open(d.path, {.segment_bytes = 1000});
+  REQUIRE(ledger.ok());
+  CHECK((*ledger)
+            ->append("\"event\":\"checkpoint\",\"upto\":0", Nanos{1})
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+  // Without books there is nothing to checkpoint.
+  CHECK((*ledger)->checkpoint().status().code() ==
+        absl::StatusCode::kFailedPrecondition);
+  // A segmented ledger is a directory: not over a file.
+  TempFile f("seg_file.jsonl");
+  spit(f.path, "");
+  CHECK(Ledger::open(f.path, {.segment_bytes = 1000}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE(
+    "segments: group commit from 4 threads while segments rotate and "
+    "checkpoints are written: every acknowledged record verifies",
+    "[i15][ledger][segments]") {
+  TempDir d("seg_group");
+  const int per_thread =
+      std::max(50, static_cast<int>(300 * std::min(1.0, rk_test::scale())));
+  std::uint64_t checkpoints = 0;
+  {
+    Accountant<ManualClock> acct(rk_test::flat_prices(), ManualClock(kT0),
+                                 kSmall);
+    REQUIRE(add_budgets(acct).ok());
+    auto ledger = Ledger::open(d.path, {.durability = Durability::kGroupCommit,
+                                        .segment_bytes = 2000,
+                                        .books = books_of(acct)});
+    REQUIRE(ledger.ok());
+    std::vector<std::thread> threads;
+    std::atomic<int> failures{0};
+    for (int w = 0; w < 4; ++w) {
+      threads.emplace_back([&, w] {
+        for (int i = 0; i < per_thread; ++i) {
+          if (!(*ledger)
+                   ->append(absl::StrCat("\"w\":", w, ",\"i\":", i), Nanos{i})
+                   .ok()) {
+            ++failures;
+          }
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(failures.load() == 0);
+    REQUIRE((*ledger)->checkpoint().ok());
+    checkpoints = (*ledger)->last_checkpoint();
+  }
+  CHECK(checkpoints > 0);
+  absl::StatusOr<VerifyResult> v = verify_ledger_file(d.path);
+  REQUIRE(v.ok());
+  CHECK(v->ok());
+  CHECK(v->segments > 10);
+  std::map<int, int> next;  // each writer's records, in its own order
+  int records = 0;
+  REQUIRE(read_ledger(d.path,
+                      [&](const nlohmann::json& j) {
+                        const int w = j.at("w").get<int>();
+                        if (j.at("i").get<int>() != next[w]++) {
+                          return absl::DataLossError(
+                              "a writer's record out of order");
+                        }
+                        ++records;
+                        return absl::OkStatus();
+                      },
+                      {.from_checkpoint = false})
+              .ok());
+  CHECK(records == 4 * per_thread);
 }

@@ -265,6 +265,16 @@ class SettledIds {
   }
   Shard& shard_of(const Key& k) { return shards_[(k.hash >> 40) % kShards]; }
 
+  // Every remembered settlement, shard by shard, oldest first in each.
+  template <class F>
+  void for_each(const F& f) {
+    for (Shard& s : shards_) {
+      MutexLock lock(&s.mu);
+      for (const Entry& e : s.order) f(e);
+    }
+  }
+  void copy_window(const SettledIds& o) { per_shard_ = o.per_shard_; }
+
   // At least `ids` ids are remembered (rounded up to whole shards).
   void set_window(std::size_t ids) {
     per_shard_ = ids / kShards + (ids % kShards != 0 ? 1 : 0);
@@ -701,6 +711,10 @@ class Accountant {
   // kInvalidArgument, with nothing applied, for a record it cannot read (a
   // field of the wrong type, a negative or fractional amount, an unknown
   // budget or event). Never throws.
+  //
+  // A checkpoint record (a segmented ledger's, handed on first by
+  // read_ledger) loads the books it holds (see checkpoint_books): hand it
+  // to an accountant that has replayed nothing else.
   template <class Json>
   absl::Status replay(const Json& j) {
     if (!j.is_object()) return replay_error("is not a JSON object");
@@ -709,6 +723,11 @@ class Accountant {
     if (!ev->is_string()) return replay_error("\"event\" is not a string");
     const std::string event = ev->template get<std::string>();
     if (event == "deny") return absl::OkStatus();
+    if (event == "checkpoint") {
+      const auto books = j.find("books");
+      if (books == j.end()) return replay_error("a checkpoint without books");
+      return load_books(*books);
+    }
     absl::StatusOr<std::int64_t> t = replay_i64(j, "t", 0);
     if (!t.ok()) return t.status();
     if (event == "limit") {
@@ -770,7 +789,7 @@ class Accountant {
         const std::int64_t p =
             r.period ? *r.period
                      : budgets_[r.b].spec.period->index_of(Nanos{*t});
-        change(r.b, r.key, p, 0, PeriodBudget::kMaxLimit, Nanos{*t});
+        replay_change(r.b, r.key, p, 0, PeriodBudget::kMaxLimit, Nanos{*t});
       }
       return absl::OkStatus();
     }
@@ -811,7 +830,7 @@ class Accountant {
         const std::int64_t p =
             r.period ? *r.period
                      : budgets_[r.b].spec.period->index_of(Nanos{*at});
-        change(r.b, r.key, p, r.amount, 0, Nanos{*at});
+        replay_change(r.b, r.key, p, r.amount, 0, Nanos{*at});
         open.items.push_back({p, r.amount});
       }
       replay_open_[seq] = std::move(open);
@@ -846,8 +865,8 @@ class Accountant {
           open != nullptr && i < open->items.size() ? open->items[i] : none;
       const std::int64_t p = r.period ? *r.period : held.period;
       const Cost target = extend ? held.held + r.amount : settle ? r.amount : 0;
-      change(r.b, r.key, p, target > held.held ? target - held.held : 0,
-             held.held > target ? held.held - target : 0, Nanos{*at});
+      replay_change(r.b, r.key, p, target > held.held ? target - held.held : 0,
+                    held.held > target ? held.held - target : 0, Nanos{*at});
       held.held = target;
     }
     if (extend) return absl::OkStatus();
@@ -864,6 +883,86 @@ class Accountant {
       if (ids.empty()) replay_ids_.erase(id);
     }
     return absl::OkStatus();
+  }
+
+  // checkpoint_books
+  //
+  // The books that replay() rebuilt, as one JSON object, for a segmented
+  // ledger's checkpoint record:
+  //   {"budgets":[{"b":0,"limit":L,"keys":[["<hex key>",period,spent],..]}..],
+  //    "open":[{"of":seq,"request":"id","items":[[period,held],..]},..],
+  //    "settled":[["id",cost_nanos,tokens,estimated],..]}
+  // each budget's limit and the state of every subject replay touched (its
+  // period and spend), the reservations open (by the sequence number of
+  // their reserve record), and the settled ids remembered, oldest first.
+  // Replaying it into an accountant with the same budgets and idempotency
+  // window (replica()) and then the records after it gives the books of a
+  // replay of the whole ledger. Only what replay built: an accountant that
+  // also serves calls holds reservations it does not know of (the Ledger
+  // makes checkpoints from a replica that only replays). Not thread-safe
+  // with replay.
+  std::string checkpoint_books() {
+    std::string f = "{\"budgets\":[";
+    const Nanos now = clock_.now();
+    for (std::size_t b = 0; b < budgets_.size(); ++b) {
+      absl::StrAppend(&f, b == 0 ? "" : ",", "{\"b\":", b,
+                      ",\"limit\":", budgets_[b].limit->policy().limit(),
+                      ",\"keys\":[");
+      std::vector<std::string> keys;
+      if (b < replay_keys_.size()) {
+        keys.assign(replay_keys_[b].begin(), replay_keys_[b].end());
+      }
+      std::sort(keys.begin(), keys.end());
+      bool first = true;
+      for (const std::string& key : keys) {
+        const PeriodBudget::State st = raw_state(budgets_[b], key, now);
+        if (st == PeriodBudget::State{}) continue;
+        absl::StrAppend(&f, first ? "" : ",", "[\"", hex(key), "\",", st.period,
+                        ",", st.spent, "]");
+        first = false;
+      }
+      f += "]}";
+    }
+    f += "],\"open\":[";
+    std::vector<std::uint64_t> seqs;
+    for (const auto& [seq, open] : replay_open_) seqs.push_back(seq);
+    std::sort(seqs.begin(), seqs.end());
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      const ReplayOpen& open = replay_open_.at(seqs[i]);
+      absl::StrAppend(&f, i == 0 ? "" : ",", "{\"of\":", seqs[i],
+                      ",\"request\":");
+      detail::append_json_quoted(f, open.id);
+      f += ",\"items\":[";
+      for (std::size_t k = 0; k < open.items.size(); ++k) {
+        absl::StrAppend(&f, k == 0 ? "" : ",", "[", open.items[k].period, ",",
+                        open.items[k].held, "]");
+      }
+      f += "]}";
+    }
+    f += "],\"settled\":[";
+    bool first = true;
+    settled_.for_each([&](const detail::SettledIds::Entry& e) {
+      f += first ? "[" : ",[";
+      first = false;
+      detail::append_json_quoted(f, e.id);
+      absl::StrAppend(&f, ",", e.settlement.cost.nanos, ",",
+                      e.settlement.tokens, ",",
+                      e.settlement.estimated ? "true" : "false", "]");
+    });
+    f += "]}";
+    return f;
+  }
+
+  // replica
+  //
+  // A new accountant with this one's prices, clock, store options, budgets
+  // (as added) and idempotency window, and nothing spent: what replays a
+  // ledger to the same books (LedgerOptions::books: ReplayBooks over it).
+  std::unique_ptr<Accountant> replica() const {
+    auto a = std::make_unique<Accountant>(prices_, clock_, store_);
+    for (const Budget& b : budgets_) static_cast<void>(a->add_budget(b.spec));
+    a->settled_.copy_window(settled_);
+    return a;
   }
 
   // max_output_that_fits
@@ -1336,6 +1435,169 @@ class Accountant {
     }
   }
 
+  // change() from replay: the subject is remembered for checkpoint_books.
+  void replay_change(std::size_t b, const std::string& key, std::int64_t period,
+                     Cost add, Cost give, Nanos now) {
+    if (replay_keys_.size() <= b) replay_keys_.resize(budgets_.size());
+    replay_keys_[b].insert(key);
+    change(b, key, period, add, give, now);
+  }
+
+  // The state `key` holds on `budget` as stored (its period and spend).
+  struct RawOp : detail::OpBase<PeriodBudget> {
+    PeriodBudget::State* out = nullptr;
+    Step<PeriodBudget::State> operator()(const PeriodBudget::State& s) const {
+      *out = s;
+      return {s, Decision{true, 0, 0, Nanos{0}, Nanos{0}}};
+    }
+  };
+  static PeriodBudget::State raw_state(const Budget& budget,
+                                       std::string_view key, Nanos now) {
+    PeriodBudget::State st;
+    RawOp op{{&budget.limit->policy(), now}, &st};
+    static_cast<void>(budget.limit->store().peek(key, op));
+    return st;
+  }
+
+  // Loads the books of a checkpoint record (checkpoint_books' form),
+  // checking every field first: kInvalidArgument, with nothing applied,
+  // for books it cannot read.
+  template <class Json>
+  absl::Status load_books(const Json& books) {
+    if (!books.is_object())
+      return replay_error("checkpoint books: not an object");
+    const auto bs = books.find("budgets");
+    const auto os = books.find("open");
+    const auto ss = books.find("settled");
+    if (bs == books.end() || !bs->is_array() || os == books.end() ||
+        !os->is_array() || ss == books.end() || !ss->is_array()) {
+      return replay_error("checkpoint books: budgets, open, settled arrays");
+    }
+    struct Key {
+      std::size_t b;
+      std::string key;
+      std::int64_t period;
+      std::uint64_t spent;
+    };
+    std::vector<Key> keys;
+    std::vector<std::pair<std::size_t, std::uint64_t>> limits;
+    auto u64 = [](const Json& v) -> std::optional<std::uint64_t> {
+      if (v.is_number_unsigned()) return v.template get<std::uint64_t>();
+      if (v.is_number_integer() && v.template get<std::int64_t>() >= 0) {
+        return static_cast<std::uint64_t>(v.template get<std::int64_t>());
+      }
+      return std::nullopt;
+    };
+    auto i64 = [](const Json& v) -> std::optional<std::int64_t> {
+      if (v.is_number_integer() && !v.is_number_unsigned()) {
+        return v.template get<std::int64_t>();
+      }
+      if (v.is_number_unsigned() && v.template get<std::uint64_t>() <=
+                                        static_cast<std::uint64_t>(INT64_MAX)) {
+        return static_cast<std::int64_t>(v.template get<std::uint64_t>());
+      }
+      return std::nullopt;
+    };
+    for (const auto& bj : *bs) {
+      if (!bj.is_object()) return replay_error("checkpoint books: a budget");
+      absl::StatusOr<std::uint64_t> b = replay_u64(bj, "b", std::nullopt);
+      if (!b.ok()) return b.status();
+      if (*b >= budgets_.size()) return replay_error("unknown budget");
+      absl::StatusOr<std::uint64_t> limit =
+          replay_u64(bj, "limit", std::nullopt);
+      if (!limit.ok()) return limit.status();
+      limits.emplace_back(static_cast<std::size_t>(*b), *limit);
+      const auto ks = bj.find("keys");
+      if (ks == bj.end() || !ks->is_array()) {
+        return replay_error("checkpoint books: a budget without keys");
+      }
+      for (const auto& k : *ks) {
+        if (!k.is_array() || k.size() != 3 || !k[0].is_string()) {
+          return replay_error("checkpoint books: a key is not [hex,p,n]");
+        }
+        std::optional<std::string> bytes =
+            unhex(k[0].template get<std::string>());
+        const std::optional<std::int64_t> p = i64(k[1]);
+        const std::optional<std::uint64_t> n = u64(k[2]);
+        if (!bytes || !p || !n) {
+          return replay_error("checkpoint books: a key is not [hex,p,n]");
+        }
+        keys.push_back(
+            {static_cast<std::size_t>(*b), *std::move(bytes), *p, *n});
+      }
+    }
+    struct Open {
+      std::uint64_t of;
+      std::string id;
+      std::vector<ReplayItem> items;
+    };
+    std::vector<Open> open;
+    for (const auto& o : *os) {
+      if (!o.is_object()) return replay_error("checkpoint books: an open");
+      absl::StatusOr<std::uint64_t> of = replay_u64(o, "of", std::nullopt);
+      if (!of.ok()) return of.status();
+      const auto id = o.find("request");
+      const auto items = o.find("items");
+      if (id == o.end() || !id->is_string() || items == o.end() ||
+          !items->is_array()) {
+        return replay_error("checkpoint books: an open reservation");
+      }
+      Open x{*of, id->template get<std::string>(), {}};
+      for (const auto& it : *items) {
+        if (!it.is_array() || it.size() != 2) {
+          return replay_error("checkpoint books: an open item");
+        }
+        const std::optional<std::int64_t> p = i64(it[0]);
+        const std::optional<std::uint64_t> n = u64(it[1]);
+        if (!p || !n) return replay_error("checkpoint books: an open item");
+        x.items.push_back({*p, *n});
+      }
+      open.push_back(std::move(x));
+    }
+    std::vector<std::pair<std::string, Settlement>> settled;
+    for (const auto& e : *ss) {
+      if (!e.is_array() || e.size() != 4 || !e[0].is_string() ||
+          !e[3].is_boolean()) {
+        return replay_error("checkpoint books: a settled id");
+      }
+      const std::optional<std::int64_t> cost = i64(e[1]);
+      const std::optional<std::uint64_t> tokens = u64(e[2]);
+      if (!cost || *cost < 0 || !tokens) {
+        return replay_error("checkpoint books: a settled id");
+      }
+      settled.emplace_back(
+          e[0].template get<std::string>(),
+          Settlement{Money{*cost}, *tokens, e[3].template get<bool>()});
+    }
+    for (const auto& [b, limit] : limits) {
+      if (limit == budgets_[b].limit->policy().limit()) continue;
+      absl::StatusOr<PeriodBudget> next =
+          PeriodBudget::create(limit, *budgets_[b].spec.period);
+      if (!next.ok()) return next.status();
+      if (absl::Status st = budgets_[b].limit->reconfigure(*std::move(next));
+          !st.ok()) {
+        return st;
+      }
+    }
+    const Nanos now = clock_.now();
+    for (const Key& k : keys) {
+      // A fresh state {0, 0} becomes {period, spent}: a settle of `spent`
+      // placed in that period, or a give-back of 1 when nothing was spent.
+      replay_change(k.b, k.key, k.period, k.spent, k.spent == 0 ? 1 : 0, now);
+    }
+    for (Open& o : open) {
+      replay_ids_[o.id].push_back(o.of);
+      replay_open_[o.of] = ReplayOpen{std::move(o.id), std::move(o.items)};
+    }
+    for (const auto& [id, s] : settled) {
+      const auto key = detail::SettledIds::key(id);
+      auto& shard = settled_.shard_of(key);
+      detail::MutexLock lock(&shard.mu);
+      settled_.remember(shard, key, s);
+    }
+    return absl::OkStatus();
+  }
+
   static absl::Status replay_error(std::string_view why) {
     return absl::InvalidArgumentError(
         absl::StrCat("ledger record: ", detail::av(why)));
@@ -1540,6 +1802,8 @@ class Accountant {
   absl::flat_hash_map<std::uint64_t, ReplayOpen> replay_open_;
   absl::flat_hash_map<std::string, std::vector<std::uint64_t>> replay_ids_;
   std::uint64_t replay_unnumbered_ = ~std::uint64_t{0};
+  // Each budget's subjects that replay changed (for checkpoint_books).
+  std::vector<absl::flat_hash_set<std::string>> replay_keys_;
 };
 
 }  // namespace ratekeeper

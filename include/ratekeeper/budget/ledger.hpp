@@ -31,10 +31,17 @@
 // under the operator's key, so that an edit re-chained without the key
 // does not verify (verify with the same key, LedgerReadOptions::key).
 //
+// Segments: a ledger may be a directory of segment files, rotated by size
+// or record age, the chain running on across them, with checkpoint records
+// of the books (LedgerBooks) so that open and read_ledger read only from
+// the last checkpoint on (docs/budgets.md: file layout, what verify
+// detects across segments, pruning).
+//
 // Needs OpenSSL's libcrypto (SHA-256) and nlohmann-json (reading records).
 #ifndef RATEKEEPER_BUDGET_LEDGER_HPP_
 #define RATEKEEPER_BUDGET_LEDGER_HPP_
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
 #include <sys/file.h>
@@ -47,7 +54,9 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -57,6 +66,7 @@
 #include <string_view>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -70,6 +80,35 @@ namespace ratekeeper {
 
 enum class Durability : std::uint8_t { kNone, kFsyncEach, kGroupCommit };
 
+// LedgerBooks: what a segmented ledger's checkpoints hold. apply() is handed
+// every record in order (a checkpoint record first, when replay starts from
+// one: it loads the books it holds); books() is the state after the last
+// one, a JSON value, written into the next checkpoint record. The Ledger
+// owns one (ReplayBooks over an Accountant::replica()) and feeds it the
+// records of each segment it closes, on a thread of its own.
+class LedgerBooks {
+ public:
+  virtual ~LedgerBooks() = default;
+  virtual absl::Status apply(const nlohmann::json& record) = 0;
+  virtual std::string books() = 0;
+};
+
+// ReplayBooks: LedgerBooks over anything with replay(json) and
+// checkpoint_books() (an Accountant that only replays).
+template <class Replayer>
+class ReplayBooks final : public LedgerBooks {
+ public:
+  explicit ReplayBooks(std::unique_ptr<Replayer> r) : r_(std::move(r)) {}
+  absl::Status apply(const nlohmann::json& record) override {
+    return r_->replay(record);
+  }
+  std::string books() override { return r_->checkpoint_books(); }
+  Replayer& replayer() { return *r_; }
+
+ private:
+  std::unique_ptr<Replayer> r_;
+};
+
 struct LedgerOptions {
   Durability durability = Durability::kFsyncEach;
   // kGroupCommit: the least time between the starts of two syncs. 0 (the
@@ -82,6 +121,20 @@ struct LedgerOptions {
   // Non-empty: a keyed chain, each record's hash an HMAC-SHA-256 under this
   // key (the operator's secret; the same key reads and verifies it).
   std::string key = std::string();
+  // Segments: the ledger is a directory of segment files, each named by the
+  // sequence number of its first record (00000000000000000001.jsonl, ...).
+  // The active one is closed and a new one started before a record once it
+  // holds segment_bytes or more, or once the record's time is segment_age
+  // or more after the time of its first record (the ledger's clock: the
+  // times records carry). 0: no rotation by that measure. A ledger opened
+  // on a directory, or with either set, or with `books`, is segmented.
+  std::uint64_t segment_bytes = 0;
+  Nanos segment_age = Nanos{0};
+  // Books for checkpoints (segmented only): at each rotation the records of
+  // the closed segment are applied to these books, on a thread of the
+  // ledger's, and a checkpoint record holding them is appended to the new
+  // segment. Opening and replaying then read from the last checkpoint on.
+  std::shared_ptr<LedgerBooks> books = nullptr;
 };
 
 // LedgerFile: where records go; PosixLedgerFile by default, another in
@@ -228,12 +281,17 @@ constexpr std::size_t kHashFieldLen = sizeof(kHashField) - 1;
 //   good_bytes    the length of the file up to the end of the last of them
 //   torn_tail     the file ends in a line without its newline (a torn write)
 //   error         the first broken record (empty when all verify)
+//   first_seq     the first record verified (above 1 when the segments
+//                 before a checkpoint were pruned)
+//   segments      segment files walked (segmented ledgers)
 struct VerifyResult {
   std::uint64_t records = 0;
   std::uint64_t good_bytes = 0;
   std::string last_hash = detail::zero_hash();
   bool torn_tail = false;
   std::string error;
+  std::uint64_t first_seq = 1;
+  std::uint64_t segments = 0;
   bool ok() const { return error.empty(); }
 };
 
@@ -407,18 +465,383 @@ struct LedgerReadStats {
   std::uint64_t bytes_read = 0;
 };
 // key: the key of a keyed chain (LedgerOptions::key).
+// from_checkpoint (segmented ledgers): read_ledger starts at the last
+// checkpoint (handed on first) rather than at the oldest segment.
 struct LedgerReadOptions {
   std::size_t chunk = std::size_t{1} << 16;
   LedgerReadStats* stats = nullptr;
   std::string key = std::string();
+  bool from_checkpoint = true;
 };
+
+namespace detail {
+
+// One segment file of a segmented ledger: the sequence number of its first
+// record (its name) and its path.
+struct Segment {
+  std::uint64_t first = 0;
+  std::string path;
+};
+
+inline std::string segment_name(std::uint64_t first) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%020llu.jsonl",
+                static_cast<unsigned long long>(first));
+  return buf;
+}
+
+inline bool is_directory(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+// The segments in `dir`, oldest first (other files are ignored); none when
+// it does not exist.
+inline absl::StatusOr<std::vector<Segment>> list_segments(
+    const std::string& dir) {
+  std::vector<Segment> out;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) {
+    if (errno == ENOENT) return out;
+    return PosixLedgerFile::errno_status("open directory", dir);
+  }
+  while (const dirent* e = ::readdir(d)) {
+    const std::string_view name(e->d_name);
+    if (name.size() != 26 || name.substr(20) != ".jsonl") continue;
+    std::uint64_t first = 0;
+    bool digits = true;
+    for (std::size_t i = 0; i < 20; ++i) {
+      if (name[i] < '0' || name[i] > '9') digits = false;
+      first = first * 10 + static_cast<std::uint64_t>(name[i] - '0');
+    }
+    if (!digits || first == 0) continue;
+    out.push_back({first, absl::StrCat(dir, "/", av(name))});
+  }
+  ::closedir(d);
+  std::sort(out.begin(), out.end(), [](const Segment& a, const Segment& b) {
+    return a.first < b.first;
+  });
+  return out;
+}
+
+// The digits of `line` from `at` on, as a number; false when there are
+// none.
+inline bool number_at(std::string_view line, std::size_t& at,
+                      std::uint64_t& n) {
+  const std::size_t from = at;
+  n = 0;
+  while (at < line.size() && line[at] >= '0' && line[at] <= '9') {
+    n = n * 10 + static_cast<std::uint64_t>(line[at] - '0');
+    ++at;
+  }
+  return at > from;
+}
+
+// The "prev" hash of a record line (as written by Ledger), or empty.
+inline std::string_view prev_of(std::string_view line) {
+  constexpr std::string_view kPrev = ",\"prev\":\"";
+  const std::size_t p = line.find(kPrev);
+  if (p == std::string_view::npos || p + kPrev.size() + 65 > line.size()) {
+    return {};
+  }
+  return line.substr(p + kPrev.size(), 64);
+}
+
+// The "t" of a record line (0 when unreadable).
+inline std::int64_t time_of(std::string_view line) {
+  const std::size_t p = line.find(",\"t\":");
+  if (p == std::string_view::npos) return 0;
+  std::size_t at = p + 5;
+  const bool neg = at < line.size() && line[at] == '-';
+  if (neg) ++at;
+  std::uint64_t n = 0;
+  if (!number_at(line, at, n)) return 0;
+  return neg ? -static_cast<std::int64_t>(n) : static_cast<std::int64_t>(n);
+}
+
+// Whether record line `line` is a checkpoint record (the ledger's own, its
+// fields right after "prev"): its "upto" and "upto_hash".
+inline bool checkpoint_of(std::string_view line, std::uint64_t& upto,
+                          std::string_view& hash) {
+  constexpr std::string_view kHead = ",\"event\":\"checkpoint\",\"upto\":";
+  constexpr std::string_view kHash = ",\"upto_hash\":\"";
+  const std::string_view prev = prev_of(line);
+  if (prev.empty()) return false;
+  std::size_t at = static_cast<std::size_t>(prev.data() - line.data()) + 64 + 1;
+  if (line.substr(at, kHead.size()) != kHead) return false;
+  at += kHead.size();
+  if (!number_at(line, at, upto)) return false;
+  if (line.substr(at, kHash.size()) != kHash) return false;
+  at += kHash.size();
+  if (at + 65 > line.size() || line[at + 64] != '"') return false;
+  hash = line.substr(at, 64);
+  return true;
+}
+
+// What walk_segments found: the chain's state after the last record
+// verified (in r), where each walked segment's verified bytes end, and the
+// start segment's checkpoint, if any (its byte offset there).
+struct SegmentWalk {
+  VerifyResult r;
+  std::size_t start = 0;
+  std::vector<std::uint64_t> good;
+  std::optional<std::uint64_t> checkpoint_pos;  // in segs[start]
+  std::size_t checkpoint_len = 0;               // its line's length
+  std::int64_t last_first_t = 0;   // the last segment's first record's time
+  std::uint64_t last_records = 0;  // records in the last segment
+};
+
+// walk_segments
+//
+// Verifies segments[start..] in order, streamed: each record's hash, chain
+// and sequence, across segments (a segment's first record follows the last
+// of the one before it, and its name is its first record's number). Only
+// the last segment may end torn. A start segment that does not begin at
+// record 1 (older ones pruned) must hold a checkpoint for the records
+// before it: its first "prev" is taken on the checkpoint's word
+// (upto_hash), which an anchor can confirm. Stops after record
+// `stop_after`. Bytes read and the buffer are added to `stats`.
+inline absl::StatusOr<SegmentWalk> walk_segments(
+    const std::vector<Segment>& segs, std::size_t start,
+    const LedgerReadOptions& o, LedgerReadStats& stats,
+    std::uint64_t stop_after = ~std::uint64_t{0}) {
+  SegmentWalk w;
+  w.start = start;
+  VerifyResult& r = w.r;
+  for (std::size_t i = start; i < segs.size() && r.ok(); ++i) {
+    const Segment& seg = segs[i];
+    const std::string name = segment_name(seg.first);
+    auto broken = [&](std::string_view why) {
+      r.error = absl::StrCat("segment ", name, ": ", av(why));
+    };
+    if (i == start) {
+      r.records = seg.first - 1;
+      r.first_seq = seg.first;
+    } else if (seg.first != r.records + 1) {
+      broken(absl::StrCat("starts at record ", seg.first,
+                          ", the segment before ends at ", r.records,
+                          ": a segment is missing, cut short or out of order"));
+      break;
+    }
+    // (At a pruned start, its first prev is still read: the anchor of the
+    // record before it checks the hash the checkpoint starts from.)
+    if (r.records >= stop_after && (i != start || seg.first == 1)) break;
+    ++r.segments;
+    const int fd = ::open(seg.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return PosixLedgerFile::errno_status("open", seg.path);
+    LineReader in(fd, seg.path, 0, o.chunk);
+    std::string_view line;
+    std::uint64_t pos = 0;
+    std::string seg_prev;
+    bool first_line = true;
+    bool needs_checkpoint = i == start && seg.first != 1;
+    bool cut_short = false;  // stopped before its end
+    r.good_bytes = 0;
+    r.torn_tail = false;
+    w.last_first_t = 0;
+    std::uint64_t count = 0;
+    for (;;) {
+      absl::StatusOr<bool> more = in.next(line, pos);
+      if (!more.ok()) {
+        ::close(fd);
+        return more.status();
+      }
+      if (!*more) break;
+      if (first_line) {
+        if (needs_checkpoint) {
+          const std::string_view prev = prev_of(line);
+          if (prev.empty()) {
+            broken("its first record has no prev");
+            break;
+          }
+          r.last_hash = std::string(prev);
+          if (r.records >= stop_after) {
+            cut_short = true;
+            break;
+          }
+        }
+        seg_prev = r.last_hash;
+        w.last_first_t = time_of(line);
+        first_line = false;
+      }
+      VerifyResult before = r;
+      if (!check_record(r, line, pos, o.key)) {
+        r.error = absl::StrCat("segment ", name, ": ", r.error);
+        break;
+      }
+      ++count;
+      std::uint64_t upto = 0;
+      std::string_view upto_hash;
+      if (checkpoint_of(line, upto, upto_hash)) {
+        if (upto != seg.first - 1 || upto_hash != seg_prev) {
+          r = before;
+          broken(absl::StrCat("record ", r.records + 1,
+                              ": a checkpoint that does not match its "
+                              "segment (upto ",
+                              upto, ", the segment starts at ", seg.first,
+                              ")"));
+          break;
+        }
+        needs_checkpoint = false;
+        if (i == start) {
+          w.checkpoint_pos = pos;
+          w.checkpoint_len = line.size();
+        }
+      }
+      if (r.records >= stop_after) {
+        cut_short = true;
+        break;
+      }
+    }
+    const bool torn = in.torn();
+    stats.bytes_read += in.bytes_read();
+    stats.max_buffer = std::max(stats.max_buffer, in.capacity());
+    ::close(fd);
+    w.good.push_back(r.good_bytes);
+    w.last_records = count;
+    if (!r.ok() || cut_short) break;
+    if (torn) {
+      if (i + 1 != segs.size()) {
+        broken(absl::StrCat("ends in a torn record after record ", r.records,
+                            " (only the active, last segment may)"));
+        break;
+      }
+      r.torn_tail = true;
+    }
+    if (needs_checkpoint) {
+      broken(absl::StrCat("records before ", seg.first,
+                          " are missing and this segment holds no "
+                          "checkpoint for them"));
+      break;
+    }
+  }
+  return w;
+}
+
+// The newest segment holding a checkpoint record (read from the newest
+// back, each up to its checkpoint); 0 when none does.
+inline absl::StatusOr<std::size_t> last_checkpoint_segment(
+    const std::vector<Segment>& segs, const LedgerReadOptions& o,
+    LedgerReadStats& stats) {
+  for (std::size_t i = segs.size(); i-- > 0;) {
+    const int fd = ::open(segs[i].path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return PosixLedgerFile::errno_status("open", segs[i].path);
+    LineReader in(fd, segs[i].path, 0, o.chunk);
+    std::string_view line;
+    std::uint64_t pos = 0;
+    bool found = false;
+    for (;;) {
+      absl::StatusOr<bool> more = in.next(line, pos);
+      if (!more.ok()) {
+        ::close(fd);
+        return more.status();
+      }
+      if (!*more) break;
+      std::uint64_t upto = 0;
+      std::string_view h;
+      if (checkpoint_of(line, upto, h)) {
+        found = true;
+        break;
+      }
+    }
+    stats.bytes_read += in.bytes_read();
+    stats.max_buffer = std::max(stats.max_buffer, in.capacity());
+    ::close(fd);
+    if (found) return i;
+  }
+  return std::size_t{0};
+}
+
+// Hands the records of a walk to `fn`, parsed: the start segment's
+// checkpoint first when `with_checkpoint`, then every other record, in
+// order (checkpoint records are not handed on).
+inline absl::Status replay_walk(
+    const std::vector<Segment>& segs, const SegmentWalk& w,
+    bool with_checkpoint, const LedgerReadOptions& o, LedgerReadStats& stats,
+    const std::function<absl::Status(const nlohmann::json&)>& fn) {
+  auto parse = [&](std::string_view line, std::uint64_t pos,
+                   const std::string& path) -> absl::StatusOr<nlohmann::json> {
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded()) {
+      return absl::DataLossError(
+          absl::StrCat(path, ": a record at byte ", pos, " is not JSON"));
+    }
+    return j;
+  };
+  for (std::size_t k = 0; k < w.good.size(); ++k) {
+    const Segment& seg = segs[w.start + k];
+    const int fd = ::open(seg.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return PosixLedgerFile::errno_status("open", seg.path);
+    struct Closer {
+      int fd;
+      ~Closer() { ::close(fd); }
+    } closer{fd};
+    std::string_view line;
+    std::uint64_t pos = 0;
+    if (k == 0 && with_checkpoint && w.checkpoint_pos) {
+      // The checkpoint record alone, first (its length known from the
+      // verify pass).
+      std::string cp(w.checkpoint_len, '\0');
+      std::size_t got = 0;
+      while (got < cp.size()) {
+        const ssize_t n = ::pread(fd, cp.data() + got, cp.size() - got,
+                                  static_cast<off_t>(*w.checkpoint_pos + got));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return PosixLedgerFile::errno_status("read", seg.path);
+        got += static_cast<std::size_t>(n);
+      }
+      stats.bytes_read += cp.size();
+      absl::StatusOr<nlohmann::json> j = parse(cp, *w.checkpoint_pos, seg.path);
+      if (!j.ok()) return j.status();
+      if (absl::Status st = fn(*j); !st.ok()) return st;
+    }
+    LineReader in(fd, seg.path, 0, o.chunk);
+    absl::Status st;
+    for (;;) {
+      absl::StatusOr<bool> more = in.next(line, pos);
+      if (!more.ok()) return more.status();
+      if (!*more || pos >= w.good[k]) break;
+      std::uint64_t upto = 0;
+      std::string_view h;
+      if (checkpoint_of(line, upto, h)) continue;
+      absl::StatusOr<nlohmann::json> j = parse(line, pos, seg.path);
+      if (!j.ok()) return j.status();
+      if (st = fn(*j); !st.ok()) break;
+    }
+    stats.bytes_read += in.bytes_read();
+    stats.max_buffer = std::max(stats.max_buffer, in.capacity());
+    if (!st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+// A segmented ledger's verify: every segment, oldest first.
+inline absl::StatusOr<VerifyResult> verify_segments(
+    const std::string& dir, const LedgerReadOptions& o) {
+  absl::StatusOr<std::vector<Segment>> segs = list_segments(dir);
+  if (!segs.ok()) return segs.status();
+  LedgerReadStats stats;
+  absl::StatusOr<SegmentWalk> w = walk_segments(*segs, 0, o, stats);
+  if (o.stats != nullptr) {
+    o.stats->bytes_read += stats.bytes_read;
+    o.stats->max_buffer = std::max(o.stats->max_buffer, stats.max_buffer);
+  }
+  if (!w.ok()) return w.status();
+  return w->r;
+}
+
+}  // namespace detail
 
 // verify_ledger_file
 //
 // verify_ledger on the file at `path`, streamed in bounded memory (a file
-// that does not exist verifies, empty).
+// that does not exist verifies, empty). A directory is a segmented ledger:
+// every segment is verified, oldest first, and the chain across them (see
+// detail::walk_segments: a missing, cut, reordered or edited segment is
+// named; only the last may end torn).
 inline absl::StatusOr<VerifyResult> verify_ledger_file(
     const std::string& path, LedgerReadOptions options = {}) {
+  if (detail::is_directory(path)) return detail::verify_segments(path, options);
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     if (errno == ENOENT) return VerifyResult{};
@@ -451,9 +874,42 @@ struct LedgerAnchor {
 // at). kDataLoss when it has fewer records (its tail was cut), when that
 // record's hash differs (a record up to it was rewritten, even if the
 // whole chain was recomputed), or when the chain breaks before it.
+//
+// A segmented ledger (a directory) is walked from its oldest segment; an
+// anchor older than that segment (pruned since) is kFailedPrecondition, and
+// one at the record just before it checks that segment's first "prev", the
+// hash its checkpoint starts from.
 inline absl::Status verify_anchor(const std::string& path,
                                   const LedgerAnchor& anchor,
                                   LedgerReadOptions options = {}) {
+  if (detail::is_directory(path)) {
+    absl::StatusOr<std::vector<detail::Segment>> segs =
+        detail::list_segments(path);
+    if (!segs.ok()) return segs.status();
+    if (!segs->empty() && anchor.records + 1 < segs->front().first) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(path, ": the anchor is at record ", anchor.records,
+                       ", before the oldest segment left (",
+                       segs->front().first, "): pruned, it cannot be checked"));
+    }
+    LedgerReadStats stats;
+    absl::StatusOr<detail::SegmentWalk> w =
+        detail::walk_segments(*segs, 0, options, stats, anchor.records);
+    if (!w.ok()) return w.status();
+    const VerifyResult& r = w->r;
+    if (!r.ok()) return absl::DataLossError(absl::StrCat(path, ": ", r.error));
+    if (r.records < anchor.records) {
+      return absl::DataLossError(
+          absl::StrCat(path, ": ", r.records, " records, the anchor has ",
+                       anchor.records, ": the ledger's tail was cut"));
+    }
+    if (r.last_hash != anchor.hash) {
+      return absl::DataLossError(absl::StrCat(
+          path, ": record ", anchor.records,
+          "'s hash is not the anchor's: the ledger was rewritten up to it"));
+    }
+    return absl::OkStatus();
+  }
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0 && errno != ENOENT) {
     return PosixLedgerFile::errno_status("open", path);
@@ -516,10 +972,50 @@ inline absl::StatusOr<std::string> read_file(const std::string& path) {
 // tail is skipped). kDataLoss naming the first broken record otherwise,
 // before any record is handed on. Two streamed passes (verify, then read)
 // in a bounded buffer: memory does not grow with the file.
+//
+// A directory is a segmented ledger. With options.from_checkpoint (the
+// default) reading starts at the newest segment holding a checkpoint: the
+// checkpoint record is handed on first (Accountant::replay loads its
+// books), then every other record from that segment's start on; the
+// segments before it are not read. Without it, every segment is read from
+// the oldest and checkpoint records are not handed on (a full replay; an
+// oldest segment that is not the first still starts from its checkpoint).
+// Either way the segments read are verified first (as verify_ledger_file).
 inline absl::Status read_ledger(
     const std::string& path,
     const std::function<absl::Status(const nlohmann::json&)>& fn,
     LedgerReadOptions options = {}) {
+  if (detail::is_directory(path)) {
+    absl::StatusOr<std::vector<detail::Segment>> segs =
+        detail::list_segments(path);
+    if (!segs.ok()) return segs.status();
+    if (segs->empty()) return absl::OkStatus();
+    LedgerReadStats stats;
+    std::size_t start = 0;
+    if (options.from_checkpoint) {
+      absl::StatusOr<std::size_t> s =
+          detail::last_checkpoint_segment(*segs, options, stats);
+      if (!s.ok()) return s.status();
+      start = *s;
+    }
+    absl::StatusOr<detail::SegmentWalk> w =
+        detail::walk_segments(*segs, start, options, stats);
+    absl::Status st = w.ok() ? absl::OkStatus() : w.status();
+    if (st.ok() && !w->r.ok()) {
+      st = absl::DataLossError(absl::StrCat(path, ": ", w->r.error));
+    }
+    if (st.ok()) {
+      const bool with_checkpoint =
+          options.from_checkpoint || (*segs)[start].first != 1;
+      st = detail::replay_walk(*segs, *w, with_checkpoint, options, stats, fn);
+    }
+    if (options.stats != nullptr) {
+      options.stats->bytes_read += stats.bytes_read;
+      options.stats->max_buffer =
+          std::max(options.stats->max_buffer, stats.max_buffer);
+    }
+    return st;
+  }
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     if (errno == ENOENT) return absl::OkStatus();
@@ -556,6 +1052,115 @@ inline absl::Status read_ledger(
   return absl::OkStatus();
 }
 
+namespace detail {
+
+// SegmentFiles: a segmented ledger's directory, as one LedgerFile. Holds an
+// exclusive flock(2) on the directory's LOCK file for the ledger's life (one
+// writer for the ledger as a whole) and one on the active segment. write()
+// goes to the active segment; rotate() syncs it, creates the next one
+// durably (the file, then the directory) and switches to it, so that a
+// sync() of the new one covers every record written before it started, in
+// any segment. write() and rotate() come one at a time (the ledger's lock);
+// sync() may run beside either.
+class SegmentFiles final : public LedgerFile {
+ public:
+  // Creates `dir` (and syncs its parent) when missing; takes the lock.
+  static absl::StatusOr<std::unique_ptr<SegmentFiles>> open(
+      const std::string& dir) {
+    if (::mkdir(dir.c_str(), 0755) == 0) {
+      if (absl::Status s = PosixLedgerFile::sync_dir_of(dir); !s.ok()) {
+        return s;
+      }
+    } else if (errno != EEXIST) {
+      return PosixLedgerFile::errno_status("mkdir", dir);
+    }
+    if (!is_directory(dir)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ledger ", dir, ": not a directory (a segmented ledger is one)"));
+    }
+    const std::string lock_path = dir + "/LOCK";
+    const int fd =
+        ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) return PosixLedgerFile::errno_status("open", lock_path);
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      const int e = errno;
+      ::close(fd);
+      if (e == EWOULDBLOCK) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "ledger ", dir,
+            ": another writer holds it (flock); one ledger has one writer"));
+      }
+      errno = e;
+      return PosixLedgerFile::errno_status("flock", lock_path);
+    }
+    return std::unique_ptr<SegmentFiles>(new SegmentFiles(dir, fd));
+  }
+  ~SegmentFiles() override { ::close(lock_fd_); }
+
+  // Makes `path` (existing, or created durably) the active segment.
+  absl::Status open_active(const std::string& path) {
+    absl::StatusOr<std::unique_ptr<PosixLedgerFile>> f =
+        PosixLedgerFile::open_append(path);
+    if (!f.ok()) return f.status();
+    std::lock_guard<std::mutex> lock(mu_);
+    active_ = std::shared_ptr<PosixLedgerFile>(std::move(*f));
+    return absl::OkStatus();
+  }
+
+  // Syncs the active segment, then creates segment `first` (file synced,
+  // then the directory) and makes it the active one.
+  absl::Status rotate(std::uint64_t first) {
+    if (absl::Status st = active_->sync(); !st.ok()) return st;
+    const std::string path = absl::StrCat(dir_, "/", segment_name(first));
+    // Created (never one left by someone else), the file synced, then the
+    // directory that names it.
+    const int fd =
+        ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) return PosixLedgerFile::errno_status("create", path);
+    const int rc = ::fsync(fd);
+    const int e = errno;
+    ::close(fd);
+    if (rc != 0) {
+      errno = e;
+      return PosixLedgerFile::errno_status("fsync", path);
+    }
+    if (absl::Status st = PosixLedgerFile::sync_dir_of(path); !st.ok()) {
+      return st;
+    }
+    absl::StatusOr<std::unique_ptr<PosixLedgerFile>> f =
+        PosixLedgerFile::open_append(path);
+    if (!f.ok()) return f.status();
+    std::lock_guard<std::mutex> lock(mu_);
+    active_ = std::shared_ptr<PosixLedgerFile>(std::move(*f));
+    return absl::OkStatus();
+  }
+
+  absl::Status write(std::string_view bytes) override {
+    return active_->write(bytes);
+  }
+  absl::Status sync() override {
+    std::shared_ptr<PosixLedgerFile> a;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      a = active_;
+    }
+    return a->sync();
+  }
+  absl::Status truncate(std::uint64_t size) { return active_->truncate(size); }
+  const std::string& active_path() const { return active_->path(); }
+  const std::string& dir() const { return dir_; }
+
+ private:
+  SegmentFiles(std::string dir, int lock_fd)
+      : dir_(std::move(dir)), lock_fd_(lock_fd) {}
+  std::string dir_;
+  int lock_fd_;
+  std::mutex mu_;  // guards the pointer for sync()
+  std::shared_ptr<PosixLedgerFile> active_;
+};
+
+}  // namespace detail
+
 // Ledger: appends records. Thread-safe.
 class Ledger final : public AuditSink {
  public:
@@ -565,8 +1170,19 @@ class Ledger final : public AuditSink {
   // a torn last line is cut; any other damage is kDataLoss and nothing is
   // opened. kFailedPrecondition while another Ledger (here or in another
   // process) has the file open.
+  //
+  // Segmented (`path` a directory, or options.segment_bytes, segment_age or
+  // books set): `path` is created if missing (its parent synced) and locked
+  // as a whole; the segments are verified from the newest one holding a
+  // checkpoint on (all of them when none does), the last one's torn record
+  // cut, and options.books, if set, rebuilt from that checkpoint. Records
+  // go to the last segment. open_stats() says what was read.
   static absl::StatusOr<std::unique_ptr<Ledger>> open(
       const std::string& path, LedgerOptions options = {}) {
+    if (options.segment_bytes != 0 || options.segment_age.count() != 0 ||
+        options.books != nullptr || detail::is_directory(path)) {
+      return open_segmented(path, std::move(options));
+    }
     absl::StatusOr<std::unique_ptr<PosixLedgerFile>> f =
         PosixLedgerFile::open_append(path);
     if (!f.ok()) return f.status();
@@ -596,6 +1212,8 @@ class Ledger final : public AuditSink {
       stop_ = true;
     }
     sync_cv_.notify_all();
+    cp_cv_.notify_all();
+    if (checkpointer_.joinable()) checkpointer_.join();
     if (syncer_.joinable()) syncer_.join();
     // Records nobody waited for (denials, releases) are synced on a clean
     // close too.
@@ -628,8 +1246,85 @@ class Ledger final : public AuditSink {
   // lazy_sync_after; otherwise with the next record waited for.
   absl::StatusOr<std::uint64_t> append_nowait(std::string_view fields,
                                               Nanos t) override {
+    if (fields.substr(0, kCheckpointEvent.size()) == kCheckpointEvent) {
+      return absl::InvalidArgumentError(
+          "ledger: checkpoint records are the ledger's own");
+    }
     std::lock_guard<std::mutex> lock(mu_);
+    return append_locked(fields, t, /*may_rotate=*/true);
+  }
+
+  // checkpoint
+  //
+  // Closes the active segment now (unless it is empty) and waits for the
+  // checkpoint record of the books up to its last record to be written at
+  // the head of the next one and synced; returns its sequence number.
+  // kFailedPrecondition without segments and books (LedgerOptions::books);
+  // the books' error if a record could not be applied to them; kAborted
+  // when the next segment was itself closed before its checkpoint could be
+  // written (records arriving faster than checkpoints: call again).
+  absl::StatusOr<std::uint64_t> checkpoint() {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (segments_ == nullptr || books_ == nullptr) {
+      return absl::FailedPreconditionError(
+          "ledger: checkpoints need segments and books (LedgerOptions)");
+    }
     if (!failed_.ok()) return failed_;
+    if (active_records_ > 0) {
+      if (absl::Status st = rotate_locked(); !st.ok()) {
+        failed_ = st;
+        return st;
+      }
+    } else {
+      boundaries_.push_back(
+          Boundary{std::string(), seq_, last_hash_, ++boundaries_made_});
+      cp_cv_.notify_all();
+    }
+    const std::uint64_t id = boundaries_made_;
+    cp_cv_.wait(lock, [&] { return stop_ || boundaries_done_ >= id; });
+    if (!checkpoint_failed_.ok()) return checkpoint_failed_;
+    if (last_checkpoint_ < active_first_) {
+      return absl::AbortedError(
+          "ledger: the segment rotated again before its checkpoint");
+    }
+    const std::uint64_t seq = last_checkpoint_;
+    lock.unlock();
+    if (absl::Status st = wait_durable(seq); !st.ok()) return st;
+    return seq;
+  }
+
+  // The sequence number of the last checkpoint record written (0: none).
+  std::uint64_t last_checkpoint() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return last_checkpoint_;
+  }
+
+  // What open() read (segmented: from the last checkpoint on).
+  LedgerReadStats open_stats() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return open_stats_;
+  }
+
+ private:
+  static constexpr std::string_view kCheckpointEvent =
+      "\"event\":\"checkpoint\"";
+
+  // One record, mu_ held; a segmented ledger first rotates when the active
+  // segment is full or old (unless !may_rotate: a checkpoint record goes to
+  // the segment it belongs to).
+  absl::StatusOr<std::uint64_t> append_locked(std::string_view fields, Nanos t,
+                                              bool may_rotate) {
+    if (!failed_.ok()) return failed_;
+    if (segments_ != nullptr && may_rotate && active_records_ > 0 &&
+        ((options_.segment_bytes != 0 &&
+          active_bytes_ >= options_.segment_bytes) ||
+         (options_.segment_age.count() > 0 &&
+          t.count() - active_t0_ >= options_.segment_age.count()))) {
+      if (absl::Status st = rotate_locked(); !st.ok()) {
+        failed_ = st;
+        return st;
+      }
+    }
     const std::uint64_t seq = seq_ + 1;
     std::string line = absl::StrCat(
         "{\"seq\":", seq, ",\"t\":", t.count(), ",\"prev\":\"", last_hash_,
@@ -643,9 +1338,186 @@ class Ledger final : public AuditSink {
     if (seq_ == synced_) first_unsynced_ = std::chrono::steady_clock::now();
     seq_ = seq;
     last_hash_ = hash;
+    if (active_records_++ == 0) active_t0_ = t.count();
+    active_bytes_ += line.size();
+    last_t_ = t.count();
     return seq;
   }
 
+  // Closes the active segment (synced) and starts the next; the closed one
+  // is queued for a checkpoint when there are books. mu_ held.
+  absl::Status rotate_locked() {
+    std::string closed = segments_->active_path();
+    if (absl::Status st = segments_->rotate(seq_ + 1); !st.ok()) return st;
+    active_first_ = seq_ + 1;
+    active_records_ = 0;
+    active_bytes_ = 0;
+    if (books_ != nullptr) {
+      boundaries_.push_back(
+          Boundary{std::move(closed), seq_, last_hash_, ++boundaries_made_});
+      cp_cv_.notify_all();
+    }
+    return absl::OkStatus();
+  }
+
+  static absl::StatusOr<std::unique_ptr<Ledger>> open_segmented(
+      std::string dir, LedgerOptions options) {
+    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    absl::StatusOr<std::unique_ptr<detail::SegmentFiles>> files =
+        detail::SegmentFiles::open(dir);
+    if (!files.ok()) return files.status();
+    absl::StatusOr<std::vector<detail::Segment>> segs =
+        detail::list_segments(dir);
+    if (!segs.ok()) return segs.status();
+    LedgerReadOptions ro;
+    ro.key = options.key;
+    LedgerReadStats stats;
+    VerifyResult head;
+    std::uint64_t active_first = 1, active_bytes = 0, active_records = 0;
+    std::int64_t active_t0 = 0;
+    if (segs->empty()) {
+      const std::string first = dir + "/" + detail::segment_name(1);
+      if (absl::Status st = (*files)->open_active(first); !st.ok()) return st;
+    } else {
+      absl::StatusOr<std::size_t> start =
+          detail::last_checkpoint_segment(*segs, ro, stats);
+      if (!start.ok()) return start.status();
+      absl::StatusOr<detail::SegmentWalk> w =
+          detail::walk_segments(*segs, *start, ro, stats);
+      if (!w.ok()) return w.status();
+      if (!w->r.ok()) {
+        return absl::DataLossError(absl::StrCat(dir, ": ", w->r.error));
+      }
+      if (absl::Status st = (*files)->open_active(segs->back().path);
+          !st.ok()) {
+        return st;
+      }
+      if (w->r.torn_tail) {
+        if (absl::Status st = (*files)->truncate(w->good.back()); !st.ok()) {
+          return st;
+        }
+      }
+      if (options.books != nullptr) {
+        if (absl::Status st =
+                detail::replay_walk(*segs, *w, true, ro, stats,
+                                    [&](const nlohmann::json& j) {
+                                      return options.books->apply(j);
+                                    });
+            !st.ok()) {
+          return st;
+        }
+      }
+      head = w->r;
+      active_first = segs->back().first;
+      active_bytes = w->good.back();
+      active_records = w->last_records;
+      active_t0 = w->last_first_t;
+    }
+    detail::SegmentFiles* seg = files->get();
+    std::unique_ptr<Ledger> l(
+        new Ledger(*std::move(files), options, head.records, head.last_hash));
+    std::lock_guard<std::mutex> lock(l->mu_);
+    l->segments_ = seg;
+    l->active_first_ = active_first;
+    l->active_bytes_ = active_bytes;
+    l->active_records_ = active_records;
+    l->active_t0_ = active_t0;
+    l->last_t_ = active_t0;
+    l->open_stats_ = stats;
+    l->books_ = options.books;
+    l->books_upto_ = head.records;
+    if (l->books_ != nullptr) {
+      l->checkpointer_ = std::thread([p = l.get()] { p->checkpoints(); });
+    }
+    return l;
+  }
+
+  // A closed segment awaiting its checkpoint: the books up to record
+  // `upto` (the segment's last, of hash `hash`), read from `path`.
+  struct Boundary {
+    std::string path;
+    std::uint64_t upto = 0;
+    std::string hash;
+    std::uint64_t id = 0;
+  };
+
+  // The checkpoint thread: applies each closed segment's records to the
+  // books (mu_ released) and appends a checkpoint record of them to the
+  // segment after it, unless that one was itself closed meanwhile.
+  void checkpoints() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cp_cv_.wait(lock, [&] { return stop_ || !boundaries_.empty(); });
+      if (stop_) return;
+      const Boundary b = boundaries_.front();
+      lock.unlock();
+      absl::Status st = advance_books(b);
+      std::string books;
+      if (st.ok()) books = books_->books();
+      lock.lock();
+      boundaries_.pop_front();
+      if (!st.ok() && checkpoint_failed_.ok()) checkpoint_failed_ = st;
+      if (checkpoint_failed_.ok() && failed_.ok() &&
+          active_first_ == b.upto + 1) {
+        const std::string fields =
+            absl::StrCat(detail::av(kCheckpointEvent), ",\"upto\":", b.upto,
+                         ",\"upto_hash\":\"", b.hash, "\",\"books\":", books);
+        absl::StatusOr<std::uint64_t> seq =
+            append_locked(fields, Nanos{last_t_}, /*may_rotate=*/false);
+        if (seq.ok()) last_checkpoint_ = *seq;
+      }
+      boundaries_done_ = b.id;
+      cp_cv_.notify_all();
+    }
+  }
+
+  // Applies the records of b.path after books_upto_ and up to b.upto to
+  // the books (the checkpoint thread only).
+  absl::Status advance_books(const Boundary& b) {
+    if (b.path.empty() || books_upto_ >= b.upto) return absl::OkStatus();
+    const int fd = ::open(b.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return PosixLedgerFile::errno_status("open", b.path);
+    detail::LineReader in(fd, b.path, 0);
+    std::string_view line;
+    std::uint64_t pos = 0;
+    absl::Status st;
+    while (st.ok() && books_upto_ < b.upto) {
+      absl::StatusOr<bool> more = in.next(line, pos);
+      if (!more.ok()) {
+        st = more.status();
+        break;
+      }
+      if (!*more) break;
+      std::size_t at = 7;  // {"seq":
+      std::uint64_t seq = 0;
+      if (!detail::number_at(line, at, seq)) {
+        st = absl::DataLossError(
+            absl::StrCat(b.path, ": byte ", pos, ": a record without a seq"));
+        break;
+      }
+      if (seq <= books_upto_) continue;
+      std::uint64_t upto = 0;
+      std::string_view h;
+      if (!detail::checkpoint_of(line, upto, h)) {
+        const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+        if (j.is_discarded()) {
+          st = absl::DataLossError(
+              absl::StrCat(b.path, ": a record at byte ", pos, " is not JSON"));
+          break;
+        }
+        st = books_->apply(j);
+      }
+      books_upto_ = seq;
+    }
+    ::close(fd);
+    if (st.ok() && books_upto_ < b.upto) {
+      st = absl::DataLossError(
+          absl::StrCat(b.path, ": ends before record ", b.upto));
+    }
+    return st;
+  }
+
+ public:
   // wait_durable
   //
   // Returns once record `seq` and every one before it are synced (kNone:
@@ -765,6 +1637,24 @@ class Ledger final : public AuditSink {
   absl::Status failed_;
   bool stop_ = false;
   std::thread syncer_;
+  // Segments (segments_ null: one file). All under mu_.
+  detail::SegmentFiles* segments_ = nullptr;  // file_, when segmented
+  std::uint64_t active_first_ = 1;            // the active segment's first seq
+  std::uint64_t active_records_ = 0;          // records in it
+  std::uint64_t active_bytes_ = 0;            // its size
+  std::int64_t active_t0_ = 0;                // its first record's time
+  std::int64_t last_t_ = 0;                   // the last record's time
+  LedgerReadStats open_stats_;
+  // Checkpoints: closed segments queued for the checkpoint thread, which
+  // alone touches books_ and books_upto_ once it runs.
+  std::shared_ptr<LedgerBooks> books_;
+  std::uint64_t books_upto_ = 0;
+  std::deque<Boundary> boundaries_;
+  std::uint64_t boundaries_made_ = 0, boundaries_done_ = 0;
+  std::uint64_t last_checkpoint_ = 0;
+  absl::Status checkpoint_failed_;
+  std::condition_variable cp_cv_;
+  std::thread checkpointer_;
 };
 
 }  // namespace ratekeeper
