@@ -273,9 +273,8 @@ class SettledIds {
     const Shard& s = shards_[(k.hash >> 40) % kShards];
     const std::uint64_t* slots = s.slots_hint.load(std::memory_order_relaxed);
     if (slots == nullptr) return;
-    __builtin_prefetch(
-        slots + (static_cast<std::uint32_t>(k.hash) &
-                 s.mask_hint.load(std::memory_order_relaxed)));
+    __builtin_prefetch(slots + (static_cast<std::uint32_t>(k.hash) &
+                                s.mask_hint.load(std::memory_order_relaxed)));
   }
 
   // At least `ids` ids are remembered (rounded up to whole shards). A
@@ -360,8 +359,8 @@ class SettledIds {
       if (v == 0) break;
       const std::size_t home = static_cast<std::uint32_t>(v >> 32) & mask;
       // v may fill the hole at i unless its home lies cyclically in (i, j].
-      const bool stays = i <= j ? (home > i && home <= j)
-                                : (home > i || home <= j);
+      const bool stays =
+          i <= j ? (home > i && home <= j) : (home > i || home <= j);
       if (!stays) {
         s.slots[i] = v;
         i = j;
@@ -713,14 +712,42 @@ class Accountant {
     worst.input_uncached = e.prompt_tokens;
     worst.output = e.max_output_tokens;
     absl::StatusOr<Prices> prices = prices_.prices(model, to_sys(now));
-    absl::StatusOr<Money> cost =
-        prices.ok() ? PriceTable::cost(*prices, worst)
-                    : absl::StatusOr<Money>(prices.status());
+    absl::StatusOr<Money> cost = prices.ok()
+                                     ? PriceTable::cost(*prices, worst)
+                                     : absl::StatusOr<Money>(prices.status());
+    // Each budget's subject key (an error here, like a pricing error, is
+    // returned after the settled-id check, as it was before it).
+    absl::Status key_error;
+    const Budget* key_error_budget = nullptr;
+    if (cost.ok()) {
+      r.reserved_tokens_ = worst.total();
+      for (const Budget& b : budgets_) {
+        std::string key;
+        if (absl::Status st = append_subject_key(b.spec.scope, who, key);
+            !st.ok()) {
+          key_error = absl::InvalidArgumentError(
+              absl::StrCat("budget \"", b.spec.name, "\": ", st.message()));
+          key_error_budget = &b;
+          break;
+        }
+        const bool money = b.spec.unit == BudgetUnit::kNanoUsd;
+        // At least one unit (a nano-USD, a token): every call holds
+        // something of every budget, so a spent budget refuses even an
+        // empty estimate (a zero-cost take is always admitted). The unit
+        // goes back at settle.
+        const Cost want =
+            money ? static_cast<Cost>(cost->nanos) : r.reserved_tokens_;
+        r.items_.push_back(
+            {b.limit.get(), std::move(key), std::max<Cost>(want, 1), money});
+      }
+    }
     // Exactly once per call: a new reserve under an id settled within the
     // remembered window is refused, so a retried call never reaches the
     // provider twice (its settle would have been answered with the first
-    // settlement anyway, after the provider billed it again). Checked
-    // before a pricing error is returned, as before pricing.
+    // settlement anyway, after the provider billed it again). Looked up
+    // last before the chain, so that the prefetch of its slot has had the
+    // pricing and the subject keys to arrive; checked before their errors
+    // are returned.
     if (std::optional<Settlement> done = find_settlement(id_key)) {
       return absl::AlreadyExistsError(absl::StrCat(
           "request id \"", detail::av(request_id), "\" was already settled (",
@@ -730,30 +757,16 @@ class Accountant {
     }
     if (!prices.ok()) return prices.status();
     if (!cost.ok()) return cost.status();
+    if (key_error_budget != nullptr) {
+      key_error_budget->limit->metrics().record_error();
+      return key_error;
+    }
     r.request_id_ = std::move(request_id);
     if (audit_ != nullptr) r.model_ = std::string(model);
     r.prices_ = *prices;
     r.estimate_ = e;
     r.reserved_money_ = *cost;
-    r.reserved_tokens_ = worst.total();
     absl::InlinedVector<ChainItem, 8> items(limits.begin(), limits.end());
-    for (const Budget& b : budgets_) {
-      std::string key;
-      if (absl::Status st = append_subject_key(b.spec.scope, who, key);
-          !st.ok()) {
-        b.limit->metrics().record_error();
-        return absl::InvalidArgumentError(
-            absl::StrCat("budget \"", b.spec.name, "\": ", st.message()));
-      }
-      const bool money = b.spec.unit == BudgetUnit::kNanoUsd;
-      // At least one unit (a nano-USD, a token): every call holds something
-      // of every budget, so a spent budget refuses even an empty estimate
-      // (a zero-cost take is always admitted). The unit goes back at settle.
-      const Cost want =
-          money ? static_cast<Cost>(cost->nanos) : r.reserved_tokens_;
-      r.items_.push_back(
-          {b.limit.get(), std::move(key), std::max<Cost>(want, 1), money});
-    }
     r.first_budget_ = items.size();
     for (const auto& it : r.items_) {
       items.push_back({it.limit, it.key, it.held});
