@@ -104,8 +104,9 @@ class TimedFile final : public rk::LedgerFile {
   // The mean sync time so far, in milliseconds.
   double mean_ms() const {
     const std::uint64_t n = syncs_.load();
-    return n == 0 ? 0.0 : static_cast<double>(nanos_.load()) / 1e6 /
-                              static_cast<double>(n);
+    return n == 0 ? 0.0
+                  : static_cast<double>(nanos_.load()) / 1e6 /
+                        static_cast<double>(n);
   }
 
  private:
@@ -181,7 +182,8 @@ int main(int argc, char** argv) {
     }
     acct.set_audit(ledger.get());
     const Run r = run(threads, seconds, [&](int t, std::uint64_t i) {
-      const rk::Subject who{.user = "u", .team = "team" + std::to_string(t)};
+      const std::string team = "team" + std::to_string(t);
+      const rk::Subject who{.user = "u", .team = team};
       auto res = acct.reserve(
           who, "m", {.prompt_tokens = 100, .max_output_tokens = 100},
           "r" + std::to_string(t) + "-" + std::to_string(i));
