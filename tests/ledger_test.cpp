@@ -987,6 +987,47 @@ TEST_CASE(
   }
 }
 
+TEST_CASE(
+    "group commit: a record nobody waits for is synced by the syncer's "
+    "lazy deadline, and a waiter arriving meanwhile is not kept waiting "
+    "for it",
+    "[i15][ledger]") {
+  auto owned = std::make_unique<CoverageFile>();
+  CoverageFile* file = owned.get();
+  auto ledger = Ledger::with_file(
+      std::move(owned), {.durability = Durability::kGroupCommit,
+                         .lazy_sync_after = std::chrono::milliseconds(20)});
+  const auto first = ledger->append_nowait("\"event\":\"deny\"", Nanos{1});
+  REQUIRE(first.ok());
+  // Synced with nobody waiting: polled up to a deadline, never a fixed
+  // sleep.
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!file->synced(*first) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK(file->synced(*first));
+  CHECK(file->syncs() >= 1);
+  // With an hour's lazy deadline, a waiter wakes the sleeping syncer: it
+  // returns once its record is synced, long before the hour.
+  auto owned2 = std::make_unique<CoverageFile>();
+  CoverageFile* file2 = owned2.get();
+  auto ledger2 = Ledger::with_file(std::move(owned2),
+                                   {.durability = Durability::kGroupCommit,
+                                    .lazy_sync_after = std::chrono::hours(1)});
+  REQUIRE(ledger2->append_nowait("\"event\":\"deny\"", Nanos{1}).ok());
+  auto waited = std::async(std::launch::async, [&] {
+    return ledger2->append("\"event\":\"settle\"", Nanos{2});
+  });
+  REQUIRE(waited.wait_for(std::chrono::seconds(20)) ==
+          std::future_status::ready);
+  const auto seq = waited.get();
+  REQUIRE(seq.ok());
+  CHECK(*seq == 2);
+  CHECK(file2->synced(1));
+  CHECK(file2->synced(2));
+}
+
 TEST_CASE("one writer: a second open of a ledger file is refused",
           "[i15][ledger]") {
   TempFile f("lock.jsonl");
