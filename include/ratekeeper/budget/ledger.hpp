@@ -577,12 +577,12 @@ inline void futex_wait(std::atomic<std::uint32_t>& a, std::uint32_t expected,
     ts.tv_nsec = static_cast<long>(timeout.count() % 1'000'000'000);
     tp = &ts;
   }
-  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&a),
-            FUTEX_WAIT_PRIVATE, expected, tp, nullptr, 0);
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&a), FUTEX_WAIT_PRIVATE,
+            expected, tp, nullptr, 0);
 }
 inline void futex_wake(std::atomic<std::uint32_t>& a, int n) {
-  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&a),
-            FUTEX_WAKE_PRIVATE, n, nullptr, nullptr, 0);
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&a), FUTEX_WAKE_PRIVATE,
+            n, nullptr, nullptr, 0);
 }
 
 // SHA-256 of records as they are appended: the digest fetched once and one
@@ -609,8 +609,7 @@ class RecordHasher {
     }
     std::array<unsigned char, 32> md{};
     unsigned int len = 0;
-    if (ctx_ == nullptr ||
-        EVP_DigestInit_ex(ctx_, sha256_md(), nullptr) != 1 ||
+    if (ctx_ == nullptr || EVP_DigestInit_ex(ctx_, sha256_md(), nullptr) != 1 ||
         EVP_DigestUpdate(ctx_, data.data(), data.size()) != 1 ||
         EVP_DigestFinal_ex(ctx_, md.data(), &len) != 1) {
       EVP_Digest(data.data(), data.size(), md.data(), &len, EVP_sha256(),
@@ -733,6 +732,10 @@ class Ledger final : public AuditSink {
     last_hash_.assign(hash, sizeof(hash));
     // Published after the write: a sync that reads it covers the record.
     written_.store(seq);
+    // A syncer asleep with nothing to sync is woken (seq_cst both sides:
+    // either it reads this record or this reads its state), so that a
+    // record nobody waits for is synced within lazy_sync_after.
+    if (syncer_state_.load() == kIdle) kick_syncer();
     return seq;
   }
 
@@ -868,8 +871,8 @@ class Ledger final : public AuditSink {
   // alternating between two half-full ones. With a fast disk that wait is
   // a few microseconds.
   void group_commit() {
-    std::int64_t next_start = 0;        // group_commit_interval
-    std::int64_t gather_deadline = 0;   // the batch's wait, at the latest
+    std::int64_t next_start = 0;       // group_commit_interval
+    std::int64_t gather_deadline = 0;  // the batch's wait, at the latest
     while (!stop_.load()) {
       const std::uint32_t k = kick_.load();
       // Set before reading what waits (seq_cst both sides): a waiter that
