@@ -2,8 +2,10 @@
 // once; TESTPLAN T6a-T6d.
 #include "ratekeeper/budget/accountant.hpp"
 
+#include <array>
 #include <atomic>
 #include <barrier>
+#include <deque>
 #include <map>
 #include <nlohmann/json.hpp>  // header-only: the property test's books
 #include <optional>
@@ -1032,6 +1034,91 @@ TEST_CASE("budget property: random scripts against an oracle of the books",
   for (const auto& [id, s] : first) {
     REQUIRE(again.find_settlement(id) == s);
   }
+}
+
+TEST_CASE(
+    "the settled-id window against a model: each shard keeps its newest "
+    "ids, through wrap-around, index growth and window changes",
+    "[accountant][i15]") {
+  using detail::SettledIds;
+  SettledIds ids;
+  // The model: per shard, the ids oldest first and their settlements.
+  struct ModelShard {
+    std::deque<std::string> order;
+    std::map<std::string, Settlement> by_id;
+  };
+  std::array<ModelShard, SettledIds::kShards> model;
+  std::map<std::string, Settlement> remembered;  // the union of the shards
+  std::size_t per_shard = 0;
+  const auto set_window = [&](std::size_t w) {
+    ids.set_window(w);
+    per_shard = std::max<std::size_t>(
+        1, w / SettledIds::kShards + (w % SettledIds::kShards != 0 ? 1 : 0));
+  };
+  std::mt19937_64 rng(15);
+  std::vector<std::string> seen;
+  const auto fresh_id = [&] {
+    // 1 to 40 characters: short ids in the string's own buffer, long ones
+    // on the heap (a reused entry keeps its buffer).
+    std::string id(1 + rng() % 40, 'x');
+    for (char& c : id) c = static_cast<char>('!' + rng() % 90);
+    return id;
+  };
+  const std::size_t windows[] = {16, 160, 1'000, 4'000, 17, 1};
+  set_window(160);
+  std::uint64_t mismatches = 0;
+  for (int step = 0; step < 60'000; ++step) {
+    if (step % 7'500 == 7'499) set_window(windows[rng() % 6]);
+    std::string id = !seen.empty() && rng() % 8 == 0 ? seen[rng() % seen.size()]
+                                                     : fresh_id();
+    if (seen.size() < 4'000) seen.push_back(id);
+    const SettledIds::Key k = SettledIds::key(id);
+    const Settlement st{Money{static_cast<std::int64_t>(step)},
+                        static_cast<std::uint64_t>(step), step % 3 == 0};
+    auto& shard = ids.shard_of(k);
+    // The model's shard: the one SettledIds picks (its shards are an
+    // array; this test checks what each keeps, not how ids spread).
+    ModelShard* m = nullptr;
+    for (std::size_t i = 0; i < SettledIds::kShards; ++i) {
+      SettledIds::Key probe{};
+      probe.hash = static_cast<std::size_t>(i) << 40;
+      if (&ids.shard_of(probe) == &shard) m = &model[i];
+    }
+    REQUIRE(m != nullptr);
+    {
+      detail::MutexLock lock(&shard.mu);
+      ids.remember(shard, k, st);
+    }
+    if (m->by_id.find(id) == m->by_id.end()) {
+      m->order.push_back(id);
+      m->by_id.emplace(id, st);
+      remembered.emplace(id, st);
+      while (m->order.size() > per_shard) {
+        m->by_id.erase(m->order.front());
+        remembered.erase(m->order.front());
+        m->order.pop_front();
+      }
+    }
+    if (step % 2'000 == 1'999 || step < 100) {
+      // Every id ever used: remembered exactly when the model has it,
+      // with the first settlement.
+      for (const std::string& s : seen) {
+        const SettledIds::Key sk = SettledIds::key(s);
+        auto& sh = ids.shard_of(sk);
+        std::optional<Settlement> got;
+        {
+          detail::MutexLock lock(&sh.mu);
+          if (const Settlement* f = SettledIds::find(sh, sk)) got = *f;
+        }
+        std::optional<Settlement> want;
+        if (auto it = remembered.find(s); it != remembered.end()) {
+          want = it->second;
+        }
+        if (got != want) ++mismatches;
+      }
+    }
+  }
+  CHECK(mismatches == 0);
 }
 
 TEST_CASE("a smaller idempotency window keeps the newest ids, oldest first",

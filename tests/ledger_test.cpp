@@ -864,6 +864,171 @@ TEST_CASE(
   CHECK(file->synced_text().find("\"event\":\"settle\"") != std::string::npos);
 }
 
+namespace {
+
+// A file that knows where each record ends and how much each sync covered:
+// a sync covers what was written before it began. From the `fail_from`-th
+// sync on (0: never), every sync fails.
+class CoverageFile final : public LedgerFile {
+ public:
+  explicit CoverageFile(int fail_from = 0) : fail_from_(fail_from) {}
+  absl::Status write(std::string_view b) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    written_ += b.size();
+    ends_.push_back(written_);
+    return absl::OkStatus();
+  }
+  absl::Status sync() override {
+    std::size_t covers = 0;
+    int n = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      covers = written_;
+      n = ++syncs_;
+    }
+    std::this_thread::yield();  // let appends run during the sync
+    std::lock_guard<std::mutex> lock(mu_);
+    if (fail_from_ != 0 && n >= fail_from_) {
+      return absl::DataLossError("fdatasync: Input/output error (injected)");
+    }
+    synced_ = std::max(synced_, covers);
+    return absl::OkStatus();
+  }
+  // Whether record `seq` (1-based) lies in the synced prefix.
+  bool synced(std::uint64_t seq) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return seq >= 1 && seq <= ends_.size() && ends_[seq - 1] <= synced_;
+  }
+  int syncs() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return syncs_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<std::size_t> ends_;
+  std::size_t written_ = 0, synced_ = 0;
+  int syncs_ = 0;
+  const int fail_from_;
+};
+
+}  // namespace
+
+TEST_CASE(
+    "group commit from 8 threads: each append returns once a sync that "
+    "began after its record was written has ended; after a failed sync "
+    "nothing succeeds",
+    "[i15][ledger]") {
+  constexpr int kThreads = 8, kEach = 250;
+  {
+    auto owned = std::make_unique<CoverageFile>();
+    CoverageFile* file = owned.get();
+    auto ledger = Ledger::with_file(std::move(owned),
+                                    {.durability = Durability::kGroupCommit,
+                                     .lazy_sync_after = std::chrono::hours(1)});
+    std::atomic<int> early{0}, failed{0};
+    std::vector<std::thread> ts;
+    for (int t = 0; t < kThreads; ++t) {
+      ts.emplace_back([&, t] {
+        for (int i = 0; i < kEach; ++i) {
+          const auto seq = ledger->append(
+              absl::StrCat("\"th\":", t, ",\"i\":", i), Nanos{i});
+          if (!seq.ok()) {
+            ++failed;
+          } else if (!file->synced(*seq)) {
+            ++early;
+          }
+        }
+      });
+    }
+    for (auto& th : ts) th.join();
+    CHECK(failed.load() == 0);
+    CHECK(early.load() == 0);
+    CHECK(ledger->last_seq() == kThreads * kEach);
+    CHECK(file->syncs() >= 1);
+    CHECK(file->syncs() <= kThreads * kEach);
+  }
+  {
+    // The 30th sync fails, and every one after it.
+    auto owned = std::make_unique<CoverageFile>(30);
+    CoverageFile* file = owned.get();
+    auto ledger = Ledger::with_file(std::move(owned),
+                                    {.durability = Durability::kGroupCommit,
+                                     .lazy_sync_after = std::chrono::hours(1)});
+    std::atomic<bool> seen_failure{false};
+    std::atomic<int> ok_after_failure{0}, ok_not_synced{0}, ok{0}, errors{0};
+    std::vector<std::thread> ts;
+    for (int t = 0; t < kThreads; ++t) {
+      ts.emplace_back([&, t] {
+        for (int i = 0; i < kEach; ++i) {
+          const bool after = seen_failure.load();
+          const auto seq = ledger->append(
+              absl::StrCat("\"th\":", t, ",\"i\":", i), Nanos{i});
+          if (seq.ok()) {
+            ++ok;
+            if (after) ++ok_after_failure;
+            if (!file->synced(*seq)) ++ok_not_synced;
+          } else {
+            ++errors;
+            seen_failure = true;
+          }
+        }
+      });
+    }
+    for (auto& th : ts) th.join();
+    CHECK(ok.load() >= 1);
+    CHECK(errors.load() >= 1);
+    CHECK(ok_after_failure.load() == 0);  // never success after a failure
+    CHECK(ok_not_synced.load() == 0);
+    CHECK(file->syncs() >= 30);
+    // Later records are refused at once, with the sync's error.
+    const auto later = ledger->append("\"a\":1", Nanos{0});
+    REQUIRE_FALSE(later.ok());
+    CHECK(later.status().code() == absl::StatusCode::kDataLoss);
+  }
+}
+
+TEST_CASE(
+    "group commit: a record nobody waits for is synced by the syncer's "
+    "lazy deadline, and a waiter arriving meanwhile is not kept waiting "
+    "for it",
+    "[i15][ledger]") {
+  auto owned = std::make_unique<CoverageFile>();
+  CoverageFile* file = owned.get();
+  auto ledger = Ledger::with_file(
+      std::move(owned), {.durability = Durability::kGroupCommit,
+                         .lazy_sync_after = std::chrono::milliseconds(20)});
+  const auto first = ledger->append_nowait("\"event\":\"deny\"", Nanos{1});
+  REQUIRE(first.ok());
+  // Synced with nobody waiting: polled up to a deadline, never a fixed
+  // sleep.
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!file->synced(*first) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK(file->synced(*first));
+  CHECK(file->syncs() >= 1);
+  // With an hour's lazy deadline, a waiter wakes the sleeping syncer: it
+  // returns once its record is synced, long before the hour.
+  auto owned2 = std::make_unique<CoverageFile>();
+  CoverageFile* file2 = owned2.get();
+  auto ledger2 = Ledger::with_file(std::move(owned2),
+                                   {.durability = Durability::kGroupCommit,
+                                    .lazy_sync_after = std::chrono::hours(1)});
+  REQUIRE(ledger2->append_nowait("\"event\":\"deny\"", Nanos{1}).ok());
+  auto waited = std::async(std::launch::async, [&] {
+    return ledger2->append("\"event\":\"settle\"", Nanos{2});
+  });
+  REQUIRE(waited.wait_for(std::chrono::seconds(20)) ==
+          std::future_status::ready);
+  const auto seq = waited.get();
+  REQUIRE(seq.ok());
+  CHECK(*seq == 2);
+  CHECK(file2->synced(1));
+  CHECK(file2->synced(2));
+}
+
 TEST_CASE("one writer: a second open of a ledger file is refused",
           "[i15][ledger]") {
   TempFile f("lock.jsonl");

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -221,10 +222,16 @@ namespace detail {
 
 // SettledIds: the settlement of each of the last `window` settled request
 // ids, in shards by id with a mutex each, so that settles of different ids
-// rarely meet. A shard's deque owns its entries in settle order (a deque
-// never moves its elements); its hash set holds pointers to them (8 bytes a
-// slot) and compares through them, with each entry's hash kept beside it: an
-// id is hashed once per settle.
+// rarely meet. A shard keeps its entries in a ring (oldest overwritten
+// first; an entry's id string keeps its buffer when reused, so a settle
+// allocates nothing once the ring is full) and an index into it: an
+// open-addressed, linearly probed table of 8-byte slots, each the low 32
+// bits of the id's hash (its home slot and fingerprint) and the entry's
+// ring position. A look-up of an id that is not there (every new request)
+// reads only the index (an entry is read only when its fingerprint
+// matches); forgetting the oldest entry finds its slot by position and
+// shifts its cluster back (no tombstones). The index is kept at most half
+// full (doubled as the ring grows). An id is hashed once per call.
 class SettledIds {
  public:
   static constexpr std::size_t kShards = 16;
@@ -238,26 +245,20 @@ class SettledIds {
     std::size_t hash = 0;
     Settlement settlement;
   };
-  struct EntryHash {
-    using is_transparent = void;
-    std::size_t operator()(const Entry* e) const noexcept { return e->hash; }
-    std::size_t operator()(const Key& k) const noexcept { return k.hash; }
-  };
-  struct EntryEq {
-    using is_transparent = void;
-    static absl::string_view id(const Entry* e) noexcept { return e->id; }
-    static absl::string_view id(const Key& k) noexcept { return k.id; }
-    template <class A, class B>
-    bool operator()(const A& a, const B& b) const noexcept {
-      return id(a) == id(b);
-    }
-  };
 
   struct alignas(64) Shard {
     Mutex mu;
-    absl::flat_hash_set<const Entry*, EntryHash, EntryEq> ids
-        ABSL_GUARDED_BY(mu);
-    std::deque<Entry> order ABSL_GUARDED_BY(mu);  // oldest first
+    std::vector<Entry> ring ABSL_GUARDED_BY(mu);
+    std::size_t head ABSL_GUARDED_BY(mu) = 0;  // the oldest, once full
+    std::size_t cap ABSL_GUARDED_BY(mu) = 0;   // the ring's window
+    // 0: empty; else (low 32 bits of the hash) << 32 | (ring position + 1).
+    std::vector<std::uint64_t> slots ABSL_GUARDED_BY(mu);
+    // The low 32 bits of each ring entry's hash, packed (16 a cache line):
+    // the next entry to forget is found without reading the entry itself.
+    std::vector<std::uint32_t> fps ABSL_GUARDED_BY(mu);
+    // slots.data() and its size - 1, for prefetch() without the lock.
+    std::atomic<const std::uint64_t*> slots_hint{nullptr};
+    std::atomic<std::size_t> mask_hint{0};
   };
 
   static Key key(std::string_view id) {
@@ -270,12 +271,28 @@ class SettledIds {
   void for_each(const F& f) {
     for (Shard& s : shards_) {
       MutexLock lock(&s.mu);
-      for (const Entry& e : s.order) f(e);
+      const std::size_t n = s.ring.size();
+      // Oldest first: from head when the ring is full, else from 0.
+      const std::size_t start = n == s.cap && n != 0 ? s.head : 0;
+      for (std::size_t i = 0; i < n; ++i) f(s.ring[(start + i) % n]);
     }
   }
   void copy_window(const SettledIds& o) { per_shard_ = o.per_shard_; }
 
-  // At least `ids` ids are remembered (rounded up to whole shards).
+  // Starts fetching the index slot where `k` is looked up (no lock: the
+  // index's address is read from relaxed copies, and a prefetch of a stale
+  // one is harmless).
+  void prefetch(const Key& k) const noexcept {
+    const Shard& s = shards_[(k.hash >> 40) % kShards];
+    const std::uint64_t* slots = s.slots_hint.load(std::memory_order_relaxed);
+    if (slots == nullptr) return;
+    __builtin_prefetch(slots + (static_cast<std::uint32_t>(k.hash) &
+                                s.mask_hint.load(std::memory_order_relaxed)));
+  }
+
+  // At least `ids` ids are remembered (rounded up to whole shards). A
+  // shard takes a new size at its next remember(): a smaller one keeps
+  // its newest ids.
   void set_window(std::size_t ids) {
     per_shard_ = ids / kShards + (ids % kShards != 0 ? 1 : 0);
     if (per_shard_ == 0) per_shard_ = 1;
@@ -283,26 +300,120 @@ class SettledIds {
 
   static const Settlement* find(Shard& s, const Key& k)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
-    const auto it = s.ids.find(k);
-    return it == s.ids.end() ? nullptr : &(*it)->settlement;
+    if (s.slots.empty()) return nullptr;
+    const std::size_t mask = s.slots.size() - 1;
+    const auto fp = static_cast<std::uint32_t>(k.hash);
+    for (std::size_t i = fp & mask;; i = (i + 1) & mask) {
+      const std::uint64_t v = s.slots[i];
+      if (v == 0) return nullptr;
+      if (static_cast<std::uint32_t>(v >> 32) == fp) {
+        const Entry& e = s.ring[(v & 0xffffffffU) - 1];
+        if (e.hash == k.hash && absl::string_view(e.id) == k.id) {
+          return &e.settlement;
+        }
+      }
+    }
   }
 
   // Records the settlement of `k` unless it has one; the shard's oldest id
   // beyond the window is forgotten.
   void remember(Shard& s, const Key& k, const Settlement& st)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
-    s.order.push_back(Entry{std::string(k.id), k.hash, st});
-    if (!s.ids.insert(&s.order.back()).second) {
-      s.order.pop_back();
-      return;
+    if (find(s, k) != nullptr) return;
+    if (s.cap != per_shard_) relayout(s, per_shard_);
+    std::size_t pos = 0;
+    if (s.ring.size() < s.cap) {
+      pos = s.ring.size();
+      if (2 * (pos + 1) > s.slots.size()) {
+        grow_index(s, std::max<std::size_t>(16, 2 * s.slots.size()));
+      }
+      s.ring.push_back(Entry{});
+      s.fps.push_back(0);
+    } else {
+      pos = s.head;
+      s.head = s.head + 1 == s.cap ? 0 : s.head + 1;
+      unindex(s, pos);
     }
-    while (s.order.size() > per_shard_) {
-      s.ids.erase(&s.order.front());
-      s.order.pop_front();
+    Entry& e = s.ring[pos];
+    e.id.assign(k.id.data(), k.id.size());
+    e.hash = k.hash;
+    e.settlement = st;
+    s.fps[pos] = static_cast<std::uint32_t>(k.hash);
+    place(s, k.hash, pos);
+    if (s.ring.size() == s.cap) {
+      // The next remember() here overwrites ring[head] and clears its
+      // slot: both lines are far from anything touched since (a random
+      // slot, an entry written a window ago), so they are fetched now.
+      __builtin_prefetch(&s.ring[s.head], 1);
+      __builtin_prefetch(&s.slots[s.fps[s.head] & (s.slots.size() - 1)], 1);
     }
   }
 
  private:
+  static void place(Shard& s, std::size_t hash, std::size_t pos)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    const std::size_t mask = s.slots.size() - 1;
+    const auto fp = static_cast<std::uint32_t>(hash);
+    std::size_t i = fp & mask;
+    while (s.slots[i] != 0) i = (i + 1) & mask;
+    s.slots[i] = std::uint64_t{fp} << 32 | (pos + 1);
+  }
+
+  // Removes the slot of ring position `pos`, shifting back the rest of its
+  // cluster (each slot's home is its fingerprint's low bits).
+  static void unindex(Shard& s, std::size_t pos)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    const std::size_t mask = s.slots.size() - 1;
+    std::size_t i = s.fps[pos] & mask;
+    while ((s.slots[i] & 0xffffffffU) != pos + 1) i = (i + 1) & mask;
+    for (std::size_t j = i;;) {
+      j = (j + 1) & mask;
+      const std::uint64_t v = s.slots[j];
+      if (v == 0) break;
+      const std::size_t home = static_cast<std::uint32_t>(v >> 32) & mask;
+      // v may fill the hole at i unless its home lies cyclically in (i, j].
+      const bool stays =
+          i <= j ? (home > i && home <= j) : (home > i || home <= j);
+      if (!stays) {
+        s.slots[i] = v;
+        i = j;
+      }
+    }
+    s.slots[i] = 0;
+  }
+
+  static void grow_index(Shard& s, std::size_t size)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    s.slots.assign(size, 0);
+    for (std::size_t p = 0; p < s.ring.size(); ++p) place(s, s.ring[p].hash, p);
+    s.slots_hint.store(s.slots.data(), std::memory_order_relaxed);
+    s.mask_hint.store(size - 1, std::memory_order_relaxed);
+  }
+
+  // The ring laid out oldest first for a window of `cap`, keeping the
+  // newest entries that fit.
+  static void relayout(Shard& s, std::size_t cap)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    std::vector<Entry> old = std::move(s.ring);
+    s.ring.clear();
+    s.fps.clear();
+    const std::size_t n = old.size();
+    const std::size_t keep = std::min(n, cap);
+    s.ring.reserve(keep);
+    s.fps.reserve(keep);
+    // Oldest first: from head when the old ring was full, else from 0.
+    const std::size_t start = n == s.cap && n != 0 ? s.head : 0;
+    for (std::size_t i = n - keep; i < n; ++i) {
+      s.ring.push_back(std::move(old[(start + i) % n]));
+      s.fps.push_back(static_cast<std::uint32_t>(s.ring.back().hash));
+    }
+    s.head = 0;
+    s.cap = cap;
+    std::size_t size = 16;
+    while (size < 2 * (keep + 1)) size *= 2;
+    grow_index(s, size);
+  }
+
   std::array<Shard, kShards> shards_;
   std::size_t per_shard_ = (std::size_t{1} << 18) / kShards;
 };
@@ -598,6 +709,10 @@ class Accountant {
     if (absl::Status st = check_text("request id", request_id); !st.ok()) {
       return st;
     }
+    // The id's slot in the settled-id index is fetched while the call is
+    // priced (a new id's slot is a cache miss in a large window).
+    const auto id_key = detail::SettledIds::key(request_id);
+    settled_.prefetch(id_key);
     if (absl::Status st = check_text("model", model); !st.ok()) return st;
     if (e.prompt_tokens > kMaxUsageTokens ||
         e.max_output_tokens > kMaxUsageTokens) {
@@ -605,49 +720,66 @@ class Accountant {
           "estimate of ", e.prompt_tokens, " prompt and ", e.max_output_tokens,
           " output tokens: each must be at most 2^48"));
     }
+    const Nanos now = clock_.now();
+    Usage worst;
+    worst.input_uncached = e.prompt_tokens;
+    worst.output = e.max_output_tokens;
+    absl::StatusOr<Prices> prices = prices_.prices(model, to_sys(now));
+    absl::StatusOr<Money> cost = prices.ok()
+                                     ? PriceTable::cost(*prices, worst)
+                                     : absl::StatusOr<Money>(prices.status());
+    // Each budget's subject key (an error here, like a pricing error, is
+    // returned after the settled-id check, as it was before it).
+    absl::Status key_error;
+    const Budget* key_error_budget = nullptr;
+    if (cost.ok()) {
+      r.reserved_tokens_ = worst.total();
+      for (const Budget& b : budgets_) {
+        std::string key;
+        if (absl::Status st = append_subject_key(b.spec.scope, who, key);
+            !st.ok()) {
+          key_error = absl::InvalidArgumentError(
+              absl::StrCat("budget \"", b.spec.name, "\": ", st.message()));
+          key_error_budget = &b;
+          break;
+        }
+        const bool money = b.spec.unit == BudgetUnit::kNanoUsd;
+        // At least one unit (a nano-USD, a token): every call holds
+        // something of every budget, so a spent budget refuses even an
+        // empty estimate (a zero-cost take is always admitted). The unit
+        // goes back at settle.
+        const Cost want =
+            money ? static_cast<Cost>(cost->nanos) : r.reserved_tokens_;
+        r.items_.push_back(
+            {b.limit.get(), std::move(key), std::max<Cost>(want, 1), money});
+      }
+    }
     // Exactly once per call: a new reserve under an id settled within the
     // remembered window is refused, so a retried call never reaches the
     // provider twice (its settle would have been answered with the first
-    // settlement anyway, after the provider billed it again).
-    if (std::optional<Settlement> done = find_settlement(request_id)) {
+    // settlement anyway, after the provider billed it again). Looked up
+    // last before the chain, so that the prefetch of its slot has had the
+    // pricing and the subject keys to arrive; checked before their errors
+    // are returned.
+    if (std::optional<Settlement> done = find_settlement(id_key)) {
       return absl::AlreadyExistsError(absl::StrCat(
           "request id \"", detail::av(request_id), "\" was already settled (",
           done->cost.nanos, " nano-USD, ", done->tokens,
           " tokens): a new call needs a new id; find_settlement() has the "
           "first settlement"));
     }
-    const Nanos now = clock_.now();
-    Usage worst;
-    worst.input_uncached = e.prompt_tokens;
-    worst.output = e.max_output_tokens;
-    absl::StatusOr<Prices> prices = prices_.prices(model, to_sys(now));
     if (!prices.ok()) return prices.status();
-    absl::StatusOr<Money> cost = PriceTable::cost(*prices, worst);
     if (!cost.ok()) return cost.status();
+    if (key_error_budget != nullptr) {
+      key_error_budget->limit->metrics().record_error();
+      return key_error;
+    }
     r.request_id_ = std::move(request_id);
     if (audit_ != nullptr) r.model_ = std::string(model);
     r.prices_ = *prices;
     r.estimate_ = e;
     r.reserved_money_ = *cost;
-    r.reserved_tokens_ = worst.total();
     absl::InlinedVector<ChainItem, 8> items(limits.begin(), limits.end());
-    for (const Budget& b : budgets_) {
-      std::string key;
-      if (absl::Status st = append_subject_key(b.spec.scope, who, key);
-          !st.ok()) {
-        b.limit->metrics().record_error();
-        return absl::InvalidArgumentError(
-            absl::StrCat("budget \"", b.spec.name, "\": ", st.message()));
-      }
-      const bool money = b.spec.unit == BudgetUnit::kNanoUsd;
-      // At least one unit (a nano-USD, a token): every call holds something
-      // of every budget, so a spent budget refuses even an empty estimate
-      // (a zero-cost take is always admitted). The unit goes back at settle.
-      const Cost want =
-          money ? static_cast<Cost>(cost->nanos) : r.reserved_tokens_;
-      r.items_.push_back(
-          {b.limit.get(), std::move(key), std::max<Cost>(want, 1), money});
-    }
     r.first_budget_ = items.size();
     for (const auto& it : r.items_) {
       items.push_back({it.limit, it.key, it.held});
@@ -1016,12 +1148,7 @@ class Accountant {
   // The settlement recorded for `request_id` (settled here, or replayed
   // from a ledger), if any.
   std::optional<Settlement> find_settlement(std::string_view request_id) {
-    const auto key = detail::SettledIds::key(request_id);
-    auto& shard = settled_.shard_of(key);
-    detail::MutexLock lock(&shard.mu);
-    const Settlement* s = detail::SettledIds::find(shard, key);
-    if (s == nullptr) return std::nullopt;
-    return *s;
+    return find_settlement(detail::SettledIds::key(request_id));
   }
 
   // forecast
@@ -1125,6 +1252,15 @@ class Accountant {
   // Budget stores never evict or forget spend while its period is open: a
   // full one refuses subjects it does not hold (kDenyNew); idle states
   // (nothing spent this period) are still reclaimed.
+  std::optional<Settlement> find_settlement(
+      const detail::SettledIds::Key& key) {
+    auto& shard = settled_.shard_of(key);
+    detail::MutexLock lock(&shard.mu);
+    const Settlement* s = detail::SettledIds::find(shard, key);
+    if (s == nullptr) return std::nullopt;
+    return *s;
+  }
+
   static ShardedOptions budget_store(ShardedOptions o) {
     o.when_full = WhenFull::kDenyNew;
     return o;
@@ -1242,7 +1378,7 @@ class Accountant {
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       auto& it = r.items_[i];
       const Cost actual = detail::budget_amount(it.money, s->cost, s->tokens);
-      const std::optional<Decision> d = settle_item(r, i, actual);
+      const std::optional<Decision> d = settle_item(r, i, actual, now);
       if (d && actual > it.held && on_threshold_ &&
           it.period == budgets_[i].spec.period->index_of(now)) {
         // An overage counted in the period now open fires its thresholds
@@ -1272,9 +1408,8 @@ class Accountant {
   // receipt, the excess, if any, on the last. Returns the last settle's
   // decision.
   std::optional<Decision> settle_item(Reservation<C>& r, std::size_t i,
-                                      Cost actual) {
+                                      Cost actual, Nanos now) {
     auto& it = r.items_[i];
-    const Nanos now = clock_.now();
     std::optional<Decision> last;
     Cost left = actual;
     const auto one = [&](Receipt& receipt, bool is_last) {
@@ -1312,6 +1447,7 @@ class Accountant {
   std::uint64_t give_back(Reservation<C>& r) noexcept {
     if (r.done_) return 0;
     std::uint64_t seq = 0;
+    const Nanos now = clock_.now();
     if (audit_ != nullptr) {
       std::string f = record_head("release", r);
       append_items(f, r, [](const auto& it) { return it.held; });
@@ -1319,11 +1455,11 @@ class Accountant {
       // budget forever would be worse, and replay of a ledger without it
       // keeps the reservation held (the conservative side). Written, not
       // waited for (it gives money back).
-      absl::StatusOr<std::uint64_t> w = audit_->append_nowait(f, clock_.now());
+      absl::StatusOr<std::uint64_t> w = audit_->append_nowait(f, now);
       if (w.ok()) seq = *w;
     }
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
-      static_cast<void>(settle_item(r, i, 0));
+      static_cast<void>(settle_item(r, i, 0, now));
       r.items_[i].held = 0;
     }
     chain_.give_back(r.decision_);  // the rate limits' receipts

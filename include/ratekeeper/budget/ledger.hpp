@@ -43,15 +43,19 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <openssl/evp.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -1159,6 +1163,76 @@ class SegmentFiles final : public LedgerFile {
   std::shared_ptr<PosixLedgerFile> active_;
 };
 
+// Futex waits on a 32-bit atomic (Linux): the ledger's waiters and its
+// syncer sleep in the kernel with no mutex to re-take on waking (a
+// condition variable's waiters would queue on its mutex, which every
+// append takes). futex_wait returns at once when `*a != expected`, on a
+// wake, on a signal, or after `timeout` (negative: none); callers re-check.
+inline void futex_wait(std::atomic<std::uint32_t>& a, std::uint32_t expected,
+                       Nanos timeout = Nanos{-1}) {
+  static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
+  struct timespec ts {};
+  struct timespec* tp = nullptr;
+  if (timeout.count() >= 0) {
+    ts.tv_sec = static_cast<time_t>(timeout.count() / 1'000'000'000);
+    ts.tv_nsec = static_cast<long>(timeout.count() % 1'000'000'000);
+    tp = &ts;
+  }
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&a), FUTEX_WAIT_PRIVATE,
+            expected, tp, nullptr, 0);
+}
+inline void futex_wake(std::atomic<std::uint32_t>& a, int n) {
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&a), FUTEX_WAKE_PRIVATE,
+            n, nullptr, nullptr, 0);
+}
+
+// SHA-256 of records as they are appended: the digest fetched once and one
+// context reused (OpenSSL 3 otherwise looks the algorithm up, under a
+// global lock, on every EVP_Digest), hex written into a caller's buffer:
+// no allocation per record.
+class RecordHasher {
+ public:
+  RecordHasher() : ctx_(EVP_MD_CTX_new()) {}
+  ~RecordHasher() { EVP_MD_CTX_free(ctx_); }
+  RecordHasher(const RecordHasher&) = delete;
+  RecordHasher& operator=(const RecordHasher&) = delete;
+
+  // The hex hash of `data` (chain_hash's) into out[0..64).
+  void hash(std::string_view key, std::string_view data, char* out) {
+    static constexpr char kHex[] = "0123456789abcdef";
+    if (!key.empty()) {
+      const Digest256 d = hmac_sha256(key, data);
+      for (std::size_t i = 0; i < 32; ++i) {
+        out[2 * i] = kHex[d[i] >> 4];
+        out[2 * i + 1] = kHex[d[i] & 15];
+      }
+      return;
+    }
+    std::array<unsigned char, 32> md{};
+    unsigned int len = 0;
+    if (ctx_ == nullptr || EVP_DigestInit_ex(ctx_, sha256_md(), nullptr) != 1 ||
+        EVP_DigestUpdate(ctx_, data.data(), data.size()) != 1 ||
+        EVP_DigestFinal_ex(ctx_, md.data(), &len) != 1) {
+      EVP_Digest(data.data(), data.size(), md.data(), &len, EVP_sha256(),
+                 nullptr);
+    }
+    for (std::size_t i = 0; i < 32; ++i) {
+      out[2 * i] = kHex[md[i] >> 4];
+      out[2 * i + 1] = kHex[md[i] & 15];
+    }
+  }
+
+ private:
+  static const EVP_MD* sha256_md() {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    static EVP_MD* const md = EVP_MD_fetch(nullptr, "SHA256", nullptr);
+    if (md != nullptr) return md;
+#endif
+    return EVP_sha256();
+  }
+  EVP_MD_CTX* ctx_;
+};
+
 }  // namespace detail
 
 // Ledger: appends records. Thread-safe.
@@ -1209,17 +1283,17 @@ class Ledger final : public AuditSink {
   ~Ledger() override {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
+      stop_.store(true);
     }
-    sync_cv_.notify_all();
     cp_cv_.notify_all();
     if (checkpointer_.joinable()) checkpointer_.join();
+    kick_syncer();
     if (syncer_.joinable()) syncer_.join();
     // Records nobody waited for (denials, releases) are synced on a clean
     // close too.
     std::lock_guard<std::mutex> lock(mu_);
-    if (options_.durability != Durability::kNone && failed_.ok() &&
-        seq_ > synced_) {
+    if (options_.durability != Durability::kNone && !failed_flag_.load() &&
+        seq_ > synced_.load()) {
       static_cast<void>(file_->sync());
     }
   }
@@ -1243,7 +1317,9 @@ class Ledger final : public AuditSink {
   // Writes one record (to the page cache) and returns its sequence number
   // without waiting for a sync; wait_durable(seq) waits for it. Under
   // kGroupCommit a record nobody waits for is synced within
-  // lazy_sync_after; otherwise with the next record waited for.
+  // lazy_sync_after; otherwise with the next record waited for. The line is
+  // built in a buffer the ledger keeps (no allocation per record once it
+  // has grown to the longest line).
   absl::StatusOr<std::uint64_t> append_nowait(std::string_view fields,
                                               Nanos t) override {
     if (fields.substr(0, kCheckpointEvent.size()) == kCheckpointEvent) {
@@ -1269,10 +1345,10 @@ class Ledger final : public AuditSink {
       return absl::FailedPreconditionError(
           "ledger: checkpoints need segments and books (LedgerOptions)");
     }
-    if (!failed_.ok()) return failed_;
+    if (failed_flag_.load()) return failed_;
     if (active_records_ > 0) {
       if (absl::Status st = rotate_locked(); !st.ok()) {
-        failed_ = st;
+        fail(st);
         return st;
       }
     } else {
@@ -1314,33 +1390,49 @@ class Ledger final : public AuditSink {
   // the segment it belongs to).
   absl::StatusOr<std::uint64_t> append_locked(std::string_view fields, Nanos t,
                                               bool may_rotate) {
-    if (!failed_.ok()) return failed_;
+    if (failed_flag_.load(std::memory_order_relaxed)) return failed_;
     if (segments_ != nullptr && may_rotate && active_records_ > 0 &&
         ((options_.segment_bytes != 0 &&
           active_bytes_ >= options_.segment_bytes) ||
          (options_.segment_age.count() > 0 &&
           t.count() - active_t0_ >= options_.segment_age.count()))) {
       if (absl::Status st = rotate_locked(); !st.ok()) {
-        failed_ = st;
+        fail(st);
         return st;
       }
     }
     const std::uint64_t seq = seq_ + 1;
-    std::string line = absl::StrCat(
-        "{\"seq\":", seq, ",\"t\":", t.count(), ",\"prev\":\"", last_hash_,
-        "\"", fields.empty() ? "" : ",", detail::av(fields));
-    const std::string hash = detail::chain_hash(options_.key, line);
-    absl::StrAppend(&line, detail::kHashField, hash, "\"}\n");
+    std::string& line = line_;
+    line.clear();
+    absl::StrAppend(&line, "{\"seq\":", seq, ",\"t\":", t.count(),
+                    ",\"prev\":\"", last_hash_, "\"");
+    if (!fields.empty()) {
+      line += ',';
+      line.append(fields.data(), fields.size());
+    }
+    char hash[64];
+    hasher_.hash(options_.key, line, hash);
+    line.append(detail::kHashField, detail::kHashFieldLen);
+    line.append(hash, sizeof(hash));
+    line.append("\"}\n", 3);
     if (absl::Status st = file_->write(line); !st.ok()) {
-      failed_ = st;
+      fail(st);
       return st;
     }
-    if (seq_ == synced_) first_unsynced_ = std::chrono::steady_clock::now();
+    if (seq_ == synced_.load()) {
+      first_unsynced_.store(steady_nanos(), std::memory_order_relaxed);
+    }
     seq_ = seq;
-    last_hash_ = hash;
+    last_hash_.assign(hash, sizeof(hash));
     if (active_records_++ == 0) active_t0_ = t.count();
     active_bytes_ += line.size();
     last_t_ = t.count();
+    // Published after the write: a sync that reads it covers the record.
+    written_.store(seq);
+    // A syncer asleep with nothing to sync is woken (seq_cst both sides:
+    // either it reads this record or this reads its state), so that a
+    // record nobody waits for is synced within lazy_sync_after.
+    if (syncer_state_.load() == kIdle) kick_syncer();
     return seq;
   }
 
@@ -1522,29 +1614,31 @@ class Ledger final : public AuditSink {
   //
   // Returns once record `seq` and every one before it are synced (kNone:
   // at once), or the sync's error. Concurrent waiters share one sync: it
-  // covers every record written before it started.
+  // covers every record written before it started. Waiters hold no lock:
+  // they sleep on a futex that the sync's end wakes, all at once.
   absl::Status wait_durable(std::uint64_t seq) override {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (options_.durability == Durability::kNone) return failed_;
-    while (synced_ < seq && failed_.ok()) {
-      if (options_.durability == Durability::kGroupCommit) {
-        // Always: a count of waiters may still include some that a sync
-        // has covered and that have not yet woken to leave.
-        ++waiting_;
-        sync_cv_.notify_one();
-        done_cv_.wait(lock);
-        --waiting_;
+    if (options_.durability == Durability::kNone) return failed_status();
+    bool registered = false;
+    for (;;) {
+      // The epoch is read before the checks: a sync that ends after them
+      // changes it, and the futex wait below returns at once.
+      const std::uint32_t e = epoch_.load();
+      if (synced_.load() >= seq) return absl::OkStatus();
+      if (failed_flag_.load()) return failed_status();
+      if (options_.durability == Durability::kFsyncEach) {
+        // This caller syncs, unless a sync is running (it may not cover
+        // this record: wait for its end, then look again).
+        std::lock_guard<std::mutex> sync_lock(sync_mu_);
+        if (synced_.load() < seq && !failed_flag_.load()) sync_once();
         continue;
       }
-      // kFsyncEach: this caller syncs, unless a sync is running (it may
-      // not cover this record: wait for it, then look again).
-      if (syncing_) {
-        done_cv_.wait(lock);
+      if (!registered) {
+        registered = true;
+        register_waiter();
         continue;
       }
-      sync_locked(lock);
+      detail::futex_wait(epoch_, e);
     }
-    return synced_ >= seq ? absl::OkStatus() : failed_;
   }
 
   std::uint64_t last_seq() const {
@@ -1560,10 +1654,7 @@ class Ledger final : public AuditSink {
   }
 
   // How many syncs the ledger has made (for tests and benchmarks).
-  std::uint64_t syncs() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return syncs_;
-  }
+  std::uint64_t syncs() const { return syncs_.load(); }
 
  private:
   Ledger(std::unique_ptr<LedgerFile> file, LedgerOptions options,
@@ -1571,71 +1662,165 @@ class Ledger final : public AuditSink {
       : file_(std::move(file)),
         options_(options),
         seq_(seq),
-        synced_(seq),
-        last_hash_(std::move(last_hash)) {
+        last_hash_(std::move(last_hash)),
+        written_(seq),
+        synced_(seq) {
     if (options_.durability == Durability::kGroupCommit) {
       syncer_ = std::thread([this] { group_commit(); });
     }
   }
 
-  // One sync of every record written so far, run with mu_ released
-  // (appends go on writing meanwhile; the next sync covers them).
-  void sync_locked(std::unique_lock<std::mutex>& lock) {
-    const std::uint64_t upto = seq_;
-    syncing_ = true;
-    lock.unlock();
-    const absl::Status st = file_->sync();
-    lock.lock();
-    syncing_ = false;
-    ++syncs_;
-    if (st.ok()) {
-      synced_ = std::max(synced_, upto);
-    } else if (failed_.ok()) {
-      failed_ = st;
-    }
-    done_cv_.notify_all();
+  static std::int64_t steady_nanos() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
   }
 
-  // Syncs while records wait (no more than one sync start per
-  // group_commit_interval), and records nobody waits for within
-  // lazy_sync_after of the first of them.
-  void group_commit() {
-    std::unique_lock<std::mutex> lock(mu_);
-    auto next = std::chrono::steady_clock::now();
-    while (!stop_) {
-      const auto now = std::chrono::steady_clock::now();
-      if (seq_ == synced_ || !failed_.ok()) {
-        sync_cv_.wait(lock);
-        continue;
+  absl::Status failed_status() const {
+    if (!failed_flag_.load()) return absl::OkStatus();
+    std::lock_guard<std::mutex> lock(mu_);
+    return failed_;
+  }
+
+  // The first error wins; the flag is set after the status, so that a
+  // reader who sees it finds the status (read under mu_).
+  void fail(const absl::Status& st) {
+    if (failed_.ok()) failed_ = st;
+    failed_flag_.store(true);
+  }
+
+  // One sync of every record written so far, with no lock held but
+  // sync_mu_ (one sync at a time; appends go on writing meanwhile, the next
+  // sync covers them). Waiters are woken at its end, all at once.
+  void sync_once() {
+    const std::uint64_t upto = written_.load();
+    const absl::Status st = file_->sync();
+    syncs_.fetch_add(1);
+    if (st.ok()) {
+      // Only forward: a sync never reports less than one before it.
+      std::uint64_t cur = synced_.load();
+      while (cur < upto && !synced_.compare_exchange_weak(cur, upto)) {
       }
-      if (waiting_ == 0 && now < first_unsynced_ + options_.lazy_sync_after) {
-        sync_cv_.wait_until(lock, first_unsynced_ + options_.lazy_sync_after);
-        continue;
-      }
-      if (now < next) {
-        sync_cv_.wait_until(lock, next);
-        continue;
-      }
-      next = now + options_.group_commit_interval;
-      sync_locked(lock);
-      if (seq_ != synced_) first_unsynced_ = std::chrono::steady_clock::now();
+    } else {
+      std::lock_guard<std::mutex> lock(mu_);
+      fail(st);
     }
+    epoch_.fetch_add(1);
+    detail::futex_wake(epoch_, INT_MAX);
+  }
+
+  // The syncer's states, for waiters deciding whether to wake it: awake;
+  // asleep until woken (nothing to sync); asleep with a deadline (lazy
+  // records, the interval); gathering a batch (asleep until `population_`
+  // waiters have come, or a deadline).
+  enum SyncerState : std::uint32_t { kAwake, kIdle, kTimed, kGathering };
+
+  // A waiter counts itself and wakes the syncer if it sleeps for want of
+  // it: always, unless it is gathering a batch that this waiter does not
+  // complete (it wakes at its deadline anyway).
+  void register_waiter() {
+    const std::uint32_t n = pending_.fetch_add(1) + 1;
+    const std::uint32_t state = syncer_state_.load();
+    if (state == kAwake) return;
+    if (state == kGathering && n < population_.load()) return;
+    kick_syncer();
+  }
+
+  void kick_syncer() {
+    kick_.fetch_add(1);
+    detail::futex_wake(kick_, 1);
+  }
+
+  // The group syncer. A sync starts when a waiter's record is unsynced and
+  // the previous sync has ended (and group_commit_interval has passed since
+  // the last start), covering every record written until it starts; records
+  // nobody waits for are synced within lazy_sync_after. Batching: after a
+  // sync, the waiters it released usually write again at once, while those
+  // who came during it already wait; the next sync waits for as many
+  // waiters as both together (the batch's population), for at most half
+  // the last sync's time, so that they share one sync rather than
+  // alternating between two half-full ones. With a fast disk that wait is
+  // a few microseconds.
+  void group_commit() {
+    std::int64_t next_start = 0;       // group_commit_interval
+    std::int64_t gather_deadline = 0;  // the batch's wait, at the latest
+    while (!stop_.load()) {
+      const std::uint32_t k = kick_.load();
+      // Set before reading what waits (seq_cst both sides): a waiter that
+      // reads an older state came before these reads, which see it.
+      syncer_state_.store(kIdle);
+      const std::uint64_t written = written_.load();
+      const std::uint32_t waiting = pending_.load();
+      if (stop_.load()) break;
+      if (written == synced_.load() || failed_flag_.load()) {
+        detail::futex_wait(kick_, k);
+        continue;
+      }
+      const std::int64_t now = steady_nanos();
+      if (waiting == 0) {
+        const std::int64_t due =
+            first_unsynced_.load(std::memory_order_relaxed) +
+            options_.lazy_sync_after.count();
+        if (now < due) {
+          syncer_state_.store(kTimed);
+          if (pending_.load() == 0) {
+            detail::futex_wait(kick_, k, Nanos{due - now});
+          }
+          continue;
+        }
+      }
+      if (now < next_start) {
+        syncer_state_.store(kTimed);
+        detail::futex_wait(kick_, k, Nanos{next_start - now});
+        continue;
+      }
+      if (waiting != 0 && waiting < population_.load() &&
+          now < gather_deadline) {
+        syncer_state_.store(kGathering);
+        if (pending_.load() < population_.load()) {
+          detail::futex_wait(kick_, k, Nanos{gather_deadline - now});
+        }
+        continue;
+      }
+      syncer_state_.store(kAwake);
+      next_start = now + options_.group_commit_interval.count();
+      // The waiters counted here wrote before this: the sync covers them.
+      const std::uint32_t batch = pending_.exchange(0);
+      sync_once();
+      const std::int64_t end = steady_nanos();
+      population_.store(batch + pending_.load());
+      gather_deadline = end + (end - now) / 2;
+      if (written_.load() != synced_.load()) {
+        first_unsynced_.store(end, std::memory_order_relaxed);
+      }
+    }
+    syncer_state_.store(kAwake);
   }
 
   std::unique_ptr<LedgerFile> file_;
   const LedgerOptions options_;
+  // mu_: the writer's (one record at a time, in order); also the first
+  // error's status.
   mutable std::mutex mu_;
-  std::condition_variable sync_cv_;  // the syncer: a record waits, or stop
-  std::condition_variable done_cv_;  // waiters: a sync ended
-  std::uint64_t seq_;
-  std::uint64_t synced_;
-  std::uint64_t syncs_ = 0;
-  std::uint64_t waiting_ = 0;
-  bool syncing_ = false;
-  std::chrono::steady_clock::time_point first_unsynced_{};
+  std::uint64_t seq_;  // the last record written
   std::string last_hash_;
+  std::string line_;  // the record being written
+  detail::RecordHasher hasher_;
   absl::Status failed_;
-  bool stop_ = false;
+  // Read without mu_:
+  std::atomic<std::uint64_t> written_;  // seq_, once its record is written
+  std::atomic<std::uint64_t> synced_;   // every record up to it is durable
+  std::atomic<bool> failed_flag_{false};
+  std::atomic<std::uint64_t> syncs_{0};
+  std::atomic<std::int64_t> first_unsynced_{0};  // steady clock, ns
+  // Waiters sleep on epoch_ (one more after each sync); the syncer on kick_.
+  std::atomic<std::uint32_t> epoch_{0};
+  std::atomic<std::uint32_t> kick_{0};
+  std::atomic<std::uint32_t> pending_{0};     // waiters since a sync began
+  std::atomic<std::uint32_t> population_{0};  // the last batch's waiters
+  std::atomic<std::uint32_t> syncer_state_{kAwake};
+  std::atomic<bool> stop_{false};
+  std::mutex sync_mu_;  // kFsyncEach: one sync at a time
   std::thread syncer_;
   // Segments (segments_ null: one file). All under mu_.
   detail::SegmentFiles* segments_ = nullptr;  // file_, when segmented
