@@ -509,6 +509,17 @@ inline State from_u128(u128 v) noexcept {
   auto* bytes = static_cast<unsigned char*>(static_cast<void*>(&s));
   const auto lo = static_cast<std::uint64_t>(v);
   const auto hi = static_cast<std::uint64_t>(v >> 64);
+#if defined(__GNUC__) && defined(__SSE2__)
+  if constexpr (sizeof(State) == 16) {
+    // One 16-byte store where the State lands in memory (a policy's step
+    // out of line takes it by reference): a load of any part of it, 8 or
+    // 16 bytes, is then served by store forwarding.
+    using V = long long __attribute__((vector_size(16)));
+    const V x = {static_cast<long long>(lo), static_cast<long long>(hi)};
+    std::memcpy(bytes, &x, 16);
+    return s;
+  }
+#endif
   if constexpr (sizeof(State) >= 8) {
     std::memcpy(bytes, &lo, 8);
     std::memcpy(bytes + 8, &hi, sizeof(State) - 8);
