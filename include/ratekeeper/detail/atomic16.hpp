@@ -479,13 +479,13 @@ static_assert(sizeof(Atomic16) == 16 && alignof(Atomic16) == 16);
 
 // A State (at most 16 bytes, trivially copyable) as 128 bits, zero-padded.
 //
-// Both go word by word (two 8-byte copies, not one of 16 bytes): GCC then
-// keeps the halves in registers, or writes and reads them back with
-// accesses of the same width. A 16-byte copy of a State whose halves were
-// just stored as two words (as the halves of a load or a CAS come back)
-// is a load that store forwarding cannot serve: a stall of about a dozen
-// cycles on the check's path, measured by perf annotate on the store's
-// apply.
+// How the bytes move matters on the check's path. A 16-byte load of bytes
+// just stored as two 8-byte words cannot be served by store forwarding (a
+// stall of about a dozen cycles, seen with perf annotate on the store's
+// apply): to_u128 reads a State as two words, and from_u128 lands a 16-byte
+// State with one 16-byte store, from which loads of either width forward
+// (a policy's step out of line takes the State by reference and may read
+// it either way).
 template <class State>
 inline u128 to_u128(const State& s) noexcept {
   static_assert(std::is_trivially_copyable_v<State> && sizeof(State) <= 16);
