@@ -701,7 +701,7 @@ class ShardedStore {
     // Fingerprint: the low 56 bits. Shard: the high 32 by multiply-shift
     // (no power-of-two sizes needed), so up to 256 shards are chosen by the
     // 8 bits the fingerprint does not hold (more shards read fingerprint
-    // bits too: 64 bits tell keys apart either way). absl's hash is mixed
+    // bits too: 64 bits tell keys apart either way). Both hashes are mixed
     // already; no remix, which would sit on the lookup's critical path.
     out.fp = h & kFpMask;
     if (out.fp == 0) out.fp = 1;
