@@ -2,6 +2,9 @@
 #include "ratekeeper/policy/token_bucket.hpp"
 
 #include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
 
 #include "test_util.hpp"
 
@@ -224,4 +227,232 @@ TEST_CASE("a settle's debt and a placement saturate at the largest values",
   const TokenBucket::State back =
       tb.settle(st.next, now, big, std::numeric_limits<Cost>::max(), 0);
   CHECK(tb.idle(back, now));
+}
+
+// ------------------------------------------------------------ issue 15 --
+//
+// The check's arithmetic was made cheaper (issue 15): step() takes a 64-bit
+// path when a token is a whole number of ns (den == 1) and divides by the
+// emission interval with a multiplication (detail::DivBy). Both are checked
+// here against independent models: DivBy against the CPU's division, step()
+// against GCRA written out below in 128-bit arithmetic from its definition,
+// on random states and times and on the edges where a 64-bit sum or
+// difference would overflow.
+
+TEST_CASE("DivBy is floor division for every divisor and numerator",
+          "[i15][math]") {
+  std::mt19937_64 rng(rk_test::seed_or(0xD1B));
+  std::vector<std::uint64_t> divisors = {1,
+                                         2,
+                                         3,
+                                         7,
+                                         10,
+                                         1'000'000'000,
+                                         86'400'000'000'000ULL,
+                                         (std::uint64_t{1} << 32) - 1,
+                                         std::uint64_t{1} << 32,
+                                         (std::uint64_t{1} << 32) + 1,
+                                         (std::uint64_t{1} << 63) - 1,
+                                         std::uint64_t{1} << 63,
+                                         (std::uint64_t{1} << 63) + 1,
+                                         ~std::uint64_t{0} - 1,
+                                         ~std::uint64_t{0}};
+  for (int i = 0; i < 200; ++i) {
+    // Divisors of every bit length.
+    divisors.push_back((rng() >> (rng() % 64)) | 1);
+    divisors.push_back(rng() >> (rng() % 64) << 1);
+  }
+  std::uint64_t checked = 0;
+  for (const std::uint64_t d : divisors) {
+    if (d == 0) continue;
+    const ratekeeper::detail::DivBy div(d);
+    std::vector<std::uint64_t> ns = {
+        0, 1, d - 1, d, ~std::uint64_t{0}, ~std::uint64_t{0} - 1};
+    // Around multiples of d, where a rounding error would show.
+    for (int k = 0; k < 64; ++k) {
+      const std::uint64_t qmax = ~std::uint64_t{0} / d;
+      const std::uint64_t q =
+          qmax == ~std::uint64_t{0} ? rng() : rng() % (qmax + 1);
+      ns.push_back(q * d);
+      if (q * d != 0) ns.push_back(q * d - 1);
+      if (q * d != ~std::uint64_t{0}) ns.push_back(q * d + 1);
+      ns.push_back(rng());
+      ns.push_back(rng() >> (rng() % 64));
+    }
+    for (const std::uint64_t n : ns) {
+      if (div(n) != n / d) {
+        FAIL("DivBy(" << d << ")(" << n << ") = " << div(n) << ", not "
+                      << n / d);
+      }
+      ++checked;
+    }
+  }
+  CHECK(checked > 50'000);
+}
+
+namespace {
+
+__extension__ using m128 = __int128;
+
+m128 floor_div(m128 a, m128 b) {
+  m128 q = a / b;
+  if (a % b != 0 && a < 0) --q;
+  return q;
+}
+m128 ceil_div(m128 a, m128 b) {
+  m128 q = a / b;
+  if (a % b != 0 && a > 0) ++q;
+  return q;
+}
+std::int64_t sat64(m128 v) {
+  if (v > std::numeric_limits<std::int64_t>::max())
+    return std::numeric_limits<std::int64_t>::max();
+  if (v < std::numeric_limits<std::int64_t>::min())
+    return std::numeric_limits<std::int64_t>::min();
+  return static_cast<std::int64_t>(v);
+}
+
+// GCRA from its definition (docs/policies.md): T = period / count ns per
+// token (num / den in lowest terms), tau = burst * T. A state is its TAT,
+// tat_biased - 2^63 ns plus tat_frac / den ns (a fraction of den or more
+// counts as den - 1). A call of cost c at t is allowed iff
+// max(TAT, t) + c T - t <= tau; then TAT' = max(TAT, t) + c T (c > 0).
+// Everything in units of 1/den ns, in 128 bits.
+struct Gcra {
+  std::uint64_t num, den, burst;
+  Step<TokenBucket::State> step(const TokenBucket::State& s, std::int64_t t,
+                                Cost cost) const {
+    const m128 D = den, N = num;
+    const m128 tau = static_cast<m128>(burst) * N;
+    const m128 frac = std::min<m128>(s.tat_frac, D - 1);
+    const m128 tat =
+        (static_cast<m128>(s.tat_biased) - (static_cast<m128>(1) << 63)) * D +
+        frac;
+    const m128 now = static_cast<m128>(t) * D;
+    const m128 base = tat > now ? tat : now;
+    const auto left = [&](m128 at) -> std::uint64_t {
+      const m128 room = tau - (at - now);
+      return room <= 0 ? 0 : static_cast<std::uint64_t>(room / N);
+    };
+    const auto ns_until = [&](m128 at) {
+      return at - now <= 0 ? Nanos{0} : Nanos{sat64(ceil_div(at - now, D))};
+    };
+    if (cost > burst) {
+      return {s, Decision{false, burst, left(base), kNever, ns_until(base)}};
+    }
+    const m128 next = base + static_cast<m128>(cost) * N;
+    if (next - now <= tau) {
+      TokenBucket::State out = s;
+      if (cost != 0) {
+        m128 whole = floor_div(next, D);
+        m128 rem = next - whole * D;
+        if (whole > std::numeric_limits<std::int64_t>::max()) {
+          whole = std::numeric_limits<std::int64_t>::max();
+          rem = D - 1;
+        }
+        out = TokenBucket::State{
+            static_cast<std::uint64_t>(whole + (static_cast<m128>(1) << 63)),
+            static_cast<std::uint64_t>(rem)};
+      }
+      return {out, Decision{true, burst, left(next), Nanos{0}, ns_until(next)}};
+    }
+    const m128 at = ceil_div(base - (tau - static_cast<m128>(cost) * N), D);
+    return {s, Decision{false, burst, left(base), Nanos{sat64(at - t)},
+                        ns_until(base)}};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("step() agrees with GCRA in 128 bits, on the 64-bit path's edges too",
+          "[i15][policy][bucket]") {
+  std::mt19937_64 rng(rk_test::seed_or(0x15B));
+  constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+  constexpr std::int64_t kMin = std::numeric_limits<std::int64_t>::min();
+  struct Config {
+    Rate rate;
+    std::uint64_t burst;
+  };
+  // den == 1 (the 64-bit path) and den > 1 (the 128-bit one), small and
+  // extreme: a burst whose refill is just under 292 years, 1 ns per token.
+  std::vector<Config> configs = {
+      {per_second(10), 20},
+      {per_second(1), 1'000'000'000},
+      {per_day(1), 1},
+      {per_day(1), 100'000},
+      {Rate{1, Nanos{1}}, 1},
+      {Rate{1, Nanos{1}}, std::uint64_t{1} << 62},
+      {Rate{1, Nanos{kMax}}, 1},
+      {Rate{3, Nanos{kMax - 1}}, 2},
+      {per_second(7), 5},
+      {per_second(999), 1000},
+      {per(3, std::chrono::milliseconds(10)), 3},
+  };
+  for (int i = 0; i < 40; ++i) {
+    const std::uint64_t count = 1 + rng() % 1000;
+    const auto period = static_cast<std::int64_t>(1 + rng() % (kSec * 100));
+    configs.push_back({Rate{count, Nanos{period}}, 1 + rng() % 1000});
+  }
+  std::uint64_t unit = 0, checked = 0;
+  for (const Config& c : configs) {
+    auto made = TokenBucket::create(c.rate, c.burst);
+    if (!made.ok()) continue;
+    const TokenBucket& b = *made;
+    const auto period = static_cast<std::uint64_t>(c.rate.period.count());
+    const std::uint64_t g = std::gcd(period, c.rate.count);
+    const Gcra model{period / g, c.rate.count / g, c.burst};
+    if (model.den == 1) ++unit;
+    const std::int64_t edges[] = {kMin, kMin + 1, -1, 0, 1, kMax - 1, kMax};
+    std::vector<std::int64_t> times(std::begin(edges), std::end(edges));
+    for (int k = 0; k < 24; ++k) {
+      times.push_back(static_cast<std::int64_t>(rng()));
+      times.push_back(static_cast<std::int64_t>(rng() % (kSec * 3600)));
+    }
+    for (const std::int64_t t : times) {
+      // States: never seen, around now (by up to a few bursts, both ways),
+      // at the ends of the range, random.
+      std::vector<TokenBucket::State> states = {
+          TokenBucket::State{},
+          TokenBucket::State{~std::uint64_t{0}, model.den - 1},
+          TokenBucket::State{~std::uint64_t{0}, 0},
+          TokenBucket::State{rng(), rng() % model.den}};
+      for (int k = 0; k < 6; ++k) {
+        const m128 span = static_cast<m128>(c.burst) * model.num;
+        const m128 off =
+            static_cast<m128>(rng() % 4096) * (span / 1024 + 1) / 4 - span / 2;
+        const m128 tat = static_cast<m128>(t) + off / model.den;
+        const m128 whole = tat > kMax ? kMax : tat < kMin ? kMin : tat;
+        states.push_back(TokenBucket::State{
+            static_cast<std::uint64_t>(whole + (static_cast<m128>(1) << 63)),
+            model.den == 1 ? (k == 5 ? 3 : 0) : rng() % model.den});
+      }
+      for (const auto& s : states) {
+        const Cost costs[] = {0,       1,           c.burst / 2,
+                              c.burst, c.burst + 1, 1 + rng() % c.burst,
+                              ~Cost{0}};
+        for (const Cost cost : costs) {
+          const auto got = b.step(s, Nanos{t}, cost);
+          const auto want = model.step(s, t, cost);
+          if (!(got.decision == want.decision && got.next == want.next)) {
+            FAIL("rate " << c.rate.count << "/" << c.rate.period.count()
+                         << "ns burst " << c.burst << " t " << t << " tat "
+                         << s.tat_biased << "+" << s.tat_frac << " cost "
+                         << cost << ": allowed " << got.decision.allowed
+                         << " vs " << want.decision.allowed << ", remaining "
+                         << got.decision.remaining << " vs "
+                         << want.decision.remaining << ", retry "
+                         << got.decision.retry_after.count() << " vs "
+                         << want.decision.retry_after.count() << ", reset "
+                         << got.decision.reset_after.count() << " vs "
+                         << want.decision.reset_after.count() << ", next "
+                         << got.next.tat_biased << " vs "
+                         << want.next.tat_biased);
+          }
+          ++checked;
+        }
+      }
+    }
+  }
+  CHECK(unit >= 6);  // the 64-bit path was exercised
+  CHECK(checked > 20'000);
 }

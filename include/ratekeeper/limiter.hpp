@@ -77,7 +77,9 @@ struct AcquireOp : OpBase<P> {
   Cost cost;
   AcquireOp(const P* p, Nanos t, Cost c, typename P::State* b = nullptr)
       : OpBase<P>{p, t, b}, cost(c) {}
-  Step<typename P::State> operator()(const typename P::State& s) const {
+  // Inlined always into the store's apply: the check's path.
+  [[gnu::always_inline]] Step<typename P::State> operator()(
+      const typename P::State& s) const {
     return this->policy->step(s, this->now, cost);
   }
 };

@@ -89,7 +89,24 @@ class TokenBucket {
   // step
   //
   // Takes `cost` tokens at `now` if the bucket holds them. Pure.
-  Step<State> step(const State& s, Nanos now, Cost cost) const noexcept {
+  // Inlined always: the check's path (the store's apply) is this, a lookup
+  // and one compare-and-swap.
+  [[gnu::always_inline]] Step<State> step(const State& s, Nanos now,
+                                          Cost cost) const noexcept {
+    Step<State> out;
+    if (unit_ && cost <= burst_ && step_unit(s, now, cost, out)) [[likely]] {
+      return out;
+    }
+    return step_exact(s, now, cost);
+  }
+
+  // step_exact
+  //
+  // step() in 128-bit arithmetic throughout, for every configuration and
+  // every time: what step() computes when the 64-bit path (step_unit) does
+  // not apply, and the reference it is tested against. Pure.
+  [[gnu::noinline]] Step<State> step_exact(const State& s, Nanos now,
+                                           Cost cost) const noexcept {
     const i128 now_s = static_cast<i128>(now.count()) * den_;
     const i128 base = std::max(decode(s), now_s);
     if (cost > burst_) {
@@ -277,7 +294,63 @@ class TokenBucket {
         burst_(burst),
         num_(static_cast<i128>(num)),
         den_(static_cast<i128>(den)),
-        span_(static_cast<i128>(burst) * static_cast<i128>(num)) {}
+        span_(static_cast<i128>(burst) * static_cast<i128>(num)),
+        unit_(den == 1),
+        num64_(num),
+        span64_(den == 1 ? static_cast<std::int64_t>(burst * num) : 0),
+        inv_num_(num) {}
+
+  // tat_biased holds TAT - INT64_MIN: flipping the top bit converts.
+  static constexpr std::uint64_t kBias = std::uint64_t{1} << 63;
+
+  // step_unit: step() in 64-bit arithmetic, for the usual configuration, a
+  // whole number of ns per token (den == 1: the fraction is always 0), and a
+  // cost within the burst. span = burst * num fits in int64 (create()
+  // checks), so cost * num does too; a TAT or a time near the ends of the
+  // clock's range, where a sum or difference would overflow, returns false
+  // (`out` unset) and the caller takes step_exact(). The results are
+  // step_exact()'s, bit for bit (token_bucket_test checks them against an
+  // independent 128-bit model). Pure. Inlined always, and the result written
+  // through `out`: a Step returned in memory from a call is read back with
+  // wider loads than it was written with, which stalls store forwarding (perf
+  // annotate).
+  [[gnu::always_inline]] bool step_unit(const State& s, Nanos now, Cost cost,
+                                        Step<State>& out) const noexcept {
+    // decode() with den == 1: the whole part; the fraction clamps to 0.
+    const auto tat = static_cast<std::int64_t>(s.tat_biased ^ kBias);
+    const std::int64_t t = now.count();
+    const std::int64_t base = std::max(tat, t);
+    std::int64_t lead = 0;  // base - now, >= 0
+    if (__builtin_sub_overflow(base, t, &lead)) [[unlikely]] {
+      return false;
+    }
+    // cost <= burst, so cost * num <= span <= INT64_MAX.
+    const auto need = static_cast<std::int64_t>(cost * num64_);
+    const std::int64_t room = span64_ - need;  // >= 0
+    if (lead <= room) [[likely]] {
+      std::int64_t next = 0;
+      if (__builtin_add_overflow(base, need, &next)) [[unlikely]] {
+        return false;
+      }
+      const std::int64_t ahead = lead + need;  // next - now, <= span
+      // Whole tokens left: (span - ahead) / num, span - ahead >= 0.
+      const std::uint64_t left =
+          inv_num_(static_cast<std::uint64_t>(span64_ - ahead));
+      out.next =
+          cost == 0 ? s : State{static_cast<std::uint64_t>(next) ^ kBias, 0};
+      out.decision = Decision{true, burst_, left, Nanos{0}, Nanos{ahead}};
+      return true;
+    }
+    // Denied: allowed once now reaches base - room; the wait is lead - room
+    // (> 0). What is left at base: (span - lead) / num when positive.
+    const std::int64_t gap = span64_ - lead;
+    const std::uint64_t left =
+        gap <= 0 ? 0 : inv_num_(static_cast<std::uint64_t>(gap));
+    out.next = s;
+    out.decision =
+        Decision{false, burst_, left, Nanos{lead - room}, Nanos{lead}};
+    return true;
+  }
 
   // The TAT in units of 1/den ns.
   i128 decode(const State& s) const noexcept {
@@ -307,6 +380,8 @@ class TokenBucket {
   std::uint64_t remaining_at(i128 tat, i128 now_s) const noexcept {
     const i128 room = span_ - (tat - now_s);
     if (room <= 0) return 0;
+    // room fits 64 bits in every call but a huge burst's: one multiply.
+    if ((room >> 64) == 0) return inv_num_(static_cast<std::uint64_t>(room));
     return detail::clamp_u64(detail::div_pos(room, num_));
   }
 
@@ -321,6 +396,11 @@ class TokenBucket {
   i128 num_;  // emission interval = num_ / den_ ns, in lowest terms
   i128 den_;
   i128 span_;  // burst * num_: a full bucket's TAT lead, scaled by den_
+  // For step_unit(): den == 1, and num and span in 64 bits (span only then).
+  bool unit_;
+  std::uint64_t num64_;
+  std::int64_t span64_;
+  detail::DivBy inv_num_;  // x / num_ by multiplication
 };
 
 static_assert(Policy<TokenBucket>);

@@ -27,7 +27,8 @@
 // agree on the shard and the 56 fingerprint bits: among 10M live keys, about
 // 4e-5 expected such pairs with 16 shards (docs/stores.md). Sharing is
 // conservative: both keys count against one limit, so it can deny early but
-// never over-admit. The hash is absl's, keyed with a per-store random seed (or
+// never over-admit. The hash is wyhash's short-input path for keys of up to
+// 16 bytes and absl's for longer ones, keyed with a per-store random seed (or
 // ShardedOptions::seed), so keys crafted to collide cannot be made without the
 // seed.
 //
@@ -65,6 +66,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <new>
@@ -137,7 +139,8 @@ class ShardedStore {
 
   explicit ShardedStore(Options options = {})
       : options_(options),
-        seed_(options.seed != 0 ? options.seed : random_seed()) {
+        seed_(options.seed != 0 ? options.seed : random_seed()),
+        wy_seed_(seed_ ^ wymix(seed_ ^ kWy0, kWy1)) {
     const std::size_t cap = std::max<std::size_t>(options_.capacity, 1);
     std::size_t shards = options_.shards;
     if (shards == 0) {
@@ -207,9 +210,8 @@ class ShardedStore {
           return op(self->initial_state(shard, h, op)).decision;
         }
       }
-      if (auto d = self->apply_at(shard, *slot, op, /*write=*/false)) {
-        return *d;
-      }
+      Decision d;
+      if (self->apply_at(shard, *slot, op, /*write=*/false, d)) return d;
     }
   }
 
@@ -232,9 +234,9 @@ class ShardedStore {
         detail::aux_in(op, shard.aux_floor);
         return op(initial_state(shard, h, op)).decision;
       }
-      if (auto d = apply_at(shard, *slot, op, /*write=*/true,
-                            /*add_aux=*/true)) {
-        return *d;
+      Decision d;
+      if (apply_at(shard, *slot, op, /*write=*/true, d, /*add_aux=*/true)) {
+        return d;
       }
     }
   }
@@ -653,15 +655,57 @@ class ShardedStore {
     return m;
   }
 
+  // The key's 64-bit seeded hash. Keys of up to 16 bytes (most: "user:42",
+  // an IPv6 address in binary, a UUID) take wyhash's short-input path (Wang
+  // Yi's wyhash, final version 4: two 64x64->128 multiplications, SMHasher
+  // clean) inline, a few cycles on the path of every check; longer keys take
+  // absl's hash. Both are keyed with the store's seed (premixed once, as
+  // wyhash does per call), so keys crafted to collide cannot be made
+  // without it.
+  static constexpr std::uint64_t kWy0 = 0xa0761d6478bd642fULL;
+  static constexpr std::uint64_t kWy1 = 0xe7037ed1a0b428dbULL;
+  static std::uint64_t wymix(std::uint64_t a, std::uint64_t b) noexcept {
+    const u128 r = static_cast<u128>(a) * b;
+    return static_cast<std::uint64_t>(r) ^ static_cast<std::uint64_t>(r >> 64);
+  }
+  static std::uint64_t read32(const unsigned char* p) noexcept {
+    std::uint32_t v = 0;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  std::uint64_t key_hash(std::string_view key) const noexcept {
+    const std::size_t n = key.size();
+    if (n > 16) [[unlikely]] {
+      return absl::HashOf(seed_, absl::string_view(key.data(), n));
+    }
+    const auto* p = reinterpret_cast<const unsigned char*>(key.data());
+    std::uint64_t a = 0;
+    std::uint64_t b = 0;
+    if (n >= 4) [[likely]] {
+      // Four 4-byte reads that cover the key (overlapping when n < 16).
+      const std::size_t m = (n >> 3) << 2;
+      a = (read32(p) << 32) | read32(p + m);
+      b = (read32(p + n - 4) << 32) | read32(p + n - 4 - m);
+    } else if (n > 0) {
+      a = (std::uint64_t{p[0]} << 16) | (std::uint64_t{p[n >> 1]} << 8) |
+          p[n - 1];
+    }
+    const u128 r = static_cast<u128>(a ^ kWy1) * (b ^ wy_seed_);
+    return wymix(static_cast<std::uint64_t>(r) ^ kWy0 ^ n,
+                 static_cast<std::uint64_t>(r >> 64) ^ kWy1);
+  }
+
   Hashed hash(std::string_view key) const noexcept {
-    const std::uint64_t h =
-        absl::HashOf(seed_, absl::string_view(key.data(), key.size()));
+    const std::uint64_t h = key_hash(key);
     Hashed out;
-    // Fingerprint: the low 56 bits. Shard: a remix of all 64, by
-    // multiply-shift (no power-of-two sizes needed).
+    // Fingerprint: the low 56 bits. Shard: the high 32 by multiply-shift
+    // (no power-of-two sizes needed), so up to 256 shards are chosen by the
+    // 8 bits the fingerprint does not hold (more shards read fingerprint
+    // bits too: 64 bits tell keys apart either way). Both hashes are mixed
+    // already; no remix, which would sit on the lookup's critical path.
     out.fp = h & kFpMask;
     if (out.fp == 0) out.fp = 1;
-    out.shard = static_cast<std::size_t>(((mix(h) >> 32) * n_shards_) >> 32);
+    out.shard = static_cast<std::size_t>(((h >> 32) * n_shards_) >> 32);
     return out;
   }
 
@@ -670,9 +714,12 @@ class ShardedStore {
   // bucket (cuckoo) knowing only its key word.
   static void buckets_of(std::uint64_t fp, std::size_t n, std::size_t& first,
                          std::size_t& second) noexcept {
-    const std::uint64_t m = mix(fp);
-    first = static_cast<std::size_t>(((m & 0xFFFF'FFFFu) * n) >> 32);
-    second = static_cast<std::size_t>(((m >> 32) * n) >> 32);
+    // The fingerprint is hash bits already: bits 0..31 and 24..55, each by
+    // multiply-shift, which reads a word's high bits (log2 n of them: for
+    // tables of up to 2^24 buckets, disjoint bits). No remix: it would sit
+    // on the lookup's critical path.
+    first = static_cast<std::size_t>(((fp & 0xFFFF'FFFFu) * n) >> 32);
+    second = static_cast<std::size_t>((((fp >> 24) & 0xFFFF'FFFFu) * n) >> 32);
     if (second == first) second = first + 1 == n ? 0 : first + 1;
   }
 
@@ -694,7 +741,8 @@ class ShardedStore {
   // table. The first bucket's key line and both of its state lines are
   // requested at once, so that in a table larger than the cache their
   // misses overlap instead of following one another.
-  std::optional<SlotRef> find(Shard& shard, const Hashed& h) noexcept {
+  [[gnu::always_inline]] std::optional<SlotRef> find(Shard& shard,
+                                                     const Hashed& h) noexcept {
     // Acquire: pairs with grow()'s release, so the table's contents are seen.
     Table* t = shard.table.load(std::memory_order_acquire);
     if (t == nullptr) return std::nullopt;
@@ -721,19 +769,43 @@ class ShardedStore {
   Decision run(std::string_view key, const Op& op) {
     const Hashed h = hash(key);
     Shard& shard = shards_[h.shard];
+    Decision d;  // the return value, written in place (apply_at)
     for (;;) {
       std::optional<SlotRef> slot = find(shard, h);
-      if (!slot) {
+      if (!slot) [[unlikely]] {
         InsertResult ins = insert(shard, h, op);
         if (ins.decided) return *ins.decided;
         slot = ins.slot;
       }
-      if (auto d = apply_at(shard, *slot, op, /*write=*/true)) return *d;
+      if (apply_at(shard, *slot, op, /*write=*/true, d)) [[likely]] {
+        return d;
+      }
     }
   }
 
-  // Runs op on the slot. nullopt: the slot is being reclaimed or changed
-  // hands before op could be applied; the caller looks the key up again.
+  // A Decision copied field by field, each through a register. A copy of
+  // the whole struct is made of 16-byte moves (and GCC's SLP vectoriser
+  // turns a plain field-by-field copy into the same), and a 16-byte load of
+  // a Decision just written as a bool and 8-byte words is a load that store
+  // forwarding cannot serve: a stall of about a dozen cycles on every check
+  // (perf annotate of apply()). The empty asm makes each field a 64-bit
+  // register value, read with a load of the width it was written with.
+  static void set_decision(Decision& to, const Decision& from) noexcept {
+    std::uint64_t limit = from.limit;
+    std::uint64_t remaining = from.remaining;
+    std::int64_t retry = from.retry_after.count();
+    std::int64_t reset = from.reset_after.count();
+    __asm__("" : "+r"(limit), "+r"(remaining), "+r"(retry), "+r"(reset));
+    to.allowed = from.allowed;
+    to.limit = limit;
+    to.remaining = remaining;
+    to.retry_after = Nanos{retry};
+    to.reset_after = Nanos{reset};
+  }
+
+  // Runs op on the slot and sets `out` to its decision. false: the slot is
+  // being reclaimed or changed hands before op could be applied; the caller
+  // looks the key up again.
   //
   // An op whose compare-and-swap succeeded is applied: it is never run
   // again, even when the slot's key word changed after it (a move or an
@@ -746,9 +818,8 @@ class ShardedStore {
   // over-count, never an over-admission), and a give-back (update(), under
   // the mutex) cannot meet the case at all.
   template <class Op>
-  std::optional<Decision> apply_at([[maybe_unused]] Shard& shard,
-                                   const SlotRef& slot, const Op& op,
-                                   bool write, bool add_aux = false) {
+  bool apply_at([[maybe_unused]] Shard& shard, const SlotRef& slot,
+                const Op& op, bool write, Decision& out, bool add_aux = false) {
     detail::Atomic16& cell = slot.bucket->states[slot.index];
     std::atomic<std::uint64_t>& word = slot.bucket->keys[slot.index];
     std::atomic<std::uint64_t>& aux = slot.bucket->aux[slot.index];
@@ -761,7 +832,7 @@ class ShardedStore {
     for (;;) {
       if (cur == kTomb) {
         yield_briefly();
-        return std::nullopt;
+        return false;
       }
       const Step<State> r = op(detail::from_u128<State>(cur));
       const u128 next = write ? detail::to_u128(r.next) : cur;
@@ -780,10 +851,11 @@ class ShardedStore {
         // and came back bumps the incarnation. When the word changed, look
         // again, as after a lost CAS.
         if (word.load(std::memory_order_acquire) != slot.word) {
-          return std::nullopt;
+          return false;
         }
         if (write) op.published(detail::from_u128<State>(cur));
-        return r.decision;
+        set_decision(out, r.decision);
+        return true;
       }
       // Where loads may tear, denials, peeks and unchanged states still go
       // through the CAS (as cur -> cur): it is what proves `cur` was a real,
@@ -805,22 +877,24 @@ class ShardedStore {
                   std::memory_order_release);
             }
           }
-          return r.decision;
+          set_decision(out, r.decision);
+          return true;
         }
-        if (!write) return std::nullopt;  // a peek of a slot in transit
+        if (!write) return false;  // a peek of a slot in transit
         if (now_word == make_word(0, next_inc(inc_of(slot.word)))) {
           // Retired (moved, evicted or reclaimed) after our swap, and not
           // given to another key: the swap was on this key's state.
           op.published(detail::from_u128<State>(cur));
-          return r.decision;
+          set_decision(out, r.decision);
+          return true;
         }
         after_ambiguous_swap();
-        return std::nullopt;
+        return false;
       }
       // The slot may have been retired (a tombstone stays in a freed slot,
       // so a stale snapshot can never be swapped into it): look again.
       if (word.load(std::memory_order_acquire) != slot.word) {
-        return std::nullopt;
+        return false;
       }
       cas_retries_[retry_stripe()].n.fetch_add(1, std::memory_order_relaxed);
       cpu_relax();
@@ -1166,8 +1240,13 @@ class ShardedStore {
     shard.bytes.store(resident_bytes(shard), std::memory_order_relaxed);
   }
 
+  // Out of line and cold: a key's first call (or one after its slot was
+  // let go) takes it, under the mutex; keeping it out of run() keeps the
+  // lock-free path's registers free of it.
   template <class Op>
-  InsertResult insert(Shard& shard, const Hashed& h, const Op& op) {
+  [[gnu::noinline, gnu::cold]] InsertResult insert(Shard& shard,
+                                                   const Hashed& h,
+                                                   const Op& op) {
     detail::MutexLock lock(&shard.mu);
     if (auto s = find(shard, h)) return {s, std::nullopt};  // raced: it is in
     ++shard.since_sweep;
@@ -1326,6 +1405,7 @@ class ShardedStore {
 
   const Options options_;
   const std::uint64_t seed_;
+  const std::uint64_t wy_seed_;  // seed_, premixed for key_hash()
   std::size_t n_shards_ = 0;
   std::size_t shard_cap_ = 0;
   std::size_t max_buckets_ = 0;
