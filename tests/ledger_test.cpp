@@ -1836,6 +1836,31 @@ TEST_CASE(
               .ok());
   CHECK(acct.checkpoint_books() == R"({"now":0,)" + old.substr(1));
   CHECK(acct.find_settlement("y") == Settlement{Money{10}, 2, false});
+  // What is written back: of the states of ended months, only the one an
+  // open item (here one without its subject: its month) still holds on.
+  {
+    Accountant<ManualClock> later(rk_test::flat_prices(), clock, kSmall);
+    REQUIRE(add_budgets(later).ok());
+    const std::int64_t m =
+        Period::calendar(PeriodKind::kMonth).value().index_of(kT0);
+    const std::string lim = ",\"limit\":4611686018427387904,\"keys\":[";
+    const std::string head =
+        absl::StrCat("{\"now\":", kT0.count(), ",\"budgets\":[{\"b\":0", lim);
+    const std::string tail = absl::StrCat(
+        "]},{\"b\":1", lim, "]}],\"open\":[{\"of\":3,\"request\":\"x\",",
+        "\"items\":[[", m - 2, ",5]]}],\"settled\":[]}");
+    const std::string in =
+        absl::StrCat(head, "[\"0401\",", m - 2, ",7],[\"0402\",", m - 3,
+                     ",9],[\"0403\",", m, ",4]", tail);
+    REQUIRE(later
+                .replay(nlohmann::json::parse(
+                    R"({"seq":9,"t":1,"event":"checkpoint","upto":8,"books":)" +
+                    in + "}"))
+                .ok());
+    CHECK(later.checkpoint_books() == absl::StrCat(head, "[\"0401\",", m - 2,
+                                                   ",7],[\"0403\",", m, ",4]",
+                                                   tail));
+  }
 
   TempDir d("seg_own");
   auto ledger = Ledger::open(d.path, {.segment_bytes = 1000});
