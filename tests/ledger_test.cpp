@@ -2064,8 +2064,9 @@ TEST_CASE(
       if (day < 2) {
         // A reservation left open across the turn of the day (settled on
         // day 2), its subject having spent before it on its own day.
-        const Subject who{.user = absl::StrCat("x", day),
-                          .team = absl::StrCat("tx", day)};
+        const std::string xu = absl::StrCat("x", day),
+                          xt = absl::StrCat("tx", day);
+        const Subject who{.user = xu, .team = xt};
         call(who, day, absl::StrCat("x", day, "_before"));
         auto r = acct.reserve(who, "m",
                               {.prompt_tokens = 100, .max_output_tokens = 400},
@@ -2196,8 +2197,8 @@ TEST_CASE(
   // days 0 and 1 here: replay keeps those that open reservations hold on).
   for (int day = 0; day < 2; ++day) {
     rclock.set(kT0 + day * kDay + std::chrono::hours(12));
-    const Subject who{.user = absl::StrCat("x", day),
-                      .team = absl::StrCat("tx", day)};
+    const std::string xu = absl::StrCat("x", day), xt = absl::StrCat("tx", day);
+    const Subject who{.user = xu, .team = xt};
     const std::uint64_t want_tokens = tokens[{std::string(who.user), day}];
     const std::uint64_t want_cost = cost[{std::string(who.team), day}];
     INFO("day " << day);
@@ -2333,7 +2334,8 @@ TEST_CASE(
   // k's; the checkpoint carried k's from what replay pinned.
   int reclaimed = 0;
   for (int i = 0; i < 10; ++i) {
-    const Subject o{.user = absl::StrCat("old", i), .team = "t"};
+    const std::string user = absl::StrCat("old", i);
+    const Subject o{.user = user, .team = "t"};
     if (upto.forecast("user_tokens", o)->spent == 0) ++reclaimed;
   }
   CHECK(reclaimed > 0);
