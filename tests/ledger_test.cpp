@@ -6,15 +6,19 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <iostream>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1728,14 +1732,17 @@ TEST_CASE(
   // written to it leaves it empty: that opens too, as the active one.
   const auto segs = segments_of(d.path);
   const std::uint64_t last = verify_ledger_file(d.path)->records;
-  spit(d.path + "/" + detail::segment_name(last + 1), "");
+  // (The kill may itself have landed just after a rotation made it.)
+  const std::string next = d.path + "/" + detail::segment_name(last + 1);
+  const bool made = fs::exists(next);
+  spit(next, "");
   auto ledger = Ledger::open(d.path);
   REQUIRE(ledger.ok());
   CHECK((*ledger)->last_seq() == last);
   REQUIRE((*ledger)->append("\"n\":0", Nanos{1}).ok());
   ledger->reset();
   CHECK(verify_ledger_file(d.path)->records == last + 1);
-  CHECK(segments_of(d.path).size() == segs.size() + 1);
+  CHECK(segments_of(d.path).size() == segs.size() + (made ? 0 : 1));
 }
 
 TEST_CASE(
@@ -1955,6 +1962,10 @@ TEST_CASE(
       R"({"budgets":[{"b":0,"limit":5,"keys":[["0401",1,-7]]}],"open":[],"settled":[]})",
       R"({"budgets":[{"b":0,"limit":5,"keys":[["0401",1,7]]}],"open":[{"of":3,"request":"x","items":[[1]]}],"settled":[]})",
       R"({"budgets":[],"open":[]})",
+      R"({"budgets":[{"b":0,"limit":5,"keys":[["0401",1,7]]}],"open":[{"of":3,"request":"x","items":[[1,5,0]]}],"settled":[]})",
+      R"({"budgets":[{"b":0,"limit":5,"keys":[["0401",1,7]]}],"open":[{"of":3,"request":"x","items":[[1,5,7,"0401"]]}],"settled":[]})",
+      R"({"budgets":[{"b":0,"limit":5,"keys":[["0401",1,7]]}],"open":[{"of":3,"request":"x","items":[[1,5,0,"0g"]]}],"settled":[]})",
+      R"({"now":"x","budgets":[{"b":0,"limit":5,"keys":[["0401",1,7]]}],"open":[],"settled":[]})",
   };
   for (const std::string& books : bad) {
     const nlohmann::json j = nlohmann::json::parse(
@@ -1965,16 +1976,56 @@ TEST_CASE(
     CHECK(st.code() == absl::StatusCode::kInvalidArgument);
     CHECK(acct.checkpoint_books() == empty);
   }
-  // A good one loads exactly (its own form back).
+  // A good one loads exactly (its own form back): the time of the records
+  // before it, and open items with their budget and subject.
   const std::string good =
+      R"({"now":1796083200000000000,"budgets":[{"b":0,"limit":4611686018427387904,"keys":[["0401",20000,7]]},{"b":1,"limit":4611686018427387904,"keys":[]}],"open":[{"of":3,"request":"x","items":[[20000,5,0,"0401"],[1,5,1,"0201"]]}],"settled":[["y",10,2,false]]})";
+  {
+    Accountant<ManualClock> fresh(rk_test::flat_prices(), clock, kSmall);
+    REQUIRE(add_budgets(fresh).ok());
+    REQUIRE(fresh
+                .replay(nlohmann::json::parse(
+                    R"({"seq":9,"t":1,"event":"checkpoint","upto":8,"books":)" +
+                    good + "}"))
+                .ok());
+    CHECK(fresh.checkpoint_books() == good);
+  }
+  // One written before checkpoints said when and open items named their
+  // subject loads too (and is written back in the new form, "now" 0).
+  const std::string old =
       R"({"budgets":[{"b":0,"limit":4611686018427387904,"keys":[["0401",20000,7]]},{"b":1,"limit":4611686018427387904,"keys":[]}],"open":[{"of":3,"request":"x","items":[[20000,5],[1,5]]}],"settled":[["y",10,2,false]]})";
   REQUIRE(acct
               .replay(nlohmann::json::parse(
                   R"({"seq":9,"t":1,"event":"checkpoint","upto":8,"books":)" +
-                  good + "}"))
+                  old + "}"))
               .ok());
-  CHECK(acct.checkpoint_books() == good);
+  CHECK(acct.checkpoint_books() == R"({"now":0,)" + old.substr(1));
   CHECK(acct.find_settlement("y") == Settlement{Money{10}, 2, false});
+  // What is written back: of the states of ended months, only the one an
+  // open item (here one without its subject: its month) still holds on.
+  {
+    Accountant<ManualClock> later(rk_test::flat_prices(), clock, kSmall);
+    REQUIRE(add_budgets(later).ok());
+    const std::int64_t m =
+        Period::calendar(PeriodKind::kMonth).value().index_of(kT0);
+    const std::string lim = ",\"limit\":4611686018427387904,\"keys\":[";
+    const std::string head =
+        absl::StrCat("{\"now\":", kT0.count(), ",\"budgets\":[{\"b\":0", lim);
+    const std::string tail = absl::StrCat(
+        "]},{\"b\":1", lim, "]}],\"open\":[{\"of\":3,\"request\":\"x\",",
+        "\"items\":[[", m - 2, ",5]]}],\"settled\":[]}");
+    const std::string in =
+        absl::StrCat(head, "[\"0401\",", m - 2, ",7],[\"0402\",", m - 3,
+                     ",9],[\"0403\",", m, ",4]", tail);
+    REQUIRE(later
+                .replay(nlohmann::json::parse(
+                    R"({"seq":9,"t":1,"event":"checkpoint","upto":8,"books":)" +
+                    in + "}"))
+                .ok());
+    CHECK(later.checkpoint_books() == absl::StrCat(head, "[\"0401\",", m - 2,
+                                                   ",7],[\"0403\",", m, ",4]",
+                                                   tail));
+  }
 
   TempDir d("seg_own");
   auto ledger = Ledger::open(d.path, {.segment_bytes = 1000});
@@ -2047,4 +2098,411 @@ TEST_CASE(
                       {.from_checkpoint = false})
               .ok());
   CHECK(records == 4 * per_thread);
+}
+
+namespace {
+
+absl::Status add_day_budgets(Accountant<ManualClock>& a) {
+  if (absl::Status st = a.add_budget(
+          {"team", Field::kTeam, BudgetUnit::kNanoUsd, PeriodBudget::kMaxLimit,
+           Period::calendar(PeriodKind::kDay).value()});
+      !st.ok()) {
+    return st;
+  }
+  return a.add_budget({"user_tokens", Field::kUser, BudgetUnit::kTokens,
+                       PeriodBudget::kMaxLimit,
+                       Period::calendar(PeriodKind::kDay).value()});
+}
+
+// The record numbered `seq` in the segments of `dir` (read as text).
+nlohmann::json record_at(const std::string& dir, std::uint64_t seq) {
+  const std::string head = absl::StrCat("{\"seq\":", seq, ",");
+  for (const detail::Segment& s : segments_of(dir)) {
+    const std::string text = slurp(s.path);
+    std::size_t pos = 0;
+    while (pos < text.size()) {
+      const std::size_t nl = text.find('\n', pos);
+      if (text.compare(pos, head.size(), head) == 0) {
+        return nlohmann::json::parse(text.substr(pos, nl - pos));
+      }
+      pos = nl + 1;
+    }
+  }
+  return nlohmann::json();
+}
+
+}  // namespace
+
+TEST_CASE(
+    "segments: over three periods a checkpoint holds the open period's "
+    "subjects and what open reservations hold, no more; replay from it "
+    "equals a full replay and the test's tally, and a reservation open "
+    "across the turn settles into its own period in both",
+    "[i15][ledger][segments]") {
+  TempDir d("seg_periods");
+  const Nanos kDay = std::chrono::hours(24);
+  ManualClock clock(kT0);  // kT0: a midnight (UTC)
+  const int users =
+      std::max(120, static_cast<int>(600 * std::min(1.0, rk_test::scale())));
+  const int teams = users / 4;
+  const ShardedOptions store{.capacity = 1 << 14};
+  constexpr std::size_t kWindow = 64;
+  // The test's tally: per subject name and day, tokens (users) and nano-USD
+  // (teams), settled or held open.
+  std::map<std::pair<std::string, int>, std::uint64_t> tokens, cost;
+  // What open reservations hold on, by subject name (both budgets).
+  std::vector<std::size_t> sizes;
+  std::uint64_t last_cp = 0;
+  {
+    Accountant<ManualClock> acct(rk_test::flat_prices(), clock, store);
+    REQUIRE(add_day_budgets(acct).ok());
+    acct.set_idempotency_window(kWindow);
+    auto ledger = Ledger::open(d.path, {.durability = Durability::kNone,
+                                        .segment_bytes = 256 * 1024,
+                                        .books = books_of(acct)});
+    REQUIRE(ledger.ok());
+    acct.set_audit(ledger->get());
+    std::mt19937 rng(1515);
+    // Reservations left open at a day's end, settled on the next day.
+    struct Open {
+      Reservation<ManualClock> r;
+      std::string user, team;
+      int day = 0;
+      std::uint64_t held = 0;  // tokens
+    };
+    std::vector<Open> open;
+    std::optional<Reservation<ManualClock>> across0, across1;
+    auto charge = [&](const Subject& who, int day, const Settlement& s) {
+      tokens[{std::string(who.user), day}] += s.tokens;
+      cost[{std::string(who.team), day}] +=
+          static_cast<std::uint64_t>(s.cost.nanos);
+    };
+    auto call = [&](const Subject& who, int day, const std::string& id) {
+      clock.advance(std::chrono::seconds(1));
+      const Estimate e{.prompt_tokens = 10 + rng() % 50,
+                       .max_output_tokens = 20 + rng() % 200};
+      auto r = acct.reserve(who, "m", e, id);
+      REQUIRE(r.ok());
+      REQUIRE(r->granted());
+      const auto what = rng() % 10;
+      if (what < 7) {
+        Usage u;
+        u.input_uncached = e.prompt_tokens;
+        u.output = rng() % (e.max_output_tokens + 1);
+        charge(who, day, r->settle(u).value());
+      } else if (what < 9) {
+        r->release();
+      } else {
+        const std::uint64_t held = e.prompt_tokens + e.max_output_tokens;
+        tokens[{std::string(who.user), day}] += held;
+        cost[{std::string(who.team), day}] += held * 1000;
+        open.push_back({*std::move(r), std::string(who.user),
+                        std::string(who.team), day, held});
+      }
+    };
+    for (int day = 0; day < 3; ++day) {
+      // An hour into the day: the day before has ended by the records' time.
+      clock.set(kT0 + day * kDay + std::chrono::hours(1));
+      // Yesterday's open reservations settle today, each into its own day.
+      for (Open& o : open) {
+        clock.advance(std::chrono::seconds(1));
+        Usage u;
+        u.input_uncached = 5;
+        u.output = rng() % (2 * o.held);  // under or over the estimate
+        const Settlement s = o.r.settle(u).value();
+        tokens[{o.user, o.day}] = tokens[{o.user, o.day}] - o.held + s.tokens;
+        cost[{o.team, o.day}] = cost[{o.team, o.day}] - o.held * 1000 +
+                                static_cast<std::uint64_t>(s.cost.nanos);
+      }
+      open.clear();
+      std::set<std::string> day_users, day_teams;
+      for (int i = 0; i < users; ++i) {
+        const std::string user = absl::StrCat("d", day, "u", i);
+        const std::string team = absl::StrCat("d", day, "t", i % teams);
+        day_users.insert(user);
+        day_teams.insert(team);
+        for (int c = 0; c < 2; ++c) {
+          call({.user = user, .team = team}, day,
+               absl::StrCat("d", day, "c", i, "_", c));
+        }
+      }
+      if (day < 2) {
+        // A reservation left open across the turn of the day (settled on
+        // day 2), its subject having spent before it on its own day.
+        const std::string xu = absl::StrCat("x", day),
+                          xt = absl::StrCat("tx", day);
+        const Subject who{.user = xu, .team = xt};
+        call(who, day, absl::StrCat("x", day, "_before"));
+        auto r = acct.reserve(who, "m",
+                              {.prompt_tokens = 100, .max_output_tokens = 400},
+                              absl::StrCat("across", day));
+        REQUIRE(r.ok());
+        REQUIRE(r->granted());
+        tokens[{std::string(who.user), day}] += 500;
+        cost[{std::string(who.team), day}] += 500 * 1000;
+        (day == 0 ? across0 : across1) = *std::move(r);
+        day_users.insert(std::string(who.user));
+        day_teams.insert(std::string(who.team));
+      }
+      const absl::StatusOr<std::uint64_t> cp = (*ledger)->checkpoint();
+      REQUIRE(cp.ok());
+      last_cp = *cp;
+      const nlohmann::json rec = record_at(d.path, *cp);
+      REQUIRE(rec.contains("books"));
+      const nlohmann::json& books = rec["books"];
+      const std::size_t bytes = books.dump().size();
+      sizes.push_back(bytes);
+      // Each budget's subjects: those that spent this day (by the tally;
+      // a subject that spent nothing needs no entry), and those an open
+      // reservation of an earlier day holds on (x0/tx0, then x1/tx1).
+      std::set<std::string> want_users, want_teams;
+      for (const std::string& u : day_users) {
+        if (tokens[{u, day}] != 0) want_users.insert(u);
+      }
+      for (const std::string& t : day_teams) {
+        if (cost[{t, day}] != 0) want_teams.insert(t);
+      }
+      for (int earlier = 0; earlier < day; ++earlier) {
+        want_users.insert(absl::StrCat("x", earlier));
+        want_teams.insert(absl::StrCat("tx", earlier));
+      }
+      const std::int64_t today =
+          Period::calendar(PeriodKind::kDay).value().index_of(clock.now());
+      std::size_t entries = 0;
+      for (const auto& b : books["budgets"]) {
+        const bool user_budget = b["b"].get<std::size_t>() == 1;
+        const std::set<std::string>& want =
+            user_budget ? want_users : want_teams;
+        std::set<std::string> got;
+        for (const auto& k : b["keys"]) {
+          // The key's bytes: the field tag and length, then the name.
+          const std::string hex = k[0].get<std::string>();
+          std::string name;
+          for (std::size_t i = 4; i + 1 < hex.size(); i += 2) {
+            name.push_back(
+                static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+          }
+          got.insert(name);
+          // Today's, or an earlier day's held by an open reservation.
+          if (k[1].get<std::int64_t>() != today) {
+            CHECK(name.rfind(user_budget ? "x" : "tx", 0) == 0);
+          }
+        }
+        std::vector<std::string> extra, missing;
+        std::set_difference(got.begin(), got.end(), want.begin(), want.end(),
+                            std::back_inserter(extra));
+        std::set_difference(want.begin(), want.end(), got.begin(), got.end(),
+                            std::back_inserter(missing));
+        INFO("day " << day << " budget " << b["b"]);
+        CHECK(extra == std::vector<std::string>{});
+        CHECK(missing == std::vector<std::string>{});
+        entries += got.size();
+      }
+      std::size_t open_items = 0;
+      for (const auto& o : books["open"]) open_items += o["items"].size();
+      CHECK(books["settled"].size() <= kWindow);
+      std::cout << "day " << day << ": checkpoint books " << bytes << " bytes, "
+                << entries << " subject entries, " << open_items
+                << " open items; subjects so far "
+                << (day + 1) * (users + teams) << "\n";
+      // The size rule: bounded by what is live, whatever came before.
+      CHECK(bytes <= 256 + 64 * entries + 96 * open_items + 64 * 48);
+    }
+    // Days 1 and 2 hold about what day 0 held, not two and three times it.
+    CHECK(sizes[2] * 4 < sizes[0] * 5);
+    CHECK(sizes[1] * 4 < sizes[0] * 5);
+    // After the last checkpoint: the reservations open across the turn
+    // settle on day 2, each into its own day: one under its estimate (the
+    // rest given back to day 0), one over it (charged to day 1).
+    Usage under;
+    under.input_uncached = 100;
+    under.output = 50;
+    const Settlement s0 = across0->settle(under).value();
+    tokens[{"x0", 0}] = tokens[{"x0", 0}] - 500 + s0.tokens;
+    cost[{"tx0", 0}] = cost[{"tx0", 0}] - 500 * 1000 +
+                       static_cast<std::uint64_t>(s0.cost.nanos);
+    Usage over;
+    over.input_uncached = 100;
+    over.output = 900;
+    const Settlement s1 = across1->settle(over).value();
+    tokens[{"x1", 1}] = tokens[{"x1", 1}] - 500 + s1.tokens;
+    cost[{"tx1", 1}] = cost[{"tx1", 1}] - 500 * 1000 +
+                       static_cast<std::uint64_t>(s1.cost.nanos);
+    CHECK(s0.tokens == 150);
+    CHECK(s1.tokens == 1000);
+    // And a few calls of day 2 after it.
+    for (int i = 0; i < 5; ++i) {
+      call({.user = "d2u0", .team = "d2t0"}, 2, absl::StrCat("tail", i));
+    }
+    acct.set_audit(nullptr);  // the open ones stay open in the ledger
+    // Replay from the last checkpoint reads these records after it.
+    CHECK((*ledger)->last_checkpoint() == last_cp);
+  }
+  ManualClock rclock(kT0);
+  Accountant<ManualClock> full(rk_test::flat_prices(), rclock, store);
+  REQUIRE(add_day_budgets(full).ok());
+  full.set_idempotency_window(kWindow);
+  REQUIRE(read_ledger(d.path,
+                      [&](const nlohmann::json& j) { return full.replay(j); },
+                      {.from_checkpoint = false})
+              .ok());
+  Accountant<ManualClock> fast(rk_test::flat_prices(), rclock, store);
+  REQUIRE(add_day_budgets(fast).ok());
+  fast.set_idempotency_window(kWindow);
+  REQUIRE(read_ledger(d.path, [&](const nlohmann::json& j) {
+            return fast.replay(j);
+          }).ok());
+  // The same books (those of ended days only where an open reservation
+  // holds on them), before the clock below moves on.
+  CHECK(fast.checkpoint_books() == full.checkpoint_books());
+  // The ended days, while the clock is in them: in both replays the
+  // reservations open across the turn and settled after the last
+  // checkpoint are charged to their own day exactly (the store may reclaim
+  // a state of an ended day, as it did for some of the other subjects of
+  // days 0 and 1 here: replay keeps those that open reservations hold on).
+  for (int day = 0; day < 2; ++day) {
+    rclock.set(kT0 + day * kDay + std::chrono::hours(12));
+    const std::string xu = absl::StrCat("x", day), xt = absl::StrCat("tx", day);
+    const Subject who{.user = xu, .team = xt};
+    const std::uint64_t want_tokens = tokens[{std::string(who.user), day}];
+    const std::uint64_t want_cost = cost[{std::string(who.team), day}];
+    INFO("day " << day);
+    CHECK(full.forecast("user_tokens", who)->spent == want_tokens);
+    CHECK(fast.forecast("user_tokens", who)->spent == want_tokens);
+    CHECK(full.forecast("team", who)->spent == want_cost);
+    CHECK(fast.forecast("team", who)->spent == want_cost);
+  }
+  // The open period's books: every subject of day 2 as tallied.
+  rclock.set(kT0 + 2 * kDay + std::chrono::hours(12));
+  for (int i = 0; i < users; ++i) {
+    const std::string user = absl::StrCat("d2u", i);
+    const std::string team = absl::StrCat("d2t", i % teams);
+    const Subject who{.user = user, .team = team};
+    INFO(user << " " << team);
+    CHECK(full.forecast("user_tokens", who)->spent == tokens[{user, 2}]);
+    CHECK(fast.forecast("user_tokens", who)->spent == tokens[{user, 2}]);
+    CHECK(full.forecast("team", who)->spent == cost[{team, 2}]);
+    CHECK(fast.forecast("team", who)->spent == cost[{team, 2}]);
+  }
+  // Subjects of ended days spend nothing in the open one.
+  CHECK(fast.forecast("user_tokens", {.user = "d0u1", .team = "d0t1"})->spent ==
+        0);
+  CHECK(fast.forecast("user_tokens", {.user = "x0", .team = "tx0"})->spent ==
+        0);
+  CHECK(fast.find_settlement("across0") == full.find_settlement("across0"));
+  CHECK(fast.find_settlement("across1").has_value());
+}
+
+TEST_CASE(
+    "segments: replay keeps the ended period's spend of a subject an open "
+    "reservation holds on, though the store reclaims ended periods, and its "
+    "checkpoint carries it",
+    "[i15][ledger][segments]") {
+  TempFile f("pinned.jsonl");
+  const Nanos kDay = std::chrono::hours(24);
+  ManualClock clock(kT0 + std::chrono::hours(1));
+  std::uint64_t want = 0;
+  {
+    Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
+    REQUIRE(add_day_budgets(acct).ok());
+    auto ledger = Ledger::open(f.path, {.durability = Durability::kNone});
+    REQUIRE(ledger.ok());
+    acct.set_audit(ledger->get());
+    auto settled_call = [&](const std::string& user, const std::string& id) {
+      clock.advance(std::chrono::seconds(1));
+      auto r =
+          acct.reserve({.user = user, .team = "t"}, "m",
+                       {.prompt_tokens = 10, .max_output_tokens = 100}, id);
+      REQUIRE(r.ok());
+      Usage u;
+      u.input_uncached = 10;
+      u.output = 50;
+      return r->settle(u).value().tokens;
+    };
+    // Day 0: "k" spends 60, then reserves 500 and keeps it open; ten others
+    // spend on day 0 too.
+    want += settled_call("k", "k0");
+    auto held =
+        acct.reserve({.user = "k", .team = "t"}, "m",
+                     {.prompt_tokens = 100, .max_output_tokens = 400}, "held");
+    REQUIRE(held.ok());
+    REQUIRE(held->granted());
+    for (int i = 0; i < 10; ++i) {
+      settled_call(absl::StrCat("old", i), absl::StrCat("old", i));
+    }
+    // Day 1: new subjects (more than the store below holds with day 0's),
+    // then the reservation settles (150 tokens),
+    // into day 0.
+    clock.set(kT0 + kDay + std::chrono::hours(1));
+    for (int i = 0; i < 30; ++i) {
+      settled_call(absl::StrCat("new", i), absl::StrCat("new", i));
+    }
+    Usage u;
+    u.input_uncached = 100;
+    u.output = 50;
+    want += held->settle(u).value().tokens;
+  }
+  REQUIRE(want == 60 + 150);
+  // A store that holds about 40 keys: day 1's new ones make it reclaim what
+  // day 0 left.
+  const ShardedOptions tiny{.capacity = 16, .shards = 1};
+  ManualClock rclock(kT0);
+  std::vector<nlohmann::json> records;
+  REQUIRE(read_ledger(f.path, [&](const nlohmann::json& j) {
+            records.push_back(j);
+            return absl::OkStatus();
+          }).ok());
+  REQUIRE(records.size() > 2);
+  // The oracle: a full replay (into a larger store).
+  Accountant<ManualClock> full(rk_test::flat_prices(), rclock, kSmall);
+  REQUIRE(add_day_budgets(full).ok());
+  // A checkpoint just before the settle (the last record), from the small
+  // store.
+  Accountant<ManualClock> upto(rk_test::flat_prices(), rclock, tiny);
+  REQUIRE(add_day_budgets(upto).ok());
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    REQUIRE(full.replay(records[i]).ok());
+    if (i + 1 < records.size()) REQUIRE(upto.replay(records[i]).ok());
+  }
+  REQUIRE(records.back()["event"] == "settle");
+  const nlohmann::json books = nlohmann::json::parse(upto.checkpoint_books());
+  // The user budget's entries: k's day-0 spend (60 + 500 held), and not the
+  // other day-0 subjects', nor anything reclaimed.
+  const std::int64_t day0 =
+      Period::calendar(PeriodKind::kDay).value().index_of(kT0);
+  bool k_found = false;
+  for (const auto& k : books["budgets"][1]["keys"]) {
+    CHECK(k[1].get<std::int64_t>() != day0 - 1);
+    if (k[0] == "02016b") {
+      k_found = true;
+      CHECK(k[1].get<std::int64_t>() == day0);
+      CHECK(k[2].get<std::uint64_t>() == 560);
+    } else {
+      CHECK(k[1].get<std::int64_t>() == day0 + 1);
+    }
+  }
+  CHECK(k_found);
+  Accountant<ManualClock> fast(rk_test::flat_prices(), rclock, tiny);
+  REQUIRE(add_day_budgets(fast).ok());
+  REQUIRE(
+      fast
+          .replay(nlohmann::json{
+              {"seq", 99}, {"t", 1}, {"event", "checkpoint"}, {"books", books}})
+          .ok());
+  REQUIRE(fast.replay(records.back()).ok());
+  rclock.set(kT0 + std::chrono::hours(12));
+  const Subject k{.user = "k", .team = "t"};
+  CHECK(full.forecast("user_tokens", k)->spent == want);
+  CHECK(fast.forecast("user_tokens", k)->spent == want);
+  // The small store did reclaim day 0: the other day-0 subjects' spend is
+  // gone from it (as good as never seen for the open period), and so is
+  // k's; the checkpoint carried k's from what replay pinned.
+  int reclaimed = 0;
+  for (int i = 0; i < 10; ++i) {
+    const std::string user = absl::StrCat("old", i);
+    const Subject o{.user = user, .team = "t"};
+    if (upto.forecast("user_tokens", o)->spent == 0) ++reclaimed;
+  }
+  CHECK(reclaimed > 0);
+  CHECK(upto.forecast("user_tokens", k)->spent == 0);
 }

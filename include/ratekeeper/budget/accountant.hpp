@@ -849,6 +849,135 @@ class Accountant {
   // to an accountant that has replayed nothing else.
   template <class Json>
   absl::Status replay(const Json& j) {
+    absl::Status st = replay_record(j);
+    if (st.ok()) note_record_time(j);
+    return st;
+  }
+
+  // checkpoint_books
+  //
+  // The books that replay() rebuilt, as one JSON object, for a segmented
+  // ledger's checkpoint record:
+  //   {"now":T,
+  //    "budgets":[{"b":0,"limit":L,"keys":[["<hex key>",period,spent],..]}..],
+  //    "open":[{"of":seq,"request":"id","items":[[period,held,b,"<hex>"],..]}..],
+  //    "settled":[["id",cost_nanos,tokens,estimated],..]}
+  // T: the latest record time replayed (the ledger's own clock); each
+  // budget's limit; the state (period and spend) of each subject that
+  // still matters: its period has not ended by T (T is at least
+  // kCheckpointGrace past the period's end otherwise), or an open
+  // reservation holds on that subject and budget (a late settle goes to the
+  // reservation's own period: it must find that period's spend there);
+  // the reservations open (by the sequence number of their reserve record),
+  // each item with its period, amount held, budget and subject; and the
+  // settled ids remembered (at most the idempotency window), oldest first.
+  // Its size is therefore proportional to the subjects live in the open
+  // period, the open reservations and the window, not to every subject
+  // ever seen: a subject's spend in an ended period, which no open
+  // reservation references, is dropped (it could only ever change a
+  // period that has ended; the open period's books are the same).
+  // Replaying it into an accountant with the same budgets and idempotency
+  // window (replica()) and then the records after it gives the books of a
+  // replay of the whole ledger for every period not ended, and for the
+  // ended ones wherever an open reservation still counts (its settle is
+  // exact). Only what replay built: an accountant that also serves calls
+  // holds reservations it does not know of (the Ledger makes checkpoints
+  // from a replica that only replays). Not thread-safe with replay.
+  static constexpr Nanos kCheckpointGrace = std::chrono::minutes(10);
+
+  std::string checkpoint_books() {
+    std::string f =
+        absl::StrCat("{\"now\":", replay_now_.count(), ",\"budgets\":[");
+    const Nanos now = clock_.now();
+    if (replay_keys_.size() < budgets_.size()) {
+      replay_keys_.resize(budgets_.size());
+    }
+    // The subjects open reservations hold on, per budget; and, for items
+    // loaded from an older checkpoint without their subject, the periods.
+    std::vector<absl::flat_hash_set<std::string_view>> held(budgets_.size());
+    std::vector<absl::flat_hash_set<std::int64_t>> held_periods(
+        budgets_.size());
+    for (const auto& [seq, open] : replay_open_) {
+      for (std::size_t k = 0; k < open.items.size(); ++k) {
+        const ReplayItem& it = open.items[k];
+        const std::size_t b = it.keyed ? it.b : k;
+        if (b >= budgets_.size()) continue;
+        if (it.keyed) {
+          held[b].insert(it.key);
+        } else {
+          held_periods[b].insert(it.period);
+        }
+      }
+    }
+    for (std::size_t b = 0; b < budgets_.size(); ++b) {
+      absl::StrAppend(&f, b == 0 ? "" : ",", "{\"b\":", b,
+                      ",\"limit\":", budgets_[b].limit->policy().limit(),
+                      ",\"keys\":[");
+      const std::int64_t open_period =
+          budgets_[b].spec.period->index_of(replay_now_ - kCheckpointGrace);
+      std::vector<std::pair<std::string, PeriodBudget::State>> keys;
+      std::vector<std::string> dropped;
+      for (const std::string& key : replay_keys_[b]) {
+        PeriodBudget::State st = raw_state(budgets_[b], key, now);
+        if (const auto p = pins_.find(std::make_pair(b, key));
+            p != pins_.end()) {
+          st = p->second.state;  // the store may have let it go
+        }
+        if (st.spent != 0 &&
+            (st.period >= open_period || held[b].contains(key) ||
+             held_periods[b].contains(st.period))) {
+          keys.emplace_back(key, st);
+        } else {
+          dropped.push_back(key);
+        }
+      }
+      // Forgotten until a record changes them again (replay_change).
+      for (const std::string& key : dropped) replay_keys_[b].erase(key);
+      std::sort(keys.begin(), keys.end(),
+                [](const auto& x, const auto& y) { return x.first < y.first; });
+      bool first = true;
+      for (const auto& [key, st] : keys) {
+        absl::StrAppend(&f, first ? "" : ",", "[\"", hex(key), "\",", st.period,
+                        ",", st.spent, "]");
+        first = false;
+      }
+      f += "]}";
+    }
+    f += "],\"open\":[";
+    std::vector<std::uint64_t> seqs;
+    for (const auto& [seq, open] : replay_open_) seqs.push_back(seq);
+    std::sort(seqs.begin(), seqs.end());
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      const ReplayOpen& open = replay_open_.at(seqs[i]);
+      absl::StrAppend(&f, i == 0 ? "" : ",", "{\"of\":", seqs[i],
+                      ",\"request\":");
+      detail::append_json_quoted(f, open.id);
+      f += ",\"items\":[";
+      for (std::size_t k = 0; k < open.items.size(); ++k) {
+        const ReplayItem& it = open.items[k];
+        absl::StrAppend(&f, k == 0 ? "" : ",", "[", it.period, ",", it.held);
+        if (it.keyed) absl::StrAppend(&f, ",", it.b, ",\"", hex(it.key), "\"");
+        f += "]";
+      }
+      f += "]}";
+    }
+    f += "],\"settled\":[";
+    bool first = true;
+    settled_.for_each([&](const detail::SettledIds::Entry& e) {
+      f += first ? "[" : ",[";
+      first = false;
+      detail::append_json_quoted(f, e.id);
+      absl::StrAppend(&f, ",", e.settlement.cost.nanos, ",",
+                      e.settlement.tokens, ",",
+                      e.settlement.estimated ? "true" : "false", "]");
+    });
+    f += "]}";
+    return f;
+  }
+
+ private:
+  template <class Json>
+  absl::Status replay_record(const Json& j) {
     if (!j.is_object()) return replay_error("is not a JSON object");
     const auto ev = j.find("event");
     if (ev == j.end()) return absl::OkStatus();  // not an accountant record
@@ -963,8 +1092,12 @@ class Accountant {
             r.period ? *r.period
                      : budgets_[r.b].spec.period->index_of(Nanos{*at});
         replay_change(r.b, r.key, p, r.amount, 0, Nanos{*at});
-        open.items.push_back({p, r.amount});
+        open.items.push_back({p, r.amount, r.b, r.key, true});
       }
+      if (const auto was = replay_open_.find(seq); was != replay_open_.end()) {
+        unpin(was->second);
+      }
+      pin(open);
       replay_open_[seq] = std::move(open);
       replay_ids_[id].push_back(seq);
       return absl::OkStatus();
@@ -992,7 +1125,7 @@ class Accountant {
       ReplayItem none{r.period
                           ? *r.period
                           : budgets_[r.b].spec.period->index_of(Nanos{*at}),
-                      0};
+                      0, r.b, std::string(), false};
       ReplayItem& held =
           open != nullptr && i < open->items.size() ? open->items[i] : none;
       const std::int64_t p = r.period ? *r.period : held.period;
@@ -1009,6 +1142,7 @@ class Accountant {
       settled_.remember(shard, key, *settled);
     }
     if (of && open != nullptr) {
+      unpin(*open);
       replay_open_.erase(*of);
       auto& ids = replay_ids_[id];
       ids.erase(std::remove(ids.begin(), ids.end(), *of), ids.end());
@@ -1017,74 +1151,21 @@ class Accountant {
     return absl::OkStatus();
   }
 
-  // checkpoint_books
-  //
-  // The books that replay() rebuilt, as one JSON object, for a segmented
-  // ledger's checkpoint record:
-  //   {"budgets":[{"b":0,"limit":L,"keys":[["<hex key>",period,spent],..]}..],
-  //    "open":[{"of":seq,"request":"id","items":[[period,held],..]},..],
-  //    "settled":[["id",cost_nanos,tokens,estimated],..]}
-  // each budget's limit and the state of every subject replay touched (its
-  // period and spend), the reservations open (by the sequence number of
-  // their reserve record), and the settled ids remembered, oldest first.
-  // Replaying it into an accountant with the same budgets and idempotency
-  // window (replica()) and then the records after it gives the books of a
-  // replay of the whole ledger. Only what replay built: an accountant that
-  // also serves calls holds reservations it does not know of (the Ledger
-  // makes checkpoints from a replica that only replays). Not thread-safe
-  // with replay.
-  std::string checkpoint_books() {
-    std::string f = "{\"budgets\":[";
-    const Nanos now = clock_.now();
-    for (std::size_t b = 0; b < budgets_.size(); ++b) {
-      absl::StrAppend(&f, b == 0 ? "" : ",", "{\"b\":", b,
-                      ",\"limit\":", budgets_[b].limit->policy().limit(),
-                      ",\"keys\":[");
-      std::vector<std::string> keys;
-      if (b < replay_keys_.size()) {
-        keys.assign(replay_keys_[b].begin(), replay_keys_[b].end());
-      }
-      std::sort(keys.begin(), keys.end());
-      bool first = true;
-      for (const std::string& key : keys) {
-        const PeriodBudget::State st = raw_state(budgets_[b], key, now);
-        if (st == PeriodBudget::State{}) continue;
-        absl::StrAppend(&f, first ? "" : ",", "[\"", hex(key), "\",", st.period,
-                        ",", st.spent, "]");
-        first = false;
-      }
-      f += "]}";
+  // The latest time of a record replayed (not a checkpoint's: its books
+  // carry the time of the records before it).
+  template <class Json>
+  void note_record_time(const Json& j) {
+    if (!j.is_object()) return;
+    const auto ev = j.find("event");
+    if (ev != j.end() && ev->is_string() &&
+        ev->template get<std::string>() == "checkpoint") {
+      return;
     }
-    f += "],\"open\":[";
-    std::vector<std::uint64_t> seqs;
-    for (const auto& [seq, open] : replay_open_) seqs.push_back(seq);
-    std::sort(seqs.begin(), seqs.end());
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      const ReplayOpen& open = replay_open_.at(seqs[i]);
-      absl::StrAppend(&f, i == 0 ? "" : ",", "{\"of\":", seqs[i],
-                      ",\"request\":");
-      detail::append_json_quoted(f, open.id);
-      f += ",\"items\":[";
-      for (std::size_t k = 0; k < open.items.size(); ++k) {
-        absl::StrAppend(&f, k == 0 ? "" : ",", "[", open.items[k].period, ",",
-                        open.items[k].held, "]");
-      }
-      f += "]}";
-    }
-    f += "],\"settled\":[";
-    bool first = true;
-    settled_.for_each([&](const detail::SettledIds::Entry& e) {
-      f += first ? "[" : ",[";
-      first = false;
-      detail::append_json_quoted(f, e.id);
-      absl::StrAppend(&f, ",", e.settlement.cost.nanos, ",",
-                      e.settlement.tokens, ",",
-                      e.settlement.estimated ? "true" : "false", "]");
-    });
-    f += "]}";
-    return f;
+    absl::StatusOr<std::int64_t> t = replay_i64(j, "t", 0);
+    if (t.ok() && Nanos{*t} > replay_now_) replay_now_ = Nanos{*t};
   }
 
+ public:
   // replica
   //
   // A new accountant with this one's prices, clock, store options, budgets
@@ -1576,7 +1657,13 @@ class Accountant {
                      Cost add, Cost give, Nanos now) {
     if (replay_keys_.size() <= b) replay_keys_.resize(budgets_.size());
     replay_keys_[b].insert(key);
+    const auto pinned =
+        pins_.empty() ? pins_.end() : pins_.find(std::make_pair(b, key));
+    if (pinned != pins_.end()) restore(b, key, pinned->second.state, now);
     change(b, key, period, add, give, now);
+    if (pinned != pins_.end()) {
+      pinned->second.state = raw_state(budgets_[b], key, now);
+    }
   }
 
   // The state `key` holds on `budget` as stored (its period and spend).
@@ -1617,6 +1704,7 @@ class Accountant {
     };
     std::vector<Key> keys;
     std::vector<std::pair<std::size_t, std::uint64_t>> limits;
+
     auto u64 = [](const Json& v) -> std::optional<std::uint64_t> {
       if (v.is_number_unsigned()) return v.template get<std::uint64_t>();
       if (v.is_number_integer() && v.template get<std::int64_t>() >= 0) {
@@ -1634,6 +1722,14 @@ class Accountant {
       }
       return std::nullopt;
     };
+    // "now": the latest record time before the checkpoint (0 when absent,
+    // as in checkpoints written before it was).
+    std::int64_t books_now = 0;
+    if (const auto n = books.find("now"); n != books.end()) {
+      const std::optional<std::int64_t> t = i64(*n);
+      if (!t) return replay_error("checkpoint books: \"now\" is not a time");
+      books_now = *t;
+    }
     for (const auto& bj : *bs) {
       if (!bj.is_object()) return replay_error("checkpoint books: a budget");
       absl::StatusOr<std::uint64_t> b = replay_u64(bj, "b", std::nullopt);
@@ -1680,13 +1776,28 @@ class Accountant {
       }
       Open x{*of, id->template get<std::string>(), {}};
       for (const auto& it : *items) {
-        if (!it.is_array() || it.size() != 2) {
+        // [period, held], or [period, held, b, "<hex key>"].
+        if (!it.is_array() || (it.size() != 2 && it.size() != 4)) {
           return replay_error("checkpoint books: an open item");
         }
         const std::optional<std::int64_t> p = i64(it[0]);
         const std::optional<std::uint64_t> n = u64(it[1]);
         if (!p || !n) return replay_error("checkpoint books: an open item");
-        x.items.push_back({*p, *n});
+        ReplayItem item{*p, *n, 0, std::string(), false};
+        if (it.size() == 4) {
+          const std::optional<std::uint64_t> b = u64(it[2]);
+          std::optional<std::string> bytes;
+          if (it[3].is_string()) {
+            bytes = unhex(it[3].template get<std::string>());
+          }
+          if (!b || *b >= budgets_.size() || !bytes) {
+            return replay_error("checkpoint books: an open item");
+          }
+          item.b = static_cast<std::size_t>(*b);
+          item.key = *std::move(bytes);
+          item.keyed = true;
+        }
+        x.items.push_back(std::move(item));
       }
       open.push_back(std::move(x));
     }
@@ -1715,6 +1826,7 @@ class Accountant {
         return st;
       }
     }
+    if (Nanos{books_now} > replay_now_) replay_now_ = Nanos{books_now};
     const Nanos now = clock_.now();
     for (const Key& k : keys) {
       // A fresh state {0, 0} becomes {period, spent}: a settle of `spent`
@@ -1723,7 +1835,12 @@ class Accountant {
     }
     for (Open& o : open) {
       replay_ids_[o.id].push_back(o.of);
-      replay_open_[o.of] = ReplayOpen{std::move(o.id), std::move(o.items)};
+      ReplayOpen x{std::move(o.id), std::move(o.items)};
+      if (const auto was = replay_open_.find(o.of); was != replay_open_.end()) {
+        unpin(was->second);
+      }
+      pin(x);
+      replay_open_[o.of] = std::move(x);
     }
     for (const auto& [id, s] : settled) {
       const auto key = detail::SettledIds::key(id);
@@ -1930,16 +2047,61 @@ class Accountant {
   struct ReplayItem {
     std::int64_t period = 0;
     Cost held = 0;
+    std::size_t b = 0;  // the budget and subject (when keyed: an item
+    std::string key;    // loaded from an older checkpoint has neither)
+    bool keyed = false;
   };
   struct ReplayOpen {
     std::string id;
     std::vector<ReplayItem> items;
   };
+  // Pins: the state of each subject an open reservation holds on (replay
+  // only). The store may reclaim a state once its period has ended (it is
+  // then as good as never seen for the open period); a late settle of that
+  // reservation goes to the ended period, so replay keeps the state here
+  // and puts it back when the store has let it go.
+  struct Pin {
+    std::size_t refs = 0;
+    PeriodBudget::State state;
+  };
+  void pin(const ReplayOpen& open) {
+    for (const ReplayItem& it : open.items) {
+      if (!it.keyed || it.b >= budgets_.size()) continue;
+      Pin& p = pins_[std::make_pair(it.b, it.key)];
+      if (p.refs++ == 0) p.state = raw_state(budgets_[it.b], it.key, Nanos{0});
+    }
+  }
+  void unpin(const ReplayOpen& open) {
+    for (const ReplayItem& it : open.items) {
+      if (!it.keyed) continue;
+      const auto p = pins_.find(std::make_pair(it.b, it.key));
+      if (p != pins_.end() && --p->second.refs == 0) pins_.erase(p);
+    }
+  }
+  // Puts pinned state `st` back where the store no longer holds it
+  // (reclaimed, or evicted and replaced by a summary cell).
+  struct SetOp : detail::OpBase<PeriodBudget> {
+    PeriodBudget::State to;
+    Step<PeriodBudget::State> operator()(const PeriodBudget::State&) const {
+      return {to, Decision{true, 0, 0, Nanos{0}, Nanos{0}}};
+    }
+  };
+  void restore(std::size_t b, const std::string& key,
+               const PeriodBudget::State& st, Nanos now) {
+    if (raw_state(budgets_[b], key, now) == st) return;
+    const SetOp op{{&budgets_[b].limit->policy(), now}, st};
+    static_cast<void>(budgets_[b].limit->store().apply(key, op));
+  }
   absl::flat_hash_map<std::uint64_t, ReplayOpen> replay_open_;
   absl::flat_hash_map<std::string, std::vector<std::uint64_t>> replay_ids_;
   std::uint64_t replay_unnumbered_ = ~std::uint64_t{0};
-  // Each budget's subjects that replay changed (for checkpoint_books).
+  // Each budget's subjects that replay changed (for checkpoint_books; those
+  // it drops are forgotten until changed again).
   std::vector<absl::flat_hash_set<std::string>> replay_keys_;
+  // Pinned states by budget and subject (see Pin).
+  absl::flat_hash_map<std::pair<std::size_t, std::string>, Pin> pins_;
+  // The latest record time replayed (checkpoint_books' "now").
+  Nanos replay_now_{0};
 };
 
 }  // namespace ratekeeper
