@@ -290,6 +290,13 @@ class TierTable {
 
   Chain<C>& chain() noexcept { return chain_; }
 
+  // Limit objects the table holds: those of its tiers and replaced ones
+  // kept for reuse (at most two per name, policy kind and options).
+  std::size_t limit_objects() const {
+    detail::MutexLock lock(&mu_);
+    return owned_.size();
+  }
+
  private:
   struct Entry {
     Limit* limit = nullptr;
@@ -462,7 +469,7 @@ class TierTable {
 
   const ShardedOptions store_options_;
   Chain<C> chain_;
-  detail::Mutex mu_;
+  mutable detail::Mutex mu_;
   std::atomic<const Snapshot*> current_{nullptr};
   std::unique_ptr<Snapshot> snapshot_;              // the current one; mu_
   std::deque<std::unique_ptr<Limit>> owned_;        // every limit made; mu_
