@@ -303,7 +303,7 @@ class PolicyLimit final : public Limit {
                                   Nanos now) override {
     const detail::ReadSection section(deferred_);
     const std::uint64_t serial = serial_.load(std::memory_order_acquire);
-    if (receipt.open() && receipt.issuer() == this &&
+    if (deferred_ && receipt.open() && receipt.issuer() == this &&
         receipt.serial() != serial) {
       return absl::FailedPreconditionError(absl::StrCat(
           "receipt issued by limit \"", name(),
