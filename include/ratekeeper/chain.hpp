@@ -363,7 +363,10 @@ class PolicyLimit final : public Limit {
   // detail::ReadSection, so that the table can give back policy versions
   // and reuse the limit once detail::Reclaimer::synchronize() returns.
   // Call before the limit is published to other threads.
-  void defer_reclaim() noexcept { deferred_ = true; }
+  void defer_reclaim() noexcept {
+    detail::Reclaimer::instance().prepare();
+    deferred_ = true;
+  }
 
   // restart
   //

@@ -100,6 +100,7 @@ class TierTable {
  public:
   explicit TierTable(ShardedOptions store = {}, C clock = C{})
       : store_options_(store), chain_(std::move(clock)) {
+    detail::Reclaimer::instance().prepare();
     snapshot_ = std::make_unique<Snapshot>();
     current_.store(snapshot_.get(), std::memory_order_release);
   }

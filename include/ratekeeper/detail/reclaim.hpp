@@ -47,27 +47,33 @@ class Reclaimer {
     Slot* next = nullptr;     // immutable once pushed
   };
 
-  static Reclaimer& instance() noexcept {
-    static Reclaimer r;
-    return r;
-  }
+  constexpr Reclaimer() noexcept = default;
+  Reclaimer(const Reclaimer&) = delete;
+  Reclaimer& operator=(const Reclaimer&) = delete;
+
+  static Reclaimer& instance() noexcept;
 
   // Whether writers use the asymmetric fence (readers then do not fence).
-  bool asymmetric() const noexcept { return asymmetric_; }
+  bool asymmetric() const noexcept {
+    return asymmetric_.load(std::memory_order_relaxed);
+  }
 
   // The calling thread's slot (taken on first use, given back when the
-  // thread exits, for another thread to reuse).
+  // thread exits, for another thread to reuse). A constant-initialised
+  // thread_local: one load, no initialisation check.
   static Slot* my_slot() noexcept {
-    thread_local Holder h;
-    if (h.slot == nullptr) h.slot = instance().take_slot();
-    return h.slot;
+    Slot* s = tls_slot_;
+    return s != nullptr ? s : first_slot();
   }
 
   void enter(Slot* s) noexcept {
     if (s->depth++ != 0) return;
     s->epoch.store(epoch_.load(std::memory_order_acquire),
                    std::memory_order_relaxed);
-    if (asymmetric_) {
+    // Until a writer has registered the asymmetric fence, readers fence
+    // themselves (always safe); once it is registered every synchronize()
+    // uses it, so a reader that saw it registered need not.
+    if (asymmetric_.load(std::memory_order_relaxed)) {
       std::atomic_signal_fence(std::memory_order_seq_cst);
     } else {
       std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -85,6 +91,7 @@ class Reclaimer {
   // read by any section. Yields while it waits (sections are short: one
   // call on a limit or a table). Not from inside a section.
   void synchronize() noexcept {
+    register_once();
     const std::uint64_t target =
         epoch_.fetch_add(1, std::memory_order_acq_rel) + 1;
     fence_all();
@@ -98,6 +105,11 @@ class Reclaimer {
     }
   }
 
+  // Registers the asymmetric fence now rather than at the first
+  // synchronize(), so that readers stop fencing themselves from here on
+  // (TierTable's constructor, PolicyLimit::defer_reclaim). Idempotent.
+  void prepare() noexcept { register_once(); }
+
   // Slots ever made: at most the number of threads alive at once.
   std::size_t slots() const noexcept {
     std::size_t n = 0;
@@ -109,6 +121,7 @@ class Reclaimer {
   }
 
  private:
+  // Gives the thread's slot back when the thread exits.
   struct Holder {
     Slot* slot = nullptr;
     Holder() = default;
@@ -116,18 +129,38 @@ class Reclaimer {
     Holder& operator=(const Holder&) = delete;
     ~Holder() {
       if (slot == nullptr) return;
+      tls_slot_ = nullptr;
       slot->depth = 0;
       slot->epoch.store(0, std::memory_order_release);
       slot->used.store(false, std::memory_order_release);
     }
   };
 
-  Reclaimer() noexcept {
+  static Slot* first_slot() noexcept {
+    thread_local Holder holder;
+    if (holder.slot == nullptr) holder.slot = instance().take_slot();
+    tls_slot_ = holder.slot;
+    return holder.slot;
+  }
+
+  // The first synchronize() registers the process for
+  // MEMBARRIER_CMD_PRIVATE_EXPEDITED (readers fence themselves until then).
+  void register_once() noexcept {
+    if (registered_.load(std::memory_order_acquire)) return;
+    bool expected = false;
+    if (!registering_.compare_exchange_strong(expected, true)) {
+      while (!registered_.load(std::memory_order_acquire)) {
+        std::this_thread::yield();
+      }
+      return;
+    }
 #if defined(__linux__) && defined(__NR_membarrier)
-    asymmetric_ =
-        ::syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0,
-                  0) == 0;
+    if (::syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0,
+                  0) == 0) {
+      asymmetric_.store(true, std::memory_order_seq_cst);
+    }
 #endif
+    registered_.store(true, std::memory_order_release);
   }
 
   Slot* take_slot() noexcept {
@@ -153,10 +186,10 @@ class Reclaimer {
 
   void fence_all() noexcept {
 #if defined(__linux__) && defined(__NR_membarrier)
-    if (asymmetric_) {
-      // Registered: the command cannot fail for want of registration. On
-      // any other failure, fall through to a plain fence, which with
-      // readers that do not fence may not order them: try again instead.
+    if (asymmetric_.load(std::memory_order_relaxed)) {
+      // Registered: the command cannot fail for want of registration; on a
+      // transient failure, try again (a plain fence would not order
+      // readers that do not fence).
       while (::syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0,
                        0) != 0) {
         std::this_thread::yield();
@@ -167,10 +200,19 @@ class Reclaimer {
     std::atomic_thread_fence(std::memory_order_seq_cst);
   }
 
+  static constinit inline thread_local Slot* tls_slot_ = nullptr;
+
   std::atomic<std::uint64_t> epoch_{1};
   std::atomic<Slot*> head_{nullptr};
-  bool asymmetric_ = false;
+  std::atomic<bool> asymmetric_{false};
+  std::atomic<bool> registering_{false};
+  std::atomic<bool> registered_{false};
 };
+
+// The process's one Reclaimer, constant-initialised (no guard on use).
+inline constinit Reclaimer g_reclaimer{};
+
+inline Reclaimer& Reclaimer::instance() noexcept { return g_reclaimer; }
 
 // ReadSection: a reader's section, when `on` (a limit no TierTable owns
 // skips it).
