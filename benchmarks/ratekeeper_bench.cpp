@@ -403,8 +403,13 @@ struct ChainRig {
                 .value()) {}
 };
 
-void chain_run(benchmark::State& state, bool deny_last) {
+void chain_run(benchmark::State& state, bool deny_last, bool deferred = false) {
   ChainRig rig(deny_last);
+  if (deferred) {  // as a TierTable's limits: each call in a read section
+    rig.rpm->defer_reclaim();
+    rig.tpm->defer_reclaim();
+    rig.tpd->defer_reclaim();
+  }
   rk::Chain<> chain;
   const rk::ChainItem items[] = {{rig.rpm.get(), "user:42", 1},
                                  {rig.tpm.get(), "user:42", 100},
@@ -427,6 +432,24 @@ void BM_Chain_3Limits_Sharded_Denied(benchmark::State& state) {
   chain_run(state, true);
 }
 BENCHMARK(BM_Chain_3Limits_Sharded_Denied);
+
+// Issue 15: BM_Chain_3Limits_Sharded with the limits a TierTable owns
+// would have: each call on a limit in a read section (detail/reclaim.hpp),
+// so that set_tier can reclaim what it replaces.
+void BM_Chain_3Limits_Sharded_ReadSections(benchmark::State& state) {
+  chain_run(state, false, true);
+}
+BENCHMARK(BM_Chain_3Limits_Sharded_ReadSections);
+
+// One read section, entered and left: two stores to the thread's own slot.
+void BM_Floor_ReadSection(benchmark::State& state) {
+  rk::detail::Reclaimer::instance().prepare();  // as a TierTable does
+  for (auto _ : state) {
+    const rk::detail::ReadSection section;
+    benchmark::ClobberMemory();
+  }
+}
+BENCHMARK(BM_Floor_ReadSection);
 
 // The same three limits as three Limiters acquired one after the other (no
 // roll-back, three clock reads): what callers do without chains.

@@ -301,7 +301,10 @@ TEST_CASE("i15: 10^6 active keys cost at most 48 bytes a key",
   CHECK(stated <= 48.0 * (1'000'000.0 / static_cast<double>(n)) + 64.0);
 }
 
-TEST_CASE("i15: set_tier x 1,000 leaves memory where it was", "[i15][memory]") {
+TEST_CASE(
+    "T12b: a 3-limit tier table with 1,000 users: set_tier x 1,000 with "
+    "traffic and settles leaves RSS within 5% of before",
+    "[T12b][i15][memory]") {
   const std::int64_t base = rss_bytes();
   ManualClock clock;
   TierTable<ManualClock> tiers(ShardedOptions{}, clock);
@@ -311,19 +314,56 @@ TEST_CASE("i15: set_tier x 1,000 leaves memory where it was", "[i15][memory]") {
     users.push_back("user" + std::to_string(u));
     teams.push_back("team" + std::to_string(u % 50));
   }
+  // Each round: every user calls; the token limits of every allowed call
+  // are settled to what the provider counted, except a few decisions held
+  // across the next set_tier and settled after it (their limit may have
+  // been replaced: a clear status, never a use of freed memory).
+  // Held for three rounds: a limit replaced in one set_tier is reused (and
+  // restarted) by the rebuild two rounds later.
+  std::vector<ChainDecision> held, older, oldest;
+  std::uint64_t allowed = 0, settled = 0, refused_stale = 0;
   const auto traffic = [&] {
-    for (std::size_t u = 0; u < 1000; ++u) {
-      const auto d = tiers.acquire(
-          "free", Subject{.user = users[u], .team = teams[u]}, 100);
-      REQUIRE(d.ok());
+    for (auto& d : oldest) {
+      REQUIRE(tiers.settle_tokens(d, 50).ok());  // tpm, tpd: never rebuilt
+      ++settled;
+      // rpm, by the chain: settled, or refused when its limit was replaced
+      // and reused since.
+      const absl::Status st = tiers.chain().settle(d, 0, 1);
+      if (st.ok()) {
+        ++settled;
+      } else {
+        REQUIRE(st.code() == absl::StatusCode::kFailedPrecondition);
+        ++refused_stale;
+      }
+      tiers.give_back(d);  // nothing left open: a no-op
     }
+    oldest = std::move(older);
+    older = std::move(held);
+    held.clear();
+    for (std::size_t u = 0; u < 1000; ++u) {
+      auto d = tiers.acquire("free",
+                             Subject{.user = users[u], .team = teams[u]}, 100);
+      REQUIRE(d.ok());
+      if (!d->allowed) continue;
+      ++allowed;
+      if (u % 100 == 0) {
+        held.push_back(*std::move(d));
+      } else {
+        REQUIRE(tiers.settle_tokens(*d, 60).ok());
+        ++settled;
+      }
+    }
+    clock.advance(std::chrono::milliseconds(10));
   };
-  // Warm up: one rebuild and one reconfigure, so that allocator pools are
-  // in their steady state before the measure.
+  // Warm up: rebuilds and reconfigures, so that allocator pools, the pool
+  // of replaced limits and the reclaimer's thread slot are in their steady
+  // state before the measure.
   traffic();
   REQUIRE(tiers.set_tier("free", docs_tier(std::chrono::seconds(61))).ok());
   traffic();
-  REQUIRE(tiers.set_tier("free", docs_tier(std::chrono::seconds(61))).ok());
+  REQUIRE(tiers.set_tier("free", docs_tier(std::chrono::seconds(60))).ok());
+  traffic();
+  REQUIRE(tiers.set_tier("free", docs_tier(std::chrono::seconds(60))).ok());
   traffic();
   const std::int64_t before = rss_bytes() - base;
   const Limit* first_rpm = tiers.limits("free")[0];
@@ -335,20 +375,24 @@ TEST_CASE("i15: set_tier x 1,000 leaves memory where it was", "[i15][memory]") {
     traffic();
   }
   const std::int64_t after = rss_bytes() - base;
+  const double change =
+      static_cast<double>(after - before) / static_cast<double>(before);
   std::printf(
-      "[i15] set_tier x 1,000 with traffic: RSS over baseline %.3f MiB "
-      "before, %.3f MiB after (%+.1f%%)\n",
+      "[T12b] set_tier x 1,000 with traffic and settles: RSS over baseline "
+      "%.3f MiB before, %.3f MiB after (%+.2f%%); %llu calls allowed, %llu "
+      "settled, %llu stale receipts refused\n",
       static_cast<double>(before) / kMiB, static_cast<double>(after) / kMiB,
-      100.0 * static_cast<double>(after - before) /
-          static_cast<double>(before));
-  CHECK(tiers.limits("free")[0] != first_rpm);  // it was rebuilt
-  // The first rpm limit is still a valid object (decisions may point at it).
+      100.0 * change, static_cast<unsigned long long>(allowed),
+      static_cast<unsigned long long>(settled),
+      static_cast<unsigned long long>(refused_stale));
+  // The rpm limit was rebuilt 500 times; its object is one of two that
+  // take turns (a replaced limit is reused by the next of its identity),
+  // and a Limit pointer taken earlier still points at a live "rpm".
   CHECK(first_rpm->name() == "rpm");
-  // Each replaced limit keeps its object (decisions may point at it) and
-  // its store's shards, about 4 KiB; its keys' memory goes back to the
-  // system (ShardedStore::clear). Before issue 15 each rebuild kept a whole
-  // store (+29 MiB). The issue's target of +-5% would need retired limit
-  // objects freed too, which needs to know that no decision still points at
-  // them: not done (docs/stores.md, "Memory").
-  if (kRssMeaningful) CHECK(after - before <= 1000 * 4096);
+  CHECK(refused_stale > 0);  // receipts held across a rebuild were refused
+  CHECK(settled > 0);
+  if (kRssMeaningful) {
+    CHECK(after - before <= before / 20);
+    CHECK(before - after <= before / 20);
+  }
 }

@@ -56,6 +56,7 @@
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/math.hpp"
 #include "ratekeeper/detail/mutex.hpp"
+#include "ratekeeper/detail/reclaim.hpp"
 #include "ratekeeper/detail/strings.hpp"
 #include "ratekeeper/limiter.hpp"
 #include "ratekeeper/metrics.hpp"
@@ -256,26 +257,34 @@ class PolicyLimit final : public Limit {
   }
 
   Decision acquire(std::string_view key, Cost cost, Nanos now) override {
+    const detail::ReadSection section(deferred_);
     return store_.apply(key, detail::AcquireOp<P>{policy_ptr(), now, cost});
   }
 
   Decision peek(std::string_view key, Cost cost, Nanos now) const override {
+    const detail::ReadSection section(deferred_);
     return store_.peek(key, detail::AcquireOp<P>{policy_ptr(), now, cost});
   }
 
   Decision take(std::string_view key, Cost cost, Nanos now,
                 Receipt& receipt) override {
+    const detail::ReadSection section(deferred_);
+    // The serial before the policy (acquire): restart() publishes a new
+    // serial after the policy it goes with.
+    const std::uint64_t serial = serial_.load(std::memory_order_acquire);
     const P* p = policy_ptr();
     return detail::take_on(store_, key, detail::AcquireOp<P>{p, now, cost}, *p,
-                           this, serial_, receipt);
+                           this, serial, receipt);
   }
 
   Decision charge(std::string_view key, Cost cost, Nanos now,
                   Receipt& receipt) override {
     if constexpr (ChargingPolicy<P>) {
+      const detail::ReadSection section(deferred_);
+      const std::uint64_t serial = serial_.load(std::memory_order_acquire);
       const P* p = policy_ptr();
       return detail::take_on(store_, key, detail::ChargeOp<P>{p, now, cost}, *p,
-                             this, serial_, receipt);
+                             this, serial, receipt);
     } else {
       // make_limit refuses charge_on_reject for such a policy; a caller
       // reaching here directly gets the plain take.
@@ -287,19 +296,36 @@ class PolicyLimit final : public Limit {
   // what it took under the policy it was taken under (a token bucket's
   // receipt keeps its rate), so a reconfigure() between take and settle
   // gives back what was taken, never the same count at the new rate.
+  //
+  // A receipt from before a restart() (a limit TierTable replaced and then
+  // reused) is refused, kFailedPrecondition, before anything is read.
   absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual,
                                   Nanos now) override {
-    return detail::settle_on(store_, *policy_ptr(), this, serial_, receipt,
+    const detail::ReadSection section(deferred_);
+    const std::uint64_t serial = serial_.load(std::memory_order_acquire);
+    if (deferred_ && receipt.open() && receipt.issuer() == this &&
+        receipt.serial() != serial) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "receipt issued by limit \"", name(),
+          "\" before it was replaced (TierTable::set_tier): what it took was "
+          "forgotten with the limit's keys"));
+    }
+    return detail::settle_on(store_, *policy_ptr(), this, serial, receipt,
                              actual, now);
   }
 
-  std::uint64_t limit() const noexcept override { return policy().limit(); }
+  std::uint64_t limit() const noexcept override {
+    const detail::ReadSection section(deferred_);
+    return policy().limit();
+  }
   Nanos window() const noexcept override {
+    const detail::ReadSection section(deferred_);
     return detail::quota_window(policy());
   }
   StoreStats store_stats() const override { return store_.stats(); }
 
-  // The policy in force now. The reference stays valid for the limit's life.
+  // The policy in force now. The reference stays valid for the limit's
+  // life, or, for a limit a TierTable owns, until the table changes it.
   const P& policy() const noexcept { return *policy_ptr(); }
 
   // reconfigure
@@ -308,7 +334,8 @@ class PolicyLimit final : public Limit {
   // keep their state (see the class comment). kFailedPrecondition when a
   // window policy's period would change. Each past policy is kept until the
   // limit is destroyed (calls in flight may still read it): a few dozen bytes
-  // per change. Thread-safe.
+  // per change; a TierTable's limits give them back (drop_versions_before).
+  // Thread-safe.
   absl::Status reconfigure(P next) {
     detail::MutexLock lock(&mu_);
     if constexpr (requires { P::kWindowAligned; }) {
@@ -326,7 +353,60 @@ class PolicyLimit final : public Limit {
 
   StoreType& store() noexcept { return store_; }
   // With the limit's address, what names it as the issuer of its receipts.
-  std::uint64_t serial() const noexcept { return serial_; }
+  std::uint64_t serial() const noexcept {
+    return serial_.load(std::memory_order_acquire);
+  }
+
+  // For TierTable, which owns, replaces and reuses limits (tiers.hpp).
+  //
+  // defer_reclaim: every later call on the limit runs in a
+  // detail::ReadSection, so that the table can give back policy versions
+  // and reuse the limit once detail::Reclaimer::synchronize() returns.
+  // Call before the limit is published to other threads.
+  void defer_reclaim() noexcept {
+    detail::Reclaimer::instance().prepare();
+    deferred_ = true;
+  }
+
+  // restart
+  //
+  // Starts the limit afresh under `next`, whatever its period: every key
+  // forgotten, receipts issued before refused (a new serial). For a limit
+  // no table call uses any more (TierTable reuses a replaced limit of the
+  // same name, kind and options with it); calls that still arrive (a caller
+  // who kept a ChainItem past set_tier) are safe: each is decided by the old
+  // incarnation or the new one, and a take of the old one cannot be settled
+  // against the new one. The serial stays retired while the store is
+  // cleared, so receipts from that interval are refused too. Needs
+  // defer_reclaim(); not from inside a detail::ReadSection. Thread-safe.
+  void restart(P next) {
+    detail::MutexLock lock(&mu_);
+    serial_.store(detail::next_issuer_serial(), std::memory_order_release);
+    // Settles that read the old serial have finished.
+    detail::Reclaimer::instance().synchronize();
+    store_.clear();
+    versions_.push_back(std::move(next));
+    current_.store(&versions_.back(), std::memory_order_release);
+    serial_.store(detail::next_issuer_serial(), std::memory_order_release);
+  }
+
+  // Policy versions made so far (reconfigure, restart), the one in force
+  // being the last: drop_versions_before(versions_made() - 1) keeps only it.
+  std::uint64_t versions_made() const {
+    detail::MutexLock lock(&mu_);
+    return dropped_ + versions_.size();
+  }
+
+  // Frees the versions before the `n`th. Only once no call can be reading
+  // them: with defer_reclaim(), after a Reclaimer::synchronize() that
+  // follows the reconfigure or restart that replaced them.
+  void drop_versions_before(std::uint64_t n) {
+    detail::MutexLock lock(&mu_);
+    while (dropped_ < n && versions_.size() > 1) {
+      versions_.pop_front();
+      ++dropped_;
+    }
+  }
 
  private:
   const P* policy_ptr() const noexcept {
@@ -334,10 +414,12 @@ class PolicyLimit final : public Limit {
   }
 
   StoreType store_;
-  const std::uint64_t serial_ = detail::next_issuer_serial();
+  std::atomic<std::uint64_t> serial_{detail::next_issuer_serial()};
   std::atomic<const P*> current_{nullptr};
-  detail::Mutex mu_;
-  std::deque<P> versions_;  // stable addresses; guarded by mu_ after ctor
+  bool deferred_ = false;
+  mutable detail::Mutex mu_;
+  std::deque<P> versions_;     // stable addresses; guarded by mu_ after ctor
+  std::uint64_t dropped_ = 0;  // versions popped; guarded by mu_
 };
 
 // make_limit

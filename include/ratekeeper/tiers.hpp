@@ -43,6 +43,7 @@
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/clock.hpp"
 #include "ratekeeper/detail/mutex.hpp"
+#include "ratekeeper/detail/reclaim.hpp"
 #include "ratekeeper/detail/strings.hpp"
 #include "ratekeeper/identity.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
@@ -72,20 +73,36 @@ struct LimitSpec {
 //
 // Every limit has a ShardedStore of its own, built with `store` options
 // (`capacity` is a cap: a store's memory grows with its live keys,
-// docs/stores.md). Lookups on the call path take no lock: the table is an
-// immutable snapshot swapped by set_tier(). Limit objects and snapshots that
-// set_tier() replaces are kept until the table is destroyed (calls in flight
-// may still use them), so decisions, and the Limit pointers in them, stay
-// valid as long as the table; a replaced limit's store is cleared
-// (ShardedStore::clear), so what is kept is small and a late settle against
-// it is harmless. Thread-safe.
+// docs/stores.md; `key_budget` shares one cap among many stores). Lookups on
+// the call path take no lock: the table is an immutable snapshot swapped by
+// set_tier().
+//
+// What set_tier() replaces is reclaimed before it returns, so that changing
+// tiers again and again does not grow the process (docs/stores.md,
+// "Replaced limits"). Table calls and calls on the table's limits run in
+// read sections (detail/reclaim.hpp: two thread-local stores each, no
+// atomic read-modify-write); set_tier() waits for the sections open when it
+// published (detail::Reclaimer::synchronize) and then frees the old
+// snapshot and the policy versions no longer in force. A replaced limit's
+// store is cleared at once (ShardedStore::clear) and the limit object is
+// kept for reuse: the next limit the table builds with the same name,
+// policy kind, unit and options is that object, restarted
+// (PolicyLimit::restart: fresh keys, a new serial). So a Limit pointer (in
+// a decision, ChainItems, limits()) always points at a live limit of that
+// name while the table lives, and memory is bounded by the limits that
+// exist at once (at most twice the limits of a name), never by the number
+// of set_tier calls. A receipt taken before its limit was replaced settles
+// as kFailedPrecondition once the limit has been reused (before that, it
+// settles against the cleared store, which is harmless). Thread-safe; not
+// from inside a callback of the table's own calls (there are none).
 template <Clock C = SteadyClock>
 class TierTable {
  public:
   explicit TierTable(ShardedOptions store = {}, C clock = C{})
       : store_options_(store), chain_(std::move(clock)) {
-    snapshots_.push_back(std::make_unique<Snapshot>());
-    current_.store(snapshots_.back().get(), std::memory_order_release);
+    detail::Reclaimer::instance().prepare();
+    snapshot_ = std::make_unique<Snapshot>();
+    current_.store(snapshot_.get(), std::memory_order_release);
   }
 
   TierTable(const TierTable&) = delete;
@@ -100,7 +117,17 @@ class TierTable {
   absl::Status set_tier(std::string_view name, std::vector<LimitSpec> limits) {
     if (name.empty()) return absl::InvalidArgumentError("tier name is empty");
     detail::MutexLock lock(&mu_);
-    const Snapshot& old = *current_.load(std::memory_order_acquire);
+    // Limits taken from the pool for this change go back to it unless
+    // published.
+    std::vector<Limit*> from_pool;
+    struct Unwind {
+      TierTable* t;
+      std::vector<Limit*>* taken;
+      ~Unwind() {
+        for (Limit* l : *taken) t->pool_[t->hooks_.at(l).identity].push_back(l);
+      }
+    } unwind{this, &from_pool};
+    const Snapshot& old = *snapshot_;
     const auto prev_it = old.tiers.find(detail::av(name));
     const Tier* prev = prev_it == old.tiers.end() ? nullptr : &prev_it->second;
     Tier next;
@@ -122,7 +149,8 @@ class TierTable {
         }
       }
       const Entry* same = prev ? find_entry(*prev, spec.options.name) : nullptr;
-      absl::StatusOr<Entry> e = same ? reuse(*same, spec) : build(spec);
+      absl::StatusOr<Entry> e =
+          same ? reuse(*same, spec, from_pool) : build(spec, from_pool);
       if (!e.ok()) {
         return absl::Status(e.status().code(),
                             absl::StrCat("tier \"", detail::av(name),
@@ -131,17 +159,19 @@ class TierTable {
       next.push_back(*e);
     }
     // All built: apply the in-place changes, then publish.
+    std::vector<Limit*> changed;
     for (std::size_t i = 0; i < limits.size(); ++i) {
       if (next[i].reconfigure) {
         if (absl::Status st = next[i].reconfigure(); !st.ok()) return st;
         next[i].reconfigure = nullptr;
+        changed.push_back(next[i].limit);
       }
       next[i].limit->set_shadow(limits[i].options.shadow);
     }
-    // A limit that `next` no longer has is retired: its object stays (a
-    // decision may still point at it) but its store forgets its keys and
-    // gives its memory back, so that set_tier run again and again does not
-    // grow the process.
+    from_pool.clear();  // all published below
+    // A limit that `next` no longer has is retired: its store forgets its
+    // keys and gives its memory back now, and once no call can be using it
+    // the object waits in the pool for the next limit of its identity.
     std::vector<Limit*> retired;
     if (prev != nullptr) {
       for (const Entry& e : *prev) {
@@ -153,15 +183,15 @@ class TierTable {
     auto snap = std::make_unique<Snapshot>(old);
     snap->tiers[std::string(name)] = std::move(next);
     current_.store(snap.get(), std::memory_order_release);
-    // The snapshot replaced is freed only at destruction (a lookup may still
-    // be reading it), and it is small: the map of tiers to limit pointers.
-    snapshots_.push_back(std::move(snap));
-    for (Limit* l : retired) {
-      if (auto it = clear_store_.find(l); it != clear_store_.end()) {
-        it->second();
-        clear_store_.erase(it);
-      }
-    }
+    std::unique_ptr<Snapshot> replaced =
+        std::exchange(snapshot_, std::move(snap));
+    for (Limit* l : retired) hooks_.at(l).clear();
+    // Every call that could have read the old snapshot, an old policy
+    // version or a retired limit through the table has returned.
+    detail::Reclaimer::instance().synchronize();
+    replaced.reset();
+    for (Limit* l : changed) hooks_.at(l).trim();
+    for (Limit* l : retired) pool_[hooks_.at(l).identity].push_back(l);
     return absl::OkStatus();
   }
 
@@ -184,6 +214,7 @@ class TierTable {
   absl::StatusOr<ChainDecision> acquire(std::string_view tier,
                                         const Subject& who, Cost tokens,
                                         std::span<const ChainItem> first) {
+    const detail::ReadSection section;
     ChainItems items;
     for (const ChainItem& it : first) items.add(it);
     if (absl::Status st = items_for(tier, who, tokens, items); !st.ok()) {
@@ -200,6 +231,7 @@ class TierTable {
   // the keys' bytes. Errors as acquire().
   absl::Status chain_items(std::string_view tier, const Subject& who,
                            Cost tokens, ChainItems& out) const {
+    const detail::ReadSection section;
     return items_for(tier, who, tokens, out);
   }
 
@@ -208,6 +240,7 @@ class TierTable {
   // What acquire would decide, counting nothing.
   absl::StatusOr<ChainDecision> peek(std::string_view tier, const Subject& who,
                                      Cost tokens) const {
+    const detail::ReadSection section;
     ChainItems items;
     if (absl::Status st = items_for(tier, who, tokens, items); !st.ok()) {
       return st;
@@ -233,6 +266,7 @@ class TierTable {
 
   // The limits of a tier in chain order (empty for an unknown tier).
   std::vector<Limit*> limits(std::string_view tier) const {
+    const detail::ReadSection section;
     std::vector<Limit*> out;
     if (const Tier* t = find_tier(tier)) {
       for (const Entry& e : *t) out.push_back(e.limit);
@@ -242,6 +276,7 @@ class TierTable {
 
   // Every limit of every tier now, tiers in name order: for metrics.
   std::vector<std::pair<std::string, Limit*>> all_limits() const {
+    const detail::ReadSection section;
     const Snapshot& s = *current_.load(std::memory_order_acquire);
     std::vector<std::pair<std::string, Limit*>> out;
     for (const auto& [name, tier] : s.tiers) {
@@ -255,6 +290,13 @@ class TierTable {
   }
 
   Chain<C>& chain() noexcept { return chain_; }
+
+  // Limit objects the table holds: those of its tiers and replaced ones
+  // kept for reuse (at most two per name, policy kind and options).
+  std::size_t limit_objects() const {
+    detail::MutexLock lock(&mu_);
+    return owned_.size();
+  }
 
  private:
   struct Entry {
@@ -318,49 +360,79 @@ class TierTable {
     }
   }
 
-  // A new limit for `spec`, owned by the table.
-  absl::StatusOr<Entry> build(const LimitSpec& spec) {
+  // What a limit object keeps for life (Limit's constant fields, and its
+  // policy type): a replaced limit is reused only for a spec that agrees.
+  static std::string identity(const LimitSpec& spec) {
+    return absl::StrCat(
+        static_cast<int>(spec.kind), "/", static_cast<int>(spec.options.unit),
+        "/", spec.options.charge_on_reject ? 1 : 0, "/",
+        spec.options.near_limit_permille, "/", spec.options.name);
+  }
+
+  // A limit for `spec`, owned by the table: a replaced one of the same
+  // identity from the pool (restarted when published), else a new one.
+  absl::StatusOr<Entry> build(const LimitSpec& spec,
+                              std::vector<Limit*>& from_pool) {
     switch (spec.kind) {
       case PolicyKind::kTokenBucket:
-        return build_as<TokenBucket>(spec);
+        return build_as<TokenBucket>(spec, from_pool);
       case PolicyKind::kFixedWindow:
-        return build_as<FixedWindow>(spec);
+        return build_as<FixedWindow>(spec, from_pool);
       case PolicyKind::kSlidingWindow:
-        return build_as<SlidingWindow>(spec);
+        return build_as<SlidingWindow>(spec, from_pool);
     }
     return absl::InvalidArgumentError("unknown PolicyKind");
   }
 
   template <class P>
-  absl::StatusOr<Entry> build_as(const LimitSpec& spec) {
+  absl::StatusOr<Entry> build_as(const LimitSpec& spec,
+                                 std::vector<Limit*>& from_pool) {
     absl::StatusOr<P> p = make_policy<P>(spec);
     if (!p.ok()) return p.status();
-    auto l =
-        make_limit<ShardedStore>(spec.options, *std::move(p), store_options_);
-    if (!l.ok()) return l.status();
-    Entry e{l->get(),
+    Entry e{nullptr,
             spec.scope,
             spec.kind,
             spec.options.unit,
             spec.options.charge_on_reject,
             spec.rate.period,
             nullptr};
+    std::string id = identity(spec);
+    if (auto it = pool_.find(id); it != pool_.end() && !it->second.empty()) {
+      auto* raw = static_cast<PolicyLimit<P, ShardedStore>*>(it->second.back());
+      it->second.pop_back();
+      if (it->second.empty()) pool_.erase(it);
+      from_pool.push_back(raw);
+      e.limit = raw;
+      e.reconfigure = [raw, policy = *std::move(p)]() mutable {
+        raw->restart(std::move(policy));
+        return absl::OkStatus();
+      };
+      return e;
+    }
+    auto l =
+        make_limit<ShardedStore>(spec.options, *std::move(p), store_options_);
+    if (!l.ok()) return l.status();
     PolicyLimit<P, ShardedStore>* raw = l->get();
-    clear_store_[raw] = [raw] { raw->store().clear(); };
+    raw->defer_reclaim();
+    e.limit = raw;
+    hooks_[raw] =
+        Hooks{std::move(id), [raw] { raw->store().clear(); },
+              [raw] { raw->drop_versions_before(raw->versions_made() - 1); }};
     owned_.push_back(*std::move(l));
     return e;
   }
 
   // The existing limit changed in place when its state carries over, else
   // a new one.
-  absl::StatusOr<Entry> reuse(const Entry& old, const LimitSpec& spec) {
+  absl::StatusOr<Entry> reuse(const Entry& old, const LimitSpec& spec,
+                              std::vector<Limit*>& from_pool) {
     const bool windowed = spec.kind != PolicyKind::kTokenBucket;
     if (old.kind != spec.kind || !(old.scope == spec.scope) ||
         old.unit != spec.options.unit ||
         old.charge_on_reject != spec.options.charge_on_reject ||
         (windowed && old.period != spec.rate.period) ||
         spec.options.near_limit_permille != old.limit->near_limit_permille()) {
-      return build(spec);
+      return build(spec, from_pool);
     }
     if (absl::Status st = detail::check_limit_options(spec.options); !st.ok()) {
       return st;
@@ -389,15 +461,23 @@ class TierTable {
     return e;
   }
 
+  // What the table does to a limit it owns, by its concrete type.
+  struct Hooks {
+    std::string identity;
+    std::function<void()> clear;  // forget every key (once replaced)
+    std::function<void()> trim;   // free policy versions no longer in force
+  };
+
   const ShardedOptions store_options_;
   Chain<C> chain_;
-  detail::Mutex mu_;
+  mutable detail::Mutex mu_;
   std::atomic<const Snapshot*> current_{nullptr};
-  std::deque<std::unique_ptr<Snapshot>> snapshots_;  // guarded by mu_
-  std::deque<std::unique_ptr<Limit>> owned_;         // guarded by mu_
-  // Per live limit: forgets its store's keys and memory (once retired).
-  absl::flat_hash_map<const Limit*, std::function<void()>>
-      clear_store_;  // guarded by mu_
+  std::unique_ptr<Snapshot> snapshot_;              // the current one; mu_
+  std::deque<std::unique_ptr<Limit>> owned_;        // every limit made; mu_
+  absl::flat_hash_map<const Limit*, Hooks> hooks_;  // guarded by mu_
+  // Replaced limits no call uses any more, by identity(): reused by the
+  // next limit built with that identity.
+  absl::flat_hash_map<std::string, std::vector<Limit*>> pool_;  // mu_
 };
 
 }  // namespace ratekeeper

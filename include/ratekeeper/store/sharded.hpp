@@ -91,6 +91,64 @@
 
 namespace ratekeeper {
 
+// KeyBudget: one cap on live keys shared by many ShardedStores (every limit
+// of a TierTable, an Accountant's budget stores, limits of your own): give
+// each store's ShardedOptions the same std::shared_ptr<KeyBudget>.
+//
+// Stores draw slots in chunks of kChunk per shard, on their insert path only
+// (under the shard's insert mutex: never on a lookup of a key held), and
+// give a chunk back whenever a shard holds 2 x kChunk slots more than it
+// has live keys, and everything when cleared or destroyed. So the keys
+// live in all the stores together never exceed capacity(), and a store
+// holds at most shards x (2 x kChunk - 1) slots it does not use. A store
+// that cannot draw is full, whatever its own `capacity`: idle keys are
+// reclaimed, then its WhenFull applies (kEvictStalest evicts its own
+// stalest key, kDenyNew refuses the new key; a budget store's refusal is
+// kResourceExhausted). A store never loses the slots its live keys hold: a
+// flood into one store takes only slots no other store holds, and every
+// other store keeps its keys and decides its own new keys by its WhenFull.
+//
+// Cost per key: a store's table holds a live key in 37 to 73 bytes (its
+// tables double at 7/8 load, docs/stores.md "Memory"), and each store's
+// tables keep the size of that store's own peak; evicted keys a store
+// remembers (ShardedOptions::remembered) are 64 bytes each and outside the
+// cap. Thread-safe.
+class KeyBudget {
+ public:
+  static constexpr std::size_t kChunk = 8;
+
+  explicit KeyBudget(std::size_t keys) noexcept : cap_(keys), free_(keys) {}
+  KeyBudget(const KeyBudget&) = delete;
+  KeyBudget& operator=(const KeyBudget&) = delete;
+
+  std::size_t capacity() const noexcept { return cap_; }
+  // Slots no store holds now (a snapshot; may be stale on return).
+  std::size_t available() const noexcept {
+    return free_.load(std::memory_order_relaxed);
+  }
+
+  // For stores: takes up to `n` slots; returns how many it took.
+  std::size_t draw(std::size_t n) noexcept {
+    std::size_t cur = free_.load(std::memory_order_relaxed);
+    for (;;) {
+      const std::size_t take = std::min(cur, n);
+      if (take == 0) return 0;
+      if (free_.compare_exchange_weak(cur, cur - take,
+                                      std::memory_order_relaxed)) {
+        return take;
+      }
+    }
+  }
+  // For stores: gives back `n` slots drawn before.
+  void give_back(std::size_t n) noexcept {
+    free_.fetch_add(n, std::memory_order_relaxed);
+  }
+
+ private:
+  const std::size_t cap_;
+  std::atomic<std::size_t> free_;
+};
+
 // ShardedOptions: the knobs of a ShardedStore.
 struct ShardedOptions {
   // Keys the store may hold at once: a cap, not an allocation. Enforced per
@@ -118,6 +176,9 @@ struct ShardedOptions {
   // given back as its entries go idle (each sweep shrinks the table to fit).
   // 0: remember none (every eviction goes to the summary).
   std::size_t remembered = 16;
+  // A cap on live keys shared with other stores (KeyBudget), on top of
+  // `capacity`; null: none.
+  std::shared_ptr<KeyBudget> key_budget = nullptr;
 };
 
 template <class StateT>
@@ -177,6 +238,13 @@ class ShardedStore {
 
   ShardedStore(const ShardedStore&) = delete;
   ShardedStore& operator=(const ShardedStore&) = delete;
+  ~ShardedStore() {
+    if (options_.key_budget == nullptr) return;
+    for (std::size_t i = 0; i < n_shards_; ++i) {
+      options_.key_budget->give_back(
+          shards_[i].drawn.load(std::memory_order_relaxed));
+    }
+  }
 
   // apply
   //
@@ -265,6 +333,17 @@ class ShardedStore {
   // Thread-safe; may be stale on return.
   std::size_t size() const { return static_cast<std::size_t>(stats().keys); }
 
+  // Slots this store holds of its KeyBudget (0 without one): its live keys
+  // and at most 2 x KeyBudget::kChunk - 1 more per shard. Thread-safe; may
+  // be stale on return.
+  std::size_t key_budget_held() const noexcept {
+    std::size_t n = 0;
+    for (std::size_t i = 0; i < n_shards_; ++i) {
+      n += shards_[i].drawn.load(std::memory_order_relaxed);
+    }
+    return n;
+  }
+
   const Options& options() const noexcept { return options_; }
   std::size_t shard_count() const noexcept { return n_shards_; }
   std::size_t capacity_per_shard() const noexcept { return shard_cap_; }
@@ -304,8 +383,20 @@ class ShardedStore {
       shard.summary.shrink_to_fit();
       // Retired tables are never read again once nothing can hold a pointer
       // into them; the current one is empty now. Give back what can be.
-      for (auto& old : shard.tables) old->mem.release_pages();
+      // The current table stays in use: its pages go back (they are all
+      // zero again) but it may fill again, so it is not marked released.
+      for (auto& old : shard.tables) {
+        if (old.get() == t) {
+          old->mem.discard_pages();
+        } else {
+          old->mem.release_pages();
+        }
+      }
       shard.bytes.store(resident_bytes(shard), std::memory_order_relaxed);
+      if (options_.key_budget != nullptr) {
+        options_.key_budget->give_back(
+            shard.drawn.exchange(0, std::memory_order_relaxed));
+      }
     }
   }
 
@@ -422,6 +513,14 @@ class ShardedStore {
         ::madvise(b_, bytes_, MADV_DONTNEED);
         released_ = true;
       }
+#endif
+    }
+    // Gives a mapping's pages back while the table stays in use (clear()):
+    // keys written later fault them in again, zero-filled. Counted as
+    // resident still (an upper bound).
+    void discard_pages() noexcept {
+#if defined(__linux__)
+      if (map_ != nullptr && !released_) ::madvise(b_, bytes_, MADV_DONTNEED);
 #endif
     }
     // Resident at most: 0 once released.
@@ -597,6 +696,9 @@ class ShardedStore {
     // fresh) until then.
     std::vector<State> summary ABSL_GUARDED_BY(mu);
     std::size_t since_sweep ABSL_GUARDED_BY(mu) = 0;
+    // Slots drawn from the KeyBudget: written under mu, read relaxed by
+    // key_budget_held(). At least `live` whenever the store has a budget.
+    std::atomic<std::size_t> drawn{0};
     // The give-back counter new keys start from: at least that of every key
     // retired from the shard.
     std::uint64_t aux_floor ABSL_GUARDED_BY(mu) = 0;
@@ -1035,8 +1137,42 @@ class ShardedStore {
         shard.aux_floor =
             std::max(shard.aux_floor, g.aux[i].load(std::memory_order_relaxed));
         shard.live.fetch_sub(1, std::memory_order_relaxed);
+        release_slack(shard);
         return s;
       }
+    }
+  }
+
+  // Under the mutex: room for one more key, under the shard's cap and its
+  // KeyBudget if any.
+  bool has_room(Shard& shard) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    return shard.live.load(std::memory_order_relaxed) < shard_cap_ &&
+           budget_room(shard);
+  }
+
+  // Under the mutex: whether one more key fits the shard's KeyBudget draw,
+  // drawing another chunk if need be (true without a budget).
+  bool budget_room(Shard& shard) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    if (options_.key_budget == nullptr) return true;
+    const std::size_t live =
+        static_cast<std::size_t>(shard.live.load(std::memory_order_relaxed));
+    const std::size_t drawn = shard.drawn.load(std::memory_order_relaxed);
+    if (live < drawn) return true;
+    const std::size_t got = options_.key_budget->draw(KeyBudget::kChunk);
+    shard.drawn.store(drawn + got, std::memory_order_relaxed);
+    return got != 0;
+  }
+
+  // Under the mutex, after a key left the shard: a chunk back to the
+  // KeyBudget when 2 chunks are unused.
+  void release_slack(Shard& shard) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+    if (options_.key_budget == nullptr) return;
+    const std::size_t live =
+        static_cast<std::size_t>(shard.live.load(std::memory_order_relaxed));
+    const std::size_t drawn = shard.drawn.load(std::memory_order_relaxed);
+    if (drawn >= live + 2 * KeyBudget::kChunk) {
+      shard.drawn.store(drawn - KeyBudget::kChunk, std::memory_order_relaxed);
+      options_.key_budget->give_back(KeyBudget::kChunk);
     }
   }
 
@@ -1273,11 +1409,11 @@ class ShardedStore {
       t = shard.table.load(std::memory_order_relaxed);
     }
     std::optional<SlotRef> slot;
-    if (live() < shard_cap_) slot = free_slot(*t, h.fp);
+    if (has_room(shard)) slot = free_slot(*t, h.fp);
     if (!slot) {
       reclaim_buckets(shard, *t, h, op);
-      if (live() >= shard_cap_) maybe_sweep(shard, *t, op);
-      if (live() < shard_cap_) {
+      if (!has_room(shard)) maybe_sweep(shard, *t, op);
+      if (has_room(shard)) {
         slot = free_slot(*t, h.fp);
         if (!slot) slot = cuckoo(shard, *t, h.fp);
         if (!slot && t->n < max_buckets_) {
