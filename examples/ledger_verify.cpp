@@ -13,11 +13,16 @@
 // reported and is not an error: Ledger::open cuts it). Exit 1: a record's
 // hash, chain or sequence is wrong, a segment is missing, cut or out of
 // order, or the anchor does not match; the message says which and where.
-// Exit 2: bad arguments, or the ledger cannot be read.
+// Exit 2: bad arguments (a RECORDS that is not a decimal count, a HASH
+// that is not 64 characters), or the ledger cannot be read. A LEDGER that
+// does not exist is an empty ledger, as Ledger::open would create it:
+// "0 records", exit 0.
+#include <cstdint>
 #include <cstdio>
 #include <optional>
 #include <string>
 
+#include "absl/strings/numbers.h"
 #include "ratekeeper/budget/ledger.hpp"
 
 namespace {
@@ -50,8 +55,14 @@ int main(int argc, char** argv) {
       const std::string v = argv[++i];
       const std::size_t colon = v.find(':');
       if (colon == std::string::npos || v.size() != colon + 65) return usage();
-      anchor = ratekeeper::LedgerAnchor{std::stoull(v.substr(0, colon)),
-                                        v.substr(colon + 1)};
+      // RECORDS: decimal digits only, within 64 bits (no sign, no spaces).
+      const std::string n = v.substr(0, colon);
+      std::uint64_t records = 0;
+      if (n.empty() || n.find_first_not_of("0123456789") != std::string::npos ||
+          !absl::SimpleAtoi(n, &records)) {
+        return usage();
+      }
+      anchor = ratekeeper::LedgerAnchor{records, v.substr(colon + 1)};
     } else if (path.empty() && !a.empty() && a[0] != '-') {
       path = a;
     } else {

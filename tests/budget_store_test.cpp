@@ -3,8 +3,11 @@
 // names the budget and its capacity; subjects it holds carry on, and what
 // they spent is still counted (the oracle: the sums this test reserves).
 #include <string>
+#include <vector>
 
 #include "ratekeeper/budget/accountant.hpp"
+#include "ratekeeper/chain.hpp"
+#include "ratekeeper/policy/fixed_window.hpp"
 #include "test_prices.hpp"
 #include "test_util.hpp"
 
@@ -82,4 +85,48 @@ TEST_CASE(
   auto third = acct.reserve(Subject{.team = "t0"}, "m", e, "req-third");
   REQUIRE(third.ok());
   CHECK_FALSE(third->granted());  // an ordinary refusal: the money is spent
+}
+
+TEST_CASE(
+    "i15: once a budget store has been full, a rate limit's refusal of a new "
+    "subject is still an ordinary refusal, not kResourceExhausted",
+    "[i15][flood]") {
+  // Found by an examiner: the check read the store's running count of
+  // full-store denials, so every later refusal of a subject the store did
+  // not hold (by a rate limit ahead of the budget too) came back as
+  // "its store is full".
+  ManualClock clock(kT0);
+  Accountant<ManualClock> acct(
+      rk_test::flat_prices(), clock,
+      ShardedOptions{
+          .capacity = 8, .shards = 1, .when_full = WhenFull::kDenyNew});
+  REQUIRE(acct.add_budget(team_budget(1'000'000)).ok());
+  const Estimate e{.prompt_tokens = 10, .max_output_tokens = 10};
+  std::vector<Reservation<ManualClock>> held;
+  for (int t = 0; t < 8; ++t) {
+    auto r = acct.reserve(Subject{.team = "t" + std::to_string(t)}, "m", e,
+                          "r" + std::to_string(t));
+    REQUIRE(r.ok());
+    REQUIRE(r->granted());
+    held.push_back(*std::move(r));
+  }
+  // The store is full once: a new team is kResourceExhausted.
+  auto full = acct.reserve(Subject{.team = "n0"}, "m", e, "n0");
+  REQUIRE_FALSE(full.ok());
+  CHECK(full.status().code() == absl::StatusCode::kResourceExhausted);
+  // Room again (a held team's reservations end and its state is reset), and
+  // a rate limit ahead of the budget that refuses the next call.
+  held.clear();
+  REQUIRE(acct.reset("team-month", Subject{.team = "t0"}).ok());
+  auto rpm =
+      make_limit({.name = "rpm"}, FixedWindow::create(per_minute(1)).value())
+          .value();
+  const ChainItem limits[] = {{rpm.get(), "u", 1}};
+  auto first = acct.reserve(Subject{.team = "n1"}, "m", e, "n1", limits);
+  REQUIRE(first.ok());
+  REQUIRE(first->granted());
+  auto refused = acct.reserve(Subject{.team = "n2"}, "m", e, "n2", limits);
+  REQUIRE(refused.ok());  // an ordinary refusal, not a status
+  CHECK_FALSE(refused->granted());
+  CHECK_FALSE(refused->refused_by_budget());
 }

@@ -307,6 +307,59 @@ TEST_CASE(
         before);
 }
 
+TEST_CASE(
+    "T7c: a settle whose sync failed is not a settlement: its retry gets "
+    "the error, the id stays unsettled and the hold stays held",
+    "[ledger][T7c][i15]") {
+  // Found by an examiner: the failed settle stayed in the settled-id
+  // window, so a retried settle returned OK, gave the hold back and never
+  // charged (spend 0 while find_settlement said 7 tokens).
+  for (const Durability d :
+       {Durability::kFsyncEach, Durability::kGroupCommit}) {
+    auto ledger =
+        Ledger::with_file(std::make_unique<FailingFile>(1), {.durability = d});
+    ManualClock clock(kT0);
+    Accountant<ManualClock> acct(rk_test::flat_prices(), clock, kSmall);
+    REQUIRE(add_budgets(acct).ok());
+    acct.set_audit(ledger.get());
+    const std::string team_key = "\x04\x01t";
+    const std::uint64_t limit =
+        acct.budgets()[0]->peek(team_key, 0, clock.now()).remaining;
+    auto r = acct.reserve({.user = "u", .team = "t"}, "m",
+                          {.prompt_tokens = 5, .max_output_tokens = 5}, "x1");
+    REQUIRE(r.ok());
+    REQUIRE(r->granted());
+    const std::uint64_t held =
+        limit - acct.budgets()[0]->peek(team_key, 0, clock.now()).remaining;
+    REQUIRE(held > 0);
+    Usage u;
+    u.input_uncached = 4;
+    u.output = 3;
+    const auto first = r->settle(u);
+    REQUIRE_FALSE(first.ok());
+    CHECK(first.status().code() == absl::StatusCode::kDataLoss);
+    // Not settled: nothing to find, the hold still held.
+    CHECK_FALSE(acct.find_settlement("x1").has_value());
+    CHECK(acct.budgets()[0]->peek(team_key, 0, clock.now()).remaining ==
+          limit - held);
+    // A retry is refused by the failed ledger, never answered OK.
+    const auto retry = r->settle(u);
+    REQUIRE_FALSE(retry.ok());
+    CHECK_FALSE(acct.find_settlement("x1").has_value());
+    CHECK(acct.budgets()[0]->peek(team_key, 0, clock.now()).remaining ==
+          limit - held);
+    // A new reserve under the id is refused by the ledger too (not
+    // kAlreadyExists: nothing was settled).
+    auto again =
+        acct.reserve({.user = "u", .team = "t"}, "m",
+                     {.prompt_tokens = 5, .max_output_tokens = 5}, "x1");
+    CHECK((!again.ok() || !again->granted()));
+    if (!again.ok()) {
+      CHECK(again.status().code() != absl::StatusCode::kAlreadyExists);
+    }
+  }
+}
+
 namespace {
 
 // The lifecycles of T6b/T6c on an accountant writing a ledger; reports each
@@ -1635,6 +1688,36 @@ TEST_CASE("segments: rotation by size and by the records' time",
     CHECK(t0 == (kT0 + std::chrono::seconds(10 * i)).count());
   }
   CHECK(verify_ledger_file(t.path)->records == 35);
+}
+
+TEST_CASE(
+    "segments: a file named above 2^64 - 1 is not a segment (it would wrap "
+    "onto segment 1)",
+    "[i15][ledger][segments]") {
+  // Found by an examiner: 18446744073709551617.jsonl was read as segment 1
+  // and the healthy 00000000000000000001.jsonl was blamed.
+  TempDir d("seg_wrap");
+  {
+    auto ledger = Ledger::open(
+        d.path, {.durability = Durability::kNone, .segment_bytes = 200});
+    REQUIRE(ledger.ok());
+    for (int i = 1; i <= 10; ++i) {
+      REQUIRE((*ledger)->append(absl::StrCat("\"i\":", i), Nanos{i}).ok());
+    }
+  }
+  const std::size_t before = segments_of(d.path).size();
+  for (const char* junk :
+       {"18446744073709551617.jsonl", "99999999999999999999.jsonl"}) {
+    std::ofstream(d.path + "/" + junk) << "not a ledger\n";
+  }
+  CHECK(segments_of(d.path).size() == before);
+  absl::StatusOr<VerifyResult> v = verify_ledger_file(d.path);
+  REQUIRE(v.ok());
+  CHECK(v->ok());
+  CHECK(v->records == 10);
+  auto reopened = Ledger::open(d.path, {.durability = Durability::kNone});
+  REQUIRE(reopened.ok());
+  CHECK((*reopened)->last_seq() == 10);
 }
 
 TEST_CASE("segments: one writer for the whole directory",

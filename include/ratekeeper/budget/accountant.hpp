@@ -244,6 +244,10 @@ class SettledIds {
     std::string id;
     std::size_t hash = 0;
     Settlement settlement;
+    // A settlement whose record never became durable (its sync failed):
+    // kept in the ring and the index, but never found (find() probes past
+    // it), so the id counts as unsettled.
+    bool revoked = false;
   };
 
   struct alignas(64) Shard {
@@ -274,7 +278,10 @@ class SettledIds {
       const std::size_t n = s.ring.size();
       // Oldest first: from head when the ring is full, else from 0.
       const std::size_t start = n == s.cap && n != 0 ? s.head : 0;
-      for (std::size_t i = 0; i < n; ++i) f(s.ring[(start + i) % n]);
+      for (std::size_t i = 0; i < n; ++i) {
+        const Entry& e = s.ring[(start + i) % n];
+        if (!e.revoked) f(e);
+      }
     }
   }
   void copy_window(const SettledIds& o) { per_shard_ = o.per_shard_; }
@@ -300,6 +307,13 @@ class SettledIds {
 
   static const Settlement* find(Shard& s, const Key& k)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    const Entry* e = find_entry(s, k);
+    return e != nullptr ? &e->settlement : nullptr;
+  }
+
+  // The live (not revoked) entry of `k`, or nullptr.
+  static Entry* find_entry(Shard& s, const Key& k)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
     if (s.slots.empty()) return nullptr;
     const std::size_t mask = s.slots.size() - 1;
     const auto fp = static_cast<std::uint32_t>(k.hash);
@@ -307,12 +321,19 @@ class SettledIds {
       const std::uint64_t v = s.slots[i];
       if (v == 0) return nullptr;
       if (static_cast<std::uint32_t>(v >> 32) == fp) {
-        const Entry& e = s.ring[(v & 0xffffffffU) - 1];
-        if (e.hash == k.hash && absl::string_view(e.id) == k.id) {
-          return &e.settlement;
+        Entry& e = s.ring[(v & 0xffffffffU) - 1];
+        if (!e.revoked && e.hash == k.hash && absl::string_view(e.id) == k.id) {
+          return &e;
         }
       }
     }
+  }
+
+  // Forgets the settlement of `k` (its record was not made durable): the id
+  // is unsettled again.
+  static void revoke(Shard& s, const Key& k)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    if (Entry* e = find_entry(s, k); e != nullptr) e->revoked = true;
   }
 
   // Records the settlement of `k` unless it has one; the shard's oldest id
@@ -338,6 +359,7 @@ class SettledIds {
     e.id.assign(k.id.data(), k.id.size());
     e.hash = k.hash;
     e.settlement = st;
+    e.revoked = false;
     s.fps[pos] = static_cast<std::uint32_t>(k.hash);
     place(s, k.hash, pos);
     if (s.ring.size() == s.cap) {
@@ -629,13 +651,14 @@ class Accountant {
   // change is appended to `sink` (a Ledger) before it is acknowledged.
   // settle(), extensions, resets and limit changes return only once their
   // record is durable (money), and return the sink's error otherwise:
-  // a write error applies nothing; a sync error is returned after the
-  // settle was applied in memory (the record may be on disk; the ledger
-  // refuses everything after it). Denials, releases and reserves are
-  // written without waiting for a sync (append_nowait): a denial costs no
-  // flush, and a reserve's hold is made durable by the sync of its settle
-  // (a crash before then loses the hold of a call still in flight, never a
-  // charge). settle waits for its sync with no lock held, so concurrent
+  // a write or sync error applies nothing of the settle (the id stays
+  // unsettled, its holds stay held until the reservation is released or
+  // dropped; the record may still be on disk, and the ledger refuses every
+  // record after it, so a retried settle gets the error too). Denials, releases
+  // and reserves are written without waiting for a sync (append_nowait): a
+  // denial costs no flush, and a reserve's hold is made durable by the sync of
+  // its settle (a crash before then loses the hold of a call still in flight,
+  // never a charge). settle waits for its sync with no lock held, so concurrent
   // settles share one group sync. Set before the first reserve (nullptr: no
   // records); the sink must outlive its use here.
   void set_audit(AuditSink* sink) { audit_ = sink; }
@@ -1352,7 +1375,13 @@ class Accountant {
   // and its capacity, rather than a refusal that looks like spent money.
   // Otherwise OK (an ordinary refusal).
   absl::Status full_budget_store(const Reservation<C>& r, Nanos now) const {
-    for (const auto& it : r.items_) {
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      const auto& it = r.items_[i];
+      // Only the budget that refused the call: a refusal by a rate limit
+      // (or another budget) is an ordinary one, whatever this store's
+      // history (an examiner found a rate limit's refusal of a new subject
+      // reported as a full store once the store had been full before).
+      if (r.decision_.binding != r.first_budget_ + i) continue;
       auto* limit = static_cast<PolicyLimit<PeriodBudget>*>(it.limit);
       auto& store = limit->store();
       if (store.stats().denied_full == 0) continue;
@@ -1360,6 +1389,15 @@ class Accountant {
       // Not held: a fresh state would admit the hold unless it exceeds the
       // limit itself (then it is an ordinary refusal).
       if (!limit->peek(it.key, it.held, now).allowed) continue;
+      if (const auto& kb = store.options().key_budget;
+          kb != nullptr && kb->available() == 0) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "budget \"", limit->name(),
+            "\": the key budget its store shares is spent (", kb->capacity(),
+            " live keys across its stores, ShardedOptions::key_budget); "
+            "spend is never evicted, so new subjects are refused until keys "
+            "go idle or the key budget is raised"));
+      }
       return absl::ResourceExhaustedError(absl::StrCat(
           "budget \"", limit->name(), "\": its store is full (capacity ",
           store.options().capacity,
@@ -1396,7 +1434,18 @@ class Accountant {
     absl::StatusOr<Settlement> s = settle_locked(r, used, seq, fresh);
     if (!s.ok()) return s;
     if (seq != 0 && audit_ != nullptr) {
-      if (absl::Status st = audit_->wait_durable(seq); !st.ok()) return st;
+      if (absl::Status st = audit_->wait_durable(seq); !st.ok()) {
+        // Never durable: nothing of it is applied, and the id is unsettled
+        // again, so that a retry is refused by the failed ledger rather
+        // than answered with this settlement (and the hold given back).
+        if (fresh) {
+          const auto key = detail::SettledIds::key(r.request_id_);
+          auto& shard = settled_.shard_of(key);
+          detail::MutexLock lock(&shard.mu);
+          detail::SettledIds::revoke(shard, key);
+        }
+        return st;
+      }
     }
     if (fresh) apply_settlement(r, *s);
     return s;

@@ -512,11 +512,18 @@ inline absl::StatusOr<std::vector<Segment>> list_segments(
   while (const dirent* e = ::readdir(d)) {
     const std::string_view name(e->d_name);
     if (name.size() != 26 || name.substr(20) != ".jsonl") continue;
+    // Twenty digits naming a number of 64 bits: anything else (a name
+    // above 2^64 - 1 included, which would wrap onto a real segment's
+    // number) is not a segment.
     std::uint64_t first = 0;
     bool digits = true;
-    for (std::size_t i = 0; i < 20; ++i) {
-      if (name[i] < '0' || name[i] > '9') digits = false;
-      first = first * 10 + static_cast<std::uint64_t>(name[i] - '0');
+    for (std::size_t i = 0; i < 20 && digits; ++i) {
+      if (name[i] < '0' || name[i] > '9' ||
+          __builtin_mul_overflow(first, 10, &first) ||
+          __builtin_add_overflow(
+              first, static_cast<std::uint64_t>(name[i] - '0'), &first)) {
+        digits = false;
+      }
     }
     if (!digits || first == 0) continue;
     out.push_back({first, absl::StrCat(dir, "/", av(name))});
@@ -1542,14 +1549,19 @@ class Ledger final : public AuditSink {
       cp_cv_.wait(lock, [&] { return stop_ || !boundaries_.empty(); });
       if (stop_) return;
       const Boundary b = boundaries_.front();
+      // With a later segment already closed, this checkpoint could not be
+      // written (it belongs at the head of the segment after b): the books
+      // are only advanced, not written out, so a thread that fell behind
+      // catches up as fast as it can apply records.
+      const bool latest = boundaries_.size() == 1;
       lock.unlock();
       absl::Status st = advance_books(b);
       std::string books;
-      if (st.ok()) books = books_->books();
+      if (st.ok() && latest) books = books_->books();
       lock.lock();
       boundaries_.pop_front();
       if (!st.ok() && checkpoint_failed_.ok()) checkpoint_failed_ = st;
-      if (checkpoint_failed_.ok() && failed_.ok() &&
+      if (latest && checkpoint_failed_.ok() && failed_.ok() &&
           active_first_ == b.upto + 1) {
         const std::string fields =
             absl::StrCat(detail::av(kCheckpointEvent), ",\"upto\":", b.upto,
