@@ -2,6 +2,7 @@
 // the three WhenFull choices, eviction that never over-admits.
 #include "ratekeeper/store/sharded.hpp"
 
+#include <cstring>
 #include <map>
 #include <random>
 #include <string>
@@ -74,6 +75,48 @@ TEST_CASE("keys are arbitrary bytes", "[store][sharded]") {
   const std::string long_key(4096, '\0');
   CHECK(lim.acquire(long_key).allowed);
   CHECK_FALSE(lim.acquire(long_key).allowed);
+}
+
+TEST_CASE(
+    "keys spelling the hashes' public constants are distinct limits, "
+    "whatever the seed",
+    "[store][sharded][hash][i15]") {
+  // Found by an examiner: with wyhash's public constant as one operand, a
+  // key whose bytes 0-3 and 8-11 spell it zeroed the product for every seed
+  // (999 of 1,000 such 16-byte keys refused their first call), and keys
+  // over 16 bytes whose first 8 bytes spelled abseil's salt did the same.
+  auto put32 = [](std::string& k, std::size_t at, std::uint32_t v) {
+    std::memcpy(k.data() + at, &v, sizeof v);
+  };
+  auto put64 = [](std::string& k, std::size_t at, std::uint64_t v) {
+    std::memcpy(k.data() + at, &v, sizeof v);
+  };
+  std::mt19937_64 rng(rk_test::seed_or(20261207));
+  for (int store = 0; store < 3; ++store) {
+    ManualClock clock;
+    Sharded<TokenBucket> lim(bucket(1, 1), clock);
+    std::size_t made = 0;
+    for (const std::size_t len : {12u, 16u, 17u, 24u, 32u, 40u}) {
+      for (int pattern = 0; pattern < 2; ++pattern) {
+        if (pattern == 1 && len <= 16) continue;  // abseil: long keys only
+        for (int i = 0; i < 1000; ++i) {
+          std::string k(len, '\0');
+          for (char& c : k) c = static_cast<char>(rng());
+          if (pattern == 0) {  // wyhash's kWy1 in bytes 0-3 and 8-11
+            put32(k, 0, 0xe7037ed1U);
+            put32(k, 8, 0xa0b428dbU);
+            if (len > 16) put64(k, 0, 0xe7037ed1a0b428dbULL);
+          } else {  // abseil's public salt in the first 8 bytes
+            put64(k, 0, 0x13198A2E03707344ULL);
+          }
+          INFO("length " << len << ", pattern " << pattern << ", key " << i);
+          REQUIRE(lim.acquire(k).allowed);  // a limit of its own
+          ++made;
+        }
+      }
+    }
+    CHECK(lim.stats().keys == made);
+  }
 }
 
 TEST_CASE("nothing is stored for a call that changes nothing",

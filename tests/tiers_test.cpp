@@ -501,3 +501,84 @@ TEST_CASE(
     CHECK(team_budget->peek(key, 0, clock.now()).remaining == 500'000);
   }
 }
+
+TEST_CASE(
+    "i15: set_tier changing only a limit's near-limit threshold keeps at "
+    "most two objects for the name and applies the threshold",
+    "[tiers][i15]") {
+  // Found by an examiner: the reuse pool was keyed by the threshold too,
+  // so 1,000 set_tier calls each with a new threshold kept 1,001 objects.
+  Rig rig;
+  const Subject who{.user = "u", .team = "t"};
+  auto tier_with = [](std::uint32_t permille) {
+    std::vector<LimitSpec> t = free_tier();
+    t[0].options.near_limit_permille = permille;
+    return t;
+  };
+  REQUIRE(rig.tiers.set_tier("free", tier_with(0)).ok());
+  const std::size_t base = rig.tiers.limit_objects();
+  for (std::uint32_t p = 1; p <= 1000; ++p) {
+    REQUIRE(rig.tiers.set_tier("free", tier_with(p)).ok());
+    const auto d = rig.tiers.acquire("free", who, 1);
+    REQUIRE(d.ok());
+    REQUIRE(rig.tiers.limit_objects() <= base + 1);
+    // The threshold in force is the one just set.
+    const std::vector<Limit*> limits = rig.tiers.limits("free");
+    REQUIRE_FALSE(limits.empty());
+    REQUIRE(limits[0]->near_limit_permille() == p);
+  }
+  // A threshold out of range is refused, from the pool's path too.
+  CHECK(rig.tiers.set_tier("free", tier_with(1001)).code() ==
+        absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE(
+    "i15: stale receipts settled above their take after set_tier charge no "
+    "debt into the replaced limit and hold no KeyBudget slots",
+    "[tiers][i15]") {
+  // Found by an examiner: before the replaced limit was reused, a stale
+  // settle above its take charged a debt to a fresh key of the cleared
+  // store, which no tier reads and nothing reclaimed: 600 such settles kept
+  // 664 of a 1,000-key budget, and the live tier admitted 336 of 1,000 new
+  // users.
+  auto kb = std::make_shared<KeyBudget>(1000);
+  ManualClock clock{std::chrono::hours(24 * 1000)};
+  TierTable<ManualClock> tiers{
+      ShardedOptions{.capacity = 1024, .key_budget = kb}, clock};
+  auto bucket_tier =
+      std::vector<LimitSpec>{{{.name = "tpm", .unit = Unit::kTokens},
+                              Field::kUser,
+                              PolicyKind::kTokenBucket,
+                              per_minute(600),
+                              600}};
+  auto window_tier =
+      std::vector<LimitSpec>{{{.name = "tpm", .unit = Unit::kTokens},
+                              Field::kUser,
+                              PolicyKind::kFixedWindow,
+                              per_minute(600)}};
+  REQUIRE(tiers.set_tier("free", bucket_tier).ok());
+  std::vector<ChainDecision> old;
+  for (int u = 0; u < 600; ++u) {
+    auto d = tiers.acquire("free", Subject{.user = "u" + std::to_string(u)}, 1);
+    REQUIRE(d.ok());
+    REQUIRE(d->allowed);
+    old.push_back(*std::move(d));
+  }
+  CHECK(kb->available() <= 400);
+  // Another kind: the bucket limit is replaced and its keys let go.
+  REQUIRE(tiers.set_tier("free", window_tier).ok());
+  CHECK(kb->available() == 1000);
+  for (auto& d : old) {
+    const absl::Status st = tiers.settle_tokens(d, 100);
+    CHECK(st.code() == absl::StatusCode::kFailedPrecondition);
+  }
+  CHECK(kb->available() == 1000);
+  // The live tier has the whole budget for new users.
+  int admitted = 0;
+  for (int u = 0; u < 900; ++u) {
+    auto d = tiers.acquire("free", Subject{.user = "n" + std::to_string(u)}, 1);
+    REQUIRE(d.ok());
+    if (d->allowed) ++admitted;
+  }
+  CHECK(admitted == 900);
+}

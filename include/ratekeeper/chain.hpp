@@ -209,7 +209,16 @@ class Limit {
   void set_shadow(bool on) noexcept {
     shadow_.store(on, std::memory_order_relaxed);
   }
-  std::uint32_t near_limit_permille() const noexcept { return near_permille_; }
+  std::uint32_t near_limit_permille() const noexcept {
+    return near_permille_.load(std::memory_order_relaxed);
+  }
+  // Changes the near-limit threshold (0 to 1000; larger is clamped): a
+  // metrics setting, so a TierTable sets it on a limit it reuses rather
+  // than keeping one object per threshold.
+  void set_near_limit_permille(std::uint32_t permille) noexcept {
+    near_permille_.store(permille > 1000 ? 1000 : permille,
+                         std::memory_order_relaxed);
+  }
   LimitMetrics& metrics() noexcept { return metrics_; }
   LimitCounts counts() const noexcept { return metrics_.snapshot(); }
 
@@ -225,7 +234,7 @@ class Limit {
   const std::string name_;
   const Unit unit_;
   const bool charge_on_reject_;
-  const std::uint32_t near_permille_;
+  std::atomic<std::uint32_t> near_permille_;
   std::atomic<bool> shadow_;
   LimitMetrics metrics_;
 };
@@ -366,6 +375,17 @@ class PolicyLimit final : public Limit {
   void defer_reclaim() noexcept {
     detail::Reclaimer::instance().prepare();
     deferred_ = true;
+  }
+
+  // retire
+  //
+  // Refuses every receipt issued so far (a new serial; settles and
+  // give-backs with them are kFailedPrecondition and touch nothing): for a
+  // limit TierTable has replaced, before it clears the store. Needs
+  // defer_reclaim(). Thread-safe.
+  void retire() {
+    detail::MutexLock lock(&mu_);
+    serial_.store(detail::next_issuer_serial(), std::memory_order_release);
   }
 
   // restart

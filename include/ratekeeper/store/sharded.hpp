@@ -27,10 +27,10 @@
 // agree on the shard and the 56 fingerprint bits: among 10M live keys, about
 // 4e-5 expected such pairs with 16 shards (docs/stores.md). Sharing is
 // conservative: both keys count against one limit, so it can deny early but
-// never over-admit. The hash is wyhash's short-input path for keys of up to
-// 16 bytes and absl's for longer ones, keyed with a per-store random seed (or
-// ShardedOptions::seed), so keys crafted to collide cannot be made without the
-// seed.
+// never over-admit. The hash is wyhash's (the short-input path for keys of up
+// to 16 bytes, its long-input chain beyond), with both operands of every
+// multiplication keyed by a per-store random seed (or ShardedOptions::seed),
+// so keys crafted to collide cannot be made without the seed.
 //
 // New keys take a short path of their own: under the shard's mutex (one per
 // shard, on its own cache line) the key is looked for again, a free slot is
@@ -201,7 +201,8 @@ class ShardedStore {
   explicit ShardedStore(Options options = {})
       : options_(options),
         seed_(options.seed != 0 ? options.seed : random_seed()),
-        wy_seed_(seed_ ^ wymix(seed_ ^ kWy0, kWy1)) {
+        wy_seed_(seed_ ^ wymix(seed_ ^ kWy0, kWy1)),
+        wy_a_(kWy1 ^ wymix(seed_ ^ kWy1, kWy0)) {
     const std::size_t cap = std::max<std::size_t>(options_.capacity, 1);
     std::size_t shards = options_.shards;
     if (shards == 0) {
@@ -761,9 +762,14 @@ class ShardedStore {
   // an IPv6 address in binary, a UUID) take wyhash's short-input path (Wang
   // Yi's wyhash, final version 4: two 64x64->128 multiplications, SMHasher
   // clean) inline, a few cycles on the path of every check; longer keys take
-  // absl's hash. Both are keyed with the store's seed (premixed once, as
-  // wyhash does per call), so keys crafted to collide cannot be made
-  // without it.
+  // wyhash's long-input chain. Both multiplicands of every product are
+  // keyed with the store's seed (premixed once): with wyhash's public
+  // constant as one of them, as published, a key whose bytes spell that
+  // constant zeroes the product whatever the seed, and every such key of a
+  // length collides (an examiner found 2^64 16-byte keys sharing one limit,
+  // and the same through absl's hash, whose salt is public too). Keyed
+  // operands cannot be zeroed, or keys crafted to collide made, without the
+  // seed.
   static constexpr std::uint64_t kWy0 = 0xa0761d6478bd642fULL;
   static constexpr std::uint64_t kWy1 = 0xe7037ed1a0b428dbULL;
   static std::uint64_t wymix(std::uint64_t a, std::uint64_t b) noexcept {
@@ -775,12 +781,34 @@ class ShardedStore {
     std::memcpy(&v, p, sizeof v);
     return v;
   }
+  static std::uint64_t read64(const unsigned char* p) noexcept {
+    std::uint64_t v = 0;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  // Keys over 16 bytes: wyhash's long-input chain, 16 bytes a step, then
+  // the last 16 bytes (overlapping), with the same keyed operands.
+  [[gnu::noinline]] std::uint64_t long_key_hash(const unsigned char* p,
+                                                std::size_t n) const noexcept {
+    std::uint64_t h = wy_seed_;
+    std::size_t i = n;
+    const unsigned char* q = p;
+    while (i > 16) {
+      h = wymix(read64(q) ^ wy_a_, read64(q + 8) ^ h);
+      q += 16;
+      i -= 16;
+    }
+    const u128 r =
+        static_cast<u128>(read64(p + n - 16) ^ wy_a_) * (read64(p + n - 8) ^ h);
+    return wymix(static_cast<std::uint64_t>(r) ^ kWy0 ^ n,
+                 static_cast<std::uint64_t>(r >> 64) ^ kWy1);
+  }
   std::uint64_t key_hash(std::string_view key) const noexcept {
     const std::size_t n = key.size();
-    if (n > 16) [[unlikely]] {
-      return absl::HashOf(seed_, absl::string_view(key.data(), n));
-    }
     const auto* p = reinterpret_cast<const unsigned char*>(key.data());
+    if (n > 16) [[unlikely]] {
+      return long_key_hash(p, n);
+    }
     std::uint64_t a = 0;
     std::uint64_t b = 0;
     if (n >= 4) [[likely]] {
@@ -792,7 +820,7 @@ class ShardedStore {
       a = (std::uint64_t{p[0]} << 16) | (std::uint64_t{p[n >> 1]} << 8) |
           p[n - 1];
     }
-    const u128 r = static_cast<u128>(a ^ kWy1) * (b ^ wy_seed_);
+    const u128 r = static_cast<u128>(a ^ wy_a_) * (b ^ wy_seed_);
     return wymix(static_cast<std::uint64_t>(r) ^ kWy0 ^ n,
                  static_cast<std::uint64_t>(r >> 64) ^ kWy1);
   }
@@ -1542,6 +1570,7 @@ class ShardedStore {
   const Options options_;
   const std::uint64_t seed_;
   const std::uint64_t wy_seed_;  // seed_, premixed for key_hash()
+  const std::uint64_t wy_a_;     // the other operand's key, from seed_
   std::size_t n_shards_ = 0;
   std::size_t shard_cap_ = 0;
   std::size_t max_buckets_ = 0;
