@@ -878,6 +878,27 @@ struct LedgerAnchor {
   std::string hash = detail::zero_hash();
 };
 
+namespace detail {
+
+// A chain read up to `anchor` (r) against the anchor: cut, rewritten or
+// matching.
+inline absl::Status match_anchor(const std::string& path, const VerifyResult& r,
+                                 const LedgerAnchor& anchor) {
+  if (r.records < anchor.records) {
+    return absl::DataLossError(
+        absl::StrCat(path, ": ", r.records, " records, the anchor has ",
+                     anchor.records, ": the ledger's tail was cut"));
+  }
+  if (r.last_hash != anchor.hash) {
+    return absl::DataLossError(absl::StrCat(
+        path, ": record ", anchor.records,
+        "'s hash is not the anchor's: the ledger was rewritten up to it"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace detail
+
 // verify_anchor
 //
 // OK when the file at `path` verifies up to record `anchor.records` and
@@ -909,17 +930,7 @@ inline absl::Status verify_anchor(const std::string& path,
     if (!w.ok()) return w.status();
     const VerifyResult& r = w->r;
     if (!r.ok()) return absl::DataLossError(absl::StrCat(path, ": ", r.error));
-    if (r.records < anchor.records) {
-      return absl::DataLossError(
-          absl::StrCat(path, ": ", r.records, " records, the anchor has ",
-                       anchor.records, ": the ledger's tail was cut"));
-    }
-    if (r.last_hash != anchor.hash) {
-      return absl::DataLossError(absl::StrCat(
-          path, ": record ", anchor.records,
-          "'s hash is not the anchor's: the ledger was rewritten up to it"));
-    }
-    return absl::OkStatus();
+    return detail::match_anchor(path, r, anchor);
   }
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0 && errno != ENOENT) {
@@ -941,17 +952,7 @@ inline absl::Status verify_anchor(const std::string& path,
     ::close(fd);
   }
   if (!r.ok()) return absl::DataLossError(absl::StrCat(path, ": ", r.error));
-  if (r.records < anchor.records) {
-    return absl::DataLossError(
-        absl::StrCat(path, ": ", r.records, " records, the anchor has ",
-                     anchor.records, ": the ledger's tail was cut"));
-  }
-  if (r.last_hash != anchor.hash) {
-    return absl::DataLossError(absl::StrCat(
-        path, ": record ", anchor.records,
-        "'s hash is not the anchor's: the ledger was rewritten up to it"));
-  }
-  return absl::OkStatus();
+  return detail::match_anchor(path, r, anchor);
 }
 
 inline absl::StatusOr<std::string> read_file(const std::string& path) {
