@@ -32,13 +32,17 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// A path under the test's temporary directory, unique to this process.
+std::string temp_path(const std::string& name) {
+  return (fs::temp_directory_path() /
+          ("rk_" + std::to_string(::getpid()) + "_" + name))
+      .string();
+}
+
 // A fresh path under the test's temporary directory, removed on exit.
 struct TempFile {
   std::string path;
-  explicit TempFile(const std::string& name) {
-    path = (fs::temp_directory_path() /
-            ("rk_" + std::to_string(::getpid()) + "_" + name))
-               .string();
+  explicit TempFile(const std::string& name) : path(temp_path(name)) {
     fs::remove(path);
   }
   ~TempFile() { fs::remove(path); }
@@ -1410,10 +1414,7 @@ namespace {
 // A fresh directory under the test's temporary directory, removed on exit.
 struct TempDir {
   std::string path;
-  explicit TempDir(const std::string& name) {
-    path = (fs::temp_directory_path() /
-            ("rk_" + std::to_string(::getpid()) + "_" + name))
-               .string();
+  explicit TempDir(const std::string& name) : path(temp_path(name)) {
     fs::remove_all(path);
   }
   ~TempDir() { fs::remove_all(path); }

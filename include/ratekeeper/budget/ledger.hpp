@@ -168,17 +168,7 @@ class PosixLedgerFile final : public LedgerFile {
     const int fd =
         ::open(path.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) return errno_status("open", path);
-    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-      const int e = errno;
-      ::close(fd);
-      if (e == EWOULDBLOCK) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "ledger ", path,
-            ": another writer holds it (flock); one ledger has one writer"));
-      }
-      errno = e;
-      return errno_status("flock", path);
-    }
+    if (absl::Status lk = lock_or_close(fd, path, path); !lk.ok()) return lk;
     if (!existed) {
       if (absl::Status s = sync_dir_of(path); !s.ok()) {
         ::close(fd);
@@ -233,6 +223,23 @@ class PosixLedgerFile final : public LedgerFile {
   absl::Status sync() override {
     if (::fdatasync(fd_) != 0) return errno_status("fdatasync", path_);
     return absl::OkStatus();
+  }
+
+  // An exclusive flock(2) on `fd` (open on `path`) for ledger `ledger`;
+  // otherwise `fd` is closed and the status says why: kFailedPrecondition
+  // when another writer holds it.
+  static absl::Status lock_or_close(int fd, const std::string& ledger,
+                                    const std::string& path) {
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return absl::OkStatus();
+    const int e = errno;
+    ::close(fd);
+    if (e == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "ledger ", ledger,
+          ": another writer holds it (flock); one ledger has one writer"));
+    }
+    errno = e;
+    return errno_status("flock", path);
   }
 
   static absl::Status errno_status(const char* what, const std::string& path) {
@@ -1094,16 +1101,9 @@ class SegmentFiles final : public LedgerFile {
     const int fd =
         ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) return PosixLedgerFile::errno_status("open", lock_path);
-    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-      const int e = errno;
-      ::close(fd);
-      if (e == EWOULDBLOCK) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "ledger ", dir,
-            ": another writer holds it (flock); one ledger has one writer"));
-      }
-      errno = e;
-      return PosixLedgerFile::errno_status("flock", lock_path);
+    if (absl::Status lk = PosixLedgerFile::lock_or_close(fd, dir, lock_path);
+        !lk.ok()) {
+      return lk;
     }
     return std::unique_ptr<SegmentFiles>(new SegmentFiles(dir, fd));
   }
