@@ -551,7 +551,11 @@ class RedisAccountant {
     }
     r.decision_ = std::move(o.decision);
     r.backed_ = o.reached;
-    if (!o.reached) {
+    if (!o.reached && RedisClient::is_auth_error(o.error)) {
+      // Credentials or permissions refused: refused whatever the fail
+      // modes say (RedisLimitBase::fail), counted on their own; nothing ran.
+      auth_refusals_.fetch_add(1, std::memory_order_relaxed);
+    } else if (!o.reached) {
       fallback_reserves_.fetch_add(1, std::memory_order_relaxed);
       for (const auto& it : r.items_) {
         if (budgets_[it.budget].limit->local_limit() != nullptr)
@@ -599,6 +603,11 @@ class RedisAccountant {
   // Reservations decided by the fail modes, and settles/releases journaled.
   std::uint64_t fallback_reserves() const noexcept {
     return fallback_reserves_.load(std::memory_order_relaxed);
+  }
+  // Reservations refused because Redis refused the client's credentials
+  // or the user's permissions (RedisClient::is_auth_error).
+  std::uint64_t auth_refusals() const noexcept {
+    return auth_refusals_.load(std::memory_order_relaxed);
   }
   std::uint64_t journaled() const noexcept {
     return journaled_.load(std::memory_order_relaxed);
@@ -891,7 +900,11 @@ class RedisAccountant {
                        budgets_[r.items_[i].budget].limit->limit());
         }
       }
-    } else if (absl::IsUnavailable(reply.status())) {
+    } else if (absl::IsUnavailable(reply.status()) ||
+               (RedisClient::is_auth_error(reply.status()) &&
+                journal_ != nullptr)) {
+      // Credentials refused: nothing ran, and the charge is kept in the
+      // journal until they work again (without a journal, the status).
       if (absl::Status st = journal_entry(e); !st.ok()) {
         // Not journaled: nothing happened that a later settle cannot do.
         return st;
@@ -1085,7 +1098,8 @@ class RedisAccountant {
     if (!r.backed_) return;  // nothing held in Redis
     const auto e = script_call(r, "release", {}, nullptr);
     absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> reply = run(e);
-    if (!reply.ok() && absl::IsUnavailable(reply.status())) {
+    if (!reply.ok() && (absl::IsUnavailable(reply.status()) ||
+                        RedisClient::is_auth_error(reply.status()))) {
       // Journaled, or (no journal) held until the period ends: the
       // conservative side.
       static_cast<void>(journal_entry(e));
@@ -1106,6 +1120,7 @@ class RedisAccountant {
       ABSL_PT_GUARDED_BY(journal_mu_);
   std::atomic<std::size_t> pending_{0};
   std::atomic<std::uint64_t> fallback_reserves_{0};
+  std::atomic<std::uint64_t> auth_refusals_{0};
   std::atomic<std::uint64_t> journaled_{0};
   std::atomic<std::uint64_t> replay_errors_{0};
   std::atomic<std::int64_t> next_replay_{0};  // steady clock ticks

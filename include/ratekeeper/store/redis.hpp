@@ -49,6 +49,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -123,6 +124,32 @@ struct RedisOptions {
   // answering by their fail modes until Redis answers (a Cluster's slot map
   // is then learned from MOVED replies).
   bool start_unreachable = false;
+  // Credentials (managed Redis, ACL users; docs/redis.md "Credentials").
+  // Every new connection (the pool's, each Cluster node's, every
+  // reconnect) sends AUTH [username] password, then SELECT db when db is
+  // not 0, before its first command and within connect_timeout.
+  //   username  an ACL user (Redis 6+); empty: the default user. Needs a
+  //             password.
+  //   password  empty: no AUTH. Never put in a status or a log.
+  //   db        the database number, 0 to kMaxDb; 0 only with cluster
+  //             (Redis Cluster has database 0 only)
+  // create() refuses bad ones with kInvalidArgument; credentials Redis
+  // refuses are kUnauthenticated (AUTH refused, or none given where Redis
+  // wants one) and a user without a command or key the library needs is
+  // kPermissionDenied, both naming the user. After create, such an error
+  // refuses the call whatever the limit's fail mode (never admitted as if
+  // Redis were down), counted in RedisLimitBase::auth_failures().
+  std::string username;
+  std::string password;
+  int db = 0;
+  static constexpr int kMaxDb = 1023;
+  // Where to connect for a node, for nodes reached through a local tunnel
+  // (TLS by stunnel, docs/redis.md "TLS"): "host:port" as Redis names the
+  // node (CLUSTER SLOTS, MOVED, ASK) -> "host:port" to connect to. A node
+  // not in the map is connected to as named. Routing keeps the node's name
+  // (slots, redirections); only the socket goes elsewhere. Applies to the
+  // configured host:port too.
+  std::map<std::string, std::string> address_map;
 };
 
 // A script: its source, and the SHA1 Redis gave it once loaded.
@@ -287,8 +314,13 @@ class RedisClient {
  public:
   // create
   //
-  // Checks that Redis answers (one PING on a first connection).
-  // kUnavailable when it does not (unless options.start_unreachable);
+  // Checks that Redis answers (one PING on a first connection, after its
+  // AUTH and SELECT) and, with credentials, that the user may run what the
+  // library runs (a probe script: SCRIPT LOAD, EVALSHA, EVAL and, inside,
+  // TIME, GET, SET, DEL, EXISTS on a key under the prefix; it writes
+  // nothing). kUnavailable when Redis does not answer (unless
+  // options.start_unreachable); kUnauthenticated / kPermissionDenied for
+  // credentials Redis refuses (whatever start_unreachable says);
   // kInvalidArgument for bad options.
   static absl::StatusOr<std::shared_ptr<RedisClient>> create(
       RedisOptions options) {
@@ -307,27 +339,67 @@ class RedisClient {
           "RedisOptions: breaker_failures must be at least 1, breaker_open "
           "positive and breaker_max_open at least breaker_open");
     }
+    if (options.db < 0 || options.db > RedisOptions::kMaxDb) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("RedisOptions: db ", options.db, " (0 to ",
+                       RedisOptions::kMaxDb, ")"));
+    }
+    if (options.db != 0 && options.cluster) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("RedisOptions: db ", options.db,
+                       " with cluster: Redis Cluster has database 0 only"));
+    }
+    if (!options.username.empty() && options.password.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "RedisOptions: user \"", options.username, "\" without a password"));
+    }
+    for (const auto& [from, to] : options.address_map) {
+      std::string h;
+      int p = 0;
+      if (!split_address(from, h, p) || !split_address(to, h, p)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("RedisOptions: address_map \"", from, "\" -> \"", to,
+                         "\": both must be host:port"));
+      }
+    }
     std::shared_ptr<RedisClient> c(new RedisClient(std::move(options)));
-    const bool lenient = c->options_.start_unreachable;
+    // Only "Redis does not answer" may be waved through: credentials Redis
+    // refuses are never a reason to start.
+    const auto soft = [&c](const absl::Status& st) {
+      return c->options_.start_unreachable && absl::IsUnavailable(st);
+    };
     Node* first = c->first_node();
     absl::StatusOr<detail::ContextPtr> conn = c->open(*first);
     if (!conn.ok()) {
-      if (lenient) return c;
+      if (soft(conn.status())) return c;
       return conn.status();
     }
     const std::string_view ping[] = {"PING"};
     absl::StatusOr<detail::ReplyPtr> pong = c->roundtrip(**conn, ping);
+    if (pong.ok() && (*pong)->type == REDIS_REPLY_ERROR) {
+      pong = c->as_user(reply_error({(*pong)->str, (*pong)->len}));
+    }
     if (!pong.ok()) {
-      if (lenient) return c;
+      if (soft(pong.status())) return c;
       return pong.status();
     }
     if (c->options_.cluster) {
-      if (absl::Status st = c->learn_slots(**conn); !st.ok() && !lenient) {
-        return st;
+      if (absl::Status st = c->learn_slots(**conn); !st.ok() && !soft(st)) {
+        return c->as_user(st);
       }
     }
     c->put_back(first, *std::move(conn));
+    if (!c->options_.password.empty()) {
+      if (absl::Status st = c->probe(); !st.ok() && !soft(st)) return st;
+    }
     return c;
+  }
+
+  // Whether `st` says the credentials were refused (kUnauthenticated) or
+  // the user may not run a command or touch a key (kPermissionDenied):
+  // Redis answered, and will answer the same until an operator acts.
+  static bool is_auth_error(const absl::Status& st) {
+    return absl::IsUnauthenticated(st) || absl::IsPermissionDenied(st);
   }
 
   // The node a key's slot belongs to, as "host:port" (cluster; else the
@@ -594,7 +666,23 @@ class RedisClient {
   // running too long, no master, out of memory): those are kUnavailable,
   // like no answer (the fail mode answers; a settle is journaled), marked
   // "(not run)"; any other error is kInternal.
+  //
+  // Credentials refused (NOAUTH: none given where Redis wants one;
+  // WRONGPASS) are kUnauthenticated, a command or key the user may not
+  // touch (NOPERM, and a script's command refused by the ACL) is
+  // kPermissionDenied: both not run, and not "Redis is down".
   static absl::Status reply_error(std::string_view msg) {
+    if (msg.substr(0, 6) == "NOAUTH" || msg.substr(0, 9) == "WRONGPASS") {
+      return not_run(absl::UnauthenticatedError(
+          absl::StrCat("redis: ", detail::av(msg), " (not run)")));
+    }
+    constexpr std::string_view kScriptAcl =
+        "ERR The user executing the script can";  // 't run ... / 't access
+    if (msg.substr(0, 6) == "NOPERM" ||
+        msg.substr(0, kScriptAcl.size()) == kScriptAcl) {
+      return not_run(absl::PermissionDeniedError(
+          absl::StrCat("redis: ", detail::av(msg), " (not run)")));
+    }
     for (const std::string_view transient :
          {"LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "OOM"}) {
       if (msg.substr(0, transient.size()) == transient &&
@@ -713,6 +801,7 @@ class RedisClient {
     if (reply.type == REDIS_REPLY_ERROR) {
       out.assign(reply.str, reply.len);
       put_back(node, *std::move(conn));
+      if (absl::Status st = reply_error(out); is_auth_error(st)) return st;
       return absl::InternalError(absl::StrCat("redis: ", out));
     }
     append_text(reply, out);
@@ -755,6 +844,12 @@ class RedisClient {
     absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv);
     if (!r.ok()) return r.status();
     const redisReply& top = **r;
+    if (top.type == REDIS_REPLY_ERROR) {
+      if (absl::Status st = reply_error({top.str, top.len});
+          is_auth_error(st)) {
+        return st;
+      }
+    }
     if (top.type != REDIS_REPLY_ARRAY) {
       return absl::FailedPreconditionError(
           "redis: CLUSTER SLOTS failed (is cluster mode enabled?)");
@@ -800,11 +895,32 @@ class RedisClient {
   // A connection, non-blocking: every wait below is a ppoll() against a
   // deadline, exact to the microsecond (socket timeouts would round up to
   // the kernel's tick).
+  //
+  // Then readied, within the same connect_timeout: AUTH and SELECT
+  // (RedisOptions's credentials). Credentials refused make every new
+  // connection fail at once for breaker_open, with the same status: a
+  // wrong password does not cost a connection per call.
   absl::StatusOr<detail::ContextPtr> open(const Node& node) const {
     const auto deadline = std::chrono::steady_clock::now() +
                           std::chrono::duration_cast<std::chrono::nanoseconds>(
                               options_.connect_timeout);
-    detail::ContextPtr c(redisConnectNonBlock(node.host.c_str(), node.port));
+    {
+      detail::MutexLock lock(&auth_mu_);
+      if (!auth_refused_.ok() &&
+          std::chrono::steady_clock::now() < auth_retry_at_) {
+        return auth_refused_;
+      }
+    }
+    std::string host = node.host;
+    int port = node.port;
+    if (!options_.address_map.empty()) {
+      const auto to =
+          options_.address_map.find(absl::StrCat(node.host, ":", node.port));
+      if (to != options_.address_map.end()) {
+        split_address(to->second, host, port);  // checked by create()
+      }
+    }
+    detail::ContextPtr c(redisConnectNonBlock(host.c_str(), port));
     if (c == nullptr) {
       return absl::ResourceExhaustedError("redis: cannot allocate a context");
     }
@@ -818,7 +934,108 @@ class RedisClient {
     if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
       return not_run(unavailable(std::strerror(err != 0 ? err : errno)));
     }
+    if (absl::Status st = ready(*c, deadline); !st.ok()) return not_run(st);
     return c;
+  }
+
+  // AUTH and SELECT on a new connection. Statuses name the user, never
+  // the password (Redis's replies do not carry it either).
+  absl::Status ready(redisContext& c,
+                     std::chrono::steady_clock::time_point deadline) const {
+    absl::Status refused;
+    if (!options_.password.empty()) {
+      absl::InlinedVector<std::string_view, 3> argv = {"AUTH"};
+      if (!options_.username.empty()) argv.push_back(options_.username);
+      argv.push_back(options_.password);
+      absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv, deadline);
+      if (!r.ok()) return r.status();
+      if ((*r)->type == REDIS_REPLY_ERROR) {
+        // WRONGPASS, or "AUTH ... called without any password configured":
+        // either way these credentials are not accepted.
+        refused = not_run(absl::UnauthenticatedError(absl::StrCat(
+            "redis ", options_.host, ":", options_.port, ": AUTH ", user_text(),
+            " refused: ", detail::av(std::string_view((*r)->str, (*r)->len)))));
+      }
+    }
+    if (refused.ok() && options_.db != 0) {
+      const std::string db = std::to_string(options_.db);
+      const std::string_view argv[] = {"SELECT", db};
+      absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv, deadline);
+      if (!r.ok()) return r.status();
+      if ((*r)->type == REDIS_REPLY_ERROR) {
+        const std::string_view msg((*r)->str, (*r)->len);
+        absl::Status st = reply_error(msg);
+        if (!is_auth_error(st)) {
+          // "DB index is out of range": this server has fewer databases.
+          return absl::InvalidArgumentError(
+              absl::StrCat("redis ", options_.host, ":", options_.port,
+                           ": SELECT ", db, ": ", detail::av(msg)));
+        }
+        refused = as_user(st);
+      }
+    }
+    detail::MutexLock lock(&auth_mu_);
+    auth_refused_ = refused;
+    if (!refused.ok()) {
+      auth_retry_at_ = std::chrono::steady_clock::now() +
+                       std::chrono::duration_cast<std::chrono::nanoseconds>(
+                           options_.breaker_open);
+    }
+    return refused;
+  }
+
+  std::string user_text() const {
+    return options_.username.empty()
+               ? std::string("as the default user")
+               : absl::StrCat("as user \"", options_.username, "\"");
+  }
+  // An auth status with the host and the user named.
+  absl::Status as_user(absl::Status st) const {
+    if (!is_auth_error(st)) return st;
+    absl::Status out(st.code(),
+                     absl::StrCat("redis ", options_.host, ":", options_.port,
+                                  " ", user_text(), ": ", st.message()));
+    return not_run(std::move(out));
+  }
+
+  // Whether the user may run what the library runs: the scripts' commands
+  // on a key under the prefix (the probe writes nothing: SET XX of a key
+  // that does not exist, DEL of it), by EVALSHA after SCRIPT LOAD, and
+  // EVAL (run after NOSCRIPT). PING was checked by create().
+  absl::Status probe() {
+    // Not static: its SCRIPT LOAD runs for every client (a SHA known from
+    // another client would skip it).
+    const RedisScript probe_script{
+        "redis.call('TIME') redis.call('EXISTS', KEYS[1]) "
+        "redis.call('GET', KEYS[1]) "
+        "redis.call('SET', KEYS[1], '0', 'PX', 1, 'XX') "
+        "redis.call('DEL', KEYS[1]) return 1"};
+    const std::string key = absl::StrCat(options_.prefix, "#probe");
+    const std::string_view keys[] = {key};
+    absl::Status st = eval_ints(probe_script, keys, {}).status();
+    if (st.ok()) st = command({"EVAL", "return 1", "0"}).status();
+    if (!is_auth_error(st)) return st;
+    return absl::Status(
+        st.code(),
+        absl::StrCat(
+            "redis ", options_.host, ":", options_.port, " ", user_text(),
+            ": the user may not run what ratekeeper runs on keys under \"",
+            options_.prefix,
+            "\" (docs/redis.md has the ACL line): ", st.message()));
+  }
+
+  // "host:port" (the port after the last ':', 1 to 65535).
+  static bool split_address(std::string_view a, std::string& host, int& port) {
+    const std::size_t colon = a.rfind(':');
+    if (colon == std::string_view::npos || colon == 0) return false;
+    int p = 0;
+    if (!absl::SimpleAtoi(detail::av(a.substr(colon + 1)), &p) || p <= 0 ||
+        p > 65535) {
+      return false;
+    }
+    host = std::string(a.substr(0, colon));
+    port = p;
+    return true;
   }
 
   static constexpr std::string_view kNotRunPayload = "ratekeeper.redis/not-run";
@@ -913,6 +1130,10 @@ class RedisClient {
     const std::string_view argv[] = {"SCRIPT", "LOAD", s.source()};
     absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv, deadline);
     if (!r.ok()) return r.status();
+    if ((*r)->type == REDIS_REPLY_ERROR) {
+      absl::Status st = reply_error({(*r)->str, (*r)->len});
+      if (is_auth_error(st)) return st;
+    }
     if ((*r)->type != REDIS_REPLY_STRING) {
       return absl::InternalError(absl::StrCat(
           "redis: SCRIPT LOAD failed: ", (*r)->type == REDIS_REPLY_ERROR
@@ -926,6 +1147,12 @@ class RedisClient {
   }
 
   const RedisOptions options_;
+  // Credentials refused on a new connection, and until when new ones are
+  // not tried (open()).
+  mutable detail::Mutex auth_mu_;
+  mutable absl::Status auth_refused_ ABSL_GUARDED_BY(auth_mu_);
+  mutable std::chrono::steady_clock::time_point auth_retry_at_
+      ABSL_GUARDED_BY(auth_mu_);
   detail::Breaker breaker_;
   detail::Mutex mu_;
   // nodes_[0] is the configured server; nodes are never removed, so Node
@@ -1136,6 +1363,11 @@ class RedisLimitBase : public Limit {
   std::uint64_t fallbacks() const noexcept {
     return fallbacks_.load(std::memory_order_relaxed);
   }
+  // Calls refused because Redis refused the credentials or the user's
+  // permissions (kUnauthenticated, kPermissionDenied): see fail().
+  std::uint64_t auth_failures() const noexcept {
+    return auth_failures_.load(std::memory_order_relaxed);
+  }
   // The last reason Redis could not answer (empty when it always could).
   std::string last_error() const {
     detail::MutexLock lock(&error_mu_);
@@ -1160,11 +1392,22 @@ class RedisLimitBase : public Limit {
   // `op` on `key` at the caller's `now` (kLocal decides it in process, and
   // fills `receipt` with the local limit's receipt when it admits; the
   // other modes never issue one: nothing was taken in Redis).
+  //
+  // Credentials Redis refuses (RedisClient::is_auth_error) are not an
+  // outage: the call is refused as kClosed would refuse it, whatever the
+  // fail mode (kOpen must not admit everything while a rotated password
+  // or a disabled ACL user locks the service out of Redis), counted in
+  // auth_failures() and the errors metric, not in fallbacks().
   Decision fail(const absl::Status& why, std::string_view op,
                 std::string_view key, Cost cost, Nanos now,
                 Receipt* receipt = nullptr) {
-    note_fallback(why);
     if (receipt != nullptr) *receipt = Receipt();
+    if (RedisClient::is_auth_error(why)) {
+      auth_failures_.fetch_add(1, std::memory_order_relaxed);
+      note_error(why);
+      return Decision{false, limit(), 0, redis_.fail_retry, Nanos{0}};
+    }
+    note_fallback(why);
     switch (redis_.fail) {
       case FailMode::kOpen:
         return Decision{true, limit(), 0, Nanos{0}, Nanos{0}};
@@ -1212,6 +1455,7 @@ class RedisLimitBase : public Limit {
   const RedisLimitOptions redis_;
   const detail::TwinParams params_;
   std::atomic<std::uint64_t> fallbacks_{0};
+  std::atomic<std::uint64_t> auth_failures_{0};
   mutable detail::Mutex error_mu_;
   std::string last_error_ ABSL_GUARDED_BY(error_mu_);
 };
@@ -1857,7 +2101,8 @@ class RedisChain {
       absl::InlinedVector<std::size_t, 4> local_at;
       for (std::size_t i = 0; i < items.size(); ++i) {
         LimitResult& res = out.results[i];
-        if (limits[i]->local_limit() != nullptr) {
+        if (limits[i]->local_limit() != nullptr &&
+            !RedisClient::is_auth_error(why)) {
           local.push_back(
               {limits[i]->local_limit(), items[i].key, items[i].cost});
           local_at.push_back(i);
