@@ -9,6 +9,7 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -505,4 +506,48 @@ TEST_CASE(
   CHECK(open->fallbacks() == fallbacks);
   CHECK(acct->replay_journal().value() == 1);
   CHECK(acct->spent("team", who).value() == 150'000);  // charged once
+}
+
+TEST_CASE(
+    "[i16] an ACL user on a Redis Cluster: the line plus "
+    "+cluster|slots +asking",
+    "[redis][i16]") {
+  rk_test::RedisCluster cluster;
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE(cluster.command(i, std::string("ACL SETUSER rk on >") + kRkPw +
+                                   " ~rkauth:* " + kAclCommands +
+                                   " +cluster|slots +asking") == "OK");
+    REQUIRE(cluster.command(i, std::string("ACL SETUSER no_slots on >") +
+                                   kRkPw + " ~rkauth:* " + kAclCommands) ==
+            "OK");
+  }
+  RedisOptions o = user_options(cluster.port(0), "rk", kRkPw);
+  o.cluster = true;
+  auto client = RedisClient::create(o);
+  INFO(client.status());
+  REQUIRE(client.ok());
+  auto rpm = fixed(*client, "rpm", 2, FailMode::kOpen);
+  std::set<std::string> nodes;
+  int admitted = 0;
+  for (int k = 0; k < 60; ++k) {
+    const std::string key = "user-" + std::to_string(k);
+    for (int i = 0; i < 3; ++i) {
+      admitted += rpm->acquire(key, 1, kFrozen).allowed;
+    }
+    nodes.insert((*client)->node_of(redis_key("rkauth:", "rpm", {}, key)));
+  }
+  CHECK(admitted == 60 * 2);  // exact on every master
+  CHECK(nodes.size() == 3);
+  CHECK(rpm->fallbacks() == 0);
+  CHECK(rpm->auth_failures() == 0);
+
+  o.username = "no_slots";
+  const auto refused = RedisClient::create(o);
+  INFO(refused.status());
+  REQUIRE(!refused.ok());
+  CHECK(refused.status().code() == absl::StatusCode::kPermissionDenied);
+  CHECK(std::string(refused.status().message()).find("user \"no_slots\"") !=
+        std::string::npos);
+  CHECK(std::string(refused.status().message()).find("cluster|slots") !=
+        std::string::npos);
 }
