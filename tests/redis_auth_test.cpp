@@ -541,6 +541,38 @@ TEST_CASE(
   CHECK(rpm->fallbacks() == 0);
   CHECK(rpm->auth_failures() == 0);
 
+  // ASK during a slot's migration: ASKING, then the script on the
+  // importing node, under the user's ACL; without +asking, refused as an
+  // auth failure (never kOpen's admission).
+  RedisOptions no_asking_o = o;
+  no_asking_o.username = "no_asking";
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE(cluster.command(i, std::string("ACL SETUSER no_asking on >") +
+                                   kRkPw + " ~rkauth:* " + kAclCommands +
+                                   " +cluster|slots") == "OK");
+  }
+  auto no_asking = RedisClient::create(no_asking_o).value();
+  auto rpm_no_asking = fixed(no_asking, "rpm", 2, FailMode::kOpen);
+  const std::string moving = redis_key("rkauth:", "rpm", {}, "moving");
+  const int slot = std::stoi(cluster.command(0, "CLUSTER KEYSLOT " + moving));
+  const int from = slot <= 5460 ? 0 : slot <= 10922 ? 1 : 2;
+  const int to = (from + 1) % 3;
+  const std::string slot_s = std::to_string(slot);
+  REQUIRE(cluster.command(to, "CLUSTER SETSLOT " + slot_s + " IMPORTING " +
+                                  cluster.command(from, "CLUSTER MYID")) ==
+          "OK");
+  REQUIRE(cluster.command(from, "CLUSTER SETSLOT " + slot_s + " MIGRATING " +
+                                    cluster.command(to, "CLUSTER MYID")) ==
+          "OK");
+  CHECK(rpm->acquire("moving", 1, kFrozen).allowed);
+  CHECK(rpm->fallbacks() == 0);
+  CHECK(cluster.command(to, "CLUSTER COUNTKEYSINSLOT " + slot_s) == "1");
+  CHECK(cluster.command(from, "CLUSTER COUNTKEYSINSLOT " + slot_s) == "0");
+  CHECK_FALSE(rpm_no_asking->acquire("moving", 1, kFrozen).allowed);
+  CHECK(rpm_no_asking->auth_failures() == 1);
+  CHECK(rpm_no_asking->fallbacks() == 0);
+  CHECK(rpm_no_asking->last_error().find("asking") != std::string::npos);
+
   o.username = "no_slots";
   const auto refused = RedisClient::create(o);
   INFO(refused.status());

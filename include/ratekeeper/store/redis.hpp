@@ -615,6 +615,10 @@ class RedisClient {
       const std::string_view a[] = {"ASKING"};
       absl::StatusOr<detail::ReplyPtr> ok = roundtrip(**conn, a, deadline);
       if (!ok.ok()) return ok.status();
+      if ((*ok)->type == REDIS_REPLY_ERROR) {  // NOPERM: no +asking
+        put_back(&node, *std::move(conn));
+        return reply_error({(*ok)->str, (*ok)->len});
+      }
     }
     std::string sha = known_sha(script);
     for (int attempt = 0; attempt < 2; ++attempt) {
