@@ -263,6 +263,10 @@ TEST_CASE(
     REQUIRE(!c.ok());
     CHECK(c.status().code() == code);
     CHECK(std::string(c.status().message()).find(names) != std::string::npos);
+    if (RedisClient::is_auth_error(c.status())) {  // the server named too
+      CHECK(std::string(c.status().message()).find("redis 127.0.0.1:") !=
+            std::string::npos);
+    }
     check_no_secret(c.status());
   };
 
@@ -280,6 +284,12 @@ TEST_CASE(
     o.start_unreachable = true;
     expect(RedisClient::create(o), absl::StatusCode::kUnauthenticated,
            "user \"rk\"");
+  }
+  SECTION("a password given to a Redis that has none") {
+    RedisServer open_server;
+    RedisOptions o = user_options(open_server.port(), "", "some-Secret-pw");
+    expect(RedisClient::create(o), absl::StatusCode::kUnauthenticated,
+           "default user");
   }
   SECTION("a user without a command or key the library needs") {
     // Each line drops one thing of the recommended one.
@@ -299,6 +309,15 @@ TEST_CASE(
         {"no_set",
          "~rkauth:* -@all +ping +evalsha +eval +script|load +time "
          "+get +del +exists"},
+        {"no_get",
+         "~rkauth:* -@all +ping +evalsha +eval +script|load +time "
+         "+set +del +exists"},
+        {"no_del",
+         "~rkauth:* -@all +ping +evalsha +eval +script|load +time "
+         "+get +set +exists"},
+        {"no_exists",
+         "~rkauth:* -@all +ping +evalsha +eval +script|load "
+         "+time +get +set +del"},
         {"no_ping",
          "~rkauth:* -@all +evalsha +eval +script|load +time +get "
          "+set +del +exists"},
@@ -422,12 +441,35 @@ TEST_CASE(
                                        .test_clock = [] { return kFrozen; }})
                   .value();
   REQUIRE(acct->add_budget(team_budget(), {.fail = FailMode::kOpen}).ok());
+  // Another instance without a journal.
+  auto bare = RedisAccountant::create(rk_test::flat_prices(), client,
+                                      {.test_clock = [] { return kFrozen; }})
+                  .value();
+  REQUIRE(bare->add_budget(team_budget(), {.fail = FailMode::kOpen}).ok());
   const Subject who{.user = "u", .team = "t", .org = "o"};
+  const Subject who2{.user = "u2", .team = "t2", .org = "o"};
   auto before = acct->reserve(
       who, "m", {.prompt_tokens = 100, .max_output_tokens = 400}, "req-1");
-  REQUIRE(before->granted());
-  REQUIRE(before->backed());
+  auto to_release = acct->reserve(who, "m", {100, 100}, "req-3");
+  auto streaming = acct->reserve(who, "m", {100, 100}, "req-4");
+  auto unjournaled = bare->reserve(
+      who2, "m", {.prompt_tokens = 100, .max_output_tokens = 400}, "req-5");
+  for (auto* r : {&before, &to_release, &streaming, &unjournaled}) {
+    REQUIRE((*r)->granted());
+    REQUIRE((*r)->backed());
+  }
+  CHECK(acct->spent("team", who).value() == 900'000);
   REQUIRE(open->acquire("k", 1, kFrozen).allowed);
+  Receipt taken;
+  REQUIRE(open->take("r", 5, kFrozen, taken).allowed);
+
+  // An ACL narrowed under live connections: NOPERM, refused, counted.
+  REQUIRE(admin.line("ACL SETUSER rk -evalsha") == "OK");
+  CHECK_FALSE(open->acquire("k", 1, kFrozen).allowed);
+  CHECK(open->auth_failures() == 1);
+  CHECK(open->fallbacks() == 0);
+  CHECK(open->last_error().find("NOPERM") != std::string::npos);
+  REQUIRE(admin.line("ACL SETUSER rk +evalsha") == "OK");
 
   // Zero-downtime rotation, as docs/redis.md says: a second password
   // first, new clients with it, then the old one removed.
@@ -436,29 +478,41 @@ TEST_CASE(
       RedisClient::create(user_options(server.port(), "rk", "rk-Secret-new"))
           .ok());
   REQUIRE(admin.line(std::string("ACL SETUSER rk <") + kRkPw) == "OK");
-  // Connections authenticated before keep working (Redis keeps them).
-  const Decision kept = open->acquire("k", 1, kFrozen);
-  CHECK(kept.allowed);
-  CHECK(kept.remaining == 1'000'000 - 2);  // counted in Redis
-  CHECK(open->auth_failures() == 0);
+  // Connections authenticated before keep working (Redis keeps them), the
+  // user disabled too.
+  CHECK(open->acquire("k", 1, kFrozen).remaining == 1'000'000 - 2);
+  REQUIRE(admin.line("ACL SETUSER rk off") == "OK");
+  CHECK(open->acquire("k", 1, kFrozen).remaining == 1'000'000 - 3);
+  CHECK(open->auth_failures() == 1);
+  CHECK(open->fallbacks() == 0);
 
   // Redis drops them: every new connection is refused its AUTH.
   REQUIRE(admin.line("CLIENT KILL USER rk") != "0");
   const auto deadline = std::chrono::steady_clock::now() + 20s;
-  while (open->auth_failures() == 0) {
+  while (open->auth_failures() == 1) {
     // A call that meets a cut connection is the fail mode's (Redis did go
     // away for it); the next opens a new connection.
     static_cast<void>(open->acquire("k", 1, kFrozen));
     REQUIRE(std::chrono::steady_clock::now() < deadline);
   }
+  const auto connections = [&] {
+    const std::string info = admin.run({"INFO", "stats"});
+    const std::string field = "total_connections_received:";
+    return std::stoll(info.substr(info.find(field) + field.size()));
+  };
   const std::uint64_t fallbacks = open->fallbacks();
   const std::uint64_t failures = open->auth_failures();
+  const long long connections_before = connections();
+  const auto t0 = std::chrono::steady_clock::now();
   int admitted = 0;
   for (int i = 0; i < 50; ++i) {
     const Decision d = open->acquire("k", 1, kFrozen);
     admitted += d.allowed;
     CHECK(d.retry_after == 3s);  // as kClosed would refuse
   }
+  const auto took = std::chrono::steady_clock::now() - t0;
+  // One AUTH per breaker_open at most (100 ms here), not one per call.
+  CHECK(connections() - connections_before <= took / o.breaker_open + 2);
   CHECK(admitted == 0);
   CHECK(open->auth_failures() == failures + 50);
   CHECK(open->fallbacks() == fallbacks);  // not an outage
@@ -476,22 +530,34 @@ TEST_CASE(
   const ChainItem items[] = {{open.get(), "k", 1}, {local.get(), "k", 1}};
   CHECK_FALSE(chain.acquire("team", items, kFrozen).allowed);
   CHECK(open->fallbacks() == fallbacks);
-  // The accountant: a reserve is refused, counted on its own; a settle of
-  // a reservation made before is journaled (nothing ran).
+  // A receipt's settle: the status, the receipt still open.
+  CHECK(open->settle(taken, 2, kFrozen).status().code() ==
+        absl::StatusCode::kUnauthenticated);
+  CHECK(taken.open());
+  // The accountant: a reserve is refused, counted on its own; a settle and
+  // a release of reservations made before are journaled (nothing ran);
+  // growing a stream is the status; without a journal, settle is the
+  // status and the reservation stays open.
   auto during = acct->reserve(who, "m", {100, 100}, "req-2");
   REQUIRE(during.ok());
   CHECK_FALSE(during->granted());
   CHECK(acct->auth_refusals() == 1);
   CHECK(acct->fallback_reserves() == 0);
   REQUIRE(before->settle(used_tokens(100, 50)).ok());
-  CHECK(acct->journal_pending() == 1);
+  to_release->release();
+  CHECK(acct->journal_pending() == 2);
   CHECK(acct->replay_journal().status().code() ==
         absl::StatusCode::kUnauthenticated);
-  CHECK(acct->journal_pending() == 1);
+  CHECK(acct->journal_pending() == 2);
+  CHECK(streaming->next_chunk_fits(100, 500).status().code() ==
+        absl::StatusCode::kUnauthenticated);
+  const auto no_journal = unjournaled->settle(used_tokens(100, 50));
+  CHECK(no_journal.status().code() == absl::StatusCode::kUnauthenticated);
+  check_no_secret(no_journal.status());
 
   // The password the client has works again: calls reach Redis once the
   // refusal's hold (breaker_open) is over.
-  REQUIRE(admin.line(std::string("ACL SETUSER rk >") + kRkPw) == "OK");
+  REQUIRE(admin.line(std::string("ACL SETUSER rk on >") + kRkPw) == "OK");
   const auto back = std::chrono::steady_clock::now() + 20s;
   for (;;) {
     const std::uint64_t f = open->auth_failures();
@@ -504,8 +570,13 @@ TEST_CASE(
     std::this_thread::sleep_for(5ms);
   }
   CHECK(open->fallbacks() == fallbacks);
-  CHECK(acct->replay_journal().value() == 1);
-  CHECK(acct->spent("team", who).value() == 150'000);  // charged once
+  CHECK(open->settle(taken, 2, kFrozen).ok());
+  CHECK(acct->replay_journal().value() == 2);
+  streaming->release();
+  // Charged once, the released holds back: the settle's 150,000 alone.
+  CHECK(acct->spent("team", who).value() == 150'000);
+  CHECK(unjournaled->settle(used_tokens(100, 50)).ok());
+  CHECK(bare->spent("team", who2).value() == 150'000);
 }
 
 TEST_CASE(

@@ -1,7 +1,8 @@
 // ratekeeper/store/redis.hpp: limits kept in Redis, shared by every instance.
 //
 // Defines:
-//   RedisOptions   where Redis is, the key prefix, timeouts, the pool size
+//   RedisOptions   where Redis is, the key prefix, timeouts, the pool size,
+//                  credentials (AUTH, SELECT), an address map for tunnels
 //   RedisClient    a pool of hiredis connections that runs the policies'
 //                  Lua twins by EVALSHA, loading a script again when Redis
 //                  answers NOSCRIPT (a restart, SCRIPT FLUSH)
@@ -139,8 +140,8 @@ struct RedisOptions {
   // kPermissionDenied, both naming the user. After create, such an error
   // refuses the call whatever the limit's fail mode (never admitted as if
   // Redis were down), counted in RedisLimitBase::auth_failures().
-  std::string username;
-  std::string password;
+  std::string username{};
+  std::string password{};
   int db = 0;
   static constexpr int kMaxDb = 1023;
   // Where to connect for a node, for nodes reached through a local tunnel
@@ -149,7 +150,7 @@ struct RedisOptions {
   // not in the map is connected to as named. Routing keeps the node's name
   // (slots, redirections); only the socket goes elsewhere. Applies to the
   // configured host:port too.
-  std::map<std::string, std::string> address_map;
+  std::map<std::string, std::string> address_map{};
 };
 
 // A script: its source, and the SHA1 Redis gave it once loaded.
