@@ -392,7 +392,7 @@ TEST_CASE(
   make_ca(dir.path, "ca", true);
   std::vector<int> ports, tunnel_ports;
   std::vector<std::unique_ptr<Child>> nodes, tunnels;
-  for (int i = 0; i < 3; ++i) {
+  for (std::size_t i = 0; i < 3; ++i) {
     ports.push_back(free_port(true));
     const std::string d = dir.path + "/" + std::to_string(i);
     REQUIRE(shell("mkdir -p " + d) == 0);
@@ -407,22 +407,22 @@ TEST_CASE(
   }
   // Slots and MEETs through the tunnels (the bus itself speaks TLS).
   {
-    auto admin = [&](int i, const std::string& line) {
-      return raw(tunnel_ports[static_cast<std::size_t>(i)], line);
+    auto admin = [&](std::size_t i, const std::string& line) {
+      return raw(tunnel_ports[i], line);
     };
     const int ranges[3][2] = {{0, 5460}, {5461, 10922}, {10923, 16383}};
-    for (int i = 0; i < 3; ++i) {
+    for (std::size_t i = 0; i < 3; ++i) {
       REQUIRE(admin(i, "CLUSTER ADDSLOTSRANGE " + std::to_string(ranges[i][0]) +
                            " " + std::to_string(ranges[i][1])) == "OK");
     }
-    for (int i = 1; i < 3; ++i) {
+    for (std::size_t i = 1; i < 3; ++i) {
       REQUIRE(admin(0, "CLUSTER MEET 127.0.0.1 " + std::to_string(ports[i])) ==
               "OK");
     }
     const auto deadline = std::chrono::steady_clock::now() + 30s;
     for (;;) {
       bool ok = true;
-      for (int i = 0; i < 3 && ok; ++i) {
+      for (std::size_t i = 0; i < 3 && ok; ++i) {
         ok = admin(i, "CLUSTER INFO").find("cluster_state:ok") !=
              std::string::npos;
       }
@@ -433,7 +433,7 @@ TEST_CASE(
   }
   RedisOptions o = through(tunnel_ports[0]);
   o.cluster = true;
-  for (int i = 0; i < 3; ++i) {
+  for (std::size_t i = 0; i < 3; ++i) {
     o.address_map["127.0.0.1:" + std::to_string(ports[i])] =
         "127.0.0.1:" + std::to_string(tunnel_ports[i]);
   }
@@ -452,11 +452,11 @@ TEST_CASE(
   CHECK(admitted == 60 * 3);  // exact: every call decided in Redis
   CHECK(rpm->fallbacks() == 0);
   CHECK(owners.size() == 3);  // named as CLUSTER SLOTS names them
-  for (int i = 0; i < 3; ++i) {
+  for (std::size_t i = 0; i < 3; ++i) {
     CHECK(owners.count("127.0.0.1:" + std::to_string(ports[i])) == 1);
   }
   long long keys = 0;
-  for (int i = 0; i < 3; ++i) {
+  for (std::size_t i = 0; i < 3; ++i) {
     const long long n = std::stoll(raw(tunnel_ports[i], "DBSIZE"));
     CHECK(n > 0);
     keys += n;
