@@ -1020,13 +1020,13 @@ class RedisClient {
     absl::Status st = eval_ints(probe_script, keys, {}).status();
     if (st.ok()) st = command({"EVAL", "return 1", "0"}).status();
     if (!is_auth_error(st)) return st;
-    return absl::Status(
+    return not_run(absl::Status(
         st.code(),
         absl::StrCat(
             "redis ", options_.host, ":", options_.port, " ", user_text(),
             ": the user may not run what ratekeeper runs on keys under \"",
             options_.prefix,
-            "\" (docs/redis.md has the ACL line): ", st.message()));
+            "\" (docs/redis.md has the ACL line): ", st.message())));
   }
 
   // "host:port" (the port after the last ':', 1 to 65535).
