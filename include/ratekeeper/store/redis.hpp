@@ -1925,7 +1925,10 @@ class RedisChain {
       }
       parts[g].items.push_back(i);
     }
-    if (!own.items.empty() || own.mark) parts.push_back(std::move(own));
+    // (An empty chain still runs its one script: Redis's time.)
+    if (!own.items.empty() || own.mark || parts.empty()) {
+      parts.push_back(std::move(own));
+    }
     return parts;
   }
 
