@@ -338,24 +338,33 @@ TEST_CASE(
   RedisServer server;
   auto client = client_at(server.port(), false);
   // One script per chain on a single Redis, whatever the scopes.
-  const std::uint64_t before = scripts_run(server.port());
+  REQUIRE(raw_command(server.port(),
+                      {"SCRIPT", "LOAD", std::string(detail::lua::kScript)})
+              .size() == 40);
+  REQUIRE(raw_command(server.port(), {"CONFIG", "RESETSTAT"}) == "OK");
   RedisChain chain(client);
   auto g = RedisLimit<FixedWindow>::create(
                {.name = "g"}, FixedWindow::create(per_minute(3)).value(),
-               client, {.scope = RedisScope::kGlobal})
+               client, {.test_time = true, .scope = RedisScope::kGlobal})
                .value();
-  auto t =
-      RedisLimit<FixedWindow>::create(
-          {.name = "t"}, FixedWindow::create(per_minute(50)).value(), client)
-          .value();
+  auto t = RedisLimit<FixedWindow>::create(
+               {.name = "t"}, FixedWindow::create(per_minute(50)).value(),
+               client, {.test_time = true})
+               .value();
   const ChainItem items[] = {{t.get(), "u", 1}, {g.get(), "u", 1}};
   int admitted = 0;
   for (int i = 0; i < 6; ++i) {
-    const ChainDecision d = chain.acquire("team" + std::to_string(i), items);
+    const ChainDecision d =
+        chain.acquire("team" + std::to_string(i), items, kT0);
     admitted += d.allowed;
+    // A refused chain took nothing from its tenant's limit.
+    const ChainItem peek[] = {{t.get(), "u", 0}};
+    CHECK(chain.peek("team" + std::to_string(i), peek, kT0)
+              .results[0]
+              .decision.remaining == (d.allowed ? 49u : 50u));
   }
   CHECK(admitted == 3);
-  CHECK(scripts_run(server.port()) - before == 6);
+  CHECK(scripts_run(server.port()) == 12);  // 6 chains and 6 peeks
   mixed_scopes_against_chain(client, rk_test::seed_or(0x5C0E), 1'200, nullptr);
 }
 
@@ -367,15 +376,17 @@ TEST_CASE(
   auto client = client_at(cluster.port(0), true);
   auto g_rpm = RedisLimit<FixedWindow>::create(
                    {.name = "rpm"}, FixedWindow::create(per_hour(3)).value(),
-                   client, {.scope = RedisScope::kGlobal})
+                   client, {.test_time = true, .scope = RedisScope::kGlobal})
                    .value();
   auto t_tpm = RedisLimit<FixedWindow>::create(
                    {.name = "tpm", .unit = Unit::kTokens},
-                   FixedWindow::create(per_hour(100)).value(), client)
+                   FixedWindow::create(per_hour(100)).value(), client,
+                   {.test_time = true})
                    .value();
   auto t_abuse = RedisLimit<FixedWindow>::create(
                      {.name = "abuse", .charge_on_reject = true},
-                     FixedWindow::create(per_hour(1'000)).value(), client)
+                     FixedWindow::create(per_hour(1'000)).value(), client,
+                     {.test_time = true})
                      .value();
   const std::string tenant = "team:red";
   // A user whose global key lies on another master than the tenant's.
@@ -410,29 +421,27 @@ TEST_CASE(
     for (int n = 0; n < 3; ++n) s += scripts_run(cluster.port(n));
     return s;
   };
-  const auto rpm_left = [&] {
-    return g_rpm->peek(user, 0, Nanos{0}).remaining;
-  };
+  const auto rpm_left = [&] { return g_rpm->peek(user, 0, kT0).remaining; };
   const auto tpm_left = [&] {
     const ChainItem p[] = {{t_tpm.get(), user, 0}};
-    return chain.peek(tenant, p).results[0].decision.remaining;
+    return chain.peek(tenant, p, kT0).results[0].decision.remaining;
   };
   const auto abuse_left = [&] {
     const ChainItem p[] = {{t_abuse.get(), user, 0}};
-    return chain.peek(tenant, p).results[0].decision.remaining;
+    return chain.peek(tenant, p, kT0).results[0].decision.remaining;
   };
   std::uint64_t s0 = scripts();
   {
     // Admitted: both take, one script per slot.
     const ChainItem items[] = {{t_tpm.get(), user, 10}, {g_rpm.get(), user, 1}};
-    ChainDecision d = chain.acquire(tenant, items);
+    ChainDecision d = chain.acquire(tenant, items, kT0);
     REQUIRE(d.allowed);
     CHECK(scripts() - s0 == 2);
     CHECK(rpm_left() == 2);
     CHECK(tpm_left() == 90);
     // Its receipts given back in one call: one script per slot.
     s0 = scripts();
-    REQUIRE(chain.give_back(d).ok());
+    REQUIRE(chain.give_back(d, kT0).ok());
     CHECK(scripts() - s0 == 2);
     CHECK(rpm_left() == 3);
     CHECK(tpm_left() == 100);
@@ -444,7 +453,7 @@ TEST_CASE(
                                {t_tpm.get(), user, 500},
                                {t_abuse.get(), user, 1}};
     s0 = scripts();
-    const ChainDecision d = chain.acquire(tenant, items);
+    const ChainDecision d = chain.acquire(tenant, items, kT0);
     CHECK_FALSE(d.allowed);
     CHECK(scripts() - s0 == 3);  // global take, tenant refusal, give-back
     CHECK(d.results[0].decision.allowed);  // it fitted, and was vetoed
@@ -462,13 +471,13 @@ TEST_CASE(
     // Refused by the first part: the tenant's part only looks (its charge
     // on reject counts), nothing else is taken.
     for (int i = 0; i < 3; ++i) {
-      REQUIRE(g_rpm->acquire(user, 1, Nanos{0}).allowed);
+      REQUIRE(g_rpm->acquire(user, 1, kT0).allowed);
     }
     const ChainItem items[] = {{t_tpm.get(), user, 10},
                                {t_abuse.get(), user, 1},
                                {g_rpm.get(), user, 1}};
     s0 = scripts();
-    const ChainDecision d = chain.acquire(tenant, items);
+    const ChainDecision d = chain.acquire(tenant, items, kT0);
     CHECK_FALSE(d.allowed);
     CHECK(scripts() - s0 == 2);
     CHECK(d.results[0].decision.allowed);
@@ -523,13 +532,13 @@ TEST_CASE(
     "[redis][i16][scope][cluster]") {
   RedisCluster cluster;
   auto client = client_at(cluster.port(0), true);
-  auto rph =
-      RedisLimit<FixedWindow>::create(
-          {.name = "rph"}, FixedWindow::create(per_hour(1)).value(), client)
-          .value();
+  auto rph = RedisLimit<FixedWindow>::create(
+                 {.name = "rph"}, FixedWindow::create(per_hour(1)).value(),
+                 client, {.test_time = true})
+                 .value();
   auto g = RedisLimit<FixedWindow>::create(
                {.name = "g"}, FixedWindow::create(per_hour(100)).value(),
-               client, {.scope = RedisScope::kGlobal})
+               client, {.test_time = true, .scope = RedisScope::kGlobal})
                .value();
   RedisChain chain(client);
   const std::vector<std::string> tenants = {"{a}", "a",  "{a",   "a}",
@@ -560,14 +569,16 @@ TEST_CASE(
       if (t.empty()) continue;
       for (const std::string& k : keys) {
         const ChainItem items[] = {{rph.get(), k, 1}, {g.get(), "all", 0}};
-        admitted += chain.acquire(t, items).allowed;
+        admitted += chain.acquire(t, items, kT0).allowed;
       }
     }
   }
   CHECK(admitted == static_cast<int>(redis_keys.size()));
   CHECK(rph->fallbacks() + g->fallbacks() == 0);
   // An accountant whose org holds braces: its reservation in one slot.
-  auto acct = RedisAccountant::create(rk_test::flat_prices(), client).value();
+  auto acct = RedisAccountant::create(rk_test::flat_prices(), client,
+                                      {.test_clock = [] { return kT0; }})
+                  .value();
   REQUIRE(
       acct->add_budget({.name = "team",
                         .scope = Field::kTeam,
