@@ -11,7 +11,10 @@
 //                  so that instances with skewed clocks share one clock; a
 //                  take's Receipt is placed and settled by Redis's clock
 //   RedisChain     several Redis limits for one call in one script, all or
-//                  nothing on the server
+//                  nothing on the server (one script per Cluster slot when
+//                  it mixes scopes: all or nothing through receipts)
+//   RedisScope     whether a limit's key counts per tenant in a chain (the
+//                  default) or once for all (kGlobal)
 //   RedisLease     quota leasing: a key's tokens taken a batch at a time,
 //                  served in process
 //   FailMode       what a RedisLimit answers when Redis cannot: kOpen
