@@ -431,7 +431,8 @@ class RedisAccountant {
   //
   // As Accountant::add_budget, with the budget's behaviour when Redis
   // cannot answer (`redis.fail`; kLocal with `redis.instances`). Before the
-  // first reserve.
+  // first reserve. A budget is kept under its tenant: `redis.scope`
+  // kGlobal is kInvalidArgument.
   absl::Status add_budget(const BudgetSpec& spec,
                           RedisLimitOptions redis = {}) {
     if (!spec.period) {
@@ -449,6 +450,15 @@ class RedisAccountant {
     if (!policy.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "budget \"", spec.name, "\": ", policy.status().message()));
+    }
+    if (redis.scope != RedisScope::kTenant) {
+      // Its keys, reservation and settlement live in the tenant's slot, in
+      // the scripts that settle them.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "budget \"", spec.name,
+          "\": a budget is kept under its tenant (RedisScope::kTenant); a "
+          "spend shared across tenants is a budget whose scope holds the "
+          "tenant's fields, or a kGlobal rate limit passed to reserve()"));
     }
     redis.test_time = static_cast<bool>(options_.test_clock);
     auto limit = RedisLimit<PeriodBudget>::create(
@@ -473,6 +483,10 @@ class RedisAccountant {
   // The rate limits are settled with the reservation: at settle() a token
   // limit to the tokens used and a money limit to the cost (a request limit
   // keeps its request); at release() or drop, given back.
+  //
+  // A kGlobal limit (RedisScope) counts once across tenants; on a Cluster,
+  // when its key is outside the tenant's slot, it is one more round trip
+  // (RedisChain: all or nothing still).
   absl::StatusOr<RedisReservation> reserve(
       const Subject& who, std::string_view model, const Estimate& e,
       std::string request_id, std::span<const ChainItem> limits = {}) {
