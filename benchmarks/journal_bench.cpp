@@ -115,7 +115,8 @@ int main(int argc, char** argv) {
   const auto t0 = std::chrono::steady_clock::now();
   for (int t = 0; t < threads; ++t) {
     ts.emplace_back([&, t] {
-      const rk::Subject who{.team = "t" + std::to_string(t), .org = "o"};
+      const std::string team = "t" + std::to_string(t);  // who views it
+      const rk::Subject who{.team = team, .org = "o"};
       for (long long i = 0; !stop.load(std::memory_order_relaxed); ++i) {
         auto r = (*acct)->reserve(who, "m", {10, 10},
                                   std::to_string(t) + "-" + std::to_string(i));

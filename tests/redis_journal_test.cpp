@@ -111,177 +111,233 @@ TEST_CASE(
   TestClock clock;
   // The time-out is the subject: each call must return within it while the
   // journal replays. 250 ms: far more than a loopback call takes on a
-  // loaded machine, far less than 20,000 lines in one go took (535 ms).
+  // loaded machine, less than 20,000 lines in one go take (535 ms one by
+  // one before slices; 360 to 550 ms pipelined in one call, measured with
+  // replay_slice set to an hour: this test then fails).
   const Nanos timeout = std::chrono::milliseconds(250);
-  auto client = client_for(server.port(), timeout);
-  auto acct = RedisAccountant::create(rk_test::flat_prices(), client,
-                                      {.journal_path = dir + "/settles.journal",
-                                       .test_clock = clock.fn()})
-                  .value();
-  REQUIRE(acct->add_budget(
-                  month_budget("team", Field::kTeam, std::uint64_t{1} << 50),
-                  {.fail = FailMode::kOpen})
-              .ok());
-  constexpr int kTeams = 4, kThreads = 8;
-  // 20,000 in release; fewer under the sanitizer presets' scale.
-  const int n = std::max(2'000, static_cast<int>(20'000 * rk_test::scale()));
-  auto who = [](int i) {
-    return Subject{.team = "t" + std::to_string(i % kTeams), .org = "o"};
-  };
-  auto id = [](int i) { return "r" + std::to_string(i); };
+  // Up to three runs, each on a tenant of its own, until one where Redis
+  // answered every call in time.
+  auto run = [&](int attempt) -> bool {
+    auto client = client_for(server.port(), timeout);
+    auto acct = RedisAccountant::create(
+                    rk_test::flat_prices(), client,
+                    {.journal_path = dir + "/settles" + std::to_string(attempt),
+                     .test_clock = clock.fn()})
+                    .value();
+    REQUIRE(acct->add_budget(
+                    month_budget("team", Field::kTeam, std::uint64_t{1} << 50),
+                    {.fail = FailMode::kOpen})
+                .ok());
+    constexpr int kTeams = 4, kThreads = 8;
+    // 20,000 in release; fewer under the sanitizer presets' scale.
+    const int n = std::max(2'000, static_cast<int>(20'000 * rk_test::scale()));
+    // A Subject views its fields: the names live here.
+    const std::string org = "o" + std::to_string(attempt);
+    const std::vector<std::string> teams = {"t0", "t1", "t2", "t3"};
+    static_assert(kTeams == 4);
+    auto who = [&](int i) {
+      return Subject{.team = teams[static_cast<std::size_t>(i % kTeams)],
+                     .org = org};
+    };
+    auto id = [](int i) { return "r" + std::to_string(i); };
 
-  // Holds taken in Redis, then Redis killed: every settle is journaled.
-  std::vector<std::optional<RedisReservation>> held(
-      static_cast<std::size_t>(n));
-  {
-    std::vector<std::thread> ts;
-    for (int t = 0; t < kThreads; ++t) {
-      ts.emplace_back([&, t] {
-        for (int i = t; i < n; i += kThreads) {
-          auto r = acct->reserve(who(i), "m", {10, 10}, id(i));
-          if (r.ok() && r->granted()) {
-            held[static_cast<std::size_t>(i)] = *std::move(r);
+    // Holds taken in Redis, then Redis killed: every settle is journaled. (A
+    // reserve that timed out on a loaded machine was the fail mode's, and a
+    // release of it is journaled too: it charges nothing.)
+    std::vector<std::optional<RedisReservation>> held(
+        static_cast<std::size_t>(n));
+    {
+      std::vector<std::thread> ts;
+      for (int t = 0; t < kThreads; ++t) {
+        ts.emplace_back([&, t] {
+          for (int i = t; i < n; i += kThreads) {
+            auto r = acct->reserve(who(i), "m", {10, 10}, id(i));
+            if (r.ok() && r->granted()) {
+              held[static_cast<std::size_t>(i)] = *std::move(r);
+            }
           }
-        }
-      });
+        });
+      }
+      for (auto& th : ts) th.join();
     }
-    for (auto& th : ts) th.join();
-  }
-  for (int i = 0; i < n; ++i) {
-    REQUIRE(held[static_cast<std::size_t>(i)].has_value());
-    REQUIRE(held[static_cast<std::size_t>(i)]->backed());
-  }
-  server.stop(SIGKILL);
-  // What each id is charged, by this test's own count: the journaled
-  // settle's cost unless a retry below settles the id first.
-  std::vector<std::int64_t> expect(static_cast<std::size_t>(n));
-  {
-    std::vector<std::thread> ts;
-    std::atomic<int> failed{0};
-    for (int t = 0; t < kThreads; ++t) {
-      ts.emplace_back([&, t] {
-        for (int i = t; i < n; i += kThreads) {
-          auto& r = *held[static_cast<std::size_t>(i)];
-          auto s = r.settle(used_tokens(10, static_cast<std::uint64_t>(i % 7)));
-          if (!s.ok()) {
-            failed.fetch_add(1);
-            continue;
-          }
-          expect[static_cast<std::size_t>(i)] = s->cost.nanos;
-        }
-      });
+    for (int i = 0; i < n; ++i) {
+      REQUIRE(held[static_cast<std::size_t>(i)].has_value());
     }
-    for (auto& th : ts) th.join();
-    REQUIRE(failed.load() == 0);
-  }
-  REQUIRE(acct->journal_pending() == static_cast<std::size_t>(n));
-  INFO("journal syncs for " << n << " settles from " << kThreads
-                            << " threads: " << acct->journal_syncs());
-  CHECK(acct->journal_syncs() <= static_cast<std::uint64_t>(n));
-
-  server.start();  // empty: the holds are gone, each settle charges in full
-  rk_test::wait_answered(*client);
-  // Replays tried while Redis was away failed; none may fail from now on.
-  const std::uint64_t errors_before = acct->replay_errors();
-
-  // Calls from 4 threads while the journal replays: new reservations, and
-  // retries of journaled ids (a retry reserved before its journaled settle
-  // ran is settled directly, and the journaled one then changes nothing).
-  std::atomic<std::int64_t> max_call{0};
-  std::atomic<int> calls_while_pending{0}, retried{0}, retry_refused{0};
-  std::atomic<int> bad{0};
-  std::mutex mu;
-  std::map<std::string, std::pair<int, std::int64_t>> fresh;  // id: team, cost
-  std::map<int, std::int64_t> retry_cost;  // journaled id: the retry's cost
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  {
-    std::vector<std::thread> ts;
-    for (int t = 0; t < 4; ++t) {
-      ts.emplace_back([&, t] {
-        for (int k = 0; acct->journal_pending() > 0; ++k) {
-          if (std::chrono::steady_clock::now() > deadline) return;
-          // A retry of one of the last journaled ids (replayed last).
-          const int j = n - 1 - (4 * k + t);
-          const bool retry = k % 2 == 0 && j >= 0;
-          const std::string rid =
-              retry ? id(j) : "f" + std::to_string(t) + "-" + std::to_string(k);
-          const int team = retry ? j : k;
-          const bool pending = acct->journal_pending() > 0;
-          auto t0 = std::chrono::steady_clock::now();
-          auto r = acct->reserve(who(team), "m", {10, 10}, rid);
-          auto t1 = std::chrono::steady_clock::now();
-          std::int64_t worst = (t1 - t0).count();
-          std::optional<std::int64_t> cost;
-          if (r.ok() && r->granted()) {
-            const auto u = used_tokens(10, retry ? 9 : 3);
-            t0 = std::chrono::steady_clock::now();
-            auto s = r->settle(u);
-            t1 = std::chrono::steady_clock::now();
-            worst = std::max<std::int64_t>(worst, (t1 - t0).count());
+    server.stop(SIGKILL);
+    // What each id is charged, by this test's own count: the journaled
+    // settle's cost unless a retry below settles the id first.
+    std::vector<std::int64_t> expect(static_cast<std::size_t>(n));
+    {
+      std::vector<std::thread> ts;
+      std::atomic<int> failed{0};
+      for (int t = 0; t < kThreads; ++t) {
+        ts.emplace_back([&, t] {
+          for (int i = t; i < n; i += kThreads) {
+            auto& r = *held[static_cast<std::size_t>(i)];
+            auto s =
+                r.settle(used_tokens(10, static_cast<std::uint64_t>(i % 7)));
             if (!s.ok()) {
-              bad.fetch_add(1);
+              failed.fetch_add(1);
               continue;
             }
-            cost = s->cost.nanos;
-          } else if (retry &&
-                     r.status().code() == absl::StatusCode::kAlreadyExists) {
-            retry_refused.fetch_add(1);
-          } else {
-            bad.fetch_add(1);  // no other outcome: the budget is huge
+            expect[static_cast<std::size_t>(i)] = s->cost.nanos;
           }
-          if (pending) calls_while_pending.fetch_add(1);
-          std::int64_t m = max_call.load();
-          while (worst > m && !max_call.compare_exchange_weak(m, worst)) {
-          }
-          if (!cost) continue;
-          std::lock_guard<std::mutex> lock(mu);
-          if (retry) {
-            retried.fetch_add(1);
-            retry_cost[j] = *cost;
-          } else {
-            fresh[rid] = {team, *cost};
-          }
-        }
-      });
+        });
+      }
+      for (auto& th : ts) th.join();
+      REQUIRE(failed.load() == 0);
     }
-    for (auto& th : ts) th.join();
-  }
-  REQUIRE(bad.load() == 0);
-  REQUIRE(acct->journal_pending() == 0);
-  INFO("slowest reserve or settle during the replay: "
-       << max_call.load() / 1'000 << " us (timeout " << timeout.count() / 1'000
-       << " us), " << calls_while_pending.load()
-       << " calls while lines waited, " << retried.load()
-       << " retries settled directly, " << retry_refused.load()
-       << " found settled");
-  CHECK(calls_while_pending.load() > 0);
-  CHECK(max_call.load() <= timeout.count());
-  CHECK(acct->replay_errors() == errors_before);
-  CHECK(acct->journal_stale() == 0);
+    REQUIRE(acct->journal_pending() >= static_cast<std::size_t>(n));
+    INFO("journal syncs for " << n << " settles from " << kThreads
+                              << " threads: " << acct->journal_syncs());
+    CHECK(acct->journal_syncs() <= static_cast<std::uint64_t>(n));
 
-  // Each id once: a retry that settled is the id's settlement (its settle
-  // returned the first one Redis recorded: its own, or the journaled one if
-  // that ran between its reserve and its settle).
-  for (const auto& [j, c] : retry_cost) expect[static_cast<std::size_t>(j)] = c;
-  std::map<int, std::int64_t> tally;
-  for (int i = 0; i < n; ++i) {
-    tally[i % kTeams] += expect[static_cast<std::size_t>(i)];
+    server.start();  // empty: the holds are gone, each settle charges in full
+    rk_test::wait_answered(*client);
+    // Replays tried while Redis was away failed; none may fail from now on.
+    const std::uint64_t errors_before = acct->replay_errors();
+    const std::uint64_t journaled_before = acct->journaled();
+    const std::uint64_t fallbacks_before = acct->fallback_reserves();
+    const std::uint64_t trips_before = client->breaker_trips();
+
+    // Calls from 4 threads while the journal replays: new reservations, and
+    // retries of journaled ids (a retry reserved before its journaled settle
+    // ran is settled directly, and the journaled one then changes nothing).
+    std::atomic<std::int64_t> max_call{0};
+    std::atomic<int> calls_while_pending{0}, retried{0}, retry_refused{0};
+    std::atomic<int> bad{0};
+    std::mutex mu;
+    std::map<std::string, std::pair<int, std::int64_t>>
+        fresh;                               // id: team, cost
+    std::map<int, std::int64_t> retry_cost;  // journaled id: the retry's cost
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    {
+      std::vector<std::thread> ts;
+      for (int t = 0; t < 4; ++t) {
+        ts.emplace_back([&, t] {
+          for (int k = 0; acct->journal_pending() > 0; ++k) {
+            if (std::chrono::steady_clock::now() > deadline) return;
+            // A retry of one of the last journaled ids (replayed last).
+            const int j = n - 1 - (4 * k + t);
+            const bool retry = k % 2 == 0 && j >= 0;
+            const std::string rid =
+                retry ? id(j)
+                      : "f" + std::to_string(t) + "-" + std::to_string(k);
+            const int team = retry ? j : k;
+            const bool pending = acct->journal_pending() > 0;
+            auto t0 = std::chrono::steady_clock::now();
+            auto r = acct->reserve(who(team), "m", {10, 10}, rid);
+            auto t1 = std::chrono::steady_clock::now();
+            std::int64_t worst = (t1 - t0).count();
+            std::optional<std::int64_t> cost;
+            if (r.ok() && r->granted()) {
+              const auto u = used_tokens(10, retry ? 9 : 3);
+              t0 = std::chrono::steady_clock::now();
+              auto s = r->settle(u);
+              t1 = std::chrono::steady_clock::now();
+              worst = std::max<std::int64_t>(worst, (t1 - t0).count());
+              if (!s.ok()) {
+                bad.fetch_add(1);
+                continue;
+              }
+              cost = s->cost.nanos;
+            } else if (retry &&
+                       r.status().code() == absl::StatusCode::kAlreadyExists) {
+              retry_refused.fetch_add(1);
+            } else {
+              bad.fetch_add(1);  // no other outcome: the budget is huge
+            }
+            if (pending) calls_while_pending.fetch_add(1);
+            std::int64_t m = max_call.load();
+            while (worst > m && !max_call.compare_exchange_weak(m, worst)) {
+            }
+            if (!cost) continue;
+            std::lock_guard<std::mutex> lock(mu);
+            if (retry) {
+              retried.fetch_add(1);
+              retry_cost[j] = *cost;
+            } else {
+              fresh[rid] = {team, *cost};
+            }
+          }
+        });
+      }
+      for (auto& th : ts) th.join();
+    }
+    REQUIRE(bad.load() == 0);
+    REQUIRE(acct->journal_pending() == 0);
+    INFO("slowest reserve or settle during the replay: "
+         << max_call.load() / 1'000 << " us (timeout "
+         << timeout.count() / 1'000 << " us), " << calls_while_pending.load()
+         << " calls while lines waited, " << retried.load()
+         << " retries settled directly, " << retry_refused.load()
+         << " found settled; during it " << acct->journaled() - journaled_before
+         << " journaled, " << acct->fallback_reserves() - fallbacks_before
+         << " reserves by the fail mode, breaker opened "
+         << client->breaker_trips() - trips_before << " times");
+    CHECK(calls_while_pending.load() > 0);
+    CHECK(acct->journal_stale() == 0);
+    // Redis answered every call in time: nothing by the fail mode, nothing
+    // journaled, no replay stopped. Otherwise (a loaded machine starved
+    // Redis or this process past the time-out) the run says nothing about
+    // the replay's bound, and the books are checked against Redis's own
+    // record of each id only.
+    const bool clean = acct->replay_errors() == errors_before &&
+                       acct->journaled() == journaled_before &&
+                       acct->fallback_reserves() == fallbacks_before;
+    if (clean) CHECK(max_call.load() <= timeout.count());
+
+    // Every id settled exactly once: each team's books are the sum of the
+    // settlements Redis recorded for its ids.
+    std::map<int, std::int64_t> recorded;
+    std::map<int, std::int64_t> recorded_cost;
+    for (int i = 0; i < n; ++i) {
+      CAPTURE(i, retry_cost.count(i));
+      const auto s = acct->find_settlement(who(i), id(i)).value();
+      REQUIRE(s.has_value());
+      recorded[i % kTeams] += s->cost.nanos;
+      recorded_cost[i] = s->cost.nanos;
+    }
+    for (const auto& [rid, tc] : fresh) {
+      const auto s = acct->find_settlement(who(tc.first), rid).value();
+      REQUIRE(s.has_value());
+      recorded[tc.first % kTeams] += s->cost.nanos;
+    }
+    for (int team = 0; team < kTeams; ++team) {
+      CAPTURE(team);
+      CHECK(static_cast<std::int64_t>(acct->spent("team", who(team)).value()) ==
+            recorded[team]);
+    }
+    if (!clean) return false;
+
+    // And by this test's own tally. Each id once: a retry that settled is
+    // the id's settlement (its settle
+    // returned the first one Redis recorded: its own, or the journaled one if
+    // that ran between its reserve and its settle).
+    for (const auto& [j, c] : retry_cost)
+      expect[static_cast<std::size_t>(j)] = c;
+    std::map<int, std::int64_t> tally;
+    for (int i = 0; i < n; ++i) {
+      tally[i % kTeams] += expect[static_cast<std::size_t>(i)];
+    }
+    for (const auto& [rid, tc] : fresh) tally[tc.first % kTeams] += tc.second;
+    for (int team = 0; team < kTeams; ++team) {
+      CAPTURE(team);
+      CHECK(static_cast<std::int64_t>(acct->spent("team", who(team)).value()) ==
+            tally[team]);
+    }
+    for (int i = 0; i < n; ++i) {
+      CAPTURE(i);
+      CHECK(recorded_cost[i] == expect[static_cast<std::size_t>(i)]);
+    }
+    return true;
+  };
+  int clean_runs = 0;
+  for (int attempt = 0; attempt < 3 && clean_runs == 0; ++attempt) {
+    if (run(attempt)) ++clean_runs;
   }
-  for (const auto& [rid, tc] : fresh) tally[tc.first % kTeams] += tc.second;
-  for (int team = 0; team < kTeams; ++team) {
-    CAPTURE(team);
-    CHECK(static_cast<std::int64_t>(acct->spent("team", who(team)).value()) ==
-          tally[team]);
-  }
-  // And per id, Redis's record of it (a sample: every 97th id, every retry).
-  for (int i = 0; i < n; ++i) {
-    if (i % 97 != 0 && retry_cost.count(i) == 0) continue;
-    CAPTURE(i);
-    const auto s = acct->find_settlement(who(i), id(i)).value();
-    REQUIRE(s.has_value());
-    CHECK(s->cost.nanos == expect[static_cast<std::size_t>(i)]);
-  }
+  CHECK(clean_runs == 1);
 }
 
 TEST_CASE(

@@ -106,7 +106,7 @@ namespace ratekeeper {
 //   test_clock       tests: run the scripts at this Unix time instead of
 //                    Redis's TIME (budgets created with test_time)
 //   replay_slice     the most time a reserve or settle spends replaying the
-//                    journal before its own call (0: a quarter of the
+//                    journal before its own call (0: an eighth of the
 //                    client's command_timeout); the rest waits for the next
 //                    calls (docs/redis.md, "The journal")
 struct RedisAccountantOptions {
@@ -136,10 +136,12 @@ namespace detail {
 //
 // Replay (one replayer at a time, the accountant's): front() lends the
 // oldest entries (stable while only the replayer pops), pop(n) drops those
-// that ran, set_aside() moves the oldest to `<path>.stale` (appended and
-// synced before it leaves the journal) instead of running it. The file is
-// emptied once nothing is pending; lines that ran before a crash run again
-// in the next process (every script is idempotent).
+// that ran, set_aside(n) moves the n oldest to `<path>.stale` (appended
+// and synced before they leave the journal) instead of running them. The
+// file is emptied (not synced: lost, the lines run again, changing nothing;
+// the next append's sync covers the new size) once nothing is pending;
+// lines that ran before a crash run again in the next process (every
+// script is idempotent).
 class SettleJournal {
  public:
   struct Entry {
@@ -247,21 +249,23 @@ class SettleJournal {
 
   // The replayer's: the oldest entry is not run but reported, appended to
   // `<path>.stale` (synced) before it leaves the journal.
-  absl::Status set_aside() {
+  absl::Status set_aside(std::size_t n) {
     detail::MutexLock lock(&mu_);
-    if (pending_.empty()) return absl::OkStatus();
+    n = std::min(n, pending_.size());
+    if (n == 0) return absl::OkStatus();
     const std::string stale = stale_path();
     if (stale_fd_ < 0) {
       stale_fd_ = ::open(stale.c_str(),
                          O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
       if (stale_fd_ < 0) return errno_status("open", stale);
     }
-    if (absl::Status st = write_all(stale_fd_, encode(pending_.front()), stale);
-        !st.ok()) {
+    std::string lines;
+    for (std::size_t i = 0; i < n; ++i) lines += encode(pending_[i]);
+    if (absl::Status st = write_all(stale_fd_, lines, stale); !st.ok()) {
       return st;
     }
     if (::fdatasync(stale_fd_) != 0) return errno_status("fdatasync", stale);
-    return pop_locked(1);
+    return pop_locked(n);
   }
 
   std::string stale_path() const { return path_ + ".stale"; }
@@ -278,8 +282,11 @@ class SettleJournal {
     size_.store(pending_.size());
     if (!pending_.empty()) return absl::OkStatus();
     // Every line has run (or was set aside): empty the file. An append
-    // waiting for its sync meanwhile is covered: its entry ran.
-    if (::ftruncate(fd_, 0) != 0 || ::fdatasync(fd_) != 0) {
+    // waiting for its sync meanwhile is covered: its entry ran. No sync
+    // here (it would wait on the file system's journal, on a busy disk for
+    // long, inside a caller's slice): a crash before the next append's sync
+    // leaves lines that run again, to no effect (idempotent).
+    if (::ftruncate(fd_, 0) != 0) {
       return errno_status("clear", path_);
     }
     return absl::OkStatus();
@@ -963,7 +970,7 @@ class RedisAccountant {
   }
 
   // Replays a slice of the journal before a reserve or settle: at most
-  // replay_slice (by default a quarter of command_timeout) of batches,
+  // replay_slice (by default an eighth of command_timeout) of batches,
   // started only while the breaker lets calls through, one replayer at a
   // time (a call finding another replaying goes on at once), and at most
   // one try a second after a failed one, so that a journal Redis keeps
@@ -979,7 +986,7 @@ class RedisAccountant {
     if (!replay_mu_.try_lock()) return;
     const Nanos slice = options_.replay_slice > Nanos{0}
                             ? options_.replay_slice
-                            : client_->options().command_timeout / 4;
+                            : client_->options().command_timeout / 8;
     if (!replay_locked(now + slice).ok()) {
       next_replay_.store(
           (now + std::chrono::seconds(1)).time_since_epoch().count(),
@@ -1017,16 +1024,22 @@ class RedisAccountant {
           journal_->front(kReplayBatch);
       if (batch.empty()) return ran;
       const Nanos now = unix_now();
-      std::size_t n = 0;
-      while (n < batch.size() && !stale_settle(*batch[n], now)) ++n;
-      if (n == 0) {
-        if (absl::Status st = journal_->set_aside(); !st.ok()) {
+      std::size_t stale = 0;
+      while (stale < batch.size() && stale_settle(*batch[stale], now)) {
+        ++stale;
+      }
+      if (stale > 0) {
+        // The stale settles at the front: set aside together, one sync.
+        if (absl::Status st = journal_->set_aside(stale); !st.ok()) {
           replay_errors_.fetch_add(1, std::memory_order_relaxed);
           return st;
         }
-        stale_.fetch_add(1, std::memory_order_relaxed);
+        stale_.fetch_add(stale, std::memory_order_relaxed);
+        if (until && std::chrono::steady_clock::now() >= *until) return ran;
         continue;
       }
+      std::size_t n = 0;
+      while (n < batch.size() && !stale_settle(*batch[n], now)) ++n;
       std::vector<std::vector<std::string_view>> views(2 * n);
       std::vector<RedisClient::EvalCall> calls(n);
       for (std::size_t i = 0; i < n; ++i) {
