@@ -445,7 +445,8 @@ class RedisReservation {
   // the first settlement. While Redis is away the settle is journaled and
   // this instance's pricing returned (if the id turns out to be settled
   // already when it replays, the first settlement stands). kUnavailable
-  // only without a journal (then it may be called again);
+  // only without a journal, or when the journal's write or sync failed
+  // (then it may be called again);
   // kFailedPrecondition for a refused or released reservation. A partial
   // usage (UsageSource::kPartial) is charged as Reservation::settle does:
   // the worst-case output, flagged estimated.
