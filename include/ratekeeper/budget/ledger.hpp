@@ -43,7 +43,6 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <linux/futex.h>
 #include <openssl/evp.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -77,6 +76,7 @@
 #include "absl/strings/str_cat.h"
 #include "ratekeeper/budget/audit.hpp"
 #include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/futex.hpp"
 #include "ratekeeper/detail/sha256.hpp"
 #include "ratekeeper/detail/strings.hpp"
 
@@ -1171,28 +1171,8 @@ class SegmentFiles final : public LedgerFile {
   std::shared_ptr<PosixLedgerFile> active_;
 };
 
-// Futex waits on a 32-bit atomic (Linux): the ledger's waiters and its
-// syncer sleep in the kernel with no mutex to re-take on waking (a
-// condition variable's waiters would queue on its mutex, which every
-// append takes). futex_wait returns at once when `*a != expected`, on a
-// wake, on a signal, or after `timeout` (negative: none); callers re-check.
-inline void futex_wait(std::atomic<std::uint32_t>& a, std::uint32_t expected,
-                       Nanos timeout = Nanos{-1}) {
-  static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
-  struct timespec ts {};
-  struct timespec* tp = nullptr;
-  if (timeout.count() >= 0) {
-    ts.tv_sec = static_cast<time_t>(timeout.count() / 1'000'000'000);
-    ts.tv_nsec = static_cast<long>(timeout.count() % 1'000'000'000);
-    tp = &ts;
-  }
-  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&a), FUTEX_WAIT_PRIVATE,
-            expected, tp, nullptr, 0);
-}
-inline void futex_wake(std::atomic<std::uint32_t>& a, int n) {
-  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&a), FUTEX_WAKE_PRIVATE,
-            n, nullptr, nullptr, 0);
-}
+// futex_wait / futex_wake: detail/futex.hpp (shared with the settle
+// journal's group sync, detail/group_sync.hpp).
 
 // SHA-256 of records as they are appended: the digest fetched once and one
 // context reused (OpenSSL 3 otherwise looks the algorithm up, under a

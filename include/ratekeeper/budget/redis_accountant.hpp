@@ -31,7 +31,11 @@
 //     budget at the instance's share. A reservation that may have run on
 //     the server (a time-out) is released there later through the journal.
 //   - settle and release: appended to the journal (fsync'd before settle
-//     returns) and replayed when Redis answers again. The scripts are
+//     returns, one sync shared by the settlers that wait at once) and
+//     replayed when Redis answers again, a slice of at most replay_slice
+//     before each reserve and settle (no call waits on the whole of it); a
+//     settle pending longer than settled_ttl is set aside, reported, never
+//     run (its id may no longer be known settled). The scripts are
 //     idempotent (the reservation's key and the settlement's key say what
 //     already happened), so a replay, a replay cut short and replayed again,
 //     or a settle that timed out after it ran, all apply exactly once. A
@@ -54,6 +58,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -76,6 +81,7 @@
 #include "ratekeeper/budget/prices.hpp"
 #include "ratekeeper/budget/usage.hpp"
 #include "ratekeeper/chain.hpp"
+#include "ratekeeper/detail/group_sync.hpp"
 #include "ratekeeper/detail/mutex.hpp"
 #include "ratekeeper/detail/strings.hpp"
 #include "ratekeeper/identity.hpp"
@@ -99,34 +105,61 @@ namespace ratekeeper {
 //                    (one file per instance; empty: no journal)
 //   test_clock       tests: run the scripts at this Unix time instead of
 //                    Redis's TIME (budgets created with test_time)
+//   replay_slice     the most time a reserve or settle spends replaying the
+//                    journal before its own call (0: an eighth of the
+//                    client's command_timeout); the rest waits for the next
+//                    calls (docs/redis.md, "The journal")
 struct RedisAccountantOptions {
   Scope tenant = Scope(Field::kOrg);
   Nanos reservation_ttl = std::chrono::hours(24);
   Nanos settled_ttl = std::chrono::hours(24 * 7);
   std::string journal_path{};
   std::function<Nanos()> test_clock{};
+  Nanos replay_slice = Nanos{0};
 };
 
 namespace detail {
 
 // SettleJournal: scripts to run once Redis answers, one line each,
-// appended and fdatasync'd before the caller is answered. A line: "j",
-// the key count, each key and argument in hex, and an FNV-1a checksum of
-// what precedes it. A torn last line (a crash mid-append: never
-// acknowledged) is cut at open; any other damage is kDataLoss. Cleared once
-// every line has run.
+// appended and made durable before the caller is answered. A line: "J",
+// the time it was journaled (Unix ns, the accountant's clock), the key
+// count, each key and argument in hex, and an FNV-1a checksum of what
+// precedes it ("j" lines, without the time, are read too: a journal of an
+// earlier version; their time is the file's modification time). A torn
+// last line (a crash mid-append: never acknowledged) is cut at open; any
+// other damage is kDataLoss.
+//
+// Durability is a group commit (detail::GroupSync): each append writes its
+// line under a short lock, then waits, holding no lock, for a fdatasync
+// that covers it; settlers arriving during one sync share the next. A
+// failed sync fails the journal for good (appends return its error).
+//
+// Replay (one replayer at a time, the accountant's): front() lends the
+// oldest entries (stable while only the replayer pops), pop(n) drops those
+// that ran, set_aside(n) moves the n oldest to `<path>.stale` (appended
+// and synced before they leave the journal) instead of running them. The
+// file is emptied (not synced: lost, the lines run again, changing nothing;
+// the next append's sync covers the new size) once nothing is pending;
+// lines that ran before a crash run again in the next process (every
+// script is idempotent).
 class SettleJournal {
  public:
   struct Entry {
     std::vector<std::string> keys;
     std::vector<std::string> args;
+    Nanos t{0};  // when journaled (Unix time); 0: unknown
   };
 
   static absl::StatusOr<std::unique_ptr<SettleJournal>> open(
       const std::string& path) {
-    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    const int fd =
+        ::open(path.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
     if (fd < 0) return errno_status("open", path);
     auto j = std::unique_ptr<SettleJournal>(new SettleJournal(fd, path));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return errno_status("stat", path);
+    const Nanos mtime{std::int64_t{st.st_mtim.tv_sec} * 1'000'000'000 +
+                      st.st_mtim.tv_nsec};
     std::string text;
     char buf[1 << 16];
     for (;;) {
@@ -136,11 +169,12 @@ class SettleJournal {
       text.append(buf, static_cast<std::size_t>(got));
     }
     std::size_t good = 0;
+    detail::MutexLock lock(&j->mu_);
     while (good < text.size()) {
       const std::size_t nl = text.find('\n', good);
       if (nl == std::string::npos) break;  // torn: cut below
       absl::StatusOr<Entry> e =
-          parse(std::string_view(text).substr(good, nl - good));
+          parse(std::string_view(text).substr(good, nl - good), mtime);
       if (!e.ok()) {
         return absl::DataLossError(absl::StrCat("journal ", path,
                                                 ": damaged line at byte ", good,
@@ -155,18 +189,125 @@ class SettleJournal {
         return errno_status("cut the torn tail of", path);
       }
     }
-    if (::lseek(fd, 0, SEEK_END) < 0) return errno_status("seek", path);
+    j->size_.store(j->pending_.size());
     return j;
   }
 
   SettleJournal(const SettleJournal&) = delete;
   SettleJournal& operator=(const SettleJournal&) = delete;
-  ~SettleJournal() { ::close(fd_); }
+  ~SettleJournal() {
+    ::close(fd_);
+    if (stale_fd_ >= 0) ::close(stale_fd_);
+  }
 
-  // Durable when it returns OK.
+  // Durable when it returns OK (then the entry is pending; otherwise it may
+  // be pending too: a sync that failed after the line was written).
   absl::Status append(Entry e) {
-    std::string line = "j ";
-    absl::StrAppend(&line, e.keys.size());
+    const std::string line = encode(e);
+    std::uint64_t seq = 0;
+    {
+      detail::MutexLock lock(&mu_);
+      if (absl::Status st = sync_.failed(); !st.ok()) return st;
+      if (absl::Status st = write_all(fd_, line, path_); !st.ok()) return st;
+      pending_.push_back(std::move(e));
+      size_.store(pending_.size());
+      seq = ++seq_;
+      sync_.written(seq);
+    }
+    return sync_.wait(seq, [this] {
+      if (::fdatasync(fd_) != 0) return errno_status("fdatasync", path_);
+      return absl::OkStatus();
+    });
+  }
+
+  // Entries not yet run (or set aside).
+  std::size_t size() const noexcept { return size_.load(); }
+
+  // A copy of the pending entries, oldest first (tests).
+  std::vector<Entry> pending() const {
+    detail::MutexLock lock(&mu_);
+    return std::vector<Entry>(pending_.begin(), pending_.end());
+  }
+
+  // The replayer's: up to `n` of the oldest entries, valid until it pops
+  // them.
+  std::vector<const Entry*> front(std::size_t n) const {
+    detail::MutexLock lock(&mu_);
+    std::vector<const Entry*> out;
+    for (std::size_t i = 0; i < n && i < pending_.size(); ++i) {
+      out.push_back(&pending_[i]);
+    }
+    return out;
+  }
+
+  // The replayer's: the `n` oldest entries ran. The file is emptied once
+  // none is left.
+  absl::Status pop(std::size_t n) {
+    detail::MutexLock lock(&mu_);
+    return pop_locked(n);
+  }
+
+  // The replayer's: the oldest entry is not run but reported, appended to
+  // `<path>.stale` (synced) before it leaves the journal.
+  absl::Status set_aside(std::size_t n) {
+    detail::MutexLock lock(&mu_);
+    n = std::min(n, pending_.size());
+    if (n == 0) return absl::OkStatus();
+    const std::string stale = stale_path();
+    if (stale_fd_ < 0) {
+      stale_fd_ = ::open(stale.c_str(),
+                         O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+      if (stale_fd_ < 0) return errno_status("open", stale);
+    }
+    std::string lines;
+    for (std::size_t i = 0; i < n; ++i) lines += encode(pending_[i]);
+    if (absl::Status st = write_all(stale_fd_, lines, stale); !st.ok()) {
+      return st;
+    }
+    if (::fdatasync(stale_fd_) != 0) return errno_status("fdatasync", stale);
+    return pop_locked(n);
+  }
+
+  std::string stale_path() const { return path_ + ".stale"; }
+  // fdatasyncs of the journal made by appends (records per sync).
+  std::uint64_t syncs() const { return sync_.syncs(); }
+
+ private:
+  SettleJournal(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+
+  absl::Status pop_locked(std::size_t n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (std::size_t i = 0; i < n && !pending_.empty(); ++i) {
+      pending_.pop_front();
+    }
+    size_.store(pending_.size());
+    if (!pending_.empty()) return absl::OkStatus();
+    // Every line has run (or was set aside): empty the file. An append
+    // waiting for its sync meanwhile is covered: its entry ran. No sync
+    // here (it would wait on the file system's journal, on a busy disk for
+    // long, inside a caller's slice): a crash before the next append's sync
+    // leaves lines that run again, to no effect (idempotent).
+    if (::ftruncate(fd_, 0) != 0) {
+      return errno_status("clear", path_);
+    }
+    return absl::OkStatus();
+  }
+
+  static absl::Status write_all(int fd, std::string_view rest,
+                                std::string_view path) {
+    while (!rest.empty()) {
+      const ssize_t w = ::write(fd, rest.data(), rest.size());
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        return errno_status("write", path);
+      }
+      rest.remove_prefix(static_cast<std::size_t>(w));
+    }
+    return absl::OkStatus();
+  }
+
+  static std::string encode(const Entry& e) {
+    std::string line = "J ";
+    absl::StrAppend(&line, e.t.count(), " ", e.keys.size());
     for (const auto* part : {&e.keys, &e.args}) {
       for (const std::string& s : *part) {
         line.push_back(' ');
@@ -174,34 +315,8 @@ class SettleJournal {
       }
     }
     absl::StrAppend(&line, " ", absl::Hex(fnv(line), absl::kZeroPad16), "\n");
-    std::string_view rest = line;
-    while (!rest.empty()) {
-      const ssize_t w = ::write(fd_, rest.data(), rest.size());
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        return errno_status("write", path_);
-      }
-      rest.remove_prefix(static_cast<std::size_t>(w));
-    }
-    if (::fdatasync(fd_) != 0) return errno_status("fdatasync", path_);
-    pending_.push_back(std::move(e));
-    return absl::OkStatus();
+    return line;
   }
-
-  const std::vector<Entry>& pending() const noexcept { return pending_; }
-
-  // Every pending line has run: empty the file.
-  absl::Status clear() {
-    if (::ftruncate(fd_, 0) != 0 || ::fdatasync(fd_) != 0) {
-      return errno_status("clear", path_);
-    }
-    if (::lseek(fd_, 0, SEEK_SET) < 0) return errno_status("seek", path_);
-    pending_.clear();
-    return absl::OkStatus();
-  }
-
- private:
-  SettleJournal(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
 
   static absl::Status errno_status(std::string_view what,
                                    std::string_view path) {
@@ -243,7 +358,8 @@ class SettleJournal {
     return out;
   }
 
-  static absl::StatusOr<Entry> parse(std::string_view line) {
+  // `untimed`: the time of a line without one (the file's mtime).
+  static absl::StatusOr<Entry> parse(std::string_view line, Nanos untimed) {
     const std::size_t last = line.rfind(' ');
     if (last == std::string_view::npos) {
       return absl::DataLossError("no checksum");
@@ -255,24 +371,42 @@ class SettleJournal {
     }
     const std::vector<absl::string_view> parts =
         absl::StrSplit(detail::av(line.substr(0, last)), ' ');
-    std::size_t nkeys = 0;
-    if (parts.size() < 2 || parts[0] != "j" ||
-        !absl::SimpleAtoi(parts[1], &nkeys) || nkeys > parts.size() - 2) {
+    Entry e;
+    std::size_t first = 2;  // the first key's part
+    if (!parts.empty() && parts[0] == "J") {
+      std::int64_t t = 0;
+      if (parts.size() < 3 || !absl::SimpleAtoi(parts[1], &t)) {
+        return absl::DataLossError("bad time");
+      }
+      e.t = Nanos{t};
+      first = 3;
+    } else if (!parts.empty() && parts[0] == "j") {
+      e.t = untimed;
+    } else {
       return absl::DataLossError("bad header");
     }
-    Entry e;
-    for (std::size_t i = 2; i < parts.size(); ++i) {
+    std::size_t nkeys = 0;
+    if (parts.size() < first || !absl::SimpleAtoi(parts[first - 1], &nkeys) ||
+        nkeys > parts.size() - first) {
+      return absl::DataLossError("bad header");
+    }
+    for (std::size_t i = first; i < parts.size(); ++i) {
       std::optional<std::string> v =
           unhex(std::string_view(parts[i].data(), parts[i].size()));
       if (!v) return absl::DataLossError("bad hex");
-      (i - 2 < nkeys ? e.keys : e.args).push_back(*std::move(v));
+      (i - first < nkeys ? e.keys : e.args).push_back(*std::move(v));
     }
     return e;
   }
 
   const int fd_;
   const std::string path_;
-  std::vector<Entry> pending_;
+  mutable detail::Mutex mu_;
+  std::deque<Entry> pending_ ABSL_GUARDED_BY(mu_);
+  std::uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;
+  int stale_fd_ ABSL_GUARDED_BY(mu_) = -1;
+  std::atomic<std::size_t> size_{0};
+  detail::GroupSync sync_;
 };
 
 }  // namespace detail
@@ -311,7 +445,8 @@ class RedisReservation {
   // the first settlement. While Redis is away the settle is journaled and
   // this instance's pricing returned (if the id turns out to be settled
   // already when it replays, the first settlement stands). kUnavailable
-  // only without a journal (then it may be called again);
+  // only without a journal, or when the journal's write or sync failed
+  // (then it may be called again);
   // kFailedPrecondition for a refused or released reservation. A partial
   // usage (UsageSource::kPartial) is charged as Reservation::settle does:
   // the worst-case output, flagged estimated.
@@ -411,9 +546,7 @@ class RedisAccountant {
     if (!a->options_.journal_path.empty()) {
       auto j = detail::SettleJournal::open(a->options_.journal_path);
       if (!j.ok()) return j.status();
-      detail::MutexLock lock(&a->journal_mu_);
       a->journal_ = *std::move(j);
-      a->pending_.store(a->journal_->pending().size());
     }
     return a;
   }
@@ -604,15 +737,34 @@ class RedisAccountant {
   // Redis's OOM), the journal then kept whole to run again (its lines are
   // idempotent). reserve and settle call it when lines wait, at most once
   // a second after a failure.
+  //
+  // A settle journaled longer ago than settled_ttl allows (see
+  // stale_settle) is not run but set aside: appended to
+  // journal_stale_path() and counted in journal_stale().
   absl::StatusOr<std::size_t> replay_journal() {
     if (journal_ == nullptr) return 0;
-    detail::MutexLock lock(&journal_mu_);
-    return replay_locked();
+    detail::MutexLock lock(&replay_mu_);
+    return replay_locked(std::nullopt);
   }
 
   // Journaled calls not yet run in Redis.
   std::size_t journal_pending() const noexcept {
-    return pending_.load(std::memory_order_relaxed);
+    return journal_ == nullptr ? 0 : journal_->size();
+  }
+  // Journaled settles set aside unrun, pending longer than the settled_ttl
+  // window (a replay could charge them twice): each a line of
+  // journal_stale_path() (the journal's path + ".stale", in the journal's
+  // format) for an operator to reconcile.
+  std::uint64_t journal_stale() const noexcept {
+    return stale_.load(std::memory_order_relaxed);
+  }
+  std::string journal_stale_path() const {
+    return journal_ == nullptr ? std::string() : journal_->stale_path();
+  }
+  // The journal's fdatasyncs (one covers every settle journaled while the
+  // previous one ran).
+  std::uint64_t journal_syncs() const noexcept {
+    return journal_ == nullptr ? 0 : journal_->syncs();
   }
   // Reservations decided by the fail modes, and settles/releases journaled.
   std::uint64_t fallback_reserves() const noexcept {
@@ -832,9 +984,8 @@ class RedisAccountant {
     if (journal_ == nullptr) {
       return absl::UnavailableError("redis away and no journal configured");
     }
-    detail::MutexLock lock(&journal_mu_);
+    e.t = unix_now();
     if (absl::Status st = journal_->append(std::move(e)); !st.ok()) return st;
-    pending_.fetch_add(1, std::memory_order_relaxed);
     journaled_.fetch_add(1, std::memory_order_relaxed);
     return absl::OkStatus();
   }
@@ -842,42 +993,99 @@ class RedisAccountant {
     return journal_entry(script_call(r, "release", {}, nullptr));
   }
 
-  // At most one try a second after a failed one, so that a journal Redis
-  // keeps refusing does not cost every call a round trip.
+  // Replays a slice of the journal before a reserve or settle: at most
+  // replay_slice (by default an eighth of command_timeout) of batches,
+  // started only while the breaker lets calls through, one replayer at a
+  // time (a call finding another replaying goes on at once), and at most
+  // one try a second after a failed one, so that a journal Redis keeps
+  // refusing does not cost every call a round trip.
   void replay_if_due() {
-    if (pending_.load(std::memory_order_relaxed) == 0) return;
+    if (journal_ == nullptr || journal_->size() == 0) return;
     if (client_->breaker_refuses()) return;
-    const std::int64_t now =
-        std::chrono::steady_clock::now().time_since_epoch().count();
-    if (now < next_replay_.load(std::memory_order_relaxed)) return;
-    if (!journal_mu_.try_lock()) return;
-    if (!replay_locked().ok()) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now.time_since_epoch().count() <
+        next_replay_.load(std::memory_order_relaxed)) {
+      return;
+    }
+    if (!replay_mu_.try_lock()) return;
+    const Nanos slice = options_.replay_slice > Nanos{0}
+                            ? options_.replay_slice
+                            : client_->options().command_timeout / 8;
+    if (!replay_locked(now + slice).ok()) {
       next_replay_.store(
-          now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                    std::chrono::seconds(1))
-                    .count(),
+          (now + std::chrono::seconds(1)).time_since_epoch().count(),
           std::memory_order_relaxed);
     }
-    journal_mu_.unlock();
+    replay_mu_.unlock();
   }
 
-  absl::StatusOr<std::size_t> replay_locked()
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(journal_mu_) {
-    std::size_t ran = 0;
-    for (const auto& e : journal_->pending()) {
-      absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r = run(e);
-      if (!r.ok()) {
-        // No answer, or an error reply (Redis out of memory, a key of ours
-        // overwritten): the whole journal stays, to run again later (every
-        // line is idempotent), and the error is reported.
-        replay_errors_.fetch_add(1, std::memory_order_relaxed);
-        return r.status();
-      }
-      ++ran;
+  // Whether a journaled settle may find its request id's #settled key
+  // expired: journaled settled_ttl ago, less a margin (a tenth of it, at
+  // most an hour) for a settle that ran before it was journaled (a
+  // time-out) and for clocks. Replayed, it could charge a second time.
+  bool stale_settle(const detail::SettleJournal::Entry& e, Nanos now) const {
+    if (e.t <= Nanos{0} || e.args.size() < 2 || e.args[1] != "settle") {
+      return false;
     }
-    if (absl::Status st = journal_->clear(); !st.ok()) return st;
-    pending_.store(0, std::memory_order_relaxed);
-    return ran;
+    const Nanos ttl = options_.settled_ttl;
+    const Nanos margin = std::min<Nanos>(ttl / 10, std::chrono::hours(1));
+    return now - e.t >= ttl - margin;
+  }
+
+  // Runs the journal in order, in pipelined batches, until it is empty or
+  // (with a deadline) no batch may start after `until`. A stale settle is
+  // set aside, never run. A batch's first failure (no answer, or an error
+  // reply: Redis out of memory, a key of ours overwritten) stops the
+  // replay there, reported; that entry and those after it stay, to run
+  // again later (every line is idempotent: a batch's later entries that
+  // ran already change nothing the second time).
+  absl::StatusOr<std::size_t> replay_locked(
+      std::optional<std::chrono::steady_clock::time_point> until)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(replay_mu_) {
+    std::size_t ran = 0;
+    for (;;) {
+      const std::vector<const detail::SettleJournal::Entry*> batch =
+          journal_->front(kReplayBatch);
+      if (batch.empty()) return ran;
+      const Nanos now = unix_now();
+      std::size_t stale = 0;
+      while (stale < batch.size() && stale_settle(*batch[stale], now)) {
+        ++stale;
+      }
+      if (stale > 0) {
+        // The stale settles at the front: set aside together, one sync.
+        if (absl::Status st = journal_->set_aside(stale); !st.ok()) {
+          replay_errors_.fetch_add(1, std::memory_order_relaxed);
+          return st;
+        }
+        stale_.fetch_add(stale, std::memory_order_relaxed);
+        if (until && std::chrono::steady_clock::now() >= *until) return ran;
+        continue;
+      }
+      std::size_t n = 0;
+      while (n < batch.size() && !stale_settle(*batch[n], now)) ++n;
+      std::vector<std::vector<std::string_view>> views(2 * n);
+      std::vector<RedisClient::EvalCall> calls(n);
+      for (std::size_t i = 0; i < n; ++i) {
+        views[2 * i].assign(batch[i]->keys.begin(), batch[i]->keys.end());
+        views[2 * i + 1].assign(batch[i]->args.begin(), batch[i]->args.end());
+        calls[i] = {views[2 * i], views[2 * i + 1]};
+      }
+      const std::vector<RedisClient::IntsOr> replies =
+          client_->eval_pipelined(detail::redis_script(), calls);
+      std::size_t done = 0;
+      while (done < n && replies[done].ok()) ++done;
+      if (absl::Status st = journal_->pop(done); !st.ok()) {
+        replay_errors_.fetch_add(1, std::memory_order_relaxed);
+        return st;
+      }
+      ran += done;
+      if (done < n) {
+        replay_errors_.fetch_add(1, std::memory_order_relaxed);
+        return replies[done].status();
+      }
+      if (until && std::chrono::steady_clock::now() >= *until) return ran;
+    }
   }
 
   absl::StatusOr<Settlement> settle_reservation(RedisReservation& r,
@@ -1121,6 +1329,9 @@ class RedisAccountant {
   }
 
   static constexpr Cost kCap = detail::kExact / 2;
+  // Journal entries per pipelined replay batch: a few hundred microseconds
+  // of Redis's time, so a slice stops close to its deadline.
+  static constexpr std::size_t kReplayBatch = 64;
 
   const PriceTable prices_;
   const std::shared_ptr<RedisClient> client_;
@@ -1129,10 +1340,12 @@ class RedisAccountant {
   std::vector<Budget> budgets_;
   std::uint64_t instance_ = 0;
   std::atomic<std::uint64_t> next_{0};
-  detail::Mutex journal_mu_;
-  std::unique_ptr<detail::SettleJournal> journal_
-      ABSL_PT_GUARDED_BY(journal_mu_);
-  std::atomic<std::size_t> pending_{0};
+  // Set by create, then only read (the journal locks itself).
+  std::unique_ptr<detail::SettleJournal> journal_;
+  // The replayer's: one at a time (a slice before a call, or
+  // replay_journal()).
+  detail::Mutex replay_mu_;
+  std::atomic<std::uint64_t> stale_{0};
   std::atomic<std::uint64_t> fallback_reserves_{0};
   std::atomic<std::uint64_t> auth_refusals_{0};
   std::atomic<std::uint64_t> journaled_{0};
