@@ -1994,34 +1994,9 @@ class Accountant {
         absl::StrCat("no budget named \"", detail::av(name), "\""));
   }
 
-  static std::string hex(std::string_view bytes) {
-    static constexpr char kHex[] = "0123456789abcdef";
-    std::string out;
-    out.reserve(2 * bytes.size());
-    for (const char c : bytes) {
-      const auto u = static_cast<unsigned char>(c);
-      out.push_back(kHex[u >> 4]);
-      out.push_back(kHex[u & 15]);
-    }
-    return out;
-  }
-
-  // The bytes of lowercase or uppercase hex `h`; nullopt for anything else.
+  static std::string hex(std::string_view bytes) { return detail::hex(bytes); }
   static std::optional<std::string> unhex(std::string_view h) {
-    if (h.size() % 2 != 0) return std::nullopt;
-    auto val = [](char c) -> int {
-      if (c >= '0' && c <= '9') return c - '0';
-      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-      if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-      return -1;
-    };
-    std::string out;
-    for (std::size_t i = 0; i < h.size(); i += 2) {
-      const int hi = val(h[i]), lo = val(h[i + 1]);
-      if (hi < 0 || lo < 0) return std::nullopt;
-      out.push_back(static_cast<char>(hi * 16 + lo));
-    }
-    return out;
+    return detail::unhex(h);
   }
 
   // Fires each soft threshold that this reservation's take crossed.

@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/strings.hpp"
 
 namespace ratekeeper {
 
@@ -48,7 +49,6 @@ namespace detail {
 // `s` as a JSON string literal, quotes included; bytes outside printable
 // ASCII as \u00XX, so any key or id stays one valid line.
 inline void append_json_quoted(std::string& out, std::string_view s) {
-  static constexpr char kHex[] = "0123456789abcdef";
   out.push_back('"');
   for (const char c : s) {
     const auto u = static_cast<unsigned char>(c);
@@ -57,8 +57,7 @@ inline void append_json_quoted(std::string& out, std::string_view s) {
       out.push_back(c);
     } else if (u < 0x20 || u >= 0x7F) {
       out += "\\u00";
-      out.push_back(kHex[u >> 4]);
-      out.push_back(kHex[u & 15]);
+      append_hex(out, std::string_view(&c, 1));
     } else {
       out.push_back(c);
     }

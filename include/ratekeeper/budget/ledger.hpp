@@ -261,12 +261,9 @@ inline std::string sha256_hex(std::string_view data) {
   std::array<unsigned char, 32> md{};
   unsigned int len = 0;
   EVP_Digest(data.data(), data.size(), md.data(), &len, EVP_sha256(), nullptr);
-  static constexpr char kHex[] = "0123456789abcdef";
   std::string out(64, '0');
-  for (std::size_t i = 0; i < 32; ++i) {
-    out[2 * i] = kHex[md[i] >> 4];
-    out[2 * i + 1] = kHex[md[i] & 15];
-  }
+  hex_into(std::string_view(reinterpret_cast<const char*>(md.data()), 32),
+           out.data());
   return out;
 }
 
@@ -1187,13 +1184,11 @@ class RecordHasher {
 
   // The hex hash of `data` (chain_hash's) into out[0..64).
   void hash(std::string_view key, std::string_view data, char* out) {
-    static constexpr char kHex[] = "0123456789abcdef";
     if (!key.empty()) {
       const Digest256 d = hmac_sha256(key, data);
-      for (std::size_t i = 0; i < 32; ++i) {
-        out[2 * i] = kHex[d[i] >> 4];
-        out[2 * i + 1] = kHex[d[i] & 15];
-      }
+      hex_into(
+          std::string_view(reinterpret_cast<const char*>(d.data()), d.size()),
+          out);
       return;
     }
     std::array<unsigned char, 32> md{};
@@ -1204,10 +1199,8 @@ class RecordHasher {
       EVP_Digest(data.data(), data.size(), md.data(), &len, EVP_sha256(),
                  nullptr);
     }
-    for (std::size_t i = 0; i < 32; ++i) {
-      out[2 * i] = kHex[md[i] >> 4];
-      out[2 * i + 1] = kHex[md[i] & 15];
-    }
+    hex_into(std::string_view(reinterpret_cast<const char*>(md.data()), len),
+             out);
   }
 
  private:

@@ -335,27 +335,12 @@ class SettleJournal {
     return h;
   }
 
-  static std::string hex(std::string_view bytes) {
-    std::string out;
-    append_hex(out, bytes);
-    return out;
-  }
+  static std::string hex(std::string_view bytes) { return detail::hex(bytes); }
 
+  // "-" is an empty field.
   static std::optional<std::string> unhex(std::string_view h) {
     if (h == "-") return std::string();
-    if (h.size() % 2 != 0) return std::nullopt;
-    std::string out;
-    auto val = [](char c) -> int {
-      if (c >= '0' && c <= '9') return c - '0';
-      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-      return -1;
-    };
-    for (std::size_t i = 0; i < h.size(); i += 2) {
-      const int hi = val(h[i]), lo = val(h[i + 1]);
-      if (hi < 0 || lo < 0) return std::nullopt;
-      out.push_back(static_cast<char>(hi * 16 + lo));
-    }
-    return out;
+    return detail::unhex(h);
   }
 
   // `untimed`: the time of a line without one (the file's mtime).

@@ -16,6 +16,8 @@
 #include <string>
 #include <string_view>
 
+#include "ratekeeper/detail/strings.hpp"
+
 namespace ratekeeper::detail {
 
 using Digest256 = std::array<unsigned char, 32>;
@@ -167,12 +169,9 @@ inline Digest256 hmac_sha256(std::string_view key, std::string_view data) {
 }
 
 inline std::string to_hex(const Digest256& d) {
-  static constexpr char kHex[] = "0123456789abcdef";
   std::string out(64, '0');
-  for (std::size_t i = 0; i < 32; ++i) {
-    out[2 * i] = kHex[d[i] >> 4];
-    out[2 * i + 1] = kHex[d[i] & 15];
-  }
+  hex_into(std::string_view(reinterpret_cast<const char*>(d.data()), d.size()),
+           out.data());
   return out;
 }
 

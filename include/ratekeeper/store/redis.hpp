@@ -1343,15 +1343,6 @@ inline absl::StatusOr<PeriodBudget> share_of(const PeriodBudget& p,
                               p.period());
 }
 
-inline void append_hex(std::string& out, std::string_view bytes) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  for (const char c : bytes) {
-    const auto u = static_cast<unsigned char>(c);
-    out.push_back(kHex[u >> 4]);
-    out.push_back(kHex[u & 15]);
-  }
-}
-
 }  // namespace detail
 
 // The Redis key of `key` under limit `name`, in the hash slot of `tag`:
