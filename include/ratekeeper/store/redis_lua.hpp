@@ -370,15 +370,20 @@ local op = ARGV[2]
 local n = #KEYS
 
 -- A budget's spend moved by `delta` in the period `index` (ending at `pend`)
--- that a reservation was made in, as PeriodBudget's refund (delta < 0: only
--- to that period) and charge (delta > 0: to that period, or to a later one
--- stored since) do.
+-- that a reservation was made in, as PeriodBudget::settle does (rules.hpp,
+-- rule 2): a refund (delta < 0) only to that period; a charge (delta > 0)
+-- to that period, replacing an earlier one; either dropped once a later
+-- period is stored (a call of yesterday never changes today). Answers the
+-- spend after, or -1 when nothing moved. A period that has ended keeps its
+-- state for the rest of its key's time to live (at least a moment), as a
+-- state in process stays until it is reclaimed.
 local function budget_move(key, index, pend, delta)
   local raw = redis.call('GET', key)
   local p, spent = index, 0
   if raw then p, spent = fields(raw) end
+  if p > index then return -1 end
   if delta < 0 then
-    if not raw or p ~= index then return 0 end
+    if not raw or p ~= index then return -1 end
     spent = spent - math.min(-delta, spent)
     if spent <= 0 then redis.call('DEL', key) return 0 end
     redis.call('SET', key, string.format('%d %d', p, spent), 'KEEPTTL')
@@ -386,11 +391,7 @@ local function budget_move(key, index, pend, delta)
   end
   if p < index then p, spent = index, 0 end
   spent = math.min(spent + delta, 4503599627370496)
-  if p == index then
-    store(key, string.format('%d %d', p, spent), pend - now)
-  else
-    redis.call('SET', key, string.format('%d %d', p, spent), 'KEEPTTL')
-  end
+  store(key, string.format('%d %d', p, spent), math.max(pend - now, 1))
   return spent
 end
 
@@ -454,7 +455,8 @@ end
 -- budget: period index, period end (us), limit, more. All or nothing, in
 -- the reservation's period, and only while its holds are out: {1, now,
 -- spent after per budget}, {0, now, the refusing budget's number}, or
--- {-3, now} (no holds out). A period over since then takes nothing.
+-- {-3, now} (no holds out). A budget that must grow where a later period
+-- is stored refuses (rules.hpp, rule 2: detail::may_grow).
 if op == 'extend' then
   local m = tonumber(ARGV[3])
   if redis.call('EXISTS', KEYS[m + 1]) == 0 then return {-3, now} end
@@ -467,7 +469,7 @@ if op == 'extend' then
     local p, spent = index, 0
     if raw then p, spent = fields(raw) end
     if p < index then p, spent = index, 0 end
-    if p == index and more > 0 and spent + more > limit then
+    if more > 0 and (p > index or spent + more > limit) then
       return {0, now, i}
     end
     states[i] = {p, spent}
