@@ -33,6 +33,8 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <memory>
@@ -307,6 +309,9 @@ void both(const F& scenario) {
   scenario(a);
   InRedis r;
   scenario(r);
+  if (std::getenv("RK_DIFF_TRACE") != nullptr) {  // to read a scenario
+    for (const std::string& line : a.trace) std::printf("%s\n", line.c_str());
+  }
   CHECK(a.trace.size() == r.trace.size());
   for (std::size_t i = 0; i < std::min(a.trace.size(), r.trace.size()); ++i) {
     INFO("observation " << i);
@@ -726,6 +731,9 @@ struct Oracle {
   std::map<std::string, Settlement> settled;
   std::set<std::string> fired;  // budget/permille/key/period
   std::vector<ThresholdEvent> events;
+  // How often the script met each case (each must be met).
+  int refused = 0, dropped = 0, cut_by_later = 0, cut_by_limit = 0,
+      ended_changes = 0, duplicates = 0;
 
   static std::string key_of(Field f, const Subject& who) {
     return subject_key(Scope(f), who).value();
@@ -761,7 +769,10 @@ struct Oracle {
           std::max<std::uint64_t>(1, amount(budgets[b].money, tokens));
       const std::int64_t p = budgets[b].period.index_of(now);
       const std::uint64_t s = in(state(b, o.who), p);
-      if (h > budgets[b].limit || s + h > budgets[b].limit) return false;
+      if (h > budgets[b].limit || s + h > budgets[b].limit) {
+        ++refused;
+        return false;
+      }
       o.period.push_back(p);
       o.held.push_back(h);
     }
@@ -781,7 +792,12 @@ struct Oracle {
     const std::int64_t p = o.period[b];
     const std::uint64_t held = o.held[b];
     o.held[b] = to;
-    if (st.spent != 0 && st.period > p) return;  // a later period: dropped
+    if (to == held) return;
+    if (st.spent != 0 && st.period > p) {  // a later period: dropped
+      ++dropped;
+      return;
+    }
+    if (p != budgets[b].period.index_of(now)) ++ended_changes;
     if (to > held) {
       if (in(st, p) == 0) st = {p, 0};
       const std::uint64_t before = st.spent;
@@ -795,6 +811,7 @@ struct Oracle {
   }
   Settlement settle(Open& o, const Usage& u, Nanos now) {
     if (const auto f = settled.find(o.id); f != settled.end()) {
+      ++duplicates;
       for (std::size_t b = 0; b < budgets.size(); ++b) move(o, b, 0, now);
       return f->second;
     }
@@ -827,8 +844,12 @@ struct Oracle {
       if (add[b] == 0) continue;
       const State& st = state(b, o.who);
       const std::int64_t p = o.period[b];
-      if (st.spent != 0 && st.period > p) return false;  // cut
+      if (st.spent != 0 && st.period > p) {  // cut
+        ++cut_by_later;
+        return false;
+      }
       if (add[b] > budgets[b].limit || in(st, p) + add[b] > budgets[b].limit) {
+        ++cut_by_limit;
         return false;
       }
     }
@@ -852,19 +873,19 @@ void random_script(B& b, std::uint64_t seed, int steps) {
   o.budgets = {{"team",
                 Field::kTeam,
                 true,
-                3'000'000,
+                6'000'000,
                 Period::calendar(PeriodKind::kDay).value(),
                 {500, 900}},
                {"user",
                 Field::kUser,
                 false,
-                2'000,
+                3'000,
                 Period::calendar(PeriodKind::kDay).value(),
                 {800}},
                {"org",
                 Field::kOrg,
                 true,
-                40'000'000,
+                200'000'000,
                 Period::calendar(PeriodKind::kMonth).value(),
                 {}}};
   for (const auto& x : o.budgets) {
@@ -889,7 +910,12 @@ void random_script(B& b, std::uint64_t seed, int steps) {
   for (int step = 0; step < steps; ++step) {
     const int what = static_cast<int>(rng() % 100);
     const std::string tag = absl::StrCat("#", step, " ");
-    if (what < 30 || live.empty()) {  // a new call, or a twin of one
+    if (what >= 86) {  // time moves on: minutes, or hours (days, months end)
+      b.at(b.now() +
+           (rng() % 6 == 0
+                ? kHour * static_cast<std::int64_t>(1 + rng() % 30)
+                : kMinute * static_cast<std::int64_t>(1 + rng() % 50)));
+    } else if (what < 30 || live.empty()) {  // a new call, or a twin of one
       Oracle::Open open;
       const bool twin = what < 4 && !live.empty();
       if (twin) {
@@ -903,6 +929,11 @@ void random_script(B& b, std::uint64_t seed, int steps) {
         open.e = {rng() % 400, rng() % 400};
       }
       auto r = b.reserve(open.who, "m", open.e, open.id);
+      if (o.settled.count(open.id) != 0) {  // a twin of one settled since
+        expect(b, tag + "reserve settled " + open.id, r.status().code(),
+               absl::StatusCode::kAlreadyExists);
+        continue;
+      }
       REQUIRE(r.ok());
       const bool granted = o.reserve(open, b.now());
       expect(b, tag + "reserve " + open.id, r->granted(), granted);
@@ -925,24 +956,19 @@ void random_script(B& b, std::uint64_t seed, int steps) {
       o.release(live[i].open, b.now());
       if (rng() % 2 == 0) live[i].res.release();
       live.erase(live.begin() + static_cast<std::ptrdiff_t>(i));
-    } else if (what < 80) {  // a stream grows
-      Live& l = live[rng() % live.size()];
+    } else if (what < 80) {  // a stream grows: often the oldest one
+      Live& l = live[rng() % 2 == 0 ? 0 : rng() % live.size()];
       const std::uint64_t so_far = rng() % 500, next = rng() % 300;
       const bool want = o.grow(l.open, so_far + next, b.now());
       expect(b, tag + "grow " + l.open.id, l.res.next_chunk_fits(so_far, next),
              want);
-    } else if (what < 86 && !done.empty()) {  // the whole call retried
+    } else if (!done.empty()) {  // the whole call retried
       const Oracle::Open& d = done[rng() % done.size()];
       expect(b, tag + "retry " + d.id,
              b.reserve(d.who, "m", d.e, d.id).status().code(),
              absl::StatusCode::kAlreadyExists);
       expect(b, tag + "found " + d.id, b.settlement(d.who, d.id),
              o.settled.at(d.id));
-    } else {  // time moves on: minutes, or hours (days and months end)
-      b.at(b.now() +
-           (rng() % 3 == 0
-                ? kHour * static_cast<std::int64_t>(1 + rng() % 30)
-                : kMinute * static_cast<std::int64_t>(1 + rng() % 50)));
     }
     for (std::size_t k = 0; k < o.budgets.size(); ++k) {
       for (const Subject& who : subjects) {
@@ -964,6 +990,19 @@ void random_script(B& b, std::uint64_t seed, int steps) {
     }
   }
   expect(b, "thresholds", b.fired, o.events);
+  INFO(b.name << ": refused " << o.refused << ", dropped " << o.dropped
+              << ", cut by a later period " << o.cut_by_later
+              << ", cut by the limit " << o.cut_by_limit
+              << ", changes in an ended period " << o.ended_changes
+              << ", duplicate settles " << o.duplicates << ", thresholds "
+              << o.events.size());
+  CHECK(o.refused > 0);
+  CHECK(o.dropped > 0);
+  CHECK(o.cut_by_later > 0);
+  CHECK(o.cut_by_limit > 0);
+  CHECK(o.ended_changes > 0);
+  CHECK(o.duplicates > 0);
+  CHECK(o.events.size() > 3);
 }
 
 }  // namespace
