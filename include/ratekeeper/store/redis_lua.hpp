@@ -374,9 +374,10 @@ local n = #KEYS
 -- rule 2): a refund (delta < 0) only to that period; a charge (delta > 0)
 -- to that period, replacing an earlier one; either dropped once a later
 -- period is stored (a call of yesterday never changes today). Answers the
--- spend after, or -1 when nothing moved. A period that has ended keeps its
--- state for the rest of its key's time to live (at least a moment), as a
--- state in process stays until it is reclaimed.
+-- spend after, or -1 when nothing moved. A change to a period that has
+-- ended is stored with the shortest time to live (2 ms; 10 min in test
+-- mode) rather than deleted at once: an ended period's state is idle, kept
+-- only until it is reclaimed, as in process.
 local function budget_move(key, index, pend, delta)
   local raw = redis.call('GET', key)
   local p, spent = index, 0
