@@ -56,6 +56,7 @@
 #include "absl/strings/escaping.h"
 #include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/budget/redis_accountant.hpp"
+#include "ratekeeper/errors.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
 #include "redis_server.hpp"
@@ -377,6 +378,16 @@ TEST_CASE(
     REQUIRE(refused.ok());
     expect(b, "refused", refused->granted(), false);
     expect(b, "by the budget", refused->refused_by_budget(), true);
+    // The refusal as the gateway answers it: 429 insufficient_quota until
+    // the month ends.
+    expect(b, "retry after", refused->decision().retry_after, 31 * kDay);
+    const Rejection rej = Rejection::budget(refused->decision());
+    expect(b, "refusal status", rej.status(), 429);
+    expect(b, "refusal limit", rej.limit, std::string("team"));
+    expect(b, "refusal message", rej.message,
+           std::string("budget \"team\" is spent for this period (1000000 "
+                       "nano-USD of 1000000); it resets at "
+                       "2027-01-01T00:00:00Z"));
     expect(b, "settle refused", refused->settle(used(1, 0)).status().code(),
            absl::StatusCode::kFailedPrecondition);
     expect(b, "spent after refusal", b.spent("team", kWho), 2'160'000u);
