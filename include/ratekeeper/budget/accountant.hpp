@@ -49,6 +49,7 @@
 #include "ratekeeper/budget/money.hpp"
 #include "ratekeeper/budget/period.hpp"
 #include "ratekeeper/budget/prices.hpp"
+#include "ratekeeper/budget/rules.hpp"
 #include "ratekeeper/budget/usage.hpp"
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/detail/mutex.hpp"
@@ -70,20 +71,6 @@ struct BudgetSpec {
   std::uint64_t limit = 0;
   std::optional<Period> period;
   std::vector<std::uint32_t> soft_permille{};
-};
-
-// Estimate: the worst case of a call before it is made.
-struct Estimate {
-  std::uint64_t prompt_tokens = 0;      // estimated input
-  std::uint64_t max_output_tokens = 0;  // the request's max_tokens
-};
-
-// Settlement: what a call was charged.
-struct Settlement {
-  Money cost;
-  std::uint64_t tokens = 0;
-  bool estimated = false;  // no usage from the provider: the counted estimate
-  friend bool operator==(const Settlement&, const Settlement&) = default;
 };
 
 // Forecast: where one subject's budget stands in its period, and where it
@@ -147,64 +134,6 @@ inline Forecast forecast_of(std::uint64_t spent, std::uint64_t limit,
                           : static_cast<std::uint64_t>(per_hour);
   }
   return f;
-}
-
-// Whether a spend going from `before` to `after` reaches `permille`
-// thousandths of `limit` (it was below, it is at or above).
-inline bool crosses(std::uint64_t before, std::uint64_t after,
-                    std::uint64_t limit, std::uint32_t permille) {
-  const u128 mark = static_cast<u128>(limit) * permille;
-  return static_cast<u128>(before) * 1000 < mark &&
-         static_cast<u128>(after) * 1000 >= mark;
-}
-
-// A settlement's amount in one budget's unit: nano-USD or tokens.
-inline Cost budget_amount(bool money, Money cost, std::uint64_t tokens) {
-  return money ? static_cast<Cost>(std::max<std::int64_t>(0, cost.nanos))
-               : tokens;
-}
-
-// What a rate limit passed to reserve() is settled to, in its unit: a token
-// limit to the tokens the provider counted (the unused estimate back, an
-// excess a debt), a money limit to the cost; nullopt for a request limit,
-// which keeps its request. Both accountants settle by it.
-inline std::optional<Cost> limit_amount(Unit unit, const Settlement& s) {
-  switch (unit) {
-    case Unit::kTokens:
-      return s.tokens;
-    case Unit::kNanoUsd:
-      return budget_amount(true, s.cost, s.tokens);
-    case Unit::kRequests:
-      break;
-  }
-  return std::nullopt;
-}
-
-// What a call without a usage object is charged: the prompt estimate and
-// the output the caller counted, flagged estimated.
-inline Usage counted_usage(const Estimate& e, std::uint64_t output) {
-  Usage u;
-  u.input_uncached = e.prompt_tokens;
-  u.output = output;
-  u.source = UsageSource::kEstimated;
-  return u;
-}
-
-// What a partial usage (UsageSource::kPartial: a stream cut short, or ended
-// by an error event) is charged, since its counts are only a lower bound:
-// the input side as the provider reported it (Anthropic's message_start
-// carries all of it), or the prompt estimate where it reported none; the
-// output at least `output_floor` (the caller's count, or the reservation's
-// worst case) and never below what the stream reported. Flagged estimated.
-// Any other usage is returned as it is.
-inline Usage partial_charge(const Usage& used, const Estimate& e,
-                            std::uint64_t output_floor) {
-  if (used.source != UsageSource::kPartial) return used;
-  Usage u = used;
-  if (u.input_total() == 0) u.input_uncached = e.prompt_tokens;
-  u.output = std::max(u.output, output_floor);
-  u.source = UsageSource::kEstimated;
-  return u;
 }
 
 }  // namespace detail
@@ -770,11 +699,10 @@ class Accountant {
         // At least one unit (a nano-USD, a token): every call holds
         // something of every budget, so a spent budget refuses even an
         // empty estimate (a zero-cost take is always admitted). The unit
-        // goes back at settle.
-        const Cost want =
-            money ? static_cast<Cost>(cost->nanos) : r.reserved_tokens_;
+        // goes back at settle (rules.hpp, rule 1).
         r.items_.push_back(
-            {b.limit.get(), std::move(key), std::max<Cost>(want, 1), money});
+            {b.limit.get(), std::move(key),
+             detail::hold_amount(money, *cost, r.reserved_tokens_), money});
       }
     }
     // Exactly once per call: a new reserve under an id settled within the
@@ -1462,8 +1390,10 @@ class Accountant {
         first != nullptr) {
       // Settled already (a retried settle, or two reservations of one id in
       // flight at once): this reservation's holds go back, the first
-      // settlement stands. Returned once durable: the release record,
-      // written after the first settle's, is waited for.
+      // settlement stands (rules.hpp, rule 3: a duplicate settles every
+      // hold to detail::settle_target(true, ...), nothing). Returned once
+      // durable: the release record, written after the first settle's, is
+      // waited for.
       seq = give_back(r);
       return *first;
     }
@@ -1503,28 +1433,31 @@ class Accountant {
   void apply_settlement(Reservation<C>& r, const Settlement& settled) {
     const Settlement* s = &settled;
     // A call's spend belongs to the period it was reserved in: each budget's
-    // receipts carry that period, in both directions (PeriodBudget::settle).
+    // receipts carry that period, in both directions (PeriodBudget::settle;
+    // rules.hpp, rule 2).
     const Nanos now = clock_.now();
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       auto& it = r.items_[i];
-      const Cost actual = detail::budget_amount(it.money, s->cost, s->tokens);
+      const Cost actual = detail::settle_target(false, it.money, *s);
       const std::optional<Decision> d = settle_item(r, i, actual, now);
       if (d && actual > it.held && on_threshold_ &&
-          it.period == budgets_[i].spec.period->index_of(now)) {
+          detail::fires_now(it.period,
+                            budgets_[i].spec.period->index_of(now))) {
         // An overage counted in the period now open fires its thresholds
-        // (one that landed in a closed period changes nothing now).
-        const std::uint64_t after = d->limit - d->remaining;
+        // (one that landed in a closed period changes nothing now), with
+        // the spend itself (a Decision's remaining stops at the limit).
+        const std::uint64_t after = spent_now(budgets_[i], it.key, now);
         const std::uint64_t extra = actual - it.held;
         fire_crossed(i, it.key, after >= extra ? after - extra : 0, after,
                      d->limit, now);
       }
       it.held = actual;
     }
-    // The rate limits, each to its unit's amount (detail::limit_amount).
+    // The rate limits, each to its unit's amount (detail::limit_target).
     for (std::size_t i = 0; i < r.first_budget_; ++i) {
       LimitResult& lr = r.decision_.results[i];
       if (!lr.receipt) continue;
-      if (const auto to = detail::limit_amount(lr.limit->unit(), *s)) {
+      if (const auto to = detail::limit_target(false, lr.limit->unit(), *s)) {
         static_cast<void>(chain_.settle(r.decision_, i, *to));
       } else {
         lr.receipt = Receipt();  // the request happened: it stays counted
@@ -1608,8 +1541,8 @@ class Accountant {
     absl::InlinedVector<Cost, 8> add;
     for (std::size_t i = 0; i < r.items_.size(); ++i) {
       const auto& it = r.items_[i];
-      const Cost want = detail::budget_amount(it.money, s->cost, s->tokens);
-      add.push_back(want > it.held ? want - it.held : 0);
+      add.push_back(detail::growth(
+          it.held, detail::budget_amount(it.money, s->cost, s->tokens)));
       if (add.back() != 0) {
         more.push_back({it.limit, it.key, add.back()});
         which.push_back(i);
@@ -1619,10 +1552,10 @@ class Accountant {
     // Like settle: in the period of the reservation, judged against what
     // that period has left. A take at the reservation's time counts in that
     // period while it is the key's current one; once a later period has
-    // opened on the key, the take would land in the later one (its
-    // receipt's placement says so): given back at once, and the stream is
-    // cut. Its own period's room is no longer known, and a call of
-    // yesterday never spends today's budget.
+    // spend on the key, the take would land in the later one (its receipt's
+    // placement says so): given back at once, and the stream is cut
+    // (rules.hpp, rule 2: detail::may_grow). Its own period's room is no
+    // longer known, and a call of yesterday never spends today's budget.
     const Nanos at = r.decision_.at;
     ChainDecision d = chain_.acquire_at(std::span<const ChainItem>(more), at);
     if (!d.allowed) return false;
@@ -1631,7 +1564,7 @@ class Accountant {
           d.results[j]
               .receipt.template placement<PeriodBudget::Placement>()
               .period;
-      if (p != r.items_[which[j]].period) {
+      if (!detail::may_grow(p, r.items_[which[j]].period)) {
         chain_.give_back(d);
         return false;
       }
@@ -1652,7 +1585,14 @@ class Accountant {
       r.items_[i].held += add[i];
     }
     if (on_threshold_) {
+      const Nanos now = clock_.now();
       for (std::size_t j = 0; j < more.size(); ++j) {
+        // Growth of a reservation whose period has ended fires nothing now
+        // (rules.hpp, rule 4).
+        if (!detail::fires_now(r.items_[which[j]].period,
+                               budgets_[which[j]].spec.period->index_of(now))) {
+          continue;
+        }
         const Decision& dj = d.results[j].decision;
         const std::uint64_t after = dj.limit - dj.remaining;
         fire_crossed(which[j], more[j].key,

@@ -258,23 +258,28 @@ class PeriodBudget {
   // settle
   //
   // A take's spend belongs to the period it was taken in, in both
-  // directions: below `taken`, the unused part is given back to that period
-  // (never below zero); above, the overage is charged to that period
+  // directions (budget/rules.hpp, rule 2): below `taken`, the unused part is
+  // given back to that period (never below zero, and only while the state
+  // holds that period); above, the overage is charged to that period
   // (saturating at kMaxLimit), even when it is settled after the period
-  // ended, as long as no later period has opened on this key. Once one has,
+  // ended, as long as no later period has spend on this key. Once one has,
   // the state holds only the new period and the old one's change is dropped
   // from it: the new period is never charged for the old one's call (the
-  // accountant's books still record it, in the old period).
+  // accountant's books still record it, in the old period). A state with
+  // nothing spent is as good as none (the store may reclaim it at any
+  // time, and Redis deletes it): it holds no period.
   State settle(const State& s, Nanos /*now*/, const Placement& p, Cost taken,
                Cost actual) const noexcept {
-    if (s.period > p.period) return s;
-    State cur = current(s, p.period);
+    if (s.spent != 0 && s.period > p.period) return s;
     if (actual > taken) {
+      State cur = current(s, p.period);
       const Cost over = actual - taken;
       cur.spent = over >= kMaxLimit - cur.spent ? kMaxLimit : cur.spent + over;
-    } else {
-      cur.spent -= std::min(taken - actual, cur.spent);
+      return cur;
     }
+    if (s.period != p.period) return s;  // nothing of that period to refund
+    State cur = s;
+    cur.spent -= std::min(taken - actual, cur.spent);
     return cur;
   }
 
@@ -307,11 +312,11 @@ class PeriodBudget {
   PeriodBudget(std::uint64_t limit, Period period)
       : limit_(limit), period_(period) {}
 
-  // `s` in period `p` (now's): a state from an earlier period starts
-  // empty; one from a later period (the clock stepped back) stays as it is:
-  // capacity never grows.
+  // `s` in period `p` (now's): a state from an earlier period, or with
+  // nothing spent, starts empty; one from a later period with spend (the
+  // clock stepped back) stays as it is: capacity never grows.
   static State current(const State& s, std::int64_t p) noexcept {
-    return p > s.period ? State{p, 0} : s;
+    return p > s.period || s.spent == 0 ? State{p, 0} : s;
   }
   // The wait from `now` to `end`, saturated below kNever: after a far
   // backward step of the clock (a state from a later period) it can exceed

@@ -9,7 +9,10 @@
 //   RedisAccountant         reserve / settle / release as one script each
 //
 // The budgets are those of Accountant (budget/accountant.hpp: BudgetSpec,
-// prices, exactly-once settles by request id), with their state in Redis:
+// prices, exactly-once settles by request id), decided by the same rules
+// (budget/rules.hpp: what is held, which period a change goes to, what a
+// duplicate settle gives back, when a threshold fires), with their state in
+// Redis:
 //
 //   - reserve: every budget of the subject, and any Redis rate limits passed
 //     along, in one script, all or nothing on the server; admitted, the
@@ -659,9 +662,10 @@ class RedisAccountant {
             "budget \"", budgets_[b].spec.name, "\": ", st.message()));
       }
       const bool money = budgets_[b].spec.unit == BudgetUnit::kNanoUsd;
-      r.items_.push_back(
-          {b, std::move(key),
-           money ? static_cast<Cost>(cost->nanos) : r.reserved_tokens_, money});
+      // At least one unit, as in process (rules.hpp, rule 1).
+      r.items_.push_back({b, std::move(key),
+                          detail::hold_amount(money, *cost, r.reserved_tokens_),
+                          money});
     }
     for (const auto& it : r.items_) {
       items.push_back({budgets_[it.budget].limit.get(), it.key, it.held});
@@ -1082,22 +1086,31 @@ class RedisAccountant {
                        used.source != UsageSource::kReported};
     absl::InlinedVector<Cost, 4> actual;
     for (const auto& it : r.items_) {
-      actual.push_back(detail::budget_amount(it.money, s.cost, s.tokens));
+      actual.push_back(detail::settle_target(false, it.money, s));
     }
     const auto e = script_call(r, "settle", actual, &s);
     absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> reply = run(e);
     Settlement out = s;
+    // The id was settled before (here or on another instance): the first
+    // settlement stands, and every hold of this reservation goes back
+    // (rules.hpp, rule 3): the script gave back its holds in Redis, the
+    // kLocal shares and the rate limits are settled to nothing below.
+    bool duplicate = false;
     if (reply.ok()) {
       if (reply->size() < 5) {
         return absl::InternalError("redis: malformed settle reply");
       }
       if ((*reply)[0] == 2) {
+        duplicate = true;
         out = Settlement{Money{(*reply)[2]},
                          static_cast<std::uint64_t>((*reply)[3]),
                          (*reply)[4] != 0};
       } else if (on_threshold_ && reply->size() == 5 + r.items_.size()) {
-        // An overage crosses thresholds too.
+        // An overage crosses thresholds too, in the period open now only
+        // (rules.hpp, rule 4): one counted in a period that has ended
+        // changes nothing now.
         for (std::size_t i = 0; i < r.items_.size(); ++i) {
+          if (!period_open_now(r, i)) continue;
           const std::int64_t after = (*reply)[5 + i];
           const Cost held = r.items_[i].held - r.items_[i].unrecorded;
           if (after < 0 || actual[i] <= held) continue;
@@ -1119,10 +1132,13 @@ class RedisAccountant {
     } else {
       return reply.status();
     }
+    if (duplicate) {
+      for (std::size_t i = 0; i < r.items_.size(); ++i) {
+        actual[i] = detail::settle_target(true, r.items_[i].money, s);
+      }
+    }
     settle_local(r, actual);
-    // A settle that found the id settled gave this reservation's holds
-    // back: its rate limits too, as in process.
-    settle_limits(r, reply.ok() && (*reply)[0] == 2 ? nullptr : &s);
+    settle_limits(r, duplicate ? nullptr : &s);
     r.done_ = true;
     r.settled_ = out;
     return out;
@@ -1131,7 +1147,7 @@ class RedisAccountant {
   // The rate limits passed to reserve(), through their receipts, as the
   // in-process Accountant settles them: given back (`s` null: released, or
   // settled as a duplicate); settled, each to its unit's amount
-  // (detail::limit_amount; a request limit keeps its request). Each limit
+  // (detail::limit_target; a request limit keeps its request). Each limit
   // by its own clock (Redis's, or a kLocal share's). A settle Redis does
   // not answer leaves that limit holding its take (the conservative side:
   // it ends with the take's window or stretch).
@@ -1142,7 +1158,7 @@ class RedisAccountant {
       Cost actual = 0;
       if (s != nullptr) {
         const std::optional<Cost> to =
-            detail::limit_amount(lr.limit->unit(), *s);
+            detail::limit_target(false, lr.limit->unit(), *s);
         if (!to) {
           lr.receipt = Receipt();  // the request happened: it stays counted
           continue;
@@ -1165,8 +1181,8 @@ class RedisAccountant {
     absl::InlinedVector<Cost, 4> add;
     bool any = false;
     for (const auto& it : r.items_) {
-      const Cost want = detail::budget_amount(it.money, *cost, u.total());
-      add.push_back(want > it.held ? want - it.held : 0);
+      add.push_back(detail::growth(
+          it.held, detail::budget_amount(it.money, *cost, u.total())));
       any = any || add.back() != 0;
     }
     if (!any) return true;
@@ -1191,7 +1207,9 @@ class RedisAccountant {
         }
         for (std::size_t i = 0; i < r.items_.size(); ++i) {
           r.items_[i].held += add[i];
-          if (on_threshold_ && add[i] > 0) {
+          // Growth in a period that has ended fires nothing now (rules.hpp,
+          // rule 4).
+          if (on_threshold_ && add[i] > 0 && period_open_now(r, i)) {
             const auto after = static_cast<std::uint64_t>((*reply)[2 + i]);
             fire_crossed(r, i, after >= add[i] ? after - add[i] : 0, after,
                          budgets_[r.items_[i].budget].limit->limit());
@@ -1234,6 +1252,13 @@ class RedisAccountant {
       r.items_[i].unrecorded += add[i];
     }
     return true;
+  }
+
+  // Whether item `i`'s period (the reservation's) is the one open now.
+  bool period_open_now(const RedisReservation& r, std::size_t i) const {
+    const Period& p = *budgets_[r.items_[i].budget].spec.period;
+    return detail::fires_now(p.index_of(r.decision_.at),
+                             p.index_of(unix_now()));
   }
 
   // Fires each soft threshold of item `i`'s budget that its spend crossed

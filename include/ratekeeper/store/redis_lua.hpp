@@ -381,15 +381,21 @@ if string.sub(op, 1, 1) == '!' then
 end
 
 -- A budget's spend moved by `delta` in the period `index` (ending at `pend`)
--- that a reservation was made in, as PeriodBudget's refund (delta < 0: only
--- to that period) and charge (delta > 0: to that period, or to a later one
--- stored since) do.
+-- that a reservation was made in, as PeriodBudget::settle does (rules.hpp,
+-- rule 2): a refund (delta < 0) only to that period; a charge (delta > 0)
+-- to that period, replacing an earlier one; either dropped once a later
+-- period is stored (a call of yesterday never changes today). Answers the
+-- spend after, or -1 when nothing moved. A change to a period that has
+-- ended is stored with the shortest time to live (2 ms; 10 min in test
+-- mode) rather than deleted at once: an ended period's state is idle, kept
+-- only until it is reclaimed, as in process.
 local function budget_move(key, index, pend, delta)
   local raw = redis.call('GET', key)
   local p, spent = index, 0
   if raw then p, spent = fields(raw) end
+  if p > index then return -1 end
   if delta < 0 then
-    if not raw or p ~= index then return 0 end
+    if not raw or p ~= index then return -1 end
     spent = spent - math.min(-delta, spent)
     if spent <= 0 then redis.call('DEL', key) return 0 end
     redis.call('SET', key, string.format('%d %d', p, spent), 'KEEPTTL')
@@ -397,11 +403,7 @@ local function budget_move(key, index, pend, delta)
   end
   if p < index then p, spent = index, 0 end
   spent = math.min(spent + delta, 4503599627370496)
-  if p == index then
-    store(key, string.format('%d %d', p, spent), pend - now)
-  else
-    redis.call('SET', key, string.format('%d %d', p, spent), 'KEEPTTL')
-  end
+  store(key, string.format('%d %d', p, spent), math.max(pend - now, 1))
   return spent
 end
 
@@ -465,7 +467,8 @@ end
 -- budget: period index, period end (us), limit, more. All or nothing, in
 -- the reservation's period, and only while its holds are out: {1, now,
 -- spent after per budget}, {0, now, the refusing budget's number}, or
--- {-3, now} (no holds out). A period over since then takes nothing.
+-- {-3, now} (no holds out). A budget that must grow where a later period
+-- is stored refuses (rules.hpp, rule 2: detail::may_grow).
 if op == 'extend' then
   local m = tonumber(ARGV[3])
   if redis.call('EXISTS', KEYS[m + 1]) == 0 then return {-3, now} end
@@ -478,7 +481,7 @@ if op == 'extend' then
     local p, spent = index, 0
     if raw then p, spent = fields(raw) end
     if p < index then p, spent = index, 0 end
-    if p == index and more > 0 and spent + more > limit then
+    if more > 0 and (p > index or spent + more > limit) then
       return {0, now, i}
     end
     states[i] = {p, spent}
