@@ -127,7 +127,7 @@ TEST_CASE(
       std::numeric_limits<std::int64_t>::max()};
   std::atomic<std::int64_t> resumed_ns{0};
   std::vector<std::atomic<std::uint64_t>> acks(nkeys);
-  std::atomic<std::uint64_t> live_refused{0}, dead_refused{0},
+  std::atomic<std::uint64_t> live_calls{0}, live_refused{0}, dead_refused{0},
       dead_refused_between{0}, dead_admitted_between{0};
   struct Sample {
     std::int64_t at_ns, latency_ns;
@@ -150,6 +150,7 @@ TEST_CASE(
         if (d.allowed) acks[k].fetch_add(1);
         if (!on_dead) {
           mine.push_back({start, end - start});
+          live_calls.fetch_add(1);
           if (!d.allowed) live_refused.fetch_add(1);
           continue;
         }
@@ -173,14 +174,23 @@ TEST_CASE(
     for (std::size_t k = 0; k < dead.size(); ++k) n += acks[k].load();
     return n;
   };
+  // Enough of the other masters' calls for a p99 (at least 2,000, over at
+  // least 1.25 s; a slow sanitizer build takes longer), with a deadline.
+  const auto enough_calls = [&](std::uint64_t from, Clock::time_point until) {
+    const auto give_up = Clock::now() + seconds(60);
+    while (live_calls.load() < from + 2'000 || Clock::now() < until) {
+      REQUIRE(Clock::now() < give_up);
+      std::this_thread::sleep_for(milliseconds(5));  // a poll
+    }
+  };
   // Load for a while (the "before" latencies), then the master dies; 250
   // ms of its admissions before that are the window the loss bound below
   // allows for replication lag.
-  std::this_thread::sleep_for(milliseconds(1'250));
+  enough_calls(0, Clock::now() + milliseconds(1'250));
   const std::uint64_t acks_window_start = dead_acks();
   std::this_thread::sleep_for(milliseconds(250));
+  cluster.node(0).stop(SIGKILL);  // returns once the master is reaped
   kill_ns = ns_of(Clock::now());
-  cluster.node(0).stop(SIGKILL);
   const std::uint64_t acks_at_kill = dead_acks();
   // The fail mode answers its keys until the replica is promoted.
   std::this_thread::sleep_for(milliseconds(500));
@@ -193,7 +203,7 @@ TEST_CASE(
     std::this_thread::sleep_for(milliseconds(5));  // a poll
   }
   // Load on the new topology for a while (the "after" latencies).
-  std::this_thread::sleep_for(milliseconds(750));
+  enough_calls(live_calls.load(), Clock::now() + milliseconds(750));
   stop = true;
   for (auto& th : threads) th.join();
 
@@ -248,13 +258,16 @@ TEST_CASE(
   // Decisions for its slots resume within 2 s of the promotion.
   CHECK(resume_ms <= 2'000.0);
   // The other masters' keys: no error, no fail-mode answer, and a p99
-  // within twice the one before the kill (or a floor of a few ms: below it
-  // a loaded 2-core machine's scheduling, not the client, sets the p99;
-  // the sanitizer presets, RATEKEEPER_TEST_SCALE < 1, get a wider one).
+  // within twice the one before the kill, or a floor of 10 ms where that
+  // is more: on a loaded 2-core machine (four client threads, six
+  // redis-servers) the scheduler, not the client, sets a p99 below it
+  // (runs here: 0.34 ms before, 0.39 ms after on a quiet moment; 2 to 5 ms
+  // in one phase or the other at a load average of 10 to 20). The
+  // sanitizer presets (RATEKEEPER_TEST_SCALE < 1) get 40 ms.
   CHECK(live_refused.load() == 0);
-  CHECK(before.size() > 1'000);
-  CHECK(after.size() > 1'000);
-  const double floor_ms = rk_test::scale() < 1.0 ? 25.0 : 5.0;
+  CHECK(before.size() >= 2'000);
+  CHECK(after.size() >= 2'000);
+  const double floor_ms = rk_test::scale() < 1.0 ? 40.0 : 10.0;
   CHECK(p99_after <= std::max(2.0 * p99_before, floor_ms));
   // The dead master's keys meanwhile: the fail mode's answers (kClosed
   // refuses), every one counted, none admitted.

@@ -32,7 +32,18 @@ class RedisServer {
   // what to install) when it cannot.
   explicit RedisServer(std::vector<std::string> extra = {})
       : extra_(std::move(extra)), port_(pick_port(extra_)) {
-    start();
+    // A port found free can be taken before redis-server binds it (tests
+    // run in parallel; a cluster node needs its bus port too): a server
+    // that exits at once is started again on another port, a few times.
+    for (int attempt = 1;; ++attempt) {
+      try {
+        start();
+        return;
+      } catch (const std::runtime_error&) {
+        if (attempt == 5) throw;
+        port_ = pick_port(extra_);
+      }
+    }
   }
   ~RedisServer() { stop(SIGTERM); }
   RedisServer(const RedisServer&) = delete;

@@ -2,9 +2,10 @@
 //
 // Defines:
 //   RedisOptions   where Redis is, the key prefix, timeouts, the pool size
-//   RedisClient    a pool of hiredis connections that runs the policies'
-//                  Lua twins by EVALSHA, loading a script again when Redis
-//                  answers NOSCRIPT (a restart, SCRIPT FLUSH)
+//   RedisClient    pools of hiredis connections (one per node, bounded)
+//                  that run the policies' Lua twins by EVALSHA, loading a
+//                  script again when Redis answers NOSCRIPT (a restart,
+//                  SCRIPT FLUSH); a circuit breaker per node
 //   RedisLimit<P>  a Limit (chain.hpp) whose state lives in Redis: each
 //                  acquire, peek, take, charge or settle is one script, one
 //                  round trip, atomic on the server, timed by Redis's TIME
@@ -18,10 +19,11 @@
 //                  (admit), kClosed (refuse) or kLocal (an in-process limit
 //                  at this instance's share); every such answer counted
 //
-// The client keeps a circuit breaker, waits on every socket against a
-// deadline, and speaks to a Redis Cluster (slot map, MOVED, ASK) when told
-// to. Needs hiredis (libhiredis-dev); CMake target ratekeeper::redis.
-// docs/redis.md has the design and the figures.
+// The client keeps a circuit breaker per node, waits on every socket
+// against a deadline, and speaks to a Redis Cluster (slot map, MOVED, ASK,
+// the map read again after a node fails) when told to. Needs hiredis
+// (libhiredis-dev); CMake target ratekeeper::redis. docs/redis.md has the
+// design and the figures.
 //
 //   auto redis = RedisClient::create({.host = "10.0.0.7", .port = 6379});
 //   auto rpm = RedisLimit<SlidingWindow>::create(
@@ -559,11 +561,10 @@ class RedisClient {
  private:
   using Deadline = std::chrono::steady_clock::time_point;
 
-  // One server of a deployment: its breaker, and its pool of connections.
-  // `open` counts the connections open to it (in use and idle), at most
-  // max_connections; `idle`, `open` and `waiters` are guarded by the
-  // client's mu_ (not annotated: a member of a nested struct cannot name
-  // it).
+  // One server of a deployment: its breaker, and its pool of connections
+  // under a lock of its own (the calls to one node never wait on another's
+  // pool). `open` counts the connections open to it (in use and idle), at
+  // most max_connections.
   struct Node {
     Node(std::string h, int p, const RedisOptions& o)
         : host(std::move(h)),
@@ -572,9 +573,10 @@ class RedisClient {
     const std::string host;
     const int port;
     detail::Breaker breaker;
-    std::vector<detail::ContextPtr> idle;
-    std::size_t open = 0;
-    std::size_t waiters = 0;
+    detail::Mutex mu;
+    std::vector<detail::ContextPtr> idle ABSL_GUARDED_BY(mu);
+    std::size_t open ABSL_GUARDED_BY(mu) = 0;
+    std::size_t waiters ABSL_GUARDED_BY(mu) = 0;
     std::condition_variable_any freed;  // a connection came back or closed
   };
 
@@ -600,10 +602,11 @@ class RedisClient {
     detail::ContextPtr c_;
   };
 
-  explicit RedisClient(RedisOptions o) : options_(std::move(o)) {
+  explicit RedisClient(RedisOptions o)
+      : options_(std::move(o)),
+        first_(new Node(options_.host, options_.port, options_)) {
     detail::MutexLock lock(&mu_);
-    nodes_.push_back(
-        std::make_unique<Node>(options_.host, options_.port, options_));
+    nodes_.push_back(std::unique_ptr<Node>(first_));
   }
 
   static Nanos steady_now() {
@@ -712,16 +715,19 @@ class RedisClient {
   // names (the configured node while the map is empty).
   std::vector<Node*> serving() const {
     detail::MutexLock lock(&mu_);
-    std::vector<Node*> out;
-    if (options_.cluster) {
-      for (Node* n : slots_) {
-        if (n != nullptr && std::find(out.begin(), out.end(), n) == out.end()) {
-          out.push_back(n);
-        }
+    if (serving_.empty()) return {first_};
+    return serving_;
+  }
+  // After the slot map changed: the nodes it names, once each.
+  void recount_serving() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    serving_.clear();
+    for (const std::atomic<Node*>& slot : slots_) {
+      Node* const n = slot.load(std::memory_order_relaxed);
+      if (n != nullptr &&
+          std::find(serving_.begin(), serving_.end(), n) == serving_.end()) {
+        serving_.push_back(n);
       }
     }
-    if (out.empty()) out.push_back(nodes_.front().get());
-    return out;
   }
 
   // PINGs each serving node whose breaker is not closed, on a fresh
@@ -812,13 +818,15 @@ class RedisClient {
         return r;
       }
       node = node_at(std::string(rest.substr(sp + 1, colon - sp - 1)), port);
-      if (moved) {
+      if (moved && options_.cluster) {  // (one server: no map to keep)
         {
           detail::MutexLock lock(&mu_);
-          slots_[static_cast<std::size_t>(slot)] = node;
+          slots_[static_cast<std::size_t>(slot)].store(
+              node, std::memory_order_release);
+          recount_serving();
         }
         // A slot moved: others may have too (a failover, a resharding).
-        if (options_.cluster) request(refresh_asked_);
+        request(refresh_asked_);
       }
       asking = ask;
     }
@@ -1027,21 +1035,19 @@ class RedisClient {
   // likely as dead); other nodes' pools are left alone.
   void drop_idle(Node& node) {
     std::vector<detail::ContextPtr> dead;
-    detail::MutexLock lock(&mu_);
+    detail::MutexLock lock(&node.mu);
     dead.swap(node.idle);
     node.open -= dead.size();
     if (node.waiters > 0 && !dead.empty()) node.freed.notify_all();
   }
 
-  Node* first_node() const {
-    detail::MutexLock lock(&mu_);
-    return nodes_.front().get();
-  }
+  // Without a lock: the first node never changes, and a slot's entry is
+  // an atomic pointer to a node that is never removed.
+  Node* first_node() const { return first_; }
   Node* node_for(std::string_view key) const {
-    if (!options_.cluster) return first_node();
-    detail::MutexLock lock(&mu_);
-    Node* n = slots_[detail::key_slot(key)];
-    return n != nullptr ? n : nodes_.front().get();
+    if (!options_.cluster) return first_;
+    Node* n = slots_[detail::key_slot(key)].load(std::memory_order_acquire);
+    return n != nullptr ? n : first_;
   }
   Node* node_at(std::string host, int port) {
     detail::MutexLock lock(&mu_);
@@ -1092,9 +1098,12 @@ class RedisClient {
       detail::MutexLock lock(&mu_);
       for (long long slot = std::max(0LL, range.element[0]->integer);
            slot <= range.element[1]->integer && slot < 16384; ++slot) {
-        slots_[static_cast<std::size_t>(slot)] = n;
+        slots_[static_cast<std::size_t>(slot)].store(n,
+                                                     std::memory_order_release);
       }
     }
+    detail::MutexLock lock(&mu_);
+    recount_serving();
     return absl::OkStatus();
   }
 
@@ -1175,7 +1184,7 @@ class RedisClient {
   absl::StatusOr<Conn> take(Node& node, Deadline deadline,
                             Deadline* after_connect = nullptr) {
     {
-      detail::MutexLock lock(&mu_);
+      detail::MutexLock lock(&node.mu);
       for (;;) {
         if (!node.idle.empty()) {
           detail::ContextPtr c = std::move(node.idle.back());
@@ -1193,7 +1202,7 @@ class RedisClient {
               " connections busy until the call's deadline (not run)")));
         }
         ++node.waiters;
-        node.freed.wait_until(mu_, deadline);
+        node.freed.wait_until(node.mu, deadline);
         --node.waiters;
       }
     }
@@ -1212,7 +1221,7 @@ class RedisClient {
   void put_back(Node* node, Conn conn) {
     detail::ContextPtr c = conn.release();
     detail::ContextPtr spare;  // closed after the lock is released
-    detail::MutexLock lock(&mu_);
+    detail::MutexLock lock(&node->mu);
     if (node->idle.size() < options_.pool_size) {
       node->idle.push_back(std::move(c));
     } else {
@@ -1225,7 +1234,7 @@ class RedisClient {
   // A connection of `node` closed (`c`, null when the open failed).
   void discard(Node& node, detail::ContextPtr c) {
     c.reset();
-    detail::MutexLock lock(&mu_);
+    detail::MutexLock lock(&node.mu);
     --node.open;
     if (node.waiters > 0) node.freed.notify_one();
   }
@@ -1345,11 +1354,13 @@ class RedisClient {
   }
 
   const RedisOptions options_;
+  Node* const first_;  // the configured server, nodes_[0]
   mutable detail::Mutex mu_;
-  // nodes_[0] is the configured server; nodes are never removed, so Node
-  // pointers stay valid.
+  // Nodes are never removed, so Node pointers stay valid.
   std::vector<std::unique_ptr<Node>> nodes_ ABSL_GUARDED_BY(mu_);
-  std::array<Node*, 16384> slots_ ABSL_GUARDED_BY(mu_){};
+  // The slot map: read without a lock, written under mu_.
+  std::array<std::atomic<Node*>, 16384> slots_{};
+  std::vector<Node*> serving_ ABSL_GUARDED_BY(mu_);  // recount_serving()
   std::size_t refresh_cursor_ ABSL_GUARDED_BY(mu_) = 0;
   std::atomic<std::uint64_t> slot_refreshes_{0};
   // The background thread (maintain()): asked by the flags, woken by
