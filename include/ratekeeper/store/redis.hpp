@@ -83,7 +83,7 @@
 
 namespace ratekeeper {
 
-// RedisOptions: one Redis server.
+// RedisOptions: one Redis server, or a Redis Cluster (`cluster`).
 //   prefix           put before every key ratekeeper writes
 //   connect_timeout  per connection attempt
 //   command_timeout  per call, all its round trips together (a script
@@ -100,10 +100,12 @@ namespace ratekeeper {
 //                    failure opens it again for twice as long, up to
 //                    breaker_max_open
 //   breaker_max_open the longest it stays open, and so the bound on
-//                    recovery: once Redis answers again, the first call
-//                    made breaker_max_open after that goes to it (and,
+//                    recovery without probes (probe_interval 0): once
+//                    Redis answers again, the first call made
+//                    breaker_max_open after that goes to it (and,
 //                    answered, closes the breaker); add one timeout if a
-//                    probe was already waiting when Redis came back.
+//                    probe was already waiting when Redis came back. With
+//                    probes (the default) about one probe_interval.
 //                    create() refuses breaker_failures < 1,
 //                    breaker_open <= 0 and breaker_max_open < breaker_open
 //                    (huge values saturate: open "for ever")
