@@ -278,6 +278,13 @@ TEST_CASE(
   CHECK(client->slot_refreshes() >= 1);
   CHECK(client->node_of(redis_key("rkf:", "fo", "", dead[0])) ==
         "127.0.0.1:" + std::to_string(cluster.port(3)));
+  // The breakers answer for the nodes that serve slots now: the dead
+  // master's, open, no longer counts; the promoted replica's is closed.
+  CHECK(client->breaker_state() == detail::Breaker::State::kClosed);
+  CHECK_FALSE(client->breaker_refuses());
+  CHECK(client->breaker_state(redis_key("rkf:", "fo", "", dead[0])) ==
+        detail::Breaker::State::kClosed);
+  CHECK(client->breaker_trips() >= 1);  // the dead master's opened
   // What asynchronous replication lost: at most the admissions of the
   // replica's lag (here under 250 ms: lag x rate).
   CHECK(lost <= acks_at_kill - acks_window_start);
@@ -296,6 +303,8 @@ struct LossRun {
   int admitted_after = 0;   // what the promoted replica still allowed
   double lag_ms = 0;
   bool breaker_closed_in_lag = false;
+  std::string last_error;                        // the limit's, after the lag
+  absl::Status unreplicated = absl::OkStatus();  // a plain script's, in it
 };
 constexpr Cost kLossBurst = 100;
 constexpr int kLossLimit = static_cast<int>(kLossBurst);
@@ -318,9 +327,14 @@ LossRun lose_replication(int wait_replicas) {
                    .value();
   const std::string key =
       keys_on(*client, "rkl:", "loss", cluster.port(0), 1).front();
-  for (int i = 0; i < kReplicated; ++i) {
-    REQUIRE(limit->acquire(key, 1, Nanos{0}).allowed);
-  }
+  // Single calls, and a pipelined batch of two (one WAIT for the batch).
+  const auto call = [&](bool batch) {
+    if (!batch) return std::vector<Decision>{limit->acquire(key, 1, Nanos{0})};
+    const RedisLimit<TokenBucket>::Request two[] = {{key, 1}, {key, 1}};
+    return limit->acquire_batch(two, Nanos{0});
+  };
+  for (int i = 0; i < kReplicated - 2; ++i) REQUIRE(call(false)[0].allowed);
+  for (const Decision& d : call(true)) REQUIRE(d.allowed);
   cluster.wait_replicated(0);
   // The lag: the replica stopped, and the master's link to it cut, so that
   // nothing more reaches even its socket buffer.
@@ -328,10 +342,20 @@ LossRun lose_replication(int wait_replicas) {
   REQUIRE(cluster.command(0, "CLIENT KILL TYPE replica") == "1");
   LossRun run;
   const auto lag_start = Clock::now();
-  for (int i = 0; i < kLagging; ++i) {
-    const Decision d = limit->acquire(key, 1, Nanos{0});
-    (d.allowed ? run.acked_lagging : run.refused_lagging) += 1;
+  for (int i = 0; i < kLagging - 1; ++i) {
+    for (const Decision& d : call(i == 0)) {
+      (d.allowed ? run.acked_lagging : run.refused_lagging) += 1;
+    }
   }
+  run.last_error = limit->last_error();
+  // Any script that writes, by the client itself (a key of the same node).
+  const std::string other =
+      redis_key("rkl:", "other", "",
+                keys_on(*client, "rkl:", "other", cluster.port(0), 1).front());
+  const RedisScript incr("return redis.call('INCR', KEYS[1])");
+  const std::string_view incr_keys[] = {other};
+  const auto incr_r = client->eval_ints(incr, incr_keys, {});
+  run.unreplicated = incr_r.ok() ? absl::OkStatus() : incr_r.status();
   run.breaker_closed_in_lag =
       client->breaker_state(redis_key("rkl:", "loss", "", key)) ==
       detail::Breaker::State::kClosed;
@@ -388,6 +412,7 @@ TEST_CASE(
     std::fflush(stdout);
     CHECK(r.acked_lagging == kLagging);  // the master alone acknowledged
     CHECK(over == r.acked_lagging);      // every one of them lost
+    CHECK(r.unreplicated.ok());          // no WAIT: the master's answer
   }
   SECTION("with WAIT 1: a write no replica acknowledged is the fail mode's") {
     const LossRun r = lose_replication(1);
@@ -401,6 +426,10 @@ TEST_CASE(
     std::fflush(stdout);
     CHECK(r.acked_lagging == 0);
     CHECK(r.refused_lagging == kLagging);
+    // Why, and that the write may have run (the master ran it).
+    CHECK(r.last_error.find("WAIT") != std::string::npos);
+    CHECK(absl::IsUnavailable(r.unreplicated));
+    CHECK(RedisClient::may_have_run(r.unreplicated));
     // A WAIT the replicas did not meet is the node's answer: its breaker
     // stays closed (no "Redis is away").
     CHECK(r.breaker_closed_in_lag);
@@ -535,4 +564,35 @@ TEST_CASE(
   CHECK(silent->breaker_refuses());
   CHECK_FALSE(silent->command({"PING"}).ok());
   CHECK(silent->breaker_trips() == 1);
+}
+
+TEST_CASE("create refuses failover options it cannot honour", "[redis][i16]") {
+  const auto code = [](const RedisOptions& o) {
+    return RedisClient::create(o).status().code();
+  };
+  const auto invalid = absl::StatusCode::kInvalidArgument;
+  RedisOptions o;
+  o.max_connections = 0;
+  CHECK(code(o) == invalid);
+  o = {};
+  o.probe_interval = Nanos{-1};
+  CHECK(code(o) == invalid);
+  o = {};
+  o.slots_refresh_interval = Nanos{-1};
+  CHECK(code(o) == invalid);
+  o = {};
+  o.wait_replicas = -1;
+  CHECK(code(o) == invalid);
+  o = {};
+  o.wait_replicas = 1;
+  o.wait_timeout = Nanos{0};
+  CHECK(code(o) == invalid);
+  o.wait_timeout = o.command_timeout;  // WAIT's answer would come too late
+  CHECK(code(o) == invalid);
+  // Just below the time-out is accepted (nothing listens on port 1: the
+  // client is returned all the same with start_unreachable).
+  o.wait_timeout = o.command_timeout - Nanos{1};
+  o.port = 1;
+  o.start_unreachable = true;
+  CHECK(RedisClient::create(o).ok());
 }
