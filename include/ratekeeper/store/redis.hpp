@@ -615,6 +615,11 @@ class RedisClient {
     return std::chrono::duration_cast<Nanos>(
         std::chrono::steady_clock::now().time_since_epoch());
   }
+  // Now plus `d`, saturating (an interval near Nanos::max(): never).
+  static Nanos later(Nanos d) {
+    const Nanos now = steady_now();
+    return now > Nanos::max() - d ? Nanos::max() : now + d;
+  }
 
   // A failure that says Redis did not answer (counted by the breaker): a
   // kUnavailable that is not an answer (a WAIT that fewer replicas met is
@@ -682,7 +687,7 @@ class RedisClient {
           steady_now() >= next_refresh) {
         refresh_asked_.store(false, std::memory_order_release);
         refresh_slots();
-        next_refresh = steady_now() + options_.slots_refresh_interval;
+        next_refresh = later(options_.slots_refresh_interval);
       }
       bool probing = false;
       if (options_.probe_interval > Nanos{0}) {
@@ -694,8 +699,7 @@ class RedisClient {
       if (refresh_asked_.load(std::memory_order_acquire)) {
         until = next_refresh;
       }
-      if (probing)
-        until = std::min(until, steady_now() + options_.probe_interval);
+      if (probing) until = std::min(until, later(options_.probe_interval));
       std::unique_lock<std::mutex> lock(bg_mu_);
       const auto woken = [this] { return bg_stop_ || bg_kicked_; };
       if (until == Nanos::max()) {
