@@ -5,7 +5,8 @@
 #   scripts/install-deps.sh            everything for `make demo` (and the
 #                                      release preset, tests included)
 #   scripts/install-deps.sh --test     plus what `make test` needs (clang 14,
-#                                      its sanitizer runtimes, clang-format 14)
+#                                      its sanitizer runtimes, clang-format 14,
+#                                      stunnel4 and openssl for the TLS test)
 #   scripts/install-deps.sh --bench    plus what `make bench` needs (Google
 #                                      Benchmark, python3, gnuplot)
 #   scripts/install-deps.sh --aarch64  what `make test-aarch64` needs: the
@@ -18,7 +19,7 @@ packages=(cmake ninja-build g++ make pkg-config libabsl-dev libfmt-dev catch2
           libcpp-httplib-dev nlohmann-json3-dev libssl-dev tzdata libhiredis-dev
           redis-server)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(clang-14 libclang-rt-14-dev clang-format-14)
+  packages+=(clang-14 libclang-rt-14-dev clang-format-14 stunnel4 openssl)
 elif [[ "${1:-}" == "--bench" ]]; then
   packages+=(libbenchmark-dev python3 gnuplot-nox)
 elif [[ "${1:-}" == "--aarch64" ]]; then

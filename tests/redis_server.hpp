@@ -151,7 +151,11 @@ class RedisServer {
     bool ok = false;
     if (c != nullptr && c->err == 0) {
       auto* r = static_cast<redisReply*>(redisCommand(c, "PING"));
-      ok = r != nullptr && r->type == REDIS_REPLY_STATUS;
+      // A server started with --requirepass answers NOAUTH: it is up.
+      ok = r != nullptr &&
+           (r->type == REDIS_REPLY_STATUS ||
+            (r->type == REDIS_REPLY_ERROR &&
+             std::string(r->str, r->len).rfind("NOAUTH", 0) == 0));
       if (r != nullptr) freeReplyObject(r);
     }
     if (c != nullptr) redisFree(c);

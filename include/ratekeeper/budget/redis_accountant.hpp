@@ -431,7 +431,8 @@ class RedisAccountant {
   //
   // As Accountant::add_budget, with the budget's behaviour when Redis
   // cannot answer (`redis.fail`; kLocal with `redis.instances`). Before the
-  // first reserve.
+  // first reserve. A budget is kept under its tenant: `redis.scope`
+  // kGlobal is kInvalidArgument.
   absl::Status add_budget(const BudgetSpec& spec,
                           RedisLimitOptions redis = {}) {
     if (!spec.period) {
@@ -449,6 +450,15 @@ class RedisAccountant {
     if (!policy.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "budget \"", spec.name, "\": ", policy.status().message()));
+    }
+    if (redis.scope != RedisScope::kTenant) {
+      // Its keys, reservation and settlement live in the tenant's slot, in
+      // the scripts that settle them.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "budget \"", spec.name,
+          "\": a budget is kept under its tenant (RedisScope::kTenant); a "
+          "spend shared across tenants is a budget whose scope holds the "
+          "tenant's fields, or a kGlobal rate limit passed to reserve()"));
     }
     redis.test_time = static_cast<bool>(options_.test_clock);
     auto limit = RedisLimit<PeriodBudget>::create(
@@ -473,6 +483,10 @@ class RedisAccountant {
   // The rate limits are settled with the reservation: at settle() a token
   // limit to the tokens used and a money limit to the cost (a request limit
   // keeps its request); at release() or drop, given back.
+  //
+  // A kGlobal limit (RedisScope) counts once across tenants; on a Cluster,
+  // when its key is outside the tenant's slot, it is one more round trip
+  // (RedisChain: all or nothing still).
   absl::StatusOr<RedisReservation> reserve(
       const Subject& who, std::string_view model, const Estimate& e,
       std::string request_id, std::span<const ChainItem> limits = {}) {
@@ -551,7 +565,11 @@ class RedisAccountant {
     }
     r.decision_ = std::move(o.decision);
     r.backed_ = o.reached;
-    if (!o.reached) {
+    if (!o.reached && RedisClient::is_auth_error(o.error)) {
+      // Credentials or permissions refused: refused whatever the fail
+      // modes say (RedisLimitBase::fail), counted on their own; nothing ran.
+      auth_refusals_.fetch_add(1, std::memory_order_relaxed);
+    } else if (!o.reached) {
       fallback_reserves_.fetch_add(1, std::memory_order_relaxed);
       for (const auto& it : r.items_) {
         if (budgets_[it.budget].limit->local_limit() != nullptr)
@@ -599,6 +617,11 @@ class RedisAccountant {
   // Reservations decided by the fail modes, and settles/releases journaled.
   std::uint64_t fallback_reserves() const noexcept {
     return fallback_reserves_.load(std::memory_order_relaxed);
+  }
+  // Reservations refused because Redis refused the client's credentials
+  // or the user's permissions (RedisClient::is_auth_error).
+  std::uint64_t auth_refusals() const noexcept {
+    return auth_refusals_.load(std::memory_order_relaxed);
   }
   std::uint64_t journaled() const noexcept {
     return journaled_.load(std::memory_order_relaxed);
@@ -891,7 +914,11 @@ class RedisAccountant {
                        budgets_[r.items_[i].budget].limit->limit());
         }
       }
-    } else if (absl::IsUnavailable(reply.status())) {
+    } else if (absl::IsUnavailable(reply.status()) ||
+               (RedisClient::is_auth_error(reply.status()) &&
+                journal_ != nullptr)) {
+      // Credentials refused: nothing ran, and the charge is kept in the
+      // journal until they work again (without a journal, the status).
       if (absl::Status st = journal_entry(e); !st.ok()) {
         // Not journaled: nothing happened that a later settle cannot do.
         return st;
@@ -1085,7 +1112,8 @@ class RedisAccountant {
     if (!r.backed_) return;  // nothing held in Redis
     const auto e = script_call(r, "release", {}, nullptr);
     absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> reply = run(e);
-    if (!reply.ok() && absl::IsUnavailable(reply.status())) {
+    if (!reply.ok() && (absl::IsUnavailable(reply.status()) ||
+                        RedisClient::is_auth_error(reply.status()))) {
       // Journaled, or (no journal) held until the period ends: the
       // conservative side.
       static_cast<void>(journal_entry(e));
@@ -1106,6 +1134,7 @@ class RedisAccountant {
       ABSL_PT_GUARDED_BY(journal_mu_);
   std::atomic<std::size_t> pending_{0};
   std::atomic<std::uint64_t> fallback_reserves_{0};
+  std::atomic<std::uint64_t> auth_refusals_{0};
   std::atomic<std::uint64_t> journaled_{0};
   std::atomic<std::uint64_t> replay_errors_{0};
   std::atomic<std::int64_t> next_replay_{0};  // steady clock ticks

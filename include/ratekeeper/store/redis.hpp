@@ -1,7 +1,9 @@
 // ratekeeper/store/redis.hpp: limits kept in Redis, shared by every instance.
 //
 // Defines:
-//   RedisOptions   where Redis is, the key prefix, timeouts, the pool size
+//   RedisOptions   where Redis is, the key prefix, timeouts, the pool size,
+//                  credentials (AUTH, SELECT), an address map for tunnels,
+//                  failover (pool bound, probes, slot map reads, WAIT)
 //   RedisClient    pools of hiredis connections (one per node, bounded)
 //                  that run the policies' Lua twins by EVALSHA, loading a
 //                  script again when Redis answers NOSCRIPT (a restart,
@@ -12,7 +14,10 @@
 //                  so that instances with skewed clocks share one clock; a
 //                  take's Receipt is placed and settled by Redis's clock
 //   RedisChain     several Redis limits for one call in one script, all or
-//                  nothing on the server
+//                  nothing on the server (one script per Cluster slot when
+//                  it mixes scopes: all or nothing through receipts)
+//   RedisScope     whether a limit's key counts per tenant in a chain (the
+//                  default) or once for all (kGlobal)
 //   RedisLease     quota leasing: a key's tokens taken a batch at a time,
 //                  served in process
 //   FailMode       what a RedisLimit answers when Redis cannot: kOpen
@@ -52,6 +57,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -68,6 +74,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/cord.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "ratekeeper/budget/period.hpp"
@@ -129,6 +136,32 @@ struct RedisOptions {
   // answering by their fail modes until Redis answers (a Cluster's slot map
   // is then learned from MOVED replies).
   bool start_unreachable = false;
+  // Credentials (managed Redis, ACL users; docs/redis.md "Credentials").
+  // Every new connection (the pool's, each Cluster node's, every
+  // reconnect) sends AUTH [username] password, then SELECT db when db is
+  // not 0, before its first command and within connect_timeout.
+  //   username  an ACL user (Redis 6+); empty: the default user. Needs a
+  //             password.
+  //   password  empty: no AUTH. Never put in a status or a log.
+  //   db        the database number, 0 to kMaxDb; 0 only with cluster
+  //             (Redis Cluster has database 0 only)
+  // create() refuses bad ones with kInvalidArgument; credentials Redis
+  // refuses are kUnauthenticated (AUTH refused, or none given where Redis
+  // wants one) and a user without a command or key the library needs is
+  // kPermissionDenied, both naming the user. After create, such an error
+  // refuses the call whatever the limit's fail mode (never admitted as if
+  // Redis were down), counted in RedisLimitBase::auth_failures().
+  std::string username{};
+  std::string password{};
+  int db = 0;
+  static constexpr int kMaxDb = 1023;
+  // Where to connect for a node, for nodes reached through a local tunnel
+  // (TLS by stunnel, docs/redis.md "TLS"): "host:port" as Redis names the
+  // node (CLUSTER SLOTS, MOVED, ASK) -> "host:port" to connect to. A node
+  // not in the map is connected to as named. Routing keeps the node's name
+  // (slots, redirections); only the socket goes elsewhere. Applies to the
+  // configured host:port too.
+  std::map<std::string, std::string> address_map{};
   // Failover, bounded pools, recovery (docs/redis.md, "Redis Cluster" and
   // "When Redis cannot answer"). Each node (the one server, or each Cluster
   // node) has a breaker and a pool of its own.
@@ -336,14 +369,26 @@ class RedisClient {
  public:
   // create
   //
-  // Checks that Redis answers (one PING on a first connection).
-  // kUnavailable when it does not (unless options.start_unreachable);
+  // Checks that Redis answers (one PING on a first connection, after its
+  // AUTH and SELECT) and, with credentials, that the user may run what the
+  // library runs (a probe script: SCRIPT LOAD, EVALSHA, EVAL and, inside,
+  // TIME, GET, SET, DEL, EXISTS on a key under the prefix; it writes
+  // nothing). kUnavailable when Redis does not answer (unless
+  // options.start_unreachable); kUnauthenticated / kPermissionDenied for
+  // credentials Redis refuses (whatever start_unreachable says);
   // kInvalidArgument for bad options.
   static absl::StatusOr<std::shared_ptr<RedisClient>> create(
       RedisOptions options) {
     if (options.port <= 0 || options.port > 65535) {
       return absl::InvalidArgumentError(
           absl::StrCat("RedisOptions: port ", options.port));
+    }
+    if (options.prefix.find_first_of("{}") != std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "RedisOptions: prefix \"", absl::CEscape(options.prefix),
+          "\" holds '{' or '}': on a Redis Cluster it would be the hash tag "
+          "of every key (all of them in one slot, the tenants' tags "
+          "ignored); use a prefix without braces"));
     }
     if (options.connect_timeout <= Nanos{0} ||
         options.command_timeout <= Nanos{0}) {
@@ -371,26 +416,59 @@ class RedisClient {
           "replicas to wait for wait_timeout must be positive and below "
           "command_timeout");
     }
+    if (options.db < 0 || options.db > RedisOptions::kMaxDb) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("RedisOptions: db ", options.db, " (0 to ",
+                       RedisOptions::kMaxDb, ")"));
+    }
+    if (options.db != 0 && options.cluster) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("RedisOptions: db ", options.db,
+                       " with cluster: Redis Cluster has database 0 only"));
+    }
+    if (!options.username.empty() && options.password.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "RedisOptions: user \"", options.username, "\" without a password"));
+    }
+    for (const auto& [from, to] : options.address_map) {
+      std::string h;
+      int p = 0;
+      if (!split_address(from, h, p) || !split_address(to, h, p)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("RedisOptions: address_map \"", from, "\" -> \"", to,
+                         "\": both must be host:port"));
+      }
+    }
     std::shared_ptr<RedisClient> c(new RedisClient(std::move(options)));
-    const bool lenient = c->options_.start_unreachable;
+    // Only "Redis does not answer" may be waved through: credentials Redis
+    // refuses are never a reason to start.
+    const auto soft = [&c](const absl::Status& st) {
+      return c->options_.start_unreachable && absl::IsUnavailable(st);
+    };
     Node* first = c->first_node();
     absl::StatusOr<Conn> conn = c->take(*first, c->command_deadline());
     if (!conn.ok()) {
-      if (lenient) return c;
+      if (soft(conn.status())) return c;
       return conn.status();
     }
     const std::string_view ping[] = {"PING"};
     absl::StatusOr<detail::ReplyPtr> pong = c->roundtrip(**conn, ping);
+    if (pong.ok() && (*pong)->type == REDIS_REPLY_ERROR) {
+      pong = c->as_user(reply_error({(*pong)->str, (*pong)->len}));
+    }
     if (!pong.ok()) {
-      if (lenient) return c;
+      if (soft(pong.status())) return c;
       return pong.status();
     }
     if (c->options_.cluster) {
-      if (absl::Status st = c->learn_slots(**conn); !st.ok() && !lenient) {
-        return st;
+      if (absl::Status st = c->learn_slots(**conn); !st.ok() && !soft(st)) {
+        return c->as_user(st);
       }
     }
     c->put_back(first, *std::move(conn));
+    if (!c->options_.password.empty()) {
+      if (absl::Status st = c->probe(); !st.ok() && !soft(st)) return st;
+    }
     return c;
   }
 
@@ -404,6 +482,13 @@ class RedisClient {
   }
   RedisClient(const RedisClient&) = delete;
   RedisClient& operator=(const RedisClient&) = delete;
+
+  // Whether `st` says the credentials were refused (kUnauthenticated) or
+  // the user may not run a command or touch a key (kPermissionDenied):
+  // Redis answered, and will answer the same until an operator acts.
+  static bool is_auth_error(const absl::Status& st) {
+    return absl::IsUnauthenticated(st) || absl::IsPermissionDenied(st);
+  }
 
   // The node a key's slot belongs to, as "host:port" (cluster; else the
   // one server).
@@ -854,6 +939,10 @@ class RedisClient {
       const std::string_view a[] = {"ASKING"};
       absl::StatusOr<detail::ReplyPtr> ok = roundtrip(**conn, a, deadline);
       if (!ok.ok()) return ok.status();
+      if ((*ok)->type == REDIS_REPLY_ERROR) {  // NOPERM: no +asking
+        put_back(&node, *std::move(conn));
+        return reply_error({(*ok)->str, (*ok)->len});
+      }
     }
     std::string sha = known_sha(script);
     for (int attempt = 0; attempt < 2; ++attempt) {
@@ -908,7 +997,23 @@ class RedisClient {
   // running too long, no master, out of memory): those are kUnavailable,
   // like no answer (the fail mode answers; a settle is journaled), marked
   // "(not run)"; any other error is kInternal.
+  //
+  // Credentials refused (NOAUTH: none given where Redis wants one;
+  // WRONGPASS) are kUnauthenticated, a command or key the user may not
+  // touch (NOPERM, and a script's command refused by the ACL) is
+  // kPermissionDenied: both not run, and not "Redis is down".
   static absl::Status reply_error(std::string_view msg) {
+    if (msg.substr(0, 6) == "NOAUTH" || msg.substr(0, 9) == "WRONGPASS") {
+      return not_run(absl::UnauthenticatedError(
+          absl::StrCat("redis: ", detail::av(msg), " (not run)")));
+    }
+    constexpr std::string_view kScriptAcl =
+        "ERR The user executing the script can";  // 't run ... / 't access
+    if (msg.substr(0, 6) == "NOPERM" ||
+        msg.substr(0, kScriptAcl.size()) == kScriptAcl) {
+      return not_run(absl::PermissionDeniedError(
+          absl::StrCat("redis: ", detail::av(msg), " (not run)")));
+    }
     for (const std::string_view transient :
          {"LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "OOM"}) {
       if (msg.substr(0, transient.size()) == transient &&
@@ -1030,6 +1135,7 @@ class RedisClient {
     if (reply.type == REDIS_REPLY_ERROR) {
       out.assign(reply.str, reply.len);
       put_back(&node, *std::move(conn));
+      if (absl::Status st = reply_error(out); is_auth_error(st)) return st;
       return absl::InternalError(absl::StrCat("redis: ", out));
     }
     append_text(reply, out);
@@ -1073,6 +1179,12 @@ class RedisClient {
     absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv);
     if (!r.ok()) return r.status();
     const redisReply& top = **r;
+    if (top.type == REDIS_REPLY_ERROR) {
+      if (absl::Status st = reply_error({top.str, top.len});
+          is_auth_error(st)) {
+        return st;
+      }
+    }
     if (top.type != REDIS_REPLY_ARRAY) {
       return absl::FailedPreconditionError(
           "redis: CLUSTER SLOTS failed (is cluster mode enabled?)");
@@ -1134,11 +1246,32 @@ class RedisClient {
   // A connection, non-blocking: every wait below is a ppoll() against a
   // deadline, exact to the microsecond (socket timeouts would round up to
   // the kernel's tick).
+  //
+  // Then readied, within the same connect_timeout: AUTH and SELECT
+  // (RedisOptions's credentials). Credentials refused make every new
+  // connection fail at once for breaker_open, with the same status: a
+  // wrong password does not cost a connection per call.
   absl::StatusOr<detail::ContextPtr> open(const Node& node) const {
     const auto deadline = std::chrono::steady_clock::now() +
                           std::chrono::duration_cast<std::chrono::nanoseconds>(
                               options_.connect_timeout);
-    detail::ContextPtr c(redisConnectNonBlock(node.host.c_str(), node.port));
+    {
+      detail::MutexLock lock(&auth_mu_);
+      if (!auth_refused_.ok() &&
+          std::chrono::steady_clock::now() < auth_retry_at_) {
+        return auth_refused_;
+      }
+    }
+    std::string host = node.host;
+    int port = node.port;
+    if (!options_.address_map.empty()) {
+      const auto to =
+          options_.address_map.find(absl::StrCat(node.host, ":", node.port));
+      if (to != options_.address_map.end()) {
+        split_address(to->second, host, port);  // checked by create()
+      }
+    }
+    detail::ContextPtr c(redisConnectNonBlock(host.c_str(), port));
     if (c == nullptr) {
       return absl::ResourceExhaustedError("redis: cannot allocate a context");
     }
@@ -1152,7 +1285,108 @@ class RedisClient {
     if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
       return not_run(unavailable(std::strerror(err != 0 ? err : errno)));
     }
+    if (absl::Status st = ready(*c, deadline); !st.ok()) return not_run(st);
     return c;
+  }
+
+  // AUTH and SELECT on a new connection. Statuses name the user, never
+  // the password (Redis's replies do not carry it either).
+  absl::Status ready(redisContext& c,
+                     std::chrono::steady_clock::time_point deadline) const {
+    absl::Status refused;
+    if (!options_.password.empty()) {
+      absl::InlinedVector<std::string_view, 3> argv = {"AUTH"};
+      if (!options_.username.empty()) argv.push_back(options_.username);
+      argv.push_back(options_.password);
+      absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv, deadline);
+      if (!r.ok()) return r.status();
+      if ((*r)->type == REDIS_REPLY_ERROR) {
+        // WRONGPASS, or "AUTH ... called without any password configured":
+        // either way these credentials are not accepted.
+        refused = not_run(absl::UnauthenticatedError(absl::StrCat(
+            "redis ", options_.host, ":", options_.port, ": AUTH ", user_text(),
+            " refused: ", detail::av(std::string_view((*r)->str, (*r)->len)))));
+      }
+    }
+    if (refused.ok() && options_.db != 0) {
+      const std::string db = std::to_string(options_.db);
+      const std::string_view argv[] = {"SELECT", db};
+      absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv, deadline);
+      if (!r.ok()) return r.status();
+      if ((*r)->type == REDIS_REPLY_ERROR) {
+        const std::string_view msg((*r)->str, (*r)->len);
+        absl::Status st = reply_error(msg);
+        if (!is_auth_error(st)) {
+          // "DB index is out of range": this server has fewer databases.
+          return absl::InvalidArgumentError(
+              absl::StrCat("redis ", options_.host, ":", options_.port,
+                           ": SELECT ", db, ": ", detail::av(msg)));
+        }
+        refused = as_user(st);
+      }
+    }
+    detail::MutexLock lock(&auth_mu_);
+    auth_refused_ = refused;
+    if (!refused.ok()) {
+      auth_retry_at_ = std::chrono::steady_clock::now() +
+                       std::chrono::duration_cast<std::chrono::nanoseconds>(
+                           options_.breaker_open);
+    }
+    return refused;
+  }
+
+  std::string user_text() const {
+    return options_.username.empty()
+               ? std::string("as the default user")
+               : absl::StrCat("as user \"", options_.username, "\"");
+  }
+  // An auth status with the host and the user named.
+  absl::Status as_user(absl::Status st) const {
+    if (!is_auth_error(st)) return st;
+    absl::Status out(st.code(),
+                     absl::StrCat("redis ", options_.host, ":", options_.port,
+                                  " ", user_text(), ": ", st.message()));
+    return not_run(std::move(out));
+  }
+
+  // Whether the user may run what the library runs: the scripts' commands
+  // on a key under the prefix (the probe writes nothing: SET XX of a key
+  // that does not exist, DEL of it), by EVALSHA after SCRIPT LOAD, and
+  // EVAL (run after NOSCRIPT). PING was checked by create().
+  absl::Status probe() {
+    // Not static: its SCRIPT LOAD runs for every client (a SHA known from
+    // another client would skip it).
+    const RedisScript probe_script{
+        "redis.call('TIME') redis.call('EXISTS', KEYS[1]) "
+        "redis.call('GET', KEYS[1]) "
+        "redis.call('SET', KEYS[1], '0', 'PX', 1, 'XX') "
+        "redis.call('DEL', KEYS[1]) return 1"};
+    const std::string key = absl::StrCat(options_.prefix, "#probe");
+    const std::string_view keys[] = {key};
+    absl::Status st = eval_ints(probe_script, keys, {}).status();
+    if (st.ok()) st = command({"EVAL", "return 1", "0"}).status();
+    if (!is_auth_error(st)) return st;
+    return not_run(absl::Status(
+        st.code(),
+        absl::StrCat(
+            "redis ", options_.host, ":", options_.port, " ", user_text(),
+            ": the user may not run what ratekeeper runs on keys under \"",
+            options_.prefix,
+            "\" (docs/redis.md has the ACL line): ", st.message())));
+  }
+
+  // "host:port" (the port after the last ':', 1 to 65535).
+  static bool split_address(std::string_view a, std::string& host, int& port) {
+    const std::size_t colon = a.rfind(':');
+    if (colon == std::string_view::npos || colon == 0) return false;
+    int p = 0;
+    if (!absl::SimpleAtoi(detail::av(a.substr(colon + 1)), &p) || p <= 0 ||
+        p > 65535) {
+      return false;
+    }
+    host = std::string(a.substr(0, colon));
+    port = p;
+    return true;
   }
 
   static constexpr std::string_view kNotRunPayload = "ratekeeper.redis/not-run";
@@ -1347,6 +1581,10 @@ class RedisClient {
     const std::string_view argv[] = {"SCRIPT", "LOAD", s.source()};
     absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv, deadline);
     if (!r.ok()) return r.status();
+    if ((*r)->type == REDIS_REPLY_ERROR) {
+      absl::Status st = reply_error({(*r)->str, (*r)->len});
+      if (is_auth_error(st)) return st;
+    }
     if ((*r)->type != REDIS_REPLY_STRING) {
       return absl::InternalError(absl::StrCat(
           "redis: SCRIPT LOAD failed: ", (*r)->type == REDIS_REPLY_ERROR
@@ -1361,6 +1599,12 @@ class RedisClient {
 
   const RedisOptions options_;
   Node* const first_;  // the configured server, nodes_[0]
+  // Credentials refused on a new connection, and until when new ones are
+  // not tried (open()).
+  mutable detail::Mutex auth_mu_;
+  mutable absl::Status auth_refused_ ABSL_GUARDED_BY(auth_mu_);
+  mutable std::chrono::steady_clock::time_point auth_retry_at_
+      ABSL_GUARDED_BY(auth_mu_);
   mutable detail::Mutex mu_;
   // Nodes are never removed, so Node pointers stay valid.
   std::vector<std::unique_ptr<Node>> nodes_ ABSL_GUARDED_BY(mu_);
@@ -1386,6 +1630,19 @@ enum class FailMode : std::uint8_t {
   kLocal,   // decide in process, at the limit divided by `instances`
 };
 
+// RedisScope: where a limit's keys live when a RedisChain (or a
+// RedisAccountant's reserve) uses it for a tenant.
+//   kTenant  under the chain's tenant (the default): a key counts per
+//            tenant, in the tenant's Redis Cluster slot beside its budgets,
+//            so a chain of such limits is one script. The same key used
+//            through another tenant, or by the limit's own acquire (no
+//            tenant), is another count.
+//   kGlobal  the key's own: one count whichever tenant or chain it is used
+//            through, and the same state as the limit's own acquire. On a
+//            Cluster the key hashes to a slot of its own, so a chain mixing
+//            it with a tenant's keys runs one script per slot (RedisChain).
+enum class RedisScope : std::uint8_t { kTenant, kGlobal };
+
 // RedisLimitOptions: how one Redis limit behaves.
 //   fail        the answer when Redis cannot give one (counted either way)
 //   fail_retry  the wait a kClosed refusal states
@@ -1395,11 +1652,14 @@ enum class FailMode : std::uint8_t {
 //               until Redis answers again
 //   test_time   run on the caller's `now` (whole microseconds) instead of
 //               Redis's TIME: for tests that compare with the C++ policy
+//   scope       whether its keys count per tenant in a RedisChain or once
+//               for all (RedisScope)
 struct RedisLimitOptions {
   FailMode fail = FailMode::kClosed;
   Nanos fail_retry = std::chrono::seconds(1);
   std::uint64_t instances = 1;
   bool test_time = false;
+  RedisScope scope = RedisScope::kTenant;
 };
 
 namespace detail {
@@ -1544,8 +1804,12 @@ inline void append_hex(std::string& out, std::string_view bytes) {
 // The Redis key of `key` under limit `name`, in the hash slot of `tag`:
 // prefix, the name, the tag in hex inside braces, the key in hex
 // ("rk:rpm:{7465616d}75736572"). Injective (hex has neither ':' nor braces,
-// and the name ends at the last ':'), safe for any bytes, and every key
-// with one tag is in one Redis Cluster slot.
+// and neither the prefix nor a name may hold a brace: RedisClient::create
+// and RedisLimit::create refuse them, so the first '{' ends the name), safe
+// for any bytes of the tag and the key (a tenant or subject key holding
+// braces is hex too), and every key with one tag is in one Redis Cluster
+// slot. An empty tag ("{}") is no hash tag: Cluster hashes the whole key
+// (RedisScope::kGlobal, and a RedisLimit's own calls).
 inline std::string redis_key(std::string_view prefix, std::string_view name,
                              std::string_view tag, std::string_view key) {
   std::string out;
@@ -1582,6 +1846,11 @@ class RedisLimitBase : public Limit {
   std::uint64_t fallbacks() const noexcept {
     return fallbacks_.load(std::memory_order_relaxed);
   }
+  // Calls refused because Redis refused the credentials or the user's
+  // permissions (kUnauthenticated, kPermissionDenied): see fail().
+  std::uint64_t auth_failures() const noexcept {
+    return auth_failures_.load(std::memory_order_relaxed);
+  }
   // The last reason Redis could not answer (empty when it always could).
   std::string last_error() const {
     detail::MutexLock lock(&error_mu_);
@@ -1606,11 +1875,22 @@ class RedisLimitBase : public Limit {
   // `op` on `key` at the caller's `now` (kLocal decides it in process, and
   // fills `receipt` with the local limit's receipt when it admits; the
   // other modes never issue one: nothing was taken in Redis).
+  //
+  // Credentials Redis refuses (RedisClient::is_auth_error) are not an
+  // outage: the call is refused as kClosed would refuse it, whatever the
+  // fail mode (kOpen must not admit everything while a rotated password
+  // or a disabled ACL user locks the service out of Redis), counted in
+  // auth_failures() and the errors metric, not in fallbacks().
   Decision fail(const absl::Status& why, std::string_view op,
                 std::string_view key, Cost cost, Nanos now,
                 Receipt* receipt = nullptr) {
-    note_fallback(why);
     if (receipt != nullptr) *receipt = Receipt();
+    if (RedisClient::is_auth_error(why)) {
+      auth_failures_.fetch_add(1, std::memory_order_relaxed);
+      note_error(why);
+      return Decision{false, limit(), 0, redis_.fail_retry, Nanos{0}};
+    }
+    note_fallback(why);
     switch (redis_.fail) {
       case FailMode::kOpen:
         return Decision{true, limit(), 0, Nanos{0}, Nanos{0}};
@@ -1658,6 +1938,7 @@ class RedisLimitBase : public Limit {
   const RedisLimitOptions redis_;
   const detail::TwinParams params_;
   std::atomic<std::uint64_t> fallbacks_{0};
+  std::atomic<std::uint64_t> auth_failures_{0};
   mutable detail::Mutex error_mu_;
   std::string last_error_ ABSL_GUARDED_BY(error_mu_);
 };
@@ -1730,27 +2011,31 @@ struct RedisSettle {
   absl::StatusOr<Decision> out = absl::InternalError("redis: not run");
 };
 
+// The Redis key a receipt's take is kept under: the receipt's key itself
+// for a RedisChain's take, else the limit's own key.
+inline std::string receipt_key(const RedisClient& client,
+                               const RedisSettle& s) {
+  const RedisPlace p = s.receipt->placement<RedisPlace>();
+  return p.redis_key ? std::string(s.receipt->key())
+                     : redis_key(client.options().prefix, s.limit->name(), {},
+                                 s.receipt->key());
+}
+
 // settle_in_redis
 //
 // Settles receipts issued by Redis limits of `client` (whose keys share one
-// slot: one RedisChain's, or one) in one script, each judged by Redis's
-// clock (or `test_now`), in order. Each item's `out` is what a zero-cost
-// call would now be told, or kUnavailable when Redis could not be reached.
-// A receipt is closed once Redis ran its settle, and also when it may have
-// run (a time-out after sending: settling it again could give back twice,
+// slot on a Cluster: RedisChain groups them) in one script, each judged by
+// Redis's clock (or `test_now`), in order. Each item's `out` is what a
+// zero-cost call would now be told, or kUnavailable when Redis could not be
+// reached. A receipt is closed once Redis ran its settle, and also when it may
+// have run (a time-out after sending: settling it again could give back twice,
 // so the give-back is lost, the conservative side); one never sent (breaker
 // open, no connection) stays open, to be settled again.
 inline void settle_in_redis(RedisClient& client, std::span<RedisSettle> items,
                             std::optional<Nanos> test_now) {
   if (items.empty()) return;
   absl::InlinedVector<std::string, 8> keys;
-  for (const RedisSettle& s : items) {
-    const RedisPlace p = s.receipt->placement<RedisPlace>();
-    keys.push_back(p.redis_key
-                       ? s.receipt->key()
-                       : redis_key(client.options().prefix, s.limit->name(), {},
-                                   s.receipt->key()));
-  }
+  for (const RedisSettle& s : items) keys.push_back(receipt_key(client, s));
   absl::InlinedVector<std::string_view, 8> kv(keys.begin(), keys.end());
   Nanos t = test_now.value_or(std::chrono::duration_cast<Nanos>(
       std::chrono::system_clock::now().time_since_epoch()));
@@ -1805,7 +2090,9 @@ inline void settle_in_redis(RedisClient& client, std::span<RedisSettle> items,
 // RedisLimit<P>: the Limit of policy P with its state in Redis. Its own
 // acquire, peek, take, charge and settle name a key's state with an empty
 // tag (Redis Cluster then hashes the whole key); in a RedisChain the
-// chain's tenant is the tag. Use a limit one way or the other.
+// chain's tenant is the tag (RedisScope::kTenant, the default: use such a
+// limit one way or the other), or, with RedisScope::kGlobal, the same
+// untagged key as its own calls: one count for all.
 //
 // A take's Receipt records Redis's TIME of the take (Receipt::at) and what
 // the script placed it at (see RedisPlace); settle() sends it back to the
@@ -1826,6 +2113,14 @@ class RedisLimit final : public RedisLimitBase {
       std::shared_ptr<RedisClient> client, RedisLimitOptions redis = {}) {
     if (client == nullptr) {
       return absl::InvalidArgumentError("RedisLimit: no client");
+    }
+    if (options.name.find_first_of("{}") != std::string::npos) {
+      // check_limit_options refuses them too; this says why for Redis.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "RedisLimit \"", absl::CEscape(options.name),
+          "\": a limit name with '{' or '}' would be the hash tag of its "
+          "Redis keys (every key of the limit in one Cluster slot, the "
+          "tenant's tag ignored)"));
     }
     if (absl::Status st = detail::check_limit_options(options); !st.ok()) {
       return st;
@@ -2074,8 +2369,17 @@ class RedisLimit final : public RedisLimitBase {
 // one difference that only helps: a refused chain never took anything, so
 // there is no give-back and no window in which others see its take. Every
 // item's limit must be a RedisLimit on this chain's client. The tenant is
-// the hash tag of every key (one Redis Cluster slot per tenant): pass the
-// same tenant for a key every time. Thread-safe.
+// the hash tag of every kTenant limit's key (one Redis Cluster slot per
+// tenant): pass the same tenant for a key every time. A kGlobal limit's key
+// is its own (RedisScope), whatever the tenant.
+//
+// On a single Redis every chain is one script. On a Cluster, a chain whose
+// kGlobal keys lie outside the tenant's slot runs one script per slot (one
+// round trip each), the tenant's last, still all or nothing for the
+// caller: once a part refuses, the later ones only look (charges on reject
+// still count) and what the earlier ones took is given back through their
+// receipts (while it is held, others can see it: the window an in-process
+// Chain has). Thread-safe.
 //
 // An allowed chain's results hold receipts (LimitResult::receipt) for what
 // each limit took, placed by the script by Redis's clock; settle() and
@@ -2187,6 +2491,37 @@ class RedisChain {
     return dynamic_cast<RedisLimitBase*>(l);
   }
 
+  // Receipts settled in one script per Cluster slot (a chain mixing
+  // scopes took in several); on a single Redis, in one.
+  void settle_by_slot(std::span<detail::RedisSettle> remote,
+                      std::optional<Nanos> test_now) {
+    if (!client_->options().cluster || remote.size() < 2) {
+      detail::settle_in_redis(*client_, remote, test_now);
+      return;
+    }
+    absl::InlinedVector<std::uint16_t, 4> slot;
+    for (const detail::RedisSettle& s : remote) {
+      slot.push_back(detail::key_slot(detail::receipt_key(*client_, s)));
+    }
+    absl::InlinedVector<bool, 4> done(remote.size(), false);
+    for (std::size_t i = 0; i < remote.size(); ++i) {
+      if (done[i]) continue;
+      absl::InlinedVector<detail::RedisSettle, 4> group;
+      absl::InlinedVector<std::size_t, 4> at;
+      for (std::size_t j = i; j < remote.size(); ++j) {
+        if (done[j] || slot[j] != slot[i]) continue;
+        group.push_back(std::move(remote[j]));
+        at.push_back(j);
+        done[j] = true;
+      }
+      detail::settle_in_redis(*client_, std::span<detail::RedisSettle>(group),
+                              test_now);
+      for (std::size_t k = 0; k < at.size(); ++k) {
+        remote[at[k]] = std::move(group[k]);
+      }
+    }
+  }
+
   // Settles results `which` of `d` to `actual`: the receipts Redis issued
   // in one script, those a kLocal fail mode issued in process.
   absl::Status settle_some(ChainDecision& d, std::span<const std::size_t> which,
@@ -2216,8 +2551,7 @@ class RedisChain {
       r.decision.remaining = left->remaining;
       r.decision.reset_after = left->reset_after;
     }
-    detail::settle_in_redis(*client_, std::span<detail::RedisSettle>(remote),
-                            test_now);
+    settle_by_slot(std::span<detail::RedisSettle>(remote), test_now);
     for (std::size_t k = 0; k < remote.size(); ++k) {
       LimitResult& r = d.results[remote_at[k]];
       if (!remote[k].out.ok()) {
@@ -2229,6 +2563,223 @@ class RedisChain {
       r.decision.reset_after = remote[k].out->reset_after;
     }
     return first;
+  }
+
+  // The items of one script, all in one Cluster slot (or any, on a single
+  // Redis); `mark`: it holds a reservation's two keys too.
+  struct Part {
+    absl::InlinedVector<std::size_t, 4> items;
+    bool mark = false;
+  };
+
+  // One part's answer.
+  struct PartOutcome {
+    bool allowed = false;
+    bool reached = false;
+    absl::Status error;
+    std::optional<std::array<std::int64_t, 3>> settled;
+    Nanos at{0};
+  };
+
+  // How a chain's items split into scripts. A single Redis runs any keys
+  // in one script: one part. On a Cluster, the tenant's items (kTenant)
+  // and a reservation's keys make one part, in the tenant's slot (an empty
+  // tenant over several keys: Redis answers CROSSSLOT, as before); kGlobal
+  // items make one part per slot, joining the tenant's where their slot is
+  // the tenant's. Parts in the order of their first item, the tenant's
+  // (which sets a reservation's key only if all admitted) last.
+  absl::InlinedVector<Part, 2> split(std::string_view tenant,
+                                     std::span<const std::string> keys,
+                                     std::span<RedisLimitBase* const> limits,
+                                     bool mark) const {
+    absl::InlinedVector<Part, 2> parts;
+    if (!client_->options().cluster) {
+      parts.emplace_back();
+      for (std::size_t i = 0; i < keys.size(); ++i) parts[0].items.push_back(i);
+      parts[0].mark = mark;
+      return parts;
+    }
+    Part own;  // the tenant's
+    own.mark = mark;
+    // An empty tenant is no tag: its keys are not in one slot.
+    const bool tagged = !tenant.empty();
+    const std::uint16_t own_slot =
+        tagged ? detail::key_slot(redis_key({}, {}, tenant, {})) : 0;
+    absl::InlinedVector<std::uint16_t, 2> slots;
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      if (limits[i]->redis_options().scope != RedisScope::kGlobal) {
+        own.items.push_back(i);
+        continue;
+      }
+      const std::uint16_t slot = detail::key_slot(keys[i]);
+      if (tagged && slot == own_slot) {
+        own.items.push_back(i);
+        continue;
+      }
+      std::size_t g = 0;
+      while (g < slots.size() && slots[g] != slot) ++g;
+      if (g == slots.size()) {
+        slots.push_back(slot);
+        parts.emplace_back();
+      }
+      parts[g].items.push_back(i);
+    }
+    // (An empty chain still runs its one script: Redis's time.)
+    if (!own.items.empty() || own.mark || parts.empty()) {
+      parts.push_back(std::move(own));
+    }
+    return parts;
+  }
+
+  // One part's script (decided as if an earlier item had refused when
+  // `vetoed`: an earlier part refused), its results written into `out`.
+  PartOutcome run_part(std::string_view op, bool vetoed, const Part& part,
+                       std::span<const std::string> keys,
+                       std::span<RedisLimitBase* const> limits,
+                       std::span<const ChainItem> items,
+                       std::optional<Nanos> test_now, std::string_view mark,
+                       Nanos mark_ttl, std::string_view settled,
+                       ChainDecision& out) {
+    PartOutcome po;
+    const std::size_t n = part.items.size();
+    absl::InlinedVector<std::string_view, 8> kv;
+    for (const std::size_t i : part.items) kv.emplace_back(keys[i]);
+    if (part.mark) {
+      kv.push_back(mark);
+      kv.push_back(settled);
+    }
+    // A reservation's keys are in its tenant's part; the others acquire.
+    const std::string op_arg = absl::StrCat(
+        vetoed ? "!" : "",
+        detail::av(op == "reserve" && !part.mark ? "acquire" : op));
+    // Budgets' periods are for the caller's time first (Unix time: the
+    // test time, or the system clock), then for Redis's if it differs.
+    Nanos t = test_now.value_or(std::chrono::duration_cast<Nanos>(
+        std::chrono::system_clock::now().time_since_epoch()));
+    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      absl::InlinedVector<std::string, 24> args;
+      args.push_back(test_now ? std::to_string(test_now->count() / 1000)
+                              : std::string());
+      args.push_back(op_arg);
+      for (const std::size_t i : part.items) {
+        detail::append_item(args, *limits[i], items[i].cost, false, t);
+      }
+      if (part.mark) {
+        args.push_back(std::to_string(
+            std::max<std::int64_t>(1, mark_ttl.count() / 1'000'000)));
+      }
+      absl::InlinedVector<std::string_view, 24> av(args.begin(), args.end());
+      r = client_->eval_ints(detail::redis_script(), kv, av);
+      if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
+      t = detail::from_us((*r)[1]);
+    }
+    const bool taking = op == "acquire" || op == "reserve";
+    if (part.mark && r.ok() && r->size() == 5 && (*r)[0] == -4) {
+      po.reached = true;
+      po.settled = std::array<std::int64_t, 3>{(*r)[2], (*r)[3], (*r)[4]};
+      po.at = detail::from_us((*r)[1]);
+      return po;
+    }
+    po.reached = r.ok() && r->size() == 2 + 7 * n;
+    if (!po.reached) {
+      const absl::Status why =
+          r.ok() ? absl::InternalError("redis: malformed reply") : r.status();
+      po.error = why;
+      // Each limit's fail mode, in process: kLocal limits as an in-process
+      // chain of their shares (all or nothing among them, given back if a
+      // closed one refuses), the others answered as their mode says (no
+      // receipt: nothing was taken in Redis). Unix time, as a budget's
+      // calendar needs.
+      const Nanos now = t;
+      po.at = now;
+      po.allowed = true;
+      absl::InlinedVector<ChainItem, 4> local;
+      absl::InlinedVector<std::size_t, 4> local_at;
+      for (const std::size_t i : part.items) {
+        LimitResult& res = out.results[i];
+        if (limits[i]->local_limit() != nullptr &&
+            !RedisClient::is_auth_error(why)) {
+          local.push_back(
+              {limits[i]->local_limit(), items[i].key, items[i].cost});
+          local_at.push_back(i);
+          limits[i]->note_fallback(why);
+          continue;
+        }
+        res.decision =
+            limits[i]->fail(why, op, items[i].key, items[i].cost, now, nullptr);
+        res.counted = false;
+        if (!res.decision.allowed && !limits[i]->shadow()) po.allowed = false;
+      }
+      if (!local.empty()) {
+        Chain<ManualClock> c{ManualClock(now)};
+        ChainDecision d =
+            op == "peek" || vetoed || !po.allowed
+                ? c.peek(std::span<const ChainItem>(local))
+                : c.acquire_at(std::span<const ChainItem>(local), now);
+        for (std::size_t k = 0; k < local.size(); ++k) {
+          LimitResult& res = out.results[local_at[k]];
+          res.decision = d.results[k].decision;
+          res.counted = d.results[k].counted;
+          res.shadow_denied = d.results[k].shadow_denied;
+          res.receipt = std::move(d.results[k].receipt);
+        }
+        if (!d.allowed) po.allowed = false;
+      }
+      if (vetoed) po.allowed = false;
+      return po;
+    }
+    po.allowed = (*r)[0] == 1;
+    po.at = detail::from_us((*r)[1]);
+    for (std::size_t k = 0; k < n; ++k) {
+      const std::size_t i = part.items[k];
+      LimitResult& res = out.results[i];
+      res.decision = detail::decision_at(*r, k);
+      res.shadow_denied = !res.decision.allowed && limits[i]->shadow();
+      res.counted = taking && (limits[i]->charge_on_reject() ||
+                               (po.allowed && res.decision.allowed));
+      // A receipt for what was taken and stays taken (a refused chain
+      // took nothing but its charges on reject, never given back).
+      if (taking && po.allowed && res.decision.allowed) {
+        res.receipt = Receipt::issue(limits[i], keys[i], items[i].cost, po.at,
+                                     detail::place_at(*r, k, true));
+      }
+    }
+    return po;
+  }
+
+  // A chain split across slots refused (or its request id was settled)
+  // after earlier parts admitted: what they took is given back through the
+  // receipts (at most what is still outstanding, by Redis's clock: all of
+  // it a moment after the take), as Chain's roll-back does. A charge on
+  // reject keeps its count, its receipt dropped. A give-back Redis does not
+  // answer leaves the take (the conservative side), still counted.
+  void roll_back(ChainDecision& out, std::span<const ChainItem> items,
+                 std::optional<Nanos> test_now) {
+    absl::InlinedVector<std::size_t, 4> which;
+    for (std::size_t i = 0; i < out.results.size(); ++i) {
+      LimitResult& r = out.results[i];
+      if (!r.receipt) continue;
+      if (r.limit->charge_on_reject()) {
+        r.receipt = Receipt();
+        continue;
+      }
+      which.push_back(i);
+    }
+    if (which.empty()) return;
+    static_cast<void>(settle_some(out, which, 0, test_now));
+    // A limit and key twice: both report what is left after both.
+    for (std::size_t a = 0; a < which.size(); ++a) {
+      for (std::size_t b = which.size(); --b > a;) {
+        const std::size_t i = which[a], j = which[b];
+        if (items[j].limit == items[i].limit && items[j].key == items[i].key) {
+          out.results[i].decision.remaining = out.results[j].decision.remaining;
+          out.results[i].decision.reset_after =
+              out.results[j].decision.reset_after;
+          break;
+        }
+      }
+    }
   }
 
   Outcome run(std::string_view op, std::string_view tenant,
@@ -2246,108 +2797,43 @@ class RedisChain {
                         "RedisChain: an item that is not a RedisLimit of "
                         "this chain's client");
       limits.push_back(l);
-      keys.push_back(redis_key(client_->options().prefix, l->name(), tenant,
+      // A global key is the limit's own (no tag): one count for every
+      // tenant, the same as the limit's own calls.
+      const bool global = l->redis_options().scope == RedisScope::kGlobal;
+      keys.push_back(redis_key(client_->options().prefix, l->name(),
+                               global ? std::string_view() : tenant,
                                items[i].key));
       out.results[i].limit = l;
       out.results[i].cost = items[i].cost;
     }
-    if (!mark.empty()) {
-      keys.emplace_back(mark);
-      keys.emplace_back(settled);
-    }
-    absl::InlinedVector<std::string_view, 8> kv(keys.begin(), keys.end());
-    // Budgets' periods are for the caller's time first (Unix time: the
-    // test time, or the system clock), then for Redis's if it differs.
-    Nanos t = test_now.value_or(std::chrono::duration_cast<Nanos>(
-        std::chrono::system_clock::now().time_since_epoch()));
-    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
-    for (int attempt = 0; attempt < 2; ++attempt) {
-      absl::InlinedVector<std::string, 24> args;
-      args.push_back(test_now ? std::to_string(test_now->count() / 1000)
-                              : std::string());
-      args.emplace_back(op);
-      for (std::size_t i = 0; i < items.size(); ++i) {
-        detail::append_item(args, *limits[i], items[i].cost, false, t);
-      }
-      if (!mark.empty()) {
-        args.push_back(std::to_string(
-            std::max<std::int64_t>(1, mark_ttl.count() / 1'000'000)));
-      }
-      absl::InlinedVector<std::string_view, 24> av(args.begin(), args.end());
-      r = client_->eval_ints(detail::redis_script(), kv, av);
-      if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
-      t = detail::from_us((*r)[1]);
-    }
     const bool taking = op == "acquire" || op == "reserve";
-    if (!mark.empty() && r.ok() && r->size() == 5 && (*r)[0] == -4) {
-      result.reached = true;
-      result.settled = std::array<std::int64_t, 3>{(*r)[2], (*r)[3], (*r)[4]};
-      out.allowed = false;
-      out.at = detail::from_us((*r)[1]);
-      return result;
-    }
-    result.reached = r.ok() && r->size() == 2 + 7 * items.size();
-    if (!result.reached) {
-      const absl::Status why =
-          r.ok() ? absl::InternalError("redis: malformed reply") : r.status();
-      result.error = why;
-      // Each limit's fail mode, in process: kLocal limits as an in-process
-      // chain of their shares (all or nothing among them, given back if a
-      // closed one refuses), the others answered as their mode says (no
-      // receipt: nothing was taken in Redis). Unix time, as a budget's
-      // calendar needs.
-      const Nanos now = t;
-      out.at = now;
-      out.allowed = true;
-      absl::InlinedVector<ChainItem, 4> local;
-      absl::InlinedVector<std::size_t, 4> local_at;
-      for (std::size_t i = 0; i < items.size(); ++i) {
-        LimitResult& res = out.results[i];
-        if (limits[i]->local_limit() != nullptr) {
-          local.push_back(
-              {limits[i]->local_limit(), items[i].key, items[i].cost});
-          local_at.push_back(i);
-          limits[i]->note_fallback(why);
-          continue;
-        }
-        res.decision =
-            limits[i]->fail(why, op, items[i].key, items[i].cost, now, nullptr);
-        res.counted = false;
-        if (!res.decision.allowed && !limits[i]->shadow()) out.allowed = false;
+    const absl::InlinedVector<Part, 2> parts = split(
+        tenant, std::span<const std::string>(keys), limits, !mark.empty());
+    bool refused = false;
+    result.reached = true;
+    for (const Part& p : parts) {
+      PartOutcome po = run_part(op, taking && refused, p, keys, limits, items,
+                                test_now, mark, mark_ttl, settled, out);
+      out.at = po.at;
+      if (po.settled) {
+        // Retried after its settle: nothing stays taken.
+        result.settled = po.settled;
+        if (parts.size() > 1) roll_back(out, items, test_now);
+        out.allowed = false;
+        return result;
       }
-      if (!local.empty()) {
-        Chain<ManualClock> c{ManualClock(now)};
-        ChainDecision d =
-            op == "peek" || !out.allowed
-                ? c.peek(std::span<const ChainItem>(local))
-                : c.acquire_at(std::span<const ChainItem>(local), now);
-        out.at = now;
-        for (std::size_t k = 0; k < local.size(); ++k) {
-          LimitResult& res = out.results[local_at[k]];
-          res.decision = d.results[k].decision;
-          res.counted = d.results[k].counted;
-          res.shadow_denied = d.results[k].shadow_denied;
-          res.receipt = std::move(d.results[k].receipt);
-        }
-        if (!d.allowed) out.allowed = false;
-      }
-    } else {
-      out.allowed = (*r)[0] == 1;
-      out.at = detail::from_us((*r)[1]);
-      for (std::size_t i = 0; i < items.size(); ++i) {
-        LimitResult& res = out.results[i];
-        res.decision = detail::decision_at(*r, i);
-        res.shadow_denied = !res.decision.allowed && limits[i]->shadow();
-        res.counted = taking && (limits[i]->charge_on_reject() ||
-                                 (out.allowed && res.decision.allowed));
-        // A receipt for what was taken and stays taken (a refused chain
-        // took nothing but its charges on reject, never given back).
-        if (taking && out.allowed && res.decision.allowed) {
-          res.receipt = Receipt::issue(limits[i], keys[i], items[i].cost,
-                                       out.at, detail::place_at(*r, i, true));
+      if (!po.allowed) refused = true;
+      // reserve: whether its budgets' part (which holds the mark) was
+      // reached; otherwise, whether every part was.
+      if (p.mark || mark.empty()) {
+        if (!po.reached && result.reached) {
+          result.reached = false;
+          result.error = po.error;
         }
       }
     }
+    out.allowed = !refused;
+    if (refused && taking && parts.size() > 1) roll_back(out, items, test_now);
     detail::finish_chain(out, taking);
     return result;
   }

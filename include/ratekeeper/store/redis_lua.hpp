@@ -37,7 +37,9 @@
 // looked at after one has; a shadow item's refusal is not enforced. All or
 // nothing: the takes are written only if the chain admits, so a refused
 // chain gives nothing back (it never took). A single "charge" is an acquire
-// of one item flagged charge-on-reject.
+// of one item flagged charge-on-reject. "!acquire" and "!reserve" decide as
+// if an item before the first had refused (RedisChain's later parts of a
+// chain spread over Cluster slots, once an earlier part refused).
 //
 // A state whose key is absent is a fresh one; every write sets a TTL that
 // ends when the state would be idle, and an idle state is deleted, so no key
@@ -368,6 +370,15 @@ local makers = {tb = token_bucket, fw = fixed_window, sw = sliding_window,
                 pb = period_budget}
 local op = ARGV[2]
 local n = #KEYS
+-- "!acquire", "!reserve": a later part of a chain split across Cluster
+-- slots, after an earlier part refused: decided as if an item before these
+-- had refused (the others only looked at, charges on reject counted, no
+-- reservation key set).
+local vetoed = false
+if string.sub(op, 1, 1) == '!' then
+  vetoed = true
+  op = string.sub(op, 2)
+end
 
 -- A budget's spend moved by `delta` in the period `index` (ending at `pend`)
 -- that a reservation was made in, as PeriodBudget's refund (delta < 0: only
@@ -530,7 +541,7 @@ end
 
 -- One item, acquire or peek (most calls): the same steps as below, without
 -- the chain's bookkeeping.
-if n == 1 and op ~= 'receipt' and not mark then
+if n == 1 and op ~= 'receipt' and not mark and not vetoed then
   local m = makers[ARGV[3]](KEYS[1], tonumber(ARGV[4]), tonumber(ARGV[5]),
                             tonumber(ARGV[6]), tonumber(ARGV[7]),
                             tonumber(ARGV[10]))
@@ -599,7 +610,7 @@ if op == 'receipt' then
   return out
 end
 
-local refused = false
+local refused = vetoed
 local kept = {}     -- states written whatever the chain decides
 local results = {}
 for i = 1, n do
