@@ -32,7 +32,18 @@ class RedisServer {
   // what to install) when it cannot.
   explicit RedisServer(std::vector<std::string> extra = {})
       : extra_(std::move(extra)), port_(pick_port(extra_)) {
-    start();
+    // A port found free can be taken before redis-server binds it (tests
+    // run in parallel; a cluster node needs its bus port too): a server
+    // that exits at once is started again on another port, a few times.
+    for (int attempt = 1;; ++attempt) {
+      try {
+        start();
+        return;
+      } catch (const std::runtime_error&) {
+        if (attempt == 5) throw;
+        port_ = pick_port(extra_);
+      }
+    }
   }
   ~RedisServer() { stop(SIGTERM); }
   RedisServer(const RedisServer&) = delete;
@@ -156,42 +167,70 @@ class RedisServer {
   pid_t pid_ = -1;
 };
 
-// A Redis Cluster of three masters on loopback, each in a directory of its
-// own, slots split in three; ready (cluster_state:ok on every node) when
-// the constructor returns.
+// A Redis Cluster on loopback, each node in a directory of its own: three
+// masters with the slots split in three and, with `replicas`, one replica
+// of each (node 3 + i replicates master i, by CLUSTER REPLICATE). Ready
+// (cluster_state:ok on every node, each replica's link to its master up)
+// when the constructor returns.
 class RedisCluster {
  public:
-  RedisCluster() {
+  explicit RedisCluster(bool replicas = false) {
     char tmpl[] = "/tmp/rk_cluster_XXXXXX";
     if (mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
     dir_ = tmpl;
-    for (int i = 0; i < 3; ++i) {
+    const int count = replicas ? 6 : 3;
+    for (int i = 0; i < count; ++i) {
       const std::string d = dir_ + "/" + std::to_string(i);
       mkdir(d.c_str(), 0755);
+      // A node timeout long enough that a test's own failover (CLUSTER
+      // FAILOVER TAKEOVER) comes first on a loaded machine.
       nodes_.push_back(std::make_unique<RedisServer>(std::vector<std::string>{
           "--cluster-enabled", "yes", "--dir", d, "--cluster-config-file",
-          "nodes.conf", "--cluster-node-timeout", "3000"}));
+          "nodes.conf", "--cluster-node-timeout", replicas ? "8000" : "3000"}));
     }
     const int ranges[3][2] = {{0, 5460}, {5461, 10922}, {10923, 16383}};
     for (int i = 0; i < 3; ++i) {
       command(i, "CLUSTER ADDSLOTSRANGE " + std::to_string(ranges[i][0]) + " " +
                      std::to_string(ranges[i][1]));
     }
-    for (int i = 1; i < 3; ++i) {
+    for (int i = 1; i < count; ++i) {
       command(0, "CLUSTER MEET 127.0.0.1 " + std::to_string(port(i)));
     }
     const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while (std::chrono::steady_clock::now() < deadline) {
-      bool ok = true;
-      for (int i = 0; i < 3 && ok; ++i) {
-        ok = command(i, "CLUSTER INFO").find("cluster_state:ok") !=
-             std::string::npos;
+        std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    if (replicas) {
+      // Every node knows every other before a replica names its master.
+      wait_for(deadline, "every node to know the others", [&] {
+        for (int i = 0; i < count; ++i) {
+          if (command(i, "CLUSTER INFO").find("cluster_known_nodes:6") ==
+              std::string::npos) {
+            return false;
+          }
+        }
+        return true;
+      });
+      for (int i = 0; i < 3; ++i) {
+        const std::string id = command(i, "CLUSTER MYID");
+        wait_for(deadline, "CLUSTER REPLICATE", [&] {
+          return command(3 + i, "CLUSTER REPLICATE " + id) == "OK";
+        });
       }
-      if (ok) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      for (int i = 3; i < count; ++i) {
+        wait_for(deadline, "a replica's link to its master", [&] {
+          return command(i, "INFO replication").find("master_link_status:up") !=
+                 std::string::npos;
+        });
+      }
     }
-    throw std::runtime_error("the test cluster did not become ready");
+    wait_for(deadline, "the test cluster to become ready", [&] {
+      for (int i = 0; i < count; ++i) {
+        if (command(i, "CLUSTER INFO").find("cluster_state:ok") ==
+            std::string::npos) {
+          return false;
+        }
+      }
+      return true;
+    });
   }
   ~RedisCluster() {
     nodes_.clear();
@@ -202,8 +241,10 @@ class RedisCluster {
   }
 
   int port(int i) const { return nodes_[static_cast<std::size_t>(i)]->port(); }
+  RedisServer& node(int i) { return *nodes_[static_cast<std::size_t>(i)]; }
 
-  // One command to node `i` (space-separated words), its reply as text.
+  // One command to node `i` (space-separated words), its reply as text
+  // (arrays: their elements, one a line).
   std::string command(int i, const std::string& line) const {
     redisContext* c =
         redisConnectWithTimeout("127.0.0.1", port(i), timeval{1, 0});
@@ -211,12 +252,7 @@ class RedisCluster {
     if (c != nullptr && c->err == 0) {
       auto* r = static_cast<redisReply*>(redisCommand(c, line.c_str()));
       if (r != nullptr) {
-        if (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS ||
-            r->type == REDIS_REPLY_ERROR) {
-          out.assign(r->str, r->len);
-        } else if (r->type == REDIS_REPLY_INTEGER) {
-          out = std::to_string(r->integer);
-        }
+        append(*r, out);
         freeReplyObject(r);
       }
     }
@@ -224,7 +260,66 @@ class RedisCluster {
     return out;
   }
 
+  // Waits, up to 30 s, until every write master `i` acknowledged has
+  // reached its replica (the replica's offset in the master's INFO
+  // replication equals the master's own).
+  void wait_replicated(int i) const {
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    wait_for(deadline, "the replica to catch up", [&] {
+      const std::string info = command(i, "INFO replication");
+      const std::string own = field(info, "master_repl_offset:");
+      const std::size_t at = info.find("slave0:");
+      return !own.empty() && at != std::string::npos &&
+             field(info.substr(at), "offset=") == own;
+    });
+  }
+
+  // Promotes replica `i` by CLUSTER FAILOVER TAKEOVER (no vote of the
+  // masters, no wait for the node timeout) and waits, up to 30 s, until it
+  // says it is a master. When the command was sent.
+  std::chrono::steady_clock::time_point takeover(int i) const {
+    const auto sent = std::chrono::steady_clock::now();
+    if (command(i, "CLUSTER FAILOVER TAKEOVER") != "OK") {
+      throw std::runtime_error("CLUSTER FAILOVER TAKEOVER refused");
+    }
+    wait_for(sent + std::chrono::seconds(30), "the replica to be promoted",
+             [&] { return command(i, "ROLE").rfind("master", 0) == 0; });
+    return sent;
+  }
+
  private:
+  template <class F>
+  static void wait_for(std::chrono::steady_clock::time_point deadline,
+                       const char* what, F&& done) {
+    while (!done()) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        throw std::runtime_error(std::string("timed out waiting for ") + what);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a poll
+    }
+  }
+  // The value after `key` in `text`, up to the next ',', '\r' or '\n'.
+  static std::string field(const std::string& text, const std::string& key) {
+    const std::size_t at = text.find(key);
+    if (at == std::string::npos) return {};
+    const std::size_t from = at + key.size();
+    return text.substr(from, text.find_first_of(",\r\n", from) - from);
+  }
+  static void append(const redisReply& r, std::string& out) {
+    if (r.type == REDIS_REPLY_STRING || r.type == REDIS_REPLY_STATUS ||
+        r.type == REDIS_REPLY_ERROR) {
+      out.append(r.str, r.len);
+    } else if (r.type == REDIS_REPLY_INTEGER) {
+      out += std::to_string(r.integer);
+    } else if (r.type == REDIS_REPLY_ARRAY) {
+      for (std::size_t k = 0; k < r.elements; ++k) {
+        if (k != 0) out += '\n';
+        append(*r.element[k], out);
+      }
+    }
+  }
+
   std::string dir_;
   std::vector<std::unique_ptr<RedisServer>> nodes_;
 };

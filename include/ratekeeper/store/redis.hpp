@@ -2,10 +2,12 @@
 //
 // Defines:
 //   RedisOptions   where Redis is, the key prefix, timeouts, the pool size,
-//                  credentials (AUTH, SELECT), an address map for tunnels
-//   RedisClient    a pool of hiredis connections that runs the policies'
-//                  Lua twins by EVALSHA, loading a script again when Redis
-//                  answers NOSCRIPT (a restart, SCRIPT FLUSH)
+//                  credentials (AUTH, SELECT), an address map for tunnels,
+//                  failover (pool bound, probes, slot map reads, WAIT)
+//   RedisClient    pools of hiredis connections (one per node, bounded)
+//                  that run the policies' Lua twins by EVALSHA, loading a
+//                  script again when Redis answers NOSCRIPT (a restart,
+//                  SCRIPT FLUSH); a circuit breaker per node
 //   RedisLimit<P>  a Limit (chain.hpp) whose state lives in Redis: each
 //                  acquire, peek, take, charge or settle is one script, one
 //                  round trip, atomic on the server, timed by Redis's TIME
@@ -22,10 +24,11 @@
 //                  (admit), kClosed (refuse) or kLocal (an in-process limit
 //                  at this instance's share); every such answer counted
 //
-// The client keeps a circuit breaker, waits on every socket against a
-// deadline, and speaks to a Redis Cluster (slot map, MOVED, ASK) when told
-// to. Needs hiredis (libhiredis-dev); CMake target ratekeeper::redis.
-// docs/redis.md has the design and the figures.
+// The client keeps a circuit breaker per node, waits on every socket
+// against a deadline, and speaks to a Redis Cluster (slot map, MOVED, ASK,
+// the map read again after a node fails) when told to. Needs hiredis
+// (libhiredis-dev); CMake target ratekeeper::redis. docs/redis.md has the
+// design and the figures.
 //
 //   auto redis = RedisClient::create({.host = "10.0.0.7", .port = 6379});
 //   auto rpm = RedisLimit<SlidingWindow>::create(
@@ -51,6 +54,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -61,6 +65,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -85,7 +90,7 @@
 
 namespace ratekeeper {
 
-// RedisOptions: one Redis server.
+// RedisOptions: one Redis server, or a Redis Cluster (`cluster`).
 //   prefix           put before every key ratekeeper writes
 //   connect_timeout  per connection attempt
 //   command_timeout  per call, all its round trips together (a script
@@ -102,10 +107,12 @@ namespace ratekeeper {
 //                    failure opens it again for twice as long, up to
 //                    breaker_max_open
 //   breaker_max_open the longest it stays open, and so the bound on
-//                    recovery: once Redis answers again, the first call
-//                    made breaker_max_open after that goes to it (and,
+//                    recovery without probes (probe_interval 0): once
+//                    Redis answers again, the first call made
+//                    breaker_max_open after that goes to it (and,
 //                    answered, closes the breaker); add one timeout if a
-//                    probe was already waiting when Redis came back.
+//                    probe was already waiting when Redis came back. With
+//                    probes (the default) about one probe_interval.
 //                    create() refuses breaker_failures < 1,
 //                    breaker_open <= 0 and breaker_max_open < breaker_open
 //                    (huge values saturate: open "for ever")
@@ -155,6 +162,39 @@ struct RedisOptions {
   // (slots, redirections); only the socket goes elsewhere. Applies to the
   // configured host:port too.
   std::map<std::string, std::string> address_map{};
+  // Failover, bounded pools, recovery (docs/redis.md, "Redis Cluster" and
+  // "When Redis cannot answer"). Each node (the one server, or each Cluster
+  // node) has a breaker and a pool of its own.
+  //   max_connections  the most connections open to one node at once, in
+  //                    use and idle: a call that finds them all busy waits
+  //                    for one until its deadline (command_timeout), then
+  //                    fails kUnavailable, not run (its fail mode answers).
+  //   probe_interval   while a node's breaker is open, a background thread
+  //                    PINGs it every probe_interval on a fresh connection;
+  //                    a PONG closes the breaker, so a Redis that is back is
+  //                    used within about one interval instead of up to
+  //                    breaker_max_open. Zero: no background probe (only the
+  //                    half-open call above).
+  //   slots_refresh_interval (Cluster) the slot map is read again (CLUSTER
+  //                    SLOTS, from the nodes it named in turn, replicas
+  //                    included) after a node did not answer, was turned
+  //                    away by its breaker, or answered MOVED: in that
+  //                    background thread, one read at a time, at most one
+  //                    per interval.
+  //   wait_replicas    above zero, each script call is followed in the same
+  //                    round trip by WAIT wait_replicas wait_timeout: a
+  //                    call the master ran but fewer replicas acknowledged
+  //                    in time is kUnavailable (it may have run: the fail
+  //                    mode answers, a settle is journaled), so nothing
+  //                    answered from Redis is lost by a failover.
+  //                    create() refuses max_connections 0, negative
+  //                    intervals or wait_replicas, and a wait_timeout not
+  //                    positive or not below command_timeout.
+  std::size_t max_connections = 64;
+  Nanos probe_interval = std::chrono::milliseconds(50);
+  Nanos slots_refresh_interval = std::chrono::milliseconds(100);
+  int wait_replicas = 0;
+  Nanos wait_timeout = std::chrono::milliseconds(50);
 };
 
 // A script: its source, and the SHA1 Redis gave it once loaded.
@@ -313,8 +353,18 @@ inline bool wait_fd(int fd, short events,
 
 }  // namespace detail
 
-// RedisClient: a pool of connections to one Redis. Thread-safe; share it
-// (create() returns a shared_ptr) between every limit on that server.
+// RedisClient: a pool of connections to one Redis, or to each node of a
+// Redis Cluster. Thread-safe; share it (create() returns a shared_ptr)
+// between every limit on that deployment.
+//
+// Each node has its own circuit breaker and its own bounded pool: one dead
+// node turns away only the calls for its slots, and its failure empties
+// only its pool. A background thread, started the first time a node fails,
+// PINGs nodes whose breaker is open (probe_interval) and, for a Cluster,
+// reads the slot map again after a failure (slots_refresh_interval), so
+// that the slots of a dead master are sent to its promoted replica without
+// a restart; it holds no reference to the client and is joined by the
+// destructor.
 class RedisClient {
  public:
   // create
@@ -351,6 +401,21 @@ class RedisClient {
           "RedisOptions: breaker_failures must be at least 1, breaker_open "
           "positive and breaker_max_open at least breaker_open");
     }
+    if (options.max_connections < 1 || options.probe_interval < Nanos{0} ||
+        options.slots_refresh_interval < Nanos{0}) {
+      return absl::InvalidArgumentError(
+          "RedisOptions: max_connections must be at least 1, probe_interval "
+          "and slots_refresh_interval not negative");
+    }
+    if (options.wait_replicas < 0 ||
+        (options.wait_replicas > 0 &&
+         (options.wait_timeout <= Nanos{0} ||
+          options.wait_timeout >= options.command_timeout))) {
+      return absl::InvalidArgumentError(
+          "RedisOptions: wait_replicas must not be negative, and with "
+          "replicas to wait for wait_timeout must be positive and below "
+          "command_timeout");
+    }
     if (options.db < 0 || options.db > RedisOptions::kMaxDb) {
       return absl::InvalidArgumentError(
           absl::StrCat("RedisOptions: db ", options.db, " (0 to ",
@@ -381,7 +446,7 @@ class RedisClient {
       return c->options_.start_unreachable && absl::IsUnavailable(st);
     };
     Node* first = c->first_node();
-    absl::StatusOr<detail::ContextPtr> conn = c->open(*first);
+    absl::StatusOr<Conn> conn = c->take(*first, c->command_deadline());
     if (!conn.ok()) {
       if (soft(conn.status())) return c;
       return conn.status();
@@ -406,6 +471,17 @@ class RedisClient {
     }
     return c;
   }
+
+  ~RedisClient() {
+    {
+      std::lock_guard<std::mutex> lock(bg_mu_);
+      bg_stop_ = true;
+    }
+    bg_cv_.notify_all();
+    if (bg_thread_.joinable()) bg_thread_.join();
+  }
+  RedisClient(const RedisClient&) = delete;
+  RedisClient& operator=(const RedisClient&) = delete;
 
   // Whether `st` says the credentials were refused (kUnauthenticated) or
   // the user may not run a command or touch a key (kPermissionDenied):
@@ -433,7 +509,7 @@ class RedisClient {
   absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> eval_ints(
       const RedisScript& script, std::span<const std::string_view> keys,
       std::span<const std::string_view> args) {
-    return guarded([&] { return eval_once(script, keys, args); });
+    return eval_once(script, keys, args);
   }
 
   // eval_pipelined
@@ -452,21 +528,10 @@ class RedisClient {
                                      std::span<const EvalCall> calls) {
     std::vector<IntsOr> out(calls.size(),
                             absl::InternalError("redis: not run"));
-    // Nothing to send: nothing learned of Redis, so the breaker is left as
-    // it is (an empty batch must not take the probe, nor count as an
+    // Nothing to send: nothing learned of Redis, so the breakers are left
+    // as they are (an empty batch must not take a probe, nor count as an
     // answer).
     if (calls.empty()) return out;
-    const auto steady = [] {
-      return std::chrono::duration_cast<Nanos>(
-          std::chrono::steady_clock::now().time_since_epoch());
-    };
-    bool probe = false;
-    if (!breaker_.admit(steady(), probe)) {
-      const absl::Status st = breaker_open_status();
-      for (auto& o : out) o = st;
-      return out;
-    }
-    if (probe) drop_idle();  // the probe asks a fresh connection
     // Calls grouped by node, in order within each.
     std::vector<std::pair<Node*, std::vector<std::size_t>>> groups;
     for (std::size_t i = 0; i < calls.size(); ++i) {
@@ -482,30 +547,44 @@ class RedisClient {
     }
     std::vector<std::size_t> redo;
     for (auto& [node, which] : groups) {
+      // Each node's breaker decides for its calls only.
+      bool probe = false;
+      if (!node->breaker.admit(steady_now(), probe)) {
+        const absl::Status st = breaker_open_status(*node);
+        for (const std::size_t i : which) out[i] = st;
+        unreachable(*node);
+        continue;
+      }
+      if (probe) drop_idle(*node);  // the probe asks a fresh connection
+      const std::size_t redo_before = redo.size();
       pipeline_on(*node, script, calls, which, std::span<IntsOr>(out), redo);
+      absl::Status worst;
+      for (const std::size_t i : which) {
+        if (std::find(redo.begin() + static_cast<std::ptrdiff_t>(redo_before),
+                      redo.end(), i) != redo.end()) {
+          continue;  // answered (a redirection): it runs again below
+        }
+        if (!out[i].ok() && unanswered(out[i].status())) {
+          worst = out[i].status();
+          break;
+        }
+      }
+      record(*node, worst, probe);
     }
     for (const std::size_t i : redo) {
       out[i] = eval_once(script, calls[i].keys, calls[i].args);
-    }
-    bool reached = true;
-    for (const auto& o : out) {
-      if (!o.ok() && absl::IsUnavailable(o.status())) reached = false;
-    }
-    if (reached) {
-      breaker_.success();
-    } else {
-      breaker_.failure(steady(), probe);
-      drop_idle();
     }
     return out;
   }
 
   // command
   //
-  // One command (administration, tests): the reply as text (a status, a
-  // bulk string, an integer in decimal; arrays joined by newlines).
+  // One command (administration, tests) to the configured node: the reply
+  // as text (a status, a bulk string, an integer in decimal; arrays joined
+  // by newlines).
   absl::StatusOr<std::string> command(std::span<const std::string_view> argv) {
-    return guarded([&] { return command_once(argv); });
+    Node& node = *first_node();
+    return on_node(node, [&] { return command_once(node, argv); });
   }
   absl::StatusOr<std::string> command(
       std::initializer_list<std::string_view> argv) {
@@ -518,71 +597,297 @@ class RedisClient {
   // Whether a call that failed may still have run in Redis: false for a
   // call never sent (breaker open, no connection) and for an error reply
   // that means Redis did not run it (LOADING, BUSY, OOM...); true for a
-  // time-out or a cut connection after sending.
+  // time-out, a cut connection after sending, or a write fewer replicas
+  // than wait_replicas acknowledged in time.
   static bool may_have_run(const absl::Status& st) {
     return !st.ok() && !st.GetPayload(detail::av(kNotRunPayload)).has_value();
   }
 
-  // The circuit breaker's state, and how often it has opened.
-  // breaker_refuses(): whether a call now would fail without being tried
-  // (open and its open time not over, or the probe out).
-  detail::Breaker::State breaker_state() const { return breaker_.state(); }
-  bool breaker_refuses() const {
-    return breaker_.refuses(std::chrono::duration_cast<Nanos>(
-        std::chrono::steady_clock::now().time_since_epoch()));
+  // The circuit breakers. Without a Cluster there is one, the server's.
+  // With one, each node has its own, and these answer for the nodes that
+  // serve slots now (a dead master whose slots moved to its replica no
+  // longer counts):
+  //   breaker_state()    the worst of their states (kOpen, then kHalfOpen)
+  //   breaker_refuses()  whether a call now would fail without being tried
+  //                      on every one of them (open and its open time not
+  //                      over, or the probe out): Redis is away as a whole
+  //   breaker_trips()    how often breakers have opened, every node's
+  //                      (those of nodes no longer serving included)
+  //   breaker_state(key) the breaker of the node `key`'s slot maps to
+  detail::Breaker::State breaker_state() const {
+    detail::Breaker::State worst = detail::Breaker::State::kClosed;
+    for (const Node* n : serving()) {
+      const detail::Breaker::State s = n->breaker.state();
+      if (s == detail::Breaker::State::kOpen) return s;
+      if (s == detail::Breaker::State::kHalfOpen) worst = s;
+    }
+    return worst;
   }
-  std::uint64_t breaker_trips() const { return breaker_.trips(); }
+  detail::Breaker::State breaker_state(std::string_view key) {
+    return node_for(key)->breaker.state();
+  }
+  bool breaker_refuses() const {
+    const Nanos now = steady_now();
+    for (const Node* n : serving()) {
+      if (!n->breaker.refuses(now)) return false;
+    }
+    return true;
+  }
+  std::uint64_t breaker_trips() const {
+    detail::MutexLock lock(&mu_);
+    std::uint64_t trips = 0;
+    for (const auto& n : nodes_) trips += n->breaker.trips();
+    return trips;
+  }
+
+  // How many times the slot map was read again after create (Cluster).
+  std::uint64_t slot_refreshes() const {
+    return slot_refreshes_.load(std::memory_order_relaxed);
+  }
 
  private:
-  // One server of a deployment, and its idle connections.
+  using Deadline = std::chrono::steady_clock::time_point;
+
+  // One server of a deployment: its breaker, and its pool of connections
+  // under a lock of its own (the calls to one node never wait on another's
+  // pool). `open` counts the connections open to it (in use and idle), at
+  // most max_connections.
   struct Node {
-    std::string host;
-    int port = 0;
-    std::vector<detail::ContextPtr> idle;
+    Node(std::string h, int p, const RedisOptions& o)
+        : host(std::move(h)),
+          port(p),
+          breaker(o.breaker_failures, o.breaker_open, o.breaker_max_open) {}
+    const std::string host;
+    const int port;
+    detail::Breaker breaker;
+    detail::Mutex mu;
+    std::vector<detail::ContextPtr> idle ABSL_GUARDED_BY(mu);
+    std::size_t open ABSL_GUARDED_BY(mu) = 0;
+    std::size_t waiters ABSL_GUARDED_BY(mu) = 0;
+    std::condition_variable_any freed;  // a connection came back or closed
+  };
+
+  // A connection taken from a node's pool: put back with put_back(), or
+  // closed (and its place in the pool freed) when dropped.
+  class Conn {
+   public:
+    Conn(RedisClient* owner, Node* node, detail::ContextPtr c) noexcept
+        : owner_(owner), node_(node), c_(std::move(c)) {}
+    Conn(Conn&& o) noexcept
+        : owner_(o.owner_), node_(o.node_), c_(std::move(o.c_)) {}
+    Conn& operator=(Conn&&) = delete;
+    ~Conn() {
+      if (c_ != nullptr) owner_->discard(*node_, std::move(c_));
+    }
+    redisContext& operator*() const noexcept { return *c_; }
+    redisContext* operator->() const noexcept { return c_.get(); }
+    detail::ContextPtr release() noexcept { return std::move(c_); }
+
+   private:
+    RedisClient* owner_;
+    Node* node_;
+    detail::ContextPtr c_;
   };
 
   explicit RedisClient(RedisOptions o)
       : options_(std::move(o)),
-        breaker_(options_.breaker_failures, options_.breaker_open,
-                 options_.breaker_max_open) {
+        first_(new Node(options_.host, options_.port, options_)) {
     detail::MutexLock lock(&mu_);
-    nodes_.push_back(
-        std::make_unique<Node>(Node{options_.host, options_.port, {}}));
+    nodes_.push_back(std::unique_ptr<Node>(first_));
   }
 
-  // Runs `call` unless the breaker is open; a call Redis did not answer
-  // (kUnavailable) counts against it, any answer (errors included) for it.
+  static Nanos steady_now() {
+    return std::chrono::duration_cast<Nanos>(
+        std::chrono::steady_clock::now().time_since_epoch());
+  }
+  // Now plus `d`, saturating (an interval near Nanos::max(): never).
+  static Nanos later(Nanos d) {
+    const Nanos now = steady_now();
+    return now > Nanos::max() - d ? Nanos::max() : now + d;
+  }
+
+  // A failure that says Redis did not answer (counted by the breaker): a
+  // kUnavailable that is not an answer (a WAIT that fewer replicas met is
+  // one: the master answered).
+  static bool unanswered(const absl::Status& st) {
+    return absl::IsUnavailable(st) &&
+           !st.GetPayload(detail::av(kAnsweredPayload)).has_value();
+  }
+
+  // Runs `call` on `node` unless its breaker is open; a call the node did
+  // not answer (kUnavailable) counts against its breaker, any answer
+  // (errors included) for it.
   template <class F>
-  auto guarded(F&& call) -> decltype(call()) {
-    const auto steady = [] {
-      return std::chrono::duration_cast<Nanos>(
-          std::chrono::steady_clock::now().time_since_epoch());
-    };
+  auto on_node(Node& node, F&& call) -> decltype(call()) {
     bool probe = false;
-    if (!breaker_.admit(steady(), probe)) {
-      return breaker_open_status();
+    if (!node.breaker.admit(steady_now(), probe)) {
+      unreachable(node);
+      return breaker_open_status(node);
     }
-    if (probe) drop_idle();  // the probe asks a fresh connection
+    if (probe) drop_idle(node);  // the probe asks a fresh connection
     auto r = call();
-    if (!r.ok() && absl::IsUnavailable(r.status())) {
-      breaker_.failure(steady(), probe);
-      drop_idle();  // the others are likely as dead
-    } else {
-      breaker_.success();
-    }
+    record(node, r.ok() ? absl::OkStatus() : r.status(), probe);
     return r;
   }
 
+  void record(Node& node, const absl::Status& st, bool probe) {
+    if (!st.ok() && unanswered(st)) {
+      node.breaker.failure(steady_now(), probe);
+      drop_idle(node);  // the node's other connections are likely as dead
+      unreachable(node);
+    } else {
+      node.breaker.success();
+    }
+  }
+
+  // A node failed or was turned away: the background thread probes it
+  // while its breaker is open, and (Cluster) reads the slot map again, in
+  // case its slots have a new owner. Cheap when already asked.
+  void unreachable(const Node& node) {
+    if (options_.cluster) request(refresh_asked_);
+    if (options_.probe_interval > Nanos{0} &&
+        node.breaker.state() != detail::Breaker::State::kClosed) {
+      request(probe_asked_);
+    }
+  }
+  void request(std::atomic<bool>& flag) {
+    if (flag.load(std::memory_order_acquire)) return;
+    if (flag.exchange(true, std::memory_order_acq_rel)) return;
+    std::lock_guard<std::mutex> lock(bg_mu_);
+    if (bg_stop_) return;
+    bg_kicked_ = true;
+    if (!bg_thread_.joinable()) {
+      bg_thread_ = std::thread([this] { maintain(); });
+    }
+    bg_cv_.notify_one();
+  }
+
+  // The background thread: slot map reads when asked (one at a time, at
+  // most one per slots_refresh_interval), PINGs of the nodes whose breaker
+  // is open every probe_interval; asleep when there is nothing to do.
+  void maintain() {
+    Nanos next_refresh{0};
+    for (;;) {
+      if (refresh_asked_.load(std::memory_order_acquire) &&
+          steady_now() >= next_refresh) {
+        refresh_asked_.store(false, std::memory_order_release);
+        refresh_slots();
+        next_refresh = later(options_.slots_refresh_interval);
+      }
+      bool probing = false;
+      if (options_.probe_interval > Nanos{0}) {
+        probe_asked_.store(false, std::memory_order_release);
+        probing = probe_open_nodes();
+        if (probing) probe_asked_.store(true, std::memory_order_release);
+      }
+      Nanos until = Nanos::max();
+      if (refresh_asked_.load(std::memory_order_acquire)) {
+        until = next_refresh;
+      }
+      if (probing) until = std::min(until, later(options_.probe_interval));
+      std::unique_lock<std::mutex> lock(bg_mu_);
+      const auto woken = [this] { return bg_stop_ || bg_kicked_; };
+      if (until == Nanos::max()) {
+        bg_cv_.wait(lock, woken);
+      } else {
+        bg_cv_.wait_until(
+            lock,
+            std::chrono::steady_clock::time_point(
+                std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                    until)),
+            woken);
+      }
+      if (bg_stop_) return;
+      bg_kicked_ = false;
+    }
+  }
+
+  // The nodes that serve now: the one server, or every node the slot map
+  // names (the configured node while the map is empty).
+  std::vector<Node*> serving() const {
+    detail::MutexLock lock(&mu_);
+    if (serving_.empty()) return {first_};
+    return serving_;
+  }
+  // After the slot map changed: the nodes it names, once each.
+  void recount_serving() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    serving_.clear();
+    for (const std::atomic<Node*>& slot : slots_) {
+      Node* const n = slot.load(std::memory_order_relaxed);
+      if (n != nullptr &&
+          std::find(serving_.begin(), serving_.end(), n) == serving_.end()) {
+        serving_.push_back(n);
+      }
+    }
+  }
+
+  // PINGs each serving node whose breaker is not closed, on a fresh
+  // connection; a PONG closes its breaker (and the connection joins its
+  // pool). Whether any is still not closed.
+  bool probe_open_nodes() {
+    bool still_open = false;
+    for (Node* np : serving()) {
+      Node& n = *np;
+      if (n.breaker.state() == detail::Breaker::State::kClosed) continue;
+      drop_idle(n);
+      const Deadline deadline = command_deadline();
+      absl::StatusOr<Conn> conn = take(n, std::chrono::steady_clock::now());
+      bool pong = false;
+      if (conn.ok()) {
+        const std::string_view ping[] = {"PING"};
+        absl::StatusOr<detail::ReplyPtr> r = roundtrip(**conn, ping, deadline);
+        pong = r.ok() && (*r)->type == REDIS_REPLY_STATUS &&
+               std::string_view((*r)->str, (*r)->len) == "PONG";
+        if (pong) put_back(&n, *std::move(conn));
+      }
+      if (pong) {
+        n.breaker.success();
+      } else {
+        still_open = true;
+      }
+    }
+    return still_open;
+  }
+
+  // Reads the slot map again from one node: the nodes the map named
+  // (masters and replicas), in turn from a cursor that moves on each time
+  // (a node with a stale map is not asked twice in a row), those whose
+  // breaker lets calls through first.
+  void refresh_slots() {
+    std::vector<Node*> order;
+    {
+      detail::MutexLock lock(&mu_);
+      const std::size_t n = nodes_.size();
+      const std::size_t start = refresh_cursor_++ % n;
+      for (std::size_t i = 0; i < n; ++i) {
+        order.push_back(nodes_[(start + i) % n].get());
+      }
+    }
+    std::stable_partition(order.begin(), order.end(), [](const Node* n) {
+      return n->breaker.state() == detail::Breaker::State::kClosed;
+    });
+    for (Node* n : order) {
+      absl::StatusOr<Conn> conn = take(*n, std::chrono::steady_clock::now());
+      if (!conn.ok()) continue;
+      if (learn_slots(**conn).ok()) {
+        put_back(n, *std::move(conn));
+        slot_refreshes_.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+    }
+  }
+
   // The node for `keys` (all of one slot by construction), following up
-  // to five MOVED or ASK redirections.
+  // to five MOVED or ASK redirections; each node's breaker decides for the
+  // calls to it.
   absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> eval_once(
       const RedisScript& script, std::span<const std::string_view> keys,
       std::span<const std::string_view> args) {
     Node* node = keys.empty() ? first_node() : node_for(keys[0]);
     bool asking = false;
     for (int hop = 0; hop < 6; ++hop) {
-      absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
-          eval_on(*node, asking, script, keys, args);
+      absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r = on_node(
+          *node, [&] { return eval_on(*node, asking, script, keys, args); });
       if (r.ok() || !absl::IsInternal(r.status())) return r;
       const absl::string_view am = r.status().message();
       const std::string_view msg(am.data(), am.size());
@@ -604,9 +909,15 @@ class RedisClient {
         return r;
       }
       node = node_at(std::string(rest.substr(sp + 1, colon - sp - 1)), port);
-      if (moved) {
-        detail::MutexLock lock(&mu_);
-        slots_[static_cast<std::size_t>(slot)] = node;
+      if (moved && options_.cluster) {  // (one server: no map to keep)
+        {
+          detail::MutexLock lock(&mu_);
+          slots_[static_cast<std::size_t>(slot)].store(
+              node, std::memory_order_release);
+          recount_serving();
+        }
+        // A slot moved: others may have too (a failover, a resharding).
+        request(refresh_asked_);
       }
       asking = ask;
     }
@@ -617,12 +928,13 @@ class RedisClient {
       Node& node, bool asking, const RedisScript& script,
       std::span<const std::string_view> keys,
       std::span<const std::string_view> args) {
-    absl::StatusOr<detail::ContextPtr> conn = take(node);
+    // One deadline for every round trip of this call (a wait for a free
+    // connection, ASKING, a script load after NOSCRIPT, the script): a
+    // decision waits at most command_timeout, plus the time it spent
+    // opening a connection (at most connect_timeout).
+    Deadline deadline = command_deadline();
+    absl::StatusOr<Conn> conn = take(node, deadline, &deadline);
     if (!conn.ok()) return conn.status();
-    // One deadline for every round trip of this call (ASKING, a script
-    // load after NOSCRIPT, the script): a decision waits at most
-    // command_timeout, plus connect_timeout when it opened a connection.
-    const Deadline deadline = command_deadline();
     if (asking) {
       const std::string_view a[] = {"ASKING"};
       absl::StatusOr<detail::ReplyPtr> ok = roundtrip(**conn, a, deadline);
@@ -660,7 +972,9 @@ class RedisClient {
       argv.push_back(nkeys);
       argv.insert(argv.end(), keys.begin(), keys.end());
       argv.insert(argv.end(), args.begin(), args.end());
-      absl::StatusOr<detail::ReplyPtr> r = roundtrip(**conn, argv, deadline);
+      bool replicated = true;
+      absl::StatusOr<detail::ReplyPtr> r =
+          roundtrip_waited(**conn, argv, deadline, replicated);
       if (!r.ok()) return r.status();  // the connection is gone
       const redisReply& reply = **r;
       if (reply.type == REDIS_REPLY_ERROR) {
@@ -672,6 +986,7 @@ class RedisClient {
         return reply_error(msg);
       }
       put_back(&node, *std::move(conn));
+      if (!replicated) return not_replicated(node);
       return ints_of(reply);
     }
     return absl::InternalError("redis: no answer to the script");
@@ -732,9 +1047,10 @@ class RedisClient {
   }
 
   // The calls of one node, pipelined on one connection: every EVALSHA
-  // written at once, the replies read in order, under one deadline. A call
-  // answered NOSCRIPT, MOVED or ASK is left for eval_once (`redo`); after
-  // an I/O failure the calls not answered are kUnavailable.
+  // written at once (and one WAIT after them with wait_replicas), the
+  // replies read in order, under one deadline. A call answered NOSCRIPT,
+  // MOVED or ASK is left for eval_once (`redo`); after an I/O failure the
+  // calls not answered are kUnavailable.
   void pipeline_on(Node& node, const RedisScript& script,
                    std::span<const EvalCall> calls,
                    std::span<const std::size_t> which, std::span<IntsOr> out,
@@ -742,9 +1058,9 @@ class RedisClient {
     auto fail_from = [&](std::size_t k, const absl::Status& st) {
       for (; k < which.size(); ++k) out[which[k]] = st;
     };
-    absl::StatusOr<detail::ContextPtr> conn = take(node);
+    Deadline deadline = command_deadline();
+    absl::StatusOr<Conn> conn = take(node, deadline, &deadline);
     if (!conn.ok()) return fail_from(0, conn.status());
-    const Deadline deadline = command_deadline();
     std::string sha = known_sha(script);
     if (sha.empty()) {
       absl::StatusOr<std::string> loaded = load(**conn, script, deadline);
@@ -769,92 +1085,95 @@ class RedisClient {
         return fail_from(0, unavailable((*conn)->errstr));
       }
     }
-    for (int done = 0; done == 0;) {
-      if (redisBufferWrite(&**conn, &done) != REDIS_OK) {
-        return fail_from(0, unavailable((*conn)->errstr));
-      }
-      if (done == 0 && !detail::wait_fd((*conn)->fd, POLLOUT, deadline)) {
-        return fail_from(0, unavailable("timed out writing"));
+    if (options_.wait_replicas > 0) {
+      const std::string n = std::to_string(options_.wait_replicas);
+      const std::string wait_ms = wait_millis();
+      const std::string_view w[] = {"WAIT", n, wait_ms};
+      if (absl::Status st = append(**conn, w); !st.ok()) {
+        return fail_from(0, st);
       }
     }
+    if (absl::Status st = flush(**conn, deadline); !st.ok()) {
+      return fail_from(0, st);
+    }
     for (std::size_t k = 0; k < which.size(); ++k) {
-      void* raw = nullptr;
-      for (;;) {
-        if (redisGetReplyFromReader(&**conn, &raw) != REDIS_OK) {
-          return fail_from(k, unavailable((*conn)->errstr));
-        }
-        if (raw != nullptr) break;
-        if (!detail::wait_fd((*conn)->fd, POLLIN, deadline)) {
-          return fail_from(k, unavailable("timed out waiting for the reply"));
-        }
-        if (redisBufferRead(&**conn) != REDIS_OK) {
-          return fail_from(k, unavailable((*conn)->errstr));
-        }
-      }
-      const detail::ReplyPtr reply(static_cast<redisReply*>(raw));
-      if (reply->type == REDIS_REPLY_ERROR) {
-        const std::string_view msg(reply->str, reply->len);
+      absl::StatusOr<detail::ReplyPtr> reply = read_reply(**conn, deadline);
+      if (!reply.ok()) return fail_from(k, reply.status());
+      if ((*reply)->type == REDIS_REPLY_ERROR) {
+        const std::string_view msg((*reply)->str, (*reply)->len);
         if (msg.substr(0, 8) == "NOSCRIPT" || msg.substr(0, 6) == "MOVED " ||
             msg.substr(0, 4) == "ASK ") {
           redo.push_back(which[k]);
           continue;
         }
       }
-      out[which[k]] = ints_of(*reply);
+      out[which[k]] = ints_of(**reply);
+    }
+    if (options_.wait_replicas > 0) {
+      absl::StatusOr<detail::ReplyPtr> w = read_reply(**conn, deadline);
+      // Without the WAIT's answer no call of the batch is known replicated.
+      const bool replicated = w.ok() && replicas_met(**w);
+      for (const std::size_t i : which) {
+        if (out[i].ok() && !replicated) {
+          out[i] = w.ok() ? not_replicated(node) : w.status();
+        }
+      }
+      if (!w.ok()) return;
     }
     put_back(&node, *std::move(conn));
   }
 
   absl::StatusOr<std::string> command_once(
-      std::span<const std::string_view> argv) {
-    Node* node = first_node();
-    absl::StatusOr<detail::ContextPtr> conn = take(*node);
+      Node& node, std::span<const std::string_view> argv) {
+    Deadline deadline = command_deadline();
+    absl::StatusOr<Conn> conn = take(node, deadline, &deadline);
     if (!conn.ok()) return conn.status();
-    absl::StatusOr<detail::ReplyPtr> r = roundtrip(**conn, argv);
+    absl::StatusOr<detail::ReplyPtr> r = roundtrip(**conn, argv, deadline);
     if (!r.ok()) return r.status();
     const redisReply& reply = **r;
     std::string out;
     if (reply.type == REDIS_REPLY_ERROR) {
       out.assign(reply.str, reply.len);
-      put_back(node, *std::move(conn));
+      put_back(&node, *std::move(conn));
       if (absl::Status st = reply_error(out); is_auth_error(st)) return st;
       return absl::InternalError(absl::StrCat("redis: ", out));
     }
     append_text(reply, out);
-    put_back(node, *std::move(conn));
+    put_back(&node, *std::move(conn));
     return out;
   }
 
-  void drop_idle() {
+  // Closes `node`'s idle connections (after it failed: the others are
+  // likely as dead); other nodes' pools are left alone.
+  void drop_idle(Node& node) {
     std::vector<detail::ContextPtr> dead;
-    detail::MutexLock lock(&mu_);
-    for (auto& n : nodes_) {
-      for (auto& c : n->idle) dead.push_back(std::move(c));
-      n->idle.clear();
-    }
+    detail::MutexLock lock(&node.mu);
+    dead.swap(node.idle);
+    node.open -= dead.size();
+    if (node.waiters > 0 && !dead.empty()) node.freed.notify_all();
   }
 
-  Node* first_node() {
-    detail::MutexLock lock(&mu_);
-    return nodes_.front().get();
-  }
-  Node* node_for(std::string_view key) {
-    if (!options_.cluster) return first_node();
-    detail::MutexLock lock(&mu_);
-    Node* n = slots_[detail::key_slot(key)];
-    return n != nullptr ? n : nodes_.front().get();
+  // Without a lock: the first node never changes, and a slot's entry is
+  // an atomic pointer to a node that is never removed.
+  Node* first_node() const { return first_; }
+  Node* node_for(std::string_view key) const {
+    if (!options_.cluster) return first_;
+    Node* n = slots_[detail::key_slot(key)].load(std::memory_order_acquire);
+    return n != nullptr ? n : first_;
   }
   Node* node_at(std::string host, int port) {
     detail::MutexLock lock(&mu_);
     for (auto& n : nodes_) {
       if (n->port == port && n->host == host) return n.get();
     }
-    nodes_.push_back(std::make_unique<Node>(Node{std::move(host), port, {}}));
+    nodes_.push_back(std::make_unique<Node>(std::move(host), port, options_));
     return nodes_.back().get();
   }
 
   // The slot map, from CLUSTER SLOTS: [[start, end, [host, port, id],
-  // replicas...], ...].
+  // replicas...], ...]. The replicas become nodes too: a later read of the
+  // map may ask them (a dead master's replica knows of its promotion
+  // first).
   absl::Status learn_slots(redisContext& c) {
     const std::string_view argv[] = {"CLUSTER", "SLOTS"};
     absl::StatusOr<detail::ReplyPtr> r = roundtrip(c, argv);
@@ -870,23 +1189,39 @@ class RedisClient {
       return absl::FailedPreconditionError(
           "redis: CLUSTER SLOTS failed (is cluster mode enabled?)");
     }
+    const auto address = [](const redisReply& e) {
+      return e.type == REDIS_REPLY_ARRAY && e.elements >= 2 &&
+             e.element[0]->type == REDIS_REPLY_STRING &&
+             e.element[1]->type == REDIS_REPLY_INTEGER;
+    };
     for (std::size_t i = 0; i < top.elements; ++i) {
       const redisReply& range = *top.element[i];
       if (range.type != REDIS_REPLY_ARRAY || range.elements < 3 ||
-          range.element[2]->type != REDIS_REPLY_ARRAY ||
-          range.element[2]->elements < 2) {
+          range.element[0]->type != REDIS_REPLY_INTEGER ||
+          range.element[1]->type != REDIS_REPLY_INTEGER ||
+          !address(*range.element[2])) {
         continue;
       }
       const redisReply& master = *range.element[2];
       Node* n =
           node_at(std::string(master.element[0]->str, master.element[0]->len),
                   static_cast<int>(master.element[1]->integer));
+      for (std::size_t j = 3; j < range.elements; ++j) {
+        const redisReply& replica = *range.element[j];
+        if (address(replica)) {
+          node_at(std::string(replica.element[0]->str, replica.element[0]->len),
+                  static_cast<int>(replica.element[1]->integer));
+        }
+      }
       detail::MutexLock lock(&mu_);
-      for (long long slot = range.element[0]->integer;
+      for (long long slot = std::max(0LL, range.element[0]->integer);
            slot <= range.element[1]->integer && slot < 16384; ++slot) {
-        slots_[static_cast<std::size_t>(slot)] = n;
+        slots_[static_cast<std::size_t>(slot)].store(n,
+                                                     std::memory_order_release);
       }
     }
+    detail::MutexLock lock(&mu_);
+    recount_serving();
     return absl::OkStatus();
   }
 
@@ -1055,14 +1390,26 @@ class RedisClient {
   }
 
   static constexpr std::string_view kNotRunPayload = "ratekeeper.redis/not-run";
+  // On a kUnavailable that is nonetheless Redis's answer (a WAIT that fewer
+  // replicas met): the node's breaker counts it as an answer.
+  static constexpr std::string_view kAnsweredPayload =
+      "ratekeeper.redis/answered";
   static absl::Status not_run(absl::Status st) {
     st.SetPayload(detail::av(kNotRunPayload), absl::Cord("1"));
     return st;
   }
-  absl::Status breaker_open_status() const {
+  absl::Status breaker_open_status(const Node& node) const {
     return not_run(absl::UnavailableError(
-        absl::StrCat("redis ", options_.host, ":", options_.port,
+        absl::StrCat("redis ", node.host, ":", node.port,
                      ": circuit open after repeated failures (not tried)")));
+  }
+  absl::Status not_replicated(const Node& node) const {
+    absl::Status st = absl::UnavailableError(absl::StrCat(
+        "redis ", node.host, ":", node.port, ": run, but fewer than ",
+        options_.wait_replicas, " replicas acknowledged it within ",
+        wait_millis(), " ms (WAIT)"));
+    st.SetPayload(detail::av(kAnsweredPayload), absl::Cord("1"));
+    return st;
   }
 
   absl::Status unavailable(std::string_view why) const {
@@ -1070,28 +1417,70 @@ class RedisClient {
         "redis ", options_.host, ":", options_.port, ": ", detail::av(why)));
   }
 
-  absl::StatusOr<detail::ContextPtr> take(Node& node) {
+  // A connection to `node`: an idle one, or a new one while fewer than
+  // max_connections are open; else waits for one until `deadline`, then
+  // kUnavailable (not run). With `after_connect`, the time spent opening a
+  // connection is added to it (the connect has its own time-out).
+  absl::StatusOr<Conn> take(Node& node, Deadline deadline,
+                            Deadline* after_connect = nullptr) {
     {
-      detail::MutexLock lock(&mu_);
-      if (!node.idle.empty()) {
-        detail::ContextPtr c = std::move(node.idle.back());
-        node.idle.pop_back();
-        return c;
+      detail::MutexLock lock(&node.mu);
+      for (;;) {
+        if (!node.idle.empty()) {
+          detail::ContextPtr c = std::move(node.idle.back());
+          node.idle.pop_back();
+          return Conn(this, &node, std::move(c));
+        }
+        if (node.open < options_.max_connections) {
+          ++node.open;
+          break;
+        }
+        if (std::chrono::steady_clock::now() >= deadline) {
+          return not_run(absl::UnavailableError(absl::StrCat(
+              "redis ", node.host, ":", node.port, ": all ",
+              options_.max_connections,
+              " connections busy until the call's deadline (not run)")));
+        }
+        ++node.waiters;
+        node.freed.wait_until(node.mu, deadline);
+        --node.waiters;
       }
     }
-    return open(node);
+    const auto start = std::chrono::steady_clock::now();
+    absl::StatusOr<detail::ContextPtr> c = open(node);
+    if (!c.ok()) {
+      discard(node, nullptr);
+      return c.status();
+    }
+    if (after_connect != nullptr) {
+      *after_connect += std::chrono::steady_clock::now() - start;
+    }
+    return Conn(this, &node, *std::move(c));
   }
 
-  void put_back(Node* node, detail::ContextPtr c) {
-    detail::MutexLock lock(&mu_);
+  void put_back(Node* node, Conn conn) {
+    detail::ContextPtr c = conn.release();
+    detail::ContextPtr spare;  // closed after the lock is released
+    detail::MutexLock lock(&node->mu);
     if (node->idle.size() < options_.pool_size) {
       node->idle.push_back(std::move(c));
+    } else {
+      spare = std::move(c);
+      --node->open;
     }
+    if (node->waiters > 0) node->freed.notify_one();
+  }
+
+  // A connection of `node` closed (`c`, null when the open failed).
+  void discard(Node& node, detail::ContextPtr c) {
+    c.reset();
+    detail::MutexLock lock(&node.mu);
+    --node.open;
+    if (node.waiters > 0) node.freed.notify_one();
   }
 
   // One command on `c`. A null reply (I/O error, timeout) leaves `c` in an
   // unknown state: the caller drops it (by not putting it back).
-  using Deadline = std::chrono::steady_clock::time_point;
   Deadline command_deadline() const {
     return std::chrono::steady_clock::now() +
            std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -1105,6 +1494,45 @@ class RedisClient {
   absl::StatusOr<detail::ReplyPtr> roundtrip(
       redisContext& c, std::span<const std::string_view> argv,
       Deadline deadline) const {
+    if (absl::Status st = append(c, argv); !st.ok()) return st;
+    if (absl::Status st = flush(c, deadline); !st.ok()) return st;
+    return read_reply(c, deadline);
+  }
+
+  // A script call, and with wait_replicas its WAIT in the same write;
+  // `replicated` says whether enough replicas acknowledged it (true
+  // without wait_replicas). The script's reply.
+  absl::StatusOr<detail::ReplyPtr> roundtrip_waited(
+      redisContext& c, std::span<const std::string_view> argv,
+      Deadline deadline, bool& replicated) const {
+    replicated = true;
+    if (options_.wait_replicas <= 0) return roundtrip(c, argv, deadline);
+    const std::string n = std::to_string(options_.wait_replicas);
+    const std::string ms = wait_millis();
+    const std::string_view w[] = {"WAIT", n, ms};
+    if (absl::Status st = append(c, argv); !st.ok()) return st;
+    if (absl::Status st = append(c, w); !st.ok()) return st;
+    if (absl::Status st = flush(c, deadline); !st.ok()) return st;
+    absl::StatusOr<detail::ReplyPtr> r = read_reply(c, deadline);
+    if (!r.ok()) return r;
+    absl::StatusOr<detail::ReplyPtr> waited = read_reply(c, deadline);
+    if (!waited.ok()) return waited.status();
+    replicated = replicas_met(**waited);
+    return r;
+  }
+  bool replicas_met(const redisReply& w) const {
+    return w.type == REDIS_REPLY_INTEGER && w.integer >= options_.wait_replicas;
+  }
+  // WAIT's time-out in whole milliseconds, rounded up (0 would wait for
+  // ever).
+  std::string wait_millis() const {
+    const auto ms =
+        std::chrono::ceil<std::chrono::milliseconds>(options_.wait_timeout);
+    return std::to_string(std::max<std::int64_t>(1, ms.count()));
+  }
+
+  absl::Status append(redisContext& c,
+                      std::span<const std::string_view> argv) const {
     absl::InlinedVector<const char*, 16> ptrs;
     absl::InlinedVector<std::size_t, 16> lens;
     for (const std::string_view a : argv) {
@@ -1115,12 +1543,19 @@ class RedisClient {
                                lens.data()) != REDIS_OK) {
       return unavailable(c.errstr);
     }
+    return absl::OkStatus();
+  }
+  absl::Status flush(redisContext& c, Deadline deadline) const {
     for (int done = 0; done == 0;) {
       if (redisBufferWrite(&c, &done) != REDIS_OK) return unavailable(c.errstr);
       if (done == 0 && !detail::wait_fd(c.fd, POLLOUT, deadline)) {
         return unavailable("timed out writing");
       }
     }
+    return absl::OkStatus();
+  }
+  absl::StatusOr<detail::ReplyPtr> read_reply(redisContext& c,
+                                              Deadline deadline) const {
     for (;;) {
       void* reply = nullptr;
       if (redisGetReplyFromReader(&c, &reply) != REDIS_OK) {
@@ -1163,18 +1598,30 @@ class RedisClient {
   }
 
   const RedisOptions options_;
+  Node* const first_;  // the configured server, nodes_[0]
   // Credentials refused on a new connection, and until when new ones are
   // not tried (open()).
   mutable detail::Mutex auth_mu_;
   mutable absl::Status auth_refused_ ABSL_GUARDED_BY(auth_mu_);
   mutable std::chrono::steady_clock::time_point auth_retry_at_
       ABSL_GUARDED_BY(auth_mu_);
-  detail::Breaker breaker_;
-  detail::Mutex mu_;
-  // nodes_[0] is the configured server; nodes are never removed, so Node
-  // pointers stay valid.
+  mutable detail::Mutex mu_;
+  // Nodes are never removed, so Node pointers stay valid.
   std::vector<std::unique_ptr<Node>> nodes_ ABSL_GUARDED_BY(mu_);
-  std::array<Node*, 16384> slots_ ABSL_GUARDED_BY(mu_){};
+  // The slot map: read without a lock, written under mu_.
+  std::array<std::atomic<Node*>, 16384> slots_{};
+  std::vector<Node*> serving_ ABSL_GUARDED_BY(mu_);  // recount_serving()
+  std::size_t refresh_cursor_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<std::uint64_t> slot_refreshes_{0};
+  // The background thread (maintain()): asked by the flags, woken by
+  // bg_kicked_, stopped by bg_stop_; started on the first ask.
+  std::atomic<bool> refresh_asked_{false};
+  std::atomic<bool> probe_asked_{false};
+  std::mutex bg_mu_;
+  std::condition_variable bg_cv_;
+  bool bg_kicked_ = false;  // guarded by bg_mu_
+  bool bg_stop_ = false;    // guarded by bg_mu_
+  std::thread bg_thread_;   // started under bg_mu_; joined by ~RedisClient
 };
 
 enum class FailMode : std::uint8_t {
