@@ -4,9 +4,10 @@
 #
 #   scripts/install-deps.sh            everything for `make demo` (and the
 #                                      release preset, tests included)
+#                                      (stunnel4 and openssl: the release
+#                                      preset's Redis TLS test)
 #   scripts/install-deps.sh --test     plus what `make test` needs (clang 14,
-#                                      its sanitizer runtimes, clang-format 14,
-#                                      stunnel4 and openssl for the TLS test)
+#                                      its sanitizer runtimes, clang-format 14)
 #   scripts/install-deps.sh --bench    plus what `make bench` needs (Google
 #                                      Benchmark, python3, gnuplot)
 #   scripts/install-deps.sh --aarch64  what `make test-aarch64` needs: the
@@ -17,9 +18,9 @@ set -euo pipefail
 
 packages=(cmake ninja-build g++ make pkg-config libabsl-dev libfmt-dev catch2
           libcpp-httplib-dev nlohmann-json3-dev libssl-dev tzdata libhiredis-dev
-          redis-server)
+          redis-server stunnel4 openssl)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(clang-14 libclang-rt-14-dev clang-format-14 stunnel4 openssl)
+  packages+=(clang-14 libclang-rt-14-dev clang-format-14)
 elif [[ "${1:-}" == "--bench" ]]; then
   packages+=(libbenchmark-dev python3 gnuplot-nox)
 elif [[ "${1:-}" == "--aarch64" ]]; then
