@@ -5,7 +5,9 @@
 // redis-server with TLS only (--port 0: no plain port at all) and stunnel4
 // in the foreground, and kills both at the end. It fails (never skips) when
 // stunnel4 or openssl is missing: scripts/install-deps.sh --test installs
-// them.
+// them. The tunnel's configuration is docs/redis.md's recipe, read from
+// the docs and run as it stands, with the test's addresses, CA and host name
+// in its accept, connect, CAfile and checkHost lines.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -42,7 +44,7 @@ const Nanos kFrozen{1'796'083'200'000'000'000};  // 2026-12-01 UTC
 int shell(const std::string& cmd) { return std::system(cmd.c_str()); }
 
 void require_tools() {
-  INFO("stunnel4 and openssl are needed: scripts/install-deps.sh --test");
+  INFO("stunnel4 and openssl are needed: scripts/install-deps.sh");
   REQUIRE(shell("command -v stunnel4 >/dev/null 2>&1") == 0);
   REQUIRE(shell("command -v openssl >/dev/null 2>&1") == 0);
 }
@@ -221,29 +223,59 @@ std::unique_ptr<Child> tls_redis(const std::string& dir, int port,
   return c;
 }
 
+// docs/redis.md's stunnel configuration: the lines of the first ```ini
+// block after "## TLS".
+std::vector<std::string> recipe_lines() {
+  std::ifstream in(std::string(RK_SOURCE_DIR) + "/docs/redis.md");
+  REQUIRE(in.good());
+  std::vector<std::string> out;
+  std::string line;
+  bool in_tls = false, in_block = false;
+  while (std::getline(in, line)) {
+    if (!in_tls) {
+      in_tls = line == "## TLS";
+    } else if (!in_block) {
+      if (line.rfind("## ", 0) == 0) break;  // the section ended first
+      in_block = line == "```ini";
+    } else if (line.rfind("```", 0) == 0) {
+      return out;
+    } else {
+      out.push_back(line);
+    }
+  }
+  FAIL("docs/redis.md: no ```ini block under \"## TLS\"");
+  return out;
+}
+
 // stunnel4 in client mode, in the foreground: plain TCP on loopback port
-// `accept`, TLS to `connect` verified against `ca` (chain and host name),
-// as docs/redis.md's recipe has it.
+// `accept`, TLS to `connect` verified against `ca` (chain and host name):
+// the docs' recipe with these four values put in.
 std::unique_ptr<Child> tunnel(const std::string& dir, int accept, int connect,
                               const std::string& ca) {
   const std::string conf = dir + "/stunnel-" + std::to_string(accept) + ".conf";
-  std::ofstream(conf) << "foreground = yes\n"
-                         "pid =\n"
-                         "syslog = no\n"
-                         "debug = notice\n"
-                         "[redis]\n"
-                         "client = yes\n"
-                         "accept = 127.0.0.1:"
-                      << accept
-                      << "\n"
-                         "connect = 127.0.0.1:"
-                      << connect
-                      << "\n"
-                         "verifyChain = yes\n"
-                         "CAfile = "
-                      << ca
-                      << "\n"
-                         "checkHost = localhost\n";
+  const std::map<std::string, std::string> mine = {
+      {"accept", "127.0.0.1:" + std::to_string(accept)},
+      {"connect", "127.0.0.1:" + std::to_string(connect)},
+      {"CAfile", ca},
+      {"checkHost", "localhost"}};
+  std::set<std::string> put;
+  {
+    std::ofstream f(conf);
+    for (const std::string& line : recipe_lines()) {
+      const std::size_t eq = line.find(" = ");
+      const auto it = eq == std::string::npos || line.rfind(";", 0) == 0
+                          ? mine.end()
+                          : mine.find(line.substr(0, eq));
+      if (it == mine.end()) {
+        f << line << "\n";
+      } else {
+        f << it->first << " = " << it->second << "\n";
+        put.insert(it->first);
+      }
+    }
+  }
+  INFO("the recipe's accept, connect, CAfile and checkHost lines");
+  REQUIRE(put.size() == mine.size());
   auto c = std::make_unique<Child>(
       std::vector<std::string>{"stunnel4", conf},
       dir + "/stunnel-" + std::to_string(accept) + ".log");
