@@ -486,15 +486,13 @@ TEST_CASE(
   CHECK(open->auth_failures() == 1);
   CHECK(open->fallbacks() == 0);
 
-  // Redis drops them: every new connection is refused its AUTH.
+  // Redis drops them: every new connection is refused its AUTH. The call
+  // that meets a connection Redis cut is refused as the credentials are (a
+  // fresh connection's AUTH says why), never answered by the fail mode.
   REQUIRE(admin.line("CLIENT KILL USER rk") != "0");
-  const auto deadline = std::chrono::steady_clock::now() + 20s;
-  while (open->auth_failures() == 1) {
-    // A call that meets a cut connection is the fail mode's (Redis did go
-    // away for it); the next opens a new connection.
-    static_cast<void>(open->acquire("k", 1, kFrozen));
-    REQUIRE(std::chrono::steady_clock::now() < deadline);
-  }
+  CHECK_FALSE(open->acquire("k", 1, kFrozen).allowed);
+  CHECK(open->auth_failures() == 2);
+  CHECK(open->fallbacks() == 0);
   const auto connections = [&] {
     const std::string info = admin.run({"INFO", "stats"});
     const std::string field = "total_connections_received:";
@@ -577,6 +575,41 @@ TEST_CASE(
   CHECK(acct->spent("team", who).value() == 150'000);
   CHECK(unjournaled->settle(used_tokens(100, 50)).ok());
   CHECK(bare->spent("team", who2).value() == 150'000);
+
+  // Cut again under live, pooled connections: the first reserve after it
+  // is refused (kOpen does not grant it), and so is the first batch after
+  // the next cut.
+  const auto cut = [&] {
+    REQUIRE(admin.line("ACL SETUSER rk off") == "OK");
+    REQUIRE(admin.line("CLIENT KILL USER rk") != "0");
+  };
+  const auto user_back = [&] {
+    REQUIRE(admin.line("ACL SETUSER rk on") == "OK");
+    const auto until = std::chrono::steady_clock::now() + 20s;
+    for (;;) {
+      const std::uint64_t f = open->auth_failures();
+      if (open->acquire("k", 1, kFrozen).allowed &&
+          open->auth_failures() == f) {
+        break;
+      }
+      REQUIRE(std::chrono::steady_clock::now() < until);
+      std::this_thread::sleep_for(5ms);
+    }
+  };
+  cut();
+  auto first = acct->reserve(who, "m", {100, 100}, "req-6");
+  REQUIRE(first.ok());
+  CHECK_FALSE(first->granted());
+  CHECK(acct->auth_refusals() == 2);
+  CHECK(acct->fallback_reserves() == 0);
+  user_back();
+  const std::uint64_t batch_failures = open->auth_failures();
+  cut();
+  for (const Decision& d : open->acquire_batch(batch, kFrozen)) {
+    CHECK_FALSE(d.allowed);
+  }
+  CHECK(open->auth_failures() == batch_failures + batch.size());
+  CHECK(open->fallbacks() == fallbacks);
 }
 
 TEST_CASE(

@@ -558,6 +558,23 @@ class RedisClient {
       if (probe) drop_idle(*node);  // the probe asks a fresh connection
       const std::size_t redo_before = redo.size();
       pipeline_on(*node, script, calls, which, std::span<IntsOr>(out), redo);
+      for (const std::size_t i : which) {  // a cut: asked once per node
+        if (out[i].ok() ||
+            !out[i].status().GetPayload(detail::av(kCutPayload))) {
+          continue;
+        }
+        if (absl::Status auth =
+                cut_over_credentials(*node, out[i].status(), probe);
+            !auth.ok()) {
+          for (const std::size_t j : which) {
+            if (!out[j].ok() &&
+                out[j].status().GetPayload(detail::av(kCutPayload))) {
+              out[j] = auth;
+            }
+          }
+        }
+        break;
+      }
       absl::Status worst;
       for (const std::size_t i : which) {
         if (std::find(redo.begin() + static_cast<std::ptrdiff_t>(redo_before),
@@ -726,6 +743,12 @@ class RedisClient {
     }
     if (probe) drop_idle(node);  // the probe asks a fresh connection
     auto r = call();
+    if (!r.ok()) {
+      if (absl::Status auth = cut_over_credentials(node, r.status(), probe);
+          !auth.ok()) {
+        r = auth;
+      }
+    }
     record(node, r.ok() ? absl::OkStatus() : r.status(), probe);
     return r;
   }
@@ -1412,6 +1435,35 @@ class RedisClient {
     return st;
   }
 
+  // A connection that failed on a read or a write (closed by Redis, reset,
+  // broken): kUnavailable, marked so that on_node() can ask a fresh
+  // connection whether Redis closed it over credentials.
+  static constexpr std::string_view kCutPayload = "ratekeeper.redis/cut";
+  absl::Status io_failed(const redisContext& c) const {
+    absl::Status st = unavailable(c.errstr);
+    st.SetPayload(detail::av(kCutPayload), absl::Cord("1"));
+    return st;
+  }
+
+  // Redis may close a client's connections because its credentials no
+  // longer hold (CLIENT KILL USER after a password change, ACL DELUSER): a
+  // call cut that way must be refused as an auth error, never answered by
+  // the fail mode. So after a cut (not a time-out: a dead or slow host
+  // costs nothing more) one fresh connection is opened, within
+  // connect_timeout: if Redis refuses its AUTH, that status is the call's
+  // (which refuses it, and holds new connections for breaker_open); if it
+  // opens, or fails otherwise, the cut stands. Not for the breaker's probe,
+  // whose connection is already a fresh one.
+  absl::Status cut_over_credentials(const Node& node, const absl::Status& st,
+                                    bool probe) const {
+    if (probe || st.ok() || !st.GetPayload(detail::av(kCutPayload))) {
+      return absl::OkStatus();
+    }
+    absl::StatusOr<detail::ContextPtr> fresh = open(node);
+    if (!fresh.ok() && is_auth_error(fresh.status())) return fresh.status();
+    return absl::OkStatus();
+  }
+
   absl::Status unavailable(std::string_view why) const {
     return absl::UnavailableError(absl::StrCat(
         "redis ", options_.host, ":", options_.port, ": ", detail::av(why)));
@@ -1547,7 +1599,7 @@ class RedisClient {
   }
   absl::Status flush(redisContext& c, Deadline deadline) const {
     for (int done = 0; done == 0;) {
-      if (redisBufferWrite(&c, &done) != REDIS_OK) return unavailable(c.errstr);
+      if (redisBufferWrite(&c, &done) != REDIS_OK) return io_failed(c);
       if (done == 0 && !detail::wait_fd(c.fd, POLLOUT, deadline)) {
         return unavailable("timed out writing");
       }
@@ -1559,7 +1611,7 @@ class RedisClient {
     for (;;) {
       void* reply = nullptr;
       if (redisGetReplyFromReader(&c, &reply) != REDIS_OK) {
-        return unavailable(c.errstr);
+        return unavailable(c.errstr);  // a protocol error, not a cut
       }
       if (reply != nullptr) {
         return detail::ReplyPtr(static_cast<redisReply*>(reply));
@@ -1567,7 +1619,7 @@ class RedisClient {
       if (!detail::wait_fd(c.fd, POLLIN, deadline)) {
         return unavailable("timed out waiting for the reply");
       }
-      if (redisBufferRead(&c) != REDIS_OK) return unavailable(c.errstr);
+      if (redisBufferRead(&c) != REDIS_OK) return io_failed(c);
     }
   }
 
