@@ -54,13 +54,7 @@ std::shared_ptr<RedisClient> client_for(
   return *c;
 }
 
-struct TestClock {
-  std::shared_ptr<std::atomic<std::int64_t>> t =
-      std::make_shared<std::atomic<std::int64_t>>(kT0.count());
-  std::function<Nanos()> fn() const {
-    return [t = t] { return Nanos{t->load()}; };
-  }
-};
+using rk_test::TestClock;  // starts at kT0 (2026-12-01 UTC)
 
 // An accountant with a journal and one team budget of 1,000,000 nano-USD
 // that admits while Redis is away (kOpen), on the test clock.

@@ -199,8 +199,17 @@ TEST_CASE(
   cluster.node(0).stop(SIGKILL);  // returns once the master is reaped
   kill_ns = ns_of(Clock::now());
   const std::uint64_t acks_at_kill = dead_acks();
-  // The fail mode answers its keys until the replica is promoted.
-  std::this_thread::sleep_for(milliseconds(500));
+  // The fail mode answers its keys until the replica is promoted: for 500
+  // ms at least, and until it has answered some (on a loaded machine the
+  // callers may not run in any given 500 ms), with a deadline.
+  {
+    const auto until = Clock::now() + milliseconds(500);
+    const auto give_up = Clock::now() + seconds(30);
+    while (dead_refused_between.load() == 0 || Clock::now() < until) {
+      REQUIRE(Clock::now() < give_up);
+      std::this_thread::sleep_for(milliseconds(5));  // a poll
+    }
+  }
   promote_ns = ns_of(Clock::now());
   const std::int64_t sent_ns = ns_of(cluster.takeover(3));
   const std::int64_t master_ns = ns_of(Clock::now());
@@ -498,7 +507,14 @@ TEST_CASE(
       std::this_thread::sleep_for(milliseconds(2));  // a sampling period
     }
   });
-  std::this_thread::sleep_for(milliseconds(300));
+  // The callers under way (320 calls made), with a deadline.
+  {
+    const auto give_up = Clock::now() + seconds(30);
+    while (calls.load() < 16 * 20) {
+      REQUIRE(Clock::now() < give_up);
+      std::this_thread::sleep_for(milliseconds(5));  // a poll
+    }
+  }
   server.signal(SIGSTOP);  // the slowdown: every call now waits
   std::this_thread::sleep_for(seconds(1));
   const std::uint64_t refused_in_pause = refused.load();

@@ -59,14 +59,7 @@ std::shared_ptr<RedisClient> client_for(int port, Nanos timeout,
   return *c;
 }
 
-struct TestClock {
-  std::shared_ptr<std::atomic<std::int64_t>> t =
-      std::make_shared<std::atomic<std::int64_t>>(kT0.count());
-  std::function<Nanos()> fn() const {
-    return [t = t] { return Nanos{t->load()}; };
-  }
-  void advance(Nanos d) { t->fetch_add(d.count()); }
-};
+using rk_test::TestClock;  // starts at kT0 (2026-12-01 UTC)
 
 Usage used_tokens(std::uint64_t in, std::uint64_t out) {
   Usage u;

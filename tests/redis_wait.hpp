@@ -4,13 +4,29 @@
 #ifndef RATEKEEPER_TESTS_REDIS_WAIT_HPP_
 #define RATEKEEPER_TESTS_REDIS_WAIT_HPP_
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
 #include <thread>
 
 #include "ratekeeper/store/redis.hpp"
 
 namespace rk_test {
+
+// A driven clock for a RedisAccountant's test_clock, starting at
+// 2026-12-01 UTC; copies share one time.
+struct TestClock {
+  static constexpr ratekeeper::Nanos kStart{1'796'083'200LL * 1'000'000'000};
+  std::shared_ptr<std::atomic<std::int64_t>> t =
+      std::make_shared<std::atomic<std::int64_t>>(kStart.count());
+  std::function<ratekeeper::Nanos()> fn() const {
+    return [t = t] { return ratekeeper::Nanos{t->load()}; };
+  }
+  void advance(ratekeeper::Nanos d) { t->fetch_add(d.count()); }
+};
 
 using SteadyTime = std::chrono::steady_clock::time_point;
 
