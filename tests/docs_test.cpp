@@ -123,8 +123,8 @@ Compiled compile(const std::string& tu, const std::string& stem) {
   const std::string cmd =
       std::string(RK_CXX) + " -std=c++20 -c -Wall -Wextra -Wpedantic" +
       " -Wconversion -Wshadow -Werror -I" + RK_SOURCE_DIR + "/include -I" +
-      RK_SOURCE_DIR + "/tests -o " + (dir / (stem + ".o")).string() + " " +
-      src.string() + " 2>&1";
+      RK_GENERATED_INCLUDE + " -I" + RK_SOURCE_DIR + "/tests -o " +
+      (dir / (stem + ".o")).string() + " " + src.string() + " 2>&1";
   Compiled c;
   FILE* p = popen(cmd.c_str(), "r");
   REQUIRE(p != nullptr);

@@ -21,7 +21,7 @@
 //      (may_grow): a call of yesterday never spends, refunds or grows into
 //      today. PeriodBudget::settle (budget/period.hpp) is this rule for a
 //      key's state in process; its twin in Redis is the script's
-//      budget_move and "extend" (store/redis_lua.hpp).
+//      budget_move and "extend" (lua/limits.lua).
 //   3. A settle charges the settlement's amount in each budget's unit
 //      (budget_amount) and settles each rate limit passed to reserve() to
 //      its unit's amount (limit_amount). A settle of a request id that is

@@ -1,82 +1,50 @@
-// ratekeeper/store/redis_lua.hpp: the policies' Lua twins, run inside Redis.
-//
-// Internal to store/redis.hpp. One script holds each policy's step, place,
-// settle and charge, the same arithmetic as the C++ policy in a time unit of
-// one microsecond: Redis's TIME gives microseconds, and every number in Redis's
-// Lua is a double, exact for integers below 2^53. Microseconds since 1970
-// are about 1.8e15; every other quantity the script computes is bounded by
-// the configuration, which RedisLimit's factory checks against 2^53
-// (docs/redis.md). Divisions go through idiv(), exact for such integers.
-//
-// Calling convention: KEYS are the states' keys, one per item of a chain (a
-// single operation is a chain of one).
-//   ARGV[1]  now in microseconds, or "" for Redis's TIME (tests pass a time)
-//   ARGV[2]  op: "acquire", "peek", "receipt" (settle rate-limit receipts),
-//            "reserve", "settle", "release", "extend", "fire", "settled" or
-//            "spent" (the last six for budgets, described where the script
-//            handles them)
-//   then per item, for acquire, peek and reserve, 8 fields: kind ("tb",
-//   "fw", "sw", "pb"), four parameters, the cost, flags (1: shadow, 2:
-//   charge on reject) and a nonce (a random number below 2^50: where a
-//   bucket's state is born, its give-back counter starts); for "receipt",
-//   11 fields: kind, four parameters, the cost taken, the actual cost, the
-//   take's time (us, Redis's TIME of the take), its placement p1, p2 (as the
-//   take's reply gave them) and a nonce
-// Reply: {allowed, now_us, then per item allowed, limit, remaining,
-//         retry_after_us (-1: never), reset_after_us, and for acquire, peek
-//         and reserve the take's placement p1, p2 (0, 0 when it did not
-//         take)}: a bucket's stretch [p1, p2) of its timeline in units of
-//         1/den us relative to now_us; a window's index (p1); a budget's
-//         period index (p1).
-// "receipt" settles each item as the C++ policy's settle() does, by the
-// script's now, in order, and answers what a zero-cost call is then told.
-//
-// "acquire" runs the items in order as Chain::acquire does (chain.hpp): an
-// item that charges on reject always counts (taken if it fits, charged if
-// not); the others take while no enforced item has refused, and are only
-// looked at after one has; a shadow item's refusal is not enforced. All or
-// nothing: the takes are written only if the chain admits, so a refused
-// chain gives nothing back (it never took). A single "charge" is an acquire
-// of one item flagged charge-on-reject. "!acquire" and "!reserve" decide as
-// if an item before the first had refused (RedisChain's later parts of a
-// chain spread over Cluster slots, once an earlier part refused).
-//
-// A state whose key is absent is a fresh one; every write sets a TTL that
-// ends when the state would be idle, and an idle state is deleted, so no key
-// outlives its meaning.
-#ifndef RATEKEEPER_STORE_REDIS_LUA_HPP_
-#define RATEKEEPER_STORE_REDIS_LUA_HPP_
-
-namespace ratekeeper::detail::lua {
-
-inline constexpr char kScript[] = R"lua(
-local function idiv(a, b)
-  local q = math.floor(a / b)
-  if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
-  return q
-end
-local function cdiv(a, b) return -idiv(-a, b) end
-
--- The integers of a stored state ("a b [c]"), without patterns.
-local function fields(raw)
-  local i = string.find(raw, ' ', 1, true)
-  local j = string.find(raw, ' ', i + 1, true)
-  if j then
-    return tonumber(string.sub(raw, 1, i - 1)),
-           tonumber(string.sub(raw, i + 1, j - 1)),
-           tonumber(string.sub(raw, j + 1))
-  end
-  return tonumber(string.sub(raw, 1, i - 1)), tonumber(string.sub(raw, i + 1))
-end
-
-local test_time = ARGV[1] ~= ''
-local now
-if test_time then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+-- limits.lua: the one script of every policy and budget (after arith.lua,
+-- fields.lua and now.lua).
+--
+-- Run by the Redis layer (ratekeeper/redis/). One script holds each policy's step, place,
+-- settle and charge, the same arithmetic as the C++ policy in a time unit of
+-- one microsecond: Redis's TIME gives microseconds, and every number in Redis's
+-- Lua is a double, exact for integers below 2^53. Microseconds since 1970
+-- are about 1.8e15; every other quantity the script computes is bounded by
+-- the configuration, which RedisLimit's factory checks against 2^53
+-- (docs/redis.md). Divisions go through idiv(), exact for such integers.
+--
+-- Calling convention: KEYS are the states' keys, one per item of a chain (a
+-- single operation is a chain of one).
+--   ARGV[1]  now in microseconds, or "" for Redis's TIME (tests pass a time)
+--   ARGV[2]  op: "acquire", "peek", "receipt" (settle rate-limit receipts),
+--            "reserve", "settle", "release", "extend", "fire", "settled" or
+--            "spent" (the last six for budgets, described where the script
+--            handles them)
+--   then per item, for acquire, peek and reserve, 8 fields: kind ("tb",
+--   "fw", "sw", "pb"), four parameters, the cost, flags (1: shadow, 2:
+--   charge on reject) and a nonce (a random number below 2^50: where a
+--   bucket's state is born, its give-back counter starts); for "receipt",
+--   11 fields: kind, four parameters, the cost taken, the actual cost, the
+--   take's time (us, Redis's TIME of the take), its placement p1, p2 (as the
+--   take's reply gave them) and a nonce
+-- Reply: {allowed, now_us, then per item allowed, limit, remaining,
+--         retry_after_us (-1: never), reset_after_us, and for acquire, peek
+--         and reserve the take's placement p1, p2 (0, 0 when it did not
+--         take)}: a bucket's stretch [p1, p2) of its timeline in units of
+--         1/den us relative to now_us; a window's index (p1); a budget's
+--         period index (p1).
+-- "receipt" settles each item as the C++ policy's settle() does, by the
+-- script's now, in order, and answers what a zero-cost call is then told.
+--
+-- "acquire" runs the items in order as Chain::acquire does (chain.hpp): an
+-- item that charges on reject always counts (taken if it fits, charged if
+-- not); the others take while no enforced item has refused, and are only
+-- looked at after one has; a shadow item's refusal is not enforced. All or
+-- nothing: the takes are written only if the chain admits, so a refused
+-- chain gives nothing back (it never took). A single "charge" is an acquire
+-- of one item flagged charge-on-reject. "!acquire" and "!reserve" decide as
+-- if an item before the first had refused (RedisChain's later parts of a
+-- chain spread over Cluster slots, once an earlier part refused).
+--
+-- A state whose key is absent is a fresh one; every write sets a TTL that
+-- ends when the state would be idle, and an idle state is deleted, so no key
+-- outlives its meaning.
 
 -- A TTL ends when the state would be idle, by Redis's clock. A test's own
 -- time does not pass with Redis's: keys then live at least ten minutes.
@@ -689,76 +657,3 @@ if op == 'acquire' then
   end
 end
 return out
-)lua";
-
-// The single acquire or peek of a TokenBucket (the most common call), as
-// its own script: the same arguments, steps and reply as kScript's tb
-// module on one item without charge-on-reject, with no closures or tables
-// to build per call (about a fifth of the script's time in Redis).
-inline constexpr char kTokenBucketScript[] = R"lua(
-local now
-local test_time = ARGV[1] ~= ''
-if test_time then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local function idiv(a, b)
-  local q = math.floor(a / b)
-  if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
-  return q
-end
-local key = KEYS[1]
-local num, den, burst = tonumber(ARGV[4]), tonumber(ARGV[5]),
-                        tonumber(ARGV[6])
-local c = tonumber(ARGV[8])
-local span = burst * num
--- The stored "whole frac aux" (kScript's tb module): a state absent or
--- idle is born again, its give-back counter at the nonce (ARGV[10]).
-local r, aux = 0, tonumber(ARGV[10])
-local raw = redis.call('GET', key)
-if raw then
-  local i = string.find(raw, ' ', 1, true)
-  local j = string.find(raw, ' ', i + 1, true)
-  local w = tonumber(string.sub(raw, 1, i - 1))
-  local f, a
-  if j then
-    f, a = tonumber(string.sub(raw, i + 1, j - 1)),
-           tonumber(string.sub(raw, j + 1))
-  else
-    f, a = tonumber(string.sub(raw, i + 1)), 0
-  end
-  if w > now or (w == now and f > 0) then r, aux = (w - now) * den + f, a end
-end
-local allowed, retry, after = 0, -1, r
-if c <= burst then
-  local nxt = r + c * num
-  if nxt <= span then
-    allowed, retry, after = 1, 0, nxt
-  else
-    retry = -idiv(span - c * num - r, den)
-  end
-end
-if allowed == 1 and c > 0 and ARGV[2] == 'acquire' then
-  local whole = idiv(after, den)
-  local ms = -idiv(idiv(-after, den), 1000) + 1
-  if test_time and ms < 600000 then ms = 600000 end
-  redis.call('SET', key,
-             string.format('%d %d %d', now + whole, after - whole * den,
-                           aux),
-             'PX', ms)
-end
-local rem, reset = 0, 0
-if span - after > 0 then rem = idiv(span - after, num) end
-if after > 0 then reset = -idiv(-after, den) end
-local all = allowed
-if ARGV[9] == '1' then all = 1 end
-local p1, p2 = 0, 0
-if allowed == 1 then p1, p2 = aux, after end
-return {all, now, allowed, burst, rem, retry, reset, p1, p2}
-)lua";
-
-}  // namespace ratekeeper::detail::lua
-
-#endif  // RATEKEEPER_STORE_REDIS_LUA_HPP_

@@ -1,0 +1,322 @@
+// ratekeeper/redis/journal.hpp: the settle journal of a RedisAccountant:
+// settles and releases kept on disk while Redis is away.
+#ifndef RATEKEEPER_REDIS_JOURNAL_HPP_
+#define RATEKEEPER_REDIS_JOURNAL_HPP_
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <random>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/container/inlined_vector.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "ratekeeper/budget/accountant.hpp"
+#include "ratekeeper/budget/money.hpp"
+#include "ratekeeper/budget/period.hpp"
+#include "ratekeeper/budget/prices.hpp"
+#include "ratekeeper/budget/usage.hpp"
+#include "ratekeeper/chain.hpp"
+#include "ratekeeper/detail/group_sync.hpp"
+#include "ratekeeper/detail/mutex.hpp"
+#include "ratekeeper/detail/strings.hpp"
+#include "ratekeeper/identity.hpp"
+
+namespace ratekeeper::detail {
+
+// SettleJournal: scripts to run once Redis answers, one line each,
+// appended and made durable before the caller is answered. A line: "J",
+// the time it was journaled (Unix ns, the accountant's clock), the key
+// count, each key and argument in hex, and an FNV-1a checksum of what
+// precedes it ("j" lines, without the time, are read too: a journal of an
+// earlier version; their time is the file's modification time). A torn
+// last line (a crash mid-append: never acknowledged) is cut at open; any
+// other damage is kDataLoss.
+//
+// Durability is a group commit (detail::GroupSync): each append writes its
+// line under a short lock, then waits, holding no lock, for a fdatasync
+// that covers it; settlers arriving during one sync share the next. A
+// failed sync fails the journal for good (appends return its error).
+//
+// Replay (one replayer at a time, the accountant's): front() lends the
+// oldest entries (stable while only the replayer pops), pop(n) drops those
+// that ran, set_aside(n) moves the n oldest to `<path>.stale` (appended
+// and synced before they leave the journal) instead of running them. The
+// file is emptied (not synced: lost, the lines run again, changing nothing;
+// the next append's sync covers the new size) once nothing is pending;
+// lines that ran before a crash run again in the next process (every
+// script is idempotent).
+class SettleJournal {
+ public:
+  struct Entry {
+    std::vector<std::string> keys;
+    std::vector<std::string> args;
+    Nanos t{0};  // when journaled (Unix time); 0: unknown
+  };
+
+  static absl::StatusOr<std::unique_ptr<SettleJournal>> open(
+      const std::string& path) {
+    const int fd =
+        ::open(path.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) return errno_status("open", path);
+    auto j = std::unique_ptr<SettleJournal>(new SettleJournal(fd, path));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return errno_status("stat", path);
+    const Nanos mtime{std::int64_t{st.st_mtim.tv_sec} * 1'000'000'000 +
+                      st.st_mtim.tv_nsec};
+    std::string text;
+    char buf[1 << 16];
+    for (;;) {
+      const ssize_t got = ::read(fd, buf, sizeof buf);
+      if (got < 0) return errno_status("read", path);
+      if (got == 0) break;
+      text.append(buf, static_cast<std::size_t>(got));
+    }
+    std::size_t good = 0;
+    detail::MutexLock lock(&j->mu_);
+    while (good < text.size()) {
+      const std::size_t nl = text.find('\n', good);
+      if (nl == std::string::npos) break;  // torn: cut below
+      absl::StatusOr<Entry> e =
+          parse(std::string_view(text).substr(good, nl - good), mtime);
+      if (!e.ok()) {
+        return absl::DataLossError(absl::StrCat("journal ", path,
+                                                ": damaged line at byte ", good,
+                                                ": ", e.status().message()));
+      }
+      j->pending_.push_back(*std::move(e));
+      good = nl + 1;
+    }
+    if (good != text.size()) {
+      if (::ftruncate(fd, static_cast<off_t>(good)) != 0 ||
+          ::fdatasync(fd) != 0) {
+        return errno_status("cut the torn tail of", path);
+      }
+    }
+    j->size_.store(j->pending_.size());
+    return j;
+  }
+
+  SettleJournal(const SettleJournal&) = delete;
+  SettleJournal& operator=(const SettleJournal&) = delete;
+  ~SettleJournal() {
+    ::close(fd_);
+    if (stale_fd_ >= 0) ::close(stale_fd_);
+  }
+
+  // Durable when it returns OK (then the entry is pending; otherwise it may
+  // be pending too: a sync that failed after the line was written).
+  absl::Status append(Entry e) {
+    const std::string line = encode(e);
+    std::uint64_t seq = 0;
+    {
+      detail::MutexLock lock(&mu_);
+      if (absl::Status st = sync_.failed(); !st.ok()) return st;
+      if (absl::Status st = write_all(fd_, line, path_); !st.ok()) return st;
+      pending_.push_back(std::move(e));
+      size_.store(pending_.size());
+      seq = ++seq_;
+      sync_.written(seq);
+    }
+    return sync_.wait(seq, [this] {
+      if (::fdatasync(fd_) != 0) return errno_status("fdatasync", path_);
+      return absl::OkStatus();
+    });
+  }
+
+  // Entries not yet run (or set aside).
+  std::size_t size() const noexcept { return size_.load(); }
+
+  // A copy of the pending entries, oldest first (tests).
+  std::vector<Entry> pending() const {
+    detail::MutexLock lock(&mu_);
+    return std::vector<Entry>(pending_.begin(), pending_.end());
+  }
+
+  // The replayer's: up to `n` of the oldest entries, valid until it pops
+  // them.
+  std::vector<const Entry*> front(std::size_t n) const {
+    detail::MutexLock lock(&mu_);
+    std::vector<const Entry*> out;
+    for (std::size_t i = 0; i < n && i < pending_.size(); ++i) {
+      out.push_back(&pending_[i]);
+    }
+    return out;
+  }
+
+  // The replayer's: the `n` oldest entries ran. The file is emptied once
+  // none is left.
+  absl::Status pop(std::size_t n) {
+    detail::MutexLock lock(&mu_);
+    return pop_locked(n);
+  }
+
+  // The replayer's: the oldest entry is not run but reported, appended to
+  // `<path>.stale` (synced) before it leaves the journal.
+  absl::Status set_aside(std::size_t n) {
+    detail::MutexLock lock(&mu_);
+    n = std::min(n, pending_.size());
+    if (n == 0) return absl::OkStatus();
+    const std::string stale = stale_path();
+    if (stale_fd_ < 0) {
+      stale_fd_ = ::open(stale.c_str(),
+                         O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+      if (stale_fd_ < 0) return errno_status("open", stale);
+    }
+    std::string lines;
+    for (std::size_t i = 0; i < n; ++i) lines += encode(pending_[i]);
+    if (absl::Status st = write_all(stale_fd_, lines, stale); !st.ok()) {
+      return st;
+    }
+    if (::fdatasync(stale_fd_) != 0) return errno_status("fdatasync", stale);
+    return pop_locked(n);
+  }
+
+  std::string stale_path() const { return path_ + ".stale"; }
+  // fdatasyncs of the journal made by appends (records per sync).
+  std::uint64_t syncs() const { return sync_.syncs(); }
+
+ private:
+  SettleJournal(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+
+  absl::Status pop_locked(std::size_t n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (std::size_t i = 0; i < n && !pending_.empty(); ++i) {
+      pending_.pop_front();
+    }
+    size_.store(pending_.size());
+    if (!pending_.empty()) return absl::OkStatus();
+    // Every line has run (or was set aside): empty the file. An append
+    // waiting for its sync meanwhile is covered: its entry ran. No sync
+    // here (it would wait on the file system's journal, on a busy disk for
+    // long, inside a caller's slice): a crash before the next append's sync
+    // leaves lines that run again, to no effect (idempotent).
+    if (::ftruncate(fd_, 0) != 0) {
+      return errno_status("clear", path_);
+    }
+    return absl::OkStatus();
+  }
+
+  static absl::Status write_all(int fd, std::string_view rest,
+                                std::string_view path) {
+    while (!rest.empty()) {
+      const ssize_t w = ::write(fd, rest.data(), rest.size());
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        return errno_status("write", path);
+      }
+      rest.remove_prefix(static_cast<std::size_t>(w));
+    }
+    return absl::OkStatus();
+  }
+
+  static std::string encode(const Entry& e) {
+    std::string line = "J ";
+    absl::StrAppend(&line, e.t.count(), " ", e.keys.size());
+    for (const auto* part : {&e.keys, &e.args}) {
+      for (const std::string& s : *part) {
+        line.push_back(' ');
+        line += s.empty() ? std::string("-") : hex(s);
+      }
+    }
+    absl::StrAppend(&line, " ", absl::Hex(fnv(line), absl::kZeroPad16), "\n");
+    return line;
+  }
+
+  static absl::Status errno_status(std::string_view what,
+                                   std::string_view path) {
+    const int e = errno;
+    return absl::UnavailableError(absl::StrCat("journal: ", detail::av(what),
+                                               " ", detail::av(path), ": ",
+                                               std::strerror(e)));
+  }
+
+  static std::uint64_t fnv(std::string_view s) {
+    std::uint64_t h = 1469598103934665603ull;
+    for (const char c : s) {
+      h ^= static_cast<unsigned char>(c);
+      h *= 1099511628211ull;
+    }
+    return h;
+  }
+
+  static std::string hex(std::string_view bytes) { return detail::hex(bytes); }
+
+  // "-" is an empty field.
+  static std::optional<std::string> unhex(std::string_view h) {
+    if (h == "-") return std::string();
+    return detail::unhex(h);
+  }
+
+  // `untimed`: the time of a line without one (the file's mtime).
+  static absl::StatusOr<Entry> parse(std::string_view line, Nanos untimed) {
+    const std::size_t last = line.rfind(' ');
+    if (last == std::string_view::npos) {
+      return absl::DataLossError("no checksum");
+    }
+    std::uint64_t sum = 0;
+    if (!absl::SimpleHexAtoi(detail::av(line.substr(last + 1)), &sum) ||
+        sum != fnv(line.substr(0, last))) {
+      return absl::DataLossError("checksum mismatch");
+    }
+    const std::vector<absl::string_view> parts =
+        absl::StrSplit(detail::av(line.substr(0, last)), ' ');
+    Entry e;
+    std::size_t first = 2;  // the first key's part
+    if (!parts.empty() && parts[0] == "J") {
+      std::int64_t t = 0;
+      if (parts.size() < 3 || !absl::SimpleAtoi(parts[1], &t)) {
+        return absl::DataLossError("bad time");
+      }
+      e.t = Nanos{t};
+      first = 3;
+    } else if (!parts.empty() && parts[0] == "j") {
+      e.t = untimed;
+    } else {
+      return absl::DataLossError("bad header");
+    }
+    std::size_t nkeys = 0;
+    if (parts.size() < first || !absl::SimpleAtoi(parts[first - 1], &nkeys) ||
+        nkeys > parts.size() - first) {
+      return absl::DataLossError("bad header");
+    }
+    for (std::size_t i = first; i < parts.size(); ++i) {
+      std::optional<std::string> v =
+          unhex(std::string_view(parts[i].data(), parts[i].size()));
+      if (!v) return absl::DataLossError("bad hex");
+      (i - first < nkeys ? e.keys : e.args).push_back(*std::move(v));
+    }
+    return e;
+  }
+
+  const int fd_;
+  const std::string path_;
+  mutable detail::Mutex mu_;
+  std::deque<Entry> pending_ ABSL_GUARDED_BY(mu_);
+  std::uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;
+  int stale_fd_ ABSL_GUARDED_BY(mu_) = -1;
+  std::atomic<std::size_t> size_{0};
+  detail::GroupSync sync_;
+};
+
+}  // namespace ratekeeper::detail
+
+#endif  // RATEKEEPER_REDIS_JOURNAL_HPP_

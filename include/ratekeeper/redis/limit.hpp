@@ -1,0 +1,318 @@
+// ratekeeper/redis/limit.hpp: RedisLimit<P>, the Limit of policy P with its
+// state in Redis.
+#ifndef RATEKEEPER_REDIS_LIMIT_HPP_
+#define RATEKEEPER_REDIS_LIMIT_HPP_
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <span>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "absl/container/inlined_vector.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "ratekeeper/chain.hpp"
+#include "ratekeeper/redis/codec.hpp"
+#include "ratekeeper/redis/limit_base.hpp"
+#include "ratekeeper/redis/twins.hpp"
+
+namespace ratekeeper {
+
+// RedisLimit<P>: the Limit of policy P with its state in Redis. Its own
+// acquire, peek, take, charge and settle name a key's state with an empty
+// tag (Redis Cluster then hashes the whole key); in a RedisChain the
+// chain's tenant is the tag (RedisScope::kTenant, the default: use such a
+// limit one way or the other), or, with RedisScope::kGlobal, the same
+// untagged key as its own calls: one count for all.
+//
+// A take's Receipt records Redis's TIME of the take (Receipt::at) and what
+// the script placed it at (see RedisPlace); settle() sends it back to the
+// script, which settles it as the C++ policy's settle() does, judged by
+// Redis's clock (the caller's `now` is not used, unless test_time): a
+// chain's roll-back, a lease's return and a call settled to its actual
+// cost all give back at most what is still outstanding of the take by
+// Redis's time, and charge an excess at once as a debt.
+template <class P>
+class RedisLimit final : public RedisLimitBase {
+ public:
+  // create
+  //
+  // kInvalidArgument for bad options (as make_limit), no client, or a
+  // policy whose Lua twin could not be exact (see the file comment).
+  static absl::StatusOr<std::unique_ptr<RedisLimit>> create(
+      const LimitOptions& options, P policy,
+      std::shared_ptr<RedisClient> client, RedisLimitOptions redis = {}) {
+    if (client == nullptr) {
+      return absl::InvalidArgumentError("RedisLimit: no client");
+    }
+    if (options.name.find_first_of("{}") != std::string::npos) {
+      // check_limit_options refuses them too; this says why for Redis.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "RedisLimit \"", absl::CEscape(options.name),
+          "\": a limit name with '{' or '}' would be the hash tag of its "
+          "Redis keys (every key of the limit in one Cluster slot, the "
+          "tenant's tag ignored)"));
+    }
+    if (absl::Status st = detail::check_limit_options(options); !st.ok()) {
+      return st;
+    }
+    absl::StatusOr<detail::TwinParams> params =
+        detail::RedisTwin<P>::params(policy);
+    if (!params.ok()) return params.status();
+    std::unique_ptr<PolicyLimit<P>> local;
+    if (redis.fail == FailMode::kLocal) {
+      if (redis.instances == 0) {
+        return absl::InvalidArgumentError(
+            "RedisLimit: kLocal needs instances >= 1");
+      }
+      absl::StatusOr<P> share = detail::share_of(policy, redis.instances);
+      if (!share.ok()) return share.status();
+      auto made = make_limit(options, *std::move(share),
+                             ShardedOptions{.capacity = 1 << 14});
+      if (!made.ok()) return made.status();
+      local = *std::move(made);
+    }
+    auto out = std::unique_ptr<RedisLimit>(
+        new RedisLimit(options, std::move(policy), std::move(client), redis,
+                       *std::move(params)));
+    out->local_ = std::move(local);
+    return out;
+  }
+
+  Limit* local_limit() noexcept override { return local_.get(); }
+
+  Decision acquire(std::string_view key, Cost cost, Nanos now) override {
+    return run("acquire", key, cost, false, now, nullptr);
+  }
+  Decision peek(std::string_view key, Cost cost, Nanos now) const override {
+    return const_cast<RedisLimit*>(this)->run("peek", key, cost, false, now,
+                                              nullptr);
+  }
+  // As acquire, with a receipt when admitted: Redis's, placed by the
+  // script; the local limit's when kLocal answered; none when kOpen
+  // admitted without Redis (it took nothing there to give back).
+  Decision take(std::string_view key, Cost cost, Nanos now,
+                Receipt& receipt) override {
+    return run("acquire", key, cost, false, now, &receipt);
+  }
+  Decision charge(std::string_view key, Cost cost, Nanos now,
+                  Receipt& receipt) override {
+    return run("acquire", key, cost, true, now, &receipt);
+  }
+
+  // settle
+  //
+  // Settles a receipt of this limit's take in one round trip, by Redis's
+  // clock (`now` only with test_time, or for a receipt the kLocal fail mode
+  // issued, which its local limit settles). kFailedPrecondition for a
+  // closed or empty receipt, kInvalidArgument for another limit's;
+  // kUnavailable when Redis could not be reached: see
+  // detail::settle_in_redis for whether the receipt stays open.
+  absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual,
+                                  Nanos now) override {
+    if (!receipt.open()) {
+      return absl::FailedPreconditionError(
+          "receipt already settled, or empty (a refused call takes nothing)");
+    }
+    if (local_ != nullptr && receipt.issuer() == local_.get()) {
+      return local_->settle(receipt, actual, now);
+    }
+    if (receipt.issuer() != this) {
+      return absl::InvalidArgumentError(
+          "receipt issued by another limit: a receipt is settled by the "
+          "limit that took it");
+    }
+    detail::RedisSettle one{this, &receipt, actual};
+    detail::settle_in_redis(
+        *client(), std::span<detail::RedisSettle>(&one, 1),
+        redis_options().test_time ? std::optional<Nanos>(now) : std::nullopt);
+    return std::move(one.out);
+  }
+
+  // acquire_timed
+  //
+  // acquire, and the time Redis decided it (Unix time; `now` when Redis
+  // could not answer).
+  std::pair<Decision, Nanos> acquire_timed(std::string_view key, Cost cost,
+                                           Nanos now) {
+    Nanos at = now;
+    const Decision d = run("acquire", key, cost, false, now, nullptr, &at);
+    return {d, at};
+  }
+
+  // acquire_batch
+  //
+  // Many acquires, each of its own key and cost, pipelined: one write and
+  // one read for all of them (one per node on a Cluster), each decided by
+  // its own script on the server, in order. Each is atomic on its own; the
+  // batch is not all or nothing (a RedisChain is, for the limits of one
+  // call). For servers that gather the decisions of many requests (an event
+  // loop): the throughput of 50 calls in flight on one connection. A call
+  // Redis does not answer gets the fail mode's decision, counted.
+  struct Request {
+    std::string_view key;
+    Cost cost = 1;
+  };
+  std::vector<Decision> acquire_batch(std::span<const Request> requests,
+                                      Nanos now) {
+    const std::size_t n = requests.size();
+    std::vector<std::string> keys;
+    std::vector<absl::InlinedVector<std::string, 24>> args(n);
+    std::vector<absl::InlinedVector<std::string_view, 24>> argv(n);
+    std::vector<std::string_view> key_views;
+    keys.reserve(n);
+    key_views.reserve(n);
+    std::vector<RedisClient::EvalCall> calls;
+    calls.reserve(n);
+    const std::string time = redis_options().test_time
+                                 ? std::to_string(now.count() / 1000)
+                                 : std::string();
+    for (std::size_t i = 0; i < n; ++i) {
+      keys.push_back(
+          redis_key(client()->options().prefix, name(), {}, requests[i].key));
+      key_views.emplace_back(keys.back());
+      args[i].push_back(time);
+      args[i].emplace_back("acquire");
+      detail::append_item(args[i], *this, requests[i].cost, false, now);
+      argv[i].assign(args[i].begin(), args[i].end());
+      calls.push_back({std::span<const std::string_view>(&key_views[i], 1),
+                       std::span<const std::string_view>(argv[i])});
+    }
+    std::vector<RedisClient::IntsOr> replies =
+        client()->eval_pipelined(script_for("acquire", false), calls);
+    std::vector<Decision> out;
+    out.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      const RedisClient::IntsOr& r = replies[i];
+      if (r.ok() && r->size() == 9) {
+        out.push_back(detail::decision_at(*r, 0));
+      } else if (r.ok() && r->size() == 2 && (*r)[0] == -2) {
+        // A budget's period other than Redis's: this one alone, again.
+        out.push_back(acquire(requests[i].key, requests[i].cost, now));
+      } else {
+        out.push_back(fail(
+            r.ok() ? absl::InternalError("redis: malformed reply") : r.status(),
+            "acquire", requests[i].key, requests[i].cost, now));
+      }
+    }
+    return out;
+  }
+
+  std::uint64_t limit() const noexcept override { return policy_.limit(); }
+  Nanos window() const noexcept override {
+    return detail::quota_window(policy_);
+  }
+  // Redis holds the states: key counts are Redis's (INFO keyspace).
+  StoreStats store_stats() const override { return StoreStats{}; }
+
+  const P& policy() const noexcept { return policy_; }
+
+  detail::TwinParams twin_at(Nanos t) const override {
+    if constexpr (std::is_same_v<P, PeriodBudget>) {
+      return detail::RedisTwin<PeriodBudget>::at(policy_, t);
+    } else {
+      return RedisLimitBase::twin_at(t);
+    }
+  }
+
+  Cost still_served(const Receipt& r, Cost held, Nanos t) const override {
+    if (r.issuer() != this || held == 0) return 0;
+    const RedisPlace p = r.placement<RedisPlace>();
+    const std::int64_t t_us = t.count() / 1000;
+    if constexpr (std::is_same_v<P, TokenBucket>) {
+      // Tokens whose slot of the stretch starts at or after t: the held
+      // ones are its tail (a lease serves from the front).
+      const detail::TwinParams tw = twin_at(t);
+      const detail::i128 num = std::stoll(tw[1]), den = std::stoll(tw[2]);
+      const detail::i128 ahead =
+          static_cast<detail::i128>(p.p2) -
+          (static_cast<detail::i128>(t_us) - p.at_us) * den;
+      if (ahead <= 0) return 0;
+      return std::min<Cost>(held, detail::clamp_u64(ahead / num));
+    } else if constexpr (std::is_same_v<P, PeriodBudget>) {
+      return policy_.period().index_of(t) == p.p1 ? held : 0;
+    } else {
+      const std::int64_t period_us = policy_.rate().period.count() / 1000;
+      return detail::floor_div_i64(t_us, period_us) == p.p1 ? held : 0;
+    }
+  }
+
+ private:
+  RedisLimit(const LimitOptions& o, P policy,
+             std::shared_ptr<RedisClient> client, RedisLimitOptions redis,
+             detail::TwinParams params)
+      : RedisLimitBase(o, std::move(client), redis, std::move(params)),
+        policy_(std::move(policy)) {}
+
+  // The lean script for what it covers, else the general one.
+  const RedisScript& script_for(std::string_view op, bool charge) const {
+    if constexpr (std::is_same_v<P, TokenBucket>) {
+      if ((op == "acquire" || op == "peek") && !charge && !charge_on_reject()) {
+        return detail::redis_tb_script();
+      }
+    }
+    return detail::redis_script();
+  }
+
+  // One acquire, peek or charge; with `receipt`, the take's receipt.
+  Decision run(std::string_view op, std::string_view key, Cost cost,
+               bool charge, Nanos now, Receipt* receipt,
+               Nanos* redis_now = nullptr) {
+    if (receipt != nullptr) *receipt = Receipt();
+    const std::string k =
+        redis_key(client()->options().prefix, name(), {}, key);
+    const std::string_view keys[] = {k};
+    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
+    Nanos t = now;  // the time the parameters are for
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      absl::InlinedVector<std::string, 24> args;
+      args.push_back(redis_options().test_time
+                         ? std::to_string(now.count() / 1000)
+                         : std::string());
+      args.emplace_back(op);
+      detail::append_item(args, *this, cost, charge, t);
+      absl::InlinedVector<std::string_view, 24> argv(args.begin(), args.end());
+      r = client()->eval_ints(script_for(op, charge), keys, argv);
+      // A budget's period other than Redis's: again, for Redis's time.
+      if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
+      t = detail::from_us((*r)[1]);
+    }
+    if (!r.ok() || r->size() != 9) {
+      return fail(
+          r.ok() ? absl::InternalError("redis: malformed reply") : r.status(),
+          charge ? "charge" : op, key, cost, now, receipt);
+    }
+    if (redis_now != nullptr) *redis_now = detail::from_us((*r)[1]);
+    const Decision d = detail::decision_at(*r, 0);
+    if (receipt != nullptr && d.allowed && op == "acquire") {
+      *receipt = Receipt::issue(this, key, cost, detail::from_us((*r)[1]),
+                                detail::place_at(*r, 0, false));
+    }
+    return d;
+  }
+
+  const P policy_;
+  std::unique_ptr<PolicyLimit<P>> local_;  // kLocal only
+};
+
+}  // namespace ratekeeper
+
+#endif  // RATEKEEPER_REDIS_LIMIT_HPP_
