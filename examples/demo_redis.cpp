@@ -38,9 +38,9 @@
 #include <vector>
 
 #include "ratekeeper/budget/json.hpp"
-#include "ratekeeper/budget/redis_accountant.hpp"
+#include "ratekeeper/redis/accountant.hpp"
 #include "ratekeeper/fmt.hpp"
-#include "ratekeeper/store/redis.hpp"
+#include "ratekeeper/redis.hpp"
 
 namespace rk = ratekeeper;
 
