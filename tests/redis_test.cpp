@@ -817,6 +817,57 @@ TEST_CASE(
             .code() == absl::StatusCode::kInvalidArgument);
 }
 
+TEST_CASE("the client's parts: error replies as statuses, redirections parsed",
+          "[redis][i16]") {
+  // reply_error(): the statuses docs/redis.md names for each error reply.
+  const absl::Status loading =
+      detail::reply_error("LOADING Redis is loading the dataset in memory");
+  CHECK(absl::IsUnavailable(loading));
+  CHECK_FALSE(RedisClient::may_have_run(loading));
+  CHECK(absl::IsUnavailable(detail::reply_error("BUSY")));
+  CHECK(absl::IsInternal(detail::reply_error("BUSYKEY Target key exists")));
+  const absl::Status wrongpass = detail::reply_error(
+      "WRONGPASS invalid username-password pair or user is disabled.");
+  CHECK(absl::IsUnauthenticated(wrongpass));
+  CHECK(RedisClient::is_auth_error(wrongpass));
+  CHECK_FALSE(RedisClient::may_have_run(wrongpass));
+  CHECK(absl::IsPermissionDenied(
+      detail::reply_error("NOPERM this user has no permissions to run the "
+                          "'eval' command")));
+  const absl::Status other = detail::reply_error("ERR wrong number of args");
+  CHECK(absl::IsInternal(other));
+  CHECK(RedisClient::may_have_run(other));
+  CHECK_FALSE(detail::unanswered(other));
+  CHECK(detail::unanswered(absl::UnavailableError("redis: timed out")));
+
+  // redirect_of(): MOVED and ASK as reply_error() words them, and nothing
+  // else.
+  const auto moved = detail::Cluster::redirect_of(
+      detail::reply_error("MOVED 3999 127.0.0.1:6381"));
+  REQUIRE(moved.has_value());
+  CHECK(moved->moved);
+  CHECK(moved->slot == 3999);
+  CHECK(moved->host == "127.0.0.1");
+  CHECK(moved->port == 6381);
+  const auto ask =
+      detail::Cluster::redirect_of(detail::reply_error("ASK 16383 ::1:7000"));
+  REQUIRE(ask.has_value());
+  CHECK_FALSE(ask->moved);
+  CHECK(ask->slot == 16383);
+  CHECK(ask->host == "::1");
+  CHECK(ask->port == 7000);
+  for (const char* bad :
+       {"MOVED 16384 127.0.0.1:6381", "MOVED -1 127.0.0.1:6381",
+        "MOVED 12 127.0.0.1", "MOVED 12", "ASKING 12 127.0.0.1:1",
+        "ERR MOVED 12 127.0.0.1:1"}) {
+    INFO(bad);
+    CHECK_FALSE(detail::Cluster::redirect_of(detail::reply_error(bad)));
+  }
+  // Only an error reply is a redirection (not a status that says MOVED).
+  CHECK_FALSE(detail::Cluster::redirect_of(
+      absl::UnavailableError("redis: MOVED 12 127.0.0.1:1")));
+}
+
 TEST_CASE(
     "T5a: after a long outage, a Redis that is back is used within "
     "breaker_max_open (default options)",

@@ -7,6 +7,8 @@
 //   FailMode           what a Redis limit answers when Redis cannot
 //   RedisScope         whether a limit's key counts per tenant or once
 //   RedisLimitOptions  how one Redis limit behaves
+//   detail::check_options()  what RedisClient::create() refuses
+//   detail::split_address()  "host:port" read
 #ifndef RATEKEEPER_REDIS_OPTIONS_HPP_
 #define RATEKEEPER_REDIS_OPTIONS_HPP_
 
@@ -14,8 +16,14 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <string_view>
 
+#include "absl/status/status.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/strings.hpp"
 
 namespace ratekeeper {
 
@@ -163,6 +171,88 @@ struct RedisLimitOptions {
   bool test_time = false;
   RedisScope scope = RedisScope::kTenant;
 };
+
+namespace detail {
+
+// "host:port" (the port after the last ':', 1 to 65535).
+inline bool split_address(std::string_view a, std::string& host, int& port) {
+  const std::size_t colon = a.rfind(':');
+  if (colon == std::string_view::npos || colon == 0) return false;
+  int p = 0;
+  if (!absl::SimpleAtoi(av(a.substr(colon + 1)), &p) || p <= 0 || p > 65535) {
+    return false;
+  }
+  host = std::string(a.substr(0, colon));
+  port = p;
+  return true;
+}
+
+// What RedisClient::create() refuses (kInvalidArgument), as the comments
+// above state it.
+inline absl::Status check_options(const RedisOptions& options) {
+  if (options.port <= 0 || options.port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("RedisOptions: port ", options.port));
+  }
+  if (options.prefix.find_first_of("{}") != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RedisOptions: prefix \"", absl::CEscape(options.prefix),
+        "\" holds '{' or '}': on a Redis Cluster it would be the hash tag "
+        "of every key (all of them in one slot, the tenants' tags "
+        "ignored); use a prefix without braces"));
+  }
+  if (options.connect_timeout <= Nanos{0} ||
+      options.command_timeout <= Nanos{0}) {
+    return absl::InvalidArgumentError(
+        "RedisOptions: timeouts must be positive");
+  }
+  if (options.breaker_failures < 1 || options.breaker_open <= Nanos{0} ||
+      options.breaker_max_open < options.breaker_open) {
+    return absl::InvalidArgumentError(
+        "RedisOptions: breaker_failures must be at least 1, breaker_open "
+        "positive and breaker_max_open at least breaker_open");
+  }
+  if (options.max_connections < 1 || options.probe_interval < Nanos{0} ||
+      options.slots_refresh_interval < Nanos{0}) {
+    return absl::InvalidArgumentError(
+        "RedisOptions: max_connections must be at least 1, probe_interval "
+        "and slots_refresh_interval not negative");
+  }
+  if (options.wait_replicas < 0 ||
+      (options.wait_replicas > 0 &&
+       (options.wait_timeout <= Nanos{0} ||
+        options.wait_timeout >= options.command_timeout))) {
+    return absl::InvalidArgumentError(
+        "RedisOptions: wait_replicas must not be negative, and with "
+        "replicas to wait for wait_timeout must be positive and below "
+        "command_timeout");
+  }
+  if (options.db < 0 || options.db > RedisOptions::kMaxDb) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RedisOptions: db ", options.db, " (0 to ", RedisOptions::kMaxDb, ")"));
+  }
+  if (options.db != 0 && options.cluster) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("RedisOptions: db ", options.db,
+                     " with cluster: Redis Cluster has database 0 only"));
+  }
+  if (!options.username.empty() && options.password.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RedisOptions: user \"", options.username, "\" without a password"));
+  }
+  for (const auto& [from, to] : options.address_map) {
+    std::string h;
+    int p = 0;
+    if (!split_address(from, h, p) || !split_address(to, h, p)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("RedisOptions: address_map \"", from, "\" -> \"", to,
+                       "\": both must be host:port"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace detail
 
 }  // namespace ratekeeper
 

@@ -20,6 +20,10 @@
 
 namespace ratekeeper {
 
+namespace detail {
+class Connector;  // connection.hpp: loads scripts, keeps their SHA1
+}  // namespace detail
+
 // A script: its source, and the SHA1 Redis gave it once loaded.
 class RedisScript {
  public:
@@ -27,7 +31,7 @@ class RedisScript {
   const std::string& source() const noexcept { return source_; }
 
  private:
-  friend class RedisClient;
+  friend class detail::Connector;
   std::string source_;
   mutable detail::Mutex mu_;
   mutable std::string sha_ ABSL_GUARDED_BY(mu_);

@@ -33,10 +33,6 @@ inline std::uint16_t key_slot(std::string_view key) noexcept {
   return static_cast<std::uint16_t>(crc16(key) % 16384);
 }
 
-// Breaker: a circuit breaker over the calls to one Redis. Closed: calls go
-// through, failures are counted. Open: calls fail at once until the open
-// time ends. Then one call, the probe, goes through (half-open): its
-
 }  // namespace ratekeeper::detail
 
 #endif  // RATEKEEPER_REDIS_SLOTS_HPP_
