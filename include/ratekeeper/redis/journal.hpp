@@ -1,5 +1,10 @@
 // ratekeeper/redis/journal.hpp: the settle journal of a RedisAccountant:
 // settles and releases kept on disk while Redis is away.
+//
+// Defines detail::SettleJournal, the file: its line format, appends made
+// durable by a group commit, the replayer's front/pop/set_aside. Written
+// through the writer the ledger uses too (detail/append_file.hpp). What
+// replays it, when, and what is set aside: redis/journal_replay.hpp.
 #ifndef RATEKEEPER_REDIS_JOURNAL_HPP_
 #define RATEKEEPER_REDIS_JOURNAL_HPP_
 
