@@ -76,6 +76,7 @@
 #include "absl/strings/str_cat.h"
 #include "ratekeeper/budget/audit.hpp"
 #include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/append_file.hpp"
 #include "ratekeeper/detail/futex.hpp"
 #include "ratekeeper/detail/sha256.hpp"
 #include "ratekeeper/detail/strings.hpp"
@@ -153,6 +154,10 @@ class LedgerFile {
   virtual absl::Status sync() = 0;
 };
 
+// PosixLedgerFile: a ledger file on disk, written through the durable-log
+// writer it shares with the settle journal (detail/append_file.hpp: a
+// record appended whole or not at all, EINTR and short writes resumed,
+// fdatasync), plus what only the ledger does: one writer, by flock(2).
 class PosixLedgerFile final : public LedgerFile {
  public:
   // open_append
@@ -163,67 +168,34 @@ class PosixLedgerFile final : public LedgerFile {
   // fsynced before this returns.
   static absl::StatusOr<std::unique_ptr<PosixLedgerFile>> open_append(
       const std::string& path) {
-    struct stat st {};
-    const bool existed = ::stat(path.c_str(), &st) == 0;
-    const int fd =
-        ::open(path.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0) return errno_status("open", path);
-    if (absl::Status lk = lock_or_close(fd, path, path); !lk.ok()) return lk;
-    if (!existed) {
-      if (absl::Status s = sync_dir_of(path); !s.ok()) {
-        ::close(fd);
-        return s;
-      }
+    absl::StatusOr<detail::AppendFile> f = detail::AppendFile::open(
+        path, kErrors, {.access = O_RDWR, .mode = 0644});
+    if (!f.ok()) return f.status();
+    if (::flock(f->fd(), LOCK_EX | LOCK_NB) != 0) {
+      const int e = errno;
+      if (e == EWOULDBLOCK) return another_writer(path);
+      return kErrors(e, "flock", path);
     }
-    return std::unique_ptr<PosixLedgerFile>(new PosixLedgerFile(fd, path));
+    return std::unique_ptr<PosixLedgerFile>(new PosixLedgerFile(*std::move(f)));
   }
 
   // fsyncs the directory holding `path` (its entry, after a create).
   static absl::Status sync_dir_of(const std::string& path) {
-    const std::size_t slash = path.rfind('/');
-    const std::string dir = slash == std::string::npos ? std::string(".")
-                            : slash == 0               ? std::string("/")
-                                                       : path.substr(0, slash);
-    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0) return errno_status("open directory", dir);
-    const int rc = ::fsync(dfd);
-    const int e = errno;
-    ::close(dfd);
-    if (rc != 0) {
-      errno = e;
-      return errno_status("fsync directory", dir);
-    }
-    return absl::OkStatus();
+    return detail::sync_dir_of(path, kErrors);
   }
 
-  int fd() const noexcept { return fd_; }
-  const std::string& path() const noexcept { return path_; }
+  int fd() const noexcept { return file_.fd(); }
+  const std::string& path() const noexcept { return file_.path(); }
 
   // Cuts the file to `size` bytes (a torn last line) and syncs it.
   absl::Status truncate(std::uint64_t size) {
-    if (::ftruncate(fd_, static_cast<off_t>(size)) != 0 ||
-        ::fdatasync(fd_) != 0) {
-      return errno_status("truncate", path_);
-    }
-    return absl::OkStatus();
+    return file_.truncate(size, true, "truncate");
   }
-  ~PosixLedgerFile() override { ::close(fd_); }
 
   absl::Status write(std::string_view bytes) override {
-    while (!bytes.empty()) {
-      const ssize_t n = ::write(fd_, bytes.data(), bytes.size());
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return errno_status("write", path_);
-      }
-      bytes.remove_prefix(static_cast<std::size_t>(n));
-    }
-    return absl::OkStatus();
+    return file_.append(bytes);
   }
-  absl::Status sync() override {
-    if (::fdatasync(fd_) != 0) return errno_status("fdatasync", path_);
-    return absl::OkStatus();
-  }
+  absl::Status sync() override { return file_.sync(); }
 
   // An exclusive flock(2) on `fd` (open on `path`) for ledger `ledger`;
   // otherwise `fd` is closed and the status says why: kFailedPrecondition
@@ -233,26 +205,26 @@ class PosixLedgerFile final : public LedgerFile {
     if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return absl::OkStatus();
     const int e = errno;
     ::close(fd);
-    if (e == EWOULDBLOCK) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "ledger ", ledger,
-          ": another writer holds it (flock); one ledger has one writer"));
-    }
-    errno = e;
-    return errno_status("flock", path);
+    if (e == EWOULDBLOCK) return another_writer(ledger);
+    return kErrors(e, "flock", path);
   }
 
   static absl::Status errno_status(const char* what, const std::string& path) {
-    const int e = errno;
-    return absl::Status(
-        absl::ErrnoToStatusCode(e),
-        absl::StrCat("ledger ", what, " ", path, ": ", std::strerror(e)));
+    return kErrors(errno, what, path);
   }
 
  private:
-  PosixLedgerFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
-  int fd_;
-  std::string path_;
+  // "ledger <what> <path>: <strerror>", the errno's own status code.
+  static constexpr detail::FileErrors kErrors{"ledger "};
+
+  static absl::Status another_writer(const std::string& ledger) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "ledger ", ledger,
+        ": another writer holds it (flock); one ledger has one writer"));
+  }
+
+  explicit PosixLedgerFile(detail::AppendFile f) : file_(std::move(f)) {}
+  detail::AppendFile file_;
 };
 
 namespace detail {

@@ -1,5 +1,10 @@
 // ratekeeper/redis/journal.hpp: the settle journal of a RedisAccountant:
 // settles and releases kept on disk while Redis is away.
+//
+// Defines detail::SettleJournal, the file: its line format, appends made
+// durable by a group commit, the replayer's front/pop/set_aside. Written
+// through the writer the ledger uses too (detail/append_file.hpp). What
+// replays it, when, and what is set aside: redis/journal_replay.hpp.
 #ifndef RATEKEEPER_REDIS_JOURNAL_HPP_
 #define RATEKEEPER_REDIS_JOURNAL_HPP_
 
@@ -12,34 +17,25 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
-#include <cstring>
 #include <deque>
-#include <functional>
 #include <memory>
 #include <optional>
-#include <random>
-#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
 
-#include "absl/container/inlined_vector.h"
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "ratekeeper/budget/accountant.hpp"
-#include "ratekeeper/budget/money.hpp"
-#include "ratekeeper/budget/period.hpp"
-#include "ratekeeper/budget/prices.hpp"
-#include "ratekeeper/budget/usage.hpp"
-#include "ratekeeper/chain.hpp"
+#include "ratekeeper/decision.hpp"
+#include "ratekeeper/detail/append_file.hpp"
 #include "ratekeeper/detail/group_sync.hpp"
 #include "ratekeeper/detail/mutex.hpp"
 #include "ratekeeper/detail/strings.hpp"
-#include "ratekeeper/identity.hpp"
 
 namespace ratekeeper::detail {
 
@@ -75,19 +71,23 @@ class SettleJournal {
 
   static absl::StatusOr<std::unique_ptr<SettleJournal>> open(
       const std::string& path) {
-    const int fd =
-        ::open(path.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) return errno_status("open", path);
-    auto j = std::unique_ptr<SettleJournal>(new SettleJournal(fd, path));
+    absl::StatusOr<AppendFile> f =
+        AppendFile::open(path, kErrors, {.access = O_RDWR, .mode = 0600});
+    if (!f.ok()) return f.status();
+    const int fd = f->fd();
+    auto j = std::unique_ptr<SettleJournal>(new SettleJournal(*std::move(f)));
     struct stat st {};
-    if (::fstat(fd, &st) != 0) return errno_status("stat", path);
+    if (::fstat(fd, &st) != 0) return j->file_.error("stat");
     const Nanos mtime{std::int64_t{st.st_mtim.tv_sec} * 1'000'000'000 +
                       st.st_mtim.tv_nsec};
     std::string text;
     char buf[1 << 16];
     for (;;) {
       const ssize_t got = ::read(fd, buf, sizeof buf);
-      if (got < 0) return errno_status("read", path);
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        return j->file_.error("read");
+      }
       if (got == 0) break;
       text.append(buf, static_cast<std::size_t>(got));
     }
@@ -107,9 +107,10 @@ class SettleJournal {
       good = nl + 1;
     }
     if (good != text.size()) {
-      if (::ftruncate(fd, static_cast<off_t>(good)) != 0 ||
-          ::fdatasync(fd) != 0) {
-        return errno_status("cut the torn tail of", path);
+      if (absl::Status cut =
+              j->file_.truncate(good, true, "cut the torn tail of");
+          !cut.ok()) {
+        return cut;
       }
     }
     j->size_.store(j->pending_.size());
@@ -118,10 +119,7 @@ class SettleJournal {
 
   SettleJournal(const SettleJournal&) = delete;
   SettleJournal& operator=(const SettleJournal&) = delete;
-  ~SettleJournal() {
-    ::close(fd_);
-    if (stale_fd_ >= 0) ::close(stale_fd_);
-  }
+  ~SettleJournal() = default;
 
   // Durable when it returns OK (then the entry is pending; otherwise it may
   // be pending too: a sync that failed after the line was written).
@@ -131,16 +129,13 @@ class SettleJournal {
     {
       detail::MutexLock lock(&mu_);
       if (absl::Status st = sync_.failed(); !st.ok()) return st;
-      if (absl::Status st = write_all(fd_, line, path_); !st.ok()) return st;
+      if (absl::Status st = file_.append(line); !st.ok()) return st;
       pending_.push_back(std::move(e));
       size_.store(pending_.size());
       seq = ++seq_;
       sync_.written(seq);
     }
-    return sync_.wait(seq, [this] {
-      if (::fdatasync(fd_) != 0) return errno_status("fdatasync", path_);
-      return absl::OkStatus();
-    });
+    return sync_.wait(seq, [this] { return file_.sync(); });
   }
 
   // Entries not yet run (or set aside).
@@ -176,27 +171,30 @@ class SettleJournal {
     detail::MutexLock lock(&mu_);
     n = std::min(n, pending_.size());
     if (n == 0) return absl::OkStatus();
-    const std::string stale = stale_path();
-    if (stale_fd_ < 0) {
-      stale_fd_ = ::open(stale.c_str(),
-                         O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-      if (stale_fd_ < 0) return errno_status("open", stale);
+    if (!stale_.is_open()) {
+      absl::StatusOr<AppendFile> f = AppendFile::open(
+          stale_path(), kErrors, {.access = O_WRONLY, .mode = 0600});
+      if (!f.ok()) return f.status();
+      stale_ = *std::move(f);
     }
     std::string lines;
     for (std::size_t i = 0; i < n; ++i) lines += encode(pending_[i]);
-    if (absl::Status st = write_all(stale_fd_, lines, stale); !st.ok()) {
-      return st;
-    }
-    if (::fdatasync(stale_fd_) != 0) return errno_status("fdatasync", stale);
+    if (absl::Status st = stale_.append(lines); !st.ok()) return st;
+    if (absl::Status st = stale_.sync(); !st.ok()) return st;
     return pop_locked(n);
   }
 
-  std::string stale_path() const { return path_ + ".stale"; }
+  std::string stale_path() const { return file_.path() + ".stale"; }
   // fdatasyncs of the journal made by appends (records per sync).
   std::uint64_t syncs() const { return sync_.syncs(); }
 
  private:
-  SettleJournal(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  // Its errors are kUnavailable ("journal: write <path>: ..."): the settle
+  // may be called again.
+  static constexpr FileErrors kErrors{"journal: ",
+                                      absl::StatusCode::kUnavailable};
+
+  explicit SettleJournal(AppendFile file) : file_(std::move(file)) {}
 
   absl::Status pop_locked(std::size_t n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (std::size_t i = 0; i < n && !pending_.empty(); ++i) {
@@ -209,23 +207,7 @@ class SettleJournal {
     // here (it would wait on the file system's journal, on a busy disk for
     // long, inside a caller's slice): a crash before the next append's sync
     // leaves lines that run again, to no effect (idempotent).
-    if (::ftruncate(fd_, 0) != 0) {
-      return errno_status("clear", path_);
-    }
-    return absl::OkStatus();
-  }
-
-  static absl::Status write_all(int fd, std::string_view rest,
-                                std::string_view path) {
-    while (!rest.empty()) {
-      const ssize_t w = ::write(fd, rest.data(), rest.size());
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        return errno_status("write", path);
-      }
-      rest.remove_prefix(static_cast<std::size_t>(w));
-    }
-    return absl::OkStatus();
+    return file_.truncate(0, false, "clear");
   }
 
   static std::string encode(const Entry& e) {
@@ -239,14 +221,6 @@ class SettleJournal {
     }
     absl::StrAppend(&line, " ", absl::Hex(fnv(line), absl::kZeroPad16), "\n");
     return line;
-  }
-
-  static absl::Status errno_status(std::string_view what,
-                                   std::string_view path) {
-    const int e = errno;
-    return absl::UnavailableError(absl::StrCat("journal: ", detail::av(what),
-                                               " ", detail::av(path), ": ",
-                                               std::strerror(e)));
   }
 
   static std::uint64_t fnv(std::string_view s) {
@@ -307,12 +281,11 @@ class SettleJournal {
     return e;
   }
 
-  const int fd_;
-  const std::string path_;
+  AppendFile file_;  // appends, truncation: under mu_; sync(): beside them
   mutable detail::Mutex mu_;
   std::deque<Entry> pending_ ABSL_GUARDED_BY(mu_);
   std::uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;
-  int stale_fd_ ABSL_GUARDED_BY(mu_) = -1;
+  AppendFile stale_ ABSL_GUARDED_BY(mu_);  // <path>.stale, once opened
   std::atomic<std::size_t> size_{0};
   detail::GroupSync sync_;
 };
