@@ -41,6 +41,7 @@
 #include "ratekeeper/redis/breaker.hpp"
 #include "ratekeeper/redis/connection.hpp"
 #include "ratekeeper/redis/options.hpp"
+#include "ratekeeper/redis/resp.hpp"
 #include "ratekeeper/redis/scripts.hpp"
 #include "ratekeeper/redis/slots.hpp"
 
@@ -783,23 +784,16 @@ class RedisClient {
       if (!loaded.ok()) return fail_from(0, loaded.status());
       sha = *std::move(loaded);
     }
+    std::string wire;  // every EVALSHA in RESP, handed to hiredis at once
+    wire.reserve(which.size() * 256);
     for (const std::size_t i : which) {
-      absl::InlinedVector<const char*, 24> ptrs;
-      absl::InlinedVector<std::size_t, 24> lens;
       const std::string nkeys = std::to_string(calls[i].keys.size());
-      auto add = [&](std::string_view a) {
-        ptrs.push_back(a.data());
-        lens.push_back(a.size());
-      };
-      add("EVALSHA");
-      add(sha);
-      add(nkeys);
-      for (const std::string_view k : calls[i].keys) add(k);
-      for (const std::string_view a : calls[i].args) add(a);
-      if (redisAppendCommandArgv(&**conn, static_cast<int>(ptrs.size()),
-                                 ptrs.data(), lens.data()) != REDIS_OK) {
-        return fail_from(0, unavailable((*conn)->errstr));
-      }
+      const std::string_view head[] = {"EVALSHA", sha, nkeys};
+      detail::resp_command(wire, {head, calls[i].keys, calls[i].args});
+    }
+    if (redisAppendFormattedCommand(&**conn, wire.data(), wire.size()) !=
+        REDIS_OK) {
+      return fail_from(0, unavailable((*conn)->errstr));
     }
     if (options_.wait_replicas > 0) {
       const std::string n = std::to_string(options_.wait_replicas);
@@ -1278,14 +1272,9 @@ class RedisClient {
 
   absl::Status append(redisContext& c,
                       std::span<const std::string_view> argv) const {
-    absl::InlinedVector<const char*, 16> ptrs;
-    absl::InlinedVector<std::size_t, 16> lens;
-    for (const std::string_view a : argv) {
-      ptrs.push_back(a.data());
-      lens.push_back(a.size());
-    }
-    if (redisAppendCommandArgv(&c, static_cast<int>(argv.size()), ptrs.data(),
-                               lens.data()) != REDIS_OK) {
+    std::string wire;
+    detail::resp_command(wire, {argv});
+    if (redisAppendFormattedCommand(&c, wire.data(), wire.size()) != REDIS_OK) {
       return unavailable(c.errstr);
     }
     return absl::OkStatus();
