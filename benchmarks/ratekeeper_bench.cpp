@@ -4,8 +4,10 @@
 // one run only: the floor (one clock read, one compare-and-swap) is measured
 // in the same binary, so ratios hold on a noisy machine.
 #include <benchmark/benchmark.h>
+#include <hiredis/hiredis.h>
 #include <malloc.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include <atomic>
 #include <cstdint>
@@ -15,6 +17,8 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
@@ -687,7 +691,12 @@ struct RedisRig {
     try {
       server = std::make_unique<rk_test::RedisServer>();
       auto c = rk::RedisClient::create(
-          {.port = server->port(), .prefix = "bench:", .pool_size = 64});
+          {.port = server->port(),
+           .prefix = "bench:",
+           // The cost of decisions, not time-outs: a loaded machine can
+           // stall a call past the default 100 ms.
+           .command_timeout = std::chrono::seconds(2),
+           .pool_size = 64});
       if (c.ok()) {
         client = *c;
       } else {
@@ -721,24 +730,64 @@ std::unique_ptr<rk::RedisLimit<rk::TokenBucket>> open_bucket(RedisRig& rig,
       .value();
 }
 
+// This thread's CPU time so far, in microseconds (the client's own work:
+// Redis's is server_us_per_call).
+double thread_cpu_us() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e6 +
+         static_cast<double>(ts.tv_nsec) / 1e3;
+}
+
+// What a Redis benchmark's decisions cost, from its start to report():
+//   server_us_per_call           Redis's time per EVALSHA (INFO
+//                                commandstats; only this benchmark's calls)
+//   client_cpu_us_per_decision   this thread's CPU per decision, the
+//                                kernel's included (its system calls; on
+//                                loopback a write also runs the receiving
+//                                side of TCP)
+//   decisions_per_s              decisions over the wall time
+class RedisCost {
+ public:
+  explicit RedisCost(RedisRig& rig) : rig_(rig) {
+    std::tie(calls0_, usec0_) = rig_.evalsha_stats();
+    cpu0_ = thread_cpu_us();
+  }
+  void report(benchmark::State& state, double per_iteration) {
+    const double cpu = thread_cpu_us() - cpu0_;
+    const auto [calls, usec] = rig_.evalsha_stats();
+    const double decisions =
+        static_cast<double>(state.iterations()) * per_iteration;
+    const auto per = [&](double x) {
+      return decisions > 0 ? x / decisions : 0;
+    };
+    state.counters["server_us_per_call"] =
+        calls > calls0_ ? (usec - usec0_) / (calls - calls0_) : 0;
+    state.counters["client_cpu_us_per_decision"] = per(cpu);
+    state.counters["decisions_per_s"] =
+        benchmark::Counter(decisions, benchmark::Counter::kIsRate);
+  }
+
+ private:
+  RedisRig& rig_;
+  double calls0_ = 0, usec0_ = 0, cpu0_ = 0;
+};
+
 // One decision per call, one connection, waiting for each reply: the
-// round trip, and the script's time inside Redis (server_us_per_call, from
-// INFO commandstats).
+// round trip, the script's time inside Redis and the client's CPU
+// (RedisCost).
 void BM_Redis_TokenBucket_Sequential(benchmark::State& state) {
   RedisRig* rigp = redis_rig_or_skip(state);
   if (rigp == nullptr) return;
   RedisRig& rig = *rigp;
   auto limit = open_bucket(rig, "seq");
   static_cast<void>(limit->acquire("k", 1, rk::Nanos{0}));
-  const auto [c0, u0] = rig.evalsha_stats();
+  RedisCost cost(rig);
   std::uint64_t allowed = 0;
   for (auto _ : state) allowed += limit->acquire("k", 1, rk::Nanos{0}).allowed;
-  const auto [c1, u1] = rig.evalsha_stats();
+  cost.report(state, 1);
   state.counters["allowed_ratio"] =
       static_cast<double>(allowed) / static_cast<double>(state.iterations());
-  state.counters["server_us_per_call"] = c1 > c0 ? (u1 - u0) / (c1 - c0) : 0;
-  state.counters["decisions_per_s"] = benchmark::Counter(
-      static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
   state.counters["fallbacks"] = static_cast<double>(limit->fallbacks());
 }
 BENCHMARK(BM_Redis_TokenBucket_Sequential)->UseRealTime();
@@ -810,18 +859,18 @@ void BM_Redis_TokenBucket_50InFlight(benchmark::State& state) {
   }
   std::vector<rk::RedisLimit<rk::TokenBucket>::Request> reqs;
   for (const auto& k : keys) reqs.push_back({k, 1});
+  static_cast<void>(limit->acquire_batch(reqs, rk::Nanos{0}));
+  RedisCost cost(rig);
   std::uint64_t allowed = 0;
   for (auto _ : state) {
     for (const rk::Decision& d : limit->acquire_batch(reqs, rk::Nanos{0})) {
       allowed += d.allowed;
     }
   }
+  cost.report(state, 50);
   if (allowed != static_cast<std::uint64_t>(state.iterations()) * 50) {
     state.SkipWithError("a pipelined decision was refused");
   }
-  state.counters["decisions_per_s"] =
-      benchmark::Counter(static_cast<double>(state.iterations()) * 50,
-                         benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_Redis_TokenBucket_50InFlight)->UseRealTime();
 
@@ -842,6 +891,132 @@ void BM_Redis_TokenBucket_50Threads(benchmark::State& state) {
       static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_Redis_TokenBucket_50Threads)->Threads(50)->UseRealTime();
+
+// ------------------------------------------------------- redis floor --
+//
+// The floor of a Redis rate limit: a minimal GCRA script driven by plain
+// hiredis, on the same redis-server, beside BM_Redis_TokenBucket_*
+// (benchmarks/ratios.py --redis divides them). The script is fixed: TIME,
+// GET, and SET with PX only when it admits (no write on a denial), exact
+// GCRA in integer microseconds. KEYS[1] holds the key's theoretical
+// arrival time (TAT, us); ARGV: the emission interval T (us), the
+// tolerance tau = burst * T (us), the cost. The reply: {1, 0} admitted,
+// {0, retry after (us)} refused.
+constexpr const char* kFloorGcra = R"lua(
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local new = tat + ARGV[3] * ARGV[1]
+local over = new - now - tonumber(ARGV[2])
+if over > 0 then return {0, over} end
+redis.call('SET', KEYS[1], string.format('%d', new), 'PX',
+           math.floor((new - now) / 1000) + 1)
+return {1, 0}
+)lua";
+
+// A blocking hiredis connection to the rig's server with the floor script
+// loaded (SCRIPT LOAD): its SHA in `sha`.
+struct FloorConn {
+  redisContext* c = nullptr;
+  std::string sha;
+  std::string error;
+
+  explicit FloorConn(RedisRig& rig) {
+    c = redisConnect("127.0.0.1", rig.server->port());
+    if (c == nullptr || c->err != 0) {
+      error = c == nullptr ? "cannot allocate a context" : c->errstr;
+      return;
+    }
+    auto* r =
+        static_cast<redisReply*>(redisCommand(c, "SCRIPT LOAD %s", kFloorGcra));
+    if (r != nullptr && r->type == REDIS_REPLY_STRING) {
+      sha.assign(r->str, r->len);
+    } else {
+      error = r != nullptr && r->type == REDIS_REPLY_ERROR
+                  ? std::string(r->str, r->len)
+                  : "SCRIPT LOAD failed";
+    }
+    if (r != nullptr) freeReplyObject(r);
+  }
+  ~FloorConn() {
+    if (c != nullptr) redisFree(c);
+  }
+  FloorConn(const FloorConn&) = delete;
+  FloorConn& operator=(const FloorConn&) = delete;
+
+  // Whether `r` is the floor's admission ({1, 0}); frees it.
+  static bool admitted(void* reply) {
+    auto* r = static_cast<redisReply*>(reply);
+    const bool ok = r != nullptr && r->type == REDIS_REPLY_ARRAY &&
+                    r->elements == 2 &&
+                    r->element[0]->type == REDIS_REPLY_INTEGER &&
+                    r->element[0]->integer == 1;
+    if (r != nullptr) freeReplyObject(r);
+    return ok;
+  }
+};
+
+// The floor's emission interval (1 us: 10^6 a second, never reached here)
+// and tolerance (a burst of 10^9), as BM_Redis_TokenBucket_* never refuse.
+constexpr const char* kFloorT = "1";
+constexpr const char* kFloorTau = "1000000000";
+
+// One floor decision per call: redisCommand on a blocking context (the
+// client's CPU of a plain blocking call, against
+// BM_Redis_TokenBucket_Sequential).
+void BM_Redis_Floor_Sequential(benchmark::State& state) {
+  RedisRig* rigp = redis_rig_or_skip(state);
+  if (rigp == nullptr) return;
+  RedisRig& rig = *rigp;
+  FloorConn f(rig);
+  if (f.sha.empty()) return state.SkipWithError(f.error.c_str());
+  const char* key = "bench:floor:seq";
+  RedisCost cost(rig);
+  std::uint64_t allowed = 0;
+  for (auto _ : state) {
+    allowed += FloorConn::admitted(redisCommand(f.c, "EVALSHA %s 1 %s %s %s 1",
+                                                f.sha.c_str(), key, kFloorT,
+                                                kFloorTau));
+  }
+  cost.report(state, 1);
+  if (allowed != static_cast<std::uint64_t>(state.iterations())) {
+    state.SkipWithError("a floor decision was refused or failed");
+  }
+}
+BENCHMARK(BM_Redis_Floor_Sequential)->UseRealTime();
+
+// 50 floor decisions in flight on one connection: redisAppendCommand x50,
+// then redisGetReply x50 (against BM_Redis_TokenBucket_50InFlight).
+void BM_Redis_Floor_50InFlight(benchmark::State& state) {
+  RedisRig* rigp = redis_rig_or_skip(state);
+  if (rigp == nullptr) return;
+  RedisRig& rig = *rigp;
+  FloorConn f(rig);
+  if (f.sha.empty()) return state.SkipWithError(f.error.c_str());
+  std::vector<std::string> keys;
+  for (int i = 0; i < 50; ++i) {
+    keys.push_back("bench:floor:k" + std::to_string(i));
+  }
+  RedisCost cost(rig);
+  std::uint64_t allowed = 0;
+  for (auto _ : state) {
+    for (const std::string& k : keys) {
+      redisAppendCommand(f.c, "EVALSHA %s 1 %s %s %s 1", f.sha.c_str(),
+                         k.c_str(), kFloorT, kFloorTau);
+    }
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      void* r = nullptr;
+      if (redisGetReply(f.c, &r) != REDIS_OK) break;
+      allowed += FloorConn::admitted(r);
+    }
+  }
+  cost.report(state, 50);
+  if (allowed != static_cast<std::uint64_t>(state.iterations()) * 50) {
+    state.SkipWithError("a floor decision was refused or failed");
+  }
+}
+BENCHMARK(BM_Redis_Floor_50InFlight)->UseRealTime();
 
 #define RK_THREADED(fn, S)                                                     \
   BENCHMARK(fn)                                                                \

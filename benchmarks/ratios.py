@@ -1,10 +1,19 @@
 #!/usr/bin/env python3
-"""Issue 15's performance ratios from one ratekeeper_bench run.
+"""Issue 15's performance ratios, and issue 16's Redis cost, from one
+ratekeeper_bench run.
 
   build/release/benchmarks/ratekeeper_bench \\
       --benchmark_filter="$(benchmarks/ratios.py --filter)" \\
       --benchmark_out=ratios.json --benchmark_out_format=json
   benchmarks/ratios.py ratios.json
+
+  # Redis: the token bucket beside the floor (a minimal GCRA script driven
+  # by plain hiredis), same binary, same redis-server, same minutes
+  build/bench/benchmarks/ratekeeper_bench \\
+      --benchmark_filter="$(benchmarks/ratios.py --filter redis)" \\
+      --benchmark_out=redis.json --benchmark_out_format=json
+  benchmarks/ratios.py redis.json          # medians of repetitions
+  benchmarks/ratios.py --best redis.json   # each benchmark's best run
 
 Each ratio divides two benchmarks of the same run (same binary, same
 minutes), so a noisy machine moves both. With --benchmark_repetitions the
@@ -40,25 +49,109 @@ FILTER = ("^BM_Floor_ClockPlusCas|^BM_Acquire_TokenBucket_Sharded_OneKey_(Allowe
           "|^BM_Budget_ReserveSettle_Sharded/18$|^BM_Acquire_TokenBucket_Sharded_HotKey")
 
 
-def times(path):
+# Issue 16's Redis cost (docs/redis.md, "Cost"): BM_Redis_TokenBucket_*
+# against BM_Redis_Floor_*, counters of RedisCost in ratekeeper_bench.cpp.
+TB_SEQ = "BM_Redis_TokenBucket_Sequential/real_time"
+TB_50 = "BM_Redis_TokenBucket_50InFlight/real_time"
+FLOOR_SEQ = "BM_Redis_Floor_Sequential/real_time"
+FLOOR_50 = "BM_Redis_Floor_50InFlight/real_time"
+REDIS_FILTER = "^BM_Redis_(TokenBucket_Sequential|TokenBucket_50InFlight|Floor_)"
+SERVER = "server_us_per_call"
+CPU = "client_cpu_us_per_decision"
+RATE = "decisions_per_s"
+# (what, (benchmark, field) numerator, denominator or None, target, "<=" or ">=")
+REDIS_RATIOS = [
+    ("(a) Redis's time per token-bucket decision / the floor script's, sequential",
+     (TB_SEQ, SERVER), (FLOOR_SEQ, SERVER), 1.1, "<="),
+    ("(a) the same, 50 in flight", (TB_50, SERVER), (FLOOR_50, SERVER), 1.1, "<="),
+    ("(b) pipelined decisions/s / the floor's (50 in flight)",
+     (TB_50, RATE), (FLOOR_50, RATE), 0.95, ">="),
+    ("(c) client CPU per pipelined decision (us)", (TB_50, CPU), None, 0.5, "<="),
+    ("(d) client CPU per sequential call / a blocking hiredis call's",
+     (TB_SEQ, CPU), (FLOOR_SEQ, CPU), 1.5, "<="),
+]
+
+
+# --best: of repetitions, each benchmark's best instead of its median (the
+# least time or CPU, the most decisions/s): on a machine shared with other
+# loads, the runs the other loads disturbed least.
+BEST = False
+
+
+def values(path, field):
+    """{run name: field}, the median (or best) of repetitions if any."""
     data = json.load(open(path))
     out = {}
     medians = {}
+    runs = {}
     for b in data["benchmarks"]:
+        if field not in b:
+            continue
         if b.get("run_type") == "aggregate":
             if b.get("aggregate_name") == "median":
-                medians[b["run_name"]] = b["real_time"]
+                medians[b["run_name"]] = b[field]
         else:
-            out.setdefault(b.get("run_name", b["name"]), b["real_time"])
+            name = b.get("run_name", b["name"])
+            out.setdefault(name, b[field])
+            runs.setdefault(name, []).append(b[field])
+    if BEST:
+        pick = max if field == RATE else min
+        return {name: pick(v) for name, v in runs.items()}
     out.update(medians)
     return out
+
+
+def times(path):
+    return values(path, "real_time")
+
+
+def redis_tables(path):
+    cols = [SERVER, CPU, RATE]
+    v = {c: values(path, c) for c in cols}
+    names = [n for n in (TB_SEQ, FLOOR_SEQ, TB_50, FLOOR_50) if n in v[CPU]]
+    if not names:
+        return False
+    print("| benchmark | us in Redis per call | client CPU us per decision "
+          "| decisions/s |")
+    print("|---|---:|---:|---:|")
+    for n in names:
+        print(f"| `{n}` | {v[SERVER].get(n, 0):.2f} | {v[CPU].get(n, 0):.2f} "
+              f"| {v[RATE].get(n, 0):,.0f} |")
+    print()
+    print("| target | value | target | |")
+    print("|---|---:|---:|---|")
+    for what, num, den, target, sense in REDIS_RATIOS:
+        a = v[num[1]].get(num[0])
+        b = v[den[1]].get(den[0]) if den else 1.0
+        if a is None or b is None or b == 0:
+            print(f"| {what} | missing | {sense} {target} | not in the run |")
+            continue
+        r = a / b
+        met = r <= target if sense == "<=" else r >= target
+        shown = f"{r:.2f} × ({a:.2f} / {b:.2f})" if den else f"{r:.2f}"
+        print(f"| {what} | {shown} | {sense} {target} | "
+              f"{'met' if met else '**not met**'} |")
+    return True
 
 
 def main():
     if sys.argv[1:] == ["--filter"]:
         print(FILTER)
         return
+    if sys.argv[1:] == ["--filter", "redis"]:
+        print(REDIS_FILTER)
+        return
+    global BEST
+    args = sys.argv[1:]
+    if args[:1] == ["--best"]:
+        BEST = True
+        args = args[1:]
+    sys.argv[1:] = args
+    if redis_tables(sys.argv[1]):
+        print()
     t = times(sys.argv[1])
+    if not any(name in t for name in SHOWN):
+        return
     print("| benchmark | ns per call |")
     print("|---|---:|")
     for name in SHOWN:

@@ -13,7 +13,7 @@
 # name = parts, in order
 set(RATEKEEPER_LUA_SCRIPTS
   "kScript=arith.lua,fields.lua,now.lua,limits.lua"
-  "kTokenBucketScript=now.lua,arith.lua,fields.lua,token_bucket.lua")
+  "kTokenBucketScript=now.lua,token_bucket.lua")
 
 function(ratekeeper_generate_lua lua_dir out)
   set(body "")

@@ -2297,3 +2297,122 @@ TEST_CASE(
   CHECK(c_m.results[1].decision.remaining == 10);
   CHECK(m->peek("v", 0, t).remaining == 10);
 }
+
+TEST_CASE(
+    "ScriptArgs: numbers formatted in place, constants viewed; past its room "
+    "each number a string of its own, every view still valid",
+    "[redis][i16]") {
+  const std::int64_t ints[] = {0, -1, 7,
+                               std::numeric_limits<std::int64_t>::min(),
+                               std::numeric_limits<std::int64_t>::max()};
+  const std::uint64_t big = std::numeric_limits<std::uint64_t>::max();
+  // Room for 2 numbers, 6 given: 4 spill.
+  detail::ScriptArgs args(2);
+  std::vector<std::string> want;
+  args.add("acquire");
+  want.emplace_back("acquire");
+  for (const std::int64_t v : ints) {
+    args.add_number(v);
+    want.push_back(std::to_string(v));
+  }
+  args.add(std::string_view());
+  want.emplace_back();
+  args.add_number(big);
+  want.push_back(std::to_string(big));
+  REQUIRE(args.size() == want.size());
+  const std::span<const std::string_view> got = args.views();
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    CAPTURE(i);
+    CHECK(got[i] == want[i]);
+  }
+}
+
+TEST_CASE(
+    "acquire_batch of a budget, a window and a bucket decides as the "
+    "in-process policy, for keys of any bytes and costs past 2^53",
+    "[redis][pipeline][i16]") {
+  RedisServer server;
+  auto client = client_for(server);
+  std::mt19937_64 rng(rk_test::seed_or(0x16C057));
+  // Keys: short, long (past any small buffer), any bytes.
+  std::vector<std::string> keys = {"", "a", std::string(300, 'x'),
+                                   std::string("\0{}\xff", 4)};
+  const auto run = [&](auto policy, const char* name, std::int64_t step_us,
+                       Cost max_cost) {
+    using P = decltype(policy);
+    auto redis = RedisLimit<P>::create({.name = name}, policy, client,
+                                       {.test_time = true})
+                     .value();
+    auto local = make_limit<InMemoryStore>({.name = name}, policy).value();
+    std::int64_t t_us = 1'796'083'200LL * 1'000'000;
+    for (int round = 0; round < 60; ++round) {
+      t_us += static_cast<std::int64_t>(rng() %
+                                        static_cast<std::uint64_t>(step_us));
+      const Nanos now{t_us * kUs};
+      std::vector<typename RedisLimit<P>::Request> reqs;
+      const std::size_t n = 1 + rng() % 40;
+      for (std::size_t i = 0; i < n; ++i) {
+        const Cost cost =
+            rng() % 16 == 0 ? ~Cost{0} - rng() % 3 : rng() % (max_cost + 1);
+        reqs.push_back({keys[rng() % keys.size()], cost});
+      }
+      const std::vector<Decision> got = redis->acquire_batch(reqs, now);
+      REQUIRE(got.size() == n);
+      for (std::size_t i = 0; i < n; ++i) {
+        CAPTURE(name, round, i, reqs[i].cost);
+        same(got[i], local->acquire(reqs[i].key, reqs[i].cost, now));
+      }
+    }
+    CHECK(redis->fallbacks() == 0);
+  };
+  SECTION("a budget (the period per call: a daily calendar)") {
+    run(PeriodBudget::create(900,
+                             Period::calendar(PeriodKind::kDay, "UTC").value())
+            .value(),
+        "bbud", 3LL * 3'600'000'000, 120);
+  }
+  SECTION("a sliding window") {
+    run(SlidingWindow::create(per_second(30)).value(), "bsw", 400'000, 6);
+  }
+  SECTION("a token bucket, 7 per second") {
+    run(TokenBucket::create(per_second(7), 9).value(), "btb", 500'000, 4);
+  }
+}
+
+TEST_CASE(
+    "resp_command writes the bytes hiredis's own formatter writes, for "
+    "arguments of any bytes and lengths",
+    "[redis][i16]") {
+  std::mt19937_64 rng(rk_test::seed_or(0x2E5B));
+  for (int round = 0; round < 300; ++round) {
+    std::vector<std::string> args(1 + rng() % 14);
+    for (std::string& a : args) {
+      const std::size_t len = rng() % 8 == 0 ? rng() % 5000 : rng() % 24;
+      for (std::size_t i = 0; i < len; ++i) {
+        a.push_back(static_cast<char>(rng() % 256));
+      }
+    }
+    std::vector<const char*> ptrs;
+    std::vector<std::size_t> lens;
+    for (const std::string& a : args) {
+      ptrs.push_back(a.data());
+      lens.push_back(a.size());
+    }
+    char* formatted = nullptr;
+    const int n = redisFormatCommandArgv(
+        &formatted, static_cast<int>(args.size()), ptrs.data(), lens.data());
+    REQUIRE(n > 0);
+    const std::string want(formatted, static_cast<std::size_t>(n));
+    redisFreeCommand(formatted);
+    // Split into parts as the client does: a head, keys, arguments.
+    const std::vector<std::string_view> views(args.begin(), args.end());
+    const std::span<const std::string_view> all(views);
+    const std::size_t a = rng() % (views.size() + 1);
+    const std::size_t b = a + rng() % (views.size() - a + 1);
+    std::string got = "prefix";
+    detail::resp_command(got,
+                         {all.first(a), all.subspan(a, b - a), all.subspan(b)});
+    CAPTURE(round, a, b);
+    CHECK(got == "prefix" + want);
+  }
+}

@@ -29,6 +29,7 @@
 #include "ratekeeper/redis/connection.hpp"
 #include "ratekeeper/redis/node.hpp"
 #include "ratekeeper/redis/reply.hpp"
+#include "ratekeeper/redis/resp.hpp"
 #include "ratekeeper/redis/scripts.hpp"
 
 namespace ratekeeper::detail {
@@ -127,23 +128,16 @@ void run_pipeline(const Connector& wire, Node& node, const RedisScript& script,
     if (!loaded.ok()) return fail_from(0, loaded.status());
     sha = *std::move(loaded);
   }
+  std::string cmds;  // every EVALSHA in RESP, handed to hiredis at once
+  cmds.reserve(which.size() * 256);
   for (const std::size_t i : which) {
-    absl::InlinedVector<const char*, 24> ptrs;
-    absl::InlinedVector<std::size_t, 24> lens;
     const std::string nkeys = std::to_string(calls[i].keys.size());
-    auto add = [&](std::string_view a) {
-      ptrs.push_back(a.data());
-      lens.push_back(a.size());
-    };
-    add("EVALSHA");
-    add(sha);
-    add(nkeys);
-    for (const std::string_view k : calls[i].keys) add(k);
-    for (const std::string_view a : calls[i].args) add(a);
-    if (redisAppendCommandArgv(&**conn, static_cast<int>(ptrs.size()),
-                               ptrs.data(), lens.data()) != REDIS_OK) {
-      return fail_from(0, wire.unavailable((*conn)->errstr));
-    }
+    const std::string_view head[] = {"EVALSHA", sha, nkeys};
+    resp_command(cmds, {head, calls[i].keys, calls[i].args});
+  }
+  if (redisAppendFormattedCommand(&**conn, cmds.data(), cmds.size()) !=
+      REDIS_OK) {
+    return fail_from(0, wire.unavailable((*conn)->errstr));
   }
   if (waits) {
     if (absl::Status st = wire.append_wait(**conn); !st.ok()) {

@@ -329,19 +329,22 @@ class RedisChain {
         std::chrono::system_clock::now().time_since_epoch()));
     absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
     for (int attempt = 0; attempt < 2; ++attempt) {
-      absl::InlinedVector<std::string, 24> args;
-      args.push_back(test_now ? std::to_string(test_now->count() / 1000)
-                              : std::string());
-      args.push_back(op_arg);
-      for (const std::size_t i : part.items) {
-        detail::append_item(args, *limits[i], items[i].cost, false, t);
+      detail::ScriptArgs args(2 + 2 * n);
+      absl::InlinedVector<detail::TwinParams, 4> scratch(n);  // budgets'
+      detail::append_time(args, test_now.has_value(),
+                          test_now.value_or(Nanos{0}));
+      args.add(op_arg);
+      for (std::size_t j = 0; j < n; ++j) {
+        const std::size_t i = part.items[j];
+        detail::append_item(args, *limits[i],
+                            limits[i]->twin_for(t, scratch[j]), items[i].cost,
+                            false);
       }
       if (part.mark) {
-        args.push_back(std::to_string(
-            std::max<std::int64_t>(1, mark_ttl.count() / 1'000'000)));
+        args.add_number(
+            std::max<std::int64_t>(1, mark_ttl.count() / 1'000'000));
       }
-      absl::InlinedVector<std::string_view, 24> av(args.begin(), args.end());
-      r = client_->eval_ints(detail::redis_script(), kv, av);
+      r = client_->eval_ints(detail::redis_script(), kv, args.views());
       if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
       t = detail::from_us((*r)[1]);
     }

@@ -7,10 +7,12 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -58,18 +60,75 @@ inline std::uint64_t redis_nonce() noexcept {
   return (z ^ (z >> 31)) >> 14;
 }
 
+// ScriptArgs: a script call's arguments, as the string_views RedisClient
+// sends, with no std::string per argument. Constants (an op, a limit's
+// kind and parameters, formatted once at create) are viewed where they
+// live; this call's numbers are formatted into a buffer sized up front
+// (room for `numbers` of them), so the views into it stay valid; past
+// that room, each further number gets a string of its own (never
+// invalidated either). Neither copied nor moved: the views point into it.
+class ScriptArgs {
+ public:
+  explicit ScriptArgs(std::size_t numbers) : buf_(numbers * kDigits) {}
+  ScriptArgs(const ScriptArgs&) = delete;
+  ScriptArgs& operator=(const ScriptArgs&) = delete;
+
+  // A string that outlives the call.
+  void add(std::string_view constant) { views_.push_back(constant); }
+  // A number, in decimal.
+  template <class Int>
+  void add_number(Int v) {
+    static_assert(std::is_integral_v<Int>);
+    char* const at = buf_.data() + used_;
+    const std::to_chars_result r =
+        std::to_chars(at, buf_.data() + buf_.size(), v);
+    if (r.ec == std::errc()) {
+      const auto n = static_cast<std::size_t>(r.ptr - at);
+      used_ += n;
+      views_.emplace_back(at, n);
+    } else {
+      views_.emplace_back(spill_.emplace_back(std::to_string(v)));
+    }
+  }
+  // The arguments, in the order added.
+  std::span<const std::string_view> views() const { return views_; }
+  std::size_t size() const noexcept { return views_.size(); }
+
+ private:
+  static constexpr std::size_t kDigits = 20;  // 2^64 - 1, or a '-' and 19
+  absl::InlinedVector<char, 12 * kDigits> buf_;
+  std::size_t used_ = 0;
+  absl::InlinedVector<std::string_view, 24> views_;
+  std::deque<std::string> spill_;
+};
+
+// A flags argument (lua/limits.lua: 1 shadow, 2 charge on reject).
+inline std::string_view flags_arg(bool shadow, bool charge) {
+  static constexpr std::string_view kFlags[] = {"0", "1", "2", "3"};
+  return kFlags[(shadow ? 1 : 0) | (charge ? 2 : 0)];
+}
+
 // The script's arguments for one item of "acquire", "peek" or "reserve"
-// (see lua/limits.lua).
-inline void append_item(absl::InlinedVector<std::string, 24>& args,
-                        const RedisLimitBase& l, Cost cost, bool charge,
-                        Nanos t) {
-  for (std::string& p : l.twin_at(t)) args.push_back(std::move(p));
+// (see lua/limits.lua): the limit's parameters `twin` (l.twin_for(t, ...),
+// which must outlive the call), the cost, the flags and a nonce; two
+// numbers.
+inline void append_item(ScriptArgs& args, const RedisLimitBase& l,
+                        const TwinParams& twin, Cost cost, bool charge) {
+  for (const std::string& p : twin) args.add(p);
   // Costs at or above 2^53 exceed every limit a twin accepts: the same
   // decisions as the exact cost, in Lua's exact range.
-  args.push_back(std::to_string(std::min<Cost>(cost, kExact)));
-  args.push_back(std::to_string((l.shadow() ? 1 : 0) |
-                                (charge || l.charge_on_reject() ? 2 : 0)));
-  args.push_back(std::to_string(redis_nonce()));
+  args.add_number(std::min<Cost>(cost, kExact));
+  args.add(flags_arg(l.shadow(), charge || l.charge_on_reject()));
+  args.add_number(redis_nonce());
+}
+// The script's first argument: with test_time, the caller's `now` (us),
+// else empty (Redis's TIME).
+inline void append_time(ScriptArgs& args, bool test_time, Nanos now) {
+  if (test_time) {
+    args.add_number(now.count() / 1000);
+  } else {
+    args.add(std::string_view());
+  }
 }
 
 inline Nanos from_us(std::int64_t us) {
@@ -132,21 +191,24 @@ inline void settle_in_redis(RedisClient& client, std::span<RedisSettle> items,
       std::chrono::system_clock::now().time_since_epoch()));
   absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
   for (int attempt = 0; attempt < 2; ++attempt) {
-    absl::InlinedVector<std::string, 24> args;
-    args.push_back(test_now ? std::to_string(test_now->count() / 1000)
-                            : std::string());
-    args.emplace_back("receipt");
-    for (const RedisSettle& s : items) {
+    ScriptArgs args(1 + 6 * items.size());
+    absl::InlinedVector<TwinParams, 4> scratch(items.size());
+    append_time(args, test_now.has_value(), test_now.value_or(Nanos{0}));
+    args.add("receipt");
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      const RedisSettle& s = items[i];
       const RedisPlace p = s.receipt->placement<RedisPlace>();
-      for (std::string& a : s.limit->twin_at(t)) args.push_back(std::move(a));
-      args.push_back(std::to_string(s.receipt->cost()));
-      args.push_back(std::to_string(std::min<Cost>(s.actual, kExact)));
-      args.push_back(std::to_string(p.at_us));
-      args.push_back(std::to_string(p.p1));
-      args.push_back(std::to_string(p.p2));
-      args.push_back(std::to_string(redis_nonce()));
+      for (const std::string& a : s.limit->twin_for(t, scratch[i])) {
+        args.add(a);
+      }
+      args.add_number(s.receipt->cost());
+      args.add_number(std::min<Cost>(s.actual, kExact));
+      args.add_number(p.at_us);
+      args.add_number(p.p1);
+      args.add_number(p.p2);
+      args.add_number(redis_nonce());
     }
-    absl::InlinedVector<std::string_view, 24> av(args.begin(), args.end());
+    const std::span<const std::string_view> av = args.views();
     r = client.eval_ints(redis_script(), kv, av);
     // A budget's period other than Redis's: again, for Redis's time.
     if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;

@@ -39,6 +39,7 @@
 #include "ratekeeper/detail/strings.hpp"
 #include "ratekeeper/redis/options.hpp"
 #include "ratekeeper/redis/reply.hpp"
+#include "ratekeeper/redis/resp.hpp"
 #include "ratekeeper/redis/scripts.hpp"
 
 namespace ratekeeper::detail {
@@ -181,14 +182,9 @@ class Connector {
 
   absl::Status append(redisContext& c,
                       std::span<const std::string_view> argv) const {
-    absl::InlinedVector<const char*, 16> ptrs;
-    absl::InlinedVector<std::size_t, 16> lens;
-    for (const std::string_view a : argv) {
-      ptrs.push_back(a.data());
-      lens.push_back(a.size());
-    }
-    if (redisAppendCommandArgv(&c, static_cast<int>(argv.size()), ptrs.data(),
-                               lens.data()) != REDIS_OK) {
+    std::string wire;
+    resp_command(wire, {argv});
+    if (redisAppendFormattedCommand(&c, wire.data(), wire.size()) != REDIS_OK) {
       return unavailable(c.errstr);
     }
     return absl::OkStatus();

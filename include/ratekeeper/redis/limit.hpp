@@ -174,27 +174,40 @@ class RedisLimit final : public RedisLimitBase {
   std::vector<Decision> acquire_batch(std::span<const Request> requests,
                                       Nanos now) {
     const std::size_t n = requests.size();
-    std::vector<std::string> keys;
-    std::vector<absl::InlinedVector<std::string, 24>> args(n);
-    std::vector<absl::InlinedVector<std::string_view, 24>> argv(n);
+    // Every request's key in one buffer and every argument in one
+    // ScriptArgs (the limit's parameters viewed, not copied; two numbers
+    // per request, the test's time once): no string per argument.
+    const std::string_view prefix = client()->options().prefix;
+    std::size_t key_bytes = 0;
+    for (const Request& q : requests) {
+      key_bytes += redis_key_size(prefix, name(), {}, q.key);
+    }
+    std::string key_buf;
+    key_buf.reserve(key_bytes);  // no reallocation: the views stay valid
     std::vector<std::string_view> key_views;
-    keys.reserve(n);
     key_views.reserve(n);
+    for (const Request& q : requests) {
+      const std::size_t at = key_buf.size();
+      append_redis_key(key_buf, prefix, name(), {}, q.key);
+      key_views.emplace_back(key_buf.data() + at, key_buf.size() - at);
+    }
+    detail::ScriptArgs args(1 + 2 * n);
+    detail::TwinParams scratch;  // a budget's, for `now`: the same for all
+    const detail::TwinParams& twin = twin_for(now, scratch);
+    std::vector<std::size_t> first(n + 1);
+    for (std::size_t i = 0; i < n; ++i) {
+      first[i] = args.size();
+      detail::append_time(args, redis_options().test_time, now);
+      args.add("acquire");
+      detail::append_item(args, *this, twin, requests[i].cost, false);
+    }
+    first[n] = args.size();
+    const std::span<const std::string_view> all = args.views();
     std::vector<RedisClient::EvalCall> calls;
     calls.reserve(n);
-    const std::string time = redis_options().test_time
-                                 ? std::to_string(now.count() / 1000)
-                                 : std::string();
     for (std::size_t i = 0; i < n; ++i) {
-      keys.push_back(
-          redis_key(client()->options().prefix, name(), {}, requests[i].key));
-      key_views.emplace_back(keys.back());
-      args[i].push_back(time);
-      args[i].emplace_back("acquire");
-      detail::append_item(args[i], *this, requests[i].cost, false, now);
-      argv[i].assign(args[i].begin(), args[i].end());
       calls.push_back({std::span<const std::string_view>(&key_views[i], 1),
-                       std::span<const std::string_view>(argv[i])});
+                       all.subspan(first[i], first[i + 1] - first[i])});
     }
     std::vector<RedisClient::IntsOr> replies =
         client()->eval_pipelined(script_for("acquire", false), calls);
@@ -230,6 +243,15 @@ class RedisLimit final : public RedisLimitBase {
       return detail::RedisTwin<PeriodBudget>::at(policy_, t);
     } else {
       return RedisLimitBase::twin_at(t);
+    }
+  }
+  const detail::TwinParams& twin_for(
+      Nanos t, detail::TwinParams& scratch) const override {
+    if constexpr (std::is_same_v<P, PeriodBudget>) {
+      scratch = detail::RedisTwin<PeriodBudget>::at(policy_, t);
+      return scratch;
+    } else {
+      return RedisLimitBase::twin_for(t, scratch);
     }
   }
 
@@ -283,14 +305,12 @@ class RedisLimit final : public RedisLimitBase {
     absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
     Nanos t = now;  // the time the parameters are for
     for (int attempt = 0; attempt < 2; ++attempt) {
-      absl::InlinedVector<std::string, 24> args;
-      args.push_back(redis_options().test_time
-                         ? std::to_string(now.count() / 1000)
-                         : std::string());
-      args.emplace_back(op);
-      detail::append_item(args, *this, cost, charge, t);
-      absl::InlinedVector<std::string_view, 24> argv(args.begin(), args.end());
-      r = client()->eval_ints(script_for(op, charge), keys, argv);
+      detail::ScriptArgs args(3);
+      detail::TwinParams scratch;
+      detail::append_time(args, redis_options().test_time, now);
+      args.add(op);
+      detail::append_item(args, *this, twin_for(t, scratch), cost, charge);
+      r = client()->eval_ints(script_for(op, charge), keys, args.views());
       // A budget's period other than Redis's: again, for Redis's time.
       if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
       t = detail::from_us((*r)[1]);

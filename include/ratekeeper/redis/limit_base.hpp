@@ -51,17 +51,29 @@ namespace ratekeeper {
 // for any bytes of the tag and the key (a tenant or subject key holding
 // braces is hex too), and every key with one tag is in one Redis Cluster
 // slot. An empty tag ("{}") is no hash tag: Cluster hashes the whole key
-// (RedisScope::kGlobal, and a RedisLimit's own calls).
-inline std::string redis_key(std::string_view prefix, std::string_view name,
-                             std::string_view tag, std::string_view key) {
-  std::string out;
-  out.reserve(prefix.size() + name.size() + 3 + 2 * (tag.size() + key.size()));
+// (RedisScope::kGlobal, and a RedisLimit's own calls). append_redis_key
+// writes it at the end of `out`.
+inline void append_redis_key(std::string& out, std::string_view prefix,
+                             std::string_view name, std::string_view tag,
+                             std::string_view key) {
   out.append(prefix);
   out.append(name);
   out.append(":{");
   detail::append_hex(out, tag);
   out.push_back('}');
   detail::append_hex(out, key);
+}
+// Its length, for a buffer of many (RedisLimit::acquire_batch).
+inline std::size_t redis_key_size(std::string_view prefix,
+                                  std::string_view name, std::string_view tag,
+                                  std::string_view key) {
+  return prefix.size() + name.size() + 3 + 2 * (tag.size() + key.size());
+}
+inline std::string redis_key(std::string_view prefix, std::string_view name,
+                             std::string_view tag, std::string_view key) {
+  std::string out;
+  out.reserve(redis_key_size(prefix, name, tag, key));
+  append_redis_key(out, prefix, name, tag, key);
   return out;
 }
 
@@ -105,6 +117,14 @@ class RedisLimitBase : public Limit {
   // Its kind and parameters, as the script reads them, for a call at `t`
   // (a budget's period depends on it).
   virtual detail::TwinParams twin_at(Nanos /*t*/) const { return params_; }
+  // The same without a copy: the limit's own parameters, formatted once at
+  // create, or (a budget, whose period depends on `t`) `scratch` filled
+  // for t. Valid while the limit and `scratch` are, and until `scratch`
+  // is filled again (one scratch per set of views).
+  virtual const detail::TwinParams& twin_for(
+      Nanos /*t*/, detail::TwinParams& /*scratch*/) const {
+    return params_;
+  }
 
   // How many of `held` units of the take `r` (a receipt this limit issued)
   // could still be served at Redis time `t` without exceeding the limit:
