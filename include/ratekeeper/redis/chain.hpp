@@ -30,6 +30,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "ratekeeper/chain.hpp"
+#include "ratekeeper/redis/chain_parts.hpp"
 #include "ratekeeper/redis/codec.hpp"
 #include "ratekeeper/redis/limit.hpp"
 
@@ -162,37 +163,6 @@ class RedisChain {
     return dynamic_cast<RedisLimitBase*>(l);
   }
 
-  // Receipts settled in one script per Cluster slot (a chain mixing
-  // scopes took in several); on a single Redis, in one.
-  void settle_by_slot(std::span<detail::RedisSettle> remote,
-                      std::optional<Nanos> test_now) {
-    if (!client_->options().cluster || remote.size() < 2) {
-      detail::settle_in_redis(*client_, remote, test_now);
-      return;
-    }
-    absl::InlinedVector<std::uint16_t, 4> slot;
-    for (const detail::RedisSettle& s : remote) {
-      slot.push_back(detail::key_slot(detail::receipt_key(*client_, s)));
-    }
-    absl::InlinedVector<bool, 4> done(remote.size(), false);
-    for (std::size_t i = 0; i < remote.size(); ++i) {
-      if (done[i]) continue;
-      absl::InlinedVector<detail::RedisSettle, 4> group;
-      absl::InlinedVector<std::size_t, 4> at;
-      for (std::size_t j = i; j < remote.size(); ++j) {
-        if (done[j] || slot[j] != slot[i]) continue;
-        group.push_back(std::move(remote[j]));
-        at.push_back(j);
-        done[j] = true;
-      }
-      detail::settle_in_redis(*client_, std::span<detail::RedisSettle>(group),
-                              test_now);
-      for (std::size_t k = 0; k < at.size(); ++k) {
-        remote[at[k]] = std::move(group[k]);
-      }
-    }
-  }
-
   // Settles results `which` of `d` to `actual`: the receipts Redis issued
   // in one script, those a kLocal fail mode issued in process.
   absl::Status settle_some(ChainDecision& d, std::span<const std::size_t> which,
@@ -222,7 +192,8 @@ class RedisChain {
       r.decision.remaining = left->remaining;
       r.decision.reset_after = left->reset_after;
     }
-    settle_by_slot(std::span<detail::RedisSettle>(remote), test_now);
+    detail::settle_by_slot(*client_, std::span<detail::RedisSettle>(remote),
+                           test_now);
     for (std::size_t k = 0; k < remote.size(); ++k) {
       LimitResult& r = d.results[remote_at[k]];
       if (!remote[k].out.ok()) {
@@ -234,192 +205,6 @@ class RedisChain {
       r.decision.reset_after = remote[k].out->reset_after;
     }
     return first;
-  }
-
-  // The items of one script, all in one Cluster slot (or any, on a single
-  // Redis); `mark`: it holds a reservation's two keys too.
-  struct Part {
-    absl::InlinedVector<std::size_t, 4> items;
-    bool mark = false;
-  };
-
-  // One part's answer.
-  struct PartOutcome {
-    bool allowed = false;
-    bool reached = false;
-    absl::Status error;
-    std::optional<std::array<std::int64_t, 3>> settled;
-    Nanos at{0};
-  };
-
-  // How a chain's items split into scripts. A single Redis runs any keys
-  // in one script: one part. On a Cluster, the tenant's items (kTenant)
-  // and a reservation's keys make one part, in the tenant's slot (an empty
-  // tenant over several keys: Redis answers CROSSSLOT, as before); kGlobal
-  // items make one part per slot, joining the tenant's where their slot is
-  // the tenant's. Parts in the order of their first item, the tenant's
-  // (which sets a reservation's key only if all admitted) last.
-  absl::InlinedVector<Part, 2> split(std::string_view tenant,
-                                     std::span<const std::string> keys,
-                                     std::span<RedisLimitBase* const> limits,
-                                     bool mark) const {
-    absl::InlinedVector<Part, 2> parts;
-    if (!client_->options().cluster) {
-      parts.emplace_back();
-      for (std::size_t i = 0; i < keys.size(); ++i) parts[0].items.push_back(i);
-      parts[0].mark = mark;
-      return parts;
-    }
-    Part own;  // the tenant's
-    own.mark = mark;
-    // An empty tenant is no tag: its keys are not in one slot.
-    const bool tagged = !tenant.empty();
-    const std::uint16_t own_slot =
-        tagged ? detail::key_slot(redis_key({}, {}, tenant, {})) : 0;
-    absl::InlinedVector<std::uint16_t, 2> slots;
-    for (std::size_t i = 0; i < keys.size(); ++i) {
-      if (limits[i]->redis_options().scope != RedisScope::kGlobal) {
-        own.items.push_back(i);
-        continue;
-      }
-      const std::uint16_t slot = detail::key_slot(keys[i]);
-      if (tagged && slot == own_slot) {
-        own.items.push_back(i);
-        continue;
-      }
-      std::size_t g = 0;
-      while (g < slots.size() && slots[g] != slot) ++g;
-      if (g == slots.size()) {
-        slots.push_back(slot);
-        parts.emplace_back();
-      }
-      parts[g].items.push_back(i);
-    }
-    // (An empty chain still runs its one script: Redis's time.)
-    if (!own.items.empty() || own.mark || parts.empty()) {
-      parts.push_back(std::move(own));
-    }
-    return parts;
-  }
-
-  // One part's script (decided as if an earlier item had refused when
-  // `vetoed`: an earlier part refused), its results written into `out`.
-  PartOutcome run_part(std::string_view op, bool vetoed, const Part& part,
-                       std::span<const std::string> keys,
-                       std::span<RedisLimitBase* const> limits,
-                       std::span<const ChainItem> items,
-                       std::optional<Nanos> test_now, std::string_view mark,
-                       Nanos mark_ttl, std::string_view settled,
-                       ChainDecision& out) {
-    PartOutcome po;
-    const std::size_t n = part.items.size();
-    absl::InlinedVector<std::string_view, 8> kv;
-    for (const std::size_t i : part.items) kv.emplace_back(keys[i]);
-    if (part.mark) {
-      kv.push_back(mark);
-      kv.push_back(settled);
-    }
-    // A reservation's keys are in its tenant's part; the others acquire.
-    const std::string op_arg = absl::StrCat(
-        vetoed ? "!" : "",
-        detail::av(op == "reserve" && !part.mark ? "acquire" : op));
-    // Budgets' periods are for the caller's time first (Unix time: the
-    // test time, or the system clock), then for Redis's if it differs.
-    Nanos t = test_now.value_or(std::chrono::duration_cast<Nanos>(
-        std::chrono::system_clock::now().time_since_epoch()));
-    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
-    for (int attempt = 0; attempt < 2; ++attempt) {
-      detail::ScriptArgs args(2 + 2 * n);
-      absl::InlinedVector<detail::TwinParams, 4> scratch(n);  // budgets'
-      detail::append_time(args, test_now.has_value(),
-                          test_now.value_or(Nanos{0}));
-      args.add(op_arg);
-      for (std::size_t j = 0; j < n; ++j) {
-        const std::size_t i = part.items[j];
-        detail::append_item(args, *limits[i],
-                            limits[i]->twin_for(t, scratch[j]), items[i].cost,
-                            false);
-      }
-      if (part.mark) {
-        args.add_number(
-            std::max<std::int64_t>(1, mark_ttl.count() / 1'000'000));
-      }
-      r = client_->eval_ints(detail::redis_script(), kv, args.views());
-      if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
-      t = detail::from_us((*r)[1]);
-    }
-    const bool taking = op == "acquire" || op == "reserve";
-    if (part.mark && r.ok() && r->size() == 5 && (*r)[0] == -4) {
-      po.reached = true;
-      po.settled = std::array<std::int64_t, 3>{(*r)[2], (*r)[3], (*r)[4]};
-      po.at = detail::from_us((*r)[1]);
-      return po;
-    }
-    po.reached = r.ok() && r->size() == 2 + 7 * n;
-    if (!po.reached) {
-      const absl::Status why =
-          r.ok() ? absl::InternalError("redis: malformed reply") : r.status();
-      po.error = why;
-      // Each limit's fail mode, in process: kLocal limits as an in-process
-      // chain of their shares (all or nothing among them, given back if a
-      // closed one refuses), the others answered as their mode says (no
-      // receipt: nothing was taken in Redis). Unix time, as a budget's
-      // calendar needs.
-      const Nanos now = t;
-      po.at = now;
-      po.allowed = true;
-      absl::InlinedVector<ChainItem, 4> local;
-      absl::InlinedVector<std::size_t, 4> local_at;
-      for (const std::size_t i : part.items) {
-        LimitResult& res = out.results[i];
-        if (limits[i]->local_limit() != nullptr &&
-            !RedisClient::is_auth_error(why)) {
-          local.push_back(
-              {limits[i]->local_limit(), items[i].key, items[i].cost});
-          local_at.push_back(i);
-          limits[i]->note_fallback(why);
-          continue;
-        }
-        res.decision =
-            limits[i]->fail(why, op, items[i].key, items[i].cost, now, nullptr);
-        res.counted = false;
-        if (!res.decision.allowed && !limits[i]->shadow()) po.allowed = false;
-      }
-      if (!local.empty()) {
-        Chain<ManualClock> c{ManualClock(now)};
-        ChainDecision d =
-            op == "peek" || vetoed || !po.allowed
-                ? c.peek(std::span<const ChainItem>(local))
-                : c.acquire_at(std::span<const ChainItem>(local), now);
-        for (std::size_t k = 0; k < local.size(); ++k) {
-          LimitResult& res = out.results[local_at[k]];
-          res.decision = d.results[k].decision;
-          res.counted = d.results[k].counted;
-          res.shadow_denied = d.results[k].shadow_denied;
-          res.receipt = std::move(d.results[k].receipt);
-        }
-        if (!d.allowed) po.allowed = false;
-      }
-      if (vetoed) po.allowed = false;
-      return po;
-    }
-    po.allowed = (*r)[0] == 1;
-    po.at = detail::from_us((*r)[1]);
-    for (std::size_t k = 0; k < n; ++k) {
-      const std::size_t i = part.items[k];
-      LimitResult& res = out.results[i];
-      res.decision = detail::decision_at(*r, k);
-      res.shadow_denied = !res.decision.allowed && limits[i]->shadow();
-      res.counted = taking && (limits[i]->charge_on_reject() ||
-                               (po.allowed && res.decision.allowed));
-      // A receipt for what was taken and stays taken (a refused chain
-      // took nothing but its charges on reject, never given back).
-      if (taking && po.allowed && res.decision.allowed) {
-        res.receipt = Receipt::issue(limits[i], keys[i], items[i].cost, po.at,
-                                     detail::place_at(*r, k, true));
-      }
-    }
-    return po;
   }
 
   // A chain split across slots refused (or its request id was settled)
@@ -481,13 +266,15 @@ class RedisChain {
       out.results[i].cost = items[i].cost;
     }
     const bool taking = op == "acquire" || op == "reserve";
-    const absl::InlinedVector<Part, 2> parts = split(
-        tenant, std::span<const std::string>(keys), limits, !mark.empty());
+    const absl::InlinedVector<detail::ChainPart, 2> parts = detail::split_chain(
+        *client_, tenant, std::span<const std::string>(keys), limits,
+        !mark.empty());
     bool refused = false;
     result.reached = true;
-    for (const Part& p : parts) {
-      PartOutcome po = run_part(op, taking && refused, p, keys, limits, items,
-                                test_now, mark, mark_ttl, settled, out);
+    for (const detail::ChainPart& p : parts) {
+      detail::ChainPartOutcome po = detail::run_chain_part(
+          *client_, op, taking && refused, p, keys, limits, items, test_now,
+          mark, mark_ttl, settled, out);
       out.at = po.at;
       if (po.settled) {
         // Retried after its settle: nothing stays taken.
