@@ -38,9 +38,9 @@
 #include <vector>
 
 #include "ratekeeper/budget/json.hpp"
-#include "ratekeeper/redis/accountant.hpp"
 #include "ratekeeper/fmt.hpp"
 #include "ratekeeper/redis.hpp"
+#include "ratekeeper/redis/accountant.hpp"
 
 namespace rk = ratekeeper;
 

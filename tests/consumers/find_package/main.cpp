@@ -7,9 +7,9 @@
 // The Redis layer's scripts are generated from lua/*.lua when ratekeeper is
 // configured and installed with the headers: an installed package (or a
 // source tree taken in) must hold them.
-#include <string_view>
+#  include <string_view>
 
-#include "ratekeeper/store/redis.hpp"
+#  include "ratekeeper/store/redis.hpp"
 #endif
 
 int main() {
@@ -25,9 +25,9 @@ int main() {
 #ifdef RK_CONSUMER_REDIS
   const std::string_view lua = ratekeeper::detail::redis_script().source();
   const std::string_view tb = ratekeeper::detail::redis_tb_script().source();
-  const bool scripts = lua.find("local function token_bucket(") !=
-                           std::string_view::npos &&
-                       tb.find("redis.call('TIME')") != std::string_view::npos;
+  const bool scripts =
+      lua.find("local function token_bucket(") != std::string_view::npos &&
+      tb.find("redis.call('TIME')") != std::string_view::npos;
   fmt::print("consumer: Redis scripts of {} and {} bytes\n", lua.size(),
              tb.size());
   return ok && scripts ? 0 : 1;
