@@ -1,7 +1,6 @@
 # Turns the Lua sources (lua/*.lua) into ratekeeper/redis/lua_scripts.hpp:
 # one raw string per script, each the concatenation of its parts, so a part
-# two scripts share (the clock, integer division, a state's fields) is
-# written once.
+# two scripts share (the clock, now.lua) is written once.
 #
 # Included by the top-level CMakeLists.txt, which calls
 # ratekeeper_generate_lua(<source dir> <output header>) when it configures;
