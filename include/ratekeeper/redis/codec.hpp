@@ -12,7 +12,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <deque>
+#include <forward_list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -87,7 +87,7 @@ class ScriptArgs {
       used_ += n;
       views_.emplace_back(at, n);
     } else {
-      views_.emplace_back(spill_.emplace_back(std::to_string(v)));
+      views_.emplace_back(spill_.emplace_front(std::to_string(v)));
     }
   }
   // The arguments, in the order added.
@@ -99,7 +99,10 @@ class ScriptArgs {
   absl::InlinedVector<char, 12 * kDigits> buf_;
   std::size_t used_ = 0;
   absl::InlinedVector<std::string_view, 24> views_;
-  std::deque<std::string> spill_;
+  // Numbers past the buffer (none, as sized by the callers): stable
+  // addresses, and nothing allocated until one is needed (a deque allocates
+  // its map on construction, once per script call).
+  std::forward_list<std::string> spill_;
 };
 
 // A flags argument (lua/limits.lua: 1 shadow, 2 charge on reject).
