@@ -25,6 +25,7 @@
 
 #include "ratekeeper/budget/ledger.hpp"
 #include "ratekeeper/redis/journal.hpp"
+#include "wait.hpp"
 
 namespace rk = ratekeeper;
 namespace fs = std::filesystem;
@@ -98,16 +99,6 @@ char task_state(long tid) {
   const std::size_t paren = s.rfind(')');
   return paren == std::string::npos || paren + 2 >= s.size() ? '?'
                                                              : s[paren + 2];
-}
-
-template <class Pred>
-bool wait_for(Pred p, std::chrono::seconds limit = std::chrono::seconds(20)) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!p()) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return true;
 }
 
 }  // namespace
@@ -188,17 +179,17 @@ TEST_CASE(
     done.store(true);
   });
   const pthread_t handle = writer.native_handle();
-  REQUIRE(wait_for([&] { return tid.load() != 0; }));
+  REQUIRE(rk_test::eventually([&] { return tid.load() != 0; }));
   // Three interruptions, each while the writer sleeps in write(2) on the
   // full pipe: the first cuts a write that had filled the pipe (short), the
   // later ones a write that wrote nothing (EINTR).
   int sent = 0;
   for (; sent < 3; ++sent) {
-    REQUIRE(
-        wait_for([&] { return done.load() || task_state(tid.load()) == 'S'; }));
+    REQUIRE(rk_test::eventually(
+        [&] { return done.load() || task_state(tid.load()) == 'S'; }));
     if (done.load()) break;  // append gave up: checked below
     REQUIRE(::pthread_kill(handle, SIGUSR1) == 0);
-    REQUIRE(wait_for([&] { return g_signals.load() == sent + 1; }));
+    REQUIRE(rk_test::eventually([&] { return g_signals.load() == sent + 1; }));
   }
   std::string got;
   if (!done.load()) {

@@ -204,11 +204,9 @@ TEST_CASE(
   // callers may not run in any given 500 ms), with a deadline.
   {
     const auto until = Clock::now() + milliseconds(500);
-    const auto give_up = Clock::now() + seconds(30);
-    while (dead_refused_between.load() == 0 || Clock::now() < until) {
-      REQUIRE(Clock::now() < give_up);
-      std::this_thread::sleep_for(milliseconds(5));  // a poll
-    }
+    REQUIRE(rk_test::eventually([&] {
+      return dead_refused_between.load() != 0 && Clock::now() >= until;
+    }));
   }
   promote_ns = ns_of(Clock::now());
   const std::int64_t sent_ns = ns_of(cluster.takeover(3));
@@ -508,13 +506,7 @@ TEST_CASE(
     }
   });
   // The callers under way (320 calls made), with a deadline.
-  {
-    const auto give_up = Clock::now() + seconds(30);
-    while (calls.load() < 16 * 20) {
-      REQUIRE(Clock::now() < give_up);
-      std::this_thread::sleep_for(milliseconds(5));  // a poll
-    }
-  }
+  REQUIRE(rk_test::eventually([&] { return calls.load() >= 16 * 20; }));
   server.signal(SIGSTOP);  // the slowdown: every call now waits
   std::this_thread::sleep_for(seconds(1));
   const std::uint64_t refused_in_pause = refused.load();

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "ratekeeper/store/redis.hpp"
+#include "wait.hpp"
 
 namespace rk_test {
 
@@ -64,20 +65,6 @@ inline void wait_answered(ratekeeper::RedisClient& c) {
     REQUIRE(std::chrono::steady_clock::now() < deadline);
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-}
-
-// Polls `done` every millisecond until it holds (true) or `within` passes
-// (false): for a state that a loaded machine reaches late, never for a
-// duration that is the subject of a test.
-template <class F>
-bool eventually(F&& done,
-                std::chrono::nanoseconds within = std::chrono::seconds(30)) {
-  const SteadyTime deadline = std::chrono::steady_clock::now() + within;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return true;
 }
 
 }  // namespace rk_test
