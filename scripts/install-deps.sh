@@ -5,7 +5,8 @@
 #   scripts/install-deps.sh            everything for `make demo` (and the
 #                                      release preset, tests included)
 #                                      (stunnel4 and openssl: the release
-#                                      preset's Redis TLS test)
+#                                      preset's Redis TLS test; libasio-dev:
+#                                      the event-loop example)
 #   scripts/install-deps.sh --test     plus what `make test` needs (clang 14,
 #                                      its sanitizer runtimes, clang-format 14)
 #   scripts/install-deps.sh --bench    plus what `make bench` needs (Google
@@ -18,7 +19,7 @@ set -euo pipefail
 
 packages=(cmake ninja-build g++ make pkg-config libabsl-dev libfmt-dev catch2
           libcpp-httplib-dev nlohmann-json3-dev libssl-dev tzdata libhiredis-dev
-          redis-server stunnel4 openssl)
+          redis-server stunnel4 openssl libasio-dev)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(clang-14 libclang-rt-14-dev clang-format-14)
 elif [[ "${1:-}" == "--bench" ]]; then
