@@ -195,6 +195,13 @@ class Limit {
   virtual absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual,
                                           Nanos now) = 0;
 
+  // Issue 17: whether a take holds its capacity for as long as the call
+  // runs (a concurrency permit, permits.hpp) rather than counting an
+  // amount. Chain::settle(d, unit, n) leaves such a result held (a call's
+  // tokens are settled while its stream may still run); Chain::release(d)
+  // ends it when the call ends, give_back(d) when it never ran.
+  virtual bool held_while_running() const noexcept { return false; }
+
   // The capacity (as in every Decision) and the time it is stated over.
   virtual std::uint64_t limit() const noexcept = 0;
   virtual Nanos window() const noexcept = 0;
@@ -789,10 +796,12 @@ class Chain {
   // Settles every open result of `unit` (every token limit, say) to
   // `actual`: what a call does once the provider reports its usage.
   // kFailedPrecondition when none was open.
+  // A permit (Limit::held_while_running) is left held: Chain::release.
   absl::Status settle(ChainDecision& d, Unit unit, Cost actual) {
     bool any = false;
     for (std::size_t i = 0; i < d.results.size(); ++i) {
-      if (d.results[i].limit->unit() != unit || !d.results[i].receipt) {
+      if (d.results[i].limit->unit() != unit || !d.results[i].receipt ||
+          d.results[i].limit->held_while_running()) {
         continue;
       }
       any = true;
@@ -820,6 +829,25 @@ class Chain {
     for (LimitResult& r : d.results) {
       if (r.receipt) static_cast<void>(settle_result(r, 0, now));
     }
+  }
+
+  // release (issue 17)
+  //
+  // The call has ended: releases every permit the chain still holds (the
+  // results of limits that hold while the call runs, permits.hpp), and
+  // leaves every other result as it is (settle the tokens first or after,
+  // in any order). Returns how many it released. settle(d, i, n) on a
+  // permit's result releases that one; give_back(d) releases them too.
+  std::size_t release(ChainDecision& d) {
+    const Nanos now = clock_.now();
+    std::size_t n = 0;
+    for (LimitResult& r : d.results) {
+      if (r.receipt && r.limit->held_while_running() &&
+          settle_result(r, 0, now).ok()) {
+        ++n;
+      }
+    }
+    return n;
   }
 
   Nanos now() const noexcept { return clock_.now(); }
