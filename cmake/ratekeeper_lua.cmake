@@ -12,7 +12,9 @@
 # name = parts, in order
 set(RATEKEEPER_LUA_SCRIPTS
   "kScript=arith.lua,fields.lua,now.lua,limits.lua"
-  "kTokenBucketScript=now.lua,token_bucket.lua")
+  "kTokenBucketScript=now.lua,token_bucket.lua"
+  # Issue 17: RedisPermits (a sorted set of holders per key).
+  "kPermitsScript=now.lua,permits.lua")
 
 function(ratekeeper_generate_lua lua_dir out)
   set(body "")

@@ -1,0 +1,286 @@
+// Issue 17: RedisPermits against a redis-server of the test's own: the
+// in-process ConcurrencyLimit (checked against a model in permits_test) as
+// its twin on a driven clock, a real TTL, threads, a chain, fail modes.
+#include <signal.h>
+
+#include <atomic>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ratekeeper/policy/fixed_window.hpp"
+#include "ratekeeper/redis/permits.hpp"
+#include "ratekeeper/store/redis.hpp"
+#include "redis_server.hpp"
+#include "test_util.hpp"
+#include "wait.hpp"
+
+using namespace ratekeeper;
+using rk_test::RedisServer;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+namespace {
+
+std::shared_ptr<RedisClient> client_for(const RedisServer& s) {
+  auto c = RedisClient::create({.port = s.port(),
+                                .prefix = "rkt:",
+                                .connect_timeout = seconds(2),
+                                .command_timeout = seconds(5)});
+  REQUIRE(c.ok());
+  return *c;
+}
+
+// 2026-12-01 UTC, in whole microseconds (test_time).
+constexpr Nanos kT0{1'796'083'200LL * 1'000'000'000};
+
+std::unique_ptr<RedisPermits> permits_on(std::shared_ptr<RedisClient> c,
+                                         std::uint64_t limit, Nanos ttl,
+                                         RedisLimitOptions o = {
+                                             .test_time = true}) {
+  return RedisPermits::create({.name = "streams"}, {.limit = limit, .ttl = ttl},
+                              std::move(c), o)
+      .value();
+}
+
+}  // namespace
+
+TEST_CASE("redis permits: the same decisions as in process, driven clock",
+          "[i17][redis]") {
+  RedisServer server;
+  auto redis = permits_on(client_for(server), 4, seconds(20));
+  auto local = ConcurrencyLimit::create({.name = "streams"},
+                                        {.limit = 4, .ttl = seconds(20)})
+                   .value();
+  std::mt19937_64 rng(1717);
+  struct Out {
+    Receipt redis, local;
+  };
+  std::vector<Out> held;
+  Nanos now = kT0;
+  int admitted = 0, refused = 0, renewed = 0, late = 0;
+  for (int step = 0; step < 3'000; ++step) {
+    now += std::chrono::microseconds(rng() % 3'000'000);
+    const std::string key = "k" + std::to_string(rng() % 2);
+    const int op = static_cast<int>(rng() % 10);
+    CAPTURE(step, key, op);
+    Decision got, want;
+    if (op < 5) {
+      const Cost cost = rng() % 6;
+      Out o;
+      got = redis->take(key, cost, now, o.redis);
+      want = local->take(key, cost, now, o.local);
+      REQUIRE(o.redis.open() == o.local.open());
+      if (o.redis) {
+        REQUIRE(o.redis.at() == now);
+        held.push_back(std::move(o));
+        ++admitted;
+      } else if (!got.allowed) {
+        ++refused;
+      }
+    } else if (op < 8 && !held.empty()) {
+      const std::size_t j = rng() % held.size();
+      Out o = std::move(held[j]);
+      held.erase(held.begin() + static_cast<std::ptrdiff_t>(j));
+      absl::StatusOr<Decision> g = redis->settle(o.redis, 0, now);
+      absl::StatusOr<Decision> w = local->settle(o.local, 0, now);
+      REQUIRE(g.ok());
+      REQUIRE(w.ok());
+      got = *g;
+      want = *w;
+      REQUIRE_FALSE(o.redis.open());
+    } else if (!held.empty()) {
+      Out& o = held[rng() % held.size()];
+      absl::StatusOr<Decision> g = redis->renew(o.redis, now);
+      absl::StatusOr<Decision> w = local->renew(o.local, now);
+      REQUIRE(g.status().code() == w.status().code());
+      if (!g.ok()) continue;
+      got = *g;
+      want = *w;
+      ++renewed;
+    } else {
+      const Cost cost = rng() % 6;
+      got = redis->peek(key, cost, now);
+      want = local->peek(key, cost, now);
+    }
+    REQUIRE(got == want);
+    const Decision p = redis->peek(key, 1, now);
+    REQUIRE(p == local->peek(key, 1, now));
+  }
+  late = static_cast<int>(redis->late_releases());
+  CHECK(admitted > 500);
+  CHECK(refused > 100);
+  CHECK(renewed > 100);
+  CHECK(late > 20);
+  CHECK(redis->late_releases() == local->late_releases());
+  CHECK(redis->released() == local->released());
+}
+
+TEST_CASE("redis permits: TTL, late release, renew (driven clock)",
+          "[i17][redis]") {
+  RedisServer server;
+  auto lim = permits_on(client_for(server), 1, seconds(30));
+  Receipt leaked, fresh, late;
+  REQUIRE(lim->take("k", 1, kT0, leaked).allowed);
+  leaked = Receipt();  // a crashed holder: never released
+  const Decision d = lim->take("k", 1, kT0 + seconds(30) - Nanos{1'000}, late);
+  CHECK_FALSE(d.allowed);
+  CHECK(d.retry_after == Nanos{1'000});
+  REQUIRE(lim->take("k", 1, kT0 + seconds(30), late).allowed);
+  // late's TTL ends at 60 s; fresh takes the slot; late's release is late.
+  REQUIRE(lim->take("k", 1, kT0 + seconds(60), fresh).allowed);
+  REQUIRE(lim->settle(late, 0, kT0 + seconds(61)).ok());
+  CHECK(lim->late_releases() == 1);
+  Receipt third;
+  CHECK_FALSE(lim->take("k", 1, kT0 + seconds(61), third).allowed);
+  // Renewed every 29 s, fresh holds on past its first TTL.
+  for (int i = 1; i <= 3; ++i) {
+    REQUIRE(lim->renew(fresh, kT0 + seconds(60 + 29 * i)).ok());
+  }
+  CHECK_FALSE(
+      lim->take("k", 1, kT0 + seconds(147 + 30) - Nanos{1'000}, third).allowed);
+  CHECK(lim->renew(fresh, kT0 + seconds(177)).status().code() ==
+        absl::StatusCode::kNotFound);
+  CHECK(lim->take("k", 1, kT0 + seconds(177), third).allowed);
+}
+
+TEST_CASE("redis permits: a crashed holder's permit returns by Redis's TTL",
+          "[i17][redis]") {
+  RedisServer server;
+  auto client = client_for(server);
+  // Redis's own clock: a short real TTL, waited for with a deadline.
+  auto lim = permits_on(client, 1, milliseconds(300), {});
+  Permits<> permits(lim.get());
+  {
+    Permit crashed = permits.acquire("k");
+    REQUIRE(crashed);
+    Receipt gone = crashed.detach();  // its process "dies" holding it
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  Permit blocked = permits.acquire("k");
+  REQUIRE_FALSE(blocked);
+  CHECK(blocked.decision().retry_after <= milliseconds(300));
+  CHECK(blocked.decision().retry_after > Nanos{0});
+  Permit next;
+  CHECK(rk_test::eventually([&] {
+    next = permits.acquire("k");
+    return static_cast<bool>(next);
+  }));
+  // Not before its TTL (by the steady clock here, which Redis's cannot
+  // outrun by more than the call's own time).
+  CHECK(std::chrono::steady_clock::now() - t0 >= milliseconds(250));
+  // The key lives only as long as its holders.
+  const std::string key = redis_key("rkt:", "streams", {}, "k");
+  const auto pttl = client->command({"PTTL", key});
+  REQUIRE(pttl.ok());
+  CHECK(std::stoll(*pttl) > 0);
+  CHECK(std::stoll(*pttl) <= 302);
+  REQUIRE(next.release().ok());
+  CHECK(*client->command({"EXISTS", key}) == "0");
+}
+
+TEST_CASE("redis permits: threads never hold more than the limit",
+          "[i17][redis]") {
+  RedisServer server;
+  constexpr std::uint64_t kLimit = 2;
+  auto lim = permits_on(client_for(server), kLimit, std::chrono::hours(1), {});
+  Permits<> permits(lim.get());
+  std::atomic<std::uint64_t> holding{0}, over{0}, admitted{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 150; ++i) {
+        Permit p = permits.acquire("shared");
+        if (!p) continue;
+        admitted.fetch_add(1);
+        if (holding.fetch_add(1) + 1 > kLimit) over.fetch_add(1);
+        std::this_thread::yield();
+        holding.fetch_sub(1);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK(over.load() == 0);
+  CHECK(admitted.load() > 0);
+  CHECK(lim->released() == admitted.load());
+  CHECK(lim->fallbacks() == 0);
+}
+
+TEST_CASE("redis permits in a chain: all or nothing", "[i17][redis]") {
+  RedisServer server;
+  auto streams = permits_on(client_for(server), 1, seconds(60), {});
+  auto rpm =
+      make_limit({.name = "rpm"}, FixedWindow::create(per_minute(2)).value())
+          .value();
+  Chain<> chain;
+  Permits<> permits(streams.get());
+  {
+    Permit busy = permits.acquire("u");
+    REQUIRE(busy);
+    ChainDecision d =
+        chain.acquire({{rpm.get(), "u", 1}, {streams.get(), "u", 1}});
+    CHECK_FALSE(d);
+    CHECK(rpm->peek("u", 0, chain.now()).remaining == 2);  // given back
+  }
+  REQUIRE(rpm->acquire("u", 2, chain.now()).allowed);
+  ChainDecision d =
+      chain.acquire({{streams.get(), "u", 1}, {rpm.get(), "u", 1}});
+  CHECK_FALSE(d);
+  CHECK(d.binding == 1);
+  CHECK(streams->peek("u", 0, chain.now()).remaining == 1);  // released
+  CHECK(streams->released() == 2);
+}
+
+TEST_CASE("redis permits: Redis killed, the fail mode decides",
+          "[i17][redis]") {
+  RedisServer server;
+  auto client = client_for(server);
+  auto closed = permits_on(client, 4, seconds(60),
+                           {.fail = FailMode::kClosed,
+                            .fail_retry = milliseconds(250),
+                            .test_time = true});
+  auto open = permits_on(client, 4, seconds(60),
+                         {.fail = FailMode::kOpen, .test_time = true});
+  auto local =
+      permits_on(client, 4, seconds(60),
+                 {.fail = FailMode::kLocal, .instances = 2, .test_time = true});
+  Receipt held;
+  REQUIRE(closed->take("k", 1, kT0, held).allowed);
+  server.stop(SIGKILL);
+
+  Receipt r;
+  const Decision c = closed->take("k", 1, kT0, r);
+  CHECK_FALSE(c.allowed);
+  CHECK(c.retry_after == milliseconds(250));
+  CHECK_FALSE(r.open());
+  CHECK(closed->fallbacks() == 1);
+  // The release of a permit Redis holds cannot be made: the receipt stays
+  // open (the TTL ends it otherwise).
+  CHECK(closed->settle(held, 0, kT0).status().code() ==
+        absl::StatusCode::kUnavailable);
+  CHECK(held.open());
+
+  const Decision o = open->take("k", 1, kT0, r);
+  CHECK(o.allowed);
+  CHECK_FALSE(r.open());  // nothing held anywhere
+  CHECK(open->fallbacks() == 1);
+
+  // kLocal: this instance's share, 4 / 2 = 2, held in process.
+  Receipt l1, l2, l3;
+  CHECK(local->take("k", 1, kT0, l1).allowed);
+  CHECK(local->take("k", 1, kT0, l2).allowed);
+  CHECK_FALSE(local->take("k", 1, kT0, l3).allowed);
+  CHECK(local->fallbacks() == 3);
+  REQUIRE(local->settle(l1, 0, kT0).ok());  // released in process
+  CHECK(local->take("k", 1, kT0, l3).allowed);
+  REQUIRE(local->renew(l2, kT0 + seconds(1)).ok());
+
+  // Redis back (empty): it decides again.
+  server.start();
+  Receipt back;
+  CHECK(rk_test::eventually(
+      [&] { return closed->take("k", 4, kT0, back).allowed; }));
+  CHECK(back.open());
+  REQUIRE(closed->settle(back, 0, kT0).ok());
+}
