@@ -25,7 +25,9 @@
 #include "absl/synchronization/mutex.h"
 #include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/budget/stream.hpp"
+#include "ratekeeper/concurrency.hpp"  // issue 17
 #include "ratekeeper/ratekeeper.hpp"
+#include "ratekeeper/redis/permits.hpp"  // issue 17
 #include "ratekeeper/store/redis.hpp"
 #include "redis_server.hpp"  // tests/: a redis-server of our own
 
@@ -660,6 +662,59 @@ void BM_Stream_Usage_NlohmannEveryChunk_Chat(benchmark::State& state) {
 }
 BENCHMARK(BM_Stream_Usage_NlohmannEveryChunk_Chat);
 
+// ------------------------------------------------- permits (issue 17) --
+
+// A permit acquired and released on one key, nothing else held: a clock
+// read, the shard lock twice, the key made and dropped again.
+void BM_Permit_AcquireRelease(benchmark::State& state) {
+  auto lim =
+      rk::ConcurrencyLimit::create({.name = "streams"}, {.limit = 64}).value();
+  rk::Permits<> permits(lim.get());
+  std::uint64_t allowed = 0;
+  for (auto _ : state) {
+    rk::Permit p = permits.acquire("user:42");
+    allowed += p ? 1 : 0;
+  }  // ~Permit releases
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_Permit_AcquireRelease);
+
+// The same while `range(0)` other permits of the key are held (the key
+// stays; the holder map is not empty).
+void BM_Permit_AcquireRelease_Held(benchmark::State& state) {
+  auto lim = rk::ConcurrencyLimit::create({.name = "streams"}, {.limit = 1024})
+                 .value();
+  rk::Permits<> permits(lim.get());
+  std::vector<rk::Permit> held;
+  for (int64_t i = 0; i < state.range(0); ++i) {
+    held.push_back(permits.acquire("user:42"));
+  }
+  std::uint64_t allowed = 0;
+  for (auto _ : state) {
+    rk::Permit p = permits.acquire("user:42");
+    allowed += p ? 1 : 0;
+  }
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_Permit_AcquireRelease_Held)->Arg(8)->Arg(256);
+
+// A permit refused (the key full, 8 held): the wait computed from the
+// holders' expiries.
+void BM_Permit_Refused(benchmark::State& state) {
+  auto lim =
+      rk::ConcurrencyLimit::create({.name = "streams"}, {.limit = 8}).value();
+  rk::Permits<> permits(lim.get());
+  std::vector<rk::Permit> held;
+  for (int i = 0; i < 8; ++i) held.push_back(permits.acquire("user:42"));
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += permits.acquire("user:42") ? 1 : 0;
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_Permit_Refused);
+
 // --------------------------------------------------------------- redis --
 
 // One redis-server for every Redis benchmark, started on first use on a free
@@ -808,6 +863,30 @@ void BM_Redis_TokenBucket_Sequential(benchmark::State& state) {
   state.counters["fallbacks"] = static_cast<double>(limit->fallbacks());
 }
 BENCHMARK(BM_Redis_TokenBucket_Sequential)->UseRealTime();
+
+// Issue 17: a Redis permit acquired and released: two script calls (the
+// acquire's ZREMRANGEBYSCORE, ZRANGEBYSCORE, ZADD, PEXPIRE; the release's
+// ZREM), one connection, waiting for each reply.
+void BM_Redis_Permit_AcquireRelease(benchmark::State& state) {
+  RedisRig* rigp = redis_rig_or_skip(state);
+  if (rigp == nullptr) return;
+  RedisRig& rig = *rigp;
+  auto lim =
+      rk::RedisPermits::create({.name = "streams"}, {.limit = 64}, rig.client)
+          .value();
+  rk::Permits<> permits(lim.get());
+  RedisCost cost(rig);
+  std::uint64_t allowed = 0;
+  for (auto _ : state) {
+    rk::Permit p = permits.acquire("user:42");
+    allowed += p ? 1 : 0;
+  }
+  cost.report(state, 1);
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+  state.counters["fallbacks"] = static_cast<double>(lim->fallbacks());
+}
+BENCHMARK(BM_Redis_Permit_AcquireRelease)->UseRealTime();
 
 // A chain of three limits (sliding, bucket, fixed) in one script.
 void BM_Redis_Chain_3Limits(benchmark::State& state) {

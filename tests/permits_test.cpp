@@ -1,8 +1,6 @@
 // Issue 17: concurrency (in-flight) limits in process. ConcurrencyLimit,
 // Permit and Permits against a model of holders computed here; in a Chain
 // with a rate limit, all or nothing; threads never over the limit.
-#include "ratekeeper/permits.hpp"
-
 #include <atomic>
 #include <map>
 #include <memory>
@@ -11,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "ratekeeper/concurrency.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
 #include "test_util.hpp"

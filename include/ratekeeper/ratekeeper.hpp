@@ -1,20 +1,23 @@
 // ratekeeper/ratekeeper.hpp: the umbrella header.
 //
 // Includes every header that needs nothing beyond abseil: clocks, decisions,
-// the three policies, the stores, the limiter, chains, identities, client
-// addresses and tiers. Opt-in headers that need {fmt} (ratekeeper/fmt.hpp,
-// errors.hpp, prometheus.hpp, http/headers.hpp) are not included.
+// the three policies, the stores, the limiter, chains, concurrency permits,
+// identities, client addresses and tiers. Opt-in headers that need {fmt}
+// (ratekeeper/fmt.hpp, errors.hpp, prometheus.hpp, http/headers.hpp) are not
+// included.
 #ifndef RATEKEEPER_RATEKEEPER_HPP_
 #define RATEKEEPER_RATEKEEPER_HPP_
 
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/clock.hpp"
+#include "ratekeeper/concurrency.hpp"
 #include "ratekeeper/config.hpp"
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/identity.hpp"
 #include "ratekeeper/ip.hpp"
 #include "ratekeeper/limiter.hpp"
 #include "ratekeeper/metrics.hpp"
+#include "ratekeeper/permits.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
 #include "ratekeeper/policy/policy.hpp"
 #include "ratekeeper/policy/sliding_window.hpp"

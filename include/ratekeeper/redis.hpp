@@ -21,6 +21,8 @@
 //                  default) or once for all (kGlobal)
 //   RedisLease     quota leasing: a key's tokens taken a batch at a time,
 //                  served in process
+//   RedisPermits   a concurrency limit in Redis (issue 17): a sorted set
+//                  of holders per key, expiring by Redis's TIME
 //   FailMode       what a RedisLimit answers when Redis cannot: kOpen
 //                  (admit), kClosed (refuse) or kLocal (an in-process limit
 //                  at this instance's share); every such answer counted
@@ -51,6 +53,7 @@
 #include "ratekeeper/redis/lease.hpp"    // RedisLease
 #include "ratekeeper/redis/limit.hpp"    // RedisLimit<P>
 #include "ratekeeper/redis/options.hpp"  // RedisOptions, FailMode...
+#include "ratekeeper/redis/permits.hpp"  // RedisPermits (issue 17)
 #include "ratekeeper/redis/scripts.hpp"  // RedisScript
 
 #endif  // RATEKEEPER_REDIS_HPP_
