@@ -6,9 +6,13 @@
 #include "ratekeeper/overrides.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
 
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
@@ -18,6 +22,7 @@
 #include "ratekeeper/store/sharded.hpp"
 #include "ratekeeper/tiers.hpp"
 #include "test_util.hpp"
+#include "wait.hpp"
 
 using namespace ratekeeper;
 using rk_test::kSec;
@@ -479,4 +484,44 @@ TEST_CASE("TierTable: per-subject overrides, reset, carry", "[i17]") {
   // Cleared: acme is back on the tier's 4, fresh.
   REQUIRE(tiers.clear_override("pro", "rpm", acme).ok());
   CHECK(tiers.peek("pro", acme, 0).value().results[0].decision.remaining == 3);
+}
+
+TEST_CASE("overrides set and cleared while threads decide", "[i17]") {
+  // Base: 5 per minute; override: 1000 per minute. Every decision a thread
+  // gets names one of the two capacities, never anything else, and the
+  // maps replaced under the threads are freed safely (TSan, ASan).
+  auto l = limit_of<FixedWindow, ShardedStore>(
+      FixedWindow::create(per_minute(5)).value());
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> bad{0};
+  std::atomic<std::uint64_t> calls{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      const std::string mine = "u" + std::to_string(t);
+      while (!stop.load(std::memory_order_relaxed)) {
+        for (const std::string_view key :
+             {std::string_view("ent"), std::string_view(mine)}) {
+          Receipt r;
+          const Decision d = l->take(key, 1, at(0), r);
+          if (d.limit != 5 && d.limit != 1000) bad.fetch_add(1);
+          if (r) static_cast<void>(l->settle(r, 0, at(0)));
+          calls.fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+    });
+  }
+  for (int i = 0; i < 40; ++i) {
+    REQUIRE(l->set_override(
+                 "ent", FixedWindow::create(per_minute(1000)).value(), at(0))
+                .ok());
+    REQUIRE(l->clear_override("ent", at(0)).ok());
+  }
+  REQUIRE(rk_test::eventually([&] { return calls.load() > 1000; }));
+  stop.store(true);
+  for (auto& th : threads) th.join();
+  CHECK(bad.load() == 0);
+  // Every take was given back: each key is full again.
+  CHECK(l->peek("ent", 0, at(0)).remaining == 5);
+  CHECK(l->peek("u0", 0, at(0)).remaining == 5);
 }
