@@ -297,7 +297,7 @@ class Limit {
 //
 // Issue 17 (kHooks, the default): per-key overrides (set_override), reset,
 // listeners (listener.hpp) and give-back statistics. With none set, the
-// call path pays two relaxed loads and a branch for them;
+// call path pays two atomic loads and a branch for them;
 // PolicyLimit<P, StoreT, false> is the limit built without them (for the
 // benchmark that measures that: BM_Listener_Off).
 template <Policy P, template <class> class StoreT = ShardedStore,
