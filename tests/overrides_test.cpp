@@ -525,3 +525,16 @@ TEST_CASE("overrides set and cleared while threads decide", "[i17]") {
   CHECK(l->peek("ent", 0, at(0)).remaining == 5);
   CHECK(l->peek("u0", 0, at(0)).remaining == 5);
 }
+
+TEST_CASE("a window receipt without a recorded epoch settles as before",
+          "[i17]") {
+  // Accountant::change issues receipts with the policy's bare placement:
+  // they carry no epoch and are settled unchecked, as before issue 17.
+  auto l = limit_of<FixedWindow, ShardedStore>(
+      FixedWindow::create(per_minute(10)).value());
+  REQUIRE(l->acquire("k", 7, at(0)).allowed);
+  Receipt bare = Receipt::issue(
+      l.get(), "k", 3, at(0), FixedWindow::Placement{(3600) / 60}, l->serial());
+  REQUIRE(l->settle(bare, 0, at(1)).ok());
+  CHECK(l->peek("k", 0, at(1)).remaining == 6);
+}

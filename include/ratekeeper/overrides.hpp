@@ -78,12 +78,16 @@ inline constexpr bool kTimeline = requires {
   P::kGiveBacksMoveLaterTakes;
 };
 
-// A window policy's take, placed, with the key's reset epoch. The policy's
-// placement comes first: settle_on reads it from the receipt's first bytes.
+// A window policy's take, placed, with the key's reset epoch plus one. The
+// policy's placement comes first: settle_on reads it from the receipt's
+// first bytes. A receipt issued with the bare placement (a path that does
+// not record the epoch, such as Accountant::change's receipts) reads
+// `epoch` as 0 (a receipt's bytes past its placement are zero) and is
+// settled as before, unchecked.
 template <class P>
 struct EpochPlacement {
   typename P::Placement inner;
-  std::uint64_t epoch = 0;
+  std::uint64_t epoch = 0;  // the key's counter + 1; 0: not recorded
 };
 
 // What a reset of a key in state `before` adds to its counter (above).
@@ -173,7 +177,9 @@ struct EpochSettle : SettleOp<P> {
     return 0;
   }
   Step<typename P::State> operator()(const typename P::State& s) const {
-    if (seen != epoch) return {s, this->policy->step(s, this->now, 0).decision};
+    if (epoch != 0 && seen + 1 != epoch) {
+      return {s, this->policy->step(s, this->now, 0).decision};
+    }
     return SettleOp<P>::operator()(s);
   }
 };
@@ -194,7 +200,7 @@ Decision take_epoch_on(StoreT& store, std::string_view key, Op op,
   const Decision d = store.apply(key, marked);
   if (d.allowed && kept) {
     const EpochPlacement<P> placed{policy.place(before, op.now, op.cost),
-                                   epoch};
+                                   epoch + 1};
     out = Receipt::issue(issuer, key, op.cost, op.now, placed, serial);
   } else {
     out = Receipt();
