@@ -1128,6 +1128,52 @@ RK_THREADED(BM_Acquire_TokenBucket_InMemory_DistinctKeys, InMemoryStore);
 RK_THREADED(BM_Acquire_TokenBucket_Sharded_HotKey, ShardedStore);
 RK_THREADED(BM_Acquire_TokenBucket_InMemory_HotKey, InMemoryStore);
 
+// ------------------------------------------------------ issue 17 hooks --
+// The acquire path of one limit (one key, through Limit's virtual acquire,
+// one clock read) built without listener and override support (Off), built
+// with it and none set (None: the default PolicyLimit), and with a listener
+// set that does nothing (Set). Ratio of medians, --benchmark_repetitions=5:
+// benchmarks/ratios.py --filter hooks.
+template <bool kHooks>
+void hooks_run(benchmark::State& state, bool listen, bool override = false) {
+  struct Quiet : rk::LimitListener {
+    void on_allowed(const rk::LimitEvent& e) override {
+      benchmark::DoNotOptimize(e.decision.remaining);
+    }
+  };
+  rk::PolicyLimit<rk::TokenBucket, rk::ShardedStore, kHooks> limit(
+      {.name = "rpm"}, allow_all<rk::TokenBucket>(), {});
+  if (listen) limit.set_listener(std::make_shared<Quiet>());
+  const rk::SteadyClock clock;
+  if constexpr (kHooks) {
+    if (override) {  // another key's: this one pays the map lookup
+      static_cast<void>(limit.set_override(
+          "user:7", allow_all<rk::TokenBucket>(), clock.now()));
+    }
+  }
+  rk::Limit& l = limit;
+  static_cast<void>(l.acquire("user:42", 1, clock.now()));
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += l.acquire("user:42", 1, clock.now()).allowed;
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+}
+void BM_Listener_Off(benchmark::State& state) {
+  hooks_run<false>(state, false);
+}
+BENCHMARK(BM_Listener_Off);
+void BM_Listener_None(benchmark::State& state) {
+  hooks_run<true>(state, false);
+}
+BENCHMARK(BM_Listener_None);
+void BM_Listener_Set(benchmark::State& state) { hooks_run<true>(state, true); }
+BENCHMARK(BM_Listener_Set);
+// An override exists (on another key): the call looks its key up.
+void BM_Override_OtherKey(benchmark::State& state) {
+  hooks_run<true>(state, false, true);
+}
+BENCHMARK(BM_Override_OtherKey);
+
 }  // namespace
 
 BENCHMARK_MAIN();

@@ -75,6 +75,58 @@ REDIS_RATIOS = [
 ]
 
 
+# Issue 17: the acquire path with listener/override support built in and
+# none set, against the same path built without it (PolicyLimit<.., false>),
+# and with a listener set: one run, --benchmark_repetitions=5, medians.
+#   build/bench/benchmarks/ratekeeper_bench \\
+#       --benchmark_filter="$(benchmarks/ratios.py --filter hooks)" \\
+#       --benchmark_repetitions=5 --benchmark_out=hooks.json \\
+#       --benchmark_out_format=json
+#   benchmarks/ratios.py hooks.json
+HOOKS_OFF = "BM_Listener_Off"
+HOOKS_NONE = "BM_Listener_None"
+HOOKS_SET = "BM_Listener_Set"
+HOOKS_OVR = "BM_Override_OtherKey"
+HOOKS_FILTER = "^BM_Listener_(Off|None|Set)$|^BM_Override_OtherKey$"
+HOOKS_RATIOS = [
+    ("no listener set / built without listener support", HOOKS_NONE,
+     HOOKS_OFF, 1.02),
+    ("a listener set (does nothing) / built without", HOOKS_SET, HOOKS_OFF,
+     None),
+    ("an override on another key / built without", HOOKS_OVR, HOOKS_OFF,
+     None),
+]
+
+
+def hooks_table(path):
+    """The ratios on CPU time: one thread, so CPU time is its own run time
+    without the time other processes of a shared machine took the core
+    (real time is shown beside it)."""
+    t = values(path, "cpu_time")
+    real = values(path, "real_time")
+    if not any(n in t for n in (HOOKS_OFF, HOOKS_NONE, HOOKS_SET)):
+        return False
+    print("| benchmark | CPU ns per call (median) | real ns (median) |")
+    print("|---|---:|---:|")
+    for n in (HOOKS_OFF, HOOKS_NONE, HOOKS_SET, HOOKS_OVR):
+        if n in t:
+            print(f"| `{n}` | {t[n]:.2f} | {real.get(n, 0):.2f} |")
+    print()
+    print("| ratio | value | target | |")
+    print("|---|---:|---:|---|")
+    for what, num, den, target in HOOKS_RATIOS:
+        if num not in t or den not in t:
+            print(f"| {what} | missing | | |")
+            continue
+        r = t[num] / t[den]
+        if target is None:
+            print(f"| {what} | {r:.3f} | (reported) | |")
+        else:
+            verdict = "met" if r <= target else "**not met**"
+            print(f"| {what} | {r:.3f} | ≤ {target} | {verdict} |")
+    return True
+
+
 # --best: of repetitions, each benchmark's best instead of its median (the
 # least time or CPU, the most decisions/s): on a machine shared with other
 # loads, the runs the other loads disturbed least.
@@ -144,6 +196,9 @@ def main():
     if sys.argv[1:] == ["--filter", "redis"]:
         print(REDIS_FILTER)
         return
+    if sys.argv[1:] == ["--filter", "hooks"]:
+        print(HOOKS_FILTER)
+        return
     global BEST
     args = sys.argv[1:]
     if args[:1] == ["--best"]:
@@ -151,6 +206,8 @@ def main():
         args = args[1:]
     sys.argv[1:] = args
     if redis_tables(sys.argv[1]):
+        print()
+    if hooks_table(sys.argv[1]):
         print()
     t = times(sys.argv[1])
     if not any(name in t for name in SHOWN):

@@ -41,10 +41,12 @@
 #include <deque>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "absl/container/inlined_vector.h"
 #include "absl/status/status.h"
@@ -59,7 +61,9 @@
 #include "ratekeeper/detail/reclaim.hpp"
 #include "ratekeeper/detail/strings.hpp"
 #include "ratekeeper/limiter.hpp"
+#include "ratekeeper/listener.hpp"
 #include "ratekeeper/metrics.hpp"
+#include "ratekeeper/overrides.hpp"
 #include "ratekeeper/policy/policy.hpp"
 #include "ratekeeper/receipt.hpp"
 #include "ratekeeper/store/sharded.hpp"
@@ -229,6 +233,44 @@ class Limit {
   LimitMetrics& metrics() noexcept { return metrics_; }
   LimitCounts counts() const noexcept { return metrics_.snapshot(); }
 
+  // --- issue 17: reset, listeners, statistics ---
+  //
+  // reset: `key` starts fresh at `now` (support staff clearing a user's
+  // lockout): as a key never seen, and a receipt taken before gives nothing
+  // back into it (docs/chains.md). kUnimplemented for a limit that cannot
+  // (this default; PolicyLimit can).
+  virtual absl::Status reset(std::string_view key, Nanos /*now*/) {
+    return absl::UnimplementedError(
+        absl::StrCat("limit \"", name_, "\" cannot reset key \"",
+                     absl::CEscape(detail::av(key)), "\""));
+  }
+  // set_listener: the listener this limit calls (listener.hpp), or none
+  // (nullptr). The limit keeps every listener it was given until it is
+  // destroyed, so a call in flight never reads a freed one. Thread-safe.
+  void set_listener(std::shared_ptr<LimitListener> listener) {
+    detail::MutexLock lock(&listeners_mu_);
+    LimitListener* raw = listener.get();
+    if (raw != nullptr) listeners_.push_back(std::move(listener));
+    listener_.store(raw, std::memory_order_release);
+  }
+  LimitListener* listener() const noexcept {
+    return listener_.load(std::memory_order_acquire);
+  }
+  // statistics: what this limit counted and reports, read once: what
+  // prometheus_text() writes for it.
+  LimitStatistics statistics() const {
+    LimitStatistics s;
+    s.counts = metrics_.snapshot();
+    s.given_back = metrics_.total(LimitMetrics::kGivenBack);
+    s.given_back_units = metrics_.total(LimitMetrics::kGivenBackUnits);
+    s.listener_errors = metrics_.total(LimitMetrics::kListenerErrors);
+    s.capacity = limit();
+    s.shadow = shadow();
+    s.keys = store_stats().keys;
+    return s;
+  }
+  // --- end issue 17 ---
+
  protected:
   explicit Limit(const LimitOptions& o)
       : name_(o.name),
@@ -243,7 +285,10 @@ class Limit {
   const bool charge_on_reject_;
   std::atomic<std::uint32_t> near_permille_;
   std::atomic<bool> shadow_;
+  std::atomic<LimitListener*> listener_{nullptr};  // issue 17
   LimitMetrics metrics_;
+  mutable detail::Mutex listeners_mu_;                     // issue 17
+  std::vector<std::shared_ptr<LimitListener>> listeners_;  // listeners_mu_
 };
 
 // PolicyLimit: the Limit of policy P over store StoreT<P::State>.
@@ -254,8 +299,16 @@ class Limit {
 // leave it above the new limit: remaining 0 until the window turns), a
 // token bucket keeps the time until each key's bucket is full again. A
 // window policy's period cannot change (its window indices would mean other
-// instants): that needs a new limit, with fresh state.
-template <Policy P, template <class> class StoreT = ShardedStore>
+// instants): that needs a new limit, with fresh state. reconfigure(next,
+// carry, now) chooses otherwise (Carry, overrides.hpp).
+//
+// Issue 17 (kHooks, the default): per-key overrides (set_override), reset,
+// listeners (listener.hpp) and give-back statistics. With none set, the
+// call path pays two atomic loads and a branch for them;
+// PolicyLimit<P, StoreT, false> is the limit built without them (for the
+// benchmark that measures that: BM_Listener_Off).
+template <Policy P, template <class> class StoreT = ShardedStore,
+          bool kHooks = true>
 class PolicyLimit final : public Limit {
  public:
   using PolicyType = P;
@@ -267,18 +320,35 @@ class PolicyLimit final : public Limit {
   // Use make_limit(), which validates the options.
   PolicyLimit(const LimitOptions& o, P policy,
               typename StoreType::Options store_options)
-      : Limit(o), store_(store_options) {
+      : Limit(o), store_(store_options), store_options_(store_options) {
     versions_.push_back(std::move(policy));
     current_.store(&versions_.back(), std::memory_order_release);
   }
 
   Decision acquire(std::string_view key, Cost cost, Nanos now) override {
     const detail::ReadSection section(deferred_);
+    if constexpr (kHooks) {
+      if (hooked()) [[unlikely]] {
+        const detail::ReadSection hooks;
+        const Route r = route(key);
+        const Decision d =
+            r.store->apply(key, detail::AcquireOp<P>{r.policy, now, cost});
+        notify(key, cost, d, now);
+        return d;
+      }
+    }
     return store_.apply(key, detail::AcquireOp<P>{policy_ptr(), now, cost});
   }
 
   Decision peek(std::string_view key, Cost cost, Nanos now) const override {
     const detail::ReadSection section(deferred_);
+    if constexpr (kHooks) {
+      if (overrides_.load(std::memory_order_relaxed) != nullptr) [[unlikely]] {
+        const detail::ReadSection hooks;
+        const Route r = route(key);
+        return r.store->peek(key, detail::AcquireOp<P>{r.policy, now, cost});
+      }
+    }
     return store_.peek(key, detail::AcquireOp<P>{policy_ptr(), now, cost});
   }
 
@@ -288,9 +358,24 @@ class PolicyLimit final : public Limit {
     // The serial before the policy (acquire): restart() publishes a new
     // serial after the policy it goes with.
     const std::uint64_t serial = serial_.load(std::memory_order_acquire);
-    const P* p = policy_ptr();
-    return detail::take_on(store_, key, detail::AcquireOp<P>{p, now, cost}, *p,
-                           this, serial, receipt);
+    if constexpr (kHooks) {
+      if (hooked()) [[unlikely]] {
+        const detail::ReadSection hooks;
+        const Route r = route(key);
+        const Decision d =
+            take_in(*r.store, key, detail::AcquireOp<P>{r.policy, now, cost},
+                    *r.policy, r.issuer, serial, receipt);
+        notify(key, cost, d, now);
+        return d;
+      }
+      const P* p = policy_ptr();
+      return take_in(store_, key, detail::AcquireOp<P>{p, now, cost}, *p, this,
+                     serial, receipt);
+    } else {
+      const P* p = policy_ptr();
+      return detail::take_on(store_, key, detail::AcquireOp<P>{p, now, cost},
+                             *p, this, serial, receipt);
+    }
   }
 
   Decision charge(std::string_view key, Cost cost, Nanos now,
@@ -298,9 +383,19 @@ class PolicyLimit final : public Limit {
     if constexpr (ChargingPolicy<P>) {
       const detail::ReadSection section(deferred_);
       const std::uint64_t serial = serial_.load(std::memory_order_acquire);
-      const P* p = policy_ptr();
-      return detail::take_on(store_, key, detail::ChargeOp<P>{p, now, cost}, *p,
-                             this, serial, receipt);
+      if constexpr (kHooks) {
+        const detail::ReadSection hooks;
+        const Route r = route(key);
+        const Decision d =
+            take_in(*r.store, key, detail::ChargeOp<P>{r.policy, now, cost},
+                    *r.policy, r.issuer, serial, receipt);
+        notify(key, cost, d, now);
+        return d;
+      } else {
+        const P* p = policy_ptr();
+        return detail::take_on(store_, key, detail::ChargeOp<P>{p, now, cost},
+                               *p, this, serial, receipt);
+      }
     } else {
       // make_limit refuses charge_on_reject for such a policy; a caller
       // reaching here directly gets the plain take.
@@ -319,15 +414,41 @@ class PolicyLimit final : public Limit {
                                   Nanos now) override {
     const detail::ReadSection section(deferred_);
     const std::uint64_t serial = serial_.load(std::memory_order_acquire);
-    if (deferred_ && receipt.open() && receipt.issuer() == this &&
+    if (deferred_ && receipt.open() &&
+        (receipt.issuer() == this || receipt.issuer() == &ovr_tag_) &&
         receipt.serial() != serial) {
       return absl::FailedPreconditionError(absl::StrCat(
           "receipt issued by limit \"", name(),
           "\" before it was replaced (TierTable::set_tier): what it took was "
           "forgotten with the limit's keys"));
     }
-    return detail::settle_on(store_, *policy_ptr(), this, serial, receipt,
-                             actual, now);
+    if constexpr (kHooks) {
+      const detail::ReadSection hooks;
+      const Cost taken = receipt.cost();
+      const std::string& key = receipt.key();
+      // A receipt of an overridden key's take is settled in the override
+      // store, under the key's override (the limit's policy once cleared).
+      Route r{policy_ptr(), &store_, this};
+      if (receipt.issuer() == &ovr_tag_ && ovr_store_ != nullptr) {
+        r = route(key);
+        r.store = ovr_store_.get();
+        r.issuer = &ovr_tag_;
+      }
+      absl::StatusOr<Decision> d = settle_in(*r.store, *r.policy, r.issuer,
+                                             serial, receipt, actual, now);
+      if (d.ok() && actual < taken) {
+        metrics().add(LimitMetrics::kGivenBack);
+        metrics().add(LimitMetrics::kGivenBackUnits, taken - actual);
+        if (LimitListener* l = listener()) {
+          call_listener(&LimitListener::on_given_back, l,
+                        LimitEvent{this, key, taken - actual, *d, now});
+        }
+      }
+      return d;
+    } else {
+      return detail::settle_on(store_, *policy_ptr(), this, serial, receipt,
+                               actual, now);
+    }
   }
 
   std::uint64_t limit() const noexcept override {
@@ -353,6 +474,20 @@ class PolicyLimit final : public Limit {
   // per change; a TierTable's limits give them back (drop_versions_before).
   // Thread-safe.
   absl::Status reconfigure(P next) {
+    return reconfigure(std::move(next), Carry::kAsStored, Nanos{0});
+  }
+
+  // reconfigure (issue 17)
+  //
+  // As above, each key held keeping what `carry` says (overrides.hpp), at
+  // time `now`: Carry::kAsStored is the call above; the others rebuild
+  // every key the store holds (ShardedStore/InMemoryStore::update_all, one
+  // shard at a time) before `next` is published, so a call racing with the
+  // pass is decided under the old numbers on the rebuilt state, or on the
+  // state before it, which the pass then rebuilds. Keys with an override
+  // keep theirs. kUnimplemented for those on a PolicyLimit built without
+  // hooks or on a store without update_all.
+  absl::Status reconfigure(P next, Carry carry, Nanos now) {
     detail::MutexLock lock(&mu_);
     if constexpr (requires { P::kWindowAligned; }) {
       if (next.rate().period != versions_.back().rate().period) {
@@ -362,10 +497,121 @@ class PolicyLimit final : public Limit {
             "window indices would mean other instants); make a new limit"));
       }
     }
+    if (carry != Carry::kAsStored) {
+      if constexpr (kHooks &&
+                    requires(StoreType & st, const detail::RebuildOp<P>& op) {
+                      st.update_all(op);
+                    }) {
+        store_.update_all(
+            detail::RebuildOp<P>{&versions_.back(), &next, now, carry});
+      } else {
+        return absl::UnimplementedError(absl::StrCat(
+            "limit \"", name(),
+            "\": only Carry::kAsStored here (no hooks, or a store that "
+            "cannot visit its keys)"));
+      }
+    }
     versions_.push_back(std::move(next));
     current_.store(&versions_.back(), std::memory_order_release);
     return absl::OkStatus();
   }
+
+  // --- issue 17: per-key overrides and reset ---
+  //
+  // reset: `key` starts fresh at `now`, under the override it has, if any:
+  // as a key never seen (a key the store evicted and remembers too). A
+  // receipt taken before gives nothing back into the fresh state; an
+  // excess it settles above its take is charged (overrides.hpp).
+  // Thread-safe.
+  absl::Status reset(std::string_view key, Nanos now) override {
+    if constexpr (kHooks) {
+      const detail::ReadSection section(deferred_);
+      const detail::ReadSection hooks;
+      const Route r = route(key);
+      reset_in(*r.store, *r.policy, key, now);
+      return absl::OkStatus();
+    } else {
+      return Limit::reset(key, now);
+    }
+  }
+
+  // set_override
+  //
+  // Puts `policy` in force for `key` alone (an enterprise customer's own
+  // rate) in place of the limit's, until clear_override(key); the limit's
+  // reconfigure() and Carry leave it alone. The key starts fresh under it
+  // at `now` (its state under the limit's policy, or an earlier override,
+  // is reset), and again under the limit's policy when it is cleared.
+  // Overridden keys live in a second store of the limit's kind, made on
+  // the first override; a call on a key without an override pays one hash
+  // lookup while any override exists, and none when none does. Overrides
+  // live in memory only: nothing persists them, and a restart() (TierTable
+  // rebuilding the limit) drops them. A window policy's override may have
+  // another period. kUnimplemented without hooks. Thread-safe; not from
+  // inside a listener or a ReadSection.
+  absl::Status set_override(std::string_view key, P policy, Nanos now) {
+    if constexpr (kHooks) {
+      detail::MutexLock lock(&mu_);
+      detail::Reclaimer::instance().prepare();
+      if (ovr_store_ == nullptr) {
+        ovr_store_ = std::make_unique<StoreType>(store_options_);
+      }
+      auto next =
+          overrides_owned_ == nullptr
+              ? std::make_unique<detail::OverrideMap<P>>()
+              : std::make_unique<detail::OverrideMap<P>>(*overrides_owned_);
+      const auto it = next->find(detail::av(key));
+      const bool had = it != next->end();
+      // Its override-store state goes first (read under the override it had,
+      // else under the new one), then calls move there, then its state under
+      // the limit's policy goes: a call racing with this lands on a state
+      // that is reset after it, or on the fresh one.
+      reset_in(*ovr_store_, had ? it->second : policy, key, now);
+      next->insert_or_assign(std::string(key), std::move(policy));
+      publish(std::move(next));
+      if (!had) reset_in(store_, versions_.back(), key, now);
+      return absl::OkStatus();
+    } else {
+      return absl::UnimplementedError("PolicyLimit built without hooks");
+    }
+  }
+
+  // clear_override
+  //
+  // `key` goes back to the limit's policy, fresh at `now`. kNotFound when
+  // it has no override. Thread-safe; as set_override.
+  absl::Status clear_override(std::string_view key, Nanos now) {
+    detail::MutexLock lock(&mu_);
+    if (overrides_owned_ == nullptr ||
+        !overrides_owned_->contains(detail::av(key))) {
+      return absl::NotFoundError(
+          absl::StrCat("limit \"", name(), "\": no override for key \"",
+                       absl::CEscape(detail::av(key)), "\""));
+    }
+    auto next = std::make_unique<detail::OverrideMap<P>>(*overrides_owned_);
+    const auto it = next->find(detail::av(key));
+    const P was = it->second;
+    next->erase(it);
+    reset_in(store_, versions_.back(), key, now);
+    publish(next->empty() ? nullptr : std::move(next));
+    reset_in(*ovr_store_, was, key, now);
+    return absl::OkStatus();
+  }
+
+  // The override in force for `key`, if any.
+  std::optional<P> override_for(std::string_view key) const {
+    detail::MutexLock lock(&mu_);
+    if (overrides_owned_ == nullptr) return std::nullopt;
+    const auto it = overrides_owned_->find(detail::av(key));
+    if (it == overrides_owned_->end()) return std::nullopt;
+    return it->second;
+  }
+  // Keys with an override now.
+  std::size_t override_count() const {
+    detail::MutexLock lock(&mu_);
+    return overrides_owned_ == nullptr ? 0 : overrides_owned_->size();
+  }
+  // --- end issue 17 ---
 
   StoreType& store() noexcept { return store_; }
   // With the limit's address, what names it as the issuer of its receipts.
@@ -398,7 +644,8 @@ class PolicyLimit final : public Limit {
   // restart
   //
   // Starts the limit afresh under `next`, whatever its period: every key
-  // forgotten, receipts issued before refused (a new serial). For a limit
+  // forgotten (overrides too), receipts issued before refused (a new
+  // serial). For a limit
   // no table call uses any more (TierTable reuses a replaced limit of the
   // same name, kind and options with it); calls that still arrive (a caller
   // who kept a ChainItem past set_tier) are safe: each is decided by the old
@@ -412,6 +659,12 @@ class PolicyLimit final : public Limit {
     // Settles that read the old serial have finished.
     detail::Reclaimer::instance().synchronize();
     store_.clear();
+    if constexpr (kHooks) {
+      if (overrides_owned_ != nullptr) publish(nullptr);
+      if constexpr (requires(StoreType & st) { st.clear(); }) {
+        if (ovr_store_ != nullptr) ovr_store_->clear();
+      }
+    }
     versions_.push_back(std::move(next));
     current_.store(&versions_.back(), std::memory_order_release);
     serial_.store(detail::next_issuer_serial(), std::memory_order_release);
@@ -440,6 +693,96 @@ class PolicyLimit final : public Limit {
     return current_.load(std::memory_order_acquire);
   }
 
+  // --- issue 17 ---
+  // Where a key's calls go: its override and the override store, or the
+  // limit's policy and store; and who issues its receipts.
+  struct Route {
+    const P* policy;
+    StoreType* store;
+    const void* issuer;
+  };
+  // Any override or listener set: the call takes the hooked path.
+  bool hooked() const noexcept {
+    return overrides_.load(std::memory_order_relaxed) != nullptr ||
+           listener() != nullptr;
+  }
+  // Inside a ReadSection (the override map is reclaimed by synchronize()).
+  Route route(std::string_view key) const {
+    auto* self = const_cast<PolicyLimit*>(this);
+    if (const detail::OverrideMap<P>* m =
+            overrides_.load(std::memory_order_acquire)) {
+      if (const auto it = m->find(detail::av(key)); it != m->end()) {
+        return Route{&it->second, self->ovr_store_.get(), &ovr_tag_};
+      }
+    }
+    return Route{policy_ptr(), &self->store_, this};
+  }
+  // A take with a receipt: a window policy's records the key's epoch.
+  template <class Op>
+  static Decision take_in(StoreType& st, std::string_view key, Op op,
+                          const P& p, const void* issuer, std::uint64_t serial,
+                          Receipt& receipt) {
+    if constexpr (detail::kTimeline<P>) {
+      return detail::take_on(st, key, op, p, issuer, serial, receipt);
+    } else {
+      return detail::take_epoch_on(st, key, op, p, issuer, serial, receipt);
+    }
+  }
+  static absl::StatusOr<Decision> settle_in(StoreType& st, const P& p,
+                                            const void* issuer,
+                                            std::uint64_t serial, Receipt& r,
+                                            Cost actual, Nanos now) {
+    if constexpr (detail::kTimeline<P>) {
+      return detail::settle_on(st, p, issuer, serial, r, actual, now);
+    } else {
+      return detail::settle_epoch_on(st, p, issuer, serial, r, actual, now);
+    }
+  }
+  // Resets `key` in `st` (its state written under `p`): the update for a
+  // key held (bumping its counter), else an apply, for a key the store
+  // evicted and remembers (a key not held at all stays absent).
+  static void reset_in(StoreType& st, const P& p, std::string_view key,
+                       Nanos now) {
+    bool ran = false;
+    const detail::RebuildOp<P> op{&p, &p, now, Carry::kReset, &ran};
+    static_cast<void>(st.update(key, op));
+    if (!ran) static_cast<void>(st.apply(key, op));
+  }
+  // Publishes `next` as the override map and frees the one it replaces
+  // once no call can be reading it. Under mu_, outside any ReadSection.
+  void publish(std::unique_ptr<detail::OverrideMap<P>> next)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    overrides_.store(next.get(), std::memory_order_release);
+    std::unique_ptr<const detail::OverrideMap<P>> old =
+        std::exchange(overrides_owned_, std::move(next));
+    if (old != nullptr) detail::Reclaimer::instance().synchronize();
+  }
+  // Tells the listener, if any, what this limit decided.
+  void notify(std::string_view key, Cost cost, const Decision& d, Nanos now) {
+    LimitListener* l = listener();
+    if (l == nullptr) return;
+    const LimitEvent e{this, key, cost, d, now};
+    if (!d.allowed) {
+      call_listener(&LimitListener::on_denied, l, e);
+      return;
+    }
+    call_listener(&LimitListener::on_allowed, l, e);
+    const detail::u128 lhs = static_cast<detail::u128>(d.remaining) * 1000;
+    const detail::u128 rhs =
+        static_cast<detail::u128>(d.limit) * near_limit_permille();
+    if (lhs <= rhs) call_listener(&LimitListener::on_near_limit, l, e);
+  }
+  // A listener's exception is counted, never passed on (listener.hpp).
+  void call_listener(void (LimitListener::*fn)(const LimitEvent&),
+                     LimitListener* l, const LimitEvent& e) noexcept {
+    try {
+      (l->*fn)(e);
+    } catch (...) {
+      metrics().add(LimitMetrics::kListenerErrors);
+    }
+  }
+  // --- end issue 17 ---
+
   StoreType store_;
   std::atomic<std::uint64_t> serial_{detail::next_issuer_serial()};
   std::atomic<const P*> current_{nullptr};
@@ -447,6 +790,15 @@ class PolicyLimit final : public Limit {
   mutable detail::Mutex mu_;
   std::deque<P> versions_;     // stable addresses; guarded by mu_ after ctor
   std::uint64_t dropped_ = 0;  // versions popped; guarded by mu_
+  // Issue 17: overrides. The map calls read (null: none), the one this
+  // limit owns (mu_), the store of overridden keys (made once, under mu_,
+  // before the first map that routes calls to it is published), and the
+  // byte whose address issues that store's receipts.
+  std::atomic<const detail::OverrideMap<P>*> overrides_{nullptr};
+  std::unique_ptr<const detail::OverrideMap<P>> overrides_owned_;  // mu_
+  std::unique_ptr<StoreType> ovr_store_;
+  const typename StoreType::Options store_options_;
+  char ovr_tag_ = 0;
 };
 
 // make_limit
@@ -851,6 +1203,19 @@ class Chain {
   }
 
   Nanos now() const noexcept { return clock_.now(); }
+
+  // reset (issue 17)
+  //
+  // Limit::reset of every item's key on its limit, at the chain's time:
+  // support staff clearing a caller's lockout on a chain's limits. Stops at
+  // the first limit that cannot (kUnimplemented), the earlier ones reset.
+  absl::Status reset(std::span<const ChainItem> items) {
+    const Nanos now = clock_.now();
+    for (const ChainItem& it : items) {
+      if (absl::Status st = it.limit->reset(it.key, now); !st.ok()) return st;
+    }
+    return absl::OkStatus();
+  }
 
  private:
   // Settles one result's receipt; the result then reports what is left.

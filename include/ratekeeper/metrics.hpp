@@ -33,6 +33,23 @@ struct LimitCounts {
                                    const LimitCounts&) = default;
 };
 
+// LimitStatistics: everything a limit counts and reports
+// (Limit::statistics()), .NET's RateLimiterStatistics for one limit: what
+// prometheus_text() writes for it, read once. Per-key figures (a key's
+// remaining, its reset) are a peek: Limit::peek(key, 0, now).
+struct LimitStatistics {
+  LimitCounts counts;                  // chains' outcomes (above)
+  std::uint64_t given_back = 0;        // receipts settled below their take
+  std::uint64_t given_back_units = 0;  // units those settles asked back
+  std::uint64_t listener_errors = 0;   // exceptions listeners threw
+  std::uint64_t capacity = 0;          // the limit now, in its unit
+  bool shadow = false;                 // in shadow mode now
+  std::uint64_t keys = 0;              // keys its store holds now
+
+  friend constexpr bool operator==(const LimitStatistics&,
+                                   const LimitStatistics&) = default;
+};
+
 // LimitMetrics: LimitCounts kept by a Limit. Thread-safe; snapshot() is a
 // sum over stripes, each counter exact once the calls it counts returned.
 class LimitMetrics {
@@ -44,6 +61,10 @@ class LimitMetrics {
     kVetoed,
     kErrors,
     kNearLimit,
+    // Issue 17: give-backs and listener failures, counted by PolicyLimit.
+    kGivenBack,       // receipts settled below their take
+    kGivenBackUnits,  // the units those settles asked back (taken - actual)
+    kListenerErrors,  // exceptions a listener threw (listener.hpp)
     kCounters
   };
 
@@ -66,6 +87,16 @@ class LimitMetrics {
     }
     return LimitCounts{sum[kAllowed], sum[kDenied], sum[kShadowDenied],
                        sum[kVetoed],  sum[kErrors], sum[kNearLimit]};
+  }
+
+  // One counter's total over the stripes (exact once the calls it counts
+  // returned).
+  std::uint64_t total(Counter c) const noexcept {
+    std::uint64_t sum = 0;
+    for (const Stripe& s : stripes_) {
+      sum += s.n[c].load(std::memory_order_relaxed);
+    }
+    return sum;
   }
 
  private:

@@ -1,9 +1,9 @@
 // ratekeeper/prometheus.hpp: limits' metrics as Prometheus text exposition.
 //
 // Defines prometheus_text(): for each limit, its outcomes (allowed, denied,
-// shadow_denied, vetoed), errors, near-limit events, its capacity and the
-// keys its store holds, in the text format (version 0.0.4) that a
-// /metrics endpoint serves:
+// shadow_denied, vetoed), errors, near-limit events, give-backs, listener
+// errors, its capacity and the keys its store holds (Limit::statistics()), in
+// the text format (version 0.0.4) that a /metrics endpoint serves:
 //
 //   # HELP ratekeeper_decisions_total Calls decided by each limit, by outcome.
 //   # TYPE ratekeeper_decisions_total counter
@@ -70,10 +70,14 @@ inline std::string prom_labels(const MetricSource& s) {
 // The metrics of `sources`, grouped by metric family as the format asks.
 inline std::string prometheus_text(std::span<const MetricSource> sources) {
   std::vector<std::string> labels;
+  // Each limit's statistics, read once: the text and Limit::statistics()
+  // say the same (issue 17; listener_test checks it).
+  std::vector<LimitStatistics> stats;
   std::vector<LimitCounts> counts;
   for (const MetricSource& s : sources) {
     labels.push_back(detail::prom_labels(s));
-    counts.push_back(s.limit->counts());
+    stats.push_back(s.limit->statistics());
+    counts.push_back(stats.back().counts);
   }
   std::string out;
   auto family = [&](std::string_view name, std::string_view type,
@@ -115,20 +119,35 @@ inline std::string prometheus_text(std::span<const MetricSource> sources) {
             "Allowed calls that left a limit at or below its near-limit "
             "threshold.",
             [&](std::size_t i) { return counts[i].near_limit; });
+  // Issue 17: give-backs and listener failures.
+  per_limit("ratekeeper_given_back_total", "counter",
+            "Receipts settled below their take (unused estimates, calls "
+            "given back, chain roll-backs).",
+            [&](std::size_t i) { return stats[i].given_back; });
+  family("ratekeeper_given_back_units_total", "counter",
+         "Units those settles asked back, in each limit's unit.");
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    fmt::format_to(std::back_inserter(out),
+                   "ratekeeper_given_back_units_total{{{},unit=\"{}\"}} {}\n",
+                   labels[i], unit_name(sources[i].limit->unit()),
+                   stats[i].given_back_units);
+  }
+  per_limit("ratekeeper_listener_errors_total", "counter",
+            "Exceptions a limit's listener threw (caught and counted).",
+            [&](std::size_t i) { return stats[i].listener_errors; });
   family("ratekeeper_limit_capacity", "gauge",
          "Capacity of each limit, in its unit.");
   for (std::size_t i = 0; i < sources.size(); ++i) {
-    const Limit& l = *sources[i].limit;
     fmt::format_to(std::back_inserter(out),
                    "ratekeeper_limit_capacity{{{},unit=\"{}\"}} {}\n",
-                   labels[i], unit_name(l.unit()), l.limit());
+                   labels[i], unit_name(sources[i].limit->unit()),
+                   stats[i].capacity);
   }
   per_limit("ratekeeper_limit_shadow", "gauge",
             "1 while a limit is in shadow mode (decides, never denies).",
-            [&](std::size_t i) { return sources[i].limit->shadow() ? 1 : 0; });
-  per_limit(
-      "ratekeeper_store_keys", "gauge", "Keys each limit's store holds.",
-      [&](std::size_t i) { return sources[i].limit->store_stats().keys; });
+            [&](std::size_t i) { return stats[i].shadow ? 1 : 0; });
+  per_limit("ratekeeper_store_keys", "gauge", "Keys each limit's store holds.",
+            [&](std::size_t i) { return stats[i].keys; });
   return out;
 }
 

@@ -67,6 +67,9 @@ struct LimitSpec {
   PolicyKind kind = PolicyKind::kTokenBucket;
   Rate rate;
   std::uint64_t burst = 0;
+  // What each key keeps when set_tier changes this limit in place (issue
+  // 17, overrides.hpp): kAsStored, the default, as before.
+  Carry carry = Carry::kAsStored;
 };
 
 // TierTable: tiers of limits, and the chain of a tier for one caller.
@@ -298,6 +301,64 @@ class TierTable {
 
   Chain<C>& chain() noexcept { return chain_; }
 
+  // --- issue 17: per-subject overrides and reset ---
+  //
+  // set_override: limit `limit` of tier `tier` counts `who`'s key (by the
+  // limit's scope) at `rate` (and `burst`, for a token bucket; 0: the
+  // rate's count) instead of the tier's numbers: an enterprise customer's
+  // own RPM without a tier of its own. The key starts fresh under it
+  // (PolicyLimit::set_override). It stays through set_tier changes that
+  // keep the limit in place, and is dropped with the limit's keys when
+  // set_tier rebuilds it (docs/chains.md); it lives in memory only.
+  // kNotFound for an unknown tier or limit; kInvalidArgument for a subject
+  // lacking the limit's field or a rate the policy refuses.
+  absl::Status set_override(std::string_view tier, std::string_view limit,
+                            const Subject& who, Rate rate,
+                            std::uint64_t burst = 0) {
+    detail::MutexLock lock(&mu_);
+    std::string key;
+    absl::StatusOr<const Entry*> e = entry_for(tier, limit, who, key);
+    if (!e.ok()) return e.status();
+    return hooks_.at((*e)->limit).set_override(key, rate, burst, chain_.now());
+  }
+
+  // clear_override: `who`'s key goes back to the tier's numbers, fresh.
+  // kNotFound also when it has no override.
+  absl::Status clear_override(std::string_view tier, std::string_view limit,
+                              const Subject& who) {
+    detail::MutexLock lock(&mu_);
+    std::string key;
+    absl::StatusOr<const Entry*> e = entry_for(tier, limit, who, key);
+    if (!e.ok()) return e.status();
+    return hooks_.at((*e)->limit).clear_override(key, chain_.now());
+  }
+
+  // reset: `who` starts fresh on every limit of `tier` (Limit::reset of its
+  // key on each), or on `limit` alone when named. Errors as set_override.
+  absl::Status reset(std::string_view tier, const Subject& who,
+                     std::string_view limit = {}) {
+    const detail::ReadSection section;
+    const Tier* t = find_tier(tier);
+    if (t == nullptr) return unknown(tier);
+    bool any = false;
+    std::string key;
+    for (const Entry& e : *t) {
+      if (!limit.empty() && e.limit->name() != limit) continue;
+      any = true;
+      key.clear();
+      if (absl::Status st = append_subject_key(e.scope, who, key); !st.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("limit \"", e.limit->name(), "\": ", st.message()));
+      }
+      if (absl::Status st = e.limit->reset(key, chain_.now()); !st.ok()) {
+        return st;
+      }
+    }
+    if (!any) return no_limit(tier, limit);
+    return absl::OkStatus();
+  }
+  // --- end issue 17 ---
+
   // Limit objects the table holds: those of its tiers and replaced ones
   // kept for reuse (at most two per name, policy kind and options).
   std::size_t limit_objects() const {
@@ -337,6 +398,28 @@ class TierTable {
   static absl::Status unknown(std::string_view tier) {
     return absl::NotFoundError(
         absl::StrCat("no tier named \"", detail::av(tier), "\""));
+  }
+
+  // Issue 17: the entry of limit `limit` in tier `tier` and `who`'s key in
+  // it. Under mu_ (the snapshot it reads stays current).
+  absl::StatusOr<const Entry*> entry_for(std::string_view tier,
+                                         std::string_view limit,
+                                         const Subject& who, std::string& key)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const auto it = snapshot_->tiers.find(detail::av(tier));
+    if (it == snapshot_->tiers.end()) return unknown(tier);
+    const Entry* e = find_entry(it->second, limit);
+    if (e == nullptr) return no_limit(tier, limit);
+    if (absl::Status st = append_subject_key(e->scope, who, key); !st.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("limit \"", e->limit->name(), "\": ", st.message()));
+    }
+    return e;
+  }
+  static absl::Status no_limit(std::string_view tier, std::string_view limit) {
+    return absl::NotFoundError(absl::StrCat("tier \"", detail::av(tier),
+                                            "\" has no limit named \"",
+                                            detail::av(limit), "\""));
   }
 
   // Appends tier `tier`'s items for `who` to `items`, which owns their keys.
@@ -430,10 +513,25 @@ class TierTable {
     PolicyLimit<P, ShardedStore>* raw = l->get();
     raw->defer_reclaim();
     e.limit = raw;
-    hooks_[raw] =
-        Hooks{std::move(id), [raw] { raw->store().clear(); },
-              [raw] { raw->drop_versions_before(raw->versions_made() - 1); },
-              [raw] { raw->retire(); }};
+    hooks_[raw] = Hooks{
+        std::move(id), [raw] { raw->store().clear(); },
+        [raw] { raw->drop_versions_before(raw->versions_made() - 1); },
+        [raw] { raw->retire(); },
+        // Issue 17: overrides, built as the spec's policy at another rate.
+        [raw, kind = spec.kind](std::string_view key, Rate rate,
+                                std::uint64_t burst,
+                                Nanos now) -> absl::Status {
+          LimitSpec o;
+          o.kind = kind;
+          o.rate = rate;
+          o.burst = burst;
+          absl::StatusOr<P> policy = make_policy<P>(o);
+          if (!policy.ok()) return policy.status();
+          return raw->set_override(key, *std::move(policy), now);
+        },
+        [raw](std::string_view key, Nanos now) {
+          return raw->clear_override(key, now);
+        }};
     owned_.push_back(*std::move(l));
     return e;
   }
@@ -457,22 +555,24 @@ class TierTable {
     e.period = spec.rate.period;
     switch (spec.kind) {
       case PolicyKind::kTokenBucket:
-        return reuse_as<TokenBucket>(e, spec);
+        return reuse_as<TokenBucket>(e, spec, chain_.now());
       case PolicyKind::kFixedWindow:
-        return reuse_as<FixedWindow>(e, spec);
+        return reuse_as<FixedWindow>(e, spec, chain_.now());
       case PolicyKind::kSlidingWindow:
-        return reuse_as<SlidingWindow>(e, spec);
+        return reuse_as<SlidingWindow>(e, spec, chain_.now());
     }
     return absl::InvalidArgumentError("unknown PolicyKind");
   }
 
   template <class P>
-  static absl::StatusOr<Entry> reuse_as(Entry e, const LimitSpec& spec) {
+  static absl::StatusOr<Entry> reuse_as(Entry e, const LimitSpec& spec,
+                                        Nanos now) {
     absl::StatusOr<P> p = make_policy<P>(spec);
     if (!p.ok()) return p.status();
     auto* limit = static_cast<PolicyLimit<P, ShardedStore>*>(e.limit);
-    e.reconfigure = [limit, policy = *std::move(p)]() mutable {
-      return limit->reconfigure(std::move(policy));
+    e.reconfigure = [limit, policy = *std::move(p), carry = spec.carry,
+                     now]() mutable {
+      return limit->reconfigure(std::move(policy), carry, now);
     };
     return e;
   }
@@ -483,6 +583,10 @@ class TierTable {
     std::function<void()> clear;   // forget every key (once replaced)
     std::function<void()> trim;    // free policy versions no longer in force
     std::function<void()> retire;  // refuse the receipts issued so far
+    // Issue 17: PolicyLimit::set_override / clear_override.
+    std::function<absl::Status(std::string_view, Rate, std::uint64_t, Nanos)>
+        set_override;
+    std::function<absl::Status(std::string_view, Nanos)> clear_override;
   };
 
   const ShardedOptions store_options_;

@@ -114,6 +114,15 @@ class InMemoryStore {
     return run_on(it->second, op);
   }
 
+  // update_all (issue 17: what PolicyLimit::reconfigure carries over)
+  //
+  // As update() on every key held, under the lock. O(keys). Thread-safe.
+  template <StoreOp<State> Op>
+  void update_all(const Op& op) {
+    detail::MutexLock lock(&mu_);
+    for (auto& kv : map_) static_cast<void>(run_on(kv.second, op));
+  }
+
   // Thread-safe; may be stale on return.
   StoreStats stats() const {
     detail::MutexLock lock(&mu_);

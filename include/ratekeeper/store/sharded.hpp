@@ -401,6 +401,35 @@ class ShardedStore {
     }
   }
 
+  // update_all (issue 17: what PolicyLimit::reconfigure carries over)
+  //
+  // As update() on every key held, one shard at a time under its mutex:
+  // each held state is run through `op` exactly once (lock-free calls on a
+  // key go on meanwhile; the compare-and-swap orders them). Keys not held
+  // (never seen, reclaimed, or evicted and remembered) are left as they
+  // are. O(keys held). Thread-safe.
+  template <StoreOp<State> Op>
+  void update_all(const Op& op) {
+    for (std::size_t i = 0; i < n_shards_; ++i) {
+      Shard& shard = shards_[i];
+      detail::MutexLock lock(&shard.mu);
+      Table* t = shard.table.load(std::memory_order_relaxed);
+      if (t == nullptr) continue;
+      for (std::size_t bi = 0; bi < t->n; ++bi) {
+        Bucket& b = t->b[bi];
+        for (std::size_t j = 0; j < kSlotsPerBucket; ++j) {
+          const std::uint64_t w = b.keys[j].load(std::memory_order_acquire);
+          if (fp_of(w) == 0) continue;
+          Decision d;
+          // Under the mutex no move or retirement can take the slot away.
+          while (!apply_at(shard, SlotRef{&b, j, w, 0}, op, /*write=*/true, d,
+                           /*add_aux=*/true)) {
+          }
+        }
+      }
+    }
+  }
+
   // probe_distance
   //
   // Which of its two candidate buckets holds `key` (0: the first, read
