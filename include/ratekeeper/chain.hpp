@@ -195,6 +195,27 @@ class Limit {
   virtual absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual,
                                           Nanos now) = 0;
 
+  // Waiting (issue 17, waiting.hpp). reserve: as Limiter::reserve, at
+  // `now`. This default holds only what take() admits now, and otherwise
+  // promises go_at = now + retry_after (how a window policy waits);
+  // PolicyLimit of a token bucket holds the wait exactly, and says so in
+  // reserves_exactly().
+  virtual Reserved reserve(std::string_view key, Cost cost, Nanos now,
+                           Nanos max_wait) {
+    static_cast<void>(max_wait);
+    Reserved r;
+    r.at = now;
+    r.decision = take(key, cost, now, r.receipt);
+    r.held = r.decision.allowed;
+    r.go_at =
+        r.decision.never()
+            ? Nanos::max()
+            : Nanos{detail::clamp_i64(static_cast<detail::i128>(now.count()) +
+                                      r.decision.retry_after.count())};
+    return r;
+  }
+  virtual bool reserves_exactly() const noexcept { return false; }
+
   // The capacity (as in every Decision) and the time it is stated over.
   virtual std::uint64_t limit() const noexcept = 0;
   virtual Nanos window() const noexcept = 0;
@@ -300,6 +321,17 @@ class PolicyLimit final : public Limit {
       return take(key, cost, now, receipt);
     }
   }
+
+  // Waiting (issue 17): a token bucket reserves exactly (reserve_on).
+  Reserved reserve(std::string_view key, Cost cost, Nanos now,
+                   Nanos max_wait) override {
+    const detail::ReadSection section(deferred_);
+    const std::uint64_t serial = serial_.load(std::memory_order_acquire);
+    const P* p = policy_ptr();
+    return detail::reserve_on(store_, key, *p, now, cost, max_wait, this,
+                              serial);
+  }
+  bool reserves_exactly() const noexcept override { return ReservingPolicy<P>; }
 
   // Settled under the policy in force now; the receipt's placement says
   // what it took under the policy it was taken under (a token bucket's
