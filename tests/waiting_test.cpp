@@ -322,7 +322,7 @@ TEST_CASE(
   Waiters ws;
   std::vector<Nanos> want;
   for (int i = 0; i < kN; ++i) {
-    const Cost cost = 1;
+    Cost cost = 1;
     want.push_back(clock.now() + model.wait(clock.now(), cost));
     REQUIRE(model.reserve(clock.now(), cost, seconds(60)));
     ws.start([&, cost](std::stop_token st) {
