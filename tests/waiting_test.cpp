@@ -614,3 +614,41 @@ TEST_CASE(
     REQUIRE(waiter.queued(&lim, "k") == 0);
   }
 }
+
+TEST_CASE(
+    "Waiter on a chain's token-bucket Limit: exact, and its receipt "
+    "settles on the limit",
+    "[i17]") {
+  ManualClock clock;
+  clock.set_auto_advance(true);  // simulated time
+  Chain<ManualClock> chain(clock);
+  auto tpm = make_limit({.name = "tpm", .unit = Unit::kTokens},
+                        TokenBucket::create(per_second(1000), 500).value())
+                 .value();
+  Waiter<ManualClock> waiter(clock);  // the chain's clock
+  ChainDecision d = chain.acquire({{tpm.get(), "k", 500}});
+  REQUIRE(d.allowed);
+  Waited w = waiter.acquire(*tpm, "k", 200, seconds(1));
+  REQUIRE(w.status.ok());
+  REQUIRE(w.go_at == milliseconds(200));
+  REQUIRE(w.admitted_at == milliseconds(200));
+  REQUIRE(clock.now() == milliseconds(200));
+  // Settled to 100 of its 200 tokens: 100 ms of its stretch come back.
+  REQUIRE(tpm->settle(w.receipt, 100, clock.now()).ok());
+  REQUIRE(tpm->peek("k", 0, clock.now()).reset_after == milliseconds(400));
+}
+
+TEST_CASE("Waiter with queue_limit 0: admitted at once or refused at once",
+          "[i17]") {
+  ManualClock clock;
+  TBLimiter lim(TokenBucket::create(per_second(10), 1).value(), clock);
+  Waiter<ManualClock> waiter(clock, WaitOptions{.queue_limit = 0});
+  Waited first = waiter.acquire(lim, "k", 1, seconds(10));
+  REQUIRE(first.status.ok());
+  const Decision before = lim.peek("k", 0);
+  Waited second = waiter.acquire(lim, "k", 1, seconds(10));
+  REQUIRE(second.status.code() == absl::StatusCode::kResourceExhausted);
+  REQUIRE_FALSE(second.receipt.open());
+  REQUIRE(lim.peek("k", 0) == before);
+  REQUIRE(waiter.queued(&lim, "k") == 0);
+}

@@ -266,19 +266,19 @@ class Waiter {
     w.arrived = arrived;
     if (max_wait < Nanos{0}) max_wait = Nanos{0};
     const Nanos deadline = sat_add(arrived, max_wait);
-    Queue& q = queues_[qk];
-    const auto drop_if_empty = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      if (q.entries.empty()) queues_.erase(qk);
-    };
+    // The key's queue is made only when the call must wait: one admitted
+    // at once allocates nothing here.
+    const auto found = queues_.find(qk);
+    const std::size_t ahead =
+        found == queues_.end() ? 0 : found->second.entries.size();
     if (on_stop_requested(stop)) {
-      drop_if_empty();
       w.status = absl::CancelledError("wait cancelled before it began");
       return w;
     }
-    const bool must_queue = !q.entries.empty();
-    if (must_queue && q.entries.size() >= options_.queue_limit) {
+    const bool must_queue = ahead != 0;
+    if (must_queue && ahead >= options_.queue_limit) {
       w.status = absl::ResourceExhaustedError(
-          absl::StrCat("queue full: ", q.entries.size(),
+          absl::StrCat("queue full: ", ahead,
                        " calls already wait on this key "
                        "(WaitOptions::queue_limit)"));
       return w;
@@ -289,7 +289,6 @@ class Waiter {
       Reserved r = reserve(arrived, max_wait);
       w.decision = r.decision;
       if (r.decision.never()) {
-        drop_if_empty();
         w.status = absl::OutOfRangeError(
             "cost above the limit's capacity: no wait admits it");
         return w;
@@ -298,11 +297,9 @@ class Waiter {
         w.receipt = std::move(r.receipt);
         w.go_at = w.admitted_at = arrived;
         w.sequence = ++admitted_;
-        drop_if_empty();
         return w;
       }
       if (!r.held && (exact || r.go_at > deadline)) {
-        drop_if_empty();
         if (r.decision.retry_after <= max_wait) {
           w.status = absl::ResourceExhaustedError(
               "store full: the reservation could not be held");
@@ -313,11 +310,10 @@ class Waiter {
         }
         return w;
       }
-      if (q.entries.size() >= options_.queue_limit) {
+      if (ahead >= options_.queue_limit) {
         if (r.held) give_back(r.receipt, arrived);
-        drop_if_empty();
         w.status = absl::ResourceExhaustedError(absl::StrCat(
-            "queue full: the call must wait and ", q.entries.size(),
+            "queue full: the call must wait and ", ahead,
             " calls already wait on this key (WaitOptions::queue_limit)"));
         return w;
       }
@@ -327,6 +323,10 @@ class Waiter {
       e.holds = r.holds;
       e.receipt = std::move(r.receipt);
     }
+    Queue& q = must_queue ? found->second : queues_[qk];
+    const auto drop_if_empty = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      if (q.entries.empty()) queues_.erase(qk);
+    };
     e.jitter = draw_jitter();
     const auto self = q.entries.insert(q.entries.end(), &e);
     // Leaves the queue without admission: gives back what it held, moves
