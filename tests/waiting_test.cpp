@@ -652,3 +652,36 @@ TEST_CASE("Waiter with queue_limit 0: admitted at once or refused at once",
   REQUIRE(lim.peek("k", 0) == before);
   REQUIRE(waiter.queued(&lim, "k") == 0);
 }
+
+TEST_CASE("ManualClock: subscriptions, advance_to, auto-advance", "[i17]") {
+  ManualClock clock{seconds(1)};
+  int calls = 0;
+  std::vector<Nanos> seen;
+  {
+    ManualClock::Subscription sub = clock.subscribe([&] {
+      ++calls;
+      seen.push_back(clock.now());
+    });
+    clock.advance(milliseconds(5));
+    clock.set(seconds(3));
+    // advance_to never moves the clock back, and still notifies.
+    REQUIRE(clock.advance_to(seconds(2)) == seconds(3));
+    REQUIRE(clock.advance_to(seconds(4)) == seconds(4));
+    REQUIRE(calls == 4);
+    REQUIRE(seen == std::vector<Nanos>{seconds(1) + milliseconds(5),
+                                       seconds(3), seconds(3), seconds(4)});
+    // A copy shares the time and the subscribers.
+    ManualClock copy = clock;
+    copy.advance(Nanos{1});
+    REQUIRE(calls == 5);
+    ManualClock::Subscription moved = std::move(sub);
+    clock.advance(Nanos{1});
+    REQUIRE(calls == 6);
+  }
+  // Unsubscribed with the subscription's end.
+  clock.advance(Nanos{1});
+  REQUIRE(calls == 6);
+  REQUIRE_FALSE(clock.auto_advance());
+  clock.set_auto_advance(true);
+  REQUIRE(clock.auto_advance());
+}
