@@ -119,7 +119,11 @@ struct [[nodiscard]] Waited {
 // again every millisecond at most.
 //
 // One Waiter serves any number of limits, keys and threads. It must outlive
-// its waits. Thread safety: all members, concurrently.
+// its waits. A cancellation moves the go times of this Waiter's waiters
+// behind it; a reservation held elsewhere on the same key (reserve() called
+// directly, another Waiter) keeps its go_at, later than it needs to be: wait
+// on a limit through one Waiter where the instants matter.
+// Thread safety: all members, concurrently.
 template <Clock C = SteadyClock>
 class Waiter {
  public:
