@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -668,8 +669,8 @@ TEST_CASE("ManualClock: subscriptions, advance_to, auto-advance", "[i17]") {
     REQUIRE(clock.advance_to(seconds(2)) == seconds(3));
     REQUIRE(clock.advance_to(seconds(4)) == seconds(4));
     REQUIRE(calls == 4);
-    REQUIRE(seen == std::vector<Nanos>{seconds(1) + milliseconds(5),
-                                       seconds(3), seconds(3), seconds(4)});
+    REQUIRE(seen == std::vector<Nanos>{seconds(1) + milliseconds(5), seconds(3),
+                                       seconds(3), seconds(4)});
     // A copy shares the time and the subscribers.
     ManualClock copy = clock;
     copy.advance(Nanos{1});
@@ -684,4 +685,43 @@ TEST_CASE("ManualClock: subscriptions, advance_to, auto-advance", "[i17]") {
   REQUIRE_FALSE(clock.auto_advance());
   clock.set_auto_advance(true);
   REQUIRE(clock.auto_advance());
+}
+
+TEST_CASE(
+    "Waiter: real threads on a fixed window: at most the limit per "
+    "window, in arrival order",
+    "[i17][concurrency]") {
+  // 2 per 20 ms window; 8 waiters need 4 windows.
+  constexpr std::uint64_t kLimit = 2;
+  const Nanos period = milliseconds(20);
+  Limiter<FixedWindow, ShardedStore, SteadyClock> lim(
+      FixedWindow::create(per(kLimit, period)).value());
+  Waiter<SteadyClock> waiter;
+  constexpr int kThreads = 8;
+  Waiters ws;
+  for (int i = 0; i < kThreads; ++i) {
+    ws.start([&](std::stop_token st) {
+      return waiter.acquire(lim, "k", 1, seconds(30), st);
+    });
+    REQUIRE(rk_test::eventually([&] {
+      return ws.done.load() + static_cast<int>(waiter.queued(&lim, "k")) >=
+             i + 1;
+    }));
+  }
+  REQUIRE(rk_test::eventually([&] { return ws.done.load() == kThreads; }));
+  std::map<std::int64_t, std::uint64_t> per_window;
+  for (std::size_t i = 0; i < kThreads; ++i) {
+    const Waited& w = ws.at(i);
+    REQUIRE(w.status.ok());
+    REQUIRE(w.admitted_at >= w.go_at);
+    // go_at is the admitting take's own time: its window is the one it
+    // counted in.
+    ++per_window[w.go_at.count() / period.count()];
+    if (i > 0) {
+      REQUIRE(w.sequence > ws.at(i - 1).sequence);
+      REQUIRE(w.go_at >= ws.at(i - 1).go_at);
+    }
+  }
+  for (const auto& [window, n] : per_window) REQUIRE(n <= kLimit);
+  for (auto& t : ws.threads) t.join();
 }

@@ -297,9 +297,9 @@ class Waiter {
             "cost above the limit's capacity: no wait admits it");
         return w;
       }
-      if (r.held && r.go_at <= arrived && !must_queue) {
+      if (r.held && r.decision.allowed && !must_queue) {
         w.receipt = std::move(r.receipt);
-        w.go_at = w.admitted_at = arrived;
+        w.go_at = w.admitted_at = std::max(arrived, r.at);
         w.sequence = ++admitted_;
         return w;
       }
@@ -355,7 +355,7 @@ class Waiter {
       if (on_stop_requested(stop)) {
         return leave(absl::CancelledError("wait cancelled"));
       }
-      const Nanos now = clock_.now();
+      Nanos now = clock_.now();
       const bool head = q.entries.front() == &e;
       if (head && !e.held && (!e.has_go || now >= wake_of(e, deadline))) {
         // A window policy: try now, the queue's head.
@@ -363,9 +363,10 @@ class Waiter {
         w.decision = r.decision;
         if (r.held) {
           e.held = true;
-          e.go_at = now;
+          e.go_at = r.at;  // the take's own time
           e.jitter = Nanos{0};
           e.receipt = std::move(r.receipt);
+          now = std::max(now, r.at);
         } else if (r.decision.never()) {
           return leave(absl::OutOfRangeError(
               "cost above the limit's capacity: no wait admits it"));
