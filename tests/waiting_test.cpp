@@ -442,6 +442,20 @@ TEST_CASE("Waiter: deadlines", "[i17]") {
     Waited never = waiter.acquire(lim, "k", 2, seconds(100));
     REQUIRE(never.status.code() == absl::StatusCode::kOutOfRange);
   }
+  SECTION("a window head whose window opens past its deadline: at once") {
+    ManualClock clock{milliseconds(100)};
+    Limiter<FixedWindow, ShardedStore, ManualClock> lim(
+        FixedWindow::create(per_second(1)).value(), clock);
+    Waiter<ManualClock> waiter(clock);
+    REQUIRE(lim.acquire("k", 1));
+    const Decision before = lim.peek("k", 0);
+    Waited w = waiter.acquire(lim, "k", 1, milliseconds(899));
+    REQUIRE(w.status.code() == absl::StatusCode::kDeadlineExceeded);
+    REQUIRE(w.decision.retry_after == milliseconds(900));
+    REQUIRE(lim.peek("k", 0) == before);
+    REQUIRE(waiter.queued(&lim, "k") == 0);
+    REQUIRE(clock.now() == milliseconds(100));
+  }
   SECTION("a window waiter gives up at its deadline; the queue moves on") {
     ManualClock clock{milliseconds(100)};
     Limiter<FixedWindow, ShardedStore, ManualClock> lim(
