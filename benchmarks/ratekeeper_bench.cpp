@@ -1173,6 +1173,89 @@ void BM_Override_OtherKey(benchmark::State& state) {
   hooks_run<true>(state, false, true);
 }
 BENCHMARK(BM_Override_OtherKey);
+// --- Issue 17: waiting instead of refusing (waiting.hpp) ---
+
+// A blocked-then-admitted acquire on a driven clock: each call finds the
+// bucket (burst 1) emptied by the one before, reserves its place (the
+// bucket goes into debt), queues, "sleeps" on a ManualClock in simulated
+// time (auto-advance: the clock moves to the go time, waking the waiter
+// through its subscription) and is admitted. The cost of the path, not of
+// the wait: no thread blocks.
+void BM_Wait_BlockedThenAdmitted(benchmark::State& state) {
+  rk::ManualClock clock;
+  clock.set_auto_advance(true);
+  rk::Limiter<rk::TokenBucket, rk::ShardedStore, rk::ManualClock> lim(
+      rk::TokenBucket::create(rk::per_second(1000), 1).value(), clock);
+  rk::Waiter<rk::ManualClock> waiter(clock);
+  static_cast<void>(lim.acquire("user:42", 1));
+  std::uint64_t blocked = 0;
+  for (auto _ : state) {
+    rk::Waited w = waiter.acquire(lim, "user:42", 1, std::chrono::seconds(1));
+    blocked += w.status.ok() && w.go_at > w.arrived;
+    benchmark::DoNotOptimize(w.receipt);
+  }
+  if (blocked != static_cast<std::uint64_t>(state.iterations())) {
+    state.SkipWithError("a call was not blocked, or not admitted");
+  }
+}
+BENCHMARK(BM_Wait_BlockedThenAdmitted);
+
+// The same Waiter on a bucket that always has room: admitted at once, the
+// Waiter's overhead over a take (its lock and queue lookup).
+void BM_Wait_AdmittedAtOnce(benchmark::State& state) {
+  rk::ManualClock clock;
+  rk::Limiter<rk::TokenBucket, rk::ShardedStore, rk::ManualClock> lim(
+      rk::TokenBucket::create(rk::per_second(1'000'000'000),
+                              1'000'000'000'000'000)
+          .value(),
+      clock);
+  rk::Waiter<rk::ManualClock> waiter(clock);
+  std::uint64_t admitted = 0;
+  for (auto _ : state) {
+    rk::Waited w = waiter.acquire(lim, "user:42", 1, std::chrono::seconds(1));
+    admitted += w.status.ok() && w.go_at == w.arrived;
+    benchmark::DoNotOptimize(w.receipt);
+  }
+  if (admitted != static_cast<std::uint64_t>(state.iterations())) {
+    state.SkipWithError("a call was not admitted at once");
+  }
+}
+BENCHMARK(BM_Wait_AdmittedAtOnce);
+
+// A reservation in the future and its cancellation (Limiter::reserve, then
+// give_back): the bucket (1 per hour, burst 1, emptied) goes into debt
+// and back, exactly, every iteration. SteadyClock, ShardedStore.
+void BM_Reserve_GiveBack(benchmark::State& state) {
+  rk::Limiter<rk::TokenBucket> lim(
+      rk::TokenBucket::create(rk::per_hour(1), 1).value());
+  static_cast<void>(lim.acquire("user:42", 1));
+  std::uint64_t ok = 0;
+  for (auto _ : state) {
+    rk::Reserved r = lim.reserve("user:42", 1, std::chrono::hours(2));
+    ok += r.held && r.go_at > r.at && lim.give_back(r.receipt).ok();
+  }
+  if (ok != static_cast<std::uint64_t>(state.iterations())) {
+    state.SkipWithError("a reservation was not held or not given back");
+  }
+}
+BENCHMARK(BM_Reserve_GiveBack);
+
+// The take and give-back it is compared with: a take admitted now, given
+// back (the same store and key).
+void BM_Take_GiveBack(benchmark::State& state) {
+  rk::Limiter<rk::TokenBucket> lim(
+      rk::TokenBucket::create(rk::per_second(1), 1).value());
+  std::uint64_t ok = 0;
+  for (auto _ : state) {
+    rk::Taken t = lim.take("user:42", 1);
+    ok += t.decision.allowed && lim.give_back(t.receipt).ok();
+  }
+  if (ok != static_cast<std::uint64_t>(state.iterations())) {
+    state.SkipWithError("a take was not admitted or not given back");
+  }
+}
+BENCHMARK(BM_Take_GiveBack);
+// --- end of issue 17 ---
 
 }  // namespace
 

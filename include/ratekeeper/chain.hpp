@@ -206,6 +206,27 @@ class Limit {
   // ends it when the call ends, give_back(d) when it never ran.
   virtual bool held_while_running() const noexcept { return false; }
 
+  // Waiting (issue 17, waiting.hpp). reserve: as Limiter::reserve, at
+  // `now`. This default holds only what take() admits now, and otherwise
+  // promises go_at = now + retry_after (how a window policy waits);
+  // PolicyLimit of a token bucket holds the wait exactly, and says so in
+  // reserves_exactly().
+  virtual Reserved reserve(std::string_view key, Cost cost, Nanos now,
+                           Nanos max_wait) {
+    static_cast<void>(max_wait);
+    Reserved r;
+    r.at = now;
+    r.decision = take(key, cost, now, r.receipt);
+    r.held = r.decision.allowed;
+    r.go_at =
+        r.decision.never()
+            ? Nanos::max()
+            : Nanos{detail::clamp_i64(static_cast<detail::i128>(now.count()) +
+                                      r.decision.retry_after.count())};
+    return r;
+  }
+  virtual bool reserves_exactly() const noexcept { return false; }
+
   // The capacity (as in every Decision) and the time it is stated over.
   virtual std::uint64_t limit() const noexcept = 0;
   virtual Nanos window() const noexcept = 0;
@@ -402,6 +423,37 @@ class PolicyLimit final : public Limit {
       return take(key, cost, now, receipt);
     }
   }
+
+  // Waiting (issue 17): a token bucket reserves exactly (reserve_on), in
+  // the key's override if it has one, heard by the listener (a reservation
+  // held as allowed, one refused as denied). A window policy holds only
+  // what take() admits now (with its overrides, epochs and listener), and
+  // otherwise promises go_at: Limit::reserve.
+  Reserved reserve(std::string_view key, Cost cost, Nanos now,
+                   Nanos max_wait) override {
+    if constexpr (!ReservingPolicy<P>) {
+      return Limit::reserve(key, cost, now, max_wait);
+    } else {
+      const detail::ReadSection section(deferred_);
+      const std::uint64_t serial = serial_.load(std::memory_order_acquire);
+      if constexpr (kHooks) {
+        if (hooked()) [[unlikely]] {
+          const detail::ReadSection hooks;
+          const Route r = route(key);
+          Reserved res = detail::reserve_on(*r.store, key, *r.policy, now,
+                                            cost, max_wait, r.issuer, serial);
+          Decision heard = res.decision;
+          heard.allowed = res.held;
+          notify(key, cost, heard, now);
+          return res;
+        }
+      }
+      const P* p = policy_ptr();
+      return detail::reserve_on(store_, key, *p, now, cost, max_wait, this,
+                                serial);
+    }
+  }
+  bool reserves_exactly() const noexcept override { return ReservingPolicy<P>; }
 
   // Settled under the policy in force now; the receipt's placement says
   // what it took under the policy it was taken under (a token bucket's

@@ -25,10 +25,12 @@
 #include <concepts>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/math.hpp"
@@ -66,42 +68,138 @@ struct SteadyClock {
 // (default 0). set() may move time backwards, which is how tests step a clock
 // back. advance() saturates at Nanos::max() rather than wrapping.
 //
+// Waiting on it (waiting.hpp, issue 17): subscribe() registers a callback
+// run after every set(), advance() and advance_to(), so a Waiter sleeping
+// until a time of this clock wakes when a test moves the clock there, and
+// at no other time. With set_auto_advance(true) a waiter does not sleep at
+// all: it moves the clock to the time it waits for (simulated time, as
+// tokio's paused clock: a day of waits runs in a moment).
+//
 // Thread safety: all members, concurrently.
 // Memory ordering: set()/advance() publish with release and now() reads with
 // acquire, so a thread that reads the new time also sees everything the
 // setting thread wrote before it (a test driver can write expectations, then
 // move time).
 class ManualClock {
+  struct Shared;
+
  public:
   explicit ManualClock(Nanos start = Nanos{0})
-      : ns_(std::make_shared<std::atomic<std::int64_t>>(start.count())) {}
+      : s_(std::make_shared<Shared>(start.count())) {}
 
   // Thread-safe.
   Nanos now() const noexcept {
-    return Nanos{ns_->load(std::memory_order_acquire)};
+    return Nanos{s_->ns.load(std::memory_order_acquire)};
   }
 
   // Thread-safe. Time may go backwards.
   void set(Nanos t) noexcept {
-    ns_->store(t.count(), std::memory_order_release);
+    s_->ns.store(t.count(), std::memory_order_release);
+    s_->changed();
   }
 
   // Thread-safe. Adds `d` (which may be negative), saturating at the ends of
   // the 64-bit range. Returns the new time.
   Nanos advance(Nanos d) noexcept {
-    std::int64_t cur = ns_->load(std::memory_order_relaxed);
+    std::int64_t cur = s_->ns.load(std::memory_order_relaxed);
     std::int64_t next = 0;
     do {
       next = detail::clamp_i64(static_cast<detail::i128>(cur) + d.count());
       // Success is release (pairs with now()'s acquire); failure only reloads
       // `cur` for the retry, so relaxed.
-    } while (!ns_->compare_exchange_weak(cur, next, std::memory_order_release,
-                                         std::memory_order_relaxed));
+    } while (!s_->ns.compare_exchange_weak(cur, next, std::memory_order_release,
+                                           std::memory_order_relaxed));
+    s_->changed();
     return Nanos{next};
   }
 
+  // Thread-safe. Moves the time to `t` if it is earlier (never back).
+  // Returns the new time.
+  Nanos advance_to(Nanos t) noexcept {
+    std::int64_t cur = s_->ns.load(std::memory_order_relaxed);
+    while (cur < t.count() && !s_->ns.compare_exchange_weak(
+                                  cur, t.count(), std::memory_order_release,
+                                  std::memory_order_relaxed)) {
+    }
+    s_->changed();
+    return now();
+  }
+
+  // Whether a waiter moves this clock to the time it waits for instead of
+  // sleeping (see the class comment). Off by default. Thread-safe.
+  void set_auto_advance(bool on) noexcept {
+    s_->auto_advance.store(on, std::memory_order_release);
+  }
+  bool auto_advance() const noexcept {
+    return s_->auto_advance.load(std::memory_order_acquire);
+  }
+
+  // Subscription: a callback run after every change of the time, until the
+  // subscription is destroyed (which waits for a run in progress). The
+  // callback runs on the thread that moved the clock, under the clock's
+  // lock: it must not subscribe or unsubscribe.
+  class Subscription {
+   public:
+    Subscription() = default;
+    Subscription(Subscription&& o) noexcept : s_(std::move(o.s_)), id_(o.id_) {}
+    Subscription& operator=(Subscription&& o) noexcept {
+      if (this != &o) {
+        reset();
+        s_ = std::move(o.s_);
+        id_ = o.id_;
+      }
+      return *this;
+    }
+    ~Subscription() { reset(); }
+    void reset() {
+      if (!s_) return;
+      const std::lock_guard lock(s_->mu);
+      for (auto it = s_->subs.begin(); it != s_->subs.end(); ++it) {
+        if (it->first == id_) {
+          s_->subs.erase(it);
+          break;
+        }
+      }
+      s_->listening.store(s_->subs.size(), std::memory_order_release);
+      s_.reset();
+    }
+
+   private:
+    friend class ManualClock;
+    std::shared_ptr<Shared> s_;
+    std::uint64_t id_ = 0;
+  };
+
+  // subscribe: runs `f` after every change of the time (see Subscription).
+  Subscription subscribe(std::function<void()> f) const {
+    Subscription sub;
+    const std::lock_guard lock(s_->mu);
+    sub.id_ = ++s_->next_id;
+    s_->subs.emplace_back(sub.id_, std::move(f));
+    s_->listening.store(s_->subs.size(), std::memory_order_release);
+    sub.s_ = s_;
+    return sub;
+  }
+
  private:
-  std::shared_ptr<std::atomic<std::int64_t>> ns_;
+  struct Shared {
+    explicit Shared(std::int64_t t) : ns(t) {}
+    std::atomic<std::int64_t> ns;
+    std::atomic<bool> auto_advance{false};
+    // Subscribers, guarded by mu; `listening` their count, so a clock with
+    // none (every clock but a Waiter's) pays one load per change.
+    std::atomic<std::size_t> listening{0};
+    std::mutex mu;
+    std::vector<std::pair<std::uint64_t, std::function<void()>>> subs;
+    std::uint64_t next_id = 0;
+    void changed() noexcept {
+      if (listening.load(std::memory_order_acquire) == 0) return;
+      const std::lock_guard lock(mu);
+      for (auto& sub : subs) sub.second();
+    }
+  };
+
+  std::shared_ptr<Shared> s_;
 };
 
 namespace detail {

@@ -20,6 +20,8 @@
 #ifndef RATEKEEPER_LIMITER_HPP_
 #define RATEKEEPER_LIMITER_HPP_
 
+#include <concepts>
+#include <cstdint>
 #include <string_view>
 #include <utility>
 
@@ -230,6 +232,111 @@ absl::StatusOr<Decision> settle_on(StoreT& store, const P& policy,
 
 }  // namespace detail
 
+// --- Reservations (issue 17: waiting instead of refusing; waiting.hpp) ---
+
+// ReservingPolicy: a Policy that can hold capacity for a call that goes
+// later (TokenBucket): reserve(s, now, cost, max_wait) is step(), and when
+// step() denies with retry_after <= max_wait, counts the cost all the same
+// where a step at now + retry_after would have; holds(placement) is the
+// time such a take occupies, in whole ns rounded down.
+template <class P>
+concept ReservingPolicy = Policy<P> &&
+    requires(const P& p, const typename P::State& s, Nanos now, Cost cost,
+             const typename P::Placement& pl) {
+  { p.reserve(s, now, cost, now) }
+  noexcept->std::same_as<Step<typename P::State>>;
+  { p.holds(pl) }
+  noexcept->std::same_as<Nanos>;
+};
+
+// Reserved: a place for a call, now or later.
+//
+//   decision  what acquire() would have answered at `at`: allowed, or
+//             denied with the exact retry_after (kNever: no wait admits it).
+//   held      the cost is counted for this caller: at once when admitted;
+//             for a ReservingPolicy (token bucket), also when the wait was
+//             within max_wait, so no later call can take it first. A
+//             window policy holds only what it admits now: otherwise the
+//             reservation is a promise of when its window opens (go_at),
+//             and the caller tries again then.
+//   at        the time it was decided, by the limit's clock.
+//   go_at     when the call may go: at + decision.retry_after (Nanos::max()
+//             when never). Held capacity is the caller's from go_at on.
+//   holds     the time of the limit's timeline the held cost occupies (a
+//             token bucket's cost * period / rate, rounded down): what a
+//             give-back before go_at moves every later reservation earlier.
+//   receipt   what was taken, when held (give_back() cancels, exactly).
+struct [[nodiscard]] Reserved {
+  Decision decision;
+  bool held = false;
+  Nanos at{0};
+  Nanos go_at{0};
+  Nanos holds{0};
+  Receipt receipt;
+  constexpr explicit operator bool() const noexcept { return held; }
+};
+
+namespace detail {
+
+template <ReservingPolicy P>
+struct ReserveOp : OpBase<P> {
+  Cost cost;
+  Nanos max_wait;
+  ReserveOp(const P* p, Nanos t, Cost c, Nanos w)
+      : OpBase<P>{p, t}, cost(c), max_wait(w) {}
+  Step<typename P::State> operator()(const typename P::State& s) const {
+    return this->policy->reserve(s, this->now, cost, max_wait);
+  }
+};
+
+// reserve_on
+//
+// A reservation of `cost` on `key` at `now` waiting at most `max_wait`: a
+// ReservingPolicy holds it exactly; any other policy takes it if it fits
+// now, and otherwise promises go_at (the time a retry is admitted if
+// nothing else happens) and holds nothing.
+template <class P, class StoreT>
+Reserved reserve_on(StoreT& store, std::string_view key, const P& policy,
+                    Nanos now, Cost cost, Nanos max_wait, const void* issuer,
+                    std::uint64_t serial) {
+  Reserved r;
+  r.at = now;
+  if constexpr (ReservingPolicy<P>) {
+    typename P::State before{};
+    std::uint64_t mark = 0;
+    bool kept = false;
+    ReserveOp<P> op(&policy, now, cost, max_wait);
+    op.before = &before;
+    op.mark = &mark;
+    const MarkedTake<P, ReserveOp<P>> marked{op, &kept};
+    r.decision = store.apply(key, marked);
+    const bool debt = !r.decision.allowed && !r.decision.never() &&
+                      r.decision.retry_after <= max_wait && cost != 0;
+    r.held = r.decision.allowed || (debt && kept);
+    if (r.held && kept) {
+      typename P::Placement placed = policy.place(before, now, cost);
+      if constexpr (requires { P::kGiveBacksMoveLaterTakes; }) {
+        placed.mark = mark;
+      }
+      r.holds = policy.holds(placed);
+      r.receipt = Receipt::issue(issuer, key, cost, now, placed, serial);
+    }
+  } else {
+    static_cast<void>(max_wait);
+    r.decision = take_on(store, key, AcquireOp<P>{&policy, now, cost}, policy,
+                         issuer, serial, r.receipt);
+    r.held = r.decision.allowed;
+  }
+  r.go_at = r.decision.never()
+                ? Nanos::max()
+                : Nanos{clamp_i64(static_cast<i128>(now.count()) +
+                                  r.decision.retry_after.count())};
+  return r;
+}
+
+}  // namespace detail
+// --- end of reservations ---
+
 // Limiter: decides and counts calls against one limit, per key.
 //
 // Template parameters:
@@ -320,6 +427,22 @@ class Limiter {
   absl::StatusOr<Decision> give_back(Receipt& receipt) {
     return settle(receipt, 0);
   }
+
+  // reserve
+  //
+  // A place for a call of `cost` on `key` that may wait up to `max_wait`
+  // (see Reserved): a token bucket counts it now and answers "go at
+  // go_at", exactly when a plain acquire would first admit it, and no later
+  // call can take it first; give_back(receipt) cancels it exactly. A window
+  // policy holds only what fits now, else promises go_at. A wait above
+  // max_wait holds nothing. For a blocking wait with a deadline, a FIFO
+  // queue per key and jitter, see Waiter (waiting.hpp). Thread-safe.
+  Reserved reserve(std::string_view key, Cost cost, Nanos max_wait) {
+    return detail::reserve_on(store_, key, policy_, clock_.now(), cost,
+                              max_wait, this, serial_);
+  }
+  static constexpr bool kReservesExactly = ReservingPolicy<P>;
+  const C& clock() const noexcept { return clock_; }
 
   // Thread-safe.
   Nanos now() const noexcept { return clock_.now(); }

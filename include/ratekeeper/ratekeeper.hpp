@@ -28,5 +28,6 @@
 #include "ratekeeper/store/sharded.hpp"
 #include "ratekeeper/store/store.hpp"
 #include "ratekeeper/tiers.hpp"
+#include "ratekeeper/waiting.hpp"
 
 #endif  // RATEKEEPER_RATEKEEPER_HPP_

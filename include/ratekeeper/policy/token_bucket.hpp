@@ -262,6 +262,40 @@ class TokenBucket {
     return encode(std::max(base, std::min(base + debt, now_s + 2 * span_)));
   }
 
+  // reserve
+  //
+  // step(), and when step() denies a cost the bucket will hold within
+  // `max_wait` (retry_after <= max_wait), the take all the same: the bucket
+  // goes into debt by that wait, and the take sits on the timeline exactly
+  // where a plain step at now + retry_after would have put it (place()
+  // says where). The decision stays step()'s (a denial, with the exact
+  // wait): the caller goes at now + retry_after, and every later take waits
+  // behind it. A cost above the burst is never reserved. Pure.
+  static constexpr bool kReservesExactly = true;
+  Step<State> reserve(const State& s, Nanos now, Cost cost,
+                      Nanos max_wait) const noexcept {
+    Step<State> st = step(s, now, cost);
+    if (st.decision.allowed || st.decision.never() ||
+        st.decision.retry_after > max_wait) {
+      return st;
+    }
+    const i128 now_s = static_cast<i128>(now.count()) * den_;
+    const i128 base = std::max(decode(s), now_s);
+    st.next = encode(base + static_cast<i128>(cost) * num_);
+    return st;
+  }
+
+  // holds
+  //
+  // The time of the timeline a take placed at `p` holds, in whole ns
+  // rounded down: a reserved take given back before its time moves every
+  // later take earlier by at least this much. Pure.
+  Nanos holds(const Placement& p) const noexcept {
+    if (p.den == 0 || p.until <= p.from) return Nanos{0};
+    return Nanos{detail::clamp_i64(
+        detail::floor_div(p.until - p.from, static_cast<i128>(p.den)))};
+  }
+
   // idle
   //
   // The bucket is full at `now`, as good as never seen.
