@@ -21,6 +21,7 @@
 
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/limiter.hpp"
+#include "ratekeeper/listener.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
 #include "ratekeeper/policy/sliding_window.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
@@ -271,6 +272,64 @@ TEST_CASE("Limit::reserve: exact on a token bucket, a promise on a window",
   REQUIRE(w1.held);
   REQUIRE_FALSE(w2.held);
   REQUIRE(w2.go_at == seconds(11));
+}
+
+namespace {
+
+// Counts what a limit's listener hears.
+struct Heard : LimitListener {
+  std::atomic<int> allowed{0}, denied{0};
+  void on_allowed(const LimitEvent&) override { allowed.fetch_add(1); }
+  void on_denied(const LimitEvent&) override { denied.fetch_add(1); }
+};
+
+}  // namespace
+
+// Where waiting meets issue 17's overrides and listeners: a key with its
+// own numbers reserves under them (and its receipt gives back there), and
+// the listener hears a held reservation as allowed, a refused one denied.
+TEST_CASE("Limit::reserve: a key's override and the limit's listener",
+          "[i17]") {
+  auto tb = make_limit({.name = "tpm"},
+                       TokenBucket::create(per_second(10), 1).value())
+                .value();
+  const Nanos t0 = seconds(10);
+  REQUIRE(tb->set_override("vip",
+                           TokenBucket::create(per_second(100), 1).value(), t0)
+              .ok());
+  auto heard = std::make_shared<Heard>();
+  tb->set_listener(heard);
+  // The limit's numbers: 100 ms per token; the override's: 10 ms.
+  Reserved a = tb->reserve("k", 1, t0, seconds(1));
+  Reserved b = tb->reserve("k", 1, t0, seconds(1));
+  REQUIRE((a.held && b.held));
+  CHECK(b.go_at == t0 + milliseconds(100));
+  Reserved v1 = tb->reserve("vip", 1, t0, seconds(1));
+  Reserved v2 = tb->reserve("vip", 1, t0, seconds(1));
+  Reserved v3 = tb->reserve("vip", 1, t0, seconds(1));
+  REQUIRE((v1.held && v2.held && v3.held));
+  CHECK(v2.go_at == t0 + milliseconds(10));
+  CHECK(v3.go_at == t0 + milliseconds(20));
+  // Beyond max_wait: refused, holding nothing.
+  Reserved no = tb->reserve("k", 1, t0, milliseconds(150));
+  CHECK_FALSE(no.held);
+  CHECK(heard->allowed.load() == 5);
+  CHECK(heard->denied.load() == 1);
+  // Cancelling the override's middle reservation gives back there: the
+  // key's next reservation goes 10 ms earlier than it would have.
+  REQUIRE(tb->settle(v2.receipt, 0, t0).ok());
+  CHECK(tb->peek("vip", 1, t0).retry_after == milliseconds(20));
+  CHECK(tb->peek("k", 1, t0).retry_after == milliseconds(200));
+  // A window policy's reservation is its take: heard as the take is.
+  auto fw =
+      make_limit({.name = "rpm"}, FixedWindow::create(per_second(1)).value())
+          .value();
+  auto fheard = std::make_shared<Heard>();
+  fw->set_listener(fheard);
+  CHECK(fw->reserve("k", 1, t0, seconds(5)).held);
+  CHECK_FALSE(fw->reserve("k", 1, t0, seconds(5)).held);
+  CHECK(fheard->allowed.load() == 1);
+  CHECK(fheard->denied.load() == 1);
 }
 
 namespace {

@@ -440,8 +440,8 @@ class PolicyLimit final : public Limit {
         if (hooked()) [[unlikely]] {
           const detail::ReadSection hooks;
           const Route r = route(key);
-          Reserved res = detail::reserve_on(*r.store, key, *r.policy, now,
-                                            cost, max_wait, r.issuer, serial);
+          Reserved res = detail::reserve_on(*r.store, key, *r.policy, now, cost,
+                                            max_wait, r.issuer, serial);
           Decision heard = res.decision;
           heard.allowed = res.held;
           notify(key, cost, heard, now);
