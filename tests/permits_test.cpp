@@ -7,8 +7,10 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
+#include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/concurrency.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
@@ -337,6 +339,36 @@ TEST_CASE("permits: peek on a full table decides as hold", "[i17]") {
   Permit b = permits.acquire("b", 2);
   CHECK(b.decision() == p);
   CHECK(lim->store_stats().denied_full == 3);
+}
+
+TEST_CASE("permits: one limit, two clocks mixed (docs/concurrency.md)",
+          "[i17]") {
+  // The defaults the doc names.
+  static_assert(std::is_same_v<Permits<>, Permits<SteadyClock>>);
+  static_assert(std::is_same_v<Chain<>, Chain<SteadyClock>>);
+  static_assert(std::is_same_v<Accountant<>, Accountant<SystemClock>>);
+  // Times of each kind: a day since boot, 2026 since 1970.
+  const Nanos steady = std::chrono::hours(24);
+  const Nanos system = std::chrono::seconds(1'796'083'200);
+  auto lim = make(1, seconds(60));
+  // Taken at a steady time, seen at a system time: expired at once, its
+  // release late (it frees nothing more).
+  Receipt a;
+  REQUIRE(lim->take("k", 1, steady, a).allowed);
+  CHECK(lim->peek("k", 1, system).allowed);
+  REQUIRE(lim->settle(a, 0, system).ok());
+  CHECK(lim->late_releases() == 1);
+  // Taken at a system time: at steady times it never expires.
+  Receipt b, c;
+  REQUIRE(lim->take("k", 1, system, b).allowed);
+  const Decision d =
+      lim->take("k", 1, steady + std::chrono::hours(24 * 365), c);
+  CHECK_FALSE(d.allowed);
+  CHECK(d.retry_after > std::chrono::hours(24 * 365 * 50));
+  // Released at a steady time, it is found (by its id) and freed.
+  REQUIRE(lim->settle(b, 0, steady).ok());
+  CHECK(lim->released() == 1);
+  CHECK(lim->peek("k", 1, steady).allowed);
 }
 
 TEST_CASE("permits: N threads never hold more than the limit", "[i17]") {
