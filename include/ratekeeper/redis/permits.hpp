@@ -177,7 +177,8 @@ class RedisPermits final : public PermitLimit {
       if (RedisClient::is_auth_error(r.status())) return r.status();
       queue_release(receipt.key(), member);
       receipt.close();
-      return absl::UnavailableError(
+      return absl::Status(
+          r.status().code(),
           absl::StrCat(r.status().message(),
                        " (the release is queued: the next call that reaches "
                        "Redis sends it)"));
