@@ -319,8 +319,8 @@ namespace {
 std::shared_ptr<RedisClient> impatient_client(const RedisServer& s) {
   auto c = RedisClient::create({.port = s.port(),
                                 .prefix = "rkt:",
-                                .connect_timeout = milliseconds(200),
-                                .command_timeout = milliseconds(200)});
+                                .connect_timeout = milliseconds(500),
+                                .command_timeout = milliseconds(500)});
   REQUIRE(c.ok());
   return *c;
 }
@@ -358,10 +358,14 @@ TEST_CASE("redis permits: an acquire Redis did not answer is released",
   auto client = impatient_client(server);
   auto lim = permits_on(client, 1, seconds(60), {.fail = mode, .instances = 1});
   Permits<> permits(lim.get());
-  {
-    Permit warm = permits.acquire("warm");  // the script loaded
-    REQUIRE(warm);
-  }
+  REQUIRE(rk_test::eventually([&] {  // the script loaded
+    Permit warm = permits.acquire("warm");
+    return warm.held() && warm.status().ok();
+  }));
+  REQUIRE(rk_test::eventually([&] {  // anything a slow call queued, sent
+    static_cast<void>(lim->peek("warm", 0, permits.now()));
+    return lim->queued_releases() == 0;
+  }));
   server.signal(SIGSTOP);
   {
     Permit p = permits.acquire("user");
@@ -379,7 +383,10 @@ TEST_CASE("redis permits: an acquire Redis did not answer is released",
   }));
   CHECK(std::chrono::steady_clock::now() - resumed < seconds(30));
   CHECK(again.held());
-  CHECK(lim->queued_releases() == 0);
+  CHECK(rk_test::eventually([&] {  // sent before the acquire, or by a peek
+    static_cast<void>(lim->peek("user", 0, permits.now()));
+    return lim->queued_releases() == 0;
+  }));
   CHECK(lim->dropped_releases() == 0);
   // Redis holds the new permit only.
   CHECK(holders(*client, "user").size() == 1);
@@ -415,7 +422,10 @@ TEST_CASE("redis permits: a release Redis did not answer is sent later",
     again = permits.acquire("user");
     return static_cast<bool>(again);
   }));
-  CHECK(lim->queued_releases() == 0);
+  CHECK(rk_test::eventually([&] {
+    static_cast<void>(lim->peek("user", 0, permits.now()));
+    return lim->queued_releases() == 0;
+  }));
   CHECK(lim->dropped_releases() == 0);
   CHECK(holders(*client, "user").size() == 1);
   for (int i = 0; i < 3; ++i) {
