@@ -6,7 +6,7 @@
 -- TIME, or the test's time). A holder whose expiry is at or before now no
 -- longer counts and is removed before anything is decided.
 --   ARGV[1]  now (us), or "" for Redis's TIME (now.lua)
---   ARGV[2]  op: "acquire", "peek", "renew", "release"
+--   ARGV[2]  op: "acquire", "peek", "renew", "release", "cancel"
 --   ARGV[3]  the limit (slots per key)
 --   ARGV[4]  the TTL (us)
 --   ARGV[5]  the member (acquire, renew, release)
@@ -16,6 +16,12 @@
 -- the holder had expired), removed (release: 0 when it had expired, which
 -- frees nothing). remaining and reset_after as an acquire answers them:
 -- with its own permit counted when it admits.
+--
+-- cancel: the release of a holder whose acquire was not answered (it may
+-- have run, may run later, or never). ZREM; if that removed nothing, a
+-- tombstone "x<member>" (scored one TTL after now, so swept as a holder
+-- is) that the acquire, if it runs later, finds: it then adds nothing. A
+-- tombstone holds no slot: every count below skips members not "<n>:".
 local key = KEYS[1]
 local op = ARGV[2]
 local limit = tonumber(ARGV[3])
@@ -33,10 +39,19 @@ end
 -- The live holders, earliest expiry first; the slots they hold.
 local held = redis.call('ZRANGEBYSCORE', key, '(' .. int(now), '+inf',
                         'WITHSCORES')
+-- The slots of a member; nil for a tombstone.
+local function slots(m)
+  local n = string.match(m, '^(%d+):')
+  if n then return tonumber(n) end
+  return nil
+end
 local used, latest = 0, now
 for i = 1, #held, 2 do
-  used = used + tonumber(string.match(held[i], '^(%d+):'))
-  latest = math.max(latest, tonumber(held[i + 1]))
+  local n = slots(held[i])
+  if n then
+    used = used + n
+    latest = math.max(latest, tonumber(held[i + 1]))
+  end
 end
 
 -- The key lives as long as its last holder (in test mode at least ten
@@ -53,6 +68,11 @@ if op == 'acquire' or op == 'peek' then
   end
   if used + cost <= limit then
     local expiry = now + ttl
+    if op == 'acquire' and cost > 0 and
+        redis.call('ZREM', key, 'x' .. member) == 1 then
+      -- Cancelled before it ran (its caller was told nothing): add nothing.
+      return {0, now, limit - used, 0, latest - now, 0}
+    end
     if cost > 0 then
       if op == 'acquire' then
         redis.call('ZADD', key, int(expiry), member)
@@ -66,7 +86,7 @@ if op == 'acquire' or op == 'peek' then
   local wait = -1
   local left = used
   for i = 1, #held, 2 do
-    left = left - tonumber(string.match(held[i], '^(%d+):'))
+    left = left - (slots(held[i]) or 0)
     if left + cost <= limit then
       wait = tonumber(held[i + 1]) - now
       break
@@ -82,13 +102,20 @@ elseif op == 'renew' then
   latest = math.max(latest, expiry)
   keep(latest)
   return {1, now, limit - used, 0, latest - now, expiry}
-elseif op == 'release' then
+elseif op == 'release' or op == 'cancel' then
   local removed = redis.call('ZREM', key, member)
   if removed == 1 then
-    used = used - tonumber(string.match(member, '^(%d+):'))
-    local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    used = used - slots(member)
     latest = now
-    if #last == 2 then latest = math.max(now, tonumber(last[2])) end
+    for i = 1, #held, 2 do
+      if held[i] ~= member and slots(held[i]) then
+        latest = math.max(latest, tonumber(held[i + 1]))
+      end
+    end
+  elseif op == 'cancel' then
+    local expiry = now + ttl
+    redis.call('ZADD', key, int(expiry), 'x' .. member)
+    keep(math.max(latest, expiry))
   end
   return {removed, now, limit - used, 0, latest - now, 0}
 end

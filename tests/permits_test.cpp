@@ -7,8 +7,10 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
+#include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/concurrency.hpp"
 #include "ratekeeper/policy/fixed_window.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
@@ -295,6 +297,80 @@ TEST_CASE("permits: keys are dropped, max_keys refuses clearly", "[i17]") {
   CHECK(lim->store_stats().denied_full == 1);
 }
 
+TEST_CASE("permits: peek on a full table decides as hold", "[i17]") {
+  // max_keys 1: "a" holds the table; a new key is refused by hold with
+  // nothing left (remaining 0) and full_retry, and peek says the same
+  // before it, field by field, as does a chain's peek.
+  ManualClock clock(seconds(100));
+  auto lim = make(2, seconds(10), 1);
+  Permits<ManualClock> permits(lim.get(), clock);
+  Chain<ManualClock> chain(clock);
+  const Decision full{false, 2, 0, seconds(1), Nanos{0}};
+  Permit a = permits.acquire("a");
+  REQUIRE(a);
+  for (int step = 0; step < 3; ++step) {  // "a" live throughout
+    clock.advance(seconds(3));
+    const Decision p = lim->peek("b", 1, clock.now());
+    CHECK(p == full);
+    const ChainItem items[] = {{lim.get(), "b", 1}};
+    const ChainDecision cp = chain.peek(items);
+    CHECK_FALSE(cp.allowed);
+    CHECK(cp.retry_after == seconds(1));
+    Permit b = permits.acquire("b");
+    CHECK(b.decision() == full);
+    CHECK(b.status().code() == absl::StatusCode::kResourceExhausted);
+    CHECK(b.decision() == p);
+  }
+  // A cost of 0 (holds nothing) and a cost above the limit are decided
+  // without the table, by peek as by hold.
+  Receipt r;
+  CHECK(lim->peek("b", 0, clock.now()) == lim->take("b", 0, clock.now(), r));
+  CHECK(lim->peek("b", 0, clock.now()).allowed);
+  CHECK(lim->peek("b", 3, clock.now()) == lim->take("b", 3, clock.now(), r));
+  CHECK(lim->peek("b", 3, clock.now()).retry_after == kNever);
+  // "a" detached: it ends at its TTL (110 s); hold would sweep it, so peek
+  // admits "b" from then on, and says what hold then does.
+  Receipt kept = a.detach();
+  clock.set(seconds(110) - Nanos{1});
+  CHECK(lim->peek("b", 1, clock.now()) == full);
+  clock.set(seconds(110));
+  const Decision p = lim->peek("b", 2, clock.now());
+  CHECK(p == Decision{true, 2, 0, Nanos{0}, seconds(10)});
+  Permit b = permits.acquire("b", 2);
+  CHECK(b.decision() == p);
+  CHECK(lim->store_stats().denied_full == 3);
+}
+
+TEST_CASE("permits: one limit, two clocks mixed (docs/concurrency.md)",
+          "[i17]") {
+  // The defaults the doc names.
+  static_assert(std::is_same_v<Permits<>, Permits<SteadyClock>>);
+  static_assert(std::is_same_v<Chain<>, Chain<SteadyClock>>);
+  static_assert(std::is_same_v<Accountant<>, Accountant<SystemClock>>);
+  // Times of each kind: a day since boot, 2026 since 1970.
+  const Nanos steady = std::chrono::hours(24);
+  const Nanos system = std::chrono::seconds(1'796'083'200);
+  auto lim = make(1, seconds(60));
+  // Taken at a steady time, seen at a system time: expired at once, its
+  // release late (it frees nothing more).
+  Receipt a;
+  REQUIRE(lim->take("k", 1, steady, a).allowed);
+  CHECK(lim->peek("k", 1, system).allowed);
+  REQUIRE(lim->settle(a, 0, system).ok());
+  CHECK(lim->late_releases() == 1);
+  // Taken at a system time: at steady times it never expires.
+  Receipt b, c;
+  REQUIRE(lim->take("k", 1, system, b).allowed);
+  const Decision d =
+      lim->take("k", 1, steady + std::chrono::hours(24 * 365), c);
+  CHECK_FALSE(d.allowed);
+  CHECK(d.retry_after > std::chrono::hours(24 * 365 * 50));
+  // Released at a steady time, it is found (by its id) and freed.
+  REQUIRE(lim->settle(b, 0, steady).ok());
+  CHECK(lim->released() == 1);
+  CHECK(lim->peek("k", 1, steady).allowed);
+}
+
 TEST_CASE("permits: N threads never hold more than the limit", "[i17]") {
   // Real threads on the real clock; a TTL far beyond the run, so only
   // releases free slots. The counter of holders is checked at every admit.
@@ -395,6 +471,24 @@ TEST_CASE("permits in a chain: all or nothing with a rate limit", "[i17]") {
     CHECK(g.free_slots() == 2);
     CHECK(g.rpm_left() == 2);
     CHECK(g.chain.release(d) == 0);
+  }
+  SECTION("settle by unit skips permits: alone, kFailedPrecondition") {
+    // {permit, tpm}: the permit is the only request-unit result, and settle
+    // by unit never touches a permit, so none was open to settle.
+    ChainDecision d =
+        g.chain.acquire({{g.streams.get(), "u", 1}, {g.tpm.get(), "u", 300}});
+    REQUIRE(d);
+    const absl::Status st = g.chain.settle(d, Unit::kRequests, 1);
+    CHECK(st.code() == absl::StatusCode::kFailedPrecondition);
+    CHECK(d.results[0].receipt.open());  // still held
+    CHECK(g.free_slots() == 1);
+    CHECK(d.results[1].receipt.open());  // the tokens untouched
+    CHECK(g.tpm_left() == 700);
+    REQUIRE(g.chain.settle(d, Unit::kTokens, 100).ok());
+    CHECK(g.tpm_left() == 900);
+    CHECK(g.free_slots() == 1);
+    CHECK(g.chain.release(d) == 1);
+    CHECK(g.free_slots() == 2);
   }
   SECTION("give_back releases the permit with the rest") {
     ChainDecision d =

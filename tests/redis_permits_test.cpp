@@ -256,11 +256,14 @@ TEST_CASE("redis permits: Redis killed, the fail mode decides",
   CHECK(c.retry_after == milliseconds(250));
   CHECK_FALSE(r.open());
   CHECK(closed->fallbacks() == 1);
-  // The release of a permit Redis holds cannot be made: the receipt stays
-  // open (the TTL ends it otherwise).
+  // The release of a permit Redis holds cannot be made now: kUnavailable,
+  // the receipt closed, the release queued with the acquire's (above).
   CHECK(closed->settle(held, 0, kT0).status().code() ==
         absl::StatusCode::kUnavailable);
-  CHECK(held.open());
+  CHECK_FALSE(held.open());
+  // (The acquire's too, if it may have reached Redis before it died.)
+  CHECK(closed->queued_releases() >= 1);
+  CHECK(closed->queued_releases() <= 2);
 
   const Decision o = open->take("k", 1, kT0, r);
   CHECK(o.allowed);
@@ -283,6 +286,8 @@ TEST_CASE("redis permits: Redis killed, the fail mode decides",
   CHECK(rk_test::eventually(
       [&] { return closed->take("k", 4, kT0, back).allowed; }));
   CHECK(back.open());
+  CHECK(closed->queued_releases() == 0);  // sent (to an empty Redis)
+  CHECK(closed->dropped_releases() == 0);
   REQUIRE(closed->settle(back, 0, kT0).ok());
 }
 
@@ -306,4 +311,163 @@ TEST_CASE("redis permits: credentials Redis refuses are not an outage",
   CHECK(open->fallbacks() == 0);
   REQUIRE(*client->command({"ACL", "SETUSER", "default", "+@all"}) == "OK");
   REQUIRE(open->settle(r, 0, kT0).ok());
+}
+
+namespace {
+
+// A client that gives up on Redis soon: a paused Redis times out.
+std::shared_ptr<RedisClient> impatient_client(const RedisServer& s) {
+  auto c = RedisClient::create({.port = s.port(),
+                                .prefix = "rkt:",
+                                .connect_timeout = milliseconds(500),
+                                .command_timeout = milliseconds(500)});
+  REQUIRE(c.ok());
+  return *c;
+}
+
+// The holders of a key's sorted set (tombstones, "x...", left out).
+std::vector<std::string> holders(RedisClient& c, std::string_view key) {
+  const std::string k = redis_key("rkt:", "streams", {}, key);
+  std::vector<std::string> out;
+  const auto all = c.command({"ZRANGE", k, "0", "-1"});
+  REQUIRE(all.ok());
+  std::string line;
+  for (const char ch : *all + "\n") {
+    if (ch != '\n') {
+      line += ch;
+      continue;
+    }
+    if (!line.empty() && line[0] != 'x') out.push_back(line);
+    line.clear();
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("redis permits: an acquire Redis did not answer is released",
+          "[i17][redis]") {
+  // Redis paused (SIGSTOP) while an acquire waits: the call times out and
+  // the fail mode answers, but Redis runs the queued script when it
+  // resumes. Its holder must not keep the slot for the TTL (60 s): the
+  // next call that reaches Redis releases it.
+  const FailMode mode =
+      GENERATE(FailMode::kClosed, FailMode::kOpen, FailMode::kLocal);
+  CAPTURE(static_cast<int>(mode));
+  RedisServer server;
+  auto client = impatient_client(server);
+  auto lim = permits_on(client, 1, seconds(60), {.fail = mode, .instances = 1});
+  Permits<> permits(lim.get());
+  REQUIRE(rk_test::eventually([&] {  // the script loaded
+    Permit warm = permits.acquire("warm");
+    return warm.held() && warm.status().ok();
+  }));
+  REQUIRE(rk_test::eventually([&] {  // anything a slow call queued, sent
+    static_cast<void>(lim->peek("warm", 0, permits.now()));
+    return lim->queued_releases() == 0;
+  }));
+  server.signal(SIGSTOP);
+  {
+    Permit p = permits.acquire("user");
+    CHECK(p.status().code() == absl::StatusCode::kUnavailable);
+    CHECK(static_cast<bool>(p) == (mode != FailMode::kClosed));
+    CHECK(p.held() == (mode == FailMode::kLocal));  // in process
+    CHECK(lim->queued_releases() == 1);
+  }  // dropped: whatever Redis does with the acquire, nobody holds it
+  server.signal(SIGCONT);
+  const auto resumed = std::chrono::steady_clock::now();
+  Permit again;
+  CHECK(rk_test::eventually([&] {
+    again = permits.acquire("user");
+    return static_cast<bool>(again) && again.status().ok();
+  }));
+  CHECK(std::chrono::steady_clock::now() - resumed < seconds(30));
+  CHECK(again.held());
+  CHECK(rk_test::eventually([&] {  // sent before the acquire, or by a peek
+    static_cast<void>(lim->peek("user", 0, permits.now()));
+    return lim->queued_releases() == 0;
+  }));
+  CHECK(lim->dropped_releases() == 0);
+  // Redis holds the new permit only.
+  CHECK(holders(*client, "user").size() == 1);
+  REQUIRE(again.release().ok());
+  CHECK(holders(*client, "user").empty());
+}
+
+TEST_CASE("redis permits: a release Redis did not answer is sent later",
+          "[i17][redis]") {
+  // The breaker opened by calls that timed out: the release is turned away
+  // without reaching Redis. It is queued, and sent once Redis answers.
+  RedisServer server;
+  auto client = impatient_client(server);
+  auto lim = permits_on(client, 1, seconds(60), {.fail = FailMode::kClosed});
+  Permits<> permits(lim.get());
+  Permit p = permits.acquire("user");
+  REQUIRE(p);
+  server.signal(SIGSTOP);
+  for (int i = 0; i < 3; ++i) {  // breaker_failures: 3 timeouts open it
+    Permit other = permits.acquire("other" + std::to_string(i));
+    CHECK_FALSE(other);
+  }
+  const absl::Status st = p.release();
+  CHECK(st.code() == absl::StatusCode::kUnavailable);
+  CHECK_FALSE(p.held());  // nothing to release again
+  // The release, and the acquires whose scripts Redis may run on resuming
+  // (not those the breaker turned away unsent).
+  CHECK(lim->queued_releases() >= 2);
+  CHECK(lim->queued_releases() <= 4);
+  server.signal(SIGCONT);
+  Permit again;
+  CHECK(rk_test::eventually([&] {
+    again = permits.acquire("user");
+    return static_cast<bool>(again);
+  }));
+  CHECK(rk_test::eventually([&] {
+    static_cast<void>(lim->peek("user", 0, permits.now()));
+    return lim->queued_releases() == 0;
+  }));
+  CHECK(lim->dropped_releases() == 0);
+  CHECK(holders(*client, "user").size() == 1);
+  for (int i = 0; i < 3; ++i) {
+    CHECK(holders(*client, "other" + std::to_string(i)).empty());
+  }
+}
+
+TEST_CASE("redis permits: a release that reaches Redis before its acquire",
+          "[i17][redis]") {
+  // The script itself: "cancel" of a holder Redis has not added leaves a
+  // tombstone; the acquire, run after it, adds nothing and consumes it. A
+  // tombstone holds no slot and expires with the TTL.
+  RedisServer server;
+  auto client = client_for(server);
+  const std::string k = redis_key("rkt:", "streams", {}, "k");
+  const std::string_view keys[] = {k};
+  const auto call = [&](std::string_view now_us, std::string_view op,
+                        std::string_view member, std::string_view cost) {
+    const std::string_view args[] = {now_us, op, "2", "10000000", member, cost};
+    auto r = client->eval_ints(detail::redis_permits_script(), keys, args);
+    REQUIRE(r.ok());
+    return std::vector<std::int64_t>(r->begin(), r->end());
+  };
+  const std::string t0 = "1796083200000000";
+  // {ok, now, remaining, retry_after, reset_after, expiry}
+  CHECK(call(t0, "cancel", "1:late", "0")[0] == 0);  // nothing removed
+  CHECK(*client->command({"ZCARD", k}) == "1");      // the tombstone
+  // A tombstone counts no slot: two slots free.
+  CHECK(call(t0, "peek", "", "2") ==
+        std::vector<std::int64_t>{1, 1796083200000000, 0, 0, 10000000,
+                                  1796083210000000});
+  // The late acquire adds nothing, and takes the tombstone away.
+  CHECK(call(t0, "acquire", "1:late", "1")[0] == 0);
+  CHECK(*client->command({"ZCARD", k}) == "0");
+  CHECK(call(t0, "acquire", "1:a", "1")[0] == 1);
+  // A cancel that finds its holder removes it (no tombstone).
+  CHECK(call(t0, "cancel", "1:a", "0")[0] == 1);
+  CHECK(*client->command({"EXISTS", k}) == "0");
+  // A tombstone no acquire came for ends at its TTL.
+  CHECK(call(t0, "cancel", "1:never", "0")[0] == 0);
+  CHECK(call("1796083210000000", "acquire", "2:b", "2") ==
+        std::vector<std::int64_t>{1, 1796083210000000, 0, 0, 10000000,
+                                  1796083220000000});
+  CHECK(*client->command({"ZCARD", k}) == "1");
 }

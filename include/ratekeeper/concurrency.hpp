@@ -48,7 +48,8 @@ namespace ratekeeper {
 //               gone is dropped); an acquire for a new key beyond it first
 //               sweeps every shard of expired permits, then is refused:
 //               kResourceExhausted in Permit::status(), counted in
-//               StoreStats::denied_full, retry_after full_retry
+//               StoreStats::denied_full, remaining 0, retry_after
+//               full_retry (peek() answers the same)
 //   full_retry  the wait such a refusal states
 struct ConcurrencyOptions {
   std::uint64_t limit = 1;
@@ -112,22 +113,30 @@ class ConcurrencyLimit final : public PermitLimit {
     return d;
   }
 
-  // As hold() would decide, changing nothing.
+  // As hold() would decide, changing nothing: a new key (cost 1 to limit)
+  // on a full table is refused as hold() refuses it (remaining 0,
+  // retry_after full_retry) unless some key's permits have all expired by
+  // `now` (hold() would sweep it): that check reads every shard.
   Decision peek(std::string_view key, Cost cost, Nanos now) const override {
-    Shard& sh = shard_of(key);
-    detail::MutexLock lock(&sh.mu);
-    const auto it = sh.keys.find(key);
-    if (it == sh.keys.end()) {
+    {
+      Shard& sh = shard_of(key);
+      detail::MutexLock lock(&sh.mu);
+      const auto it = sh.keys.find(key);
+      if (it != sh.keys.end()) {
+        // Expired permits not yet swept are the first ones.
+        const Holders& hs = it->second.holders;
+        Cost used = it->second.in_use;
+        auto first = hs.begin();
+        for (; first != hs.end() && Nanos{first->first.first} <= now; ++first) {
+          used -= first->second;
+        }
+        return decide(hs, used, cost, now, first);
+      }
+    }
+    if (cost == 0 || cost > limit_ || !full_at(now)) {
       return decide(Holders{}, 0, cost, now);
     }
-    // Expired permits not yet swept are the first ones.
-    const Holders& hs = it->second.holders;
-    Cost used = it->second.in_use;
-    auto first = hs.begin();
-    for (; first != hs.end() && Nanos{first->first.first} <= now; ++first) {
-      used -= first->second;
-    }
-    return decide(hs, used, cost, now, first);
+    return full_refusal();
   }
 
   // settle: releases the permit (whatever `actual`: a permit has no amount
@@ -323,7 +332,7 @@ class ConcurrencyLimit final : public PermitLimit {
               "concurrency limit \"", name(), "\": ", opts_.max_keys,
               " keys hold permits already (max_keys)"));
         }
-        out = Decision{false, limit_, limit_, opts_.full_retry, Nanos{0}};
+        out = full_refusal();
         return true;
       }
       it = sh.keys.try_emplace(std::string(key)).first;
@@ -342,6 +351,32 @@ class ConcurrencyLimit final : public PermitLimit {
     ks.in_use += cost;
     receipt = Receipt::issue(this, key, cost, now, place, serial_);
     return true;
+  }
+
+  // A new key's refusal when the table is full: nothing may be held there
+  // now (remaining 0, so that a call of cost <= remaining is allowed: a
+  // cost of 0), until full_retry.
+  Decision full_refusal() const {
+    return Decision{false, limit_, 0, opts_.full_retry, Nanos{0}};
+  }
+
+  // Whether a new key would be refused at `now`: max_keys keys hold
+  // permits that have not all expired by then (the keys hold() would keep
+  // after sweeping every shard). Reads one shard at a time.
+  bool full_at(Nanos now) const {
+    if (keys_.load(std::memory_order_relaxed) < opts_.max_keys) return false;
+    std::size_t live = 0;
+    for (std::size_t i = 0; i < kShards; ++i) {
+      Shard& sh = shards_[i];
+      detail::MutexLock lock(&sh.mu);
+      for (const auto& [k, ks] : sh.keys) {
+        if (!ks.holders.empty() &&
+            Nanos{ks.holders.rbegin()->first.first} > now) {
+          ++live;
+        }
+      }
+    }
+    return live >= opts_.max_keys;
   }
 
   bool claim_key() {

@@ -137,7 +137,9 @@ class [[nodiscard]] Permit {
   // release
   //
   // Gives the permit back now. kFailedPrecondition when not held (refused,
-  // released, detached). A permit whose TTL had ended frees nothing.
+  // released, detached). A permit whose TTL had ended frees nothing. A
+  // RedisPermits release Redis did not answer is kUnavailable and no longer
+  // held: the release is queued (redis/permits.hpp).
   absl::Status release() {
     if (limit_ == nullptr || !receipt_.open()) {
       return absl::FailedPreconditionError("permit not held");

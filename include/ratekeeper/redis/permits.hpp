@@ -21,12 +21,21 @@
 // for a RedisLimit: kClosed refuses (retry_after fail_retry), kOpen admits
 // holding nothing, kLocal holds a permit of an in-process ConcurrencyLimit
 // of limit / instances slots (at least 1). Credentials Redis refuses are
-// never a fail mode's case: the call is refused. A RedisPermits is a Limit
+// never a fail mode's case: the call is refused.
+//
+// A call not answered may still run in Redis (queued while Redis was
+// paused, say): an acquire not answered would hold a slot nobody releases
+// until its TTL. Its holder id is known before the call, so its release
+// ("cancel": ZREM, or a tombstone that the late acquire finds and then adds
+// nothing) is queued, as is a release not answered, in a bounded queue
+// per RedisPermits that the next call reaching Redis sends first, in one
+// pipeline (queued_releases(), dropped_releases()). A RedisPermits is a Limit
 // for an in-process Chain; a RedisChain (one script per slot) does not take
 // it.
 #ifndef RATEKEEPER_REDIS_PERMITS_HPP_
 #define RATEKEEPER_REDIS_PERMITS_HPP_
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -35,6 +44,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -116,8 +126,16 @@ class RedisPermits final : public PermitLimit {
     const detail::RedisPermitPlace place{
         nonce_, next_.fetch_add(1, std::memory_order_relaxed)};
     const std::string member = member_of(cost, place);
+    drain(now);
     absl::StatusOr<Reply> r = run("acquire", key, cost, member, now);
     if (!r.ok()) {
+      // The script may yet run (or have run, its answer lost): its holder
+      // is released by the next call that reaches Redis. A call never sent
+      // (breaker open, no connection) holds nothing.
+      if (cost > 0 && cost <= limit_ && RedisClient::may_have_run(r.status()) &&
+          !RedisClient::is_auth_error(r.status())) {
+        queue_release(key, member);
+      }
       if (why != nullptr) *why = r.status();
       return fail(r.status(), key, cost, now, receipt);
     }
@@ -132,6 +150,7 @@ class RedisPermits final : public PermitLimit {
   // cannot answer (kLocal: the local limit's peek).
   Decision peek(std::string_view key, Cost cost, Nanos now) const override {
     auto* self = const_cast<RedisPermits*>(this);
+    self->drain(now);
     absl::StatusOr<Reply> r = self->run("peek", key, cost, "", now);
     if (r.ok()) return r->decision;
     Receipt none;
@@ -140,8 +159,9 @@ class RedisPermits final : public PermitLimit {
 
   // settle: releases the permit in Redis (ZREM), whatever `actual`. One
   // whose TTL had ended frees nothing (counted in late_releases()).
-  // kUnavailable when Redis did not answer: the receipt stays open (release
-  // it again; its TTL ends it otherwise). A receipt the kLocal fail mode
+  // kUnavailable when Redis did not answer: the receipt is closed and the
+  // release queued (the next call that reaches Redis sends it; its TTL
+  // ends the permit if the queue is full). A receipt the kLocal fail mode
   // issued is released in process.
   absl::StatusOr<Decision> settle(Receipt& receipt, Cost actual,
                                   Nanos now) override {
@@ -149,11 +169,19 @@ class RedisPermits final : public PermitLimit {
     if (local_ != nullptr && receipt.issuer() == local_.get()) {
       return local_->settle(receipt, actual, now);
     }
-    absl::StatusOr<Reply> r =
-        run("release", receipt.key(), 0, member_of(receipt), now);
+    drain(now);
+    const std::string member = member_of(receipt);
+    absl::StatusOr<Reply> r = run("release", receipt.key(), 0, member, now);
     if (!r.ok()) {
       note_error(r.status());
-      return r.status();
+      if (RedisClient::is_auth_error(r.status())) return r.status();
+      queue_release(receipt.key(), member);
+      receipt.close();
+      return absl::Status(
+          r.status().code(),
+          absl::StrCat(r.status().message(),
+                       " (the release is queued: the next call that reaches "
+                       "Redis sends it)"));
     }
     receipt.close();
     (r->ok ? released_ : late_).fetch_add(1, std::memory_order_relaxed);
@@ -166,6 +194,7 @@ class RedisPermits final : public PermitLimit {
     if (local_ != nullptr && receipt.issuer() == local_.get()) {
       return local_->renew(receipt, now);
     }
+    drain(now);
     absl::StatusOr<Reply> r =
         run("renew", receipt.key(), 0, member_of(receipt), now);
     if (!r.ok()) {
@@ -199,6 +228,17 @@ class RedisPermits final : public PermitLimit {
   std::uint64_t late_releases() const noexcept {
     return late_.load(std::memory_order_relaxed);
   }
+  // Releases not yet sent (acquires and releases Redis did not answer),
+  // and those dropped: the queue was full (kMaxQueued), or Redis refused
+  // them (an error reply); each of those ends by its TTL.
+  std::size_t queued_releases() const noexcept {
+    return queued_n_.load(std::memory_order_relaxed);
+  }
+  std::uint64_t dropped_releases() const noexcept {
+    return dropped_.load(std::memory_order_relaxed);
+  }
+  static constexpr std::size_t kMaxQueued = 4096;
+
   const RedisLimitOptions& redis_options() const noexcept { return redis_; }
   // kLocal: the in-process limit at this instance's share.
   ConcurrencyLimit* local_limit() noexcept { return local_.get(); }
@@ -293,6 +333,59 @@ class RedisPermits final : public PermitLimit {
 
   void note_error(const absl::Status&) { metrics().record_error(); }
 
+  // A holder Redis may hold (its call was not answered), for drain().
+  struct Queued {
+    std::string key;  // the caller's key
+    std::string member;
+  };
+  void queue_release(std::string_view key, std::string_view member) {
+    detail::MutexLock lock(&queue_mu_);
+    if (queue_.size() >= kMaxQueued) {
+      dropped_.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    queue_.push_back({std::string(key), std::string(member)});
+    queued_n_.store(queue_.size(), std::memory_order_relaxed);
+  }
+
+  // Sends the queued releases ("cancel") in one pipeline before a call;
+  // those Redis does not answer are queued again.
+  void drain(Nanos now) {
+    if (queued_n_.load(std::memory_order_relaxed) == 0) return;
+    std::vector<Queued> batch;
+    {
+      detail::MutexLock lock(&queue_mu_);
+      batch.swap(queue_);
+      queued_n_.store(0, std::memory_order_relaxed);
+    }
+    if (batch.empty()) return;
+    const std::string t =
+        redis_.test_time ? std::to_string(now.count() / 1000) : std::string();
+    const std::string lim = std::to_string(limit_);
+    const std::string ttl = std::to_string(ttl_us_);
+    std::vector<std::string> keys(batch.size());
+    std::vector<std::array<std::string_view, 1>> key_args(batch.size());
+    std::vector<std::array<std::string_view, 6>> args(batch.size());
+    std::vector<RedisClient::EvalCall> calls(batch.size());
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      keys[i] = redis_key(client_->options().prefix, name(), {}, batch[i].key);
+      key_args[i] = {keys[i]};
+      args[i] = {t, "cancel", lim, ttl, batch[i].member, "0"};
+      calls[i] = {key_args[i], args[i]};
+    }
+    const std::vector<RedisClient::IntsOr> out =
+        client_->eval_pipelined(detail::redis_permits_script(), calls);
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      if (out[i].ok()) continue;
+      note_error(out[i].status());
+      if (absl::IsUnavailable(out[i].status())) {
+        queue_release(batch[i].key, batch[i].member);
+      } else {
+        dropped_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+  }
+
   const std::shared_ptr<RedisClient> client_;
   const RedisLimitOptions redis_;
   const std::uint64_t limit_;
@@ -304,6 +397,10 @@ class RedisPermits final : public PermitLimit {
   std::atomic<std::uint64_t> auth_failures_{0};
   std::atomic<std::uint64_t> released_{0};
   std::atomic<std::uint64_t> late_{0};
+  detail::Mutex queue_mu_;
+  std::vector<Queued> queue_ ABSL_GUARDED_BY(queue_mu_);
+  std::atomic<std::size_t> queued_n_{0};
+  std::atomic<std::uint64_t> dropped_{0};
 };
 
 }  // namespace ratekeeper
