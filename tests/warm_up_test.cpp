@@ -201,7 +201,9 @@ TEST_CASE("warm-up: random calls across the ramp give the model's decisions",
     for (int i = 0; i < 12000; ++i) {
       const int r = static_cast<int>(rng() % 100);
       std::int64_t now = t;
-      if (r < 5) now = t - static_cast<std::int64_t>(rng() % (2 * stride + 1));
+      if (r < 5)
+        now = t - static_cast<std::int64_t>(
+                      rng() % static_cast<std::uint64_t>(2 * stride + 1));
       if (r >= 95 && m.step < c.steps) {
         // Exactly at the next step's start, or 1 ns before it.
         now = m.step_start(m.step + 1) - static_cast<std::int64_t>(rng() % 2);
@@ -231,7 +233,8 @@ TEST_CASE("warm-up: random calls across the ramp give the model's decisions",
         ++restarts;
         REQUIRE(limit->step() == 1);
       }
-      t += static_cast<std::int64_t>(rng() % (2 * stride + 1));
+      t += static_cast<std::int64_t>(
+          rng() % static_cast<std::uint64_t>(2 * stride + 1));
     }
     REQUIRE(limit->step() == m.step);
     CHECK(seen[0] > 0);
@@ -259,7 +262,8 @@ TEST_CASE("warm-up: admitted units per step never exceed the step's allowance",
       const std::uint64_t cost = 1 + rng() % 2;
       const Decision d = limit->acquire("k", cost, Nanos{t});
       if (d.allowed) admitted[limit->step()] += cost;
-      t += static_cast<std::int64_t>(rng() % (2 * stride + 1));
+      t += static_cast<std::int64_t>(
+          rng() % static_cast<std::uint64_t>(2 * stride + 1));
     }
     Model m{c, kT0};
     for (std::uint32_t k = 1; k <= c.steps; ++k) {
