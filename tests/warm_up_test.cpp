@@ -22,6 +22,7 @@
 #include "ratekeeper/chain.hpp"
 #include "ratekeeper/listener.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
+#include "ratekeeper/waiting.hpp"
 #include "test_util.hpp"
 #include "wait.hpp"
 
@@ -528,4 +529,31 @@ TEST_CASE("warm-up: threads racing the step changes admit exactly the model",
   }
   stop = true;
   for (auto& th : workers) th.join();
+}
+
+TEST_CASE("warm-up: a cost only a later step holds, acquired and waited for",
+          "[i17]") {
+  // 30/s burst 30, 3 steps of 1 s: bursts 10, 20, 30.
+  auto limit = make({30, kSec, 30, 3, 3 * kSec}, kT0);
+  ManualClock clock{Nanos{kT0 + 200 * kMs}};
+  // 15 units: step 2 (from 1 s) holds them; 31 never fit.
+  Decision d = limit->acquire("k", 15, clock.now());
+  REQUIRE_FALSE(d.allowed);
+  REQUIRE(d.retry_after == Nanos{800 * kMs});
+  REQUIRE(d.remaining == 10);
+  REQUIRE(limit->acquire("k", 31, clock.now()).never());
+  Reserved r = limit->reserve("k", 15, clock.now(), Nanos{5 * kSec});
+  REQUIRE_FALSE(r.held);
+  REQUIRE_FALSE(r.receipt.open());
+  REQUIRE(r.go_at == Nanos{kT0 + kSec});
+  Waiter<ManualClock> waiter(clock);
+  Waited w = waiter.acquire(*limit, "k", 15, Nanos{5 * kSec});
+  REQUIRE(w.status.code() == absl::StatusCode::kResourceExhausted);
+  w = waiter.acquire(*limit, "k", 15, Nanos{100 * kMs});
+  REQUIRE(w.status.code() == absl::StatusCode::kDeadlineExceeded);
+  // Nothing was taken: at the step-2 start the 15 pass.
+  d = limit->acquire("k", 15, Nanos{kT0 + kSec});
+  REQUIRE(d.allowed);
+  REQUIRE(d.remaining == 5);
+  REQUIRE(limit->step() == 2);
 }
