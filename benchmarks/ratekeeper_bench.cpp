@@ -1257,6 +1257,43 @@ void BM_Take_GiveBack(benchmark::State& state) {
 BENCHMARK(BM_Take_GiveBack);
 // --- end of issue 17 ---
 
+// --- Issue 17: warm-up (warm_up.hpp) ---
+//
+// WarmUpLimit's acquire (Limit::acquire through the virtual interface, one
+// steady_clock read, one key, always admitted), beside
+// BM_Acquire_TokenBucket_Sharded_OneKey_Allowed (Limiter) and
+// BM_Listener_None (the PolicyLimit inside, called directly): Warm is past
+// its ramp (full rate), Warming inside its first step (a ramp of 1,000
+// hours). The wrapper adds one atomic load of the next step's time and one
+// of the listener per call.
+void warm_up_run(benchmark::State& state, bool warm) {
+  const rk::SteadyClock clock;
+  const rk::Nanos now = clock.now();
+  const rk::Nanos hours{3600LL * 1'000'000'000LL};
+  auto made =
+      rk::make_warm_up_limit({.name = "upstream"}, allow_all<rk::TokenBucket>(),
+                             rk::WarmUp{warm ? rk::Nanos{1} : 1000 * hours, 10},
+                             warm ? now - hours : now);
+  if (!made.ok()) {
+    state.SkipWithError("make_warm_up_limit failed");
+    return;
+  }
+  rk::Limit& l = **made;
+  static_cast<void>(l.acquire("user:42", 1, clock.now()));
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += l.acquire("user:42", 1, clock.now()).allowed;
+  state.counters["allowed_ratio"] =
+      static_cast<double>(allowed) / static_cast<double>(state.iterations());
+  state.counters["step"] = static_cast<double>((*made)->step());
+}
+void BM_WarmUp_Acquire(benchmark::State& state) { warm_up_run(state, true); }
+BENCHMARK(BM_WarmUp_Acquire);
+void BM_WarmUp_Acquire_Warming(benchmark::State& state) {
+  warm_up_run(state, false);
+}
+BENCHMARK(BM_WarmUp_Acquire_Warming);
+// --- end of warm-up ---
+
 }  // namespace
 
 BENCHMARK_MAIN();

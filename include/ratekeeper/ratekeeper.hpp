@@ -29,5 +29,6 @@
 #include "ratekeeper/store/store.hpp"
 #include "ratekeeper/tiers.hpp"
 #include "ratekeeper/waiting.hpp"
+#include "ratekeeper/warm_up.hpp"
 
 #endif  // RATEKEEPER_RATEKEEPER_HPP_
