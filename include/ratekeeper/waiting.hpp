@@ -305,8 +305,10 @@ class Waiter {
       }
       if (!r.held && (exact || r.go_at > deadline)) {
         if (r.decision.retry_after <= max_wait) {
-          w.status = absl::ResourceExhaustedError(
-              "store full: the reservation could not be held");
+          w.status = absl::ResourceExhaustedError(absl::StrCat(
+              "the limit could not hold the reservation (a full store, or a "
+              "cost only a later warm-up step holds); it said retry after ",
+              r.decision.retry_after.count(), " ns"));
         } else {
           w.status = absl::DeadlineExceededError(absl::StrCat(
               "the limit admits this call in ", r.decision.retry_after.count(),
