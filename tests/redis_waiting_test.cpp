@@ -142,7 +142,7 @@ void differential(RedisServer& server, const TokenBucket& policy,
       // fraction of a us is added only where every wait is whole us (a
       // fractional wait between the two roundings would be held in process
       // and not in Redis, which reports it rounded up).
-      const int w = static_cast<int>(rng() % 4);
+      const int w = static_cast<int>(rng() % 5);
       Nanos max_wait =
           w == 0 ? Nanos{0}
           : w == 3
@@ -151,6 +151,9 @@ void differential(RedisServer& server, const TokenBucket& policy,
                           rng() % static_cast<std::uint64_t>(max_wait_us)) *
                       kUs};
       if (whole) max_wait += Nanos{static_cast<std::int64_t>(rng() % kUs)};
+      // Exactly the wait Redis would report: held (a wait equal to
+      // max_wait is held, in both).
+      if (w == 4) max_wait = ceil_us(local.peek(key, cost).retry_after);
       const std::int64_t max_wait_ns = max_wait.count();
       CAPTURE(max_wait_ns);
       Reserved want = local.reserve(key, cost, max_wait);
@@ -255,14 +258,17 @@ TEST_CASE("a reservation given back in Redis returns exactly its time",
   const Nanos t0{kT0Us * kUs};
   REQUIRE(redis->acquire("k", 2, t0).allowed);
   REQUIRE(model.reserve(t0, 2, Nanos{0}));
-  // A (1), B (2), C (1), each held behind the last.
-  Reserved a = redis->reserve("k", 1, t0, seconds(2));
+  // A (1), B (2), C (1), each held behind the last; A's wait is exactly
+  // its max_wait (held).
+  Reserved a = redis->reserve("k", 1, t0, milliseconds(100));
   Reserved b = redis->reserve("k", 2, t0, seconds(2));
   Reserved c = redis->reserve("k", 1, t0, seconds(2));
   for (Reserved* r : {&a, &b, &c}) {
     REQUIRE(r->held);
     REQUIRE_FALSE(r->decision.allowed);
-    REQUIRE(r->go_at == *model.reserve(t0, r->receipt.cost(), seconds(2)));
+    REQUIRE(r->go_at ==
+            *model.reserve(t0, r->receipt.cost(),
+                           r == &a ? milliseconds(100) : seconds(2)));
   }
   CHECK(a.go_at == t0 + milliseconds(100));
   CHECK(b.go_at == t0 + milliseconds(300));
