@@ -15,7 +15,7 @@
 --   ARGV[2]  op: "acquire", "peek", "receipt" (settle rate-limit receipts),
 --            "reserve", "settle", "release", "extend", "fire", "settled" or
 --            "spent" (the last six for budgets, described where the script
---            handles them)
+--            handles them), "hold" (a token bucket's reservation: below)
 --   then per item, for acquire, peek and reserve, 8 fields: kind ("tb",
 --   "fw", "sw", "pb"), four parameters, the cost, flags (1: shadow, 2:
 --   charge on reject) and a nonce (a random number below 2^50: where a
@@ -508,6 +508,41 @@ if op == 'reserve' then
     return {-4, now, c, tk, e}
   end
   op = 'acquire'
+end
+
+-- "hold": a token bucket's reservation (RedisLimit<TokenBucket>::reserve,
+-- as TokenBucket::reserve does in process). One item, its 8 fields as
+-- "acquire"'s (the flags are not read: a reservation neither charges on
+-- reject nor is a shadow's), then ARGV[11]: the longest wait it may hold
+-- (us). Admitted now: taken as "acquire" takes. Refused with a wait (the
+-- decision's retry_after, us) of at most ARGV[11], a cost within the burst
+-- and above 0: taken all the same, the bucket in debt by that wait, placed
+-- (p1, p2) where a take at now + wait would sit. The decision stays the
+-- refusal with its exact wait. Reply as "acquire"'s, its first number 1
+-- when the cost is held, else 0. The wait held is capped where the debt
+-- would pass 2^52 (exact doubles): (2^52 - burst * num) / den us, centuries
+-- for a whole number of us per token; a longer wait is not held.
+if op == 'hold' then
+  if n ~= 1 or vetoed or ARGV[3] ~= 'tb' then return {-5, now} end
+  local num, den = tonumber(ARGV[4]), tonumber(ARGV[5])
+  local burst = tonumber(ARGV[6])
+  local m = token_bucket(KEYS[1], num, den, burst, 0, tonumber(ARGV[10]))
+  local cost = tonumber(ARGV[8])
+  local wait = math.min(tonumber(ARGV[11]),
+                        idiv(4503599627370496 - burst * num, den))
+  local s = m.load()
+  local d, nxt = m.decide(s, cost)
+  local held = d[1]
+  if held ~= 1 and d[4] >= 0 and d[4] <= wait and cost > 0 then
+    nxt = s + cost * num
+    held = 1
+  end
+  local p1, p2 = 0, 0
+  if held == 1 then
+    p1, p2 = m.place(s, cost)
+    if cost > 0 then m.save(nxt) end
+  end
+  return {held, now, d[1], d[2], d[3], d[4], d[5], p1, p2}
 end
 
 -- One item, acquire or peek (most calls): the same steps as below, without

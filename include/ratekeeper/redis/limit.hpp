@@ -147,6 +147,87 @@ class RedisLimit final : public RedisLimitBase {
     return std::move(one.out);
   }
 
+  // --- Waiting (issue 17): a token bucket's reservation held in Redis ---
+  //
+  // reserve
+  //
+  // RedisLimit<TokenBucket>: as TokenBucket::reserve in process, in one
+  // round trip of the general script (lua/limits.lua, "hold"): the cost is
+  // counted at once, the bucket in debt up to `max_wait`, so no later call
+  // of any process overtakes it; the decision is the one a plain acquire
+  // gets (a refusal with the exact wait, by Redis's clock, in whole
+  // microseconds); the receipt (Redis's time of the reservation, its
+  // placement) gives it back exactly with settle(receipt, 0) before its
+  // time, moving every reservation behind it earlier by `holds`.
+  //
+  // The times are the caller's: `at` = now, `go_at` = now + retry_after
+  // with test_time (Redis's time is then `now`); without it, `now` plus the
+  // round trip as SteadyClock measured it, so that the call never goes
+  // before its time by Redis's clock (Redis decided after `now`, and before
+  // the reply), at most the reply's travel later. Pass the time of the call
+  // from a clock running at real speed. `max_wait` is held in whole us
+  // (rounded down); a wait whose debt would pass the script's exact range
+  // ((2^52 - burst * num) / den us: centuries for a whole number of us per
+  // token) is not held, though within max_wait.
+  //
+  // Redis not answering, the fail mode decides: kClosed (and credentials
+  // refused, whatever the mode) holds nothing and refuses with fail_retry;
+  // kOpen admits at once, holding nothing anywhere (an empty receipt,
+  // nothing to give back), as take() does; kLocal reserves exactly in the
+  // process's local share (its receipt settles there). Each counted in
+  // fallbacks() (auth_failures()). Other policies: Limit::reserve (what
+  // take() admits now, else a promise).
+  Reserved reserve(std::string_view key, Cost cost, Nanos now,
+                   Nanos max_wait) override {
+    if constexpr (!std::is_same_v<P, TokenBucket>) {
+      return Limit::reserve(key, cost, now, max_wait);
+    } else {
+      const bool test_time = redis_options().test_time;
+      const std::string k =
+          redis_key(client()->options().prefix, name(), {}, key);
+      const std::string_view keys[] = {k};
+      detail::ScriptArgs args(4);
+      detail::TwinParams scratch;
+      detail::append_time(args, test_time, now);
+      args.add("hold");
+      detail::append_item(args, *this, twin_for(now, scratch), cost, false);
+      args.add_number(std::max<std::int64_t>(max_wait.count(), 0) / 1000);
+      const auto sent = std::chrono::steady_clock::now();
+      const absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
+          client()->eval_ints(detail::redis_script(), keys, args.views());
+      if (!r.ok() || r->size() != 9 || (*r)[0] < 0) {
+        return reserve_failed(
+            r.ok() ? absl::InternalError("redis: malformed reply to a hold")
+                   : r.status(),
+            key, cost, now, max_wait);
+      }
+      Reserved res;
+      res.at = now;
+      if (!test_time) {
+        res.at = add_sat(now, std::chrono::duration_cast<Nanos>(
+                                  std::chrono::steady_clock::now() - sent));
+      }
+      res.decision = detail::decision_at(*r, 0);
+      res.held = (*r)[0] == 1;
+      res.go_at = res.decision.never()
+                      ? Nanos::max()
+                      : add_sat(res.at, res.decision.retry_after);
+      if (res.held) {
+        // The time the cost occupies on the bucket's timeline: the C++
+        // policy's, exactly (cost * period / rate, whole ns rounded down).
+        res.holds =
+            policy_.holds(policy_.place(TokenBucket::State{}, Nanos{0}, cost));
+        res.receipt = Receipt::issue(this, key, cost, detail::from_us((*r)[1]),
+                                     detail::place_at(*r, 0, false));
+      }
+      return res;
+    }
+  }
+  bool reserves_exactly() const noexcept override {
+    return std::is_same_v<P, TokenBucket>;
+  }
+  // --- end of waiting ---
+
   // acquire_timed
   //
   // acquire, and the time Redis decided it (Unix time; `now` when Redis
@@ -327,6 +408,29 @@ class RedisLimit final : public RedisLimitBase {
                                 detail::place_at(*r, 0, false));
     }
     return d;
+  }
+
+  // Waiting (issue 17): a + b, saturated at the ends of the clock's range.
+  static Nanos add_sat(Nanos a, Nanos b) noexcept {
+    return Nanos{
+        detail::clamp_i64(static_cast<detail::i128>(a.count()) + b.count())};
+  }
+  // Waiting (issue 17): the fail mode's answer to a reservation Redis did
+  // not answer (see reserve()).
+  Reserved reserve_failed(const absl::Status& why, std::string_view key,
+                          Cost cost, Nanos now, Nanos max_wait) {
+    if (redis_options().fail == FailMode::kLocal &&
+        !RedisClient::is_auth_error(why)) {
+      note_fallback(why);
+      return local_->reserve(key, cost, now, max_wait);
+    }
+    Reserved res;
+    res.at = now;
+    res.decision = fail(why, "acquire", key, cost, now);
+    res.held = res.decision.allowed;  // kOpen: nothing counted anywhere
+    res.go_at = res.decision.never() ? Nanos::max()
+                                     : add_sat(now, res.decision.retry_after);
+    return res;
   }
 
   const P policy_;
