@@ -209,12 +209,14 @@ class RedisLimit final : public RedisLimitBase {
       calls.push_back({std::span<const std::string_view>(&key_views[i], 1),
                        all.subspan(first[i], first[i + 1] - first[i])});
     }
-    std::vector<RedisClient::IntsOr> replies =
-        client()->eval_pipelined(script_for("acquire", false), calls);
+    // Room for the script's 9 integers inline: no allocation per reply.
+    using Ints = absl::InlinedVector<std::int64_t, 12>;
+    std::vector<absl::StatusOr<Ints>> replies =
+        client()->eval_pipelined<Ints>(script_for("acquire", false), calls);
     std::vector<Decision> out;
     out.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
-      const RedisClient::IntsOr& r = replies[i];
+      const absl::StatusOr<Ints>& r = replies[i];
       if (r.ok() && r->size() == 9) {
         out.push_back(detail::decision_at(*r, 0));
       } else if (r.ok() && r->size() == 2 && (*r)[0] == -2) {
@@ -302,7 +304,9 @@ class RedisLimit final : public RedisLimitBase {
     const std::string k =
         redis_key(client()->options().prefix, name(), {}, key);
     const std::string_view keys[] = {k};
-    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
+    // Room for the script's 9 integers inline: no allocation per reply.
+    using Ints = absl::InlinedVector<std::int64_t, 12>;
+    absl::StatusOr<Ints> r;
     Nanos t = now;  // the time the parameters are for
     for (int attempt = 0; attempt < 2; ++attempt) {
       detail::ScriptArgs args(3);
@@ -310,7 +314,7 @@ class RedisLimit final : public RedisLimitBase {
       detail::append_time(args, redis_options().test_time, now);
       args.add(op);
       detail::append_item(args, *this, twin_for(t, scratch), cost, charge);
-      r = client()->eval_ints(script_for(op, charge), keys, args.views());
+      r = client()->eval_ints<Ints>(script_for(op, charge), keys, args.views());
       // A budget's period other than Redis's: again, for Redis's time.
       if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
       t = detail::from_us((*r)[1]);
