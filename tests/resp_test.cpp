@@ -232,9 +232,11 @@ TEST_CASE("RESP reader: golden replies", "[i16]") {
     v.push_back({'N', 0, "", {}});
     v.push_back({'*', 0, "", {}});
     Model nine{'*', 0, "", {}};
-    for (int i = 0; i < 9; ++i) nine.elements.push_back({':', i * 1000 - 3, "", {}});
+    for (int i = 0; i < 9; ++i)
+      nine.elements.push_back({':', i * 1000 - 3, "", {}});
     v.push_back(nine);  // the token bucket's reply
-    Model mixed{'*', 0, "", {{':', 1, "", {}}, {'$', 0, "x", {}}, {'*', 0, "", {}}}};
+    Model mixed{
+        '*', 0, "", {{':', 1, "", {}}, {'$', 0, "x", {}}, {'*', 0, "", {}}}};
     v.push_back(mixed);
     return v;
   }();
@@ -304,6 +306,12 @@ TEST_CASE("RESP reader: malformed input", "[i16]") {
       "*2\r\n:1\r\n?\r\n",
       deep,
       "$600000000\r\n",
+      // Not canonical: hiredis refuses them too (Redis's string2ll).
+      ":-0\r\n",
+      ":007\r\n",
+      "*-0\r\n",
+      "$01\r\nx\r\n",
+      ":-\r\n",
   };
   for (const std::string& b : bad) {
     INFO(b);

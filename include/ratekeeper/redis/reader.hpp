@@ -79,9 +79,15 @@ inline const char* find_crlf(const char* p, const char* end) {
   return nullptr;
 }
 
-// A whole line as a signed 64-bit decimal: an optional '-', then digits.
+// A whole line as a signed 64-bit decimal in canonical form, as hiredis
+// reads it (Redis's string2ll): "0", or an optional '-' then digits not
+// starting with '0' ("-0", "007" and "+5" are refused).
 inline bool to_int(const char* p, const char* e, std::int64_t& out) {
   if (p == e || *p == '+') return false;
+  const char* digits = *p == '-' ? p + 1 : p;
+  if (digits == e || (*digits == '0' && (digits != p || e - p > 1))) {
+    return false;
+  }
   const std::from_chars_result r = std::from_chars(p, e, out);
   return r.ec == std::errc() && r.ptr == e;
 }
