@@ -288,13 +288,18 @@ class ThreadScratch {
  public:
   explicit ThreadScratch(int which) : slot_(slot(which)) { s_.swap(slot_); }
   ~ThreadScratch() {
-    if (slot_.capacity() < s_.capacity()) s_.swap(slot_);
+    // Kept up to kKeep: a rare huge batch or reply is not held for the
+    // thread's life.
+    if (slot_.capacity() < s_.capacity() && s_.capacity() <= kKeep) {
+      s_.swap(slot_);
+    }
   }
   ThreadScratch(const ThreadScratch&) = delete;
   ThreadScratch& operator=(const ThreadScratch&) = delete;
   std::string& get() noexcept { return s_; }
 
  private:
+  static constexpr std::size_t kKeep = std::size_t{1} << 20;
   static std::string& slot(int which) {
     thread_local std::string slots[2];
     return slots[which];
