@@ -214,7 +214,7 @@ class RedisLimit final : public RedisLimitBase {
     const RedisScript& script = script_for("acquire", false);
     const bool lean = &script == &detail::redis_tb_script();
     std::vector<absl::StatusOr<Ints>> replies =
-        client()->eval_pipelined<Ints>(script, calls);
+        client()->template eval_pipelined<Ints>(script, calls);
     std::vector<Decision> out;
     out.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
@@ -371,7 +371,7 @@ class RedisLimit final : public RedisLimitBase {
       args.add(op);
       detail::append_item(args, *this, twin_for(t, scratch), cost, charge);
       const RedisScript& script = script_for(op, charge);
-      r = client()->eval_ints<Ints>(script, keys, args.views());
+      r = client()->template eval_ints<Ints>(script, keys, args.views());
       if (r.ok() && &script == &detail::redis_tb_script() &&
           !expand_lean(*r, cost)) {
         r = absl::InternalError("redis: malformed reply");
