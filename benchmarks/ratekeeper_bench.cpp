@@ -1115,6 +1115,61 @@ void BM_Redis_Floor_50InFlight(benchmark::State& state) {
 }
 BENCHMARK(BM_Redis_Floor_50InFlight)->UseRealTime();
 
+// The token bucket's own script (lua/token_bucket.lua, the one
+// BM_Redis_TokenBucket_* run) driven as the floor is: redisCommandArgv on
+// a blocking hiredis context, one call at a time. Against
+// BM_Redis_Floor_Sequential it measures the script alone (same driver);
+// against BM_Redis_TokenBucket_Sequential, the client's share of Redis's
+// time (same script).
+void BM_Redis_TokenBucketScript_Sequential(benchmark::State& state) {
+  RedisRig* rigp = redis_rig_or_skip(state);
+  if (rigp == nullptr) return;
+  RedisRig& rig = *rigp;
+  FloorConn f(rig);
+  if (f.sha.empty()) return state.SkipWithError(f.error.c_str());
+  const std::string& src = rk::detail::redis_tb_script().source();
+  auto* loaded = static_cast<redisReply*>(redisCommand(
+      f.c, "SCRIPT LOAD %b", src.data(), static_cast<size_t>(src.size())));
+  if (loaded == nullptr || loaded->type != REDIS_REPLY_STRING) {
+    if (loaded != nullptr) freeReplyObject(loaded);
+    return state.SkipWithError("SCRIPT LOAD of the token bucket's failed");
+  }
+  const std::string sha(loaded->str, loaded->len);
+  freeReplyObject(loaded);
+  auto limit = open_bucket(rig, "tbscript");
+  const rk::detail::TwinParams twin = limit->twin_at(rk::Nanos{0});
+  const std::string key = "bench:tbscript:k";
+  // ARGV as the library sends them: Redis's time, the op, the limit's five
+  // parameters, the cost, the flags, a nonce.
+  std::vector<std::string> argv = {"EVALSHA", sha, "1", key, "", "acquire"};
+  argv.insert(argv.end(), twin.begin(), twin.end());
+  argv.insert(argv.end(), {"1", "0", "12345"});
+  std::vector<const char*> ptrs;
+  std::vector<size_t> lens;
+  for (const std::string& a : argv) {
+    ptrs.push_back(a.data());
+    lens.push_back(a.size());
+  }
+  const auto call = [&] {
+    auto* r = static_cast<redisReply*>(redisCommandArgv(
+        f.c, static_cast<int>(ptrs.size()), ptrs.data(), lens.data()));
+    // Its short reply (lua/token_bucket.lua): {1, now, after, aux} admitted.
+    const bool ok = r != nullptr && r->type == REDIS_REPLY_ARRAY &&
+                    r->elements == 4 && r->element[0]->integer == 1;
+    if (r != nullptr) freeReplyObject(r);
+    return ok;
+  };
+  static_cast<void>(call());
+  RedisCost cost(rig);
+  std::uint64_t allowed = 0;
+  for (auto _ : state) allowed += call();
+  cost.report(state, 1);
+  if (allowed != static_cast<std::uint64_t>(state.iterations())) {
+    state.SkipWithError("a token-bucket script call was refused or failed");
+  }
+}
+BENCHMARK(BM_Redis_TokenBucketScript_Sequential)->UseRealTime();
+
 #define RK_THREADED(fn, S)                                                     \
   BENCHMARK(fn)                                                                \
       ->Setup(Shared<rk::S>::setup)                                            \

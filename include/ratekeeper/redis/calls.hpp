@@ -15,6 +15,7 @@
 
 #include <hiredis/hiredis.h>
 
+#include <charconv>
 #include <cstddef>
 #include <span>
 #include <string>
@@ -28,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "ratekeeper/redis/connection.hpp"
 #include "ratekeeper/redis/node.hpp"
+#include "ratekeeper/redis/reader.hpp"
 #include "ratekeeper/redis/reply.hpp"
 #include "ratekeeper/redis/resp.hpp"
 #include "ratekeeper/redis/scripts.hpp"
@@ -38,10 +40,12 @@ namespace ratekeeper::detail {
 // (a wait for a free connection, ASKING, a script load after NOSCRIPT, the
 // script): a decision waits at most command_timeout, plus the time it
 // spent opening a connection (at most connect_timeout).
-inline absl::StatusOr<RedisInts> run_script(
-    const Connector& wire, Node& node, bool asking, const RedisScript& script,
-    std::span<const std::string_view> keys,
-    std::span<const std::string_view> args) {
+// The reply as `Ints` (a container of integers with push_back and assign).
+template <class Ints = RedisInts>
+absl::StatusOr<Ints> run_script(const Connector& wire, Node& node, bool asking,
+                                const RedisScript& script,
+                                std::span<const std::string_view> keys,
+                                std::span<const std::string_view> args) {
   Node::Deadline deadline = wire.command_deadline();
   absl::StatusOr<Node::Conn> conn = node.take(deadline, &deadline);
   if (!conn.ok()) return conn.status();
@@ -83,37 +87,58 @@ inline absl::StatusOr<RedisInts> run_script(
     argv.push_back(nkeys);
     argv.insert(argv.end(), keys.begin(), keys.end());
     argv.insert(argv.end(), args.begin(), args.end());
+    // The script, and with wait_replicas its WAIT, in one write; the
+    // replies parsed in place (reader.hpp). The exchange ends before the
+    // connection goes back (it may hand hiredis bytes it read past them).
+    absl::StatusOr<Ints> ints;
     bool replicated = true;
-    absl::StatusOr<ReplyPtr> r =
-        wire.roundtrip_waited(**conn, argv, deadline, replicated);
-    if (!r.ok()) return r.status();  // the connection is gone
-    const redisReply& reply = **r;
-    if (reply.type == REDIS_REPLY_ERROR) {
-      const std::string_view msg(reply.str, reply.len);
-      if (msg.substr(0, 8) == "NOSCRIPT" && attempt == 0) {
-        continue;  // Redis lost its scripts: run the source once
+    bool noscript = false;
+    {
+      ThreadScratch out(kScratchWrite);
+      std::string& cmd = out.get();
+      cmd.clear();
+      resp_command(cmd, {argv});
+      const bool waits = wire.options().wait_replicas > 0;
+      if (waits) wire.wait_command(cmd);
+      Exchange ex(wire, **conn, deadline);
+      if (absl::Status st = ex.send(cmd); !st.ok()) return st;
+      RespReply reply;
+      // A failed read: the connection is gone.
+      if (absl::Status st = ex.next(reply); !st.ok()) return st;
+      if (waits) {
+        RespReply w;
+        if (absl::Status st = ex.next(w); !st.ok()) return st;
+        replicated = wire.replicas_met(w);
       }
-      node.put_back(*std::move(conn));
-      return reply_error(msg);
+      if (reply.type == '-') {
+        // Redis lost its scripts: run the source once.
+        noscript = reply.text.substr(0, 8) == "NOSCRIPT" && attempt == 0;
+        ints = reply_error(reply.text);
+        replicated = true;  // an error reply: the error is the answer
+      } else {
+        ints = ints_of<Ints>(reply);
+      }
     }
+    if (noscript) continue;
     node.put_back(*std::move(conn));
     if (!replicated) return wire.not_replicated(node.host, node.port);
-    return ints_of(reply);
+    return ints;
   }
   return absl::InternalError("redis: no answer to the script");
 }
 
 // The calls `which` of `calls` (each with .keys and .args; all for `node`),
 // pipelined on one connection: every EVALSHA written at once (and one WAIT
-// after them with wait_replicas), the replies read in order, under one
-// deadline, each into its place in `out`. A call answered NOSCRIPT, MOVED
-// or ASK is left for the caller to run again alone (`redo`); after an I/O
-// failure the calls not answered are kUnavailable.
-template <class Call>
+// after them with wait_replicas), the replies read in order and parsed in
+// place (reader.hpp), under one deadline, each into its place in `out` (as
+// `Ints`: a container of integers with push_back and assign). A call
+// answered NOSCRIPT, MOVED or ASK is left for the caller to run again alone
+// (`redo`); after an I/O failure the calls not answered are kUnavailable.
+template <class Call, class Ints>
 void run_pipeline(const Connector& wire, Node& node, const RedisScript& script,
                   std::span<const Call> calls,
                   std::span<const std::size_t> which,
-                  std::span<absl::StatusOr<RedisInts>> out,
+                  std::span<absl::StatusOr<Ints>> out,
                   std::vector<std::size_t>& redo) {
   auto fail_from = [&](std::size_t k, const absl::Status& st) {
     for (; k < which.size(); ++k) out[which[k]] = st;
@@ -128,49 +153,52 @@ void run_pipeline(const Connector& wire, Node& node, const RedisScript& script,
     if (!loaded.ok()) return fail_from(0, loaded.status());
     sha = *std::move(loaded);
   }
-  std::string cmds;  // every EVALSHA in RESP, handed to hiredis at once
-  cmds.reserve(which.size() * 256);
+  // Every EVALSHA in RESP, in this thread's reused buffer, written at once.
+  ThreadScratch scratch(kScratchWrite);
+  std::string& cmds = scratch.get();
+  cmds.clear();
   for (const std::size_t i : which) {
-    const std::string nkeys = std::to_string(calls[i].keys.size());
-    const std::string_view head[] = {"EVALSHA", sha, nkeys};
+    char nkeys[24];
+    const auto len = static_cast<std::size_t>(
+        std::to_chars(nkeys, nkeys + sizeof(nkeys), calls[i].keys.size()).ptr -
+        nkeys);
+    const std::string_view head[] = {"EVALSHA", sha,
+                                     std::string_view(nkeys, len)};
     resp_command(cmds, {head, calls[i].keys, calls[i].args});
   }
-  if (redisAppendFormattedCommand(&**conn, cmds.data(), cmds.size()) !=
-      REDIS_OK) {
-    return fail_from(0, wire.unavailable((*conn)->errstr));
-  }
-  if (waits) {
-    if (absl::Status st = wire.append_wait(**conn); !st.ok()) {
-      return fail_from(0, st);
-    }
-  }
-  if (absl::Status st = wire.flush(**conn, deadline); !st.ok()) {
-    return fail_from(0, st);
-  }
-  for (std::size_t k = 0; k < which.size(); ++k) {
-    absl::StatusOr<ReplyPtr> reply = wire.read_reply(**conn, deadline);
-    if (!reply.ok()) return fail_from(k, reply.status());
-    if ((*reply)->type == REDIS_REPLY_ERROR) {
-      const std::string_view msg((*reply)->str, (*reply)->len);
-      if (msg.substr(0, 8) == "NOSCRIPT" || msg.substr(0, 6) == "MOVED " ||
-          msg.substr(0, 4) == "ASK ") {
-        redo.push_back(which[k]);
-        continue;
+  if (waits) wire.wait_command(cmds);
+  bool replicated = true;
+  absl::Status wait_status;
+  {
+    Exchange ex(wire, **conn, deadline);
+    if (absl::Status st = ex.send(cmds); !st.ok()) return fail_from(0, st);
+    RespReply reply;
+    for (std::size_t k = 0; k < which.size(); ++k) {
+      if (absl::Status st = ex.next(reply); !st.ok()) return fail_from(k, st);
+      if (reply.type == '-') {
+        const std::string_view msg = reply.text;
+        if (msg.substr(0, 8) == "NOSCRIPT" || msg.substr(0, 6) == "MOVED " ||
+            msg.substr(0, 4) == "ASK ") {
+          redo.push_back(which[k]);
+          continue;
+        }
       }
+      out[which[k]] = ints_of<Ints>(reply);
     }
-    out[which[k]] = ints_of(**reply);
+    if (waits) {
+      // Without the WAIT's answer no call of the batch is known replicated.
+      wait_status = ex.next(reply);
+      replicated = wait_status.ok() && wire.replicas_met(reply);
+    }
   }
   if (waits) {
-    absl::StatusOr<ReplyPtr> w = wire.read_reply(**conn, deadline);
-    // Without the WAIT's answer no call of the batch is known replicated.
-    const bool replicated = w.ok() && wire.replicas_met(**w);
     for (const std::size_t i : which) {
       if (out[i].ok() && !replicated) {
-        out[i] =
-            w.ok() ? wire.not_replicated(node.host, node.port) : w.status();
+        out[i] = wait_status.ok() ? wire.not_replicated(node.host, node.port)
+                                  : wait_status;
       }
     }
-    if (!w.ok()) return;
+    if (!wait_status.ok()) return;
   }
   node.put_back(*std::move(conn));
 }

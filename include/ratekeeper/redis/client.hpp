@@ -5,6 +5,8 @@
 //   connection.hpp  opening a connection (deadline, AUTH, SELECT), round
 //                   trips against a deadline, script loads
 //   reply.hpp       replies as statuses and integers
+//   reader.hpp      the hot paths' I/O: commands sent from one buffer,
+//                   replies read from the socket and parsed in place
 //   node.hpp        one server: its breaker and its bounded pool
 //   calls.hpp       a script call, a pipeline, a command on one node
 //   cluster.hpp     the node table, the slot map, MOVED and ASK, and the
@@ -133,11 +135,13 @@ class RedisClient {
   // first and again after NOSCRIPT. The reply, flattened to integers (the
   // scripts here answer arrays of integers). kUnavailable when Redis cannot
   // be reached or did not answer in time (the script may or may not have
-  // run: never retried); kInternal for an error reply.
-  absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> eval_ints(
-      const RedisScript& script, std::span<const std::string_view> keys,
-      std::span<const std::string_view> args) {
-    return eval_once(script, keys, args);
+  // run: never retried); kInternal for an error reply. `Ints` as for
+  // eval_pipelined.
+  template <class Ints = absl::InlinedVector<std::int64_t, 8>>
+  absl::StatusOr<Ints> eval_ints(const RedisScript& script,
+                                 std::span<const std::string_view> keys,
+                                 std::span<const std::string_view> args) {
+    return eval_once<Ints>(script, keys, args);
   }
 
   // eval_pipelined
@@ -152,10 +156,14 @@ class RedisClient {
     std::span<const std::string_view> args;
   };
   using IntsOr = absl::StatusOr<absl::InlinedVector<std::int64_t, 8>>;
-  std::vector<IntsOr> eval_pipelined(const RedisScript& script,
-                                     std::span<const EvalCall> calls) {
-    std::vector<IntsOr> out(calls.size(),
-                            absl::InternalError("redis: not run"));
+  // `Ints` may be any container of std::int64_t with push_back and assign
+  // (an absl::InlinedVector sized for the script's reply allocates nothing
+  // per call).
+  template <class Ints = absl::InlinedVector<std::int64_t, 8>>
+  std::vector<absl::StatusOr<Ints>> eval_pipelined(
+      const RedisScript& script, std::span<const EvalCall> calls) {
+    using Out = absl::StatusOr<Ints>;
+    std::vector<Out> out(calls.size(), absl::InternalError("redis: not run"));
     // Nothing to send: nothing learned of Redis, so the breakers are left
     // as they are (an empty batch must not take a probe, nor count as an
     // answer).
@@ -171,6 +179,8 @@ class RedisClient {
       if (g == groups.end()) {
         groups.push_back({n, {}});
         g = groups.end() - 1;
+        // One node (no Cluster) takes them all: one allocation.
+        if (groups.size() == 1) g->second.reserve(calls.size() - i);
       }
       g->second.push_back(i);
     }
@@ -188,7 +198,7 @@ class RedisClient {
       const std::size_t redo_before = redo.size();
       detail::run_pipeline(wire_, *node, script, calls,
                            std::span<const std::size_t>(which),
-                           std::span<IntsOr>(out), redo);
+                           std::span<Out>(out), redo);
       const auto cut = [&out](std::size_t i) {
         return !out[i].ok() &&
                detail::has_payload(out[i].status(), detail::kCutPayload);
@@ -218,7 +228,7 @@ class RedisClient {
       record(*node, worst, probe);
     }
     for (const std::size_t i : redo) {
-      out[i] = eval_once(script, calls[i].keys, calls[i].args);
+      out[i] = eval_once<Ints>(script, calls[i].keys, calls[i].args);
     }
     return out;
   }
@@ -345,17 +355,18 @@ class RedisClient {
   // The node for `keys` (all of one slot by construction), following up
   // to five MOVED or ASK redirections; each node's breaker decides for the
   // calls to it.
-  absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> eval_once(
-      const RedisScript& script, std::span<const std::string_view> keys,
-      std::span<const std::string_view> args) {
+  template <class Ints>
+  absl::StatusOr<Ints> eval_once(const RedisScript& script,
+                                 std::span<const std::string_view> keys,
+                                 std::span<const std::string_view> args) {
     detail::Node* node =
         keys.empty() ? cluster_.first_node() : cluster_.node_for(keys[0]);
     bool asking = false;
     for (int hop = 0; hop < 6; ++hop) {
-      absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r =
-          on_node(*node, [&] {
-            return detail::run_script(wire_, *node, asking, script, keys, args);
-          });
+      absl::StatusOr<Ints> r = on_node(*node, [&] {
+        return detail::run_script<Ints>(wire_, *node, asking, script, keys,
+                                        args);
+      });
       if (r.ok()) return r;
       const std::optional<detail::Cluster::Redirect> to =
           detail::Cluster::redirect_of(r.status());

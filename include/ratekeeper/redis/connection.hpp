@@ -171,13 +171,27 @@ class Connector {
 
   // WAIT wait_replicas wait_timeout, appended (not sent).
   absl::Status append_wait(redisContext& c) const {
+    std::string wire;
+    wait_command(wire);
+    if (redisAppendFormattedCommand(&c, wire.data(), wire.size()) != REDIS_OK) {
+      return unavailable(c.errstr);
+    }
+    return absl::OkStatus();
+  }
+  // The same WAIT in RESP, appended to `out`.
+  void wait_command(std::string& out) const {
     const std::string n = std::to_string(options_.wait_replicas);
     const std::string ms = wait_millis();
     const std::string_view w[] = {"WAIT", n, ms};
-    return append(c, w);
+    resp_command(out, {w});
   }
   bool replicas_met(const redisReply& w) const {
     return w.type == REDIS_REPLY_INTEGER && w.integer >= options_.wait_replicas;
+  }
+  // The same, of a reply parsed in place (reader.hpp: ':' an integer).
+  template <class Parsed>
+  bool replicas_met(const Parsed& w) const {
+    return w.type == ':' && w.integer >= options_.wait_replicas;
   }
 
   absl::Status append(redisContext& c,
@@ -248,7 +262,10 @@ class Connector {
   // A connection that failed on a read or a write (closed by Redis, reset,
   // broken): kUnavailable, marked kCutPayload.
   absl::Status io_failed(const redisContext& c) const {
-    absl::Status st = unavailable(c.errstr);
+    return io_failed(std::string_view(c.errstr));
+  }
+  absl::Status io_failed(std::string_view why) const {
+    absl::Status st = unavailable(why);
     st.SetPayload(av(kCutPayload), absl::Cord("1"));
     return st;
   }

@@ -290,12 +290,19 @@ class RedisLimit final : public RedisLimitBase {
       calls.push_back({std::span<const std::string_view>(&key_views[i], 1),
                        all.subspan(first[i], first[i + 1] - first[i])});
     }
-    std::vector<RedisClient::IntsOr> replies =
-        client()->eval_pipelined(script_for("acquire", false), calls);
+    // Room for the script's 9 integers inline: no allocation per reply.
+    using Ints = absl::InlinedVector<std::int64_t, 12>;
+    const RedisScript& script = script_for("acquire", false);
+    const bool lean = &script == &detail::redis_tb_script();
+    std::vector<absl::StatusOr<Ints>> replies =
+        client()->template eval_pipelined<Ints>(script, calls);
     std::vector<Decision> out;
     out.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
-      const RedisClient::IntsOr& r = replies[i];
+      absl::StatusOr<Ints>& r = replies[i];
+      if (r.ok() && lean && !expand_lean(*r, requests[i].cost)) {
+        r = absl::InternalError("redis: malformed reply");
+      }
       if (r.ok() && r->size() == 9) {
         out.push_back(detail::decision_at(*r, 0));
       } else if (r.ok() && r->size() == 2 && (*r)[0] == -2) {
@@ -363,7 +370,58 @@ class RedisLimit final : public RedisLimitBase {
              std::shared_ptr<RedisClient> client, RedisLimitOptions redis,
              detail::TwinParams params)
       : RedisLimitBase(o, std::move(client), redis, std::move(params)),
-        policy_(std::move(policy)) {}
+        policy_(std::move(policy)) {
+    if constexpr (std::is_same_v<P, TokenBucket>) {
+      // The twin's numbers (RedisTwin<TokenBucket>: "tb", num, den, burst),
+      // checked by create() to be below 2^53.
+      const detail::TwinParams tw = RedisLimitBase::twin_at(Nanos{0});
+      tb_num_ = std::stoll(tw[1]);
+      tb_den_ = std::stoll(tw[2]);
+      tb_burst_ = std::stoll(tw[3]);
+    }
+  }
+
+  // expand_lean
+  //
+  // lua/token_bucket.lua's short reply, {1, now, after, aux} admitted or
+  // {0, now, r} refused, made the 9 integers of lua/limits.lua's reply for
+  // one token-bucket item ({all, now, allowed, limit, remaining, retry,
+  // reset, p1, p2}) that decision_at() and place_at() read: the limit,
+  // remaining, retry and reset computed here as limits.lua computes them,
+  // exactly (integers; the twin's numbers are below 2^53). `cost` is the
+  // call's, clamped as it was sent. False for a reply of another shape.
+  template <class Ints>
+  bool expand_lean(Ints& v, Cost cost) const {
+    if constexpr (!std::is_same_v<P, TokenBucket>) {
+      static_cast<void>(v);
+      static_cast<void>(cost);
+      return false;
+    } else {
+      const bool allowed = v.size() == 4 && v[0] == 1;
+      if (!allowed && !(v.size() == 3 && v[0] == 0)) return false;
+      using detail::i128;
+      const i128 num = tb_num_, den = tb_den_, burst = tb_burst_;
+      const i128 span = burst * num;
+      const i128 c = static_cast<i128>(std::min<Cost>(cost, detail::kExact));
+      const std::int64_t now = v[1];
+      const i128 after = v[2];  // r when refused: the state as it was
+      const std::int64_t aux = allowed ? v[3] : 0;
+      const auto ceil_div = [](i128 x, i128 d) { return (x + d - 1) / d; };
+      const i128 room = span - after;
+      const i128 rem = room > 0 ? room / num : 0;
+      i128 retry = 0;
+      if (!allowed) {
+        retry = c > burst ? -1 : ceil_div(after + c * num - span, den);
+      }
+      const i128 reset = after > 0 ? ceil_div(after, den) : 0;
+      v.assign(
+          {(allowed || shadow()) ? 1 : 0, now, allowed ? 1 : 0,
+           static_cast<std::int64_t>(burst), static_cast<std::int64_t>(rem),
+           static_cast<std::int64_t>(retry), static_cast<std::int64_t>(reset),
+           aux, allowed ? static_cast<std::int64_t>(after) : 0});
+      return true;
+    }
+  }
 
   // The lean script for what it covers, else the general one.
   const RedisScript& script_for(std::string_view op, bool charge) const {
@@ -383,7 +441,9 @@ class RedisLimit final : public RedisLimitBase {
     const std::string k =
         redis_key(client()->options().prefix, name(), {}, key);
     const std::string_view keys[] = {k};
-    absl::StatusOr<absl::InlinedVector<std::int64_t, 8>> r;
+    // Room for the script's 9 integers inline: no allocation per reply.
+    using Ints = absl::InlinedVector<std::int64_t, 12>;
+    absl::StatusOr<Ints> r;
     Nanos t = now;  // the time the parameters are for
     for (int attempt = 0; attempt < 2; ++attempt) {
       detail::ScriptArgs args(3);
@@ -391,7 +451,12 @@ class RedisLimit final : public RedisLimitBase {
       detail::append_time(args, redis_options().test_time, now);
       args.add(op);
       detail::append_item(args, *this, twin_for(t, scratch), cost, charge);
-      r = client()->eval_ints(script_for(op, charge), keys, args.views());
+      const RedisScript& script = script_for(op, charge);
+      r = client()->template eval_ints<Ints>(script, keys, args.views());
+      if (r.ok() && &script == &detail::redis_tb_script() &&
+          !expand_lean(*r, cost)) {
+        r = absl::InternalError("redis: malformed reply");
+      }
       // A budget's period other than Redis's: again, for Redis's time.
       if (!r.ok() || r->size() != 2 || (*r)[0] != -2) break;
       t = detail::from_us((*r)[1]);
@@ -435,6 +500,8 @@ class RedisLimit final : public RedisLimitBase {
 
   const P policy_;
   std::unique_ptr<PolicyLimit<P>> local_;  // kLocal only
+  // TokenBucket only: the twin's num, den and burst (expand_lean).
+  std::int64_t tb_num_ = 0, tb_den_ = 0, tb_burst_ = 0;
 };
 
 }  // namespace ratekeeper
