@@ -798,3 +798,252 @@ TEST_CASE(
   for (const auto& [window, n] : per_window) REQUIRE(n <= kLimit);
   for (auto& t : ws.threads) t.join();
 }
+
+// --- Findings of the issue 17 examination (exam18b) ---
+
+TEST_CASE(
+    "Waiter: a late cancel moves the waiters behind by what the give-back "
+    "returned, never more",
+    "[i17]") {
+  // Bucket 1/s burst 1; Z takes at 0; A, B, C, D reserve go 1, 2, 3, 4 s.
+  // Jitter 2 s, seed 127: A's 1.843 s keeps it asleep past B's turn; B is
+  // cancelled at 2.5 s: its give-back returns only the 0.5 s still ahead,
+  // so the model bucket places C at [2.5, 3.5) and D at [3.5, 4.5).
+  ManualClock clock;
+  TBLimiter lim(TokenBucket::create(per_second(1), 1).value(), clock);
+  Waiter<ManualClock> waiter(
+      clock, WaitOptions{.queue_limit = 64, .jitter = seconds(2), .seed = 127});
+  Oracle model(1, seconds(1), 1);
+  REQUIRE(lim.acquire("k", 1));
+  REQUIRE(model.reserve(Nanos{0}, 1, Nanos{0}));
+  Waiters ws;
+  for (int i = 0; i < 4; ++i) {
+    REQUIRE(model.reserve(Nanos{0}, 1, seconds(100)));
+    ws.start([&](std::stop_token st) {
+      return waiter.acquire(lim, "k", 1, seconds(100), st);
+    });
+    REQUIRE(rk_test::eventually([&] {
+      return waiter.queued(&lim, "k") == static_cast<std::size_t>(i + 1);
+    }));
+  }
+  clock.set(milliseconds(2500));
+  ws.threads[1].request_stop();
+  REQUIRE(rk_test::eventually([&] { return ws.finished(1); }));
+  REQUIRE(ws.at(1).status.code() == absl::StatusCode::kCancelled);
+  // The model: B's stretch [2, 3) gives back only [2.5, 3).
+  model.tat -= static_cast<i128>(Nanos{milliseconds(500)}.count());
+  REQUIRE(lim.peek("k", 0).reset_after == model.reset_after(clock.now()));
+  const Nanos d_own = Nanos{static_cast<std::int64_t>(model.tat)} - seconds(1);
+  REQUIRE(d_own == milliseconds(3500));
+  // 1 ns before D's capacity is its own: A and C go (C's jitter is below
+  // 0.85 s, the examiner's run), D does not.
+  clock.set(d_own - Nanos{1});
+  REQUIRE(rk_test::eventually([&] { return ws.done.load() == 3; }));
+  REQUIRE(!ws.finished(3));
+  REQUIRE(waiter.queued(&lim, "k") == 1);
+  clock.set(seconds(7));
+  REQUIRE(rk_test::eventually([&] { return ws.done.load() == 4; }));
+  for (std::size_t i : {0u, 2u, 3u}) {
+    const Waited& w = ws.at(i);
+    REQUIRE(w.status.ok());
+    REQUIRE(w.admitted_at >= w.go_at);
+  }
+  // Moved by the 0.5 s returned, at most (less 1 ns: docs/waiting.md).
+  REQUIRE(ws.at(2).go_at >= milliseconds(2500));
+  REQUIRE(ws.at(2).go_at <= milliseconds(2500) + Nanos{1});
+  REQUIRE(ws.at(3).go_at >= d_own);
+  REQUIRE(ws.at(3).go_at <= d_own + Nanos{1});
+  REQUIRE(ws.at(3).admitted_at >= d_own);
+}
+
+TEST_CASE(
+    "Waiter: a give-back that returns less than it held (a later one given "
+    "back first) moves the waiters behind by what it returned",
+    "[i17]") {
+  // Bucket 1/s burst 1; Z at 0; A, B, C reserve go 1, 2, 3 s. B cancelled
+  // at 0 (returns 1 s: C's go 2 s), then A at 0.5 s: the bucket moves A's
+  // record by B's give-back too (token_bucket.hpp, shift()), so A returns
+  // only 0.5 s: C's capacity is C's from 1.5 s, not 1 s.
+  ManualClock clock;
+  TBLimiter lim(TokenBucket::create(per_second(1), 1).value(), clock);
+  Waiter<ManualClock> waiter(clock);
+  REQUIRE(lim.acquire("k", 1));
+  Waiters ws;
+  for (int i = 0; i < 3; ++i) {
+    ws.start([&](std::stop_token st) {
+      return waiter.acquire(lim, "k", 1, seconds(100), st);
+    });
+    REQUIRE(rk_test::eventually([&] {
+      return waiter.queued(&lim, "k") == static_cast<std::size_t>(i + 1);
+    }));
+  }
+  ws.threads[1].request_stop();
+  REQUIRE(rk_test::eventually([&] { return ws.finished(1); }));
+  clock.set(milliseconds(500));
+  ws.threads[0].request_stop();
+  REQUIRE(rk_test::eventually([&] { return ws.finished(0); }));
+  REQUIRE(ws.at(0).status.code() == absl::StatusCode::kCancelled);
+  // What the limit says: full again at 2.5 s, so C (burst 1) goes at 1.5 s.
+  const Nanos tat = clock.now() + lim.peek("k", 0).reset_after;
+  REQUIRE(tat == milliseconds(2500));
+  clock.set(milliseconds(1500) - Nanos{1});
+  clock.set(milliseconds(1500) + Nanos{1});
+  REQUIRE(rk_test::eventually([&] { return ws.done.load() == 3; }));
+  REQUIRE(ws.at(2).status.ok());
+  REQUIRE(ws.at(2).go_at >= milliseconds(1500));
+  REQUIRE(ws.at(2).go_at <= milliseconds(1500) + Nanos{1});
+  REQUIRE(ws.at(2).admitted_at >= ws.at(2).go_at);
+}
+
+TEST_CASE(
+    "Waiter: every reserved waiter is admitted by its own deadline, even "
+    "behind a head whose jitter runs past it",
+    "[i17]") {
+  // Bucket 1/s burst 1, jitter 2 s, seed 127: A (max_wait 100 s, go 1 s)
+  // would wake at 2.843 s; B (max_wait 2.2 s, go 2 s) must be admitted by
+  // 2.2 s, so A is too.
+  ManualClock clock;
+  TBLimiter lim(TokenBucket::create(per_second(1), 1).value(), clock);
+  Waiter<ManualClock> waiter(
+      clock, WaitOptions{.queue_limit = 64, .jitter = seconds(2), .seed = 127});
+  REQUIRE(lim.acquire("k", 1));
+  Waiters ws;
+  const Nanos waits[] = {seconds(100), milliseconds(2200)};
+  for (int i = 0; i < 2; ++i) {
+    const Nanos mw = waits[i];
+    ws.start([&, mw](std::stop_token st) {
+      return waiter.acquire(lim, "k", 1, mw, st);
+    });
+    REQUIRE(rk_test::eventually([&] {
+      return waiter.queued(&lim, "k") == static_cast<std::size_t>(i + 1);
+    }));
+  }
+  clock.set(milliseconds(2200));
+  REQUIRE(rk_test::eventually([&] { return ws.done.load() == 2; }));
+  for (std::size_t i = 0; i < 2; ++i) {
+    const Waited& w = ws.at(i);
+    REQUIRE(w.status.ok());
+    REQUIRE(w.admitted_at >= w.go_at);
+    REQUIRE(w.admitted_at <= w.arrived + waits[i]);
+  }
+  REQUIRE(ws.at(0).go_at == seconds(1));
+  REQUIRE(ws.at(1).go_at == seconds(2));
+}
+
+TEST_CASE(
+    "give-backs move later reservations by holds or holds + 1 ns; a "
+    "Waiter's cancel moves its waiters by at most that",
+    "[i17]") {
+  // 3/s burst 3 and other periods that are not whole ns: a reservation
+  // given back whole moves the next one by its holds or holds + 1 ns (go
+  // times are rounded up); the Waiter moves by holds, never more.
+  std::mt19937_64 rng(20261207);
+  int plus_one = 0;
+  for (int round = 0; round < 120; ++round) {
+    const std::uint64_t rate = 1 + rng() % 9;
+    const Cost cost = 1 + rng() % 3;
+    const std::uint64_t burst = cost + rng() % 3;
+    const Nanos t0{static_cast<std::int64_t>(rng() % 1'000'000'000)};
+    const auto tb = TokenBucket::create(per_second(rate), burst).value();
+    // The model: B alone behind Z.
+    ManualClock mc{t0};
+    TBLimiter m(tb, mc);
+    REQUIRE(m.acquire("k", burst));
+    const Reserved mb = m.reserve("k", cost, seconds(100));
+    REQUIRE(mb.held);
+    // Plain reserve/give_back: holds or holds + 1.
+    {
+      ManualClock c{t0};
+      TBLimiter l(tb, c);
+      REQUIRE(l.acquire("k", burst));
+      Reserved a = l.reserve("k", cost, seconds(100));
+      const Reserved b = l.reserve("k", cost, seconds(100));
+      REQUIRE(l.give_back(a.receipt).ok());
+      const Nanos moved = b.go_at - mb.go_at;
+      REQUIRE((moved == a.holds || moved == a.holds + Nanos{1}));
+      if (moved != a.holds) ++plus_one;
+    }
+    // Through a Waiter: A cancelled before its go time.
+    ManualClock clock{t0};
+    TBLimiter lim(tb, clock);
+    Waiter<ManualClock> waiter(clock);
+    REQUIRE(lim.acquire("k", burst));
+    Waiters ws;
+    for (int i = 0; i < 2; ++i) {
+      ws.start([&](std::stop_token st) {
+        return waiter.acquire(lim, "k", cost, seconds(100), st);
+      });
+      REQUIRE(rk_test::eventually([&] {
+        return waiter.queued(&lim, "k") == static_cast<std::size_t>(i + 1);
+      }));
+    }
+    ws.threads[0].request_stop();
+    REQUIRE(rk_test::eventually([&] { return ws.finished(0); }));
+    clock.set(mb.go_at - Nanos{1});
+    clock.set(mb.go_at + Nanos{2});
+    REQUIRE(rk_test::eventually([&] { return ws.done.load() == 2; }));
+    const Waited& b = ws.at(1);
+    REQUIRE(b.status.ok());
+    REQUIRE(b.go_at >= mb.go_at);
+    REQUIRE(b.go_at <= mb.go_at + Nanos{1});
+    REQUIRE(b.admitted_at >= b.go_at);
+  }
+  REQUIRE(plus_one > 0);  // the rounding case was met
+}
+
+TEST_CASE(
+    "Waiter: reset(key) forgets what reservations held; they still go, "
+    "uncounted",
+    "[i17]") {
+  auto lim =
+      make_limit({.name = "tpm"}, TokenBucket::create(per_second(1), 1).value())
+          .value();
+  ManualClock clock;
+  Waiter<ManualClock> waiter(clock);
+  REQUIRE(lim->acquire("k", 1, Nanos{0}).allowed);
+  Waiters ws;
+  for (int i = 0; i < 2; ++i) {
+    ws.start([&](std::stop_token st) {
+      return waiter.acquire(*lim, "k", 1, seconds(100), st);
+    });
+    REQUIRE(rk_test::eventually([&] {
+      return waiter.queued(lim.get(), "k") == static_cast<std::size_t>(i + 1);
+    }));
+  }
+  clock.set(milliseconds(500));
+  REQUIRE(lim->reset("k", clock.now()).ok());
+  // As a fresh key: a plain call is admitted (the model: an empty bucket's
+  // TAT is now + 1 s after it).
+  REQUIRE(lim->acquire("k", 1, clock.now()).allowed);
+  REQUIRE(lim->peek("k", 0, clock.now()).reset_after == seconds(1));
+  // B's give-back returns nothing into the fresh state, and moves nobody.
+  ws.threads[1].request_stop();
+  REQUIRE(rk_test::eventually([&] { return ws.finished(1); }));
+  REQUIRE(ws.at(1).status.code() == absl::StatusCode::kCancelled);
+  REQUIRE(lim->peek("k", 0, clock.now()).reset_after == seconds(1));
+  // A still goes at its go time, 1 s, uncounted by the fresh state.
+  clock.set(seconds(1) - Nanos{1});
+  clock.set(seconds(1));
+  REQUIRE(rk_test::eventually([&] { return ws.finished(0); }));
+  REQUIRE(ws.at(0).status.ok());
+  REQUIRE(ws.at(0).go_at == seconds(1));
+  REQUIRE(ws.at(0).admitted_at == seconds(1));
+  REQUIRE(lim->peek("k", 0, clock.now()).reset_after == milliseconds(500));
+}
+
+TEST_CASE("Waiter: a shadow limit still waits (shadow is Chain's)", "[i17]") {
+  auto lim = make_limit({.name = "tpm", .shadow = true},
+                        TokenBucket::create(per_second(1), 1).value())
+                 .value();
+  ManualClock clock;
+  clock.set_auto_advance(true);
+  Waiter<ManualClock> waiter(clock);
+  REQUIRE(lim->acquire("k", 1, Nanos{0}).allowed);
+  Waited w = waiter.acquire(*lim, "k", 1, seconds(5));
+  REQUIRE(w.status.ok());
+  REQUIRE(w.go_at == seconds(1));
+  REQUIRE(w.admitted_at == seconds(1));
+  // A wait beyond max_wait is refused as on an enforced limit.
+  Waited late = waiter.acquire(*lim, "k", 1, milliseconds(500));
+  REQUIRE(late.status.code() == absl::StatusCode::kDeadlineExceeded);
+}

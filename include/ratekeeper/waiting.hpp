@@ -17,7 +17,10 @@
 //     overtakes it; a wait longer than max_wait is refused at once (nothing
 //     taken), as Guava and Bucket4j do; a cancelled waiter gives its
 //     capacity back through its receipt, exactly, and every waiter behind
-//     it on that key moves earlier by exactly the time it held.
+//     it on that key moves earlier by what the give-back returned (the
+//     time it held, or only the part still ahead when its go time had
+//     passed), never by more (docs/waiting.md: to the ns, on the late
+//     side). One that reserved is admitted by its deadline.
 //   - a window policy cannot hold capacity in a future window: the head of
 //     a key's queue waits until the window that can admit it opens
 //     (retry_after) and tries then; the others wait behind it. A wait that
@@ -148,7 +151,12 @@ class Waiter {
         &limit, key, limit.reserves_exactly(), max_wait, std::move(stop),
         [&](Nanos now, Nanos w) { return limit.reserve(key, cost, now, w); },
         [&](Receipt& r, Nanos now) {
-          static_cast<void>(limit.settle(r, 0, now));
+          // The key's timeline before and after, at one time: how much
+          // earlier the give-back moved it (what it returned).
+          const Decision before = limit.peek(key, 0, now);
+          const absl::StatusOr<Decision> after = limit.settle(r, 0, now);
+          if (!after.ok()) return Nanos{0};
+          return before.reset_after - after->reset_after;
         });
   }
 
@@ -160,7 +168,17 @@ class Waiter {
         &limiter, key, Limiter<P, S, C>::kReservesExactly, max_wait,
         std::move(stop),
         [&](Nanos, Nanos w) { return limiter.reserve(key, cost, w); },
-        [&](Receipt& r, Nanos) { static_cast<void>(limiter.give_back(r)); });
+        [&](Receipt& r, Nanos) {
+          // As above, the limiter reading its own clock: t0 before the
+          // peek, t1 after the give-back, so the difference of the two
+          // absolute times is at most what it moved.
+          const Nanos t0 = limiter.now();
+          const Decision before = limiter.peek(key, 0);
+          const absl::StatusOr<Decision> after = limiter.give_back(r);
+          const Nanos t1 = limiter.now();
+          if (!after.ok()) return Nanos{0};
+          return (t0 + before.reset_after) - (t1 + after->reset_after);
+        });
   }
 
   // The calls waiting now on `key` of `limit` (a Limit or a Limiter).
@@ -178,6 +196,7 @@ class Waiter {
     bool held = false;    // capacity counted (token bucket)
     bool has_go = false;  // go_at known (held, or a window's head)
     Nanos arrived{0};
+    Nanos deadline{0};
     Nanos go_at{0};
     Nanos jitter{0};  // this waiter's extra wait
     Nanos holds{0};   // what a give-back moves later waiters by
@@ -217,11 +236,33 @@ class Waiter {
     return Nanos{static_cast<std::int64_t>(z % span)};
   }
 
-  // When `e` wakes: its go time plus its jitter, but for a held one never
-  // past its deadline (it is admitted by then) unless go_at itself is.
-  static Nanos wake_of(const Entry& e, Nanos deadline) noexcept {
+  // When `e` wakes: its go time plus its jitter, but never past `cap`
+  // unless go_at itself is.
+  static Nanos wake_of(const Entry& e, Nanos cap) noexcept {
     const Nanos w = sat_add(e.go_at, e.jitter);
-    return std::max(e.go_at, std::min(w, deadline));
+    return std::max(e.go_at, std::min(w, cap));
+  }
+
+  // The earliest deadline of the held waiters of `q`: the head's jitter
+  // ends by then, so that each one that reserved is admitted by its own
+  // deadline (their go times are in queue order, each within its deadline).
+  static Nanos held_cap(const Queue& q) noexcept {
+    Nanos cap = Nanos::max();
+    for (const Entry* x : q.entries) {
+      if (x->held) cap = std::min(cap, x->deadline);
+    }
+    return cap;
+  }
+
+  // How far a give-back that moved the key's timeline by `moved` (as
+  // measured: its returned time, rounded to the ns either way) moves the
+  // go times behind it, on the safe side: `holds` when it returned the
+  // whole (go times then move by holds or holds + 1 ns), else 1 ns less
+  // than measured (a part returned moves go times by its time rounded
+  // down or up to the ns), and never less than nothing.
+  static Nanos move_of(Nanos moved, Nanos holds) noexcept {
+    if (moved >= holds) return holds;
+    return std::max(Nanos{0}, moved - Nanos{1});
   }
 
   // Sleeps until the clock reaches `t` (Nanos::max(): until notified), or
@@ -289,6 +330,7 @@ class Waiter {
     }
     Entry e;
     e.arrived = arrived;
+    e.deadline = deadline;
     if (exact || !must_queue) {
       Reserved r = reserve(arrived, max_wait);
       w.decision = r.decision;
@@ -335,17 +377,23 @@ class Waiter {
     };
     e.jitter = draw_jitter();
     const auto self = q.entries.insert(q.entries.end(), &e);
+    // A held waiter's deadline may end the head's jitter earlier.
+    if (e.held) cv_.notify_all();
     // Leaves the queue without admission: gives back what it held, moves
     // the held waiters behind it earlier by the time it held.
     const auto leave = [&](absl::Status st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       const Nanos now = clock_.now();
       auto next = q.entries.erase(self);
       if (e.held) {
-        if (e.receipt) give_back(e.receipt, now);
+        // The waiters behind move earlier by what the give-back returned
+        // (a reservation whose go time has passed returns only what is
+        // still ahead of now), never by more.
+        const Nanos by =
+            e.receipt ? move_of(give_back(e.receipt, now), e.holds) : Nanos{0};
         for (; next != q.entries.end(); ++next) {
           Entry& later = **next;
           if (!later.held) continue;
-          later.go_at = std::max(later.arrived, later.go_at - e.holds);
+          later.go_at = std::max(later.arrived, later.go_at - by);
         }
       }
       drop_if_empty();
@@ -383,7 +431,9 @@ class Waiter {
           }
         }
       }
-      if (head && e.held && now >= wake_of(e, deadline)) {
+      // A held head wakes by the earliest deadline of the held waiters.
+      const Nanos cap = head && e.held ? held_cap(q) : deadline;
+      if (head && e.held && now >= wake_of(e, cap)) {
         q.entries.erase(self);
         drop_if_empty();
         cv_.notify_all();
@@ -401,8 +451,8 @@ class Waiter {
       }
       Nanos until = Nanos::max();
       if (head && e.has_go) {
-        until = e.held ? wake_of(e, deadline)
-                       : std::min(wake_of(e, deadline), deadline);
+        until =
+            e.held ? wake_of(e, cap) : std::min(wake_of(e, deadline), deadline);
       } else if (!e.held) {
         until = deadline;
       }
