@@ -169,15 +169,17 @@ class Waiter {
         std::move(stop),
         [&](Nanos, Nanos w) { return limiter.reserve(key, cost, w); },
         [&](Receipt& r, Nanos) {
-          // As above, the limiter reading its own clock: t0 before the
-          // peek, t1 after the give-back, so the difference of the two
-          // absolute times is at most what it moved.
-          const Nanos t0 = limiter.now();
-          const Decision before = limiter.peek(key, 0);
-          const absl::StatusOr<Decision> after = limiter.give_back(r);
-          const Nanos t1 = limiter.now();
-          if (!after.ok()) return Nanos{0};
-          return (t0 + before.reset_after) - (t1 + after->reset_after);
+          // As above: the limiter's give-back reads its own clock, at or
+          // after t; both reads of the key's timeline are at t.
+          const Nanos t = limiter.now();
+          const auto read = [&] {
+            return limiter.store()
+                .peek(key, detail::AcquireOp<P>{&limiter.policy(), t, 0})
+                .reset_after;
+          };
+          const Nanos before = read();
+          if (!limiter.give_back(r).ok()) return Nanos{0};
+          return before - read();
         });
   }
 
