@@ -72,6 +72,9 @@ namespace ratekeeper {
 //   jitter       each wake-up is later by a random time in [0, jitter]
 //                (governor's Jitter), against waiters waking together. It
 //                delays, never advances: a call never goes before its time.
+//                A waiter that reserved (token bucket) wakes by the earliest
+//                deadline of the waiters that reserved on its key, so each
+//                of them is admitted by its own deadline.
 //   seed         the jitter's pseudo-random sequence (deterministic).
 struct WaitOptions {
   std::size_t queue_limit = 1024;
