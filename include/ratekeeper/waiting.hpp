@@ -264,7 +264,9 @@ class Waiter {
   // go times behind it, on the safe side: `holds` when it returned the
   // whole (go times then move by holds or holds + 1 ns), else 1 ns less
   // than measured (a part returned moves go times by its time rounded
-  // down or up to the ns), and never less than nothing.
+  // down or up to the ns), and never less than nothing. A part within 1 ns
+  // of the whole reads as whole (a period not a whole number of ns):
+  // docs/waiting.md says so.
   static Nanos move_of(Nanos moved, Nanos holds) noexcept {
     if (moved >= holds) return holds;
     return std::max(Nanos{0}, moved - Nanos{1});
@@ -385,7 +387,7 @@ class Waiter {
     // A held waiter's deadline may end the head's jitter earlier.
     if (e.held) cv_.notify_all();
     // Leaves the queue without admission: gives back what it held, moves
-    // the held waiters behind it earlier by the time it held.
+    // the held waiters behind it earlier by what the give-back returned.
     const auto leave = [&](absl::Status st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       const Nanos now = clock_.now();
       auto next = q.entries.erase(self);
