@@ -263,6 +263,35 @@ TEST_CASE("statistics and the Prometheus text agree", "[i17]") {
   CHECK(t.capacity == 1000);
 }
 
+TEST_CASE("statistics count overridden keys too", "[i17]") {
+  // Issue 17 examiner (l3_keys_shadow): 3 plain keys and 10 overridden
+  // ones, each called once, are 13 keys held: the limit's store holds 3,
+  // its override store 10 (statistics().keys, ratekeeper_store_keys).
+  auto l = make_limit({.name = "keys"},
+                      TokenBucket::create(per_second(1), 5).value())
+               .value();
+  const Nanos t{3600 * kSec};
+  std::vector<std::string> plain, special;
+  for (int i = 0; i < 3; ++i) plain.push_back("p" + std::to_string(i));
+  for (int i = 0; i < 10; ++i) special.push_back("o" + std::to_string(i));
+  for (const std::string& k : special) {
+    REQUIRE(
+        l->set_override(k, TokenBucket::create(per_second(2), 50).value(), t)
+            .ok());
+  }
+  // An override set, its key not called yet: nothing held for it.
+  CHECK(l->statistics().keys == 0);
+  for (const std::string& k : plain) REQUIRE(l->acquire(k, 1, t).allowed);
+  for (const std::string& k : special) REQUIRE(l->acquire(k, 7, t).allowed);
+  CHECK(l->store_stats().keys == plain.size());  // the limit's store alone
+  const LimitStatistics s = l->statistics();
+  CHECK(s.keys == plain.size() + special.size());
+  const Limit* limits[] = {l.get()};
+  const std::string text =
+      prometheus_text(std::span<const Limit* const>(limits));
+  CHECK(samples(text, "keys")["ratekeeper_store_keys"] == 13);
+}
+
 TEST_CASE("listeners under threads: every decision heard once", "[i17]") {
   // No refill while the threads run (time is fixed): exactly 100 of the
   // 8 x 50 calls are admitted, the rest denied.
