@@ -263,6 +263,80 @@ TEST_CASE("statistics and the Prometheus text agree", "[i17]") {
   CHECK(t.capacity == 1000);
 }
 
+TEST_CASE("statistics count overridden keys too", "[i17]") {
+  // Issue 17 examiner (l3_keys_shadow): 3 plain keys and 10 overridden
+  // ones, each called once, are 13 keys held: the limit's store holds 3,
+  // its override store 10 (statistics().keys, ratekeeper_store_keys).
+  auto l = make_limit({.name = "keys"},
+                      TokenBucket::create(per_second(1), 5).value())
+               .value();
+  const Nanos t{3600 * kSec};
+  std::vector<std::string> plain, special;
+  for (int i = 0; i < 3; ++i) plain.push_back("p" + std::to_string(i));
+  for (int i = 0; i < 10; ++i) special.push_back("o" + std::to_string(i));
+  for (const std::string& k : special) {
+    REQUIRE(
+        l->set_override(k, TokenBucket::create(per_second(2), 50).value(), t)
+            .ok());
+  }
+  // An override set, its key not called yet: nothing held for it.
+  CHECK(l->statistics().keys == 0);
+  for (const std::string& k : plain) REQUIRE(l->acquire(k, 1, t).allowed);
+  for (const std::string& k : special) REQUIRE(l->acquire(k, 7, t).allowed);
+  CHECK(l->store_stats().keys == plain.size());  // the limit's store alone
+  const LimitStatistics s = l->statistics();
+  CHECK(s.keys == plain.size() + special.size());
+  const Limit* limits[] = {l.get()};
+  const std::string text =
+      prometheus_text(std::span<const Limit* const>(limits));
+  CHECK(samples(text, "keys")["ratekeeper_store_keys"] == 13);
+}
+
+TEST_CASE("statistics from a listener while overrides are set", "[i17]") {
+  // keys_held takes no lock: a listener reading statistics() while another
+  // thread's set_override holds the limit's mutex (and waits for calls in
+  // flight) neither blocks it nor races (run under TSan). Keys only grow
+  // here (nothing is idle at a fixed time), so each reading is at most the
+  // final count, and the final count is exact: 20 plain + 20 overridden.
+  auto l =
+      make_limit({.name = "l"}, TokenBucket::create(per_second(1), 100).value())
+          .value();
+  struct Reader : LimitListener {
+    std::atomic<std::uint64_t> most{0};
+    void on_allowed(const LimitEvent& e) override {
+      const std::uint64_t k = e.limit->statistics().keys;
+      std::uint64_t m = most.load();
+      while (k > m && !most.compare_exchange_weak(m, k)) {
+      }
+    }
+  };
+  auto r = std::make_shared<Reader>();
+  l->set_listener(r);
+  const Nanos t{3600 * kSec};
+  // Catch2's assertions are not thread-safe: the setter records failures.
+  std::atomic<int> setter_failures{0};
+  std::thread setter([&] {
+    for (int i = 0; i < 20; ++i) {
+      const std::string k = "o" + std::to_string(i);
+      if (!l->set_override(k, TokenBucket::create(per_second(2), 9).value(), t)
+               .ok() ||
+          !l->acquire(k, 1, t).allowed) {
+        setter_failures.fetch_add(1);
+      }
+    }
+  });
+  for (int round = 0; round < 5; ++round) {
+    for (int i = 0; i < 20; ++i) {
+      CHECK(l->acquire("p" + std::to_string(i), 1, t).allowed);
+    }
+  }
+  setter.join();
+  CHECK(setter_failures.load() == 0);
+  CHECK(l->statistics().keys == 40);
+  CHECK(r->most.load() <= 40);
+  CHECK(r->most.load() >= 20);
+}
+
 TEST_CASE("listeners under threads: every decision heard once", "[i17]") {
   // No refill while the threads run (time is fixed): exactly 100 of the
   // 8 x 50 calls are admitted, the rest denied.

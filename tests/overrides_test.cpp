@@ -207,6 +207,228 @@ TEMPLATE_TEST_CASE("carry: each strategy on a sliding window", "[i17]",
   CHECK(l->peek("never", 0, at(90)).remaining == cap_new);
 }
 
+// Issue 17 examiner (w7_carry_drops_reservation): a debt (R below 0) is
+// carried, not clamped at 0. The models: R' = R under kRemaining (at most
+// C'), floor(R x C' / C) under kProportional (a debt rounded to the larger
+// one), C' under kReset; then the key refills from R' (token bucket) or
+// counts C' - R' units in the current window.
+namespace {
+
+// R' from R (signed) under `how`, computed with integers (floor division).
+std::int64_t kept_signed(Carry how, std::int64_t left, std::int64_t cap_old,
+                         std::int64_t cap_new) {
+  switch (how) {
+    case Carry::kAsStored:
+      break;
+    case Carry::kRemaining:
+      return std::min(left, cap_new);
+    case Carry::kProportional: {
+      const std::int64_t p = std::min(left, cap_old) * cap_new;
+      return p >= 0 ? p / cap_old : -((-p + cap_old - 1) / cap_old);
+    }
+    case Carry::kReset:
+      return cap_new;
+  }
+  return 0;
+}
+
+// A token bucket refilling `rate` whole tokens a second from the signed
+// `left` at `from_ms`, capped at `cap`; remaining is that, 0 if below.
+struct SignedBucket {
+  std::int64_t cap;
+  std::int64_t rate;
+  std::int64_t left;
+  std::int64_t from_ms;
+  std::int64_t level(std::int64_t ms) const {
+    return std::min(cap, left + (ms - from_ms) * rate / 1000);
+  }
+  std::uint64_t remaining(std::int64_t ms) const {
+    return static_cast<std::uint64_t>(std::max<std::int64_t>(0, level(ms)));
+  }
+  // The wait from `ms` until one token is there, in ms (whole here).
+  std::int64_t wait_one(std::int64_t ms) const {
+    const std::int64_t short_by = 1 - level(ms);
+    return short_by <= 0 ? 0 : short_by * 1000 / rate;
+  }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("carry: a token bucket's debt is carried", "[i17]",
+                   StoreTag<InMemoryStore>, StoreTag<ShardedStore>) {
+  const Carry how = GENERATE(Carry::kAsStored, Carry::kRemaining,
+                             Carry::kProportional, Carry::kReset);
+  // Same numbers, grown, shrunk (5: kProportional's -2.5 rounds to -3).
+  const std::int64_t cap_new = GENERATE(10, 20, 5);
+  const auto cn = static_cast<std::uint64_t>(cap_new);
+  INFO("carry " << static_cast<int>(how) << " to " << cap_new);
+  const TokenBucket tb = TokenBucket::create(per_second(10), 10).value();
+  auto l = limit_of<TokenBucket, TestType::template Store>(tb);
+  // 10/s, burst 10: 10 taken at 0, 10 reserved (goes at 1 s): the bucket
+  // is full again at 2 s; at 0.5 s it is 5 tokens in debt (R = -5).
+  Receipt took;
+  REQUIRE(l->take("k", 10, at(0), took).allowed);
+  const Reserved res = l->reserve("k", 10, at(0), Nanos{5 * kSec});
+  REQUIRE(res.held);
+  REQUIRE(res.go_at == at(1));
+  REQUIRE(l->reconfigure(TokenBucket::create(per_second(cn), cn).value(), how,
+                         at_ms(500))
+              .ok());
+  // kAsStored: the TAT (full at 2 s) read at the new rate, cap_new per
+  // second: cap_new - (2000 - ms) x cap_new / 1000, floor; the others the
+  // signed bucket from R' at 0.5 s.
+  const SignedBucket rebuilt{cap_new, cap_new,
+                             kept_signed(how, -5, 10, cap_new), 500};
+  auto level = [&](std::int64_t ms) {
+    if (how != Carry::kAsStored) return rebuilt.level(ms);
+    const std::int64_t room =
+        cap_new * 1000 - std::max<std::int64_t>(0, 2000 - ms) * cap_new;
+    return room >= 0 ? room / 1000 : -((-room + 999) / 1000);
+  };
+  for (const std::int64_t ms : {500, 600, 999, 1000, 1300, 1500, 2000, 3000}) {
+    INFO("at " << ms << " ms");
+    CHECK(l->peek("k", 0, at_ms(ms)).remaining ==
+          static_cast<std::uint64_t>(std::max<std::int64_t>(0, level(ms))));
+  }
+  // The first ms at which one token is there (whole ms for these rates).
+  std::int64_t first = 500;
+  while (level(first) < 1) ++first;
+  CHECK(l->peek("k", 1, at_ms(500)).retry_after ==
+        Nanos{(first - 500) * rk_test::kMs});
+  // The examiner's call: a plain acquire of the new capacity at 1 s goes
+  // only if the model has that much (never while the debt is carried and
+  // the numbers stayed: 10 at 1.0 s would be 30 in [0, 1 s] against 20).
+  CHECK(l->acquire("k", cn, at(1)).allowed == (level(1000) >= cap_new));
+  if (cap_new == 10 && how != Carry::kReset) {
+    CHECK_FALSE(l->acquire("k", 10, at(1)).allowed);
+  }
+}
+
+TEST_CASE("carry: the examiner's reservation, reconfigured at 0", "[i17]") {
+  // 10/s, burst 10, take 10, reserve 10 (goes at 1 s), reconfigure to the
+  // same numbers at 0: a plain acquire(10) at 1 s is denied under every
+  // strategy but kReset (the debt forgotten, as documented).
+  for (const Carry how : {Carry::kAsStored, Carry::kRemaining,
+                          Carry::kProportional, Carry::kReset}) {
+    INFO("carry " << static_cast<int>(how));
+    const TokenBucket tb = TokenBucket::create(per_second(10), 10).value();
+    auto l = limit_of<TokenBucket, ShardedStore>(tb);
+    Receipt r0;
+    REQUIRE(l->take("k", 10, at(0), r0).allowed);
+    const Reserved a = l->reserve("k", 10, at(0), Nanos{5 * kSec});
+    REQUIRE(a.held);
+    REQUIRE(l->reconfigure(tb, how, at(0)).ok());
+    CHECK(l->peek("k", 10, at(0)).retry_after ==
+          (how == Carry::kReset ? Nanos{0} : Nanos{2 * kSec}));
+    CHECK(l->acquire("k", 10, at(1)).allowed == (how == Carry::kReset));
+  }
+}
+
+TEST_CASE("carry: a settle above its take is a debt carried", "[i17]") {
+  // 10 tokens, 1 per second: take 4, settled to 14 at 0: R = -4.
+  const Carry how =
+      GENERATE(Carry::kRemaining, Carry::kProportional, Carry::kReset);
+  const std::int64_t cap_new = GENERATE(10, 3);  // -4 x 3/10 -> -2
+  auto l = limit_of<TokenBucket, ShardedStore>(
+      TokenBucket::create(per_second(1), 10).value());
+  Receipt r;
+  REQUIRE(l->take("k", 4, at(0), r).allowed);
+  REQUIRE(l->settle(r, 14, at(0)).ok());
+  const auto cn = static_cast<std::uint64_t>(cap_new);
+  REQUIRE(
+      l->reconfigure(TokenBucket::create(per_second(1), cn).value(), how, at(0))
+          .ok());
+  const SignedBucket m{cap_new, 1, kept_signed(how, -4, 10, cap_new), 0};
+  for (const std::int64_t s : {0, 1, 3, 4, 5, 7, 20}) {
+    INFO("at " << s << " s, carry " << static_cast<int>(how) << " to "
+               << cap_new);
+    CHECK(l->peek("k", 0, at(s)).remaining == m.remaining(s * 1000));
+  }
+  CHECK(l->peek("k", 1, at(0)).retry_after ==
+        Nanos{m.wait_one(0) * rk_test::kMs});
+}
+
+namespace {
+// A window's count seen through a kAsStored raise to `probe` (a count
+// above its limit is invisible in Decision::remaining, 0).
+template <class L, class P>
+std::uint64_t probe_left(L& l, P probe, Nanos now) {
+  REQUIRE(l.reconfigure(std::move(probe), Carry::kAsStored, now).ok());
+  return l.peek("k", 0, now).remaining;
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("carry: a fixed window's count above its limit is carried",
+                   "[i17]", StoreTag<InMemoryStore>, StoreTag<ShardedStore>) {
+  const Carry how = GENERATE(Carry::kAsStored, Carry::kRemaining,
+                             Carry::kProportional, Carry::kReset);
+  const std::int64_t cap_new = GENERATE(10, 20, 4);  // 4: -1.6 -> -2
+  INFO("carry " << static_cast<int>(how) << " to " << cap_new);
+  // 10 a minute: 10 taken, 4 denied and charged (Limit::charge, as
+  // charge-on-reject does) at 10 s: count 14, R = -4.
+  auto l = limit_of<FixedWindow, TestType::template Store>(
+      FixedWindow::create(per_minute(10)).value());
+  REQUIRE(l->acquire("k", 10, at(10)).allowed);
+  Receipt none;
+  REQUIRE_FALSE(l->charge("k", 4, at(10), none).allowed);
+  const auto cn = static_cast<std::uint64_t>(cap_new);
+  REQUIRE(
+      l->reconfigure(FixedWindow::create(per_minute(cn)).value(), how, at(20))
+          .ok());
+  // The count the model gives: 14 as stored, else C' - R'.
+  const std::int64_t count = how == Carry::kAsStored
+                                 ? 14
+                                 : cap_new - kept_signed(how, -4, 10, cap_new);
+  CHECK(l->peek("k", 0, at(20)).remaining ==
+        static_cast<std::uint64_t>(std::max<std::int64_t>(0, cap_new - count)));
+  // Raised to 40 as stored: 40 - count left, the debt visible.
+  CHECK(probe_left(*l, FixedWindow::create(per_minute(40)).value(), at(30)) ==
+        static_cast<std::uint64_t>(40 - count));
+  // The window turns at 60 s: the debt ends with it.
+  CHECK(l->peek("k", 0, at(60)).remaining == 40);
+}
+
+TEMPLATE_TEST_CASE("carry: a sliding window's debt is carried", "[i17]",
+                   StoreTag<InMemoryStore>, StoreTag<ShardedStore>) {
+  const Carry how = GENERATE(Carry::kAsStored, Carry::kRemaining,
+                             Carry::kProportional, Carry::kReset);
+  const std::int64_t cap_new = GENERATE(10, 20, 4);
+  INFO("carry " << static_cast<int>(how) << " to " << cap_new);
+  // The model: R = floor((cap x 60 - prev x (60 - e) - cur x 60) / 60), e
+  // seconds into the window, signed.
+  auto left = [](std::int64_t cap, std::int64_t prev, std::int64_t cur,
+                 std::int64_t e) {
+    const std::int64_t room = cap * 60 - prev * (60 - e) - cur * 60;
+    return room >= 0 ? room / 60 : -((-room + 59) / 60);
+  };
+  auto l = limit_of<SlidingWindow, TestType::template Store>(
+      SlidingWindow::create(per_minute(10)).value());
+  // 8 in the minute before; at 70 s (e = 10) 3 taken, 4 denied and charged
+  // (Limit::charge):
+  // prev 8, cur 7; at 85 s (e = 25) R = floor(-100 / 60) = -2.
+  REQUIRE(l->acquire("k", 8, at(0)).allowed);
+  REQUIRE(l->acquire("k", 3, at(70)).allowed);
+  Receipt none;
+  REQUIRE_FALSE(l->charge("k", 4, at(70), none).allowed);
+  REQUIRE(left(10, 8, 7, 25) == -2);
+  const auto cn = static_cast<std::uint64_t>(cap_new);
+  REQUIRE(
+      l->reconfigure(SlidingWindow::create(per_minute(cn)).value(), how, at(85))
+          .ok());
+  // Rebuilt: C' - R' counted in this window (prev 0).
+  const std::int64_t prev = how == Carry::kAsStored ? 8 : 0;
+  const std::int64_t cur =
+      how == Carry::kAsStored ? 7 : cap_new - kept_signed(how, -2, 10, cap_new);
+  CHECK(l->peek("k", 0, at(85)).remaining ==
+        static_cast<std::uint64_t>(
+            std::max<std::int64_t>(0, left(cap_new, prev, cur, 25))));
+  // Seen under 40, as stored: the debt visible now and a window later.
+  CHECK(probe_left(*l, SlidingWindow::create(per_minute(40)).value(), at(85)) ==
+        static_cast<std::uint64_t>(left(40, prev, cur, 25)));
+  CHECK(l->peek("k", 0, at(150)).remaining ==
+        static_cast<std::uint64_t>(left(40, cur, 0, 30)));
+}
+
 TEST_CASE("carry: only kAsStored without update_all or hooks", "[i17]") {
   PolicyLimit<TokenBucket, ShardedStore, false> bare(
       {.name = "bare"}, TokenBucket::create(per_second(1), 10).value(), {});

@@ -287,9 +287,13 @@ class Limit {
     s.listener_errors = metrics_.total(LimitMetrics::kListenerErrors);
     s.capacity = limit();
     s.shadow = shadow();
-    s.keys = store_stats().keys;
+    s.keys = keys_held();
     return s;
   }
+  // keys_held: the keys this limit holds now: its store's, and, on a
+  // PolicyLimit with overrides, its override store's too (statistics().keys,
+  // ratekeeper_store_keys). store_stats() is the limit's own store alone.
+  virtual std::uint64_t keys_held() const { return store_stats().keys; }
   // --- end issue 17 ---
 
  protected:
@@ -607,6 +611,7 @@ class PolicyLimit final : public Limit {
       detail::Reclaimer::instance().prepare();
       if (ovr_store_ == nullptr) {
         ovr_store_ = std::make_unique<StoreType>(store_options_);
+        ovr_seen_.store(ovr_store_.get(), std::memory_order_release);
       }
       auto next =
           overrides_owned_ == nullptr
@@ -648,6 +653,16 @@ class PolicyLimit final : public Limit {
     publish(next->empty() ? nullptr : std::move(next));
     reset_in(*ovr_store_, was, key, now);
     return absl::OkStatus();
+  }
+
+  // The keys of both stores: the limit's and the override store's (a key
+  // overridden, or cleared and still held there until it is idle).
+  std::uint64_t keys_held() const override {
+    std::uint64_t n = store_.stats().keys;
+    if (const StoreType* o = ovr_seen_.load(std::memory_order_acquire)) {
+      n += o->stats().keys;
+    }
+    return n;
   }
 
   // The override in force for `key`, if any.
@@ -849,6 +864,9 @@ class PolicyLimit final : public Limit {
   std::atomic<const detail::OverrideMap<P>*> overrides_{nullptr};
   std::unique_ptr<const detail::OverrideMap<P>> overrides_owned_;  // mu_
   std::unique_ptr<StoreType> ovr_store_;
+  // ovr_store_ for keys_held(), which takes no lock (statistics() may run
+  // in a listener, while set_override holds mu_): set once, never reset.
+  std::atomic<const StoreType*> ovr_seen_{nullptr};
   const typename StoreType::Options store_options_;
   char ovr_tag_ = 0;
 };

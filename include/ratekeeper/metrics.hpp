@@ -44,7 +44,7 @@ struct LimitStatistics {
   std::uint64_t listener_errors = 0;   // exceptions listeners threw
   std::uint64_t capacity = 0;          // the limit now, in its unit
   bool shadow = false;                 // in shadow mode now
-  std::uint64_t keys = 0;              // keys its store holds now
+  std::uint64_t keys = 0;              // keys it holds now (keys_held)
 
   friend constexpr bool operator==(const LimitStatistics&,
                                    const LimitStatistics&) = default;

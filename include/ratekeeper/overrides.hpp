@@ -30,12 +30,16 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 #include "absl/container/flat_hash_map.h"
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/math.hpp"
 #include "ratekeeper/limiter.hpp"
+#include "ratekeeper/policy/fixed_window.hpp"
 #include "ratekeeper/policy/policy.hpp"
+#include "ratekeeper/policy/sliding_window.hpp"
+#include "ratekeeper/policy/token_bucket.hpp"
 #include "ratekeeper/receipt.hpp"
 
 namespace ratekeeper {
@@ -51,17 +55,31 @@ namespace ratekeeper {
 //                  token bucket keeps its time until full (remaining =
 //                  C' - that time x the new rate). Receipts from before
 //                  give back what they took, converted.
-//   kRemaining     each key keeps R, at most C' (Bucket4j AS_IS).
+//   kRemaining     each key keeps R, at most C' (Bucket4j AS_IS); a debt
+//                  (R below 0) as it is.
 //   kProportional  each key keeps floor(R x C' / C) (Bucket4j
-//                  PROPORTIONALLY): the share it had left.
-//   kReset         each key starts fresh (full) under the new numbers.
+//                  PROPORTIONALLY): the share it had left; a debt scaled
+//                  the same way, rounded to the larger debt (never below
+//                  the exact proportion).
+//   kReset         each key starts fresh (full) under the new numbers,
+//                  any debt forgotten.
+// R is signed: a key in debt has R < 0, -R being the units counted above
+// its capacity (whole units, rounded to the larger debt): a token bucket
+// reserved into the future (TokenBucket::reserve), a settle above its take,
+// a charged rejection (charge_on_reject), a window's count above a limit
+// lowered under kAsStored. For the three policies here R is read exactly
+// (debt_left); a policy of your own carries Decision::remaining (>= 0):
+// no debt.
 // For the last three, each key held is rebuilt as a fresh key that took
 // C' - R' units at that time (a token bucket refills from there at the
 // new rate: a partly refilled token's progress, under one token's time, is
-// not kept; a sliding window's units all count in the current window), a
-// key with nothing counted stays fresh (full under C'), and receipts from
-// before give nothing back (their takes are folded into R). They cost a
-// pass over the store's keys (update_all), one shard at a time.
+// not kept; a sliding window's units all count in the current window; the
+// units above C' are counted as a settle's excess is, so a token bucket
+// keeps a debt of any size, a window's count saturates at its kMaxLimit),
+// a key with nothing counted stays fresh (full under C'), and receipts
+// from before give nothing back (their takes, and the debts they made, are
+// folded into R). They cost a pass over the store's keys (update_all), one
+// shard at a time.
 enum class Carry : std::uint8_t {
   kAsStored,
   kRemaining,
@@ -103,6 +121,55 @@ std::uint64_t reset_mark(const P& p, const typename P::State& before,
   }
 }
 
+// debt_left
+//
+// R, signed: what `s` has left under `p` at `now`, in whole units, below 0
+// by the units counted above the capacity (rounded to the larger debt).
+// Decision::remaining where it is >= 0. Read from the policies' public
+// state: a token bucket's TAT (State and rate(), as TokenBucket encodes
+// it), a window's counts. Clamped at -2^64 (a debt that large saturates
+// the rebuilt state anyway). Pure.
+template <class P>
+i128 debt_left(const P& p, const typename P::State& s, Nanos now) noexcept {
+  constexpr i128 kFloor = -(i128{1} << 64);
+  i128 left = 0;
+  if constexpr (std::is_same_v<P, TokenBucket>) {
+    // Emission interval num/den ns per token, as TokenBucket::create.
+    const auto period = static_cast<std::uint64_t>(p.rate().period.count());
+    const std::uint64_t g = gcd(period, p.rate().count);
+    const i128 num = static_cast<i128>(period / g);
+    const i128 den = static_cast<i128>(p.rate().count / g);
+    const i128 tat = (static_cast<i128>(s.tat_biased) + kI64Min) * den +
+                     std::min(static_cast<i128>(s.tat_frac), den - 1);
+    const i128 lead =
+        std::max(tat - static_cast<i128>(now.count()) * den, i128{0});
+    left = floor_div(static_cast<i128>(p.burst()) * num - lead, num);
+  } else if constexpr (std::is_same_v<P, FixedWindow>) {
+    const std::int64_t w = floor_div_i64(now.count(), p.rate().period.count());
+    const i128 count = w > s.window ? 0 : static_cast<i128>(s.count);
+    left = static_cast<i128>(p.limit()) - count;
+  } else if constexpr (std::is_same_v<P, SlidingWindow>) {
+    // SlidingWindow's estimate: limit - prev x (period - e) / period - cur.
+    const i128 period = p.rate().period.count();
+    const std::int64_t w = floor_div_i64(now.count(), p.rate().period.count());
+    i128 prev = s.prev;
+    i128 cur = s.cur;
+    i128 start = static_cast<i128>(s.window) * period;
+    if (w > s.window) {
+      prev = static_cast<i128>(w) - s.window == 1 ? cur : 0;
+      cur = 0;
+      start = static_cast<i128>(w) * period;
+    }
+    const i128 e = std::max(static_cast<i128>(now.count()) - start, i128{0});
+    left = floor_div(static_cast<i128>(p.limit()) * period -
+                         prev * (period - e) - cur * period,
+                     period);
+  } else {
+    left = static_cast<i128>(p.step(s, now, 0).decision.remaining);
+  }
+  return std::max(left, kFloor);
+}
+
 // The state a key keeps (Carry) going from policy `from` to `to` at `now`.
 template <class P>
 typename P::State carried(const P& from, const P& to,
@@ -111,17 +178,20 @@ typename P::State carried(const P& from, const P& to,
   using State = typename P::State;
   if (how == Carry::kAsStored) return s;
   if (how == Carry::kReset || from.idle(s, now)) return State{};
-  const std::uint64_t left = from.step(s, now, 0).decision.remaining;
-  const std::uint64_t cap_old = from.limit();
-  const std::uint64_t cap_new = to.limit();
-  const std::uint64_t keep =
-      how == Carry::kRemaining
-          ? std::min(left, cap_new)
-          : static_cast<std::uint64_t>(
-                static_cast<u128>(std::min(left, cap_old)) * cap_new / cap_old);
-  const std::uint64_t used = cap_new - keep;
+  const i128 left = debt_left(from, s, now);
+  const i128 cap_old = static_cast<i128>(from.limit());
+  const i128 cap_new = static_cast<i128>(to.limit());
+  // |left| <= 2^64 and caps <= 2^64: the product fits 127 bits. floor_div
+  // rounds a debt's share up (the larger debt).
+  const i128 keep = how == Carry::kRemaining
+                        ? std::min(left, cap_new)
+                        : floor_div(std::min(left, cap_old) * cap_new, cap_old);
+  const std::uint64_t used = clamp_u64(cap_new - keep);
   if (used == 0) return State{};
-  return to.step(State{}, now, used).next;
+  if (keep >= 0) return to.step(State{}, now, used).next;
+  // Above C': counted as a settle's excess is, whether or not it fits.
+  const State fresh{};
+  return to.settle(fresh, now, to.place(fresh, now, 0), 0, used);
 }
 
 // A reset or carry of one key's state, as a store op: the store's update
