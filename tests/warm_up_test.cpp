@@ -422,6 +422,9 @@ TEST_CASE("warm-up: listener, statistics, overrides, reset pass through",
   Decision d = limit->acquire("vip", 50, t0);
   REQUIRE(d.allowed);
   REQUIRE(d.limit == 50);
+  // statistics() counts the overridden key with the others.
+  const std::uint64_t plain = limit->store_stats().keys;
+  REQUIRE(limit->statistics().keys == plain + 1);
   REQUIRE(limit->clear_override("vip", t0).ok());
 
   // reset: the key is full again under the step in force.

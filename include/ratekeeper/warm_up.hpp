@@ -151,6 +151,8 @@ class WarmUpLimit final : public Limit {
   std::uint64_t limit() const noexcept override { return inner_->limit(); }
   Nanos window() const noexcept override { return inner_->window(); }
   StoreStats store_stats() const override { return inner_->store_stats(); }
+  // The inner limit's keys, its overrides' too (statistics().keys).
+  std::uint64_t keys_held() const override { return inner_->keys_held(); }
   absl::Status reset(std::string_view key, Nanos now) override {
     enter(now);
     return inner_->reset(key, now);
