@@ -100,7 +100,8 @@ local function token_bucket(key, num, den, burst, _, nonce)
   function m.decide(r, c)
     if c > burst then return {0, burst, remaining(r), -1, reset(r)}, r end
     local nxt = r + c * num
-    if nxt <= span then
+    -- A zero cost is always allowed, in debt too (r above span).
+    if nxt <= span or c == 0 then
       return {1, burst, remaining(nxt), 0, reset(nxt)}, nxt
     end
     return {0, burst, remaining(r), cdiv(r - (span - c * num), den),

@@ -32,7 +32,8 @@ if raw then
     if a == '' then aux = 0 else aux = a end
   end
 end
-if c <= burst and r + c * num <= span then
+-- A zero cost is always allowed, in debt too (r above span).
+if c <= burst and (r + c * num <= span or c == 0) then
   local after = r + c * num
   if c > 0 and ARGV[2] == 'acquire' then
     -- whole = floor(after / den), reset = ceil(after / den)

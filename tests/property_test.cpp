@@ -6,6 +6,7 @@
 #include <limits>
 #include <map>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "ratekeeper/detail/math.hpp"
@@ -579,4 +580,107 @@ TEST_CASE(
         SlidingWindow::create(per(20, std::chrono::milliseconds(700))).value(),
         seed + i);
   }
+}
+
+// Issue 17 (examiner's w12): "a zero cost is always allowed, counts nothing
+// and changes no state" (docs/policies.md), for every state a key can reach:
+// random walks of takes, charges, settles above the take (debts), and for a
+// token bucket reservations held in debt. At each state, the zero-cost step
+// is checked against oracles built from the policy's own nonzero steps:
+// remaining is the largest cost a step would admit (a search), reset_after
+// what a cost above the limit (never admitted) is told.
+namespace {
+
+template <class P>
+void zero_cost_walk(const P& p, std::uint64_t seed, std::int64_t max_step_ns,
+                    int& indebted, int& in_debt) {
+  Rng rng(seed);
+  const std::uint64_t limit = p.limit();
+  typename P::State s{};
+  std::int64_t t = static_cast<std::int64_t>(uniform(rng, 0, kSec));
+  for (int i = 0; i < 3'000; ++i) {
+    if (uniform(rng, 0, 2) != 0) {
+      t += static_cast<std::int64_t>(
+          uniform(rng, 0, static_cast<std::uint64_t>(max_step_ns)));
+    }
+    const Nanos now{t};
+    const Cost c = uniform(rng, 1, limit);
+    switch (uniform(rng, 0, 3)) {
+      case 0:
+        s = p.step(s, now, c).next;
+        break;
+      case 1:
+        s = p.charge(s, now, uniform(rng, 1, 3 * limit));
+        break;
+      case 2: {
+        const auto st = p.step(s, now, c);
+        if (st.decision.allowed) {
+          s = p.settle(st.next, now, p.place(s, now, c), c,
+                       c + uniform(rng, 1, 2 * limit));
+        }
+        break;
+      }
+      default:
+        if constexpr (requires { p.reserve(s, now, c, now); }) {
+          s = p.reserve(s, now, c, Nanos{10 * kSec}).next;
+        } else {
+          s = p.step(s, now, c).next;
+        }
+    }
+    const auto z = p.step(s, now, 0);
+    CAPTURE(i, t);
+    REQUIRE(z.decision.allowed);
+    REQUIRE(z.next == s);
+    REQUIRE(z.decision.retry_after == Nanos{0});
+    // Oracle: the largest cost admitted now, by search over step().
+    std::uint64_t lo = 0, hi = limit;
+    while (lo < hi) {
+      const std::uint64_t mid = lo + (hi - lo + 1) / 2;
+      if (p.step(s, now, mid).decision.allowed) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    REQUIRE(z.decision.remaining == lo);
+    const Decision never = p.step(s, now, limit + 1).decision;
+    REQUIRE(z.decision.reset_after == never.reset_after);
+    if (lo == 0 && !p.step(s, now, 1).decision.allowed) ++indebted;
+    if constexpr (std::is_same_v<P, TokenBucket>) {
+      // In debt: full again only after more than a burst's refill.
+      const Rate r = p.rate();
+      if (static_cast<i128>(z.decision.reset_after.count()) * r.count >
+          static_cast<i128>(p.burst()) * r.period.count()) {
+        ++in_debt;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a zero cost is allowed in every reachable state, debts included",
+          "[i17][property]") {
+  const std::uint64_t seed = rk_test::seed_or(0x17C0);
+  CAPTURE(seed);
+  int indebted = 0, in_debt = 0;
+  SECTION("token bucket, whole interval") {
+    zero_cost_walk(TokenBucket::create(per_second(10), 20).value(), seed,
+                   300 * kSec / 1000, indebted, in_debt);
+    CHECK(in_debt > 100);  // past a full bucket
+  }
+  SECTION("token bucket, 7 per second") {
+    zero_cost_walk(TokenBucket::create(per_second(7), 5).value(), seed + 1,
+                   500 * kSec / 1000, indebted, in_debt);
+    CHECK(in_debt > 100);  // past a full bucket
+  }
+  SECTION("fixed window") {
+    zero_cost_walk(FixedWindow::create(per_second(12)).value(), seed + 2,
+                   200 * kSec / 1000, indebted, in_debt);
+  }
+  SECTION("sliding window") {
+    zero_cost_walk(SlidingWindow::create(per_second(12)).value(), seed + 3,
+                   150 * kSec / 1000, indebted, in_debt);
+  }
+  CHECK(indebted > 100);  // full or in debt often
 }

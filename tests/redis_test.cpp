@@ -61,10 +61,14 @@ void same(const Decision& got, const Decision& want) {
 }
 
 // The C++ policy on an in-process store against its Lua twin, on the same
-// random script: acquire, peek, charge, take (the receipts kept), and
-// settle of a kept take below it (a give-back), at it, or above it (a
-// debt), after time has passed, a window or a bucket's stretch turned.
-// Every decision, the settles' included, must be equal field by field.
+// random script: acquire, peek, charge, take (the receipts kept), reserve
+// (a token bucket's 'hold': a wait within max_wait held, the bucket in
+// debt; its receipt kept too), and settle of a kept take below it (a
+// give-back), at it, or above it (a debt), after time has passed, a window
+// or a bucket's stretch turned. One cost in six is 0 (issue 17: allowed in
+// debt too), one in six up to the limit (reservations, charges and settles
+// then reach debts). Every decision, the settles' included, must be equal
+// field by field.
 template <class P>
 void differential(RedisServer& server, const P& policy, std::uint64_t seed,
                   Cost max_cost, std::int64_t max_step_us) {
@@ -79,15 +83,35 @@ void differential(RedisServer& server, const P& policy, std::uint64_t seed,
   struct Kept {
     Receipt local, redis;
   };
+  // A reservation's receipt is settled too where a token is a whole number
+  // of microseconds (or for a window): the give-back counters (ns in
+  // process, us in Redis, rounded up) then agree exactly, as for chains
+  // settled in any order; at 7/s a reserved take's give-back behind later
+  // ones may differ by that rounding.
+  bool settle_reserved = true;
+  if constexpr (std::is_same_v<P, TokenBucket>) {
+    settle_reserved =
+        policy.rate().period.count() %
+            (static_cast<std::int64_t>(policy.rate().count) * kUs) ==
+        0;
+  }
   std::vector<Kept> kept;
-  int settles = 0;
+  int settles = 0, holds = 0, zero_full = 0, zero_debt = 0;
   for (int i = 0; i < 4'000; ++i) {
     const std::string key = "k" + std::to_string(rng() % 3);
-    t_us += static_cast<std::int64_t>(rng() %
-                                      static_cast<std::uint64_t>(max_step_us));
+    // One call in four at the same instant as the last (bursts: keys full
+    // and in debt more often).
+    if (rng() % 4 != 0) {
+      t_us += static_cast<std::int64_t>(
+          rng() % static_cast<std::uint64_t>(max_step_us));
+    }
     const Nanos now{t_us * kUs};
-    const Cost cost = rng() % (max_cost + 1);
-    const int op = static_cast<int>(rng() % 12);
+    // One cost in six 0, one in six up to the limit (debts), else small.
+    const int draw = static_cast<int>(rng() % 6);
+    const Cost cost = draw == 0   ? 0
+                      : draw == 1 ? 1 + rng() % policy.limit()
+                                  : rng() % (max_cost + 1);
+    const int op = static_cast<int>(rng() % 14);
     Decision want, got;
     const char* name = "";
     CAPTURE(i, key, cost, t_us);
@@ -134,6 +158,25 @@ void differential(RedisServer& server, const P& policy, std::uint64_t seed,
       CHECK(redis->settle(k.redis, 0, now).status().code() ==
             absl::StatusCode::kFailedPrecondition);
       ++settles;
+    } else if (op >= 12) {
+      name = "reserve";
+      // A wait held in whole us (Redis's unit): the same holds both ways.
+      const Nanos max_wait{
+          static_cast<std::int64_t>(
+              rng() % static_cast<std::uint64_t>(4 * max_step_us)) *
+          kUs};
+      CAPTURE(max_wait.count());
+      Reserved w = local->reserve(key, cost, now, max_wait);
+      Reserved g = redis->reserve(key, cost, now, max_wait);
+      want = w.decision;
+      got = g.decision;
+      REQUIRE(g.held == w.held);
+      REQUIRE(g.receipt.open() == w.receipt.open());
+      if (g.held && !g.decision.allowed) ++holds;
+      if (g.receipt && settle_reserved) {
+        kept.push_back({std::move(w.receipt), std::move(g.receipt)});
+        if (kept.size() > 12) kept.erase(kept.begin());
+      }
     } else {
       name = "charge";
       Receipt lr, rr;
@@ -143,8 +186,28 @@ void differential(RedisServer& server, const P& policy, std::uint64_t seed,
     }
     CAPTURE(name);
     same(got, want);
+    // A zero cost, and a settle's answer (what a zero-cost call is then
+    // told), are always allowed.
+    if (cost == 0 || std::string_view(name) == "settle") {
+      REQUIRE(got.allowed);
+      if (want.remaining == 0 && want.reset_after > Nanos{0}) ++zero_full;
+      if constexpr (std::is_same_v<P, TokenBucket>) {
+        // In debt: the TAT past now + the span (burst tokens' time).
+        const Rate r = policy.rate();
+        if (static_cast<detail::i128>(want.reset_after.count()) * r.count >
+            static_cast<detail::i128>(policy.burst()) * r.period.count()) {
+          ++zero_debt;
+        }
+      }
+    }
   }
   CHECK(settles > 300);
+  // Zero costs met full or indebted keys; a token bucket held waits.
+  CHECK(zero_full > 0);
+  if constexpr (std::is_same_v<P, TokenBucket>) {
+    CHECK(holds > 3);
+    CHECK(zero_debt > 0);
+  }
   // Another limit's receipt is refused.
   Receipt foreign;
   REQUIRE(local->take("k0", 0, Nanos{t_us * kUs}, foreign).allowed);
@@ -173,7 +236,7 @@ TEST_CASE("the Lua twins decide as the C++ policies, to the microsecond",
         server,
         TokenBucket::create(per(1'000'000, std::chrono::seconds(3)), 1'000'000)
             .value(),
-        seed + 2, 400'000, 2'000'000);
+        seed + 2, 400'000, 1'000'000);
   }
   SECTION("fixed window") {
     differential(server, FixedWindow::create(per_second(12)).value(), seed + 3,
@@ -188,6 +251,102 @@ TEST_CASE("the Lua twins decide as the C++ policies, to the microsecond",
         server,
         SlidingWindow::create(per(3'000, std::chrono::seconds(7))).value(),
         seed + 5, 900, 900'000);
+  }
+}
+
+// Issue 17 (examiner's w12): a zero cost is allowed in debt, in Redis as in
+// process, on both scripts (token_bucket.lua's lean acquire and peek, and
+// limits.lua's for a limit that charges on reject and for chains). The
+// oracle: the policies by hand. Bucket 1/s, burst 2 (span 2 s); windows of
+// 4 per second.
+TEST_CASE("Redis: a zero cost is allowed in debt", "[i17][redis]") {
+  RedisServer server;
+  auto client = client_for(server);
+  const std::int64_t t0 = 1'796'083'200LL * 1'000'000;  // a whole second
+  const Nanos now{t0 * kUs};
+  const auto zero_in_debt = [](const Decision& d, Nanos reset) {
+    CHECK(d.allowed);
+    CHECK(d.remaining == 0);
+    CHECK(d.retry_after == Nanos{0});
+    CHECK(d.reset_after == reset);
+  };
+  const auto tb = TokenBucket::create(per_second(1), 2).value();
+  const Nanos sec{1'000'000'000};
+  SECTION("token bucket: a held reservation, a settle above, a charge") {
+    auto plain = RedisLimit<TokenBucket>::create({.name = "p"}, tb, client,
+                                                 {.test_time = true})
+                     .value();
+    auto charging =
+        RedisLimit<TokenBucket>::create({.name = "c", .charge_on_reject = true},
+                                        tb, client, {.test_time = true})
+            .value();
+    REQUIRE(plain->acquire("held", 2, now).allowed);
+    const Reserved r = plain->reserve("held", 1, now, std::chrono::seconds(9));
+    REQUIRE(r.held);  // TAT 3 s ahead
+    zero_in_debt(plain->acquire("held", 0, now), 3 * sec);
+    zero_in_debt(plain->peek("held", 0, now), 3 * sec);
+    CHECK(plain->peek("held", 1, now).retry_after == 2 * sec);  // unchanged
+
+    Receipt t;
+    REQUIRE(plain->take("settled", 1, now, t).allowed);
+    REQUIRE(plain->settle(t, 4, now).ok());  // TAT 4 s ahead
+    zero_in_debt(plain->acquire("settled", 0, now), 4 * sec);
+    zero_in_debt(plain->peek("settled", 0, now + sec / 2),
+                 Nanos{3'500'000'000});
+
+    REQUIRE(charging->acquire("charged", 2, now).allowed);
+    Receipt c;
+    CHECK_FALSE(charging->charge("charged", 2, now, c).allowed);  // TAT 4 s
+    zero_in_debt(charging->acquire("charged", 0, now), 4 * sec);
+    zero_in_debt(charging->peek("charged", 0, now), 4 * sec);
+
+    // A chain of cost-0 items on indebted keys, and one that counts.
+    auto other = RedisLimit<TokenBucket>::create({.name = "o"}, tb, client,
+                                                 {.test_time = true})
+                     .value();
+    RedisChain chain(client);
+    // Put in debt through the chain (its keys are the tenant's): a settle
+    // above the take, a refusal charged.
+    const std::vector<ChainItem> one = {{plain.get(), "x", 1}};
+    ChainDecision d1 = chain.acquire("t", one, now);
+    REQUIRE(d1.allowed);
+    REQUIRE(chain.settle(d1, 0, 4, now).ok());  // TAT 4 s ahead
+    const std::vector<ChainItem> two = {{charging.get(), "x", 2}};
+    REQUIRE(chain.acquire("t", two, now).allowed);
+    CHECK_FALSE(chain.acquire("t", two, now).allowed);  // charged: TAT 4 s
+    const std::vector<ChainItem> zeros = {
+        {plain.get(), "x", 0}, {charging.get(), "x", 0}, {other.get(), "x", 1}};
+    const ChainDecision pk = chain.peek("t", zeros, now);
+    CHECK(pk.allowed);
+    const ChainDecision cd = chain.acquire("t", zeros, now);
+    CHECK(cd.allowed);
+    REQUIRE(cd.results.size() == 3);
+    zero_in_debt(cd.results[0].decision, 4 * sec);
+    zero_in_debt(cd.results[1].decision, 4 * sec);
+    CHECK(cd.results[2].decision.allowed);
+    CHECK(cd.results[2].decision.remaining == 1);
+  }
+  SECTION("windows: counts above a limit (charged, settled above)") {
+    const auto fw = FixedWindow::create(per_second(4)).value();
+    const auto sw = SlidingWindow::create(per_second(4)).value();
+    auto rfw = RedisLimit<FixedWindow>::create(
+                   {.name = "fw", .charge_on_reject = true}, fw, client,
+                   {.test_time = true})
+                   .value();
+    auto rsw = RedisLimit<SlidingWindow>::create(
+                   {.name = "sw", .charge_on_reject = true}, sw, client,
+                   {.test_time = true})
+                   .value();
+    REQUIRE(rfw->acquire("k", 4, now).allowed);
+    Receipt c;
+    CHECK_FALSE(rfw->charge("k", 3, now, c).allowed);  // count 7 of 4
+    zero_in_debt(rfw->acquire("k", 0, now), sec);
+    zero_in_debt(rfw->peek("k", 0, now), sec);
+    Receipt t;
+    REQUIRE(rsw->take("k", 2, now, t).allowed);
+    REQUIRE(rsw->settle(t, 6, now).ok());  // count 6 of 4
+    zero_in_debt(rsw->acquire("k", 0, now), 2 * sec);
+    zero_in_debt(rsw->peek("k", 0, now), 2 * sec);
   }
 }
 
@@ -492,7 +651,8 @@ TEST_CASE("a Redis chain decides as an in-process chain, in one round trip",
       lclock.set(now);  // Chain::settle reads its clock
       const std::string tenant = "team" + std::to_string(rng() % 2);
       const std::string user = "user" + std::to_string(rng() % 2);
-      const Cost c = 1 + rng() % 3;
+      // A cost of 0 now and then (issue 17: allowed in debt too).
+      const Cost c = rng() % 4;
       std::vector<ChainItem> ri = {
           {r_tb.get(), user, c}, {r_fw.get(), user, 1}, {r_sw.get(), user, c}};
       // In process, the tenant is part of the key (ChainItem holds a view:

@@ -3,6 +3,7 @@
 
 #include <limits>
 
+#include "ratekeeper/ratekeeper.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -126,4 +127,52 @@ TEST_CASE("a clock stepping back is read at the start of the state's window",
   const auto before = d.state;
   d.give_back(800 * kMs, d.last, 5);
   CHECK(d.state == before);
+}
+
+// Issue 17 (examiner's w12): "a zero cost is always allowed, counts nothing
+// and changes no state" (docs/policies.md), the count above the limit too:
+// charged, settled above the take, or the limit lowered below it by
+// reconfigure(). Windows of 1 s; at 0.25 s a count above the limit leaves
+// remaining 0 and, as a denial's, reset_after 1'750 ms (the state idle then).
+TEST_CASE("sliding window: a zero cost is allowed above the limit",
+          "[i17][policy][sliding]") {
+  const Nanos at{250 * kMs};
+  const Nanos reset{1'750 * kMs};
+  const auto zero_over = [&](const Decision& d) {
+    CHECK(d.allowed);
+    CHECK(d.remaining == 0);
+    CHECK(d.retry_after == Nanos{0});
+    CHECK(d.reset_after == reset);
+  };
+  SECTION("policy: charged, and settled above the take") {
+    const SlidingWindow w = SlidingWindow::create(per_second(4)).value();
+    const auto full = w.step(SlidingWindow::State{}, at, 4);
+    REQUIRE(full.decision.allowed);
+    const auto charged = w.charge(full.next, at, 3);  // 7 of 4
+    const auto z = w.step(charged, at, 0);
+    zero_over(z.decision);
+    CHECK(z.next == charged);
+    const auto took = w.step(SlidingWindow::State{}, at, 2);
+    const auto settled =
+        w.settle(took.next, at, w.place(SlidingWindow::State{}, at, 2), 2, 6);
+    const auto z2 = w.step(settled, at, 0);
+    zero_over(z2.decision);
+    CHECK(z2.next == settled);
+    CHECK_FALSE(w.step(settled, at, 1).decision.allowed);
+  }
+  SECTION("Limit: the limit lowered below the count, and charge-on-reject") {
+    auto l = make_limit({.name = "w", .charge_on_reject = true},
+                        SlidingWindow::create(per_second(10)).value())
+                 .value();
+    REQUIRE(l->acquire("k", 4, at).allowed);
+    REQUIRE(l->reconfigure(SlidingWindow::create(per_second(2)).value()).ok());
+    zero_over(l->acquire("k", 0, at));
+    zero_over(l->peek("k", 0, at));
+    CHECK_FALSE(l->peek("k", 1, at).allowed);  // 4 of 2: nothing freed
+    ManualClock clock{at};
+    Chain<ManualClock> chain(clock);
+    CHECK_FALSE(chain.acquire({{l.get(), "k", 2}}).allowed);  // charged
+    zero_over(l->acquire("k", 0, at));
+    CHECK(chain.acquire({{l.get(), "k", 0}}).allowed);
+  }
 }

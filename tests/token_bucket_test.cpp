@@ -6,6 +6,8 @@
 #include <random>
 #include <vector>
 
+#include "ratekeeper/ratekeeper.hpp"
+#include "ratekeeper/waiting.hpp"
 #include "test_util.hpp"
 
 using namespace ratekeeper;
@@ -316,7 +318,8 @@ std::int64_t sat64(m128 v) {
 // token (num / den in lowest terms), tau = burst * T. A state is its TAT,
 // tat_biased - 2^63 ns plus tat_frac / den ns (a fraction of den or more
 // counts as den - 1). A call of cost c at t is allowed iff
-// max(TAT, t) + c T - t <= tau; then TAT' = max(TAT, t) + c T (c > 0).
+// max(TAT, t) + c T - t <= tau, or c == 0 (a zero cost is always allowed,
+// in debt too); then TAT' = max(TAT, t) + c T (c > 0).
 // Everything in units of 1/den ns, in 128 bits.
 struct Gcra {
   std::uint64_t num, den, burst;
@@ -341,7 +344,7 @@ struct Gcra {
       return {s, Decision{false, burst, left(base), kNever, ns_until(base)}};
     }
     const m128 next = base + static_cast<m128>(cost) * N;
-    if (next - now <= tau) {
+    if (next - now <= tau || cost == 0) {
       TokenBucket::State out = s;
       if (cost != 0) {
         m128 whole = floor_div(next, D);
@@ -409,8 +412,9 @@ TEST_CASE("step() agrees with GCRA in 128 bits, on the 64-bit path's edges too",
       times.push_back(static_cast<std::int64_t>(rng() % (kSec * 3600)));
     }
     for (const std::int64_t t : times) {
-      // States: never seen, around now (by up to a few bursts, both ways),
-      // at the ends of the range, random.
+      // States: never seen, around now (from half a burst behind to a
+      // burst and a half ahead: in debt too), at the ends of the range,
+      // random.
       std::vector<TokenBucket::State> states = {
           TokenBucket::State{},
           TokenBucket::State{~std::uint64_t{0}, model.den - 1},
@@ -419,7 +423,7 @@ TEST_CASE("step() agrees with GCRA in 128 bits, on the 64-bit path's edges too",
       for (int k = 0; k < 6; ++k) {
         const m128 span = static_cast<m128>(c.burst) * model.num;
         const m128 off =
-            static_cast<m128>(rng() % 4096) * (span / 1024 + 1) / 4 - span / 2;
+            static_cast<m128>(rng() % 4096) * (span / 1024 + 1) / 2 - span / 2;
         const m128 tat = static_cast<m128>(t) + off / model.den;
         const m128 whole = tat > kMax ? kMax : tat < kMin ? kMin : tat;
         states.push_back(TokenBucket::State{
@@ -455,4 +459,103 @@ TEST_CASE("step() agrees with GCRA in 128 bits, on the 64-bit path's edges too",
   }
   CHECK(unit >= 6);  // the 64-bit path was exercised
   CHECK(checked > 20'000);
+}
+
+// Issue 17 (examiner's w12): "a zero cost is always allowed, counts nothing
+// and changes no state" (docs/policies.md), with the bucket in debt too: a
+// held reservation, a settle above the take, a charge. The oracle: GCRA by
+// hand, rate 1/s and burst 2 (span 2 s); in debt the TAT is past now + 2 s,
+// so a zero cost is told remaining 0, retry_after 0 and reset_after the
+// TAT - now, and a cost 1 waits until TAT - 1 s.
+TEST_CASE("a zero cost is allowed when the bucket is in debt",
+          "[i17][bucket]") {
+  const TokenBucket policy = make(per_second(1), 2);
+  const auto zero_in_debt = [](const Decision& d, Nanos tat_ahead) {
+    CHECK(d.allowed);
+    CHECK(d.remaining == 0);
+    CHECK(d.retry_after == Nanos{0});
+    CHECK(d.reset_after == tat_ahead);
+  };
+
+  SECTION("policy: step(s, now, 0) in debt, 64-bit and 128-bit paths") {
+    // TAT 3.5 s ahead at now 10 s: 1.5 s past the span.
+    const TokenBucket::State s{
+        static_cast<std::uint64_t>(13'500 * kMs) ^ (std::uint64_t{1} << 63), 0};
+    for (const auto& st : {policy.step(s, Nanos{10 * kSec}, 0),
+                           policy.step_exact(s, Nanos{10 * kSec}, 0)}) {
+      zero_in_debt(st.decision, Nanos{3'500 * kMs});
+      CHECK(st.next == s);  // nothing counted
+    }
+    // A fractional interval (7/s: the 128-bit path only).
+    const TokenBucket seven = make(per_second(7), 1);
+    const auto charged = seven.charge(TokenBucket::State{}, Nanos{0}, 2);
+    const auto st = seven.step(charged, Nanos{0}, 0);
+    CHECK(st.decision.allowed);
+    CHECK(st.decision.remaining == 0);
+    CHECK(st.decision.retry_after == Nanos{0});
+    CHECK(st.decision.reset_after == Nanos{(2 * kSec + 6) / 7});
+    CHECK(st.next == charged);
+  }
+
+  ManualClock clock;
+  Limiter<TokenBucket, InMemoryStore, ManualClock> lim(policy, clock);
+
+  SECTION("Limiter: after a held reservation") {
+    REQUIRE(lim.acquire("k", 2).allowed);  // TAT 2 s
+    const Reserved r = lim.reserve("k", 1, std::chrono::seconds(10));
+    REQUIRE(r.held);
+    REQUIRE(r.go_at == Nanos{kSec});  // TAT 3 s: 1 s past the span
+    for (int i = 0; i < 3; ++i) {
+      zero_in_debt(lim.acquire("k", 0), Nanos{3 * kSec});
+      zero_in_debt(lim.peek("k", 0), Nanos{3 * kSec});
+    }
+    // Nothing counted: a cost of 1 still waits until TAT - 1 s = 2 s.
+    CHECK(lim.peek("k", 1).retry_after == Nanos{2 * kSec});
+    // A Waiter with cost 0 is admitted at once, holding nothing.
+    Waiter<ManualClock> waiter(clock);
+    Waited w = waiter.acquire(lim, "k", 0, std::chrono::seconds(10));
+    CHECK(w.status.ok());
+    CHECK(w.go_at == Nanos{0});
+    CHECK(w.decision.allowed);
+    CHECK(lim.peek("k", 1).retry_after == Nanos{2 * kSec});
+  }
+
+  SECTION("Limiter: after a settle above the take") {
+    Taken t = lim.take("k", 1);  // TAT 1 s
+    REQUIRE(t.decision.allowed);
+    REQUIRE(lim.settle(t.receipt, 4).ok());  // + 3 s: TAT 4 s
+    zero_in_debt(lim.acquire("k", 0), Nanos{4 * kSec});
+    zero_in_debt(lim.peek("k", 0), Nanos{4 * kSec});
+    clock.advance(Nanos{1'500 * kMs});  // still in debt: TAT 2.5 s ahead
+    zero_in_debt(lim.acquire("k", 0), Nanos{2'500 * kMs});
+    CHECK(lim.peek("k", 1).retry_after == Nanos{1'500 * kMs});
+  }
+
+  SECTION("Limit and Chain: after charge-on-reject and a reservation") {
+    auto l =
+        make_limit({.name = "a", .charge_on_reject = true}, policy).value();
+    auto other = make_limit({.name = "b"}, policy).value();
+    Receipt rr;
+    REQUIRE(l->acquire("k", 2, Nanos{0}).allowed);
+    Chain<ManualClock> chain(clock);
+    // Refused in a chain: charged all the same (TAT 4 s).
+    CHECK_FALSE(chain.acquire({{l.get(), "k", 2}}).allowed);
+    zero_in_debt(l->acquire("k", 0, Nanos{0}), Nanos{4 * kSec});
+    zero_in_debt(l->peek("k", 0, Nanos{0}), Nanos{4 * kSec});
+    auto plain = make_limit({.name = "c"}, policy).value();
+    REQUIRE(plain->take("k", 2, Nanos{0}, rr).allowed);
+    const Reserved r =
+        plain->reserve("k", 2, Nanos{0}, std::chrono::seconds(9));
+    REQUIRE(r.held);  // TAT 4 s
+    const ChainDecision cd = chain.acquire(
+        {{plain.get(), "k", 0}, {l.get(), "k", 0}, {other.get(), "k", 1}});
+    CHECK(cd.allowed);
+    // The cost-1 item was counted, the zero ones nothing.
+    CHECK(other->peek("k", 0, Nanos{0}).remaining == 1);
+    CHECK(plain->peek("k", 1, Nanos{0}).retry_after == Nanos{3 * kSec});
+    Waiter<ManualClock> waiter(clock);
+    Waited w = waiter.acquire(*plain, "k", 0, std::chrono::seconds(10));
+    CHECK(w.status.ok());
+    CHECK(plain->peek("k", 1, Nanos{0}).retry_after == Nanos{3 * kSec});
+  }
 }

@@ -114,7 +114,10 @@ class TokenBucket {
                           ceil_ns(base - now_s)}};
     }
     const i128 next = base + static_cast<i128>(cost) * num_;
-    if (next - now_s <= span_) {
+    // A zero cost is always allowed, in debt too (the TAT past now + span:
+    // a reservation held, a settle or a charge above what fits); then its
+    // remaining is 0 and its reset_after the debt's end, as a denial's.
+    if (next - now_s <= span_ || cost == 0) {
       // A zero cost changes nothing: the state stays as it was (a store then
       // has nothing to write, and a fresh key nothing to insert).
       return {cost == 0 ? s : encode(next),
@@ -381,8 +384,11 @@ class TokenBucket {
     const std::uint64_t left =
         gap <= 0 ? 0 : inv_num_(static_cast<std::uint64_t>(gap));
     out.next = s;
+    // A zero cost in debt (lead > span): allowed, nothing counted.
     out.decision =
-        Decision{false, burst_, left, Nanos{lead - room}, Nanos{lead}};
+        cost == 0
+            ? Decision{true, burst_, left, Nanos{0}, Nanos{lead}}
+            : Decision{false, burst_, left, Nanos{lead - room}, Nanos{lead}};
     return true;
   }
 
