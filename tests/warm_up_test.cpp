@@ -129,7 +129,8 @@ struct Model {
     }
     const i128 next = base + static_cast<i128>(cost) * n.num;
     const i128 span = static_cast<i128>(n.burst) * n.num;
-    if (next - now_s <= span) {
+    // A zero cost is always allowed, in debt too (docs/policies.md).
+    if (next - now_s <= span || cost == 0) {
       d.allowed = true;
       d.remaining = rem(next, now_s, n);
       d.reset_after = ceil_ns(next - now_s, n);
