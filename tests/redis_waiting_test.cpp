@@ -30,6 +30,7 @@
 #include "redis_wait.hpp"
 #include "test_util.hpp"
 #include "wait.hpp"
+#include "waiters.hpp"
 
 using namespace ratekeeper;
 using rk_test::RedisServer;
@@ -438,40 +439,7 @@ TEST_CASE("two clients reserving on one key never over-admit by Redis's clock",
   }
 }
 
-namespace {
-
-// Starts waiters one at a time; results by index.
-struct Waiters {
-  std::vector<std::optional<Waited>> results;
-  std::vector<std::jthread> threads;
-  std::mutex mu;
-  std::atomic<int> done{0};
-
-  template <class F>
-  void start(F&& f) {
-    const std::size_t i = results.size();
-    {
-      std::lock_guard lock(mu);
-      results.emplace_back();
-    }
-    threads.emplace_back([this, i, f](std::stop_token st) {
-      Waited w = f(st);
-      std::lock_guard lock(mu);
-      results[i].emplace(std::move(w));
-      done.fetch_add(1);
-    });
-  }
-  bool finished(std::size_t i) {
-    std::lock_guard lock(mu);
-    return results[i].has_value();
-  }
-  Waited& at(std::size_t i) {
-    std::lock_guard lock(mu);
-    return *results[i];
-  }
-};
-
-}  // namespace
+using rk_test::Waiters;
 
 TEST_CASE(
     "Waiters of two processes on one Redis key: each its own FIFO, the "

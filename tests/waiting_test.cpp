@@ -27,6 +27,7 @@
 #include "ratekeeper/policy/token_bucket.hpp"
 #include "test_util.hpp"
 #include "wait.hpp"
+#include "waiters.hpp"
 
 using namespace ratekeeper;
 using std::chrono::milliseconds;
@@ -332,41 +333,7 @@ TEST_CASE("Limit::reserve: a key's override and the limit's listener",
   CHECK(fheard->denied.load() == 1);
 }
 
-namespace {
-
-// Starts waiters one at a time, each queued before the next starts, so the
-// arrival order is the index order.
-struct Waiters {
-  std::vector<std::optional<Waited>> results;
-  std::vector<std::jthread> threads;
-  std::mutex mu;
-  std::atomic<int> done{0};
-
-  template <class F>
-  void start(F&& f) {
-    const std::size_t i = results.size();
-    {
-      std::lock_guard lock(mu);
-      results.emplace_back();
-    }
-    threads.emplace_back([this, i, f](std::stop_token st) {
-      Waited w = f(st);
-      std::lock_guard lock(mu);
-      results[i].emplace(std::move(w));
-      done.fetch_add(1);
-    });
-  }
-  bool finished(std::size_t i) {
-    std::lock_guard lock(mu);
-    return results[i].has_value();
-  }
-  Waited& at(std::size_t i) {
-    std::lock_guard lock(mu);
-    return *results[i];
-  }
-};
-
-}  // namespace
+using rk_test::Waiters;
 
 TEST_CASE(
     "Waiter: N waiters on one key go in arrival order, each exactly "
