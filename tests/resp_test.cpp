@@ -292,6 +292,11 @@ TEST_CASE("RESP reader: malformed input", "[i16]") {
   std::string deep;
   for (int i = 0; i < 9; ++i) deep += "*1\r\n";
   deep += ":1\r\n";
+  // A nil array is an array for the depth too (hiredis: "depth > 7");
+  // fuzz_resp found it read at the ninth level.
+  std::string deep_nil;
+  for (int i = 0; i < 8; ++i) deep_nil += "*1\r\n";
+  deep_nil += "*-1\r\n";
   const std::string bad[] = {
       "?x\r\n",
       ":abc\r\n",
@@ -305,6 +310,7 @@ TEST_CASE("RESP reader: malformed input", "[i16]") {
       "*-5\r\n",
       "*2\r\n:1\r\n?\r\n",
       deep,
+      deep_nil,
       "$600000000\r\n",
       // Not canonical: hiredis refuses them too (Redis's string2ll).
       ":-0\r\n",

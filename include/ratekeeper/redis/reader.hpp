@@ -163,14 +163,19 @@ inline RespParse skip_elements(const char*& p, const char* end, std::int64_t n,
     char t = 0;
     std::int64_t m = 0;
     std::string_view s;
+    const char* item = p;
     if (const RespParse r = head(p, end, t, m, s, why); r != RespParse::kDone) {
       return r;
     }
-    if (t == '*') {
+    // A nil array (*-1) counts as an array for the depth, as hiredis
+    // counts it (fuzz_resp found one accepted at depth 8).
+    if (t == '*' || (t == 'n' && *item == '*')) {
       if (depth + 1 > kRespMaxDepth) {
         why = "arrays nested too deep";
         return RespParse::kMalformed;
       }
+    }
+    if (t == '*') {
       if (const RespParse r = skip_elements(p, end, m, depth + 1, why);
           r != RespParse::kDone) {
         return r;
