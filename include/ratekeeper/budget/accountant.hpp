@@ -1183,6 +1183,15 @@ class Accountant {
     return find_settlement(detail::SettledIds::key(request_id));
   }
 
+  // budget_spec (issue 18, pacing.hpp)
+  //
+  // The spec of budget `name` as added; kNotFound for an unknown budget.
+  absl::StatusOr<BudgetSpec> budget_spec(std::string_view name) const {
+    absl::StatusOr<std::size_t> b = budget_index(name);
+    if (!b.ok()) return b.status();
+    return budgets_[*b].spec;
+  }
+
   // forecast
   //
   // Spend, projection and pacing of budget `name` for `who` now.

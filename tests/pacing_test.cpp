@@ -1,0 +1,287 @@
+// pacing_test: Pacer (budget/pacing.hpp). The pace, its waits and the
+// graded actions against a model computed here by hand from the calendar
+// (a flat profile: weighted hours are hours), and a simulated month
+// (examples/pacing_month.hpp) paced and unpaced.
+#include "ratekeeper/budget/pacing.hpp"
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "../examples/pacing_month.hpp"
+#include "ratekeeper/clock.hpp"
+
+namespace rk = ratekeeper;
+using rk::Nanos;
+
+namespace {
+
+constexpr std::int64_t kHour = 3'600'000'000'000;
+// 2026-12-01T00:00:00Z; the month has 744 hours.
+constexpr std::int64_t kDec1 = 1796083200LL * 1'000'000'000;
+constexpr std::int64_t kJan1 = kDec1 + 744 * kHour;
+
+// "big": 10 micro-USD a token; "small": 1 micro-USD a token.
+rk::PriceTable two_models() {
+  rk::PriceTable t;
+  const auto big = rk::TokenPrice::per_million_micros(10'000'000);
+  const auto small = rk::TokenPrice::per_million_micros(1'000'000);
+  t.set("big", {.base = {.input = big, .output = big}}).IgnoreError();
+  t.set("small", {.base = {.input = small, .output = small}}).IgnoreError();
+  return t;
+}
+
+struct Fixture {
+  explicit Fixture(rk::BudgetUnit unit, std::uint64_t limit)
+      : clock(Nanos{kDec1}), acct(two_models(), clock) {
+    REQUIRE(acct.add_budget(
+                    {.name = "b",
+                     .scope = rk::Field::kTeam,
+                     .unit = unit,
+                     .limit = limit,
+                     .period =
+                         rk::Period::calendar(rk::PeriodKind::kMonth).value()})
+                .ok());
+  }
+  // Spends `tokens` of "small" (input only) outside the pacer.
+  void spend(std::uint64_t tokens, const std::string& id) {
+    auto r = acct.reserve(who, "small", {.prompt_tokens = tokens}, id);
+    REQUIRE(r.ok());
+    REQUIRE(r->granted());
+    rk::Usage u;
+    u.input_uncached = tokens;
+    REQUIRE(r->settle(u).ok());
+  }
+  rk::ManualClock clock;
+  rk::Accountant<rk::ManualClock> acct;
+  std::string team = "t";
+  rk::Subject who{.team = team};
+};
+
+}  // namespace
+
+TEST_CASE("Pacer: the level, remaining and the wait follow left / hours left",
+          "[i18]") {
+  // A token budget of 744,000 over December: 1,000 an hour when nothing
+  // is spent.
+  Fixture fx(rk::BudgetUnit::kTokens, 744'000);
+  rk::Pacer<rk::ManualClock> pacer(fx.acct, two_models(), fx.clock);
+  REQUIRE(pacer.add({.budget = "b", .burst_hours = 2}).ok());
+  REQUIRE(pacer.add({.budget = "nope"}).code() == absl::StatusCode::kNotFound);
+  REQUIRE(pacer.add({.budget = "b", .burst_hours = 0}).code() ==
+          absl::StatusCode::kInvalidArgument);
+
+  // Day 4 00:00 (648 hours left), 96,000 spent outside the pacer: the
+  // rate is (744,000 - 96,000) / 648 = 1,000 an hour, the allowance 2,000.
+  fx.clock.set(Nanos{kDec1 + 96 * kHour});
+  fx.spend(96'000, "pre");
+  auto a = pacer.reserve(
+      fx.who, "small", {.prompt_tokens = 1000, .max_output_tokens = 200}, "a");
+  REQUIRE(a.ok());
+  CHECK(a->granted());
+  CHECK(a->action == rk::PaceAction::kNone);
+  CHECK(a->pace.limit == 2000);
+  CHECK(a->pace.remaining == 800);
+  // A call of 1,000 more: 200 short. It settles 1,100 (100 given back).
+  rk::Usage u;
+  u.input_uncached = 1000;
+  u.output = 100;
+  REQUIRE(a->reservation->settle(u).ok());
+  // Level now 2,000 - 1,100 = 900; left 646,900 over 648 h.
+  auto b = pacer.reserve(fx.who, "small", {.prompt_tokens = 1000}, "b");
+  REQUIRE(b.ok());
+  CHECK_FALSE(b->granted());
+  CHECK_FALSE(b->reservation.has_value());
+  CHECK(b->action == rk::PaceAction::kPaced);
+  CHECK(b->paced_by == "b");
+  CHECK(b->pace.remaining == 900);
+  // Oracle: what the level does not hold of what is left, 646,900 - 900,
+  // flows in over the 648 hours left: 100 more take t = 100 x 648 /
+  // 646,000 hours.
+  const double t_hours = 100.0 * 648.0 / 646'000.0;
+  const auto want = static_cast<std::int64_t>(t_hours * kHour);
+  CHECK(std::llabs(b->pace.retry_after.count() - want) < 1000);
+  // 1 ms before it, still refused; at it, admitted.
+  fx.clock.set(Nanos{kDec1 + 96 * kHour} + b->pace.retry_after -
+               std::chrono::milliseconds(1));
+  auto c = pacer.reserve(fx.who, "small", {.prompt_tokens = 1000}, "c");
+  REQUIRE(c.ok());
+  CHECK_FALSE(c->granted());
+  fx.clock.set(Nanos{kDec1 + 96 * kHour} + b->pace.retry_after);
+  auto d = pacer.reserve(fx.who, "small", {.prompt_tokens = 1000}, "d");
+  REQUIRE(d.ok());
+  CHECK(d->granted());
+  // A call larger than what is left of the budget waits for the period.
+  auto e = pacer.reserve(fx.who, "small", {.prompt_tokens = 700'000}, "e");
+  REQUIRE(e.ok());
+  CHECK_FALSE(e->granted());
+  CHECK(e->pace.retry_after == Nanos{kJan1} - fx.clock.now());
+}
+
+TEST_CASE("Pacer: a weekly profile shapes the pace", "[i18]") {
+  // Weight 3 on Saturdays (Dec 5, 12, 19, 26 2026), 1 elsewhere.
+  std::vector<double> w(168, 1.0);
+  for (std::size_t h = 5 * 24; h < 6 * 24; ++h) w[h] = 3.0;
+  const auto prof = rk::WeeklyProfile::from_weights(w).value();
+  Fixture fx(rk::BudgetUnit::kTokens, 1'000'000);
+  rk::Pacer<rk::ManualClock> pacer(fx.acct, two_models(), fx.clock);
+  REQUIRE(pacer.add({.budget = "b", .profile = prof, .burst_hours = 1}).ok());
+  // Oracle by hand: the month has 4 Saturdays (96 h at 3) and 648 hours
+  // at 1; the mean weight of the week is (144 + 72) / 168.
+  const double mean = (144.0 + 72.0) / 168.0;
+  const double mass = (648.0 + 3.0 * 96.0) / mean;
+  auto a = pacer.reserve(fx.who, "small", {.prompt_tokens = 1}, "a");
+  REQUIRE(a.ok());
+  CHECK(a->pace.limit == static_cast<std::uint64_t>(1'000'000.0 / mass * 1.0));
+}
+
+TEST_CASE("Pacer: graded actions when the forecast runs out early", "[i18]") {
+  SECTION("alert once per crossing, route to the cheaper model") {
+    // $10 over December; $6 spent in the first 3 days: at that pace it
+    // runs out long before the month ends.
+    Fixture fx(rk::BudgetUnit::kNanoUsd, 10'000'000'000);
+    rk::Pacer<rk::ManualClock> pacer(fx.acct, two_models(), fx.clock);
+    std::vector<rk::PaceAlert> alerts;
+    pacer.on_alert([&](const rk::PaceAlert& a) { alerts.push_back(a); });
+    REQUIRE(pacer
+                .add({.budget = "b",
+                      .burst_hours = 48,
+                      .enforce = false,  // actions only: the pace is far
+                                         // behind after the $6
+                      .on_risk = {.route_to = "small"}})
+                .ok());
+    REQUIRE(pacer.add({.budget = "b", .on_risk = {.route_to = "unpriced"}})
+                .code() == absl::StatusCode::kInvalidArgument);
+    auto calm = pacer.reserve(fx.who, "big", {.prompt_tokens = 10}, "calm");
+    REQUIRE(calm.ok());
+    CHECK(calm->action == rk::PaceAction::kNone);
+    CHECK(calm->model == "big");
+    CHECK(calm->reservation->reserved_money().nanos == 10 * 10'000);
+    REQUIRE(calm->reservation->settle({.input_uncached = 10}).ok());
+    fx.clock.set(Nanos{kDec1 + 72 * kHour});
+    fx.spend(6'000'000, "pre");  // 6 M tokens of small: $6
+    auto r = pacer.reserve(
+        fx.who, "big", {.prompt_tokens = 100, .max_output_tokens = 50}, "r1");
+    REQUIRE(r.ok());
+    REQUIRE(r->granted());
+    CHECK(r->at_risk);
+    CHECK(r->routed);
+    CHECK(r->action == rk::PaceAction::kRoute);
+    CHECK(r->model == "small");
+    CHECK(r->max_tokens == 50);
+    // Priced as "small": 150 tokens at 1 micro-USD.
+    CHECK(r->reservation->reserved_money().nanos == 150'000);
+    REQUIRE(alerts.size() == 1);
+    CHECK(alerts[0].budget == "b");
+    CHECK(alerts[0].forecast.exhausts_at.has_value());
+    auto r2 = pacer.reserve(fx.who, "big", {.prompt_tokens = 1}, "r2");
+    REQUIRE(r2.ok());
+    CHECK(r2->routed);
+    CHECK(alerts.size() == 1);  // still at risk: no second alert
+    // Day 25, nothing spent since: at the month's pace ($6.0 over 24 days)
+    // the budget lasts; the call goes to "big" again.
+    fx.clock.set(Nanos{kDec1 + 24 * 24 * kHour});
+    auto r3 = pacer.reserve(fx.who, "big", {.prompt_tokens = 1}, "r3");
+    REQUIRE(r3.ok());
+    CHECK_FALSE(r3->at_risk);
+    CHECK(r3->model == "big");
+    CHECK(r3->action == rk::PaceAction::kNone);
+    // Spending $3.5 more crosses again: a second alert.
+    fx.spend(3'500'000, "more");
+    auto r4 = pacer.reserve(fx.who, "big", {.prompt_tokens = 1}, "r4");
+    REQUIRE(r4.ok());
+    CHECK(r4->at_risk);
+    CHECK(alerts.size() == 2);
+  }
+  SECTION("clamp max_tokens to what the pace allows") {
+    // 744,000 tokens; 200,000 spent by day 4 00:00 (648 h left): at risk.
+    // Rate (744,000 - 200,000) / 648 an hour, allowance 1 hour of it.
+    Fixture fx(rk::BudgetUnit::kTokens, 744'000);
+    rk::Pacer<rk::ManualClock> pacer(fx.acct, two_models(), fx.clock);
+    REQUIRE(pacer
+                .add({.budget = "b",
+                      .burst_hours = 1,
+                      .on_risk = {.alert = false, .clamp = true}})
+                .ok());
+    fx.clock.set(Nanos{kDec1 + 96 * kHour});
+    fx.spend(200'000, "pre");
+    const auto level =
+        static_cast<std::uint64_t>((744'000.0 - 200'000.0) / 648.0);
+    auto r = pacer.reserve(
+        fx.who, "big", {.prompt_tokens = 300, .max_output_tokens = 4000}, "r");
+    REQUIRE(r.ok());
+    CHECK(r->at_risk);
+    CHECK(r->clamped);
+    CHECK(r->action == rk::PaceAction::kClamp);
+    CHECK(r->max_tokens == level - 300);
+    CHECK(r->reservation->reserved_tokens() == level);
+    CHECK(r->pace.remaining == 0);
+    // A prompt larger than the allowance cannot be clamped: paced.
+    auto big = pacer.reserve(
+        fx.who, "big", {.prompt_tokens = 5000, .max_output_tokens = 10}, "big");
+    REQUIRE(big.ok());
+    CHECK(big->action == rk::PaceAction::kPaced);
+    CHECK_FALSE(big->granted());
+  }
+  SECTION("deny while at risk") {
+    Fixture fx(rk::BudgetUnit::kTokens, 744'000);
+    rk::Pacer<rk::ManualClock> pacer(fx.acct, two_models(), fx.clock);
+    REQUIRE(pacer
+                .add({.budget = "b",
+                      .burst_hours = 24,
+                      .on_risk = {.alert = false, .deny = true}})
+                .ok());
+    fx.clock.set(Nanos{kDec1 + 96 * kHour});
+    auto ok = pacer.reserve(fx.who, "small", {.prompt_tokens = 10}, "ok");
+    REQUIRE(ok.ok());
+    CHECK(ok->granted());
+    REQUIRE(ok->reservation->settle({.input_uncached = 10}).ok());
+    fx.spend(200'000, "pre");
+    auto r = pacer.reserve(fx.who, "small", {.prompt_tokens = 10}, "r");
+    REQUIRE(r.ok());
+    CHECK_FALSE(r->granted());
+    CHECK_FALSE(r->reservation.has_value());
+    CHECK(r->action == rk::PaceAction::kDeny);
+    CHECK(r->paced_by == "b");
+    CHECK(r->pace.retry_after > Nanos{0});
+  }
+}
+
+TEST_CASE("Pacer: a simulated month", "[i18]") {
+  SECTION("demand above the budget") {
+    const pacing_month::Result paced =
+        pacing_month::run({.paced = true, .demand = 1.5, .seed = 7});
+    const pacing_month::Result unpaced =
+        pacing_month::run({.paced = false, .demand = 1.5, .seed = 7});
+    std::printf(
+        "month, demand 1.5x: paced $%.2f of $%.2f, exhausted day %d; "
+        "unpaced $%.2f, ran out on day %d\n",
+        paced.total_usd, paced.budget_usd, paced.exhausted_day,
+        unpaced.total_usd, unpaced.exhausted_day);
+    CHECK(std::abs(paced.total_usd - paced.budget_usd) <=
+          0.05 * paced.budget_usd);
+    CHECK((paced.exhausted_day == 0 ||
+           paced.exhausted_day == pacing_month::kDays));
+    // Spend every day, the last included.
+    for (double d : paced.spend_usd) CHECK(d > 0);
+    CHECK(paced.paced_refusals > 0);
+    CHECK(paced.budget_refusals < paced.calls / 1000);
+    CHECK(unpaced.exhausted_day > 0);
+    CHECK(unpaced.exhausted_day < pacing_month::kDays);
+    CHECK(unpaced.spend_usd.back() == 0);
+  }
+  SECTION("demand below the budget") {
+    for (std::uint64_t seed = 1; seed <= 3; ++seed) {
+      const pacing_month::Result r =
+          pacing_month::run({.paced = true, .demand = 0.6, .seed = seed});
+      std::printf("month, demand 0.6x, seed %llu: %llu calls, %llu paced\n",
+                  static_cast<unsigned long long>(seed),
+                  static_cast<unsigned long long>(r.calls),
+                  static_cast<unsigned long long>(r.paced_refusals));
+      CHECK(r.paced_refusals * 100 < r.calls);
+      CHECK(r.budget_refusals == 0);
+    }
+  }
+}
