@@ -19,7 +19,7 @@ endif
 PRESETS := release clang asan tsan fuzz
 FORMAT_FILES = $(shell find include tests examples benchmarks \( -name '*.hpp' -o -name '*.cpp' \) 2>/dev/null)
 
-.PHONY: demo demo-redis test bench deps deps-test deps-bench format format-check \
+.PHONY: demo demo-redis plot-pacing test bench deps deps-test deps-bench format format-check \
         test-aarch64 deps-aarch64 \
         $(addprefix test-,$(PRESETS))
 
@@ -27,6 +27,12 @@ demo: deps
 	cmake --preset release
 	cmake --build --preset release --target gateway_demo
 	./build/release/examples/gateway_demo
+
+# The demo's paced and unpaced month drawn to docs/pacing.svg (gnuplot).
+plot-pacing: deps
+	cmake --preset release
+	cmake --build --preset release --target gateway_demo
+	sh scripts/plot-pacing.sh ./build/release/examples/gateway_demo docs/pacing.svg
 
 # Two demo instances sharing limits and budgets in a redis-server of their
 # own (or: gateway_demo --redis host:port against yours).

@@ -24,6 +24,8 @@
 // on the real clock.
 //
 //   gateway_demo [--users N] [--seed S]
+//   gateway_demo --pacing-only [--seed S]
+//       only the month of pacing (pacing_month.hpp; scripts/plot-pacing.sh)
 //   gateway_demo --redis host:port [--seconds S] [--users N]
 //       two instances sharing limits and budgets in Redis (demo_redis.cpp)
 #include <algorithm>
@@ -46,6 +48,9 @@
 #include "ratekeeper/fmt.hpp"
 #include "ratekeeper/http/headers.hpp"
 #include "ratekeeper/ratekeeper.hpp"
+
+// Issue 18: a paced and an unpaced month, side by side.
+#include "pacing_month.hpp"
 
 namespace rk = ratekeeper;
 using std::chrono::hours;
@@ -247,6 +252,13 @@ int main(int argc, char** argv) {
                  "gateway_demo: built without hiredis (libhiredis-dev)\n");
       return 2;
 #endif
+    }
+  }
+  // Issue 18: a month of a paced budget beside the same month unpaced.
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--pacing-only") == 0) {
+      pacing_month::print_side_by_side(arg_or(argc, argv, "--seed", 7));
+      return 0;
     }
   }
   const auto n_users = arg_or(argc, argv, "--users", 2'000);
@@ -521,6 +533,7 @@ int main(int argc, char** argv) {
   fmt::print("\nStates held at the end of the day: {}\n", held);
 
   measure_check_cost();
+  pacing_month::print_side_by_side(7);  // issue 18: paced vs unpaced month
 
   // The books must balance: every call is admitted or refused exactly once,
   // the limits counted as many admissions as the table, and every team's

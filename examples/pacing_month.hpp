@@ -78,7 +78,7 @@ inline Result run(const Options& o) {
            .period = rk::Period::calendar(rk::PeriodKind::kMonth).value()})
       .IgnoreError();
   const std::vector<double> w = weekly_weights();
-  rk::Pacer<rk::ManualClock> pacer(acct, prices, clock);
+  rk::Pacer<rk::ManualClock> pacer(acct, clock);
   pacer
       .add({.budget = "month",
             .profile = rk::WeeklyProfile::from_weights(w).value(),

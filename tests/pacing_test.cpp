@@ -4,10 +4,12 @@
 // (examples/pacing_month.hpp) paced and unpaced.
 #include "ratekeeper/budget/pacing.hpp"
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../examples/pacing_month.hpp"
@@ -67,7 +69,7 @@ TEST_CASE("Pacer: the level, remaining and the wait follow left / hours left",
   // A token budget of 744,000 over December: 1,000 an hour when nothing
   // is spent.
   Fixture fx(rk::BudgetUnit::kTokens, 744'000);
-  rk::Pacer<rk::ManualClock> pacer(fx.acct, two_models(), fx.clock);
+  rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
   REQUIRE(pacer.add({.budget = "b", .burst_hours = 2}).ok());
   REQUIRE(pacer.add({.budget = "nope"}).code() == absl::StatusCode::kNotFound);
   REQUIRE(pacer.add({.budget = "b", .burst_hours = 0}).code() ==
@@ -126,7 +128,7 @@ TEST_CASE("Pacer: a weekly profile shapes the pace", "[i18]") {
   for (std::size_t h = 5 * 24; h < 6 * 24; ++h) w[h] = 3.0;
   const auto prof = rk::WeeklyProfile::from_weights(w).value();
   Fixture fx(rk::BudgetUnit::kTokens, 1'000'000);
-  rk::Pacer<rk::ManualClock> pacer(fx.acct, two_models(), fx.clock);
+  rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
   REQUIRE(pacer.add({.budget = "b", .profile = prof, .burst_hours = 1}).ok());
   // Oracle by hand: the month has 4 Saturdays (96 h at 3) and 648 hours
   // at 1; the mean weight of the week is (144 + 72) / 168.
@@ -142,7 +144,7 @@ TEST_CASE("Pacer: graded actions when the forecast runs out early", "[i18]") {
     // $10 over December; $6 spent in the first 3 days: at that pace it
     // runs out long before the month ends.
     Fixture fx(rk::BudgetUnit::kNanoUsd, 10'000'000'000);
-    rk::Pacer<rk::ManualClock> pacer(fx.acct, two_models(), fx.clock);
+    rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
     std::vector<rk::PaceAlert> alerts;
     pacer.on_alert([&](const rk::PaceAlert& a) { alerts.push_back(a); });
     REQUIRE(pacer
@@ -199,7 +201,7 @@ TEST_CASE("Pacer: graded actions when the forecast runs out early", "[i18]") {
     // 744,000 tokens; 200,000 spent by day 4 00:00 (648 h left): at risk.
     // Rate (744,000 - 200,000) / 648 an hour, allowance 1 hour of it.
     Fixture fx(rk::BudgetUnit::kTokens, 744'000);
-    rk::Pacer<rk::ManualClock> pacer(fx.acct, two_models(), fx.clock);
+    rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
     REQUIRE(pacer
                 .add({.budget = "b",
                       .burst_hours = 1,
@@ -227,7 +229,7 @@ TEST_CASE("Pacer: graded actions when the forecast runs out early", "[i18]") {
   }
   SECTION("deny while at risk") {
     Fixture fx(rk::BudgetUnit::kTokens, 744'000);
-    rk::Pacer<rk::ManualClock> pacer(fx.acct, two_models(), fx.clock);
+    rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
     REQUIRE(pacer
                 .add({.budget = "b",
                       .burst_hours = 24,
@@ -284,4 +286,83 @@ TEST_CASE("Pacer: a simulated month", "[i18]") {
       CHECK(r.budget_refusals == 0);
     }
   }
+}
+
+TEST_CASE("Pacer: several paced budgets, the tightest binds", "[i18]") {
+  // Over December from Dec 1 00:00 (744 h), 2 hours of allowance each:
+  // "b" 744,000 tokens (2,000), "half" 372,000 (1,000).
+  Fixture fx(rk::BudgetUnit::kTokens, 744'000);
+  REQUIRE(
+      fx.acct
+          .add_budget(
+              {.name = "half",
+               .scope = rk::Field::kTeam,
+               .unit = rk::BudgetUnit::kTokens,
+               .limit = 372'000,
+               .period = rk::Period::calendar(rk::PeriodKind::kMonth).value()})
+          .ok());
+  rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
+  REQUIRE(pacer.add({.budget = "b", .burst_hours = 2}).ok());
+  REQUIRE(pacer.add({.budget = "half", .burst_hours = 2}).ok());
+  auto big = pacer.reserve(fx.who, "small", {.prompt_tokens = 1500}, "big");
+  REQUIRE(big.ok());
+  CHECK_FALSE(big->granted());
+  CHECK(big->paced_by == "half");
+  CHECK(big->pace.limit == 1000);
+  CHECK(big->pace.remaining == 1000);
+  auto ok = pacer.reserve(fx.who, "small", {.prompt_tokens = 800}, "ok");
+  REQUIRE(ok.ok());
+  CHECK(ok->granted());
+  CHECK(ok->paced_by == "half");
+  CHECK(ok->pace.remaining == 200);
+  CHECK(ok->pace.retry_after == Nanos{0});
+}
+
+TEST_CASE("Pacer: concurrent reserves overrun the pace by the calls in flight",
+          "[i18]") {
+  // The clock stands still: the allowance (2,000 tokens) is all there is.
+  // Each thread reserves 100-token calls and settles each at once; a
+  // reserve may see a level from before another thread's hold counted, so
+  // at most one call per thread more than the allowance gets through.
+  Fixture fx(rk::BudgetUnit::kTokens, 744'000);
+  rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
+  REQUIRE(pacer.add({.budget = "b", .burst_hours = 2}).ok());
+  constexpr int kThreads = 4, kCalls = 200;
+  std::atomic<int> admitted{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kCalls; ++i) {
+        auto r = pacer.reserve(fx.who, "small", {.prompt_tokens = 100},
+                               absl::StrCat("t", t, "-", i));
+        if (!r.ok() || !r->granted()) continue;
+        if (r->reservation->settle({.input_uncached = 100}).ok()) ++admitted;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK(admitted.load() >= 20);
+  CHECK(admitted.load() <= 20 + kThreads);
+}
+
+TEST_CASE("Pacer: the paces of ended periods are forgotten", "[i18]") {
+  Fixture fx(rk::BudgetUnit::kTokens, 744'000);
+  rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
+  REQUIRE(pacer.add({.budget = "b"}).ok());
+  std::vector<std::string> teams;
+  for (int i = 0; i < 8192; ++i) teams.push_back(absl::StrCat("team", i));
+  const auto call = [&](int i) {
+    auto r =
+        pacer.reserve({.team = teams[static_cast<std::size_t>(i)]}, "small",
+                      {.prompt_tokens = 1}, absl::StrCat("id", i));
+    REQUIRE(r.ok());
+    REQUIRE(r->granted());
+  };
+  // 4,096 subjects in December (the first prune finds nothing ended).
+  for (int i = 0; i < 4096; ++i) call(i);
+  CHECK(pacer.pace_memory() == 4096);
+  // 4,096 others in January: at 8,192 December's are dropped.
+  fx.clock.set(Nanos{kJan1 + kHour});
+  for (int i = 4096; i < 8192; ++i) call(i);
+  CHECK(pacer.pace_memory() == 4096);
 }

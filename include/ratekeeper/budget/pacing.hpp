@@ -6,7 +6,7 @@
 // the accountant's forecast says a budget runs out before its period ends
 // (alert, route to a cheaper model, clamp max_tokens, deny).
 //
-//   Pacer<> pacer(acct, prices);
+//   Pacer<> pacer(acct);
 //   pacer.add({.budget = "team_month", .burst_hours = 24,
 //              .on_risk = {.route_to = "gpt-4o-mini", .clamp = true}});
 //   auto r = pacer.reserve(who, "gpt-4o", {.prompt_tokens = 900,
@@ -155,9 +155,10 @@ class Pacer {
  public:
   using AlertCallback = std::function<void(const PaceAlert&)>;
 
-  // `acct` must outlive the pacer; `prices` should be the accountant's.
-  Pacer(Accountant<C>& acct, PriceTable prices, C clock = C{})
-      : acct_(acct), prices_(std::move(prices)), clock_(clock) {}
+  // `acct` must outlive the pacer; `clock` should be the accountant's.
+  // Calls are priced from the accountant's price table.
+  explicit Pacer(Accountant<C>& acct, C clock = C{})
+      : acct_(acct), clock_(clock) {}
 
   // Called from the reserving thread, no lock held. Set before use.
   void on_alert(AlertCallback cb) { on_alert_ = std::move(cb); }
@@ -176,7 +177,7 @@ class Pacer {
     }
     if (!spec.on_risk.route_to.empty()) {
       absl::StatusOr<Prices> p =
-          prices_.prices(spec.on_risk.route_to, sys(clock_.now()));
+          acct_.prices().prices(spec.on_risk.route_to, sys(clock_.now()));
       if (!p.ok()) {
         return absl::InvalidArgumentError(absl::StrCat(
             "pacing \"", spec.budget, "\": route_to: ", p.status().message()));
@@ -184,6 +185,13 @@ class Pacer {
     }
     paced_.push_back(Paced{std::move(spec), std::move(*b)});
     return absl::OkStatus();
+  }
+
+  // The paces held (one per paced budget and subject seen); those of
+  // ended periods are forgotten whenever the count doubles.
+  std::size_t pace_memory() const {
+    detail::MutexLock lock(&mu_);
+    return states_.size();
   }
 
   // reserve
@@ -226,7 +234,7 @@ class Pacer {
         out.routed = true;
       }
     }
-    absl::StatusOr<Prices> p = prices_.prices(out.model, sys(now));
+    absl::StatusOr<Prices> p = acct_.prices().prices(out.model, sys(now));
     if (!p.ok()) return p.status();
     // Clamp to what each at-risk clamping budget's pace allows.
     for (const View& v : views) {
@@ -234,9 +242,7 @@ class Pacer {
       if (!v.at_risk || !ra.clamp) continue;
       absl::StatusOr<Cost> c = cost_of(v, *p, e.prompt_tokens, out.max_tokens);
       if (!c.ok()) return c.status();
-      if (static_cast<double>(*c) <= v.level + 1e-9 * static_cast<double>(*c)) {
-        continue;
-      }
+      if (!exceeds(static_cast<double>(*c), v.level)) continue;
       const std::optional<std::uint64_t> n = fits(v, *p, e.prompt_tokens);
       if (n && *n >= ra.min_clamp_tokens && *n < out.max_tokens) {
         out.max_tokens = *n;
@@ -252,9 +258,7 @@ class Pacer {
       absl::StatusOr<Cost> c = cost_of(v, *p, e.prompt_tokens, out.max_tokens);
       if (!c.ok()) return c.status();
       const double cost = static_cast<double>(*c);
-      // A relative slack of 1e-9 absorbs the rounding of the refill, so
-      // that a call made at its retry_after is admitted.
-      const bool over = cost > v.level + 1e-9 * std::max(1.0, cost);
+      const bool over = exceeds(cost, v.level);
       Decision d;
       d.limit = floor_u64(v.cap);
       d.allowed = !over;
@@ -283,6 +287,7 @@ class Pacer {
       first = false;
     }
     if (deny != nullptr) out.pace = deny_pace;
+    if (views.empty()) out.pace.allowed = true;  // nothing paced
     const bool refused = deny != nullptr || bound;
     if (refused) {
       out.action = deny != nullptr ? PaceAction::kDeny : PaceAction::kPaced;
@@ -314,6 +319,7 @@ class Pacer {
     double level = 0;
     std::uint64_t spent = 0;
     bool at_risk = false;
+    std::size_t budget = 0;  // index in paced_
   };
   // A budget's pace as seen by one reserve.
   struct View {
@@ -324,6 +330,12 @@ class Pacer {
     double level = 0;
     bool at_risk = false;
   };
+
+  // A relative slack of 1e-9 absorbs the rounding of the refill, so that a
+  // call made at its retry_after is admitted.
+  static bool exceeds(double cost, double level) {
+    return cost > level + 1e-9 * std::max(1.0, cost);
+  }
 
   static SysTime sys(Nanos n) {
     return SysTime(std::chrono::duration_cast<SysTime::duration>(n));
@@ -358,7 +370,8 @@ class Pacer {
     auto [it, fresh] = states_.try_emplace(absl::StrCat(i, "/", key));
     State& s = it->second;
     if (fresh || s.period_start != f->period_start) {
-      s = State{f->period_start, now, v.cap, f->spent, false};
+      s = State{f->period_start, now, v.cap, f->spent, false, i};
+      if (fresh && states_.size() >= prune_at_) prune(now);
     } else {
       // Spend since the last look comes out of the level; what the level
       // does not hold of what is left (unpaced = left - level, unchanged by
@@ -382,6 +395,19 @@ class Pacer {
     }
     s.at_risk = v.at_risk;
     return v;
+  }
+
+  // Forgets the paces of periods that have ended (a subject seen again
+  // starts its period full, as it would). Amortised: when the map doubles.
+  void prune(Nanos now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<Nanos> starts;
+    for (const Paced& pb : paced_) {
+      starts.push_back(pb.budget.period->span_of(now).start);
+    }
+    absl::erase_if(states_, [&](const auto& e) {
+      return e.second.period_start < starts[e.second.budget];
+    });
+    prune_at_ = std::max<std::size_t>(4096, 2 * states_.size());
   }
 
   // The cost of the call in the budget's unit, as the accountant holds it.
@@ -456,13 +482,13 @@ class Pacer {
   }
 
   Accountant<C>& acct_;
-  PriceTable prices_;
   C clock_;
   std::vector<Paced> paced_;
   AlertCallback on_alert_;
-  detail::Mutex mu_;
+  mutable detail::Mutex mu_;
   // "budget index/subject key" -> its pace.
   absl::flat_hash_map<std::string, State> states_ ABSL_GUARDED_BY(mu_);
+  std::size_t prune_at_ ABSL_GUARDED_BY(mu_) = 4096;
 };
 
 }  // namespace ratekeeper
