@@ -12,36 +12,28 @@
 //   auto r = pacer.reserve(who, "gpt-4o", {.prompt_tokens = 900,
 //                                          .max_output_tokens = 1000}, id);
 //   if (!r.ok()) return reply_500(r.status());
-//   if (!r->granted()) return reply_429(r->pace.retry_after);
+//   if (!r->reservation) return reply_429(r->pace.retry_after);  // paced
+//   if (!r->granted()) return reply(refusal_response(*r->reservation));
 //   call(r->model, r->max_tokens);  // what the pacer chose
-//   r->reservation->settle(usage);
 //
-// The pace of one subject's budget is a bucket measured in the budget's
-// unit, its level what may be spent at once. At each reserve the change of
-// the budget's spend since the last look (Accountant::forecast's spent,
-// open holds included) comes out of the level, so settles that use less
-// than they held give it back and spend made around the pacer counts too;
-// and what the level does not hold of what is left of the budget (left -
-// level) flows in at its share of the period's weighted hours left
-// (WeeklyProfile::mass): over [last, now], (left - level) x mass(last,
-// now) / mass(last, period end). With nothing spent the rate is (left -
-// level) / mass(now, end) per weighted hour: a subject that spends less
-// than its pace is allowed more later, one that spends more is slowed.
-// The level is capped by the burst allowance, burst_hours x left /
-// mass(now, end), and starts full. A call whose worst case (priced as the
-// accountant prices it) exceeds the level is refused, and retry_after is
-// the wait until the refill covers it if nothing is spent meanwhile (the
-// period's end for a call larger than what is left of the budget).
+// The pace of a subject's budget is a bucket in the budget's unit. The
+// change of the budget's spend since the last look (forecast()'s spent,
+// holds included) comes out of it, so a settle below its hold gives back
+// and spend made around the pacer counts; what it does not hold of what
+// is left, (left - level), flows in at its share of the weighted hours
+// left: over [last, now], (left - level) x mass(last, now) / mass(last,
+// end) (WeeklyProfile::mass). It holds at most burst_hours x left /
+// mass(now, end) and starts a period full. A call whose worst case exceeds
+// the level is refused; retry_after is the wait until the refill covers it
+// if nothing is spent meanwhile (the period's end for a call larger than
+// what is left). docs/budgets.md ("Pacing") has the rule, the actions and
+// why this is a layer over Accountant rather than a Limit in its chain
+// (the pace reads the budget's spend and forecast, and routing and
+// clamping change the call before anything is held).
 //
-// Why a layer over Accountant and not a Limit in its chain: the pace needs
-// the budget's spend and forecast (another limit's state) and may change
-// the call (its model, its max_tokens) before anything is held, which a
-// Limit deciding on a cost cannot.
-//
-// Concurrent reserves of one subject may each see the same level before
-// either's hold is counted: the pace is a soft limit that can be overrun
-// by the calls in flight at once (the budget itself stays exact). The
-// bucket lives in the process (not shared through Redis).
+// Concurrent reserves of one subject may each see the level before the
+// others' holds count: the pace (not the budget) can be overrun by the
+// calls in flight at once. The buckets live in the process.
 #ifndef RATEKEEPER_BUDGET_PACING_HPP_
 #define RATEKEEPER_BUDGET_PACING_HPP_
 
@@ -73,14 +65,11 @@ namespace ratekeeper {
 //   kClamp  max_tokens lowered to what the pace allows
 //   kPaced  refused: the call exceeds the pace
 //   kDeny   refused: a budget at risk denies every call
+// clang-format off
 enum class PaceAction : std::uint8_t {
-  kNone,
-  kAlert,
-  kRoute,
-  kClamp,
-  kPaced,
-  kDeny
+  kNone, kAlert, kRoute, kClamp, kPaced, kDeny
 };
+// clang-format on
 
 // RiskActions: what a budget does while its forecast says it runs out
 // before its period ends (Forecast::exhausts_at < period_end).
