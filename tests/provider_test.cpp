@@ -17,6 +17,7 @@
 #include "catch2/catch.hpp"
 #include "ratekeeper/clock.hpp"
 #include "ratekeeper/errors.hpp"
+#include "ratekeeper/http/headers.hpp"
 #include "ratekeeper/provider/headers.hpp"
 #include "ratekeeper/provider/limits.hpp"
 #include "ratekeeper/provider/resync.hpp"
@@ -517,6 +518,30 @@ TEST_CASE("AIMD: one decrease per 429 burst, floor, additive climb", "[i18]") {
   // Climbing back: 0.5 + 0.05 per second, at 1 after exactly 10 s.
   CHECK((*c2)->factor_ppm(pv::Dimension::kRequests, 9999ms) == 950'000u);
   CHECK((*c2)->factor_ppm(pv::Dimension::kRequests, 10s) ==
+        pv::ProviderChain::kOne);
+}
+
+TEST_CASE("The defaults: a 429 halves f, 50 s bring it back", "[i18]") {
+  // docs/provider.md's example, with the default ResyncOptions.
+  auto c = pv::ProviderChain::create(pv::ProviderLimits::openai(500, 30000));
+  REQUIRE(c.ok());
+  const Nanos t0{7 * kS};
+  (*c)->observe("k", reading(429), t0);
+  CHECK((*c)->factor_ppm(pv::Dimension::kTokens, t0) == 500'000u);
+  CHECK((*c)->effective_limit(pv::Dimension::kTokens, t0) == 15000u);
+  CHECK((*c)->effective_limit(pv::Dimension::kTokens, t0 + 49s) == 29700u);
+  CHECK((*c)->effective_limit(pv::Dimension::kTokens, t0 + 50s) == 30000u);
+  // A nearly empty provider holds it: the climb restarts.
+  pv::ProviderReading low = reading(200);
+  low[pv::Dimension::kTokens].remaining = 2999;  // below 10% of 30000
+  (*c)->observe("k", low, t0 + 30s);
+  CHECK((*c)->factor_ppm(pv::Dimension::kTokens, t0 + 30s) == 500'000u);
+  CHECK((*c)->factor_ppm(pv::Dimension::kTokens, t0 + 40s) == 600'000u);
+  // 10% or more does not hold it.
+  low[pv::Dimension::kTokens].remaining = 3000;
+  (*c)->observe("k", low, t0 + 40s);
+  CHECK((*c)->factor_ppm(pv::Dimension::kTokens, t0 + 40s) == 600'000u);
+  CHECK((*c)->factor_ppm(pv::Dimension::kTokens, t0 + 80s) ==
         pv::ProviderChain::kOne);
 }
 

@@ -40,7 +40,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
-#include <span>
+#include <ranges>
 #include <string>
 #include <string_view>
 
@@ -53,7 +53,6 @@
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/math.hpp"
 #include "ratekeeper/detail/strings.hpp"
-#include "ratekeeper/http/headers.hpp"
 
 namespace ratekeeper::provider {
 
@@ -146,7 +145,7 @@ constexpr std::int64_t days_from_civil(std::int64_t y, unsigned m,
   y -= m <= 2 ? 1 : 0;
   const std::int64_t era = (y >= 0 ? y : y - 399) / 400;
   const auto yoe = static_cast<unsigned>(y - era * 400);
-  const unsigned doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+  const unsigned doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
   const unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
   return era * 146097 + static_cast<std::int64_t>(doe) - 719468;
 }
@@ -537,33 +536,45 @@ struct ProviderReading {
 // read_provider_headers
 //
 // Reads an answer's status and its rate-limit headers (the families
-// above) at `now_unix` (the wall clock, Unix ns: Anthropic's resets and an
-// HTTP-date Retry-After are times, read as the delay from it; a reset
-// already past reads as 0). The first malformed header makes the whole
+// above; `headers`: any range of objects with `name` and `value` that
+// convert to std::string_view, such as http::Header or a pair-like struct
+// of your HTTP client) at `now_unix` (the wall clock, Unix ns: Anthropic's
+// resets and an HTTP-date Retry-After are times, read as the delay from it; a
+// reset already past reads as 0). The first malformed header makes the whole
 // answer kInvalidArgument (or kOutOfRange) naming it: a reading is either
 // what the provider said or refused, never half guessed.
-inline absl::StatusOr<ProviderReading> read_provider_headers(
-    int status, std::span<const http::Header> headers, Nanos now_unix) {
+template <std::ranges::input_range Headers>
+requires requires(std::ranges::range_reference_t<const Headers> h) {
+  std::string_view(h.name);
+  std::string_view(h.value);
+}
+absl::StatusOr<ProviderReading> read_provider_headers(int status,
+                                                      const Headers& headers,
+                                                      Nanos now_unix) {
   ProviderReading out;
   out.status = status;
   out.response = classify_status(status);
   std::optional<Nanos> after_s;
   std::optional<Nanos> after_ms;
-  for (const http::Header& h : headers) {
-    std::string name = absl::AsciiStrToLower(h.name);
+  for (const auto& h : headers) {
+    const std::string_view raw_name(h.name);
+    const std::string_view value(h.value);
+    const std::string name =
+        absl::AsciiStrToLower(ratekeeper::detail::av(raw_name));
     const std::string_view n = name;
     const auto fail = [&](const absl::Status& st) {
-      return absl::Status(st.code(),
-                          absl::StrCat("header ", h.name, ": ", st.message()));
+      return absl::Status(
+          st.code(), absl::StrCat("header ", ratekeeper::detail::av(raw_name),
+                                  ": ", st.message()));
     };
     if (n == "retry-after") {
-      absl::StatusOr<Nanos> v = parse_retry_after(h.value, now_unix);
+      absl::StatusOr<Nanos> v = parse_retry_after(value, now_unix);
       if (!v.ok()) return fail(v.status());
       after_s = *v;
       continue;
     }
     if (n == "retry-after-ms") {
-      absl::StatusOr<Nanos> v = parse_retry_after_ms(h.value);
+      absl::StatusOr<Nanos> v = parse_retry_after_ms(value);
       if (!v.ok()) return fail(v.status());
       after_ms = *v;
       continue;
@@ -603,18 +614,18 @@ inline absl::StatusOr<ProviderReading> read_provider_headers(
     if (field == 2) {
       absl::StatusOr<Nanos> v = Nanos{0};
       if (anthropic) {
-        const absl::StatusOr<Nanos> at = parse_rfc3339(h.value);
+        const absl::StatusOr<Nanos> at = parse_rfc3339(value);
         if (!at.ok()) return fail(at.status());
         const detail::i128 d =
             static_cast<detail::i128>(at->count()) - now_unix.count();
         v = Nanos{d <= 0 ? 0 : ratekeeper::detail::clamp_i64(d)};
       } else {
-        v = parse_go_duration(h.value);
+        v = parse_go_duration(value);
         if (!v.ok()) return fail(v.status());
       }
       r.reset = *v;
     } else {
-      const absl::StatusOr<std::uint64_t> v = parse_count(h.value);
+      const absl::StatusOr<std::uint64_t> v = parse_count(value);
       if (!v.ok()) return fail(v.status());
       (field == 0 ? r.limit : r.remaining) = *v;
     }
