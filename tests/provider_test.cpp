@@ -9,9 +9,11 @@
 // RFC 3339 section 5.8 and RFC 9110 sections 5.6.7 and 10.2.3; the Unix
 // times of the dates were computed apart (Python's datetime).
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "catch2/catch.hpp"
@@ -757,5 +759,40 @@ TEST_CASE(
     CHECK(on.provider_429 * 40 <= off.provider_429);
     CHECK(on.provider_429_late <= 10);
     CHECK(on.provider_ok * 100 >= capacity * 95);
+  }
+}
+
+TEST_CASE(
+    "ProviderChain from several threads: never above the configured "
+    "limit",
+    "[i18]") {
+  // Time stands still: nothing refills, so whatever the threads do (admit,
+  // follow answers that lower, 429s), the calls admitted cost at most the
+  // configured burst, and f stays in [floor, 1].
+  auto c = pv::ProviderChain::create(pv::ProviderLimits::openai(100000, 60000));
+  REQUIRE(c.ok());
+  pv::ProviderChain& pc = **c;
+  const Nanos now{kS};
+  std::atomic<std::uint64_t> admitted{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 400; ++i) {
+        rk::ChainDecision d = pc.admit("k", {.prompt_tokens = 100}, now);
+        if (d.allowed) admitted.fetch_add(100);
+        pv::ProviderReading r = reading(i % 7 == t ? 429 : 200);
+        r[pv::Dimension::kTokens].remaining =
+            static_cast<std::uint64_t>(60000 - 97 * i);
+        pc.observe("k", r, now);
+      }
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  CHECK(admitted.load() <= 60000u);
+  CHECK(admitted.load() > 0u);
+  for (const auto d : {pv::Dimension::kRequests, pv::Dimension::kTokens}) {
+    const std::uint32_t f = pc.factor_ppm(d, now);
+    CHECK(f >= 20'000u);
+    CHECK(f <= pv::ProviderChain::kOne);
   }
 }

@@ -22,9 +22,14 @@
 //     floor_permille. When the answer's headers name the dimensions at 0
 //     remaining, only those are lowered; else every one.
 //   - Additive increase: f climbs back by increase_permille / 1000 per
-//     whole increase_interval since it was last lowered, up to 1: a limit
-//     lowered to f is back at its configured value after
-//     ceil((1 - f) / increase) intervals without a refusal.
+//     whole increase_interval since it was last lowered or held, up to 1:
+//     a limit lowered to f is back at its configured value after
+//     ceil((1 - f) / increase) intervals without a refusal. A `remaining`
+//     below hold_permille / 1000 of the provider's limit holds f at the
+//     value it was last lowered to (the climb since is dropped and
+//     restarts): the provider is nearly empty, there is no headroom to
+//     climb into. Without it a fleet's instances climb together into the
+//     next 429 (tests/provider_test.cpp, the fleet).
 //   - Remaining: a `remaining` header R lowers what the local bucket has
 //     left to R (in the limit in force: R / f counted units) by charging the
 //     difference; never raises it. The bucket then refills at its rate.
