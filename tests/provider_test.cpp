@@ -468,8 +468,8 @@ TEST_CASE("A lower published limit lowers f; it climbs back by the rule",
   // The oracle: f = 0.25 + 0.1 per whole 2 s, at most 1.
   for (int s = 0; s <= 20; ++s) {
     const Nanos at = lowered + std::chrono::seconds(s);
-    const std::uint64_t expect_ppm =
-        std::min<std::uint64_t>(250'000 + 100'000 * (s / 2), 1'000'000);
+    const std::uint64_t expect_ppm = std::min<std::uint64_t>(
+        250'000 + 100'000 * static_cast<std::uint64_t>(s / 2), 1'000'000);
     INFO("after " << s << " s");
     CHECK(pc.factor_ppm(pv::Dimension::kTokens, at) == expect_ppm);
   }
