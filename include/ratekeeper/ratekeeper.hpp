@@ -24,6 +24,10 @@
 #include "ratekeeper/policy/policy.hpp"
 #include "ratekeeper/policy/sliding_window.hpp"
 #include "ratekeeper/policy/token_bucket.hpp"
+#include "ratekeeper/provider/formats.hpp"  // issue 18
+#include "ratekeeper/provider/headers.hpp"  // issue 18
+#include "ratekeeper/provider/limits.hpp"   // issue 18
+#include "ratekeeper/provider/resync.hpp"   // issue 18
 #include "ratekeeper/store/in_memory.hpp"
 #include "ratekeeper/store/sharded.hpp"
 #include "ratekeeper/store/store.hpp"
