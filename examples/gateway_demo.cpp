@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -304,6 +305,12 @@ int main(int argc, char** argv) {
   std::unique_ptr<rk::Ledger> ledger;
   for (int i = 1; i + 1 < argc; ++i) {
     if (std::strcmp(argv[i], "--ledger") != 0) continue;
+    if (std::FILE* f = std::fopen(argv[i + 1], "rb")) {  // one day a ledger
+      std::fclose(f);
+      fmt::print(stderr, "gateway_demo: {} exists: give a new path\n",
+                 argv[i + 1]);
+      return 2;
+    }
     absl::StatusOr<std::unique_ptr<rk::Ledger>> l =
         rk::Ledger::open(argv[i + 1], {.durability = rk::Durability::kNone});
     if (!l.ok()) {

@@ -337,6 +337,28 @@ TEST_CASE("what-if: a token budget runs out when a running sum says", "[i18]") {
     return it == m.end() ? std::uint64_t{0} : it->second;
   };
   CHECK(by_budget("free") + by_budget("pro") == refused);
+
+  // The same budget for the pro tier only: free calls never meet it, and
+  // pro's teams run out when the model says.
+  const WhatIfReport pro = replay(
+      rec.path,
+      absl::StrCat(R"({"budgets": [{"name": "team_tokens", "scope": "team",
+          "unit": "tokens", "tier": "pro", "limit": )",
+                   kLimit, R"(, "period": "day"}], "first": 100, "prices": )",
+                   kPrices, "}"));
+  std::vector<std::pair<std::int64_t, std::string>> pro_ran_out;
+  for (const auto& e : ran_out) {
+    if (e.second.rfind("team=pro-", 0) == 0) pro_ran_out.push_back(e);
+  }
+  REQUIRE_FALSE(pro_ran_out.empty());
+  REQUIRE(pro.budgets.size() == 1);
+  CHECK(pro.budgets[0].tier == "pro");
+  CHECK(tier(pro, "free").refused_by.empty());
+  REQUIRE(pro.budgets[0].first.size() == pro_ran_out.size());
+  for (std::size_t i = 0; i < pro_ran_out.size(); ++i) {
+    CHECK(pro.budgets[0].first[i].at.count() == pro_ran_out[i].first);
+    CHECK(pro.budgets[0].first[i].subject == pro_ran_out[i].second);
+  }
 }
 
 TEST_CASE("what-if: a bad proposal is a clear error", "[i18]") {
@@ -371,6 +393,11 @@ TEST_CASE("what-if: a bad proposal is a clear error", "[i18]") {
            prices + "}",
        "\"period\""},
       {"{\"price_file\": \"/nonexistent/prices.json\"}", "price_file"},
+      {"{\"budgets\": [{\"name\": \"b\", \"scope\": \"team\", \"limit\": "
+       "\"1.5\", \"period\": \"day\"}, {\"name\": \"b\", \"scope\": "
+       "\"user\", \"limit\": \"2\", \"period\": \"day\"}], " +
+           prices + "}",
+       "named twice"},
   };
   for (const auto& [text, why] : bad) {
     const auto p = parse_whatif_proposal(text);

@@ -106,14 +106,19 @@ std::string to_text(const rk::WhatIfReport& r) {
   std::string out = fmt::format("what-if replay of {} records, {} to {}\n\n",
                                 r.records, utc(r.from), utc(r.to));
   out += fmt::format("{:<11} {:>6} {:>9} {:>9} {:>9} {:>8} {:>12} {:>12}\n",
-                     "tier", "limits", "attempts", "granted", "recorded",
-                     "changed", "spend", "recorded");
+                     "tier", "limits", "attempts", "granted", "rec-grant",
+                     "changed", "spend", "rec-spend");
   for (const auto& t : r.tiers) {
     out += fmt::format("{:<11} {:>6} {:>9} {:>9} {:>9} {:>8} {:>12} {:>12}\n",
                        t.tier, t.has_limits ? "yes" : "none", t.attempts,
                        t.granted, t.recorded_granted, t.changed,
                        usd(t.spend_nanos), usd(t.recorded_spend_nanos));
   }
+  out +=
+      "(attempts: reserve and deny records replayed; granted: admitted by "
+      "the proposal; rec-grant: admitted when recorded; changed: decided "
+      "otherwise than recorded; spend: under the proposed prices; rec-spend: "
+      "as recorded)\n";
   out += "\nrefused, by the limit or budget that refused:\n";
   for (const auto& t : r.tiers) {
     out += fmt::format("  {:<11} proposed: {}\n  {:<11} recorded: {}\n", t.tier,
