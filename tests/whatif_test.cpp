@@ -103,22 +103,25 @@ struct Tally {
 struct Recording {
   std::string path;
   std::vector<Tally> tiers{2};
-  ~Recording() { fs::remove(path); }
+  ~Recording() { fs::remove_all(path); }
 };
 
 // Writes the ledger of `calls` through two Accountants (one per tier, each
 // with the tier's limits and a $0.03 team budget per day) sharing a Ledger,
 // each call settled at once to its usage; tallies what they decided.
-void record(const std::vector<Call>& calls, Recording& rec) {
+void record(const std::vector<Call>& calls, Recording& rec,
+            std::uint64_t segment_bytes = 0) {
   rec.path = (fs::temp_directory_path() /
-              ("rk_whatif_" + std::to_string(::getpid()) + ".jsonl"))
+              ("rk_whatif_" + std::to_string(::getpid()) +
+               (segment_bytes != 0 ? "_segments" : ".jsonl")))
                  .string();
-  fs::remove(rec.path);
+  fs::remove_all(rec.path);
   ManualClock clock(Nanos{kStart});
   TierTable<ManualClock> tiers({}, clock);
   PriceTable prices = load_price_catalogue(kPrices).value().table;
-  auto ledger =
-      Ledger::open(rec.path, {.durability = Durability::kNone}).value();
+  auto ledger = Ledger::open(rec.path, {.durability = Durability::kNone,
+                                        .segment_bytes = segment_bytes})
+                    .value();
   std::vector<std::unique_ptr<Accountant<ManualClock>>> accts;
   for (std::size_t t = 0; t < 2; ++t) {
     REQUIRE(tiers.set_tier(kTierNames[t], recorded_limits(t)).ok());
@@ -418,4 +421,52 @@ TEST_CASE("what-if: a bad proposal is a clear error", "[i18]") {
   const auto rep = replay_whatif(read_whatif_records(rec.path).value(), *p);
   REQUIRE_FALSE(rep.ok());
   CHECK_THAT(std::string(rep.status().message()), Catch::Contains("record 1:"));
+}
+
+TEST_CASE(
+    "what-if: a segmented ledger replays as one file does; a ledger "
+    "without the what-if fields is refused, saying why",
+    "[i18]") {
+  const std::vector<Call> calls = make_calls();
+  Recording one, segments;
+  record(calls, one);
+  record(calls, segments, 16 * 1024);
+  REQUIRE(fs::is_directory(segments.path));
+  REQUIRE(std::distance(fs::directory_iterator(segments.path),
+                        fs::directory_iterator{}) > 3);
+  const std::string proposal =
+      absl::StrCat("{", recorded_tiers_json(), ",", kRecordedBudget,
+                   ",\"prices\":", kPrices, "}");
+  const WhatIfReport a = replay(one.path, proposal);
+  const WhatIfReport b = replay(segments.path, proposal);
+  CHECK(a.records == b.records);
+  REQUIRE(a.tiers.size() == b.tiers.size());
+  for (std::size_t t = 0; t < a.tiers.size(); ++t) {
+    CHECK(a.tiers[t].granted == b.tiers[t].granted);
+    CHECK(a.tiers[t].refused_by == b.tiers[t].refused_by);
+    CHECK(a.tiers[t].spend_nanos == b.tiers[t].spend_nanos);
+    CHECK(b.tiers[t].changed == 0);
+  }
+
+  // A reserve record as written before issue 18: no subject, no tier.
+  Recording old;
+  old.path = (fs::temp_directory_path() /
+              ("rk_whatif_old_" + std::to_string(::getpid()) + ".jsonl"))
+                 .string();
+  fs::remove(old.path);
+  {
+    auto ledger =
+        Ledger::open(old.path, {.durability = Durability::kNone}).value();
+    REQUIRE(ledger
+                ->append_nowait(
+                    R"("event":"reserve","request":"r","model":"gpt-4o-mini",)"
+                    R"("at":1,"prompt":10,"max_output":10,"items":[])",
+                    Nanos{kStart})
+                .ok());
+  }
+  const auto records = read_whatif_records(old.path);
+  REQUIRE_FALSE(records.ok());
+  CHECK(records.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(records.status().message()),
+             Catch::Contains("record 1") && Catch::Contains("before issue 18"));
 }
