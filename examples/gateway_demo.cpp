@@ -23,7 +23,9 @@
 // first refused calls (rate limit and budget), and the measured cost of a check
 // on the real clock.
 //
-//   gateway_demo [--users N] [--seed S]
+//   gateway_demo [--users N] [--seed S] [--ledger PATH]
+//       --ledger: every reserve, denial and settle appended to the ledger
+//       PATH (a new file), which tools/whatif.cpp replays (docs/whatif.md)
 //   gateway_demo --pacing-only [--seed S]
 //       only the month of pacing (pacing_month.hpp; scripts/plot-pacing.sh)
 //   gateway_demo --redis host:port [--seconds S] [--users N]
@@ -31,6 +33,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -44,6 +47,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/budget/json.hpp"
+#include "ratekeeper/budget/ledger.hpp"
 #include "ratekeeper/errors.hpp"
 #include "ratekeeper/fmt.hpp"
 #include "ratekeeper/http/headers.hpp"
@@ -306,6 +310,30 @@ int main(int argc, char** argv) {
     acct->on_threshold(
         [&stats, t](const rk::ThresholdEvent&) { ++stats[t].alerts_80; });
     accountants.push_back(std::move(acct));
+  }
+  // --ledger PATH (issue 18, what-if): the day's records, for
+  // ratekeeper_whatif. One ledger for the three accountants, each naming
+  // its tier in its records; page-cache durability (a demo, not money).
+  std::unique_ptr<rk::Ledger> ledger;
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::strcmp(argv[i], "--ledger") != 0) continue;
+    if (std::FILE* f = std::fopen(argv[i + 1], "rb")) {  // one day a ledger
+      std::fclose(f);
+      fmt::print(stderr, "gateway_demo: {} exists: give a new path\n",
+                 argv[i + 1]);
+      return 2;
+    }
+    absl::StatusOr<std::unique_ptr<rk::Ledger>> l =
+        rk::Ledger::open(argv[i + 1], {.durability = rk::Durability::kNone});
+    if (!l.ok()) {
+      fmt::print(stderr, "gateway_demo: {}\n", l.status().ToString());
+      return 1;
+    }
+    ledger = *std::move(l);
+    for (std::size_t t = 0; t < std::size(kTiers); ++t) {
+      accountants[t]->set_audit(ledger.get());
+      accountants[t]->set_audit_tier(kTiers[t].name);
+    }
   }
 
   std::vector<User> users;

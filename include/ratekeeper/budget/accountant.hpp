@@ -742,6 +742,7 @@ class Accountant {
         std::string f = record_head("deny", r);
         f += ",\"binding\":";
         detail::append_json_quoted(f, by == nullptr ? "" : by->limit->name());
+        append_call(f, who, &e);  // issue 18: what-if replay
         // Written, not waited for: a denial is not money.
         if (auto st = audit_->append_nowait(f, now); !st.ok()) {
           return st.status();
@@ -763,6 +764,7 @@ class Accountant {
                       ",\"prompt\":", e.prompt_tokens,
                       ",\"max_output\":", e.max_output_tokens);
       append_items(f, r, [](const auto& it) { return it.held; });
+      append_call(f, who, nullptr);  // issue 18: what-if replay
       // Written, not waited for: a hold is not a charge. The settle that
       // charges it is durable before it returns, and so, with it, is this
       // record (a sync covers every record written before it).
@@ -1907,6 +1909,43 @@ class Accountant {
   // "event", "request", "model"; for a record about a granted reservation
   // (extend, settle, release) also "of", the sequence number of its reserve
   // record (one id may be reserved twice at once), and "at", its time.
+  // --- issue 18, what-if replay (tools/whatif.cpp, budget/replay.hpp) ---
+  // Reserve and deny records end with what a replay against other limits
+  // needs: ,"tier":"<set_audit_tier>" (when set), ,"subject":{"user":..,..}
+  // (every field of the caller but api_key, which is a secret; empty ones
+  // left out), and on a deny the estimate (,"prompt":P,"max_output":M: a
+  // reserve has them already). Readers ignore fields they do not know.
+ public:
+  // The tier named in this accountant's reserve and deny records (one
+  // accountant per tier, as examples/gateway_demo.cpp has). Set before the
+  // first reserve.
+  void set_audit_tier(std::string tier) { audit_tier_ = std::move(tier); }
+
+ private:
+  void append_call(std::string& f, const Subject& who,
+                   const Estimate* deny_estimate) const {
+    if (deny_estimate != nullptr) {
+      absl::StrAppend(&f, ",\"prompt\":", deny_estimate->prompt_tokens,
+                      ",\"max_output\":", deny_estimate->max_output_tokens);
+    }
+    if (!audit_tier_.empty()) {
+      f += ",\"tier\":";
+      detail::append_json_quoted(f, audit_tier_);
+    }
+    f += ",\"subject\":{";
+    bool first = true;
+    for (const Field field : kAllFields) {
+      if (field == Field::kApiKey || who.get(field).empty()) continue;
+      absl::StrAppend(&f, first ? "\"" : ",\"", detail::av(field_name(field)),
+                      "\":");
+      detail::append_json_quoted(f, who.get(field));
+      first = false;
+    }
+    f += "}";
+  }
+  std::string audit_tier_;
+  // --- end issue 18, what-if replay ---
+
   static std::string record_head(const char* event, const Reservation<C>& r) {
     std::string f = absl::StrCat("\"event\":\"", event, "\",\"request\":");
     detail::append_json_quoted(f, r.request_id_);
