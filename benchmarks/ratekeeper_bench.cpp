@@ -29,7 +29,8 @@
 #include "ratekeeper/ratekeeper.hpp"
 #include "ratekeeper/redis/permits.hpp"  // issue 17
 #include "ratekeeper/store/redis.hpp"
-#include "redis_server.hpp"  // tests/: a redis-server of our own
+#include "redis_server.hpp"   // tests/: a redis-server of our own
+#include "redis_tb_prev.hpp"  // tests/: the previous token_bucket.lua
 
 namespace rk = ratekeeper;
 
@@ -742,6 +743,24 @@ struct RedisRig {
     return {calls, usec};
   }
 
+  // The redis-server process's CPU time so far (INFO cpu: its getrusage,
+  // user and system, to the microsecond). Unlike commandstats' usec, which
+  // is wall time around each call, a script preempted by another process
+  // of a shared machine is not charged for the time it waited; it does
+  // include the server's own work around each call (reading and parsing
+  // the request, writing the reply, its event loop), the same for every
+  // script.
+  double server_cpu_us() {
+    const std::string info = client->command({"INFO", "cpu"}).value_or("");
+    const auto field = [&](const char* name) {
+      const auto at = info.find(name);
+      return at == std::string::npos
+                 ? 0.0
+                 : std::stod(info.substr(at + std::string_view(name).size()));
+    };
+    return (field("used_cpu_sys:") + field("used_cpu_user:")) * 1e6;
+  }
+
  private:
   RedisRig() {
     try {
@@ -806,7 +825,14 @@ double thread_user_us() {
 
 // What a Redis benchmark's decisions cost, from its start to report():
 //   server_us_per_call           Redis's time per EVALSHA (INFO
-//                                commandstats; only this benchmark's calls)
+//                                commandstats; only this benchmark's calls):
+//                                wall time, so on a shared machine it counts
+//                                the time the server waited for a core
+//   server_cpu_us_per_call       redis-server's CPU time (INFO cpu) per
+//                                EVALSHA over the benchmark: what a call
+//                                costs the server, its script and its share
+//                                of the event loop's work, not charged for
+//                                preemption (issue 16's target (a))
 //   client_cpu_us_per_decision   this thread's CPU per decision, the
 //                                kernel's included (its system calls; on
 //                                loopback a write also runs the receiving
@@ -820,12 +846,14 @@ class RedisCost {
  public:
   explicit RedisCost(RedisRig& rig) : rig_(rig) {
     std::tie(calls0_, usec0_) = rig_.evalsha_stats();
+    server_cpu0_ = rig_.server_cpu_us();
     cpu0_ = thread_cpu_us();
     user0_ = thread_user_us();
   }
   void report(benchmark::State& state, double per_iteration) {
     const double cpu = thread_cpu_us() - cpu0_;
     const double user = thread_user_us() - user0_;
+    const double server_cpu = rig_.server_cpu_us();
     const auto [calls, usec] = rig_.evalsha_stats();
     const double decisions =
         static_cast<double>(state.iterations()) * per_iteration;
@@ -834,6 +862,8 @@ class RedisCost {
     };
     state.counters["server_us_per_call"] =
         calls > calls0_ ? (usec - usec0_) / (calls - calls0_) : 0;
+    state.counters["server_cpu_us_per_call"] =
+        calls > calls0_ ? (server_cpu - server_cpu0_) / (calls - calls0_) : 0;
     state.counters["client_cpu_us_per_decision"] = per(cpu);
     state.counters["client_user_us_per_decision"] = per(user);
     state.counters["decisions_per_s"] =
@@ -842,7 +872,7 @@ class RedisCost {
 
  private:
   RedisRig& rig_;
-  double calls0_ = 0, usec0_ = 0, cpu0_ = 0, user0_ = 0;
+  double calls0_ = 0, usec0_ = 0, server_cpu0_ = 0, cpu0_ = 0, user0_ = 0;
 };
 
 // One decision per call, one connection, waiting for each reply: the
@@ -1116,18 +1146,21 @@ void BM_Redis_Floor_50InFlight(benchmark::State& state) {
 BENCHMARK(BM_Redis_Floor_50InFlight)->UseRealTime();
 
 // The token bucket's own script (lua/token_bucket.lua, the one
-// BM_Redis_TokenBucket_* run) driven as the floor is: redisCommandArgv on
-// a blocking hiredis context, one call at a time. Against
-// BM_Redis_Floor_Sequential it measures the script alone (same driver);
-// against BM_Redis_TokenBucket_Sequential, the client's share of Redis's
-// time (same script).
-void BM_Redis_TokenBucketScript_Sequential(benchmark::State& state) {
+// BM_Redis_TokenBucket_* run), and the previous release's (Prev:
+// tests/redis_tb_prev.hpp, limits.lua's 10 arguments), driven as the floor
+// is: redisCommandArgv on a blocking hiredis context one call at a time
+// (Sequential), or 50 appended then 50 read (50InFlight). Against
+// BM_Redis_Floor_* they measure the script alone (same driver); against
+// BM_Redis_TokenBucket_*, the client's share of Redis's time (same
+// script); Prev against the current, the script's change (same run).
+void tb_script_run(benchmark::State& state, bool prev, bool pipelined) {
   RedisRig* rigp = redis_rig_or_skip(state);
   if (rigp == nullptr) return;
   RedisRig& rig = *rigp;
   FloorConn f(rig);
   if (f.sha.empty()) return state.SkipWithError(f.error.c_str());
-  const std::string& src = rk::detail::redis_tb_script().source();
+  const std::string src = prev ? std::string(rk_test::kPrevTokenBucketScript)
+                               : rk::detail::redis_tb_script().source();
   auto* loaded = static_cast<redisReply*>(redisCommand(
       f.c, "SCRIPT LOAD %b", src.data(), static_cast<size_t>(src.size())));
   if (loaded == nullptr || loaded->type != REDIS_REPLY_STRING) {
@@ -1138,37 +1171,88 @@ void BM_Redis_TokenBucketScript_Sequential(benchmark::State& state) {
   freeReplyObject(loaded);
   auto limit = open_bucket(rig, "tbscript");
   const rk::detail::TwinParams twin = limit->twin_at(rk::Nanos{0});
-  const std::string key = "bench:tbscript:k";
-  // ARGV as the library sends them: Redis's time, the op, the limit's five
-  // parameters, the cost, the flags, a nonce.
-  std::vector<std::string> argv = {"EVALSHA", sha, "1", key, "", "acquire"};
-  argv.insert(argv.end(), twin.begin(), twin.end());
-  argv.insert(argv.end(), {"1", "0", "12345"});
+  // ARGV as the library sends them: Redis's time, the op, then the
+  // current script's num, den, burst, cost, nonce (RedisLimit's
+  // append_lean), or the previous one's limits.lua item ("tb", the four
+  // parameters, the cost, the flags, a nonce).
+  std::vector<std::string> argv = {"EVALSHA", sha, "1", "", "", "acquire"};
+  if (prev) {
+    argv.insert(argv.end(), twin.begin(), twin.end());
+    argv.insert(argv.end(), {"1", "0", "12345"});
+  } else {
+    argv.insert(argv.end(), {twin[1], twin[2], twin[3], "1", "12345"});
+  }
+  const int n = pipelined ? 50 : 1;
+  std::vector<std::string> keys;
+  for (int i = 0; i < n; ++i) {
+    keys.push_back("bench:tbscript" + std::string(prev ? "p" : "") + ":k" +
+                   std::to_string(i));
+  }
   std::vector<const char*> ptrs;
   std::vector<size_t> lens;
   for (const std::string& a : argv) {
     ptrs.push_back(a.data());
     lens.push_back(a.size());
   }
-  const auto call = [&] {
-    auto* r = static_cast<redisReply*>(redisCommandArgv(
-        f.c, static_cast<int>(ptrs.size()), ptrs.data(), lens.data()));
-    // Its short reply (lua/token_bucket.lua): {1, now, after, aux} admitted.
+  const auto with_key = [&](const std::string& k) {
+    ptrs[3] = k.data();
+    lens[3] = k.size();
+  };
+  // Its short reply (lua/token_bucket.lua): {1, now, after, aux} admitted.
+  const auto admitted = [](void* reply) {
+    auto* r = static_cast<redisReply*>(reply);
     const bool ok = r != nullptr && r->type == REDIS_REPLY_ARRAY &&
                     r->elements == 4 && r->element[0]->integer == 1;
     if (r != nullptr) freeReplyObject(r);
     return ok;
   };
-  static_cast<void>(call());
+  const auto round = [&] {
+    std::uint64_t ok = 0;
+    if (!pipelined) {
+      with_key(keys[0]);
+      return admitted(redisCommandArgv(f.c, static_cast<int>(ptrs.size()),
+                                       ptrs.data(), lens.data()))
+                 ? std::uint64_t{1}
+                 : 0;
+    }
+    for (const std::string& k : keys) {
+      with_key(k);
+      redisAppendCommandArgv(f.c, static_cast<int>(ptrs.size()), ptrs.data(),
+                             lens.data());
+    }
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      void* r = nullptr;
+      if (redisGetReply(f.c, &r) != REDIS_OK) break;
+      ok += admitted(r);
+    }
+    return ok;
+  };
+  static_cast<void>(round());
   RedisCost cost(rig);
   std::uint64_t allowed = 0;
-  for (auto _ : state) allowed += call();
-  cost.report(state, 1);
-  if (allowed != static_cast<std::uint64_t>(state.iterations())) {
+  for (auto _ : state) allowed += round();
+  cost.report(state, n);
+  if (allowed != static_cast<std::uint64_t>(state.iterations()) *
+                     static_cast<std::uint64_t>(n)) {
     state.SkipWithError("a token-bucket script call was refused or failed");
   }
 }
+void BM_Redis_TokenBucketScript_Sequential(benchmark::State& state) {
+  tb_script_run(state, false, false);
+}
 BENCHMARK(BM_Redis_TokenBucketScript_Sequential)->UseRealTime();
+void BM_Redis_TokenBucketScriptPrev_Sequential(benchmark::State& state) {
+  tb_script_run(state, true, false);
+}
+BENCHMARK(BM_Redis_TokenBucketScriptPrev_Sequential)->UseRealTime();
+void BM_Redis_TokenBucketScript_50InFlight(benchmark::State& state) {
+  tb_script_run(state, false, true);
+}
+BENCHMARK(BM_Redis_TokenBucketScript_50InFlight)->UseRealTime();
+void BM_Redis_TokenBucketScriptPrev_50InFlight(benchmark::State& state) {
+  tb_script_run(state, true, true);
+}
+BENCHMARK(BM_Redis_TokenBucketScriptPrev_50InFlight)->UseRealTime();
 
 #define RK_THREADED(fn, S)                                                     \
   BENCHMARK(fn)                                                                \

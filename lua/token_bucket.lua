@@ -1,10 +1,20 @@
 -- token_bucket.lua: the single acquire or peek of a TokenBucket (the most
--- common call), as its own script (after now.lua): the same arguments,
--- steps and stored state as limits.lua's token_bucket on one item without
+-- common call), as its own script (after now.lua): the same steps and
+-- stored state as limits.lua's token_bucket on one item without
 -- charge-on-reject, written for Redis's time per call (docs/redis.md,
 -- "Cost"): no closures or tables built per call, each division inline
 -- (floor of the quotient, corrected to be exact as arith.lua's idiv), the
 -- state's fields read by one match and used as numbers by Lua's coercion.
+--
+-- Its arguments are its own (RedisLimit's append_lean, limit.hpp), only
+-- what it reads, as each one costs Redis a Lua string per call:
+--   ARGV[1] now (us) or "" (now.lua), ARGV[2] "acquire" or "peek",
+--   ARGV[3..5] the twin's num, den, burst, ARGV[6] the cost,
+--   ARGV[7] the nonce (where a state born again starts its counter).
+-- Its stored state is limits.lua's, "whole frac aux", read and written in
+-- the same form, so this script, limits.lua and the previous release of
+-- this script (which took limits.lua's 10 arguments) share keys: a fleet
+-- may run both releases during an upgrade (tests/redis_test.cpp, [i16]).
 --
 -- Its reply is private to RedisLimit (limit.hpp, expand_lean), and short:
 -- {1, now, after, aux} admitted, {0, now, r} refused, where r is the
@@ -14,14 +24,13 @@
 -- rather than the script, which saves Redis the divisions and a 9-integer
 -- reply per call.
 local key = KEYS[1]
-local floor = math.floor
-local num, den, burst = tonumber(ARGV[4]), tonumber(ARGV[5]),
-                        tonumber(ARGV[6])
-local c = tonumber(ARGV[8])
+local num, den, burst = tonumber(ARGV[3]), tonumber(ARGV[4]),
+                        tonumber(ARGV[5])
+local c = tonumber(ARGV[6])
 local span = burst * num
 -- The stored "whole frac [aux]" (limits.lua's token_bucket): a state absent
--- or idle is born again, its give-back counter at the nonce (ARGV[10]).
-local r, aux = 0, ARGV[10]
+-- or idle is born again, its give-back counter at the nonce.
+local r, aux = 0, ARGV[7]
 local raw = redis.call('GET', key)
 if raw then
   local w, f, a = string.match(raw, '^(%-?%d+) (%-?%d+) ?(%-?%d*)')
@@ -29,30 +38,36 @@ if raw then
   f = f + 0
   if d > 0 or (d == 0 and f > 0) then
     r = d * den + f
-    if a == '' then aux = 0 else aux = a end
+    if a == '' then aux = '0' else aux = a end
   end
 end
 -- A zero cost is always allowed, in debt too (r above span).
-if c <= burst and (r + c * num <= span or c == 0) then
-  local after = r + c * num
+local after = r + c * num
+if c <= burst and (after <= span or c == 0) then
   if c > 0 and ARGV[2] == 'acquire' then
-    -- whole = floor(after / den), reset = ceil(after / den)
-    local whole, reset = 0, 0
-    if after > 0 then
-      whole = floor(after / den)
-      if whole * den > after then
-        whole = whole - 1
-      elseif (whole + 1) * den <= after then
-        whole = whole + 1
-      end
-      reset = whole
-      if whole * den < after then reset = whole + 1 end
+    -- whole = floor(after / den), frac = after - whole * den,
+    -- reset = ceil(after / den); after > 0 here
+    local whole = math.floor(after / den)
+    if whole * den > after then
+      whole = whole - 1
+    elseif (whole + 1) * den <= after then
+      whole = whole + 1
     end
+    local frac = after - whole * den
+    local reset = whole
+    if frac > 0 then reset = whole + 1 end
     -- limits.lua's store(): the TTL ends when the state would be idle.
-    local ms = floor((reset + 999) / 1000) + 1
+    local ms = math.floor((reset + 999) / 1000) + 1
     if test_time and ms < 600000 then ms = 600000 end
-    redis.call('SET', key, string.format('%d %d %s', now + whole,
-                                          after - whole * den, aux), 'PX', ms)
+    -- One number formatted when frac is 0 (den 1: a whole number of us
+    -- per token), the same text as '%d %d %s' would write.
+    local v
+    if frac == 0 then
+      v = string.format('%d 0 %s', now + whole, aux)
+    else
+      v = string.format('%d %d %s', now + whole, frac, aux)
+    end
+    redis.call('SET', key, v, 'PX', ms)
   end
   return {1, now, after, tonumber(aux)}
 end

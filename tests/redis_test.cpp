@@ -21,6 +21,7 @@
 #include "ratekeeper/budget/period.hpp"
 #include "ratekeeper/store/in_memory.hpp"
 #include "redis_server.hpp"
+#include "redis_tb_prev.hpp"
 #include "redis_wait.hpp"
 #include "test_util.hpp"
 
@@ -2574,5 +2575,217 @@ TEST_CASE(
                          {all.first(a), all.subspan(a, b - a), all.subspan(b)});
     CAPTURE(round, a, b);
     CHECK(got == "prefix" + want);
+  }
+}
+
+// Issue 16 (cost): lua/token_bucket.lua takes its own, shorter arguments
+// now, and a fleet upgrades one process at a time: the previous release's
+// script (tests/redis_tb_prev.hpp, limits.lua's 10 arguments), the current
+// one (RedisLimit's acquire, take, peek) and limits.lua (settle, reserve,
+// charge) run on the same keys, in random order. Every decision must be
+// the in-process policy's (the oracle: one InMemoryStore limit fed every
+// call), the takes' give-backs included (the give-back counter aux kept
+// through the other scripts' writes), and every stored state must stay
+// "whole frac aux", three integers, which each of the three reads.
+namespace {
+
+// The previous script's reply made a decision by the policy's formulas:
+// admitted {1, now, after, aux}, refused {0, now, r}; x is the stretch
+// TAT - now in 1/den us the bucket holds after the call.
+struct PrevAnswer {
+  bool allowed = false;
+  std::uint64_t remaining = 0;
+  Nanos retry_after{0}, reset_after{0};
+};
+PrevAnswer prev_answer(const redisReply* r, std::int64_t num, std::int64_t den,
+                       std::int64_t burst, std::int64_t cost) {
+  REQUIRE(r != nullptr);
+  REQUIRE(r->type == REDIS_REPLY_ARRAY);
+  const bool allowed = r->elements == 4 && r->element[0]->integer == 1;
+  REQUIRE((allowed || (r->elements == 3 && r->element[0]->integer == 0)));
+  const std::int64_t x = r->element[2]->integer;
+  const std::int64_t span = burst * num;
+  PrevAnswer a;
+  a.allowed = allowed;
+  a.remaining = span > x ? static_cast<std::uint64_t>((span - x) / num) : 0;
+  a.reset_after = Nanos{(x > 0 ? (x + den - 1) / den : 0) * kUs};
+  if (!allowed) {
+    a.retry_after = cost > burst
+                        ? kNever
+                        : Nanos{(x + cost * num - span + den - 1) / den * kUs};
+  }
+  return a;
+}
+
+void mixed_fleet(RedisServer& server, const TokenBucket& policy,
+                 std::uint64_t seed, Cost max_cost, std::int64_t max_step_us,
+                 bool reserve) {
+  auto client = client_for(server);
+  auto redis = RedisLimit<TokenBucket>::create({.name = "mix"}, policy, client,
+                                               {.test_time = true})
+                   .value();
+  // charge() always runs limits.lua (the lean script never charges).
+  auto local = make_limit<InMemoryStore>({.name = "mix"}, policy).value();
+  const detail::TwinParams tw = redis->twin_at(Nanos{0});
+  const std::int64_t num = std::stoll(tw[1]), den = std::stoll(tw[2]),
+                     burst = std::stoll(tw[3]);
+  redisContext* old = redisConnect("127.0.0.1", server.port());
+  REQUIRE(old != nullptr);
+  REQUIRE(old->err == 0);
+  std::mt19937_64 rng(seed);
+  std::int64_t t_us = 1'796'083'200LL * 1'000'000 +
+                      static_cast<std::int64_t>(rng() % 1'000'000);
+  struct Kept {
+    Receipt local, redis;
+  };
+  std::vector<Kept> kept;
+  int by_prev = 0, by_lean = 0, by_limits = 0, give_backs = 0;
+  for (int i = 0; i < 3'000; ++i) {
+    const std::string key = "k" + std::to_string(rng() % 3);
+    const std::string rkey = redis_key("rkt:", "mix", {}, key);
+    if (rng() % 4 != 0) {
+      t_us += static_cast<std::int64_t>(
+          rng() % static_cast<std::uint64_t>(max_step_us));
+    }
+    const Nanos now{t_us * kUs};
+    const Cost cost =
+        rng() % 6 == 0 ? 1 + rng() % policy.limit() : rng() % (max_cost + 1);
+    const int op = static_cast<int>(rng() % 10);
+    CAPTURE(i, key, cost, t_us, op);
+    Decision want, got;
+    if (op < 3) {  // the previous release's script: acquire or peek
+      const bool peek = op == 2;
+      want =
+          peek ? local->peek(key, cost, now) : local->acquire(key, cost, now);
+      const std::string src = rk_test::kPrevTokenBucketScript;
+      const std::string args[] = {"EVAL",
+                                  src,
+                                  "1",
+                                  rkey,
+                                  std::to_string(t_us),
+                                  peek ? "peek" : "acquire",
+                                  "tb",
+                                  tw[1],
+                                  tw[2],
+                                  tw[3],
+                                  tw[4],
+                                  std::to_string(cost),
+                                  "0",
+                                  std::to_string(rng() % (1ULL << 50))};
+      std::vector<const char*> ptrs;
+      std::vector<std::size_t> lens;
+      for (const std::string& a : args) {
+        ptrs.push_back(a.data());
+        lens.push_back(a.size());
+      }
+      auto* r = static_cast<redisReply*>(redisCommandArgv(
+          old, static_cast<int>(ptrs.size()), ptrs.data(), lens.data()));
+      const PrevAnswer a =
+          prev_answer(r, num, den, burst, static_cast<std::int64_t>(cost));
+      if (r != nullptr) freeReplyObject(r);
+      REQUIRE(a.allowed == want.allowed);
+      REQUIRE(a.remaining == want.remaining);
+      REQUIRE(a.retry_after == ceil_us(want.retry_after));
+      REQUIRE(a.reset_after == ceil_us(want.reset_after));
+      ++by_prev;
+    } else {
+      if (op < 5) {
+        want = local->acquire(key, cost, now);
+        got = redis->acquire(key, cost, now);
+        ++by_lean;
+      } else if (op < 7) {
+        Kept k;
+        want = local->take(key, cost, now, k.local);
+        got = redis->take(key, cost, now, k.redis);
+        REQUIRE(k.local.open() == k.redis.open());
+        if (k.redis) kept.push_back(std::move(k));
+        if (kept.size() > 8) kept.erase(kept.begin());
+        ++by_lean;
+      } else if (op == 7 && !kept.empty()) {  // limits.lua's settle
+        const std::size_t j = rng() % kept.size();
+        Kept k = std::move(kept[j]);
+        kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(j));
+        const Cost taken = k.redis.cost();
+        const Cost actual = rng() % (taken + 1);
+        CAPTURE(taken, actual);
+        absl::StatusOr<Decision> w = local->settle(k.local, actual, now);
+        absl::StatusOr<Decision> g = redis->settle(k.redis, actual, now);
+        REQUIRE(w.ok());
+        REQUIRE(g.ok());
+        want = *w;
+        got = *g;
+        give_backs += actual < taken ? 1 : 0;
+        ++by_limits;
+      } else if (op == 8 && reserve) {  // limits.lua's hold
+        const Nanos max_wait{
+            static_cast<std::int64_t>(
+                rng() % static_cast<std::uint64_t>(4 * max_step_us)) *
+            kUs};
+        Reserved w = local->reserve(key, cost, now, max_wait);
+        Reserved g = redis->reserve(key, cost, now, max_wait);
+        REQUIRE(g.held == w.held);
+        want = w.decision;
+        got = g.decision;
+        ++by_limits;
+      } else if (op == 9) {  // limits.lua's charge
+        Receipt lr, rr;
+        want = local->charge(key, cost, now, lr);
+        got = redis->charge(key, cost, now, rr);
+        ++by_limits;
+      } else {
+        want = local->peek(key, cost, now);
+        got = redis->peek(key, cost, now);
+        ++by_lean;
+      }
+      same(got, want);
+    }
+    // The state each script writes: three integers (or none: idle).
+    auto* st = static_cast<redisReply*>(
+        redisCommand(old, "GET %b", rkey.data(), rkey.size()));
+    REQUIRE(st != nullptr);
+    if (st->type == REDIS_REPLY_STRING) {
+      const std::string v(st->str, st->len);
+      CAPTURE(v);
+      std::size_t spaces = 0;
+      bool digits = !v.empty();
+      for (std::size_t c = 0; c < v.size(); ++c) {
+        if (v[c] == ' ') {
+          ++spaces;
+        } else if (!(v[c] >= '0' && v[c] <= '9') &&
+                   !(v[c] == '-' && (c == 0 || v[c - 1] == ' '))) {
+          digits = false;
+        }
+      }
+      CHECK(spaces == 2);
+      CHECK(digits);
+    } else {
+      CHECK(st->type == REDIS_REPLY_NIL);
+    }
+    freeReplyObject(st);
+  }
+  redisFree(old);
+  CHECK(by_prev > 500);
+  CHECK(by_lean > 800);
+  CHECK(by_limits > 300);
+  CHECK(give_backs > 50);
+  CHECK(redis->fallbacks() == 0);
+}
+
+}  // namespace
+
+TEST_CASE(
+    "a fleet half upgraded: the previous token_bucket.lua, the current one "
+    "and limits.lua on the same keys decide as one in-process bucket",
+    "[redis][i16]") {
+  RedisServer server;
+  const std::uint64_t seed = rk_test::seed_or(0x16F1EE7);
+  CAPTURE(seed);
+  SECTION("10 per second, burst 20 (whole us per token: frac always 0)") {
+    mixed_fleet(server, TokenBucket::create(per_second(10), 20).value(), seed,
+                8, 300'000, true);
+  }
+  SECTION("7 per second, burst 5 (a fractional interval)") {
+    mixed_fleet(server, TokenBucket::create(per_second(7), 5).value(), seed + 1,
+                6, 500'000, false);
   }
 }

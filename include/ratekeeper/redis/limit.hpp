@@ -275,12 +275,18 @@ class RedisLimit final : public RedisLimitBase {
     detail::ScriptArgs args(1 + 2 * n);
     detail::TwinParams scratch;  // a budget's, for `now`: the same for all
     const detail::TwinParams& twin = twin_for(now, scratch);
+    const RedisScript& script = script_for("acquire", false);
+    const bool lean = &script == &detail::redis_tb_script();
     std::vector<std::size_t> first(n + 1);
     for (std::size_t i = 0; i < n; ++i) {
       first[i] = args.size();
       detail::append_time(args, redis_options().test_time, now);
       args.add("acquire");
-      detail::append_item(args, *this, twin, requests[i].cost, false);
+      if (lean) {
+        append_lean(args, twin, requests[i].cost);
+      } else {
+        detail::append_item(args, *this, twin, requests[i].cost, false);
+      }
     }
     first[n] = args.size();
     const std::span<const std::string_view> all = args.views();
@@ -292,8 +298,6 @@ class RedisLimit final : public RedisLimitBase {
     }
     // Room for the script's 9 integers inline: no allocation per reply.
     using Ints = absl::InlinedVector<std::int64_t, 12>;
-    const RedisScript& script = script_for("acquire", false);
-    const bool lean = &script == &detail::redis_tb_script();
     std::vector<absl::StatusOr<Ints>> replies =
         client()->template eval_pipelined<Ints>(script, calls);
     std::vector<Decision> out;
@@ -423,6 +427,23 @@ class RedisLimit final : public RedisLimitBase {
     }
   }
 
+  // append_lean
+  //
+  // lua/token_bucket.lua's arguments after the time and the op, only what
+  // it reads (each argument costs Redis a Lua string per call): the twin's
+  // num, den and burst (views of `twin`, which outlives the call), the cost
+  // (clamped to 2^53 as append_item clamps it) and a nonce. Its flags are
+  // not sent: the lean script runs only without charge-on-reject, and a
+  // shadow limit's answer is made by expand_lean.
+  static void append_lean(detail::ScriptArgs& args,
+                          const detail::TwinParams& twin, Cost cost) {
+    args.add(twin[1]);
+    args.add(twin[2]);
+    args.add(twin[3]);
+    args.add_number(std::min<Cost>(cost, detail::kExact));
+    args.add_number(detail::redis_nonce());
+  }
+
   // The lean script for what it covers, else the general one.
   const RedisScript& script_for(std::string_view op, bool charge) const {
     if constexpr (std::is_same_v<P, TokenBucket>) {
@@ -448,13 +469,17 @@ class RedisLimit final : public RedisLimitBase {
     for (int attempt = 0; attempt < 2; ++attempt) {
       detail::ScriptArgs args(3);
       detail::TwinParams scratch;
+      const RedisScript& script = script_for(op, charge);
+      const bool lean = &script == &detail::redis_tb_script();
       detail::append_time(args, redis_options().test_time, now);
       args.add(op);
-      detail::append_item(args, *this, twin_for(t, scratch), cost, charge);
-      const RedisScript& script = script_for(op, charge);
+      if (lean) {
+        append_lean(args, twin_for(t, scratch), cost);
+      } else {
+        detail::append_item(args, *this, twin_for(t, scratch), cost, charge);
+      }
       r = client()->template eval_ints<Ints>(script, keys, args.views());
-      if (r.ok() && &script == &detail::redis_tb_script() &&
-          !expand_lean(*r, cost)) {
+      if (r.ok() && lean && !expand_lean(*r, cost)) {
         r = absl::InternalError("redis: malformed reply");
       }
       // A budget's period other than Redis's: again, for Redis's time.
