@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -15,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ratekeeper/budget/accountant.hpp"
@@ -438,5 +440,50 @@ TEST_CASE("accuracy on 20 seasonal months and on shapes it does not assume",
     CHECK(e[0] <= 0.30);
     CHECK(e[1] <= 0.30);
     CHECK(e[2] <= 0.10);
+  }
+}
+
+TEST_CASE("settles from many threads and forecasts at once: none is lost",
+          "[i18]") {
+  // The burn book's shards lock; a forecast during settles sees a
+  // consistent model, and at the end every settle is in it.
+  ManualClock clock(kT0 + hours(1));
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
+  REQUIRE(acct.add_budget(token_month(1'000'000'000)).ok());
+  constexpr int kThreads = 4, kEach = 300;
+  std::vector<std::thread> ts;
+  std::atomic<bool> done{false};
+  for (int t = 0; t < kThreads; ++t) {
+    ts.emplace_back([&, t] {
+      Usage u;
+      u.input_uncached = 10;
+      for (int i = 0; i < kEach; ++i) {
+        const Subject who{.team = t % 2 == 0 ? "a" : "b"};
+        auto r = acct.reserve(who, "m", {.prompt_tokens = 10},
+                              std::to_string(t) + "-" + std::to_string(i));
+        if (r.ok() && r->granted()) static_cast<void>(r->settle(u));
+      }
+    });
+  }
+  std::atomic<int> reads{0}, bad{0};  // Catch2 asserts on this thread only
+  std::thread reader([&] {
+    do {
+      const Forecast f = acct.forecast("month", {.team = "a"}).value();
+      if (f.model_projected < f.spent) bad.fetch_add(1);
+      reads.fetch_add(1);
+    } while (!done.load());
+  });
+  for (auto& t : ts) t.join();
+  done.store(true);
+  reader.join();
+  CHECK(bad.load() == 0);
+  CHECK(reads.load() > 0);
+  // All at one time: the EWMA holds each amount at full weight.
+  const double k = std::log(2.0) / 0.5;
+  for (const char* team : {"a", "b"}) {
+    const Forecast f = acct.forecast("month", {.team = team}).value();
+    CHECK(f.spent == 2 * kEach * 10);
+    CHECK(f.burn_per_hour ==
+          static_cast<std::uint64_t>(std::llround(2 * kEach * 10 * k)));
   }
 }

@@ -79,7 +79,7 @@ struct BurnProjection {
   double low = 0, high = 0;   // the band
   double band = 0;            // its stated frequency
   std::optional<Nanos> exhausts_at{};
-  double history_hours = 0;  // hours of history known (at most the ring)
+  double history_hours = 0;  // hours known, the current one too (<= ring)
   bool seasonal = false;     // the profile was learned (a week or more)
 };
 
