@@ -141,6 +141,32 @@ TEST_CASE("the EWMA halves every half-life; history stays within its ring",
   CHECK(y.projected == Approx(100 + 2400));
   CHECK(y.low == Approx(100 + 2400 * std::exp(-z * 0.5)).epsilon(1e-6));
   CHECK(y.high == Approx(100 + 2400 * std::exp(z * 0.5)).epsilon(1e-6));
+  // A 50% band: z is the 75th percentile.
+  BurnTracker half({.band = 0.5, .ewma_weight = 0});
+  for (int h = 0; h < 48; ++h) half.add(10, kT0 + hours(h + 0.5));
+  const BurnProjection hp =
+      half.project(100, 1e9, kT0 + hours(48), kT0 + hours(48 + 240));
+  CHECK(hp.band == 0.5);
+  CHECK(hp.high ==
+        Approx(100 + 2400 * std::exp(0.6744897501960817 * 0.5)).epsilon(1e-6));
+}
+
+TEST_CASE("forecast options out of range are refused, nothing changed",
+          "[i18]") {
+  Accountant<ManualClock> acct(rk_test::flat_prices(), ManualClock(kT0));
+  REQUIRE(acct.add_budget(token_month(1'000'000)).ok());
+  CHECK(acct.set_forecast_options({.weeks = 8, .band = 0.9}).ok());
+  for (const ForecastOptions& bad :
+       {ForecastOptions{.weeks = 1}, ForecastOptions{.weeks = 54},
+        ForecastOptions{.ewma_half_life = std::chrono::minutes(0)},
+        ForecastOptions{.band = 1.0}, ForecastOptions{.band = 0},
+        ForecastOptions{.band = std::nan("")},
+        ForecastOptions{.month_weight = 0.7, .day_weight = 0.4},
+        ForecastOptions{.day_weight = -0.1}}) {
+    CHECK(acct.set_forecast_options(bad).code() ==
+          absl::StatusCode::kInvalidArgument);
+  }
+  CHECK(acct.forecast("month", {.team = "t"})->band == 0.9);
 }
 
 TEST_CASE("Accountant::forecast learns from settles and from its ledger",

@@ -1171,7 +1171,7 @@ class Accountant {
     auto a = std::make_unique<Accountant>(prices_, clock_, store_);
     for (const Budget& b : budgets_) static_cast<void>(a->add_budget(b.spec));
     a->settled_.copy_window(settled_);
-    a->set_forecast_options(burn_->options());  // issue 18
+    static_cast<void>(a->set_forecast_options(burn_->options()));  // issue 18
     return a;
   }
 
@@ -1258,8 +1258,11 @@ class Accountant {
   //
   // The burn model's options (history kept, EWMA half-life, band). Set
   // before the first reserve and replay: it forgets what was learned.
-  void set_forecast_options(const ForecastOptions& o) {
+  // kInvalidArgument (nothing changed) as check_forecast_options says.
+  absl::Status set_forecast_options(const ForecastOptions& o) {
+    if (absl::Status st = check_forecast_options(o); !st.ok()) return st;
     burn_ = std::make_unique<BurnBook>(o);
+    return absl::OkStatus();
   }
 
   // reset

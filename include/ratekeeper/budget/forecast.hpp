@@ -51,6 +51,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/hash/hash.h"
+#include "absl/status/status.h"
 #include "ratekeeper/budget/season.hpp"
 #include "ratekeeper/decision.hpp"
 #include "ratekeeper/detail/mutex.hpp"
@@ -70,6 +71,23 @@ struct ForecastOptions {
   double day_weight = 0.15;
   double ewma_weight = 0;
 };
+
+// kInvalidArgument unless weeks is 2..53, the half-life 1 min..1 week, band
+// in (0, 1), and the three weights each in [0, 1] with a sum <= 1.
+inline absl::Status check_forecast_options(const ForecastOptions& o) {
+  const auto unit = [](double w) { return w >= 0 && w <= 1; };
+  if (o.weeks < 2 || o.weeks > 53 ||
+      o.ewma_half_life < std::chrono::minutes(1) ||
+      o.ewma_half_life > std::chrono::hours(168) || !(o.band > 0) ||
+      !(o.band < 1) || !unit(o.month_weight) || !unit(o.day_weight) ||
+      !unit(o.ewma_weight) ||
+      !(o.month_weight + o.day_weight + o.ewma_weight <= 1)) {
+    return absl::InvalidArgumentError(
+        "ForecastOptions: weeks 2..53, half-life 1 min..1 week, band in "
+        "(0, 1), weights in [0, 1] summing to at most 1");
+  }
+  return absl::OkStatus();
+}
 
 // BurnProjection: the model at one time (amounts in the budget's unit).
 struct BurnProjection {

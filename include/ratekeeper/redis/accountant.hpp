@@ -404,8 +404,11 @@ class RedisAccountant {
   //
   // The burn model's options (budget/forecast.hpp). Every instance sharing
   // the books must use the same. Set before the first reserve.
-  void set_forecast_options(const ForecastOptions& o) {
+  // kInvalidArgument (nothing changed) as check_forecast_options says.
+  absl::Status set_forecast_options(const ForecastOptions& o) {
+    if (absl::Status st = check_forecast_options(o); !st.ok()) return st;
     books_.burn_ = detail::RedisBurn(books_.client_, o);
+    return absl::OkStatus();
   }
 
   // find_settlement
