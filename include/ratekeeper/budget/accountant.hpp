@@ -46,6 +46,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "ratekeeper/budget/audit.hpp"
+#include "ratekeeper/budget/forecast.hpp"
 #include "ratekeeper/budget/money.hpp"
 #include "ratekeeper/budget/period.hpp"
 #include "ratekeeper/budget/prices.hpp"
@@ -85,6 +86,17 @@ struct BudgetSpec {
 //                      period (nullopt: it lasts)
 //   pace_per_hour      what may be spent per hour from now on to last the
 //                      period: (limit - spent) / hours left
+// and what the burn model says (budget/forecast.hpp; for a subject with no
+// settlement yet: no rates, model_projected = low = high = spent):
+//   burn_per_hour      the short-term rate (EWMA of settled spend)
+//   level_per_hour     the deseasonalised rate (spend per average hour)
+//   model_projected    spent + level x profile mass of the time left
+//   projected_low/high the band around it, holding the period's total with
+//                      frequency `band` (0.8 by default)
+//   model_exhausts_at  the first time the model's spend reaches the limit
+//                      within the period (nullopt: it lasts)
+//   history_hours      hours of settlement history the model knows
+//   seasonal           the weekly profile was learned (a week or more)
 struct Forecast {
   std::uint64_t spent = 0;
   std::uint64_t limit = 0;
@@ -94,6 +106,16 @@ struct Forecast {
   std::uint64_t projected = 0;
   std::optional<Nanos> exhausts_at{};
   std::uint64_t pace_per_hour = 0;
+  // issue 18: the burn model.
+  std::uint64_t burn_per_hour = 0;
+  std::uint64_t level_per_hour = 0;
+  std::uint64_t model_projected = 0;
+  std::uint64_t projected_low = 0;
+  std::uint64_t projected_high = 0;
+  double band = 0;
+  std::optional<Nanos> model_exhausts_at{};
+  std::uint32_t history_hours = 0;
+  bool seasonal = false;
 };
 
 namespace detail {
@@ -133,6 +155,26 @@ inline Forecast forecast_of(std::uint64_t spent, std::uint64_t limit,
                           ? ~std::uint64_t{0}
                           : static_cast<std::uint64_t>(per_hour);
   }
+  return f;
+}
+
+// Fills the burn model's fields of `f` from `p` (amounts rounded,
+// saturating).
+inline Forecast with_burn(Forecast f, const BurnProjection& p) {
+  const auto u = [](double v) -> std::uint64_t {
+    if (!(v > 0)) return 0;
+    if (v >= 9.2e18) return ~std::uint64_t{0};
+    return static_cast<std::uint64_t>(std::llround(v));
+  };
+  f.burn_per_hour = u(p.burn_per_hour);
+  f.level_per_hour = u(p.level_per_hour);
+  f.model_projected = u(p.projected);
+  f.projected_low = u(p.low);
+  f.projected_high = u(p.high);
+  f.band = p.band;
+  f.model_exhausts_at = p.exhausts_at;
+  f.history_hours = static_cast<std::uint32_t>(p.history_hours);
+  f.seasonal = p.seasonal;
   return f;
 }
 
@@ -1086,6 +1128,9 @@ class Accountant {
       replay_change(r.b, r.key, p, target > held.held ? target - held.held : 0,
                     held.held > target ? held.held - target : 0, Nanos{*at});
       held.held = target;
+      // issue 18: the burn model learns from the ledger's settlements.
+      if (settle)
+        burn_->add(r.b, r.key, static_cast<double>(r.amount), Nanos{*t});
     }
     if (extend) return absl::OkStatus();
     if (settled) {
@@ -1128,6 +1173,7 @@ class Accountant {
     auto a = std::make_unique<Accountant>(prices_, clock_, store_);
     for (const Budget& b : budgets_) static_cast<void>(a->add_budget(b.spec));
     a->settled_.copy_window(settled_);
+    static_cast<void>(a->set_forecast_options(burn_->options()));  // issue 18
     return a;
   }
 
@@ -1210,9 +1256,24 @@ class Accountant {
       return st;
     }
     const Nanos now = clock_.now();
-    return detail::forecast_of(spent_now(budget, key, now),
-                               budget.limit->policy().limit(),
-                               budget.spec.period->span_of(now), now);
+    const Forecast f = detail::forecast_of(
+        spent_now(budget, key, now), budget.limit->policy().limit(),
+        budget.spec.period->span_of(now), now);
+    // issue 18: the burn model's projection (budget/forecast.hpp).
+    return detail::with_burn(
+        f, burn_->project(*b, key, static_cast<double>(f.spent),
+                          static_cast<double>(f.limit), now, f.period_end));
+  }
+
+  // set_forecast_options
+  //
+  // The burn model's options (history kept, EWMA half-life, band). Set
+  // before the first reserve and replay: it forgets what was learned.
+  // kInvalidArgument (nothing changed) as check_forecast_options says.
+  absl::Status set_forecast_options(const ForecastOptions& o) {
+    if (absl::Status st = check_forecast_options(o); !st.ok()) return st;
+    burn_ = std::make_unique<BurnBook>(o);
+    return absl::OkStatus();
   }
 
   // reset
@@ -1463,6 +1524,8 @@ class Accountant {
                      d->limit, now);
       }
       it.held = actual;
+      // issue 18: the burn model learns each budget's settled amount.
+      burn_->add(i, it.key, static_cast<double>(actual), now);
     }
     // The rate limits, each to its unit's amount (detail::limit_target).
     for (std::size_t i = 0; i < r.first_budget_; ++i) {
@@ -2048,6 +2111,7 @@ class Accountant {
   std::deque<Budget> budgets_;
   ThresholdCallback on_threshold_;
   detail::SettledIds settled_;
+  std::unique_ptr<BurnBook> burn_ = std::make_unique<BurnBook>();  // issue 18
   mutable detail::Mutex fired_mu_;
   // "budget/permille/key" -> the period it last fired in.
   absl::flat_hash_map<std::string, Fired> fired_ ABSL_GUARDED_BY(fired_mu_);

@@ -385,8 +385,30 @@ class RedisAccountant {
     const detail::RedisBudget& b = **books_.find_budget(name);  // spent() did
     const Nanos now = detail::test_now(books_.options_)
                           .value_or(detail::unix_now(books_.options_));
-    return detail::forecast_of(*s, b.limit->limit(),
-                               b.spec.period->span_of(now), now);
+    const Forecast f = detail::forecast_of(*s, b.limit->limit(),
+                                           b.spec.period->span_of(now), now);
+    // issue 18: the burn model, from the hourly buckets every instance
+    // writes (redis/burn.hpp).
+    absl::StatusOr<std::string> tenant =
+        subject_key(books_.options_.tenant, who);
+    absl::StatusOr<std::string> key = subject_key(b.spec.scope, who);
+    if (!tenant.ok() || !key.ok()) return f;  // spent() checked both
+    absl::StatusOr<BurnTracker> t = books_.burn_.load(name, *tenant, *key, now);
+    if (!t.ok()) return t.status();
+    return detail::with_burn(
+        f, t->project(static_cast<double>(f.spent),
+                      static_cast<double>(f.limit), now, f.period_end));
+  }
+
+  // set_forecast_options
+  //
+  // The burn model's options (budget/forecast.hpp). Every instance sharing
+  // the books must use the same. Set before the first reserve.
+  // kInvalidArgument (nothing changed) as check_forecast_options says.
+  absl::Status set_forecast_options(const ForecastOptions& o) {
+    if (absl::Status st = check_forecast_options(o); !st.ok()) return st;
+    books_.burn_ = detail::RedisBurn(books_.client_, o);
+    return absl::OkStatus();
   }
 
   // find_settlement

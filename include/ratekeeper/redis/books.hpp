@@ -34,6 +34,7 @@
 #include "ratekeeper/budget/prices.hpp"
 #include "ratekeeper/detail/strings.hpp"
 #include "ratekeeper/redis/budget_scripts.hpp"
+#include "ratekeeper/redis/burn.hpp"
 #include "ratekeeper/redis/chain.hpp"
 #include "ratekeeper/redis/journal_replay.hpp"
 #include "ratekeeper/redis/local_shares.hpp"
@@ -124,6 +125,9 @@ class RedisBooks {
                        budgets_[r.items_[i].budget].limit->limit());
         }
       }
+      // issue 18: a settlement applied here feeds the hourly buckets of
+      // the forecast (redis/burn.hpp: advisory, not atomic with it).
+      if (!duplicate) feed_burn(r, actual);
     } else if (absl::IsUnavailable(reply.status()) ||
                (RedisClient::is_auth_error(reply.status()) &&
                 journal_.enabled())) {
@@ -149,6 +153,15 @@ class RedisBooks {
   }
 
   // The rate limits passed to reserve(), through their receipts, as the
+  void feed_burn(const RedisReservation& r, std::span<const Cost> actual) {
+    absl::InlinedVector<RedisBurn::Entry, 4> e;
+    for (std::size_t i = 0; i < r.items_.size(); ++i) {
+      e.push_back(
+          {budgets_[r.items_[i].budget].spec.name, r.items_[i].key, actual[i]});
+    }
+    static_cast<void>(burn_.add(r.tenant_, e, unix_now(options_)));
+  }
+
   // in-process Accountant settles them: given back (`s` null: released, or
   // settled as a duplicate); settled, each to its unit's amount
   // (detail::limit_target; a request limit keeps its request). Each limit
@@ -267,6 +280,7 @@ class RedisBooks {
   std::vector<RedisBudget> budgets_;
   const BudgetScripts scripts_;
   JournalReplayer journal_;
+  RedisBurn burn_{client_};  // issue 18: hourly spend for the forecast
   std::uint64_t instance_ = 0;
   std::atomic<std::uint64_t> next_{0};
   std::atomic<std::uint64_t> fallback_reserves_{0};
