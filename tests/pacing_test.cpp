@@ -366,3 +366,123 @@ TEST_CASE("Pacer: the paces of ended periods are forgotten", "[i18]") {
   for (int i = 4096; i < 8192; ++i) call(i);
   CHECK(pacer.pace_memory() == 4096);
 }
+
+TEST_CASE("Pacer: learn_profile spreads the budget by the subject's own week",
+          "[i18]") {
+  // Two weeks of November spend, 1,000 tokens in each office hour
+  // (Monday to Friday, 09:00 to 17:00 UTC) and none otherwise: the learned
+  // profile weighs each office hour 168/40 = 4.2 and every other hour 0.
+  // December has 23 weekdays, so from Dec 1 00:00 its weighted length is
+  // 23 x 8 x 4.2 = 772.8 hours (flat: 744); from Saturday Dec 5 10:00 it
+  // is 19 x 8 x 4.2 = 638.4.
+  constexpr std::int64_t kNov16 = kDec1 - 15 * 24 * kHour;  // a Monday
+  Fixture fx(rk::BudgetUnit::kTokens, 744'000);
+  rk::Pacer<rk::ManualClock> learned(fx.acct, fx.clock);
+  REQUIRE(learned.add({.budget = "b", .learn_profile = true, .burst_hours = 2})
+              .ok());
+  // No week of history yet: nothing learned, the flat profile paces.
+  fx.clock.set(Nanos{kNov16 + 9 * kHour});
+  auto none = fx.acct.learned_profile("b", fx.who);
+  REQUIRE(none.ok());
+  CHECK_FALSE(none->has_value());
+  int n = 0;
+  for (int day = 0; day < 15; ++day) {
+    if (day % 7 >= 5) continue;  // Saturday, Sunday
+    for (int h = 9; h < 17; ++h) {
+      fx.clock.set(Nanos{kNov16 + (day * 24 + h) * kHour + kHour / 2});
+      fx.spend(1000, absl::StrCat("nov", n++));
+    }
+  }
+  fx.clock.set(Nanos{kDec1});
+  auto prof = fx.acct.learned_profile("b", fx.who);
+  REQUIRE(prof.ok());
+  REQUIRE(prof->has_value());
+  // Tuesday 10:00 weighs 4.2, Saturday 10:00 nothing.
+  CHECK((*prof)->weight(Nanos{kDec1 + 10 * kHour}) == Approx(4.2));
+  CHECK((*prof)->weight(Nanos{kDec1 + (4 * 24 + 10) * kHour}) == 0.0);
+  auto a = learned.reserve(fx.who, "small", {.prompt_tokens = 1}, "dec0");
+  REQUIRE(a.ok());
+  REQUIRE(a->granted());
+  CHECK(a->pace.limit == static_cast<std::uint64_t>(744'000.0 / 772.8 * 2));
+  REQUIRE(a->reservation->settle({.input_uncached = 1}).ok());
+
+  // Another accountant, the same office hours from Monday Nov 16 to Friday
+  // Nov 27 (80,000 tokens), first paced on Saturday Nov 28 10:00: the
+  // profile learned from the week before is the same, and what is left of
+  // November's weighted hours is Monday Nov 30's 8 x 4.2 = 33.6. It drains
+  // its allowance: nothing flows in before Monday 09:00, then 4.2 weighted
+  // hours an hour.
+  Fixture fy(rk::BudgetUnit::kTokens, 744'000);
+  n = 0;
+  for (int day = 0; day < 12; ++day) {
+    if (day % 7 >= 5) continue;
+    for (int h = 9; h < 17; ++h) {
+      fy.clock.set(Nanos{kNov16 + (day * 24 + h) * kHour + kHour / 2});
+      fy.spend(1000, absl::StrCat("nov", n++));
+    }
+  }
+  rk::Pacer<rk::ManualClock> pacer(fy.acct, fy.clock);
+  REQUIRE(
+      pacer.add({.budget = "b", .learn_profile = true, .burst_hours = 2}).ok());
+  const std::int64_t sat = kNov16 + (12 * 24 + 10) * kHour;
+  fy.clock.set(Nanos{sat});
+  const double left = 744'000.0 - 80'000.0;
+  const auto cap = static_cast<std::uint64_t>(left / 33.6 * 2);
+  auto all = pacer.reserve(fy.who, "small", {.prompt_tokens = cap}, "all");
+  REQUIRE(all.ok());
+  REQUIRE(all->granted());
+  CHECK(all->pace.limit == cap);
+  CHECK(all->pace.remaining == 0);
+  REQUIRE(all->reservation->settle({.input_uncached = cap}).ok());
+  auto more = pacer.reserve(fy.who, "small", {.prompt_tokens = 100}, "more");
+  REQUIRE(more.ok());
+  CHECK_FALSE(more->granted());
+  // 100 tokens at (left - cap) / 33.6 per weighted hour, 4.2 of them an
+  // hour from Monday Nov 30 09:00.
+  const double per_hour = (left - static_cast<double>(cap)) / 33.6 * 4.2;
+  const double want_ns =
+      static_cast<double>(kNov16 + (14 * 24 + 9) * kHour - sat) +
+      100.0 / per_hour * static_cast<double>(kHour);
+  CHECK(std::abs(static_cast<double>(more->pace.retry_after.count()) -
+                 want_ns) < 1e9);
+  // A flat pace would have let it through within minutes.
+  CHECK(more->pace.retry_after > Nanos{40 * kHour});
+}
+
+TEST_CASE("Pacer: the graded actions follow the burn model once it has a day",
+          "[i18]") {
+  // 100 tokens every hour from Nov 10, and one burst of 300,000 in the
+  // first hour of December. On Dec 10 the period average (321,600 in 216 h:
+  // 1.1 M by the end) says the 744,000 run out; the burn model, which sees
+  // the steady hours since and the burst as a spike of its week, does not.
+  // A budget that denies at risk follows the model.
+  Fixture fx(rk::BudgetUnit::kTokens, 744'000);
+  rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
+  REQUIRE(pacer
+              .add({.budget = "b",
+                    .enforce = false,
+                    .on_risk = {.alert = false, .deny = true}})
+              .ok());
+  const std::int64_t nov10 = kDec1 - 21 * 24 * kHour;
+  int n = 0;
+  for (std::int64_t t = nov10 + kHour / 2; t < kDec1 + 9 * 24 * kHour;
+       t += kHour) {
+    fx.clock.set(Nanos{t});
+    fx.spend(100, absl::StrCat("h", n++));
+    if (t == kDec1 + kHour / 2) fx.spend(300'000, "burst");
+  }
+  fx.clock.set(Nanos{kDec1 + 9 * 24 * kHour});
+  auto f = fx.acct.forecast("b", fx.who);
+  REQUIRE(f.ok());
+  CHECK(f->spent == 321'600);
+  CHECK(f->history_hours >= 24);
+  REQUIRE(f->exhausts_at.has_value());  // the period average runs out
+  CHECK(*f->exhausts_at < f->period_end);
+  CHECK_FALSE(f->model_exhausts_at.has_value());  // the model lasts
+  CHECK(f->model_projected < 744'000);
+  auto r = pacer.reserve(fx.who, "small", {.prompt_tokens = 10}, "r");
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->at_risk);
+  CHECK(r->granted());
+  CHECK(r->action == rk::PaceAction::kNone);
+}

@@ -1265,6 +1265,25 @@ class Accountant {
                           static_cast<double>(f.limit), now, f.period_end));
   }
 
+  // learned_profile
+  //
+  // The weekly profile the burn model learned for `who` on budget `name`
+  // from its settlements, once it holds a week of them (nullopt before):
+  // what a Pacer with PacingSpec::learn_profile spreads the budget by.
+  // kNotFound for an unknown budget; kInvalidArgument when `who` lacks the
+  // budget's field.
+  absl::StatusOr<std::optional<WeeklyProfile>> learned_profile(
+      std::string_view name, const Subject& who) const {
+    absl::StatusOr<std::size_t> b = budget_index(name);
+    if (!b.ok()) return b.status();
+    std::string key;
+    if (absl::Status st = append_subject_key(budgets_[*b].spec.scope, who, key);
+        !st.ok()) {
+      return st;
+    }
+    return burn_->learned_profile(*b, key, clock_.now());
+  }
+
   // set_forecast_options
   //
   // The burn model's options (history kept, EWMA half-life, band). Set

@@ -388,6 +388,19 @@ class BurnBook {
     return it->second->project(spent, limit, now, end);
   }
 
+  // The weekly profile learned for (budget, key) as of `now`, once it
+  // holds a week of history (nullopt before, or for a subject never seen).
+  std::optional<WeeklyProfile> learned_profile(std::size_t budget,
+                                               std::string_view key,
+                                               Nanos now) {
+    Shard& s = shard(budget, key);
+    detail::MutexLock lock(&s.mu);
+    auto it = s.map.find(std::make_pair(budget, std::string(key)));
+    if (it == s.map.end()) return std::nullopt;
+    if (!it->second->project(0, 1, now, now).seasonal) return std::nullopt;
+    return it->second->profile();
+  }
+
   const ForecastOptions& options() const noexcept { return o_; }
 
  private:

@@ -72,7 +72,9 @@ enum class PaceAction : std::uint8_t {
 // clang-format on
 
 // RiskActions: what a budget does while its forecast says it runs out
-// before its period ends (Forecast::exhausts_at < period_end).
+// before its period ends: the burn model's Forecast::model_exhausts_at <
+// period_end once it holds a day of the subject's settlements
+// (history_hours >= 24), the period-average exhausts_at before that.
 //   alert             the Pacer's alert callback, once per crossing into
 //                     risk (again only after the forecast lasted again)
 //   route_to          a cheaper model ("" none): the call goes there,
@@ -91,11 +93,16 @@ struct RiskActions {
 // PacingSpec: the pace of one of the accountant's budgets.
 //   budget        the BudgetSpec's name
 //   profile       how demand spreads over the week (flat: evenly)
+//   learn_profile true: the subject's own weekly profile, as the
+//                 accountant's burn model learned it from its settlements
+//                 (Accountant::learned_profile), once it holds a week of
+//                 them; `profile` until then
 //   burst_hours   the burst allowance, in weighted hours of pace (> 0)
 //   enforce       refuse calls beyond the pace (false: actions only)
 struct PacingSpec {
   std::string budget;
   WeeklyProfile profile = WeeklyProfile::flat();
+  bool learn_profile = false;
   double burst_hours = 24;
   bool enforce = true;
   RiskActions on_risk{};
@@ -318,6 +325,11 @@ class Pacer {
     double cap = 0;
     double level = 0;
     bool at_risk = false;
+    // The subject's learned profile (PacingSpec::learn_profile), if any.
+    std::optional<WeeklyProfile> learned{};
+    const WeeklyProfile& profile(const PacingSpec& spec) const {
+      return learned ? *learned : spec.profile;
+    }
   };
 
   // A relative slack of 1e-9 absorbs the rounding of the refill, so that a
@@ -350,11 +362,22 @@ class Pacer {
     v.f = *f;
     const double left =
         f->spent < f->limit ? static_cast<double>(f->limit - f->spent) : 0.0;
-    const double mass_left = pb.spec.profile.mass(now, f->period_end);
+    if (pb.spec.learn_profile) {
+      absl::StatusOr<std::optional<WeeklyProfile>> lp =
+          acct_.learned_profile(pb.spec.budget, who);
+      if (!lp.ok()) return lp.status();
+      v.learned = *std::move(lp);
+    }
+    const WeeklyProfile& profile = v.profile(pb.spec);
+    const double mass_left = profile.mass(now, f->period_end);
     // No weight left in the period: what is left may go at once.
     v.rate = mass_left > 0 ? left / mass_left : left;
     v.cap = v.rate * pb.spec.burst_hours;
-    v.at_risk = f->exhausts_at.has_value() && *f->exhausts_at < f->period_end;
+    // The burn model once it holds a day of settlements; the period
+    // average before (a model of minutes says nothing yet).
+    const std::optional<Nanos>& runs_out =
+        f->history_hours >= 24 ? f->model_exhausts_at : f->exhausts_at;
+    v.at_risk = runs_out.has_value() && *runs_out < f->period_end;
     detail::MutexLock lock(&mu_);
     auto [it, fresh] = states_.try_emplace(absl::StrCat(i, "/", key));
     State& s = it->second;
@@ -368,12 +391,11 @@ class Pacer {
       const double spent_since =
           static_cast<double>(f->spent) - static_cast<double>(s.spent);
       const double level = s.level - spent_since;
-      const double rest = pb.spec.profile.mass(s.last, f->period_end);
+      const double rest = profile.mass(s.last, f->period_end);
       const double refill = now <= s.last ? 0.0
-                            : rest > 0
-                                ? std::max(0.0, left - level) *
-                                      (pb.spec.profile.mass(s.last, now) / rest)
-                                : std::max(0.0, left - level);
+                            : rest > 0    ? std::max(0.0, left - level) *
+                                             (profile.mass(s.last, now) / rest)
+                                       : std::max(0.0, left - level);
       s.level = std::min(v.cap, level + refill);
       s.last = std::max(s.last, now);
       s.spent = f->spent;
@@ -447,14 +469,15 @@ class Pacer {
                             : 0.0;
     if (target > left) return to_end;
     const PacingSpec& spec = paced_[v.i].spec;
-    const double rest0 = spec.profile.mass(now, v.f.period_end);
+    const WeeklyProfile& profile = v.profile(spec);
+    const double rest0 = profile.mass(now, v.f.period_end);
     const double unpaced = std::max(0.0, left - v.level);
     const auto reaches = [&](std::int64_t t) {
-      const double rest = spec.profile.mass(Nanos{t}, v.f.period_end);
+      const double rest = profile.mass(Nanos{t}, v.f.period_end);
       if (!(rest > 0) || !(rest0 > 0)) return true;
       const double cap = left / rest * spec.burst_hours;
       const double level =
-          v.level + unpaced * (spec.profile.mass(now, Nanos{t}) / rest0);
+          v.level + unpaced * (profile.mass(now, Nanos{t}) / rest0);
       return std::min(cap, level) >= target;
     };
     std::int64_t lo = now.count(), hi = v.f.period_end.count();
