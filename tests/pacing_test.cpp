@@ -4,15 +4,19 @@
 // (examples/pacing_month.hpp) paced and unpaced.
 #include "ratekeeper/budget/pacing.hpp"
 
+#include <unistd.h>
+
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "../examples/pacing_month.hpp"
+#include "ratekeeper/budget/ledger.hpp"
 #include "ratekeeper/clock.hpp"
 
 namespace rk = ratekeeper;
@@ -485,4 +489,85 @@ TEST_CASE("Pacer: the graded actions follow the burn model once it has a day",
   CHECK_FALSE(r->at_risk);
   CHECK(r->granted());
   CHECK(r->action == rk::PaceAction::kNone);
+}
+
+TEST_CASE("Pacer: a refusal by the pace or a deny is in the ledger", "[i18]") {
+  // What the Pacer refuses never reaches Accountant::reserve; it is written
+  // as a "deny" record all the same, naming the pace or the risk, with the
+  // call's subject and estimate (what a what-if replay reads).
+  const std::string path =
+      (std::filesystem::temp_directory_path() /
+       ("rk_pacing_" + std::to_string(::getpid()) + ".jsonl"))
+          .string();
+  std::filesystem::remove(path);
+  {
+    Fixture fx(rk::BudgetUnit::kTokens, 744'000);
+    auto ledger =
+        rk::Ledger::open(path, {.durability = rk::Durability::kNone}).value();
+    fx.acct.set_audit(ledger.get());
+    rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
+    REQUIRE(pacer.add({.budget = "b", .burst_hours = 2}).ok());
+    // The allowance is 2,000 (744,000 over 744 h, 2 h of it).
+    auto big = pacer.reserve(fx.who, "small",
+                             {.prompt_tokens = 2500, .max_output_tokens = 7},
+                             "too-big");
+    REQUIRE(big.ok());
+    REQUIRE(big->action == rk::PaceAction::kPaced);
+    // A budget at risk that denies: 400,000 spent in the first day.
+    fx.clock.set(Nanos{kDec1 + 24 * kHour});
+    fx.spend(400'000, "pre");
+    rk::Pacer<rk::ManualClock> deny(fx.acct, fx.clock);
+    REQUIRE(deny.add({.budget = "b",
+                      .enforce = false,
+                      .on_risk = {.alert = false, .deny = true}})
+                .ok());
+    auto d = deny.reserve(fx.who, "small", {.prompt_tokens = 5}, "denied");
+    REQUIRE(d.ok());
+    REQUIRE(d->action == rk::PaceAction::kDeny);
+  }
+  std::vector<nlohmann::json> denies;
+  REQUIRE(rk::read_ledger(path, [&](const nlohmann::json& j) {
+            if (j.value("event", "") == "deny") denies.push_back(j);
+            return absl::OkStatus();
+          }).ok());
+  std::filesystem::remove(path);
+  REQUIRE(denies.size() == 2);
+  CHECK(denies[0]["request"] == "too-big");
+  CHECK(denies[0]["binding"] == "pace:b");
+  CHECK(denies[0]["model"] == "small");
+  CHECK(denies[0]["prompt"] == 2500);
+  CHECK(denies[0]["max_output"] == 7);
+  CHECK(denies[0]["subject"]["team"] == "t");
+  CHECK(denies[1]["request"] == "denied");
+  CHECK(denies[1]["binding"] == "at_risk:b");
+  CHECK(denies[1]["t"] == kDec1 + 24 * kHour);
+}
+
+TEST_CASE("Pacer: a first call early in the period is not a risk", "[i18]") {
+  // $100 for December in nano-USD; a call of 1,000 tokens of "small"
+  // ($0.001) one second into the month. The period average projects
+  // $2,678 by the end (exhausts_at is within the period), but the spend
+  // is within the burst allowance ahead of an even share: not at risk, and
+  // a budget that denies at risk admits the next call.
+  Fixture fx(rk::BudgetUnit::kNanoUsd, 100'000'000'000);
+  rk::Pacer<rk::ManualClock> pacer(fx.acct, fx.clock);
+  REQUIRE(pacer.add({.budget = "b", .on_risk = {.deny = true}}).ok());
+  fx.clock.set(Nanos{kDec1 + 1'000'000'000});
+  fx.spend(1000, "first");
+  auto f = fx.acct.forecast("b", fx.who);
+  REQUIRE(f.ok());
+  REQUIRE(f->exhausts_at.has_value());
+  CHECK(*f->exhausts_at < f->period_end);
+  fx.clock.set(Nanos{kDec1 + 2'000'000'000});
+  auto r = pacer.reserve(fx.who, "small", {.prompt_tokens = 10}, "second");
+  REQUIRE(r.ok());
+  CHECK_FALSE(r->at_risk);
+  CHECK(r->granted());
+  // Ahead of the even share by more than the allowance (24 weighted hours
+  // of pace, about $3.2): at risk, denied.
+  fx.spend(10'000'000, "burst");  // $10
+  auto d = pacer.reserve(fx.who, "small", {.prompt_tokens = 10}, "third");
+  REQUIRE(d.ok());
+  CHECK(d->at_risk);
+  CHECK(d->action == rk::PaceAction::kDeny);
 }

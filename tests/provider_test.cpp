@@ -523,6 +523,26 @@ TEST_CASE("AIMD: one decrease per 429 burst, floor, additive climb", "[i18]") {
         pv::ProviderChain::kOne);
 }
 
+TEST_CASE("A 429 after a limit below the floor does not raise f", "[i18]") {
+  // A published limit of 300 of the configured 30,000 tokens puts f at
+  // 0.01, under the AIMD floor (0.02): a 429 then, in the same answer or a
+  // later one, leaves f where it is; nothing an answer says raises it.
+  for (const bool same_answer : {false, true}) {
+    auto c = pv::ProviderChain::create(pv::ProviderLimits::openai(500, 30000),
+                                       pv::ResyncOptions{});
+    REQUIRE(c.ok());
+    pv::ProviderChain& pc = **c;
+    const Nanos t{5 * kS};
+    pv::ProviderReading low = reading(same_answer ? 429 : 200);
+    low[pv::Dimension::kTokens].limit = 300;
+    pc.observe("k", low, t);
+    if (!same_answer) pc.observe("k", reading(429), t);
+    INFO("one answer: " << same_answer);
+    CHECK(pc.factor_ppm(pv::Dimension::kTokens, t) == 10'000u);
+    CHECK(pc.effective_limit(pv::Dimension::kTokens, t) == 300u);
+  }
+}
+
 TEST_CASE("The defaults: a 429 halves f, 50 s bring it back", "[i18]") {
   // docs/provider.md's example, with the default ResyncOptions.
   auto c = pv::ProviderChain::create(pv::ProviderLimits::openai(500, 30000));

@@ -3,6 +3,7 @@
 #include "ratekeeper/budget/season.hpp"
 
 #include <catch2/catch.hpp>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -103,4 +104,23 @@ TEST_CASE("WeeklyProfile: bad weights are refused", "[i18]") {
   CHECK(rk::WeeklyProfile::from_weights(w).ok());
   CHECK_FALSE(
       rk::WeeklyProfile::from_weights(w, std::chrono::minutes{24 * 60}).ok());
+}
+
+TEST_CASE("WeeklyProfile: the ends of the int64 range", "[i18]") {
+  // INT64_MAX ns after the epoch is Friday 2262-04-11 23:47:16 UTC: hour
+  // 4 x 24 + 23 = 119 of its week. No sum overflows (UBSan would say).
+  const rk::WeeklyProfile flat = rk::WeeklyProfile::flat();
+  constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+  constexpr std::int64_t kMin = std::numeric_limits<std::int64_t>::min();
+  CHECK(flat.hour_of(Nanos{kMax}) == 119);
+  // INT64_MIN is 1677-09-21 00:12:43.145224192 UTC, a Tuesday: hour 24.
+  CHECK(flat.hour_of(Nanos{kMin}) == 24);
+  CHECK(flat.mass(Nanos{kMax - 2 * 3'600'000'000'000}, Nanos{kMax}) ==
+        Approx(2.0).epsilon(1e-6));
+  CHECK(flat.mass(Nanos{kMin}, Nanos{kMin + 3'600'000'000'000}) ==
+        Approx(1.0).epsilon(1e-6));
+  auto p = rk::WeeklyProfile::from_weights(std::vector<double>(168, 1.0),
+                                           std::chrono::minutes{23 * 60});
+  REQUIRE(p.ok());
+  CHECK(p->hour_of(Nanos{kMax}) == (119 + 23) % 168);
 }

@@ -470,3 +470,19 @@ TEST_CASE(
   CHECK_THAT(std::string(records.status().message()),
              Catch::Contains("record 1") && Catch::Contains("before issue 18"));
 }
+
+TEST_CASE(
+    "What-if: a ledger path that is not there is an error, not a "
+    "replay of nothing",
+    "[i18]") {
+  const std::string missing =
+      (fs::temp_directory_path() /
+       ("rk_whatif_missing_" + std::to_string(::getpid())))
+          .string();
+  fs::remove_all(missing);
+  const auto records = read_whatif_records(missing);
+  REQUIRE_FALSE(records.ok());
+  CHECK(records.status().code() == absl::StatusCode::kNotFound);
+  CHECK(std::string(records.status().message()).find(missing) !=
+        std::string::npos);
+}

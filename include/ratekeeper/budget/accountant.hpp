@@ -2003,6 +2003,35 @@ class Accountant {
   // first reserve.
   void set_audit_tier(std::string tier) { audit_tier_ = std::move(tier); }
 
+  // record_refusal
+  //
+  // A call refused before it reached reserve() (a Pacer's pace or graded
+  // deny), written to the ledger as a "deny" record like the accountant's
+  // own, with `binding` naming what refused it: the audit trail and a
+  // what-if replay see every attempt. Nothing is held or counted. Without
+  // a ledger (set_audit) it does nothing; kInvalidArgument for a request
+  // id or model that is not printable ASCII (nothing written).
+  absl::Status record_refusal(const Subject& who, std::string_view model,
+                              const Estimate& e, std::string_view request_id,
+                              std::string_view binding) {
+    if (audit_ == nullptr) return absl::OkStatus();
+    if (absl::Status st = check_text("request id", request_id); !st.ok()) {
+      return st;
+    }
+    if (absl::Status st = check_text("model", model); !st.ok()) return st;
+    std::string f = "\"event\":\"deny\",\"request\":";
+    detail::append_json_quoted(f, request_id);
+    f += ",\"model\":";
+    detail::append_json_quoted(f, model);
+    f += ",\"binding\":";
+    detail::append_json_quoted(f, binding);
+    append_call(f, who, &e);
+    if (auto st = audit_->append_nowait(f, clock_.now()); !st.ok()) {
+      return st.status();
+    }
+    return absl::OkStatus();
+  }
+
  private:
   void append_call(std::string& f, const Subject& who,
                    const Estimate* deny_estimate) const {

@@ -74,7 +74,9 @@ enum class PaceAction : std::uint8_t {
 // RiskActions: what a budget does while its forecast says it runs out
 // before its period ends: the burn model's Forecast::model_exhausts_at <
 // period_end once it holds a day of the subject's settlements
-// (history_hours >= 24), the period-average exhausts_at before that.
+// (history_hours >= 24); before that the period-average exhausts_at, when
+// the spend is ahead of the budget's share of the period so far by more
+// than the burst allowance (docs/budgets.md, "Pacing").
 //   alert             the Pacer's alert callback, once per crossing into
 //                     risk (again only after the forecast lasted again)
 //   route_to          a cheaper model ("" none): the call goes there,
@@ -287,6 +289,18 @@ class Pacer {
     const bool refused = deny != nullptr || bound;
     if (refused) {
       out.action = deny != nullptr ? PaceAction::kDeny : PaceAction::kPaced;
+      // In the ledger as any denial, named "pace:<budget>" or
+      // "at_risk:<budget>" (a what-if replay counts the call).
+      if (absl::Status st = acct_.record_refusal(
+              who, out.model,
+              Estimate{.prompt_tokens = e.prompt_tokens,
+                       .max_output_tokens = out.max_tokens},
+              request_id,
+              absl::StrCat(deny != nullptr ? "at_risk:" : "pace:",
+                           out.paced_by));
+          !st.ok()) {
+        return st;
+      }
       return out;
     }
     out.action = out.clamped   ? PaceAction::kClamp
@@ -373,11 +387,26 @@ class Pacer {
     // No weight left in the period: what is left may go at once.
     v.rate = mass_left > 0 ? left / mass_left : left;
     v.cap = v.rate * pb.spec.burst_hours;
-    // The burn model once it holds a day of settlements; the period
-    // average before (a model of minutes says nothing yet).
-    const std::optional<Nanos>& runs_out =
-        f->history_hours >= 24 ? f->model_exhausts_at : f->exhausts_at;
-    v.at_risk = runs_out.has_value() && *runs_out < f->period_end;
+    // The burn model once it holds a day of settlements. Before that the
+    // period average, and only when the spend is ahead of the budget's
+    // share of the period so far (by the profile) by more than the burst
+    // allowance: a first call a second into the month projects the month
+    // at its pace, and being ahead by less than the allowance is what the
+    // allowance is for.
+    if (f->history_hours >= 24) {
+      v.at_risk = f->model_exhausts_at.has_value() &&
+                  *f->model_exhausts_at < f->period_end;
+    } else {
+      const double whole = profile.mass(f->period_start, f->period_end);
+      const double share =
+          whole > 0 ? static_cast<double>(f->limit) *
+                          (profile.mass(f->period_start, now) / whole)
+                    : 0.0;
+      v.at_risk =
+          f->exhausts_at.has_value() &&
+          *f->exhausts_at<f->period_end&& static_cast<double>(f->spent)> share +
+              v.cap;
+    }
     detail::MutexLock lock(&mu_);
     auto [it, fresh] = states_.try_emplace(absl::StrCat(i, "/", key));
     State& s = it->second;

@@ -27,9 +27,13 @@
 #ifndef RATEKEEPER_BUDGET_REPLAY_HPP_
 #define RATEKEEPER_BUDGET_REPLAY_HPP_
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -105,6 +109,13 @@ struct WhatIfReport {
 // subject (a ledger written before issue 18 added them).
 inline absl::StatusOr<std::vector<WhatIfRecord>> read_whatif_records(
     const std::string& path, LedgerReadOptions options = {}) {
+  // read_ledger takes a missing file for an empty ledger (one not written
+  // yet); a replay of a path that is not there is a mistake.
+  struct stat sb;
+  if (::stat(path.c_str(), &sb) != 0) {
+    return absl::NotFoundError(
+        absl::StrCat("ledger \"", path, "\": ", std::strerror(errno)));
+  }
   options.from_checkpoint = false;
   std::vector<WhatIfRecord> out;
   const auto u64 = [](const nlohmann::json& j, const char* k) {

@@ -107,19 +107,29 @@ class WeeklyProfile {
  private:
   WeeklyProfile() = default;
 
-  // Position of Unix time `t` in its week, in [0, kWeekNs). The Unix epoch
-  // was a Thursday: Monday 00:00 was 3 days before.
+  // The week's origin (a Monday 00:00 in the profile's offset) is `shift()`
+  // before a multiple of kWeekNs: the Unix epoch was a Thursday, so Monday
+  // 00:00 UTC was 3 days before it. In (2, 4) days: positive, under a week.
+  std::int64_t shift() const noexcept { return offset_ns_ + 3 * 24 * kHourNs; }
+
+  // Position of Unix time `t` in its week, in [0, kWeekNs), for every
+  // int64 `t` (no sum that could overflow).
   std::int64_t week_pos(std::int64_t t) const noexcept {
-    const std::int64_t shifted = t + offset_ns_ + 3 * 24 * kHourNs;
-    const std::int64_t r = shifted % kWeekNs;
-    return r < 0 ? r + kWeekNs : r;
+    std::int64_t r = t % kWeekNs;
+    if (r < 0) r += kWeekNs;
+    r += shift();
+    return r >= kWeekNs ? r - kWeekNs : r;
   }
 
   // Integral of the weight from an origin (a Monday 00:00) to `t`, in hours.
   double upto(std::int64_t t) const noexcept {
-    const std::int64_t shifted = t + offset_ns_ + 3 * 24 * kHourNs;
-    std::int64_t weeks = shifted / kWeekNs;
-    if (shifted % kWeekNs < 0) --weeks;
+    std::int64_t weeks = t / kWeekNs;
+    std::int64_t r = t % kWeekNs;
+    if (r < 0) {
+      r += kWeekNs;
+      --weeks;
+    }
+    if (r + shift() >= kWeekNs) ++weeks;
     const std::int64_t pos = week_pos(t);
     const auto h = static_cast<std::size_t>(pos / kHourNs);
     const double frac =

@@ -223,7 +223,10 @@ inline absl::StatusOr<BudgetSpec> whatif_budget(const json& o,
         lim != o.end() && lim->is_string() ? whatif_usd(lim->get<std::string>())
                                            : std::nullopt;
     if (!n)
-      return whatif_error(at, "\"limit\" is dollars as a string: \"0.50\"");
+      return whatif_error(at,
+                          "\"limit\" is dollars as a string such as "
+                          "\"0.50\", at most 9 digits before the point and 9 "
+                          "after");
     b.limit = *n;
   } else if (*unit == "tokens") {
     b.unit = BudgetUnit::kTokens;

@@ -253,12 +253,15 @@ class ProviderChain {
         }
         if (options_.aimd && backs_off(reading.response) &&
             (!named || r.remaining == 0u) && now >= a.burst_until) {
-          const std::uint64_t down =
-              static_cast<std::uint64_t>(factor_locked(d, now)) *
-              options_.decrease_permille / 1000;
+          // Halved, not below the floor; and never above f as it stands
+          // (a `limit` header may have put f under the floor already).
+          const std::uint32_t cur = factor_locked(d, now);
+          const std::uint64_t down = static_cast<std::uint64_t>(cur) *
+                                     options_.decrease_permille / 1000;
           lower(a,
-                std::max<std::uint32_t>(static_cast<std::uint32_t>(down),
-                                        options_.floor_permille * 1000),
+                std::min(cur, std::max<std::uint32_t>(
+                                  static_cast<std::uint32_t>(down),
+                                  options_.floor_permille * 1000)),
                 now);
           a.burst_until = now + options_.burst_window;
         } else if (r.remaining) {
