@@ -23,7 +23,7 @@ check '{"budget": []}' 'unknown field "budget"'
 "$tool" --out "$dir/out.txt" 2> /dev/null
 if [ $? -ne 2 ] || [ -e "$dir/out.txt" ]; then echo "bad arguments"; exit 1; fi
 # A ledger path that is not there (a typo): exit 2, nothing written.
-printf '%s' '{"prices": {}}' > "$dir/p.json"
+printf '%s' '{"prices": {"m": {"input_cost_per_token": 1e-07, "output_cost_per_token": 1e-07, "mode": "chat"}}}' > "$dir/p.json"
 "$tool" --out "$dir/out.txt" "$dir/no-such-ledger.jsonl" "$dir/p.json" \
   2> "$dir/err.txt"
 rc=$?
