@@ -692,3 +692,109 @@ TEST_CASE("one week's burst does not become the learned profile", "[i18]") {
           Approx(office(h) ? 168.0 / 45 : 0.0).margin(1e-9));
   }
 }
+
+// Examiner's finding (accuracy claims): the 20 seeded months above are one
+// draw; the examiner's generator over 30 seeds broke their bounds in 13.
+// This measures the distribution over 30 seeds x 20 seasonal months (the
+// seeds the examiner used are not these: the same recipe, other draws) and
+// asserts what docs/budgets.md states of it, with margin; and the holiday
+// months' error at 25% against the holiday's share of the rest.
+TEST_CASE("accuracy across 30 seeds: the distribution docs/budgets.md states",
+          "[i18]") {
+  constexpr int kSeeds = 30, kMonths = 20;
+  std::array<std::vector<double>, 3> worst;  // per seed, per checkpoint
+  std::vector<double> cover;                 // per seed: band held / 60
+  std::array<double, 3> mean_err{};
+  for (int s = 0; s < kSeeds; ++s) {
+    std::array<double, 3> w{};
+    int inside = 0;
+    for (int m = 0; m < kMonths; ++m) {
+      const Outcome o =
+          run_month(Shape::kSeasonal,
+                    static_cast<std::uint32_t>(10'000 + 100 * s + m), m);
+      for (std::size_t c = 0; c < 3; ++c) {
+        w[c] = std::max(w[c], std::abs(o.err[c]));
+        mean_err[c] += std::abs(o.err[c]) / (kSeeds * kMonths);
+        inside += o.inside[c] ? 1 : 0;
+      }
+    }
+    for (std::size_t c = 0; c < 3; ++c) worst[c].push_back(w[c]);
+    cover.push_back(inside / (3.0 * kMonths));
+  }
+  // The 95th percentile of the 30 per-seed maxima: the 29th smallest.
+  const auto p95 = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[static_cast<std::size_t>(
+                 std::ceil(0.95 * static_cast<double>(v.size()))) -
+             1];
+  };
+  const auto vmax = [](const std::vector<double>& v) {
+    return *std::max_element(v.begin(), v.end());
+  };
+  std::printf(
+      "30 seeds x 20 seasonal months: |error| mean over all months; per "
+      "seed's worst month: 95th percentile and max\n");
+  for (std::size_t c = 0; c < 3; ++c) {
+    std::printf("  at %2.0f%%: mean %4.1f%%  worst p95 %5.1f%%  max %5.1f%%\n",
+                100 * kChecks[c], 100 * mean_err[c], 100 * p95(worst[c]),
+                100 * vmax(worst[c]));
+  }
+  const auto [cmin, cmax] = std::minmax_element(cover.begin(), cover.end());
+  double cmean = 0;
+  for (const double c : cover) cmean += c / kSeeds;
+  std::printf("  band held: mean %.0f%%, seeds from %.0f%% to %.0f%%\n",
+              100 * cmean, 100 * *cmin, 100 * *cmax);
+  // Holiday months (days 8-14 at 15%): at 25% of the month the holiday is
+  // barely seen; the error is its share of the rest of the month. The
+  // oracle: the expected spend the holiday takes away after the checkpoint
+  // (0.85 x the weights of its hours), over the month's expected total.
+  double worst_excess = -1, worst_hol = 0;
+  int within = 0;
+  for (int s = 0; s < kSeeds; ++s) {
+    for (int m = 0; m < 12; ++m) {
+      const Outcome o = run_month(
+          Shape::kHoliday, static_cast<std::uint32_t>(20'000 + 100 * s + m), m);
+      const Period::Span span =
+          Period::calendar(PeriodKind::kMonth)
+              .value()
+              .span_of(kT0 + hours(24 * (31 * (m + 1) + 15)));
+      const Nanos at =
+          span.start +
+          Nanos{static_cast<std::int64_t>(
+              0.25 * static_cast<double>((span.end - span.start).count()))};
+      double total = 0, lost = 0;
+      for (Nanos t = span.start; t < span.end; t += Nanos{kHour}) {
+        const std::int64_t h = t.count() / kHour;
+        const bool hol =
+            t >= span.start + hours(7 * 24) && t < span.start + hours(14 * 24);
+        total += true_weight(h) * (hol ? 0.15 : 1.0);
+        if (hol && t >= at) lost += 0.85 * true_weight(h);
+      }
+      const double share = lost / total;
+      worst_hol = std::max(worst_hol, o.err[0]);
+      worst_excess = std::max(worst_excess, o.err[0] - share);
+      within += o.err[0] <= share + 0.05 ? 1 : 0;
+    }
+  }
+  std::printf(
+      "30 seeds x 12 holiday months at 25%%: worst error %.1f%%; error at "
+      "most the holiday's share of the rest + 5 points in %d of 360, worst "
+      "excess %.1f points\n",
+      100 * worst_hol, within, 100 * worst_excess);
+  // What docs/budgets.md states, with margin.
+  CHECK(p95(worst[0]) <= 0.20);
+  CHECK(vmax(worst[0]) <= 0.25);
+  CHECK(p95(worst[1]) <= 0.12);
+  CHECK(vmax(worst[1]) <= 0.15);
+  CHECK(p95(worst[2]) <= 0.08);
+  CHECK(vmax(worst[2]) <= 0.10);
+  CHECK(mean_err[0] <= 0.05);
+  CHECK(mean_err[1] <= 0.04);
+  CHECK(mean_err[2] <= 0.03);
+  CHECK(*cmin >= 0.55);
+  CHECK(*cmax <= 0.97);
+  CHECK(cmean >= 0.70);
+  CHECK(cmean <= 0.90);
+  CHECK(within >= 340);
+  CHECK(worst_excess <= 0.30);
+}
