@@ -22,6 +22,7 @@
 #include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/budget/forecast_metrics.hpp"
 #include "ratekeeper/budget/ledger.hpp"
+#include "ratekeeper/budget/pacing.hpp"
 #include "test_prices.hpp"
 #include "test_util.hpp"
 
@@ -659,7 +660,7 @@ TEST_CASE("one week's burst does not become the learned profile", "[i18]") {
   ManualClock clock(Nanos{mon * kHour});
   const Subject who{.team = "t"};
   Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
-  REQUIRE(acct.add_budget(token_month(4'000'000'000)).ok());
+  REQUIRE(acct.add_budget(token_month(400'000'000)).ok());
   int id = 0;
   const auto spend = [&](std::uint64_t tokens) {
     auto r = acct.reserve(who, "m", {.prompt_tokens = tokens},
@@ -691,6 +692,42 @@ TEST_CASE("one week's burst does not become the learned profile", "[i18]") {
     CHECK(lp->weight(Nanos{h * kHour}) ==
           Approx(office(h) ? 168.0 / 45 : 0.0).margin(1e-9));
   }
+  // A Pacer spreading by that week (the examiner's pacing2): drained at
+  // 22:20, it gains nothing over the night, whose learned weight is 0
+  // (before, Mon 20h weighed 11.9 and it was full again by 22:20).
+  Pacer<ManualClock> pacer(acct, clock);
+  REQUIRE(pacer
+              .add({.budget = "month",
+                    .learn_profile = true,
+                    .burst_hours = 1,
+                    .on_risk = {.alert = false}})
+              .ok());
+  int drained = 0;
+  for (; drained < 100; ++drained) {
+    auto d = pacer.reserve(who, "m", {.prompt_tokens = 20'000},
+                           "d" + std::to_string(drained));
+    REQUIRE(d.ok());
+    if (!d->reservation) break;
+    Usage u;
+    u.input_uncached = 20'000;
+    REQUIRE(d->reservation->settle(u).ok());
+  }
+  CHECK(drained < 100);  // the Pacer refused: drained
+  std::vector<std::uint64_t> left;
+  for (const double at : {0.0, 4.0, 8.0}) {  // 22:20, 02:20, 06:20
+    clock.set(Nanos{(burst_h + 2) * kHour + kHour / 3} + hours(at));
+    auto d =
+        pacer.reserve(who, "m", {.prompt_tokens = 1}, "p" + std::to_string(at));
+    REQUIRE(d.ok());
+    REQUIRE(d->reservation);
+    left.push_back(d->pace.remaining);
+    Usage u;
+    u.input_uncached = 1;
+    REQUIRE(d->reservation->settle(u).ok());
+  }
+  CHECK(left[0] < 20'000);
+  CHECK(left[1] <= left[0]);
+  CHECK(left[2] <= left[1]);
 }
 
 // Examiner's finding (accuracy claims): the 20 seeded months above are one
