@@ -104,3 +104,67 @@ TEST_CASE("two RedisAccountants see one forecast, the in-process one's",
   CHECK(idle.history_hours == 0);
   CHECK(idle.model_projected == 0);
 }
+
+// Examiner's finding (Redis range): Redis's scripts count in Lua doubles.
+// A budget's spent in Redis stops at 2^52 nano-USD, and a burn bucket's add
+// at 2^53, so past 2^52 Redis's forecast differs from the in-process one;
+// docs/redis.md and docs/budgets.md state exactly this.
+TEST_CASE("Redis forecast past 2^52: spent stops at 2^52, buckets at 2^53",
+          "[i18][redis]") {
+  RedisServer server;
+  TestClock clock;
+  // 1,000 nano-USD a prompt token: a settle of 1e13 tokens costs 1e16.
+  const auto prices = [] {
+    PriceTable t;
+    t.set("m", {.base = {.input = TokenPrice{1'000'000'000},
+                         .output = TokenPrice{1'000'000}}})
+        .IgnoreError();
+    return t;
+  };
+  const BudgetSpec spec{"usd",
+                        Field::kTeam,
+                        BudgetUnit::kNanoUsd,
+                        1'000'000'000'000'000,  // 1e15, below 2^52
+                        Period::calendar(PeriodKind::kMonth).value(),
+                        {}};
+  auto c = RedisClient::create({.port = server.port(), .prefix = "rkh:"});
+  REQUIRE(c.ok());
+  auto redis =
+      RedisAccountant::create(prices(), *c, {.test_clock = clock.fn()}).value();
+  REQUIRE(redis->add_budget(spec).ok());
+  ManualClock local_clock(TestClock::kStart);
+  Accountant<ManualClock> local(prices(), local_clock);
+  REQUIRE(local.add_budget(spec).ok());
+  const Subject who{.team = "t", .org = "o"};
+  const Nanos at = TestClock::kStart + Nanos{kHour / 2};
+  clock.t->store(at.count());
+  local_clock.set(at);
+  Usage u;
+  u.input_uncached = 10'000'000'000'000ULL;  // 1e16 nano-USD: an overage
+  auto r = redis->reserve(who, "m", {.prompt_tokens = 1}, "huge");
+  REQUIRE(r->granted());
+  REQUIRE(r->settle(u).ok());
+  auto l = local.reserve(who, "m", {.prompt_tokens = 1}, "huge");
+  REQUIRE(l->granted());
+  REQUIRE(l->settle(u).ok());
+  const Nanos now = at + Nanos{2 * kHour};
+  clock.t->store(now.count());
+  local_clock.set(now);
+  const Forecast f = redis->forecast("usd", who).value();
+  const Forecast in = local.forecast("usd", who).value();
+  CHECK(in.spent == 10'000'000'000'000'000ULL);
+  CHECK(f.spent == std::uint64_t{1} << 52);
+  // The oracle: a tracker fed the bucket Redis holds (2^53), projecting
+  // the spent Redis holds; exact spent plus the rounded rest.
+  BurnTracker oracle(ForecastOptions{});  // the default, as both use
+  oracle.add(static_cast<double>(std::uint64_t{1} << 53), at);
+  const BurnProjection p =
+      oracle.project(static_cast<double>(f.spent), static_cast<double>(f.limit),
+                     now, f.period_end);
+  CHECK(f.history_hours == 3);
+  CHECK(f.model_projected ==
+        f.spent + static_cast<std::uint64_t>(std::llround(p.remaining)));
+  CHECK(f.level_per_hour ==
+        static_cast<std::uint64_t>(std::llround(p.level_per_hour)));
+  CHECK(f.model_projected != in.model_projected);  // the documented range
+}

@@ -22,6 +22,7 @@
 #include "ratekeeper/budget/accountant.hpp"
 #include "ratekeeper/budget/forecast_metrics.hpp"
 #include "ratekeeper/budget/ledger.hpp"
+#include "ratekeeper/budget/pacing.hpp"
 #include "test_prices.hpp"
 #include "test_util.hpp"
 
@@ -210,12 +211,15 @@ TEST_CASE("Accountant::forecast learns from settles and from its ledger",
   const BurnProjection want = oracle.project(static_cast<double>(live.spent),
                                              static_cast<double>(live.limit),
                                              live.now, live.period_end);
+  // Exact spent plus the model's rounded rest (detail::with_burn).
   CHECK(live.model_projected ==
-        static_cast<std::uint64_t>(std::llround(want.projected)));
+        live.spent + static_cast<std::uint64_t>(std::llround(want.remaining)));
   CHECK(live.projected_low ==
-        static_cast<std::uint64_t>(std::llround(want.low)));
+        live.spent +
+            static_cast<std::uint64_t>(std::llround(want.remaining_low)));
   CHECK(live.projected_high ==
-        static_cast<std::uint64_t>(std::llround(want.high)));
+        live.spent +
+            static_cast<std::uint64_t>(std::llround(want.remaining_high)));
   CHECK(live.burn_per_hour ==
         static_cast<std::uint64_t>(std::llround(want.burn_per_hour)));
   CHECK(live.seasonal);
@@ -512,4 +516,322 @@ TEST_CASE("settles from many threads and forecasts at once: none is lost",
     CHECK(f.burn_per_hour ==
           static_cast<std::uint64_t>(std::llround(2 * kEach * 10 * k)));
   }
+}
+
+// Examiner's finding (clock stepped back): with the latest settlement at
+// 10:59 and the clock set back to 08:30, history_hours wrapped to 2^32 - 1
+// (a float-cast overflow), which a Pacer reads as "a day of history known".
+TEST_CASE("a clock stepped back behind the latest settlement: sane fields",
+          "[i18]") {
+  SECTION("the tracker: hours counted up to now only, spend after now unseen") {
+    BurnTracker t({.ewma_weight = 0});
+    const std::int64_t h_first = kT0.count() / kHour;
+    // 100 an hour, at each half hour, for 3 weeks.
+    for (std::int64_t h = h_first; h < h_first + 21 * 24; ++h) {
+      t.add(100, Nanos{h * kHour + kHour / 2});
+    }
+    const Nanos end = kT0 + hours(31 * 24);
+    // Back to before the first spend (and past the ring's reach).
+    for (const Nanos back : {kT0 - hours(0.5), kT0 - hours(6 * 168)}) {
+      const BurnProjection p = t.project(700, 50'000, back, end);
+      CHECK(p.history_hours == 0);
+      CHECK(p.level_per_hour == 0);
+      CHECK(p.remaining == 0);
+      CHECK(p.projected == 700);
+      CHECK(p.low == 700);
+      CHECK(p.high == 700);
+      CHECK_FALSE(p.exhausts_at.has_value());
+    }
+    // Back into the history: a week and a half hour known (169 hours); the
+    // level comes from those hours alone, 100 an hour.
+    const Nanos mid = kT0 + hours(168.5);
+    const BurnProjection p = t.project(0, 1e9, mid, end);
+    CHECK(p.history_hours == 169);
+    // The oracle: that week's profile is flat (mass = hours); the 28 and 7
+    // day windows hold its 168 hours and the current one (100 spent at its
+    // half hour, now), the day window 24 hours and the current one.
+    const double want =
+        0.85 * (168 * 100 + 100) / 168.5 + 0.15 * (24 * 100 + 100) / 24.5;
+    CHECK(p.level_per_hour == Approx(want).epsilon(1e-9));
+    CHECK(p.remaining ==
+          Approx(want * static_cast<double>((end - mid).count()) /
+                 static_cast<double>(kHour))
+              .epsilon(1e-9));
+    CHECK(p.low <= p.projected);
+    CHECK(p.projected <= p.high);
+  }
+  SECTION("the examiner's Accountant: settle at 10:59, clock back to 08:30") {
+    ManualClock clock(kT0 + hours(10) + std::chrono::minutes(59));
+    const Subject who{.team = "t"};
+    Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
+    REQUIRE(acct.add_budget(token_month(10'000'000)).ok());
+    auto r = acct.reserve(who, "m", {.prompt_tokens = 100'000}, "r1");
+    REQUIRE(r->granted());
+    Usage u;
+    u.input_uncached = 100'000;
+    REQUIRE(r->settle(u).ok());
+    clock.set(kT0 + hours(8.5));
+    const Forecast f = acct.forecast("month", who).value();
+    CHECK(f.spent == 100'000);
+    CHECK(f.history_hours == 0);  // now is before the first hour known
+    CHECK(f.history_hours < 24);  // the Pacer does not trust the model
+    CHECK(f.level_per_hour == 0);
+    CHECK(f.model_projected == f.spent);
+    CHECK(f.projected_low == f.spent);
+    CHECK(f.projected_high == f.spent);
+    CHECK_FALSE(f.model_exhausts_at.has_value());
+    // Forward again to 11:30: the hours 10 and 11 are known.
+    clock.set(kT0 + hours(11.5));
+    CHECK(acct.forecast("month", who).value().history_hours == 2);
+  }
+}
+
+// Examiner's finding (exactness): the model's totals were a double of spent
+// plus the remaining part, so 1e16 + 1 came out as 1e16. They are exact
+// spent plus the rounded remaining part, saturating.
+TEST_CASE("the model's totals are exact spent plus the rounded rest", "[i18]") {
+  SECTION("no settlement yet: spent exactly, at any size") {
+    ManualClock clock(kT0 + hours(200));
+    const Subject who{.team = "t"};
+    // The examiner's: 1e13 prompt tokens at 1,000 nano-dollars and one
+    // output token at 1: an open hold of 1e16 + 1 nano-dollars.
+    PriceTable prices;
+    REQUIRE(prices
+                .set("m", {.base = {.input = TokenPrice{1'000'000'000},
+                                    .output = TokenPrice{1'000'000}}})
+                .ok());
+    Accountant<ManualClock> acct(std::move(prices), clock);
+    REQUIRE(acct.add_budget({"month",
+                             Field::kTeam,
+                             BudgetUnit::kNanoUsd,
+                             std::uint64_t{1} << 62,
+                             Period::calendar(PeriodKind::kMonth).value(),
+                             {}})
+                .ok());
+    const std::uint64_t big = 10'000'000'000'000'001ULL;  // 1e16 + 1
+    auto r = acct.reserve(
+        who, "m",
+        {.prompt_tokens = 10'000'000'000'000ULL, .max_output_tokens = 1},
+        "big");
+    INFO(r.status().ToString());
+    REQUIRE(r.ok());
+    REQUIRE(r->granted());
+    const Forecast f = acct.forecast("month", who).value();
+    CHECK(f.spent == big);
+    CHECK(f.model_projected == big);
+    CHECK(f.projected_low == big);
+    CHECK(f.projected_high == big);
+    r->release();
+  }
+  SECTION("with_burn: spent + llround(rest), saturating at 2^64 - 1") {
+    const std::uint64_t max = ~std::uint64_t{0};
+    Forecast f;
+    f.spent = 10'000'000'000'000'001ULL;
+    BurnProjection p;
+    p.remaining = 2.4;
+    p.remaining_low = 0.6;
+    p.remaining_high = 1e19;  // past 2^63: saturates
+    p.history_hours = 1e12;   // past 2^32: clamps
+    Forecast g = detail::with_burn(f, p);
+    CHECK(g.model_projected == 10'000'000'000'000'003ULL);
+    CHECK(g.projected_low == 10'000'000'000'000'002ULL);
+    CHECK(g.projected_high == max);
+    CHECK(g.history_hours == 4294967295U);
+    f.spent = max - 5;
+    p.remaining = 10;
+    p.history_hours = -3;
+    g = detail::with_burn(f, p);
+    CHECK(g.model_projected == max);
+    CHECK(g.projected_low == max - 4);
+    CHECK(g.history_hours == 0);
+  }
+}
+
+// Examiner's finding (pacing2): four weeks of office hours, then a burst at
+// Monday 20:20; by 22:20 the learned profile weighed Mon 20h 11.9 against
+// 2.9 for an office hour, teaching a Pacer with learn_profile the burst.
+TEST_CASE("one week's burst does not become the learned profile", "[i18]") {
+  const std::int64_t mon = 1'796'601'600LL / 3600;  // Mon 2026-12-07 00:00
+  REQUIRE(weekday(mon) == 0);
+  const auto office = [](std::int64_t h) {
+    const auto hod = h % 24;
+    return weekday(h) < 5 && hod >= 9 && hod < 18;
+  };
+  ManualClock clock(Nanos{mon * kHour});
+  const Subject who{.team = "t"};
+  Accountant<ManualClock> acct(rk_test::flat_prices(), clock);
+  REQUIRE(acct.add_budget(token_month(400'000'000)).ok());
+  int id = 0;
+  const auto spend = [&](std::uint64_t tokens) {
+    auto r = acct.reserve(who, "m", {.prompt_tokens = tokens},
+                          "r" + std::to_string(++id));
+    REQUIRE(r->granted());
+    Usage u;
+    u.input_uncached = tokens;
+    REQUIRE(r->settle(u).ok());
+  };
+  // 4 weeks (Dec 7 .. Jan 3) and Monday Jan 4's office hours: 50k an hour.
+  const std::int64_t burst_h = mon + 28 * 24 + 20;  // Mon 2027-01-04 20h
+  for (std::int64_t h = mon; h < burst_h; ++h) {
+    if (!office(h)) continue;
+    clock.set(Nanos{h * kHour + kHour / 2});
+    spend(50'000);
+  }
+  // The burst: 100 x 20k at 20:20.
+  clock.set(Nanos{burst_h * kHour + kHour / 3});
+  for (int k = 0; k < 100; ++k) spend(20'000);
+  clock.set(Nanos{(burst_h + 2) * kHour + kHour / 3});  // 22:20
+  const std::optional<WeeklyProfile> lp =
+      acct.learned_profile("month", who).value();
+  REQUIRE(lp.has_value());
+  // The oracle: every complete week (counted back from 22h) spent 50k in
+  // each of its 45 office hours and nothing else but the one burst hour,
+  // which the trimmed mean drops: office hours 168/45, the rest 0.
+  for (std::int64_t h = burst_h - 168; h < burst_h + 168; ++h) {
+    CAPTURE(h - mon);
+    CHECK(lp->weight(Nanos{h * kHour}) ==
+          Approx(office(h) ? 168.0 / 45 : 0.0).margin(1e-9));
+  }
+  // A Pacer spreading by that week (the examiner's pacing2): drained at
+  // 22:20, it gains nothing over the night, whose learned weight is 0
+  // (before, Mon 20h weighed 11.9 and it was full again by 22:20).
+  Pacer<ManualClock> pacer(acct, clock);
+  REQUIRE(pacer
+              .add({.budget = "month",
+                    .learn_profile = true,
+                    .burst_hours = 1,
+                    .on_risk = {.alert = false}})
+              .ok());
+  int drained = 0;
+  for (; drained < 100; ++drained) {
+    auto d = pacer.reserve(who, "m", {.prompt_tokens = 20'000},
+                           "d" + std::to_string(drained));
+    REQUIRE(d.ok());
+    if (!d->reservation) break;
+    Usage u;
+    u.input_uncached = 20'000;
+    REQUIRE(d->reservation->settle(u).ok());
+  }
+  CHECK(drained < 100);  // the Pacer refused: drained
+  std::vector<std::uint64_t> left;
+  for (const double at : {0.0, 4.0, 8.0}) {  // 22:20, 02:20, 06:20
+    clock.set(Nanos{(burst_h + 2) * kHour + kHour / 3} + hours(at));
+    auto d =
+        pacer.reserve(who, "m", {.prompt_tokens = 1}, "p" + std::to_string(at));
+    REQUIRE(d.ok());
+    REQUIRE(d->reservation);
+    left.push_back(d->pace.remaining);
+    Usage u;
+    u.input_uncached = 1;
+    REQUIRE(d->reservation->settle(u).ok());
+  }
+  CHECK(left[0] < 20'000);
+  CHECK(left[1] <= left[0]);
+  CHECK(left[2] <= left[1]);
+}
+
+// Examiner's finding (accuracy claims): the 20 seeded months above are one
+// draw; the examiner's generator over 30 seeds broke their bounds in 13.
+// This measures the distribution over 30 seeds x 20 seasonal months (the
+// seeds the examiner used are not these: the same recipe, other draws) and
+// asserts what docs/budgets.md states of it, with margin; and the holiday
+// months' error at 25% against the holiday's share of the rest.
+TEST_CASE("accuracy across 30 seeds: the distribution docs/budgets.md states",
+          "[i18]") {
+  constexpr int kSeeds = 30, kMonths = 20;
+  std::array<std::vector<double>, 3> worst;  // per seed, per checkpoint
+  std::vector<double> cover;                 // per seed: band held / 60
+  std::array<double, 3> mean_err{};
+  for (int s = 0; s < kSeeds; ++s) {
+    std::array<double, 3> w{};
+    int inside = 0;
+    for (int m = 0; m < kMonths; ++m) {
+      const Outcome o =
+          run_month(Shape::kSeasonal,
+                    static_cast<std::uint32_t>(10'000 + 100 * s + m), m);
+      for (std::size_t c = 0; c < 3; ++c) {
+        w[c] = std::max(w[c], std::abs(o.err[c]));
+        mean_err[c] += std::abs(o.err[c]) / (kSeeds * kMonths);
+        inside += o.inside[c] ? 1 : 0;
+      }
+    }
+    for (std::size_t c = 0; c < 3; ++c) worst[c].push_back(w[c]);
+    cover.push_back(inside / (3.0 * kMonths));
+  }
+  // The 95th percentile of the 30 per-seed maxima: the 29th smallest.
+  const auto p95 = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[static_cast<std::size_t>(
+                 std::ceil(0.95 * static_cast<double>(v.size()))) -
+             1];
+  };
+  const auto vmax = [](const std::vector<double>& v) {
+    return *std::max_element(v.begin(), v.end());
+  };
+  std::printf(
+      "30 seeds x 20 seasonal months: |error| mean over all months; per "
+      "seed's worst month: 95th percentile and max\n");
+  for (std::size_t c = 0; c < 3; ++c) {
+    std::printf("  at %2.0f%%: mean %4.1f%%  worst p95 %5.1f%%  max %5.1f%%\n",
+                100 * kChecks[c], 100 * mean_err[c], 100 * p95(worst[c]),
+                100 * vmax(worst[c]));
+  }
+  const auto [cmin, cmax] = std::minmax_element(cover.begin(), cover.end());
+  double cmean = 0;
+  for (const double c : cover) cmean += c / kSeeds;
+  std::printf("  band held: mean %.0f%%, seeds from %.0f%% to %.0f%%\n",
+              100 * cmean, 100 * *cmin, 100 * *cmax);
+  // Holiday months (days 8-14 at 15%): at 25% of the month the holiday is
+  // barely seen; the error is its share of the rest of the month. The
+  // oracle: the expected spend the holiday takes away after the checkpoint
+  // (0.85 x the weights of its hours), over the month's expected total.
+  double worst_excess = -1, worst_hol = 0;
+  int within = 0;
+  for (int s = 0; s < kSeeds; ++s) {
+    for (int m = 0; m < 12; ++m) {
+      const Outcome o = run_month(
+          Shape::kHoliday, static_cast<std::uint32_t>(20'000 + 100 * s + m), m);
+      const Period::Span span =
+          Period::calendar(PeriodKind::kMonth)
+              .value()
+              .span_of(kT0 + hours(24 * (31 * (m + 1) + 15)));
+      const Nanos at =
+          span.start +
+          Nanos{static_cast<std::int64_t>(
+              0.25 * static_cast<double>((span.end - span.start).count()))};
+      double total = 0, lost = 0;
+      for (Nanos t = span.start; t < span.end; t += Nanos{kHour}) {
+        const std::int64_t h = t.count() / kHour;
+        const bool hol =
+            t >= span.start + hours(7 * 24) && t < span.start + hours(14 * 24);
+        total += true_weight(h) * (hol ? 0.15 : 1.0);
+        if (hol && t >= at) lost += 0.85 * true_weight(h);
+      }
+      const double share = lost / total;
+      worst_hol = std::max(worst_hol, o.err[0]);
+      worst_excess = std::max(worst_excess, o.err[0] - share);
+      within += o.err[0] <= share + 0.05 ? 1 : 0;
+    }
+  }
+  std::printf(
+      "30 seeds x 12 holiday months at 25%%: worst error %.1f%%; error at "
+      "most the holiday's share of the rest + 5 points in %d of 360, worst "
+      "excess %.1f points\n",
+      100 * worst_hol, within, 100 * worst_excess);
+  // What docs/budgets.md states, with margin.
+  CHECK(p95(worst[0]) <= 0.20);
+  CHECK(vmax(worst[0]) <= 0.25);
+  CHECK(p95(worst[1]) <= 0.12);
+  CHECK(vmax(worst[1]) <= 0.15);
+  CHECK(p95(worst[2]) <= 0.08);
+  CHECK(vmax(worst[2]) <= 0.10);
+  CHECK(mean_err[0] <= 0.05);
+  CHECK(mean_err[1] <= 0.04);
+  CHECK(mean_err[2] <= 0.03);
+  CHECK(*cmin >= 0.55);
+  CHECK(*cmax <= 0.97);
+  CHECK(cmean >= 0.70);
+  CHECK(cmean <= 0.90);
+  CHECK(within >= 340);
+  CHECK(worst_excess <= 0.30);
 }

@@ -159,21 +159,31 @@ inline Forecast forecast_of(std::uint64_t spent, std::uint64_t limit,
 }
 
 // Fills the burn model's fields of `f` from `p` (amounts rounded,
-// saturating).
+// saturating). model_projected, projected_low and projected_high are the
+// exact f.spent plus the model's rounded remaining part (saturating at
+// 2^64 - 1), never a double of spent: with no settlement yet they are
+// spent exactly, at any size. history_hours is clamped to 0..2^32 - 1.
 inline Forecast with_burn(Forecast f, const BurnProjection& p) {
   const auto u = [](double v) -> std::uint64_t {
     if (!(v > 0)) return 0;
     if (v >= 9.2e18) return ~std::uint64_t{0};
     return static_cast<std::uint64_t>(std::llround(v));
   };
+  const auto plus_spent = [&](double rest) -> std::uint64_t {
+    const std::uint64_t r = u(rest);
+    return r > ~std::uint64_t{0} - f.spent ? ~std::uint64_t{0} : f.spent + r;
+  };
   f.burn_per_hour = u(p.burn_per_hour);
   f.level_per_hour = u(p.level_per_hour);
-  f.model_projected = u(p.projected);
-  f.projected_low = u(p.low);
-  f.projected_high = u(p.high);
+  f.model_projected = plus_spent(p.remaining);
+  f.projected_low = plus_spent(p.remaining_low);
+  f.projected_high = plus_spent(p.remaining_high);
   f.band = p.band;
   f.model_exhausts_at = p.exhausts_at;
-  f.history_hours = static_cast<std::uint32_t>(p.history_hours);
+  f.history_hours =
+      p.history_hours > 0
+          ? static_cast<std::uint32_t>(std::min(p.history_hours, 4294967295.0))
+          : 0;
   f.seasonal = p.seasonal;
   return f;
 }
