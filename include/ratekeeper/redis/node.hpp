@@ -112,27 +112,37 @@ class Node {
 
   // A connection answered and is clean: kept idle (up to pool_size),
   // else closed.
+  // A connection closed here is counted open until its socket is closed
+  // (the close outside the lock), so that the sockets open never pass
+  // max_connections, not even for the moment between the two.
   void put_back(Conn conn) {
     ContextPtr c = conn.release();
-    ContextPtr spare;  // closed after the lock is released
-    MutexLock lock(&mu_);
-    if (idle_.size() < wire_.options().pool_size) {
-      idle_.push_back(std::move(c));
-    } else {
-      spare = std::move(c);
-      --open_;
+    {
+      MutexLock lock(&mu_);
+      if (idle_.size() < wire_.options().pool_size) {
+        idle_.push_back(std::move(c));
+        if (waiters_ > 0) freed_.notify_one();
+        return;
+      }
     }
-    if (waiters_ > 0) freed_.notify_one();
+    discard(std::move(c));
   }
 
   // Closes the idle connections (after the node failed: the others are
-  // likely as dead); other nodes' pools are left alone.
+  // likely as dead); other nodes' pools are left alone. Each stays counted
+  // until its socket is closed.
   void drop_idle() {
     std::vector<ContextPtr> dead;
+    {
+      MutexLock lock(&mu_);
+      dead.swap(idle_);
+    }
+    if (dead.empty()) return;
+    const std::size_t n = dead.size();
+    dead.clear();
     MutexLock lock(&mu_);
-    dead.swap(idle_);
-    open_ -= dead.size();
-    if (waiters_ > 0 && !dead.empty()) freed_.notify_all();
+    open_ -= n;
+    if (waiters_ > 0) freed_.notify_all();
   }
 
   // A fresh connection outside the pool (to ask whether the credentials
