@@ -4,7 +4,7 @@
 -- charge-on-reject, written for Redis's time per call (docs/redis.md,
 -- "Cost"): no closures or tables built per call, each division inline
 -- (floor of the quotient, corrected to be exact as arith.lua's idiv), the
--- state's fields read by one match and used as numbers by Lua's coercion.
+-- state's fields cut by plain finds and used as numbers by Lua's coercion.
 --
 -- Its arguments are its own (RedisLimit's append_lean, limit.hpp), only
 -- what it reads, as each one costs Redis a Lua string per call:
@@ -29,16 +29,27 @@ local num, den, burst = tonumber(ARGV[3]), tonumber(ARGV[4]),
 local c = tonumber(ARGV[6])
 local span = burst * num
 -- The stored "whole frac [aux]" (limits.lua's token_bucket): a state absent
--- or idle is born again, its give-back counter at the nonce.
+-- or idle is born again, its give-back counter at the nonce. Its fields
+-- are cut at the spaces by plain finds (a pattern's match costs Redis
+-- more), and a frac of "0" (a whole number of us per token) is not
+-- converted. A value that is not this form fails the script, as it would
+-- fail limits.lua's fields().
 local r, aux = 0, ARGV[7]
 local raw = redis.call('GET', key)
 if raw then
-  local w, f, a = string.match(raw, '^(%-?%d+) (%-?%d+) ?(%-?%d*)')
-  local d = w - now
-  f = f + 0
+  local i = string.find(raw, ' ', 1, true)
+  local j = string.find(raw, ' ', i + 1, true)
+  local f
+  if j then
+    f = string.sub(raw, i + 1, j - 1)
+  else
+    f = string.sub(raw, i + 1)
+  end
+  local d = string.sub(raw, 1, i - 1) - now
+  if f == '0' then f = 0 else f = f + 0 end
   if d > 0 or (d == 0 and f > 0) then
     r = d * den + f
-    if a == '' then aux = '0' else aux = a end
+    if j and j < #raw then aux = string.sub(raw, j + 1) else aux = '0' end
   end
 end
 -- A zero cost is always allowed, in debt too (r above span).
@@ -59,13 +70,14 @@ if c <= burst and (after <= span or c == 0) then
     -- limits.lua's store(): the TTL ends when the state would be idle.
     local ms = math.floor((reset + 999) / 1000) + 1
     if test_time and ms < 600000 then ms = 600000 end
-    -- One number formatted when frac is 0 (den 1: a whole number of us
-    -- per token), the same text as '%d %d %s' would write.
+    -- The same text as string.format('%d %d %s') would write; the counter
+    -- (a string already) is joined, not formatted, and one number fewer
+    -- is formatted when frac is 0 (a whole number of us per token).
     local v
     if frac == 0 then
-      v = string.format('%d 0 %s', now + whole, aux)
+      v = string.format('%d 0 ', now + whole) .. aux
     else
-      v = string.format('%d %d %s', now + whole, frac, aux)
+      v = string.format('%d %d ', now + whole, frac) .. aux
     end
     redis.call('SET', key, v, 'PX', ms)
   end
