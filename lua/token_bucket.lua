@@ -32,8 +32,8 @@ local span = burst * num
 -- or idle is born again, its give-back counter at the nonce. Its fields
 -- are cut at the spaces by plain finds (a pattern's match costs Redis
 -- more), and a frac of "0" (a whole number of us per token) is not
--- converted. A value that is not this form fails the script, as it would
--- fail limits.lua's fields().
+-- converted. Only that form, which every script writes, is read: a value
+-- without a space fails the script.
 local r, aux = 0, ARGV[7]
 local raw = redis.call('GET', key)
 if raw then
