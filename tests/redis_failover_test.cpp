@@ -638,3 +638,53 @@ TEST_CASE("create refuses failover options it cannot honour", "[redis][i16]") {
   o.start_unreachable = true;
   CHECK(RedisClient::create(o).ok());
 }
+
+TEST_CASE(
+    "WAIT after a script Redis no longer holds: NOSCRIPT is seen even when "
+    "WAIT's answer comes in a later read, and the script runs from source",
+    "[redis][i16]") {
+  // A server with no replica: WAIT 1 answers 0 only at its time-out, so
+  // its reply always arrives after the EVALSHA's, in a read of its own.
+  // The EVALSHA's error must be judged on its own bytes: a reader that
+  // lets WAIT's answer land over them once took "-NOSCRIPT ..." for
+  // "1\r\nCRIPT ..." and failed the call instead of running the source.
+  rk_test::RedisServer server;
+  RedisOptions o{.port = server.port(),
+                 .prefix = "rkn:",
+                 .connect_timeout = seconds(5),
+                 .command_timeout = seconds(5)};
+  o.wait_replicas = 1;
+  o.wait_timeout = milliseconds(50);
+  auto client = RedisClient::create(o).value();
+  const auto policy = TokenBucket::create(per_hour(1), 10).value();
+  auto limit = RedisLimit<TokenBucket>::create({.name = "ns"}, policy, client,
+                                               {.fail = FailMode::kClosed})
+                   .value();
+  // A client without WAIT, to read what Redis holds.
+  auto plain = RedisClient::create({.port = server.port(),
+                                    .prefix = "rkn:",
+                                    .connect_timeout = seconds(5),
+                                    .command_timeout = seconds(5)})
+                   .value();
+  auto reader = RedisLimit<TokenBucket>::create({.name = "ns"}, policy, plain,
+                                                {.fail = FailMode::kClosed})
+                    .value();
+  // The first call loads the script (its SHA is then known); no replica
+  // acknowledges it, so its answer is the fail mode's, but it ran.
+  const std::uint64_t fresh = reader->peek("u", 1, Nanos{0}).remaining;
+  CHECK_FALSE(limit->acquire("u", 1, Nanos{0}).allowed);
+  CHECK(limit->last_error().find("WAIT") != std::string::npos);
+  CHECK(reader->peek("u", 1, Nanos{0}).remaining == fresh - 1);
+  for (int round = 0; round < 3; ++round) {
+    REQUIRE(plain->command({"SCRIPT", "FLUSH"}).ok());
+    const Decision d = limit->acquire("u", 1, Nanos{0});
+    INFO("round " << round << ": " << limit->last_error());
+    CHECK_FALSE(d.allowed);  // still no replica: the fail mode's answer
+    // Why: the replicas, not a garbled error.
+    CHECK(limit->last_error().find("WAIT") != std::string::npos);
+    CHECK(limit->last_error().find("CRIPT") == std::string::npos);
+    // NOSCRIPT was seen and the source run: the token is taken in Redis.
+    CHECK(reader->peek("u", 1, Nanos{0}).remaining ==
+          fresh - 2 - static_cast<std::uint64_t>(round));
+  }
+}

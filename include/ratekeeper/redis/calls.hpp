@@ -105,18 +105,23 @@ absl::StatusOr<Ints> run_script(const Connector& wire, Node& node, bool asking,
       RespReply reply;
       // A failed read: the connection is gone.
       if (absl::Status st = ex.next(reply); !st.ok()) return st;
-      if (waits) {
-        RespReply w;
-        if (absl::Status st = ex.next(w); !st.ok()) return st;
-        replicated = wire.replicas_met(w);
-      }
+      // Judged before WAIT's answer is read: an error's text is a view
+      // into the read buffer, which that read may fill again from its
+      // start (WAIT's answer comes late when a replica is slow).
+      bool error_reply = false;
       if (reply.type == '-') {
         // Redis lost its scripts: run the source once.
         noscript = reply.text.substr(0, 8) == "NOSCRIPT" && attempt == 0;
         ints = reply_error(reply.text);
-        replicated = true;  // an error reply: the error is the answer
+        error_reply = true;
       } else {
         ints = ints_of<Ints>(reply);
+      }
+      if (waits) {
+        RespReply w;
+        if (absl::Status st = ex.next(w); !st.ok()) return st;
+        // An error reply: the error is the answer.
+        replicated = error_reply || wire.replicas_met(w);
       }
     }
     if (noscript) continue;
