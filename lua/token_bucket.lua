@@ -32,9 +32,10 @@ local span = burst * num
 -- or idle is born again, its give-back counter at the nonce. Its fields
 -- are cut at the spaces by plain finds (a pattern's match costs Redis
 -- more), and a frac of "0" (a whole number of us per token) is not
--- converted. Only that form, which every script writes, is read: a value
--- without a space fails the script.
-local r, aux = 0, ARGV[7]
+-- converted. A counter that is not a number is read as 0, as limits.lua's
+-- fields() reads it, before anything is written; a value without a space
+-- fails the script.
+local r, aux, auxn = 0, ARGV[7], nil
 local raw = redis.call('GET', key)
 if raw then
   local i = string.find(raw, ' ', 1, true)
@@ -49,7 +50,12 @@ if raw then
   if f == '0' then f = 0 else f = f + 0 end
   if d > 0 or (d == 0 and f > 0) then
     r = d * den + f
-    if j and j < #raw then aux = string.sub(raw, j + 1) else aux = '0' end
+    aux, auxn = '0', 0
+    if j and j < #raw then
+      local a = string.sub(raw, j + 1)
+      local an = tonumber(a)
+      if an then aux, auxn = a, an end
+    end
   end
 end
 -- A zero cost is always allowed, in debt too (r above span).
@@ -81,6 +87,6 @@ if c <= burst and (after <= span or c == 0) then
     end
     redis.call('SET', key, v, 'PX', ms)
   end
-  return {1, now, after, tonumber(aux)}
+  return {1, now, after, auxn or tonumber(aux)}
 end
 return {0, now, r}

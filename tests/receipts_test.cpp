@@ -563,3 +563,50 @@ TEST_CASE("seams 8: ChainItems views stay valid across items() calls",
   CHECK(items[6].key == "key-2");
   CHECK(items[6].cost == 3);
 }
+
+namespace {
+// Two takes at one instant, both given back at it: the bucket ends full.
+// `last_first`: the later take (B) is given back first; as the last take it
+// moves nothing, so A's receipt is not moved and gives back exactly. Else
+// A first moves B earlier, and B's record is moved by A's time rounded up
+// to the nanosecond: at most 1 ns short (docs/policies.md).
+template <template <class> class S>
+void two_takes_back(Rate rate, bool last_first) {
+  const TokenBucket tb = bucket(rate, 10);
+  auto limit = make_limit<S>({.name = "l"}, tb).value();
+  const Nanos t{1'796'000'000'000'000'000LL};
+  Receipt a, b;
+  REQUIRE(limit->take("k", 1, t, a).allowed);
+  REQUIRE(limit->take("k", 2, t, b).allowed);
+  if (last_first) {
+    REQUIRE(limit->settle(b, 0, t).ok());
+    REQUIRE(limit->settle(a, 0, t).ok());
+  } else {
+    REQUIRE(limit->settle(a, 0, t).ok());
+    REQUIRE(limit->settle(b, 0, t).ok());
+  }
+  const Decision at_t = limit->peek("k", 0, t);
+  if (last_first) {
+    CHECK(at_t.remaining == 10);
+    CHECK(at_t.reset_after == Nanos{0});
+  } else {
+    CHECK(at_t.remaining >= 9);
+    CHECK(at_t.reset_after <= Nanos{1});
+    CHECK(limit->peek("k", 0, t + Nanos{1}).remaining == 10);
+  }
+}
+}  // namespace
+
+TEST_CASE(
+    "a fractional rate: the last take given back moves nothing, so an "
+    "earlier take's receipt then gives back exactly",
+    "[receipts]") {
+  for (const Rate rate : {per_second(7), per_minute(13), per_second(3),
+                          per_hour(1), per_second(10)}) {
+    for (const bool last_first : {true, false}) {
+      CAPTURE(rate.count, rate.period.count(), last_first);
+      two_takes_back<ShardedStore>(rate, last_first);
+      two_takes_back<InMemoryStore>(rate, last_first);
+    }
+  }
+}

@@ -2789,3 +2789,60 @@ TEST_CASE(
                 6, 500'000, false);
   }
 }
+
+TEST_CASE(
+    "a stored counter that is not a number: token_bucket.lua reads it as 0, "
+    "as limits.lua does, and never takes a call it then fails",
+    "[redis][i16]") {
+  RedisServer server;
+  auto client = client_for(server);
+  const TokenBucket policy = TokenBucket::create(per_second(7), 5).value();
+  auto redis = RedisLimit<TokenBucket>::create({.name = "bad"}, policy, client,
+                                               {.test_time = true})
+                   .value();
+  redisContext* raw = redisConnect("127.0.0.1", server.port());
+  REQUIRE(raw != nullptr);
+  REQUIRE(raw->err == 0);
+  const std::string rkey = redis_key("rkt:", "bad", {}, "k");
+  const auto set = [&](const std::string& v) {
+    auto* r = static_cast<redisReply*>(redisCommand(
+        raw, "SET %b %b", rkey.data(), rkey.size(), v.data(), v.size()));
+    REQUIRE(r != nullptr);
+    freeReplyObject(r);
+  };
+  const auto get = [&] {
+    auto* r = static_cast<redisReply*>(
+        redisCommand(raw, "GET %b", rkey.data(), rkey.size()));
+    REQUIRE(r != nullptr);
+    std::string v = r->type == REDIS_REPLY_STRING ? std::string(r->str, r->len)
+                                                  : std::string("(none)");
+    freeReplyObject(r);
+    return v;
+  };
+  const std::int64_t t_us = 1'796'083'200LL * 1'000'000;
+  const Nanos now{t_us * kUs};
+  // A live state: its arrival time 300 ms ahead, a remainder of 2 (in the
+  // twin's 1/den us); the counter is what varies.
+  const std::string head = std::to_string(t_us + 300'000) + " 2 ";
+  for (const Cost cost : {Cost{1}, Cost{3}, Cost{5}}) {
+    // The oracle: the same state with a counter of 0.
+    set(head + "0");
+    const std::uint64_t fallbacks0 = redis->fallbacks();
+    const Decision want = redis->acquire("k", cost, now);
+    REQUIRE(redis->fallbacks() == fallbacks0);
+    const std::string want_stored = get();
+    for (const std::string bad : {"x", "12abc", "0 0", "-", "1 2 3"}) {
+      CAPTURE(cost, bad);
+      set(head + bad);
+      const Decision got = redis->acquire("k", cost, now);
+      CHECK(redis->fallbacks() == fallbacks0);  // Redis answered
+      CHECK(got.allowed == want.allowed);
+      CHECK(got.remaining == want.remaining);
+      CHECK(got.retry_after == want.retry_after);
+      CHECK(got.reset_after == want.reset_after);
+      // Taken or not, as the answer says; the counter written back is 0.
+      CHECK(get() == (want.allowed ? want_stored : head + bad));
+    }
+  }
+  redisFree(raw);
+}

@@ -169,13 +169,28 @@ class TokenBucket {
     const i128 tat = decode(before);
     const i128 d = tat - decode(after);
     if (d <= 0) return 0;
-    // The last take for certain: the end of its (moved) stretch, rounded
-    // down, is at or past the TAT, rounded up.
-    if (p.den != 0 && detail::floor_div(p.until, static_cast<i128>(p.den)) >=
-                          detail::ceil_div(tat, den_)) {
+    // The last take for certain: the end of its (moved) stretch is at or
+    // past the TAT, compared exactly across the two configurations' units
+    // (until / p.den >= tat / den_): a record only ever moves earlier, so
+    // its end there means no take is behind it. (Comparing the end rounded
+    // down with the TAT rounded up missed the last take whenever its end
+    // fell inside a nanosecond, at a fractional rate: its give-back then
+    // counted as moving later takes, and an earlier receipt gave back a
+    // whole token too little.)
+    if (p.den != 0 && reaches(p.until, static_cast<i128>(p.den), tat, den_)) {
       return 0;
     }
     return detail::clamp_u64(detail::ceil_div(d, den_));
+  }
+
+  // Whether a / b >= c / d, exactly, for b, d > 0 (no product of the
+  // values: their whole parts first, then the remainders; b and d are a
+  // configuration's den, at most 2^62 (create()), so each product of a
+  // remainder and a den is below 2^124).
+  static constexpr bool reaches(i128 a, i128 b, i128 c, i128 d) noexcept {
+    const i128 qa = detail::floor_div(a, b), qc = detail::floor_div(c, d);
+    if (qa != qc) return qa > qc;
+    return (a - qa * b) * d >= (c - qc * d) * b;
   }
 
   // The record `p` moved earlier by `ns` of give-backs since it was taken
