@@ -2800,25 +2800,11 @@ TEST_CASE(
   auto redis = RedisLimit<TokenBucket>::create({.name = "bad"}, policy, client,
                                                {.test_time = true})
                    .value();
-  redisContext* raw = redisConnect("127.0.0.1", server.port());
-  REQUIRE(raw != nullptr);
-  REQUIRE(raw->err == 0);
   const std::string rkey = redis_key("rkt:", "bad", {}, "k");
   const auto set = [&](const std::string& v) {
-    auto* r = static_cast<redisReply*>(redisCommand(
-        raw, "SET %b %b", rkey.data(), rkey.size(), v.data(), v.size()));
-    REQUIRE(r != nullptr);
-    freeReplyObject(r);
+    REQUIRE(client->command({"SET", rkey, v}).ok());
   };
-  const auto get = [&] {
-    auto* r = static_cast<redisReply*>(
-        redisCommand(raw, "GET %b", rkey.data(), rkey.size()));
-    REQUIRE(r != nullptr);
-    std::string v = r->type == REDIS_REPLY_STRING ? std::string(r->str, r->len)
-                                                  : std::string("(none)");
-    freeReplyObject(r);
-    return v;
-  };
+  const auto get = [&] { return client->command({"GET", rkey}).value(); };
   const std::int64_t t_us = 1'796'083'200LL * 1'000'000;
   const Nanos now{t_us * kUs};
   // A live state: its arrival time 300 ms ahead, a remainder of 2 (in the
@@ -2844,5 +2830,4 @@ TEST_CASE(
       CHECK(get() == (want.allowed ? want_stored : head + bad));
     }
   }
-  redisFree(raw);
 }
